@@ -1,0 +1,114 @@
+"""The one exception hierarchy of the replicator, grouped by who is to blame.
+
+Callers decide between retrying and stopping by the *type* of an error, never
+by its message.  Every error carries the fields an operator needs and a
+``hint`` saying what to do about it.
+
+- ``LocalProtocolError``: our own bug (we tried to send something invalid).
+- ``RemoteProtocolError``: the peer broke the protocol; close and reconnect.
+- ``IntegrityError``: a transaction's digest did not match; never applied.
+- ``CorruptedSourceError``: the primary's ``Data.fs`` is damaged; stop, never ship.
+- ``DivergenceError``: the two histories fork; stop and tell the operator.
+- ``ConfigError``: bad configuration; lists every problem at once.
+- ``StorageError``: the secondary's storage refused a write (full disk, ...).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ReplicatorError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "IntegrityError",
+    "RejectedError",
+    "CorruptedSourceError",
+    "DivergenceError",
+    "ConfigError",
+    "StorageError",
+]
+
+
+class ReplicatorError(Exception):
+    """Base of every error the replicator raises on purpose."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if hint:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class LocalProtocolError(ReplicatorError):
+    """We tried to do something the protocol forbids: a bug on this side."""
+
+    hint = "this is a bug in the replicator; please report it with the log"
+
+
+class RemoteProtocolError(ReplicatorError):
+    """The peer sent something the protocol forbids; the connection is closed."""
+
+    hint = "check that both ends run compatible replicator versions"
+
+
+class IntegrityError(RemoteProtocolError):
+    """A transaction's content did not match the digest the primary sent."""
+
+    hint = "the transaction was not applied; the secondary will reconnect and retry"
+
+
+class RejectedError(ReplicatorError):
+    """The peer refused us with a reason (wrong version, diverged history, ...)."""
+
+    def __init__(self, code: str, message: str, *, hint: str = "") -> None:
+        super().__init__(f"rejected by peer ({code}): {message}", hint=hint)
+        self.code = code
+        self.reason = message
+
+
+class CorruptedSourceError(ReplicatorError):
+    """The source ``Data.fs`` is damaged at ``offset``; nothing from there on is shipped."""
+
+    hint = ("run fstest/fsrefresh on a copy of the file; the secondaries keep "
+            "every transaction before the damage")
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: damaged at offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class DivergenceError(ReplicatorError):
+    """The two nodes' histories differ; replication would corrupt one of them."""
+
+    hint = ("the secondary has transactions the primary does not; keep its "
+            "Data.fs aside and start it anew from an empty storage")
+
+    def __init__(self, message: str, *, fork_tid: bytes | None = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.fork_tid = fork_tid
+
+
+class ConfigError(ReplicatorError):
+    """The configuration is unusable; ``problems`` lists every problem found."""
+
+    hint = "see `replicator --help` and docs/operations.md"
+
+    def __init__(self, problems: list[str] | str) -> None:
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+class StorageError(ReplicatorError):
+    """The local storage could not be read or written (full disk, permissions, ...)."""
+
+    hint = "fix the storage problem; nothing was acknowledged that is not durable"

@@ -1,0 +1,44 @@
+"""The wire protocol, with no I/O: events, framing and the connection state machine."""
+
+from .connection import Connection, ConnectionState, Role, NEED_DATA
+from .events import (
+    EVENT_TYPES,
+    MAX_BLOB_CHUNK,
+    PROTOCOL_VERSION,
+    Ack,
+    BlobChunk,
+    Event,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Record,
+    Reject,
+    TxnBegin,
+    TxnEnd,
+    Welcome,
+)
+from .framing import FrameDecoder, encode_event, DEFAULT_MAX_FRAME
+
+__all__ = [
+    "Connection",
+    "ConnectionState",
+    "Role",
+    "NEED_DATA",
+    "EVENT_TYPES",
+    "MAX_BLOB_CHUNK",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "BlobChunk",
+    "Event",
+    "Goodbye",
+    "Heartbeat",
+    "Hello",
+    "Record",
+    "Reject",
+    "TxnBegin",
+    "TxnEnd",
+    "Welcome",
+    "FrameDecoder",
+    "encode_event",
+    "DEFAULT_MAX_FRAME",
+]

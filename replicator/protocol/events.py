@@ -1,0 +1,270 @@
+"""Protocol events: small frozen dataclasses that validate themselves.
+
+Each event is one frame on the wire (see ``docs/protocol.md``).  Names are the
+nouns the wire uses.  Every field is a msgpack-native value (bytes, str, int,
+float, None, bool), so no pickle ever crosses the wire: ZODB record data travel
+as opaque bytes.
+
+The stream of one transaction is::
+
+    TxnBegin  Record (BlobChunk*)  Record (BlobChunk*) ...  TxnEnd
+
+A ``Record`` with ``blob_size`` not ``None`` is followed by exactly as many
+``BlobChunk`` bytes as ``blob_size`` says, in chunks of at most
+``MAX_BLOB_CHUNK`` bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from ..tid import check_tid
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_BLOB_CHUNK",
+    "Event",
+    "Hello",
+    "Welcome",
+    "Reject",
+    "TxnBegin",
+    "Record",
+    "BlobChunk",
+    "TxnEnd",
+    "Ack",
+    "Heartbeat",
+    "Goodbye",
+    "EVENT_TYPES",
+    "TXN_STATUSES",
+]
+
+#: Bumped on any incompatible change of frames or their meaning.
+PROTOCOL_VERSION = 1
+
+#: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
+MAX_BLOB_CHUNK = 1 << 20
+
+#: FileStorage transaction statuses that may be shipped (``'c'`` never is).
+TXN_STATUSES = (" ", "p", "u")
+
+DIGEST_LEN = 32
+
+
+def _bytes(value: object, what: str, *, max_len: int | None = None, exact: int | None = None) -> None:
+    if not isinstance(value, bytes):
+        raise ValueError(f"{what} must be bytes, got {type(value).__name__}")
+    if exact is not None and len(value) != exact:
+        raise ValueError(f"{what} must be {exact} bytes, got {len(value)}")
+    if max_len is not None and len(value) > max_len:
+        raise ValueError(f"{what} is {len(value)} bytes, more than {max_len}")
+
+
+def _str(value: object, what: str, *, max_len: int = 4096) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+
+
+def _int(value: object, what: str, *, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r:.40}")
+
+
+def _time(value: object, what: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r:.40}")
+
+
+class Event:
+    """Base of all events; ``TYPE`` is the frame's type code on the wire."""
+
+    TYPE: ClassVar[int]
+
+    def to_fields(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    """Secondary -> primary: who I am and where my history ends."""
+
+    TYPE: ClassVar[int] = 1
+    protocol_version: int
+    node: str
+    last_tid: bytes
+    last_digest: bytes | None
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.protocol_version, "protocol_version", minimum=1)
+        _str(self.node, "node", max_len=256)
+        check_tid(self.last_tid, "last_tid")
+        if self.last_digest is not None:
+            _bytes(self.last_digest, "last_digest", exact=DIGEST_LEN)
+        _int(self.epoch, "epoch")
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Event):
+    """Primary -> secondary: accepted; transactions after ``start_tid`` follow."""
+
+    TYPE: ClassVar[int] = 2
+    protocol_version: int
+    node: str
+    epoch: int
+    start_tid: bytes
+    head_tid: bytes
+
+    def __post_init__(self) -> None:
+        _int(self.protocol_version, "protocol_version", minimum=1)
+        _str(self.node, "node", max_len=256)
+        _int(self.epoch, "epoch")
+        check_tid(self.start_tid, "start_tid")
+        check_tid(self.head_tid, "head_tid")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Event):
+    """Primary -> secondary: refused, with a machine code and a message for people.
+
+    Codes: ``version``, ``diverged``, ``ahead``, ``corrupted``, ``busy``.
+    ``fork_tid`` is the last transaction both histories share, when known.
+    """
+
+    TYPE: ClassVar[int] = 3
+    code: str
+    message: str
+    fork_tid: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _str(self.code, "code", max_len=64)
+        _str(self.message, "message")
+        if self.fork_tid is not None:
+            check_tid(self.fork_tid, "fork_tid")
+
+
+@dataclass(frozen=True, slots=True)
+class TxnBegin(Event):
+    """Start of a committed transaction that directly follows ``prev_tid``."""
+
+    TYPE: ClassVar[int] = 4
+    tid: bytes
+    prev_tid: bytes
+    status: str
+    user: bytes
+    description: bytes
+    extension: bytes
+
+    def __post_init__(self) -> None:
+        check_tid(self.tid, "tid")
+        check_tid(self.prev_tid, "prev_tid")
+        if self.tid <= self.prev_tid:
+            raise ValueError("tid must be greater than prev_tid")
+        if self.status not in TXN_STATUSES:
+            raise ValueError(f"invalid transaction status {self.status!r}")
+        # FileStorage stores each of these with a 2-byte length.
+        _bytes(self.user, "user", max_len=0xFFFF)
+        _bytes(self.description, "description", max_len=0xFFFF)
+        _bytes(self.extension, "extension", max_len=0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Record(Event):
+    """One object revision of the current transaction.
+
+    ``data`` is ``None`` for an undone creation.  ``data_txn`` is the
+    transaction whose record holds the data (undo back pointers), or ``None``.
+    ``blob_size`` is set when a blob file of that many bytes follows.
+    """
+
+    TYPE: ClassVar[int] = 5
+    oid: bytes
+    data: bytes | None
+    data_txn: bytes | None
+    blob_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _bytes(self.oid, "oid", exact=8)
+        if self.data is not None:
+            _bytes(self.data, "data")
+        if self.data_txn is not None:
+            check_tid(self.data_txn, "data_txn")
+        if self.blob_size is not None:
+            _int(self.blob_size, "blob_size")
+            if self.data is None:
+                raise ValueError("a record without data cannot carry a blob")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobChunk(Event):
+    """The next bytes of the current record's blob file."""
+
+    TYPE: ClassVar[int] = 6
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(self.data, "data", max_len=MAX_BLOB_CHUNK)
+        if not self.data:
+            raise ValueError("an empty BlobChunk carries nothing")
+
+
+@dataclass(frozen=True, slots=True)
+class TxnEnd(Event):
+    """End of transaction ``tid``; ``digest`` covers its canonical content."""
+
+    TYPE: ClassVar[int] = 7
+    tid: bytes
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        check_tid(self.tid, "tid")
+        _bytes(self.digest, "digest", exact=DIGEST_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Event):
+    """Secondary -> primary: every transaction up to ``tid`` is durable here."""
+
+    TYPE: ClassVar[int] = 8
+    tid: bytes
+
+    def __post_init__(self) -> None:
+        check_tid(self.tid, "tid")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Event):
+    """Primary -> secondary: my newest committed TID and when it was committed.
+
+    Sent while idle so that lag stays right when nothing is committed.
+    """
+
+    TYPE: ClassVar[int] = 9
+    head_tid: bytes
+    sent_at: float
+
+    def __post_init__(self) -> None:
+        check_tid(self.head_tid, "head_tid")
+        _time(self.sent_at, "sent_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Event):
+    """Either side: closing on purpose (shutdown, source damage, ...)."""
+
+    TYPE: ClassVar[int] = 10
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _str(self.code, "code", max_len=64)
+        _str(self.message, "message")
+
+
+EVENT_TYPES: dict[int, type[Event]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, Reject, TxnBegin, Record, BlobChunk, TxnEnd, Ack, Heartbeat, Goodbye)
+}
