@@ -1,0 +1,262 @@
+"""The connection state machine: bytes in, events out, and no I/O at all.
+
+Both ends run one ``Connection``.  ``send(event)`` checks that we may send the
+event now and returns its bytes; ``receive_data(bytes)`` buffers the peer's
+bytes and ``next_event()`` returns the next event the peer may legally send,
+or ``NEED_DATA``.  A violation by the peer raises ``RemoteProtocolError``, one
+of ours ``LocalProtocolError``; either moves the connection into ``ERROR``,
+which it cannot leave.
+
+Rules, in one place (see ``docs/protocol.md``):
+
+=============  ==========================  ===============================
+state          secondary sends             primary sends
+=============  ==========================  ===============================
+HANDSHAKE      Hello (once), Goodbye       Welcome | Reject, Goodbye
+STREAMING      Ack, Goodbye                TxnBegin/Record/BlobChunk/TxnEnd,
+                                           Heartbeat (between txns), Goodbye
+CLOSED         nothing                     nothing
+=============  ==========================  ===============================
+
+The primary may send Welcome only after it received Hello.  Inside the stream,
+each ``TxnBegin.prev_tid`` must equal the previous transaction's TID (the
+Welcome's ``start_tid`` for the first), a blob's chunks must add up to its
+``blob_size`` exactly, ``TxnEnd`` names the transaction it ends, and an
+``Ack`` may only name a transaction the primary has ended, never going back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from ..errors import LocalProtocolError, RemoteProtocolError, ReplicatorError
+from .events import (
+    PROTOCOL_VERSION,
+    Ack,
+    BlobChunk,
+    Event,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Record,
+    Reject,
+    TxnBegin,
+    TxnEnd,
+    Welcome,
+)
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_event
+
+__all__ = ["Connection", "ConnectionState", "Role", "NEED_DATA"]
+
+
+class Role(enum.Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class ConnectionState(enum.Enum):
+    HANDSHAKE = "handshake"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+class _Stream:
+    """Position inside the primary-to-secondary transaction stream (both ends keep one)."""
+
+    __slots__ = ("last_tid", "txn", "blob_left", "ended_tid")
+
+    def __init__(self) -> None:
+        self.last_tid: bytes | None = None  # set by Welcome.start_tid
+        self.txn: TxnBegin | None = None
+        self.blob_left = 0
+        self.ended_tid: bytes | None = None
+
+    def check(self, event: Event, error: type[ReplicatorError]) -> None:
+        """Raise ``error`` if ``event`` may not come next; else advance."""
+        if isinstance(event, TxnBegin):
+            if self.txn is not None:
+                raise error(f"TxnBegin {event.tid.hex()} inside transaction {self.txn.tid.hex()}")
+            if event.prev_tid != self.last_tid:
+                raise error(
+                    f"TxnBegin {event.tid.hex()} follows {event.prev_tid.hex()}, "
+                    f"but the stream is at {self.last_tid.hex() if self.last_tid else 'nothing'}"
+                )
+            self.txn = event
+        elif isinstance(event, Record):
+            if self.txn is None:
+                raise error("Record outside a transaction")
+            if self.blob_left:
+                raise error(f"Record while {self.blob_left} blob bytes are still due")
+            self.blob_left = event.blob_size or 0
+        elif isinstance(event, BlobChunk):
+            if self.txn is None or len(event.data) > self.blob_left:
+                raise error(f"BlobChunk of {len(event.data)} bytes where {self.blob_left} are due")
+            self.blob_left -= len(event.data)
+        elif isinstance(event, TxnEnd):
+            if self.txn is None or event.tid != self.txn.tid:
+                raise error("TxnEnd does not end the open transaction")
+            if self.blob_left:
+                raise error(f"TxnEnd while {self.blob_left} blob bytes are still due")
+            self.last_tid = self.ended_tid = event.tid
+            self.txn = None
+        elif isinstance(event, Heartbeat):
+            if self.txn is not None:
+                raise error("Heartbeat inside a transaction")
+
+
+_STREAM_EVENTS = (TxnBegin, Record, BlobChunk, TxnEnd, Heartbeat)
+
+
+class Connection:
+    """One end of a replication connection, as a pure state machine."""
+
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.role = role
+        self.state = ConnectionState.HANDSHAKE
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame=max_frame)
+        self._pending: deque[Event] = deque()
+        self._stream = _Stream()
+        self._hello_sent = False
+        self._hello_received = False
+        self.acked_tid: bytes | None = None
+        self.peer_hello: Hello | None = None
+        self.welcome: Welcome | None = None
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        """Return the bytes of ``event`` after checking we may send it now."""
+        if self.state in (ConnectionState.CLOSED, ConnectionState.ERROR):
+            raise LocalProtocolError(f"cannot send {type(event).__name__}: connection is {self.state.value}")
+        try:
+            self._check_send(event)
+            return encode_event(event, max_frame=self.max_frame)
+        except LocalProtocolError:
+            self.state = ConnectionState.ERROR
+            raise
+
+    def _check_send(self, event: Event) -> None:
+        name = type(event).__name__
+        if isinstance(event, Goodbye):
+            self.state = ConnectionState.CLOSED
+            return
+        if self.role is Role.SECONDARY:
+            if isinstance(event, Hello):
+                if self._hello_sent:
+                    raise LocalProtocolError("Hello sent twice")
+                self._hello_sent = True
+                return
+            if isinstance(event, Ack) and self.state is ConnectionState.STREAMING:
+                self._check_ack(event, LocalProtocolError)
+                return
+        else:
+            if isinstance(event, (Welcome, Reject)) and self.state is ConnectionState.HANDSHAKE:
+                if not self._hello_received:
+                    raise LocalProtocolError(f"{name} before the secondary's Hello")
+                if isinstance(event, Welcome):
+                    self._stream.last_tid = event.start_tid
+                    self.welcome = event
+                    self.state = ConnectionState.STREAMING
+                else:
+                    self.state = ConnectionState.CLOSED
+                return
+            if isinstance(event, _STREAM_EVENTS) and self.state is ConnectionState.STREAMING:
+                self._stream.check(event, LocalProtocolError)
+                return
+        raise LocalProtocolError(f"a {self.role.value} may not send {name} in state {self.state.value}")
+
+    # -- receiving -------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer the peer's bytes; decoded events wait in ``next_event()``."""
+        if self.state is ConnectionState.ERROR:
+            raise RemoteProtocolError("connection already failed")
+        try:
+            for event in self._decoder.feed(data):
+                self._check_receive(event)
+                self._pending.append(event)
+        except RemoteProtocolError:
+            self.state = ConnectionState.ERROR
+            raise
+
+    def next_event(self) -> Event | _NeedData:
+        if self._pending:
+            return self._pending.popleft()
+        return NEED_DATA
+
+    def events(self) -> list[Event]:
+        """All decoded events at once (the usual way to drain a message)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
+    def _check_receive(self, event: Event) -> None:
+        name = type(event).__name__
+        if self.state is ConnectionState.CLOSED:
+            raise RemoteProtocolError(f"{name} after the connection was closed")
+        if isinstance(event, Goodbye):
+            self.state = ConnectionState.CLOSED
+            return
+        if self.role is Role.PRIMARY:
+            if isinstance(event, Hello) and self.state is ConnectionState.HANDSHAKE and not self._hello_received:
+                if event.protocol_version < 1:
+                    raise RemoteProtocolError("invalid protocol version")
+                self._hello_received = True
+                self.peer_hello = event
+                return
+            if isinstance(event, Ack) and self.state is ConnectionState.STREAMING:
+                self._check_ack(event, RemoteProtocolError)
+                return
+        else:
+            if isinstance(event, (Welcome, Reject)) and self.state is ConnectionState.HANDSHAKE:
+                if not self._hello_sent:
+                    raise RemoteProtocolError(f"{name} before our Hello")
+                if isinstance(event, Welcome):
+                    if event.protocol_version != PROTOCOL_VERSION:
+                        raise RemoteProtocolError(
+                            f"primary speaks protocol {event.protocol_version}, we speak {PROTOCOL_VERSION}"
+                        )
+                    self._stream.last_tid = event.start_tid
+                    self.welcome = event
+                    self.state = ConnectionState.STREAMING
+                else:
+                    self.state = ConnectionState.CLOSED
+                return
+            if isinstance(event, _STREAM_EVENTS) and self.state is ConnectionState.STREAMING:
+                self._stream.check(event, RemoteProtocolError)
+                return
+        raise RemoteProtocolError(f"a {self.role.value} may not receive {name} in state {self.state.value}")
+
+    def _check_ack(self, ack: Ack, error: type[ReplicatorError]) -> None:
+        ended = self._stream.ended_tid
+        floor = self.acked_tid or self._stream_start()
+        if ack.tid < floor:
+            raise error(f"Ack {ack.tid.hex()} goes back from {floor.hex()}")
+        if ack.tid != floor and (ended is None or ack.tid > ended):
+            raise error(f"Ack {ack.tid.hex()} for a transaction the primary never ended")
+        self.acked_tid = ack.tid
+
+    def _stream_start(self) -> bytes:
+        return self.welcome.start_tid if self.welcome is not None else b"\0" * 8
+
+    # -- introspection ---------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._stream.txn is not None
+
+    @property
+    def last_tid(self) -> bytes | None:
+        """TID of the last transaction ended on the stream (or its start)."""
+        return self._stream.last_tid

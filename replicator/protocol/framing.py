@@ -1,0 +1,97 @@
+"""Frames: one msgpack array ``[type, field, ...]`` per event, with size limits.
+
+Frames are self-delimiting, so several may be concatenated into one WebSocket
+message (the primary batches small transactions that way) and a decoder may
+be fed any split of the byte stream.  No pickle and no msgpack extension types
+are accepted: a frame decodes to plain values only, then to a self-checking
+event dataclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgpack
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .events import EVENT_TYPES, Event
+
+__all__ = ["encode_event", "FrameDecoder", "DEFAULT_MAX_FRAME"]
+
+#: Largest frame accepted.  A frame holds at most one record's data, so this
+#: bounds the largest single object revision; blobs travel in 1 MiB chunks and
+#: are not limited by it.
+DEFAULT_MAX_FRAME = 64 << 20
+
+# Feeding the unpacker in slices keeps its buffer near one frame, whatever
+# the size of the message the bytes came in.
+_FEED_SLICE = 1 << 20
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def encode_event(event: Event, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Serialise ``event`` as one frame; our own oversized frame is a local bug."""
+    frame = _packer.pack([event.TYPE, *event.to_fields()])
+    if len(frame) > max_frame:
+        raise LocalProtocolError(
+            f"{type(event).__name__} frame of {len(frame)} bytes exceeds the {max_frame}-byte limit",
+            hint="raise --max-frame on both ends, or store large data in blobs",
+        )
+    return frame
+
+
+class FrameDecoder:
+    """Turns bytes, split anyhow, into events; raises ``RemoteProtocolError`` on bad input."""
+
+    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            use_list=True,
+            max_buffer_size=max_frame + _FEED_SLICE,
+            max_bin_len=max_frame,
+            max_str_len=1 << 16,
+            max_array_len=16,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
+        """Yield every complete event in ``data`` plus what was buffered before."""
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_SLICE):
+            try:
+                self._unpacker.feed(view[start:start + _FEED_SLICE])
+            except msgpack.BufferFull:
+                raise RemoteProtocolError(
+                    f"frame larger than the {self.max_frame}-byte limit"
+                ) from None
+            yield from self._drain()
+        if not view:
+            yield from self._drain()
+
+    def _drain(self) -> Iterator[Event]:
+        while True:
+            try:
+                frame = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                return
+            except (ValueError, msgpack.UnpackException, TypeError) as exc:
+                # msgpack reports over-limit lengths as ValueError.
+                raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            yield decode_frame(frame)
+
+
+def decode_frame(frame: object) -> Event:
+    """Check one decoded msgpack value and build its event."""
+    if not isinstance(frame, list) or not frame:
+        raise RemoteProtocolError(f"frame is not a non-empty array: {type(frame).__name__}")
+    code, *values = frame
+    cls = EVENT_TYPES.get(code) if isinstance(code, int) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown frame type {code!r:.20}")
+    try:
+        return cls(*values)
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid {cls.__name__} frame: {exc}") from None

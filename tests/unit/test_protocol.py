@@ -1,0 +1,246 @@
+"""The sans-IO protocol: two connections paired in memory, no loop, no sockets."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicator.errors import LocalProtocolError, RemoteProtocolError
+from replicator.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Ack,
+    BlobChunk,
+    Connection,
+    ConnectionState,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Record,
+    Reject,
+    Role,
+    TxnBegin,
+    TxnEnd,
+    Welcome,
+)
+from replicator.protocol.framing import FrameDecoder, encode_event
+
+Z64 = b"\0" * 8
+
+
+def tid(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def handshake(start: bytes = Z64) -> tuple[Connection, Connection]:
+    primary = Connection(Role.PRIMARY)
+    secondary = Connection(Role.SECONDARY)
+    primary.receive_data(secondary.send(Hello(PROTOCOL_VERSION, "s1", start, None)))
+    assert primary.next_event() == Hello(PROTOCOL_VERSION, "s1", start, None)
+    secondary.receive_data(primary.send(Welcome(PROTOCOL_VERSION, "p", 0, start, tid(9))))
+    assert isinstance(secondary.next_event(), Welcome)
+    assert primary.state is secondary.state is ConnectionState.STREAMING
+    return primary, secondary
+
+
+def txn_events(n: int, prev: int) -> list:
+    return [
+        TxnBegin(tid(n), tid(prev), " ", b"user\xff", b"desc", b"\x80ext"),
+        Record(b"\0" * 7 + b"\1", b"pickle", None),
+        Record(b"\0" * 7 + b"\2", b"blobpickle", tid(prev) if prev else None, blob_size=5),
+        BlobChunk(b"abc"),
+        BlobChunk(b"de"),
+        Record(b"\0" * 7 + b"\3", None, None),
+        TxnEnd(tid(n), b"d" * 32),
+    ]
+
+
+def stream_bytes(primary: Connection, events: list) -> bytes:
+    return b"".join(primary.send(e) for e in events)
+
+
+def test_stream_round_trip_whole_and_byte_by_byte_and_trailing():
+    events = txn_events(1, 0) + [Heartbeat(tid(1), 12.5)] + txn_events(2, 1)
+    primary, secondary = handshake()
+    data = stream_bytes(primary, events)
+    secondary.receive_data(data)
+    assert secondary.events() == events
+
+    primary, secondary = handshake()
+    data = stream_bytes(primary, events)
+    got = []
+    for i in range(len(data)):
+        secondary.receive_data(data[i:i + 1])
+        got.extend(secondary.events())
+    assert got == events
+    assert secondary.next_event() is NEED_DATA
+
+    # A partial frame at the end stays buffered until the rest comes.
+    primary, secondary = handshake()
+    data = stream_bytes(primary, events)
+    secondary.receive_data(data + encode_event(Goodbye("x", "y"))[:3])
+    assert secondary.events() == events
+    assert secondary.state is ConnectionState.STREAMING
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=30))
+def test_any_chunking_gives_the_same_events(cuts):
+    events = txn_events(1, 0) + txn_events(2, 1)
+    primary, secondary = handshake()
+    data = stream_bytes(primary, events)
+    got, pos = [], 0
+    for size in cuts:
+        secondary.receive_data(data[pos:pos + size])
+        got.extend(secondary.events())
+        pos += size
+    secondary.receive_data(data[pos:])
+    got.extend(secondary.events())
+    assert got == events
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=200))
+def test_garbage_raises_remote_error_or_waits(garbage):
+    primary, secondary = handshake()
+    try:
+        secondary.receive_data(garbage)
+        events = secondary.events()
+    except RemoteProtocolError:
+        assert secondary.state is ConnectionState.ERROR
+        with pytest.raises(RemoteProtocolError):
+            secondary.receive_data(b"")
+    else:
+        # Garbage that happens to be valid must still obey the rules.
+        assert all(isinstance(e, (Heartbeat, Goodbye)) for e in events)
+
+
+def test_oversized_frame_is_refused():
+    conn = Connection(Role.SECONDARY, max_frame=1024)
+    conn.send(Hello(PROTOCOL_VERSION, "s", Z64, None))
+    big = msgpack.packb([Record.TYPE, b"\0" * 8, b"x" * 4096, None, None], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match="limit|exceeds|malformed"):
+        conn.receive_data(big)
+    assert conn.state is ConnectionState.ERROR
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.PRIMARY, max_frame=1024).send(Record(b"\0" * 8, b"x" * 4096, None))
+
+
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        ([99, 1], "unknown frame type"),
+        (["Hello"], "unknown frame type"),
+        ({"a": 1}, "malformed|not a non-empty array"),
+        ([Hello.TYPE, 1, "s", b"short", None, 0], "last_tid"),
+        ([Hello.TYPE, 1, "s"], "invalid Hello"),
+        ([Hello.TYPE, 1, "s", Z64, None, 0, "extra", "more"], "invalid Hello"),
+        (7, "not a non-empty array"),
+    ],
+)
+def test_malformed_frames(frame, match):
+    conn = Connection(Role.PRIMARY)
+    with pytest.raises(RemoteProtocolError, match=match):
+        conn.receive_data(msgpack.packb(frame, use_bin_type=True))
+
+
+def test_ext_types_and_pickles_never_decode():
+    conn = Connection(Role.PRIMARY)
+    with pytest.raises(RemoteProtocolError):
+        conn.receive_data(msgpack.packb(msgpack.ExtType(1, b"x")))
+    conn = Connection(Role.PRIMARY)
+    import pickle
+    with pytest.raises(RemoteProtocolError):
+        conn.receive_data(pickle.dumps(Hello(1, "s", Z64, None)))
+
+
+def test_ordering_rules_on_receive():
+    # prev_tid must chain.
+    primary, secondary = handshake()
+    bad = Connection(Role.PRIMARY)
+    bad.receive_data(Connection(Role.SECONDARY).send(Hello(1, "s", Z64, None)))
+    bad.send(Welcome(1, "p", 0, tid(5), tid(5)))  # primary believes start is 5
+    with pytest.raises(RemoteProtocolError, match="follows"):
+        secondary.receive_data(bad.send(TxnBegin(tid(6), tid(5), " ", b"", b"", b"")))
+
+    # Blob bytes must add up exactly.
+    primary, secondary = handshake()
+    frames = [
+        encode_event(TxnBegin(tid(1), Z64, " ", b"", b"", b"")),
+        encode_event(Record(b"\0" * 8, b"d", None, blob_size=2)),
+        encode_event(TxnEnd(tid(1), b"d" * 32)),
+    ]
+    with pytest.raises(RemoteProtocolError, match="blob bytes"):
+        secondary.receive_data(b"".join(frames))
+
+    # Records only inside a transaction; Welcome only once.
+    primary, secondary = handshake()
+    with pytest.raises(RemoteProtocolError, match="outside"):
+        secondary.receive_data(encode_event(Record(b"\0" * 8, b"d", None)))
+    primary, secondary = handshake()
+    with pytest.raises(RemoteProtocolError, match="may not receive Welcome"):
+        secondary.receive_data(encode_event(Welcome(1, "p", 0, Z64, Z64)))
+
+
+def test_secondary_may_not_stream_and_primary_may_not_ack():
+    primary, secondary = handshake()
+    with pytest.raises(LocalProtocolError):
+        secondary.send(TxnBegin(tid(1), Z64, " ", b"", b"", b""))
+    primary, secondary = handshake()
+    with pytest.raises(LocalProtocolError):
+        primary.send(Ack(Z64))
+    with pytest.raises(LocalProtocolError, match="before the secondary's Hello"):
+        Connection(Role.PRIMARY).send(Welcome(1, "p", 0, Z64, Z64))
+
+
+def test_acks_must_name_ended_transactions_and_never_go_back():
+    primary, secondary = handshake()
+    secondary.receive_data(stream_bytes(primary, txn_events(1, 0) + txn_events(2, 1)))
+    secondary.events()
+    primary.receive_data(secondary.send(Ack(tid(1))))
+    primary.receive_data(secondary.send(Ack(tid(2))))
+    assert [e.tid for e in primary.events()] == [tid(1), tid(2)]
+    assert primary.acked_tid == tid(2)
+    with pytest.raises(LocalProtocolError, match="goes back"):
+        secondary.send(Ack(tid(1)))
+    primary2, secondary2 = handshake()
+    with pytest.raises(RemoteProtocolError, match="never ended"):
+        primary2.receive_data(encode_event(Ack(tid(7))))
+
+
+def test_reject_closes_and_goodbye_closes():
+    primary = Connection(Role.PRIMARY)
+    secondary = Connection(Role.SECONDARY)
+    primary.receive_data(secondary.send(Hello(1, "s", tid(3), b"x" * 32)))
+    primary.events()
+    secondary.receive_data(primary.send(Reject("diverged", "fork", fork_tid=tid(2))))
+    assert secondary.events() == [Reject("diverged", "fork", tid(2))]
+    assert primary.state is secondary.state is ConnectionState.CLOSED
+    with pytest.raises(RemoteProtocolError, match="closed"):
+        secondary.receive_data(encode_event(Heartbeat(Z64, 1.0)))
+
+    primary, secondary = handshake()
+    secondary.receive_data(primary.send(Goodbye("shutdown", "bye")))
+    assert secondary.events() == [Goodbye("shutdown", "bye")]
+    assert secondary.state is ConnectionState.CLOSED
+
+
+def test_event_validation():
+    with pytest.raises(ValueError):
+        TxnBegin(tid(1), tid(1), " ", b"", b"", b"")
+    with pytest.raises(ValueError):
+        TxnBegin(tid(2), tid(1), "c", b"", b"", b"")
+    with pytest.raises(ValueError):
+        Record(b"\0" * 8, None, None, blob_size=3)
+    with pytest.raises(ValueError):
+        BlobChunk(b"")
+    with pytest.raises(ValueError):
+        Heartbeat(Z64, float("nan"))
+
+
+def test_decoder_alone_handles_many_frames_in_one_feed():
+    dec = FrameDecoder()
+    frames = [Heartbeat(tid(i), float(i)) for i in range(1000)]
+    assert list(dec.feed(b"".join(encode_event(f) for f in frames))) == frames
