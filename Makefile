@@ -1,0 +1,30 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Live demo on loopback: ZEO server + primary + secondary + workload + verify.
+demo: $(STAMP)
+	$(BIN)/python demo/demo.py
+
+## The whole test suite (unit, integration, system), then lint.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check replicator tests demo
+	$(BIN)/mypy replicator
+
+clean:
+	rm -rf demo-run bench-run .pytest_cache .mypy_cache .ruff_cache
