@@ -1,0 +1,31 @@
+"""Fixtures shared by the integration and system tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tls_dir(tmp_path_factory) -> Path:
+    """A cluster CA with certificates for ``primary``, ``secondary`` and ``other``."""
+    from replicator.certs import init_ca, issue_node
+
+    directory = tmp_path_factory.mktemp("tls")
+    init_ca(directory)
+    for name in ("primary", "secondary", "tertiary"):
+        issue_node(directory, name, hosts=("localhost", "127.0.0.1"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def foreign_tls_dir(tmp_path_factory) -> Path:
+    """A second, unrelated CA and a node certificate it signed."""
+    from replicator.certs import init_ca, issue_node
+
+    directory = tmp_path_factory.mktemp("foreign-tls")
+    init_ca(directory, common_name="Some other CA")
+    issue_node(directory, "secondary", hosts=("localhost", "127.0.0.1"))
+    issue_node(directory, "primary", hosts=("localhost", "127.0.0.1"))
+    return directory
