@@ -11,6 +11,8 @@ by its message.  Every error carries the fields an operator needs and a
 - ``DivergenceError``: the two histories fork; stop and tell the operator.
 - ``ConfigError``: bad configuration; lists every problem at once.
 - ``StorageError``: the secondary's storage refused a write (full disk, ...).
+- ``TransportError``: a peer could not be reached (refused, reset, timed out);
+  ``TLSError``, its subclass, when the TLS handshake itself failed (certificates).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "DivergenceError",
     "ConfigError",
     "StorageError",
+    "TransportError",
+    "TLSError",
 ]
 
 
@@ -112,3 +116,24 @@ class StorageError(ReplicatorError):
     """The local storage could not be read or written (full disk, permissions, ...)."""
 
     hint = "fix the storage problem; nothing was acknowledged that is not durable"
+
+
+class TransportError(ReplicatorError):
+    """The connection to ``address`` could not be opened or was lost: retry with backoff."""
+
+    hint = "check that the peer is running and reachable; the connection is retried"
+
+    def __init__(self, address: str, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.address = address
+
+
+class TLSError(TransportError):
+    """The TLS handshake with ``address`` failed: a certificate or CA does not fit.
+
+    Retrying alone will not help until an operator fixes the certificates, so
+    callers log it at ERROR rather than as a routine reconnect.
+    """
+
+    hint = ("both nodes need certificates signed by the same cluster CA, whose "
+            "SubjectAltNames list the address that is dialled (replicator certs show)")

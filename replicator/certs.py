@@ -1,0 +1,368 @@
+"""A tiny private certificate authority for one replication cluster.
+
+Every node (primary or secondary) gets one certificate, signed by the
+cluster CA, that it uses both as a TLS server (it may serve the stream
+onward) and as a TLS client (it dials its upstream).  That is why node
+certificates carry *both* the serverAuth and clientAuth extended key usages.
+
+Files live side by side in one directory::
+
+    ca.pem  ca.key          the cluster CA (keep ca.key off the nodes if you can)
+    <name>.pem <name>.key   one pair per node
+
+Keys are EC P-256: small, fast, and accepted by every TLS 1.2+ stack.  Private
+keys are created with mode 0600 from the first byte (``O_EXCL`` plus an
+explicit mode), never chmod-ed afterwards, so there is no window in which
+another user can read them.  Existing files are never overwritten unless
+``force=True``: silently replacing a CA would orphan every node certificate.
+
+The certificates are built to pass OpenSSL's strict X.509 checks (Python
+3.13 turns ``VERIFY_X509_STRICT`` on by default): critical basic
+constraints, subject and authority key identifiers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import ConfigError
+
+__all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "describe"]
+
+CA_NAME = "ca"
+
+# Clocks on freshly provisioned machines disagree; backdating by a few
+# minutes avoids "certificate is not yet valid" right after issuing.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+              ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+# Node names become file names; keep them to a portable, unambiguous set.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where a certificate and its private key were written."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What an operator wants to see about a certificate (``replicator certs show``)."""
+
+    path: Path
+    subject: str
+    common_name: str | None
+    issuer: str
+    serial: int
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    is_ca: bool
+    extended_key_usage: tuple[str, ...]
+    sha256_fingerprint: str
+
+    @property
+    def sans(self) -> tuple[str, ...]:
+        """All SubjectAltName entries, DNS names first, as ``DNS:x`` / ``IP:y``."""
+        return (tuple(f"DNS:{d}" for d in self.dns_names)
+                + tuple(f"IP:{i}" for i in self.ip_addresses))
+
+    def expired(self, now: datetime.datetime | None = None) -> bool:
+        now = now or datetime.datetime.now(datetime.UTC)
+        return now >= self.not_after
+
+
+def init_ca(directory: str | os.PathLike[str], *, common_name: str = "ZODB replication CA",
+            days: int = 3650, force: bool = False) -> CertPaths:
+    """Create the cluster CA (``ca.pem`` and ``ca.key``) in ``directory``.
+
+    The directory is created if needed.  Raises ``ConfigError`` when the files
+    already exist (unless ``force``) or the arguments are unusable.
+    """
+    directory = Path(directory)
+    problems = _check_days(days)
+    if not common_name.strip():
+        problems.append("CA common name must not be empty")
+    paths = CertPaths(directory / f"{CA_NAME}.pem", directory / f"{CA_NAME}.key")
+    problems += _check_targets(paths, force)
+    if problems:
+        raise ConfigError(problems)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        # path_length=0: this CA signs node certificates, never other CAs.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(paths, cert, key)
+    return paths
+
+
+def issue_node(directory: str | os.PathLike[str], name: str, *,
+               hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 825,
+               force: bool = False) -> CertPaths:
+    """Issue ``<name>.pem`` / ``<name>.key`` in ``directory``, signed by its CA.
+
+    ``hosts`` become SubjectAltName entries (IP addresses as IP entries, the
+    rest as DNS names): clients check the address they dial against them, so
+    list every name and address peers use to reach this node.  The common name
+    is ``name``; servers log it as the peer's identity.  825 days is the
+    longest lifetime mainstream TLS clients accept for a leaf certificate.
+
+    Raises ``ConfigError`` listing every problem: a missing or unreadable CA,
+    a bad name or host, existing files without ``force``.
+    """
+    directory = Path(directory)
+    problems = _check_days(days)
+    if not _NAME_RE.match(name) or name == CA_NAME:
+        problems.append(f"node name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                        f"start with a letter or digit, and not be {CA_NAME!r}")
+    dns_names, ips = _split_hosts(hosts, problems)
+    paths = CertPaths(directory / f"{name}.pem", directory / f"{name}.key")
+    problems += _check_targets(paths, force)
+    ca = _load_ca(directory, problems)
+    if problems or ca is None:
+        error = ConfigError(problems)
+        if ca is None:
+            error.hint = (f"node certificates are signed by {directory / 'ca.pem'}; create it "
+                          "first with `replicator certs init` (init_ca)")
+        raise error
+    ca_cert, ca_key = ca
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    sans += [x509.IPAddress(ip) for ip in ips]
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        # Both: every node is a TLS server to its downstream and a client upstream.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(paths, cert, key)
+    return paths
+
+
+def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
+    """Read a PEM certificate and summarise it; ``ConfigError`` if missing or not PEM."""
+    path = Path(cert_path)
+    problems: list[str] = []
+    cert = _load_cert(path, "certificate", problems)
+    if cert is None:
+        raise ConfigError(problems)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(san.get_values_for_type(x509.DNSName))
+        ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        dns_names, ips = (), ()
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    try:
+        eku = tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in
+                    cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        eku = ()
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return CertInfo(
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        common_name=str(cns[0].value) if cns else None,
+        issuer=cert.issuer.rfc4514_string(),
+        serial=cert.serial_number,
+        dns_names=dns_names,
+        ip_addresses=ips,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        is_ca=is_ca,
+        extended_key_usage=eku,
+        sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":"),
+    )
+
+
+# -- helpers ---------------------------------------------------------------
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False)
+
+
+def _check_days(days: int) -> list[str]:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        return [f"validity must be a positive number of days, got {days!r}"]
+    return []
+
+
+def _check_targets(paths: CertPaths, force: bool) -> list[str]:
+    if force:
+        return []
+    return [f"{p}: already exists (pass force=True / --force to replace it)"
+            for p in (paths.cert, paths.key) if p.exists()]
+
+
+def _split_hosts(hosts: Iterable[str], problems: list[str]
+                 ) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    if isinstance(hosts, str):  # a lone "localhost" would otherwise become 9 hosts
+        hosts = [hosts]
+    dns_names: list[str] = []
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for host in hosts:
+        host = host.strip().strip("[]")
+        try:
+            ips.append(ipaddress.ip_address(host))
+            continue
+        except ValueError:
+            pass
+        labels = host.rstrip(".").split(".")
+        if host and all(re.fullmatch(r"(\*|[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)", lb)
+                        for lb in labels):
+            dns_names.append(host.rstrip(".").lower())
+        else:
+            problems.append(f"host {host!r} is neither an IP address nor a DNS name")
+    if not dns_names and not ips and not problems:
+        problems.append("at least one host name or IP address is required")
+    return dns_names, ips
+
+
+def _load_cert(path: Path, what: str, problems: list[str]) -> x509.Certificate | None:
+    data = _read(path, what, problems)
+    if data is None:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as e:
+        problems.append(f"{what} {path}: not a PEM certificate ({e})")
+        return None
+
+
+def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"{what} {path}: no such file")
+    except PermissionError:
+        problems.append(f"{what} {path}: permission denied")
+    except IsADirectoryError:
+        problems.append(f"{what} {path}: is a directory")
+    except OSError as e:
+        problems.append(f"{what} {path}: cannot read ({e.strerror or e})")
+    return None
+
+
+def _load_ca(directory: Path, problems: list[str]
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    """The CA certificate and key of ``directory``, or None with problems added."""
+    before = len(problems)
+    cert = _load_cert(directory / f"{CA_NAME}.pem", "CA certificate", problems)
+    key_path = directory / f"{CA_NAME}.key"
+    data = _read(key_path, "CA key", problems)
+    key = None
+    if data is not None:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            problems.append(f"CA key {key_path}: not an unencrypted PEM private key ({e})")
+    if len(problems) > before or cert is None or key is None:
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        problems.append(f"CA key {key_path}: expected an EC key, got {type(key).__name__}")
+        return None
+    if key.public_key() != cert.public_key():
+        problems.append(f"CA key {key_path} does not belong to {directory / (CA_NAME + '.pem')}")
+        return None
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')} is not self-signed")
+        return None
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise x509.ExtensionNotFound("not a CA", x509.BasicConstraints.oid)
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')} is not a CA "
+                        "made by init_ca (missing CA basic constraints or key identifier)")
+        return None
+    return cert, key
+
+
+def _write(paths: CertPaths, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write key then certificate; the key is 0600 from creation on."""
+    paths.cert.parent.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    _write_file(paths.key, key_pem, 0o600)
+    _write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    # Write to a fresh temporary name and rename: a crash never leaves half a
+    # key behind, and a replaced key never passes through a readable mode.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed run with our pid
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create ({e.strerror or e})") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # exactly this mode, whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

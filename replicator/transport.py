@@ -1,0 +1,401 @@
+"""Mutual-TLS WebSocket transport between replication nodes (aiohttp).
+
+Every node holds a certificate signed by the cluster CA (see ``certs``), and
+both ends of every connection check the other's: the server requires a
+client certificate (``CERT_REQUIRED``), the client checks the server's
+certificate *and* that it names the host it dialled.  Only the cluster CA is
+trusted, never the system store, so a certificate from a public CA does not
+open the door.  TLS 1.2 is the floor.
+
+This module only opens and closes connections; the application (routes
+``/replicate`` and ``/status``) belongs to the orchestration layer.
+
+Latency: replication sends many small frames (acks, heartbeats, small
+transactions), which Nagle's algorithm would delay by up to a round trip.
+aiohttp sets ``TCP_NODELAY`` on every TCP connection it makes or accepts
+(``BaseProtocol.connection_made``, TLS included); ``connect_ws`` sets it
+again on the client socket so that the guarantee does not depend on that
+detail, and the integration tests check both sides.
+
+Errors: unusable files raise ``ConfigError`` listing every problem at once
+(the operator fixes them all in one go); a failed connection raises
+``TransportError`` (retry with backoff), or ``TLSError`` when the
+certificates do not fit (retrying will not help until someone fixes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from yarl import URL
+
+from .errors import ConfigError, TLSError, TransportError
+
+__all__ = [
+    "TLSFiles",
+    "server_ssl_context",
+    "client_ssl_context",
+    "start_server",
+    "stop_server",
+    "peer_identity",
+    "connect_ws",
+]
+
+log = logging.getLogger(__name__)
+
+MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+
+_warned_insecure: set[str] = set()
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The cluster CA, this node's certificate and its private key (PEM paths)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def __post_init__(self) -> None:
+        for name in ("ca", "cert", "key"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` listing every problem with the three files."""
+        problems = _check_files(self.ca, self.cert, self.key)
+        if problems:
+            raise ConfigError(problems)
+
+    def server_context(self) -> ssl.SSLContext:
+        return server_ssl_context(self.ca, self.cert, self.key)
+
+    def client_context(self) -> ssl.SSLContext:
+        return client_ssl_context(self.ca, self.cert, self.key)
+
+
+def server_ssl_context(ca: str | os.PathLike[str], cert: str | os.PathLike[str],
+                       key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A TLS 1.2+ server context that demands a client certificate from the CA ``ca``.
+
+    Raises ``ConfigError`` naming every unusable file.
+    """
+    return _context(ssl.Purpose.CLIENT_AUTH, Path(ca), Path(cert), Path(key))
+
+
+def client_ssl_context(ca: str | os.PathLike[str], cert: str | os.PathLike[str],
+                       key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A TLS 1.2+ client context: presents ``cert``, trusts only ``ca``, checks host names.
+
+    Raises ``ConfigError`` naming every unusable file.
+    """
+    return _context(ssl.Purpose.SERVER_AUTH, Path(ca), Path(cert), Path(key))
+
+
+def _context(purpose: ssl.Purpose, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    TLSFiles(ca, cert, key).validate()
+    try:
+        # cafile given: create_default_context loads that CA and not the system store.
+        context = ssl.create_default_context(purpose, cafile=str(ca))
+        context.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:  # our own checks passed, OpenSSL still objects
+        raise ConfigError(f"TLS files {ca}, {cert}, {key}: OpenSSL refused them ({e})") from e
+    context.minimum_version = MINIMUM_TLS
+    context.verify_mode = ssl.CERT_REQUIRED
+    # Strict X.509 (the default from Python 3.13 on): certificates that pass
+    # here keep working after an upgrade.
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    if purpose is ssl.Purpose.SERVER_AUTH:
+        context.check_hostname = True
+    return context
+
+
+def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
+    """Every problem with the three files, in words an operator can act on."""
+    problems: list[str] = []
+    ca_certs = _load_certs(ca, "CA file", problems)
+    chain = _load_certs(cert, "certificate", problems)
+    key_data = _read(key, "key", problems)
+    private_key = None
+    if key_data is not None:
+        try:
+            private_key = serialization.load_pem_private_key(key_data, password=None)
+        except TypeError:  # cryptography's way of saying "needs a password"
+            problems.append(f"key {key}: encrypted; the replicator needs an unencrypted "
+                            "key file readable only by its user (mode 0600)")
+        except (ValueError, UnsupportedAlgorithm) as e:
+            problems.append(f"key {key}: not a PEM private key ({_short(e)})")
+        else:
+            mode = key.stat().st_mode & 0o777
+            if mode & 0o077:
+                log.warning("private key %s is readable by other users (mode %o); "
+                            "chmod 600 it", key, mode)
+    now = datetime.datetime.now(datetime.UTC)
+    for ca_cert in ca_certs:
+        if not _is_ca(ca_cert):
+            problems.append(f"CA file {ca}: {ca_cert.subject.rfc4514_string()} is not a CA "
+                            "certificate (did you give a node certificate as the CA?)")
+        elif ca_cert.not_valid_after_utc < now:
+            problems.append(f"CA file {ca}: expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}")
+    if chain:
+        leaf = chain[0]
+        if leaf.not_valid_after_utc < now:
+            problems.append(f"certificate {cert}: expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+        elif leaf.not_valid_before_utc > now:
+            problems.append(f"certificate {cert}: not valid before "
+                            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the clock)")
+        if private_key is not None and _spki(private_key.public_key()) != _spki(leaf.public_key()):
+            problems.append(f"key {key} does not match certificate {cert} "
+                            "(they were not issued together)")
+        # Only a direct issuer is checked; a chain with intermediates is left to OpenSSL.
+        if ca_certs and len(chain) == 1 and not any(_issued_by(leaf, c) for c in ca_certs):
+            problems.append(f"certificate {cert} ({leaf.subject.rfc4514_string()}) is not "
+                            f"signed by the CA in {ca}; peers would refuse it")
+    return problems
+
+
+def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"{what} {path}: no such file")
+    except PermissionError:
+        problems.append(f"{what} {path}: permission denied")
+    except IsADirectoryError:
+        problems.append(f"{what} {path}: is a directory")
+    except OSError as e:
+        problems.append(f"{what} {path}: cannot read ({e.strerror or e})")
+    return None
+
+
+def _load_certs(path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:
+    data = _read(path, what, problems)
+    if data is None:
+        return []
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        problems.append(f"{what} {path}: not a PEM certificate ({_short(e)})")
+        return []
+
+
+def _short(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _warn_insecure(side: str) -> None:
+    # Once per process and side: a reconnect loop must not drown the log, but
+    # the operator must see it at least once.
+    if side not in _warned_insecure:
+        _warned_insecure.add(side)
+        log.warning("insecure mode: replication %s traffic is unauthenticated plaintext; "
+                    "anyone on the network can read or forge it", side)
+
+
+# -- server ------------------------------------------------------------------
+
+async def start_server(app: web.Application, host: str, port: int,
+                       ssl_context: ssl.SSLContext | None, *,
+                       shutdown_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` and return the runner and the bound port.
+
+    ``port=0`` picks a free port (tests, and "any port" deployments that
+    report it through ``/status``).  ``ssl_context=None`` is the explicit
+    insecure mode and is logged as a warning.  ``shutdown_timeout`` bounds how
+    long ``stop_server`` waits for open connections before cancelling their
+    handlers.  Raises ``ConfigError`` if the address cannot be bound.
+    """
+    if ssl_context is None:
+        _warn_insecure("server")
+    # No access log: /status may be polled every second and each replication
+    # session is logged with its peer identity by the orchestration.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    log.info("listening on %s:%d (%s)", host, bound, "TLS" if ssl_context else "plaintext")
+    return runner, bound
+
+
+async def stop_server(runner: web.AppRunner) -> None:
+    """Stop accepting, close open connections (bounded by the shutdown timeout), free the port."""
+    await runner.cleanup()
+
+
+def peer_identity(request: web.BaseRequest) -> str:
+    """The common name of the client's certificate, for logs and ``/status``.
+
+    Without TLS (insecure mode) there is no identity, only an address, and the
+    result says so.
+    """
+    transport = request.transport
+    peercert = transport.get_extra_info("peercert") if transport is not None else None
+    if not peercert:
+        return f"unauthenticated {request.remote}"
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return f"certificate without common name from {request.remote}"
+
+
+# -- client ------------------------------------------------------------------
+
+async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
+                     ssl_context: ssl.SSLContext | None, *, max_msg_size: int,
+                     heartbeat: float | None = None, timeout: float = 10.0,
+                     headers: dict[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
+    """Open a WebSocket to ``url`` (``wss://`` with a context, ``ws://`` without).
+
+    ``timeout`` is one budget for the whole operation (TCP connect, TLS
+    handshake, HTTP upgrade).  ``max_msg_size`` bounds every received message;
+    ``heartbeat`` enables pings so that a silently dead peer is noticed.
+
+    Raises ``TLSError`` when the handshake fails on certificates,
+    ``TransportError`` for every other failure to connect, and ``ConfigError``
+    when the scheme and ``ssl_context`` disagree.
+    """
+    url = URL(url)
+    address = f"{url.host}:{url.port}"
+    if url.scheme not in ("ws", "wss"):
+        raise ConfigError(f"replication URL {url}: scheme must be wss:// (or ws:// in insecure mode)")
+    if (url.scheme == "wss") != (ssl_context is not None):
+        raise ConfigError(f"replication URL {url}: "
+                          + ("wss:// needs TLS files" if ssl_context is None
+                             else "ws:// is plaintext; use wss:// with TLS files"))
+    if ssl_context is None:
+        _warn_insecure("client")
+    try:
+        async with asyncio.timeout(timeout):
+            ws = await session.ws_connect(
+                url, ssl=ssl_context if ssl_context is not None else True,
+                max_msg_size=max_msg_size, heartbeat=heartbeat, autoping=True,
+                headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+    except TimeoutError:
+        raise TransportError(address, f"connecting to {url} timed out after {timeout:g} s") from None
+    except aiohttp.ClientConnectorCertificateError as e:
+        raise _certificate_error(address, e.certificate_error) from e
+    except aiohttp.WSServerHandshakeError as e:
+        raise TransportError(address, f"{url} refused the WebSocket upgrade: HTTP {e.status} "
+                             f"{e.message}", hint="check the URL path (normally /replicate)") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise _connect_error(url, address, e) from e
+    sock = ws.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # A socket the peer already closed refuses options; the next receive says so.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ws
+
+
+def _certificate_error(address: str, error: Exception) -> TLSError:
+    """We refused the server's certificate."""
+    reason = getattr(error, "verify_message", None) or _short(error)
+    if "mismatch" in reason:
+        hint = (f"the server's certificate does not list {address.rsplit(':', 1)[0]!r} in "
+                "its SubjectAltNames; dial a listed name or reissue it with that host")
+    elif "expired" in reason:
+        hint = "the server's certificate has expired; issue a new one"
+    else:
+        hint = "is the server's certificate signed by the cluster CA?"
+    return TLSError(address, f"TLS handshake with {address} failed: certificate verify "
+                    f"failed: {reason}", hint=hint)
+
+
+def _connect_error(url: URL, address: str, error: BaseException) -> TransportError:
+    ssl_error = _find_ssl_error(error)
+    if ssl_error is not None:
+        reason = getattr(ssl_error, "reason", None) or _short(ssl_error)
+        text = reason.replace("_", " ").lower()
+        if "alert" in text:  # the server sent a TLS alert: it refused us
+            hint = ("the server refused this node's certificate; is it signed by the "
+                    "cluster CA and does it carry clientAuth?")
+            if "certificate required" in text:
+                hint = "the server requires a client certificate; configure --tls-cert/--tls-key"
+        elif "wrong version" in text or "record layer" in text or "packet length" in text:
+            hint = "is the server running without TLS (insecure mode)?"
+        elif "protocol" in text:
+            hint = f"the two ends share no TLS version (this side needs {MINIMUM_TLS.name} or newer)"
+        else:
+            hint = "check that both nodes use certificates from the same cluster CA"
+        return TLSError(address, f"TLS handshake with {address} failed: {text}", hint=hint)
+    os_error = error.os_error if isinstance(error, aiohttp.ClientConnectorError) else error
+    if url.scheme == "wss" and isinstance(os_error, aiohttp.ServerDisconnectedError
+                                          | ConnectionResetError | ConnectionAbortedError):
+        # asyncio's TLS server drops a connection whose certificate it refuses
+        # without flushing the alert, so the refusal arrives here as a reset
+        # (TLS 1.2) or, since TLS 1.3 checks the client after the client
+        # considers the handshake done, as a disconnect before the HTTP reply.
+        hint = ("the server probably refused this node's certificate: is it signed by "
+                "the cluster CA, and does this node present one?")
+        return TLSError(address, f"TLS handshake with {address} failed: the server closed "
+                        "the connection before the WebSocket upgrade", hint=hint)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        errno = error.os_error.errno
+        reason = os.strerror(errno) if errno else _short(error.os_error)
+        return TransportError(address, f"cannot connect to {address}: {reason}")
+    hint = ""
+    if url.scheme == "ws" and isinstance(error, aiohttp.ClientResponseError
+                                         | aiohttp.ServerDisconnectedError):
+        hint = "the server may require TLS: use wss:// with the cluster certificates"
+    detail = _short(error) if str(error) else type(error).__name__
+    return TransportError(address, f"connection to {address} failed during the WebSocket "
+                          f"handshake: {detail}", hint=hint)
+
+
+def _find_ssl_error(error: BaseException | None) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` aiohttp wrapped (its chain or ``os_error``), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        # aiohttp's ClientConnectorSSLError is itself an SSLError without
+        # ``reason``; the one OpenSSL raised is its ``os_error``.
+        inner = getattr(error, "os_error", None)
+        if isinstance(inner, ssl.SSLError):
+            return inner
+        if isinstance(error, ssl.SSLError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
