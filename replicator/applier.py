@@ -1,0 +1,340 @@
+"""The secondary's applier: re-commits shipped transactions into a local FileStorage.
+
+It turns the stream ``TxnBegin Record (BlobChunk*) ... TxnEnd`` into ZODB's
+restore API: ``tpc_begin(txn, tid, status)``, ``restore`` or ``restoreBlob``
+per record, then ``tpc_vote`` and ``tpc_finish`` once the digest of what was
+received equals the one the primary sent.  FileStorage fsyncs in
+``tpc_finish``; blob files and the directory entries that name them are
+fsynced before the vote, so every TID ``apply`` returns is durable and may be
+acknowledged.
+
+The code blocks.  The async layer hands it *batches* of events in a worker
+thread (one thread hop per batch, not per record); a transaction may span
+several batches.  One ``Applier`` must be used by one thread at a time.
+
+Any failure leaves the storage as it was before the transaction in progress:
+the transaction is aborted, its blob files are removed, and the applier is
+ready for the same transaction again (which is what a reconnect sends).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ZODB.blob import is_blob_record, remove_committed
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import POSError
+
+from .errors import (
+    ConfigError,
+    DivergenceError,
+    IntegrityError,
+    RemoteProtocolError,
+    StorageError,
+)
+from .integrity import TxnDigest
+from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
+from .storage import fsync_dir, has_blobs
+from .tid import tid_repr
+
+__all__ = ["Applier"]
+
+#: Called with (tid, oids) inside ``tpc_finish``, before ``lastTransaction`` moves,
+#: so that a serving secondary can invalidate its clients' caches in time.
+Invalidate = Callable[[bytes, frozenset], None]
+
+
+@dataclass
+class _Blob:
+    """The blob file of the current record, while its chunks arrive."""
+
+    record: Record
+    path: str
+    file: BinaryIO
+    left: int
+
+
+@dataclass
+class _Txn:
+    """The transaction in progress: everything ``abort`` must undo."""
+
+    begin: TxnBegin
+    meta: TransactionMetaData
+    digest: TxnDigest
+    started: bool = False  # tpc_begin succeeded, so tpc_abort is owed
+    oids: list[bytes] = field(default_factory=list)
+    blob: _Blob | None = None
+    placed: list[str] = field(default_factory=list)  # committed-blob paths written so far
+    dirs: set[str] = field(default_factory=set)  # directories whose entries must be fsynced
+
+
+class Applier:
+    """Applies the transaction stream to ``storage`` (an open, writable FileStorage).
+
+    ``temp_dir`` is where incoming blob files are written; it defaults to the
+    storage's own blob temporary directory, which is on the same file system
+    as the blobs so that placing a blob is a rename.  ``invalidate`` is
+    called as ``invalidate(tid, oids)`` while each transaction finishes.
+    """
+
+    def __init__(self, storage, *, temp_dir: str | None = None, invalidate: Invalidate | None = None) -> None:
+        self._storage = storage
+        self._blobs = has_blobs(storage)
+        self._temp_dir = temp_dir
+        self._invalidate = invalidate
+        self._txn: _Txn | None = None
+
+    @property
+    def last_tid(self) -> bytes:
+        """The last transaction committed in the storage (``Z64`` when empty)."""
+        return self._storage.lastTransaction()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txn is not None
+
+    def apply(self, events: Sequence[Event]) -> list[bytes]:
+        """Apply ``TxnBegin``/``Record``/``BlobChunk``/``TxnEnd`` events, in order.
+
+        Returns the TIDs committed durably during this call, in order.  A
+        transaction may begin in one call and end in a later one.
+
+        Errors, after which the transaction in progress is aborted (the
+        transactions committed earlier in the same call stay; ``last_tid``
+        says how far the storage got):
+
+        - ``RemoteProtocolError``: events out of order, a TID gap, or a
+          transaction this storage already holds; reconnect and resume.
+        - ``IntegrityError``: the content did not match ``TxnEnd.digest``.
+        - ``DivergenceError``: this storage holds a transaction the primary's
+          history lacks.
+        - ``ConfigError``: blobs are shipped but this storage has no blob
+          directory, or the reverse.
+        - ``StorageError``: the storage or a blob file could not be written.
+        """
+        committed: list[bytes] = []
+        try:
+            for event in events:
+                if isinstance(event, TxnBegin):
+                    self._on_begin(event)
+                elif isinstance(event, Record):
+                    self._on_record(event)
+                elif isinstance(event, BlobChunk):
+                    self._on_chunk(event)
+                elif isinstance(event, TxnEnd):
+                    committed.append(self._on_end(event))
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} in the transaction stream")
+        except BaseException:
+            # Whatever went wrong (ours, the peer's, the disk's, an interrupt),
+            # the commit lock must not stay held by a half-received transaction.
+            self.abort()
+            raise
+        return committed
+
+    def abort(self) -> None:
+        """Drop the transaction in progress, if any, leaving the storage as it was.
+
+        Called on errors and when the connection is lost mid-transaction.
+        Raises ``StorageError`` if the storage cannot undo its side.
+        """
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        failures = []
+        if txn.blob is not None:
+            failures += _discard_temp(txn.blob)
+        if txn.started:
+            try:
+                self._storage.tpc_abort(txn.meta)
+            except (OSError, POSError) as exc:
+                failures.append(f"tpc_abort: {exc}")
+        # FileStorage removes placed blob files only when the abort follows a
+        # vote; before it they would stay behind as orphans.
+        for path in txn.placed:
+            try:
+                if os.path.exists(path):
+                    remove_committed(path)
+            except OSError as exc:
+                failures.append(f"removing {path}: {exc}")
+        if failures:
+            raise StorageError(f"aborting transaction {tid_repr(txn.begin.tid)} failed: " + "; ".join(failures))
+
+    # -- events ----------------------------------------------------------
+
+    def _on_begin(self, begin: TxnBegin) -> None:
+        if self._txn is not None:
+            raise RemoteProtocolError(f"TxnBegin {tid_repr(begin.tid)} inside transaction "
+                                      f"{tid_repr(self._txn.begin.tid)}")
+        last = self.last_tid
+        if begin.prev_tid != last:
+            raise self._position_error(begin, last)
+        # Bytes given to TransactionMetaData are kept as they are, so the
+        # header is rewritten byte for byte (no re-encoding, no re-pickling).
+        meta = TransactionMetaData(begin.user, begin.description, begin.extension)
+        txn = self._txn = _Txn(begin, meta, TxnDigest(begin))
+        self._call("tpc_begin", self._storage.tpc_begin, meta, begin.tid, begin.status)
+        txn.started = True
+
+    def _position_error(self, begin: TxnBegin, last: bytes) -> RemoteProtocolError | DivergenceError:
+        """Why a transaction that does not follow our last one is refused.
+
+        A gap (the primary's ``prev_tid`` is newer than ours) is the peer's
+        fault and reconnecting resumes from our last TID.  If ``prev_tid`` is
+        older than ours and the new TID newer, the primary's history has
+        nothing between them while ours has ``last``: a true fork, retrying
+        cannot help.  If the new TID is not newer than ours, the primary is
+        resending history we hold, or a different one; this side cannot tell
+        which, but the handshake after a reconnect compares our last digest
+        and refuses a fork there, so it is a protocol error here.
+        """
+        where = (f"transaction {tid_repr(begin.tid)} follows {tid_repr(begin.prev_tid)}, "
+                 f"but this storage ends at {tid_repr(last)}")
+        if begin.prev_tid > last:
+            return RemoteProtocolError(f"gap in the stream: {where}")
+        if begin.tid > last:
+            return DivergenceError(f"histories fork: {where}, which the primary does not have")
+        return RemoteProtocolError(f"transaction already covered: {where}")
+
+    def _on_record(self, record: Record) -> None:
+        txn = self._require_txn(record)
+        if txn.blob is not None:
+            raise RemoteProtocolError(f"Record {record.oid.hex()} before the blob of "
+                                      f"{txn.blob.record.oid.hex()} is complete ({txn.blob.left} bytes missing)")
+        if record.blob_size is not None and not self._blobs:
+            raise ConfigError(f"the primary ships blobs (oid {record.oid.hex()} in transaction "
+                              f"{tid_repr(txn.begin.tid)}); the secondary needs --blob-dir")
+        if record.blob_size is None and self._blobs and is_blob_record(record.data):
+            # Committing it would leave a blob record without its file.
+            raise ConfigError(f"the primary ships blob records without their files (oid {record.oid.hex()});"
+                              f" give the primary --blob-dir too, or none to either")
+        txn.digest.add_record(record)
+        txn.oids.append(record.oid)
+        if record.blob_size is None:
+            self._call("restore", self._storage.restore, record.oid, txn.begin.tid, record.data, "",
+                       record.data_txn, txn.meta)
+            return
+        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
+        try:
+            fd, path = tempfile.mkstemp(suffix=".tmp", prefix="repl-", dir=temp_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot create a blob file in {temp_dir}: {exc}") from exc
+        txn.blob = _Blob(record, path, os.fdopen(fd, "wb"), record.blob_size)
+        if record.blob_size == 0:
+            self._place_blob(txn)
+
+    def _on_chunk(self, chunk: BlobChunk) -> None:
+        txn = self._require_txn(chunk)
+        blob = txn.blob
+        if blob is None:
+            raise RemoteProtocolError("BlobChunk without a blob record")
+        if len(chunk.data) > blob.left:
+            raise RemoteProtocolError(f"blob of oid {blob.record.oid.hex()} is longer than its "
+                                      f"announced {blob.record.blob_size} bytes")
+        try:
+            blob.file.write(chunk.data)
+        except OSError as exc:
+            raise StorageError(f"cannot write blob file {blob.path}: {exc}") from exc
+        txn.digest.add_chunk(chunk)
+        blob.left -= len(chunk.data)
+        if blob.left == 0:
+            self._place_blob(txn)
+
+    def _on_end(self, end: TxnEnd) -> bytes:
+        txn = self._require_txn(end)
+        tid = txn.begin.tid
+        if end.tid != tid:
+            raise RemoteProtocolError(f"TxnEnd {tid_repr(end.tid)} ends transaction {tid_repr(tid)}")
+        if txn.blob is not None:
+            raise RemoteProtocolError(f"TxnEnd before the blob of {txn.blob.record.oid.hex()} is complete")
+        if txn.digest.digest() != end.digest:
+            raise IntegrityError(f"transaction {tid_repr(tid)}: digest mismatch "
+                                 f"(received {txn.digest.digest().hex()}, primary sent {end.digest.hex()})")
+        try:
+            for path in sorted(txn.dirs, key=len, reverse=True):
+                fsync_dir(path)
+        except OSError as exc:
+            raise StorageError(f"cannot make the blobs of {tid_repr(tid)} durable: {exc}") from exc
+        self._call("tpc_vote", self._storage.tpc_vote, txn.meta)
+        oids = frozenset(txn.oids)
+        callback = None
+        if self._invalidate is not None:
+            invalidate = self._invalidate
+
+            def callback(tid_: bytes) -> None:
+                invalidate(tid_, oids)
+        finished = self._call("tpc_finish", self._storage.tpc_finish, txn.meta, callback)
+        # The transaction is committed from here on: nothing left to abort.
+        self._txn = None
+        if finished is not None and finished != tid:
+            raise StorageError(f"storage committed {tid_repr(tid)} as {tid_repr(finished)}")
+        return tid
+
+    # -- helpers ---------------------------------------------------------
+
+    def _require_txn(self, event: Event) -> _Txn:
+        if self._txn is None:
+            raise RemoteProtocolError(f"{type(event).__name__} outside a transaction")
+        return self._txn
+
+    def _place_blob(self, txn: _Txn) -> None:
+        """Hand the complete blob file to ``restoreBlob``, which renames it into the blob directory."""
+        blob = txn.blob
+        assert blob is not None  # our own state, not input
+        record = blob.record
+        try:
+            blob.file.close()
+        except OSError as exc:
+            raise StorageError(f"cannot write blob file {blob.path}: {exc}") from exc
+        fshelper = self._storage.fshelper
+        target = fshelper.getBlobFilename(record.oid, txn.begin.tid)
+        # Directories restoreBlob creates must have their entries fsynced in
+        # their parents; find them before they exist.
+        new_dirs = []
+        parent = os.path.dirname(target)
+        while not os.path.isdir(parent):
+            new_dirs.append(parent)
+            parent = os.path.dirname(parent)
+        txn.placed.append(target)
+        self._call("restoreBlob", self._storage.restoreBlob, record.oid, txn.begin.tid, record.data,
+                   blob.path, record.data_txn, txn.meta)
+        txn.blob = None
+        try:
+            # restoreBlob copies instead of renaming across file systems, and
+            # the copy is not synced; syncing the final file covers both.
+            with open(target, "rb") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot make blob file {target} durable: {exc}") from exc
+        txn.dirs.add(os.path.dirname(target))
+        txn.dirs.update(os.path.dirname(d) for d in new_dirs)
+
+    def _call(self, what: str, fn, *args):
+        """Run a storage call; its failures become ``StorageError`` (the caller aborts)."""
+        try:
+            return fn(*args)
+        except (OSError, POSError) as exc:
+            tid = self._txn.begin.tid if self._txn is not None else None
+            raise StorageError(f"{what} failed for transaction {tid_repr(tid)}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _discard_temp(blob: _Blob) -> list[str]:
+    """Close and remove a blob file still being received; return what failed."""
+    failures = []
+    if not blob.file.closed:
+        try:
+            blob.file.close()
+        except OSError as exc:
+            failures.append(f"closing {blob.path}: {exc}")
+    try:
+        os.remove(blob.path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        failures.append(f"removing {blob.path}: {exc}")
+    return failures

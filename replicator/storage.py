@@ -1,0 +1,246 @@
+"""Opening FileStorages and reading committed transactions back as replication content.
+
+Everything here is blocking; the async layers call it through
+``replicator.threads.blocking`` (or ``asyncio.to_thread``).
+
+A committed transaction is read through ZODB's own FileStorage iterator and
+turned into the content the wire carries (``TxnBegin``/``Record`` fields plus
+blob bytes), following the same conventions the primary's tailer must follow
+so that the digests agree:
+
+- ``user``, ``description`` and ``extension`` are the raw bytes stored in the
+  transaction header (``extension_bytes``, never a re-pickled dict);
+- ``data`` is the record's data with one back pointer resolved, ``None`` for an
+  undone creation; ``data_txn`` is the TID of the record a back pointer names
+  (what ``restore()`` needs to write the same back pointer), else ``None``;
+- ``blob_size`` is set exactly when the storage has a blob directory and the
+  data is a blob record (``ZODB.blob.is_blob_record``); it is the size of the
+  blob file committed for (oid, tid).
+
+The transaction status is not part of the digest (a pack changes it), but
+``verify`` compares it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import zc.lockfile
+from ZODB.blob import is_blob_record
+from ZODB.FileStorage import FileStorage
+from ZODB.FileStorage.FileStorage import FileStorageFormatError
+from ZODB.FileStorage.format import CorruptedError
+from ZODB.POSException import POSError, POSKeyError
+
+from .errors import ConfigError, StorageError
+from .integrity import TxnDigest
+from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
+from .tid import Z64, tid_repr
+
+__all__ = [
+    "open_file_storage",
+    "has_blobs",
+    "StoredTxn",
+    "StoredRecord",
+    "iter_transactions",
+    "read_blob",
+    "txn_digest",
+    "last_state",
+    "fsync_dir",
+]
+
+
+def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = False) -> FileStorage:
+    """Open (or, unless ``read_only``, create) the FileStorage at ``path``.
+
+    Raises ``ConfigError`` when the paths cannot be what the operator meant
+    (a directory, a missing file to read, no permission, not a FileStorage),
+    and ``StorageError`` when the storage itself fails (locked by another
+    process, I/O error), so that callers can tell "fix the command line" from
+    "fix the machine".
+    """
+    problems = []
+    if os.path.isdir(path):
+        problems.append(f"{path} is a directory; give the Data.fs file path")
+    elif read_only and not os.path.isfile(path):
+        problems.append(f"{path}: no such file")
+    if blob_dir is not None:
+        if os.path.exists(blob_dir) and not os.path.isdir(blob_dir):
+            problems.append(f"blob directory {blob_dir} is not a directory")
+        elif read_only and not os.path.isdir(blob_dir):
+            # Creating it would only hide a wrong path: a storage read for
+            # comparison must already have its blobs.
+            problems.append(f"blob directory {blob_dir} does not exist")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        if not read_only:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return FileStorage(path, read_only=read_only, blob_dir=blob_dir)
+    except PermissionError as exc:
+        raise ConfigError(f"{exc.filename or path}: permission denied") from exc
+    except FileStorageFormatError as exc:
+        raise ConfigError(f"{path} is not a FileStorage file") from exc
+    except zc.lockfile.LockError as exc:
+        raise StorageError(f"{path} is locked by another process ({exc})",
+                           hint="only one process may write a FileStorage; stop the other one") from exc
+    except (OSError, POSError) as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+
+
+def has_blobs(storage: FileStorage) -> bool:
+    """True when the storage was opened with a blob directory."""
+    return bool(getattr(storage, "blob_dir", None))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One committed record; ``blob_file`` is its committed blob, if it has one.
+
+    ``is_blob`` with ``blob_file`` ``None`` means the record is a blob record
+    whose file is missing from the blob directory.
+    """
+
+    oid: bytes
+    data: bytes | None
+    data_txn: bytes | None
+    is_blob: bool
+    blob_file: str | None
+    blob_size: int | None
+
+    def event(self) -> Record:
+        return Record(self.oid, self.data, self.data_txn, self.blob_size)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTxn:
+    """One committed transaction's metadata, with the raw header bytes."""
+
+    tid: bytes
+    prev_tid: bytes | None  # None when the iteration did not start at the first transaction
+    status: str
+    user: bytes
+    description: bytes
+    extension: bytes
+
+    def begin(self) -> TxnBegin:
+        """The ``TxnBegin`` for this transaction (``prev_tid`` must be known)."""
+        if self.prev_tid is None:
+            raise ValueError("prev_tid is unknown for a transaction read out of sequence")
+        return TxnBegin(self.tid, self.prev_tid, self.status, self.user, self.description, self.extension)
+
+    def digest_start(self) -> TxnDigest:
+        # The digest leaves prev_tid (and status) out, so any valid value
+        # does when the real one is not known.
+        begin = TxnBegin(self.tid, self.prev_tid if self.prev_tid is not None else Z64, self.status,
+                         self.user, self.description, self.extension)
+        return TxnDigest(begin)
+
+
+def iter_transactions(storage: FileStorage, start: bytes | None = None, stop: bytes | None = None,
+                      ) -> Generator[tuple[StoredTxn, Iterator[StoredRecord]], None, None]:
+    """Yield each committed transaction in ``[start, stop]`` with an iterator of its records.
+
+    Streams: only the current record is in memory.  Each record iterator
+    must be consumed (or dropped) before the next transaction is requested.
+    ``prev_tid`` is exact when ``start`` is ``None``.  Read failures raise
+    ``StorageError``.
+    """
+    blobs = has_blobs(storage)
+    try:
+        it = storage.iterator(start, stop)
+    except (OSError, POSError, CorruptedError, ValueError) as exc:
+        raise StorageError(f"cannot iterate {getattr(storage, '_file_name', storage)}: {exc}") from exc
+    prev: bytes | None = Z64 if start is None else None
+    try:
+        while True:
+            try:
+                txn = next(it, None)
+            except (OSError, POSError, CorruptedError, ValueError) as exc:
+                raise StorageError(f"cannot read the transaction after {tid_repr(prev)}: {exc}") from exc
+            if txn is None:
+                return
+            stored = StoredTxn(txn.tid, prev, txn.status, txn.user, txn.description, txn.extension_bytes)
+            yield stored, _records(storage, txn, blobs)
+            prev = txn.tid
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _records(storage: FileStorage, txn, blobs: bool) -> Iterator[StoredRecord]:
+    try:
+        for rec in txn:
+            is_blob = blobs and is_blob_record(rec.data)
+            blob_file = None
+            blob_size = None
+            if is_blob:
+                try:
+                    blob_file = storage.loadBlob(rec.oid, rec.tid)
+                    blob_size = os.stat(blob_file).st_size
+                except (POSKeyError, FileNotFoundError):
+                    blob_file = None
+            yield StoredRecord(rec.oid, rec.data, rec.data_txn, is_blob, blob_file, blob_size)
+    except (OSError, POSError, CorruptedError) as exc:
+        raise StorageError(f"cannot read the records of transaction {tid_repr(txn.tid)}: {exc}") from exc
+
+
+def read_blob(path: str, size: int, chunk_size: int = MAX_BLOB_CHUNK) -> Iterator[bytes]:
+    """Yield the bytes of a committed blob file in chunks; it must hold exactly ``size`` bytes."""
+    seen = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                seen += len(chunk)
+                if seen > size:
+                    break
+                yield chunk
+    except OSError as exc:
+        raise StorageError(f"cannot read blob file {path}: {exc}") from exc
+    if seen != size:
+        raise StorageError(f"blob file {path} changed size while being read ({size} -> {seen}+ bytes)")
+
+
+def txn_digest(storage: FileStorage, tid: bytes) -> bytes | None:
+    """The ``TxnDigest`` of committed transaction ``tid``, or ``None`` if the storage lacks it.
+
+    Gives the same value as the primary's tailer computes while shipping it,
+    so that two nodes can compare histories.  A blob record whose blob file is
+    missing raises ``StorageError``.
+    """
+    with contextlib.closing(iter_transactions(storage, tid, tid)) as txns:
+        for stored, records in txns:
+            if stored.tid != tid:
+                return None
+            digest = stored.digest_start()
+            for rec in records:
+                if rec.is_blob and rec.blob_file is None:
+                    raise StorageError(f"blob of oid {rec.oid.hex()} in transaction {tid_repr(tid)} "
+                                       f"is missing from {storage.blob_dir}")
+                digest.add_record(rec.event())
+                if rec.blob_file is not None and rec.blob_size is not None:
+                    for chunk in read_blob(rec.blob_file, rec.blob_size):
+                        digest.add_blob_bytes(chunk)
+            return digest.digest()
+    return None
+
+
+def last_state(storage: FileStorage) -> tuple[bytes, bytes | None]:
+    """``(last_tid, digest of that transaction)``; ``(Z64, None)`` for an empty storage."""
+    last = storage.lastTransaction()
+    if last == Z64:
+        return Z64, None
+    return last, txn_digest(storage, last)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (renamed or created files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,371 @@
+"""The applier against real FileStorages: a random source is streamed into an empty target."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import resource
+import signal
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ZODB.FileStorage import FileStorage
+
+from replicator.applier import Applier
+from replicator.errors import (
+    ConfigError,
+    DivergenceError,
+    IntegrityError,
+    RemoteProtocolError,
+    StorageError,
+)
+from replicator.protocol.events import BlobChunk, Heartbeat, Record, TxnBegin, TxnEnd
+from replicator.storage import iter_transactions, last_state, open_file_storage, txn_digest
+from replicator.verify import verify
+
+from .zodb_workload import (
+    RAW_DESCRIPTION,
+    RAW_EXTENSION,
+    RAW_USER,
+    Z64,
+    build_source,
+    flatten,
+    reference_stream,
+    seal,
+    snapshot,
+    tids_of,
+)
+
+
+class Source:
+    def __init__(self, path: str, blob_dir: str) -> None:
+        self.path, self.blob_dir = path, blob_dir
+        self.txns = reference_stream(path, blob_dir)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Source:
+    d = tmp_path_factory.mktemp("source")
+    build_source(str(d / "Data.fs"), str(d / "blobs"), seed=7, commits=40, pack_at=15)
+    return Source(str(d / "Data.fs"), str(d / "blobs"))
+
+
+class Target:
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "target", "Data.fs")
+        self.blob_dir = os.path.join(directory, "target", "blobs")
+        self.storage = open_file_storage(self.path, self.blob_dir)
+        self.applier = Applier(self.storage)
+
+    def snapshot(self) -> dict[str, str]:
+        return snapshot(self.path, self.blob_dir)
+
+    def reopen(self) -> None:
+        self.storage.close()
+        self.storage = open_file_storage(self.path, self.blob_dir)
+        self.applier = Applier(self.storage)
+
+
+@pytest.fixture
+def target(tmp_path):
+    t = Target(str(tmp_path))
+    yield t
+    t.storage.close()
+
+
+def assert_replica(source: Source, target: Target) -> None:
+    for txn in source.txns:
+        assert txn_digest(target.storage, txn[0].tid) == txn[-1].digest
+    target.storage.close()
+    result = verify(source.path, target.path, source.blob_dir, target.blob_dir)
+    assert result.equal, result
+    assert result.transactions == len(source.txns)
+    target.reopen()
+
+
+def test_source_covers_the_interesting_cases(source):
+    records = [e for e in flatten(source.txns) if isinstance(e, Record)]
+    assert any(r.data is None for r in records), "undone creation"
+    assert any(r.data_txn is not None for r in records), "undo back pointer"
+    assert any(r.blob_size is not None and r.data_txn is not None for r in records), "undone blob change"
+    assert any(r.blob_size == 0 for r in records) or any(r.blob_size for r in records)
+    assert {txn[0].status for txn in source.txns} == {" ", "p"}
+    assert any(txn[0].user == RAW_USER for txn in source.txns)
+
+
+def test_whole_stream_replicates_exactly(source, target):
+    tids = target.applier.apply(flatten(source.txns))
+    assert tids == tids_of(source.txns)
+    assert target.applier.last_tid == tids[-1]
+    assert last_state(target.storage) == (tids[-1], source.txns[-1][-1].digest)
+    # The source's own digests agree with what was shipped.
+    src = FileStorage(source.path, blob_dir=source.blob_dir, read_only=True)
+    try:
+        assert [txn_digest(src, t[0].tid) for t in source.txns] == [t[-1].digest for t in source.txns]
+    finally:
+        src.close()
+    assert_replica(source, target)
+
+
+def test_metadata_bytes_are_kept_exactly(source, target):
+    target.applier.apply(flatten(source.txns))
+    raw = [t for t, _records in iter_transactions(target.storage) if t.user == RAW_USER]
+    assert raw and all(t.description == RAW_DESCRIPTION and t.extension == RAW_EXTENSION for t in raw)
+    by_tid = {t[0].tid: t[0] for t in source.txns}
+    for stored, _records in iter_transactions(target.storage):
+        begin = by_tid[stored.tid]
+        assert (stored.status, stored.user, stored.description, stored.extension) == \
+            (begin.status, begin.user, begin.description, begin.extension)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_any_batch_split_gives_the_same_replica(source, seed):
+    events = flatten(source.txns)
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(events)), k=rng.randrange(0, min(30, len(events) - 1))))
+    batches = [events[i:j] for i, j in zip([0, *cuts], [*cuts, len(events)], strict=True)]
+    with tempfile.TemporaryDirectory() as d:
+        target = Target(d)
+        try:
+            committed = []
+            for batch in batches:
+                committed += target.applier.apply(batch)
+                # Only whole transactions are ever reported, and they are in the storage.
+                assert target.applier.last_tid == (committed[-1] if committed else Z64)
+            assert committed == tids_of(source.txns)
+            assert_replica(source, target)
+        finally:
+            target.storage.close()
+
+
+def test_resume_after_reopening(source, target):
+    half = len(source.txns) // 2
+    target.applier.apply(flatten(source.txns[:half]))
+    target.reopen()
+    assert target.applier.last_tid == source.txns[half - 1][0].tid
+    target.applier.apply(flatten(source.txns[half:]))
+    assert_replica(source, target)
+
+
+def test_digest_mismatch_commits_nothing(source, target):
+    target.applier.apply(flatten(source.txns[:5]))
+    before = target.snapshot()
+    bad = source.txns[5][:-1] + [TxnEnd(source.txns[5][0].tid, b"\x01" * 32)]
+    with pytest.raises(IntegrityError):
+        target.applier.apply(bad)
+    assert target.snapshot() == before
+    assert target.applier.last_tid == source.txns[4][0].tid
+    # Content changed in flight (digest from the primary no longer matches) is refused too.
+    blob_txn = next(i for i, t in enumerate(source.txns) if any(isinstance(e, BlobChunk) for e in t))
+    target.applier.apply(flatten(source.txns[5:blob_txn]))
+    before = target.snapshot()
+    tampered = [BlobChunk(b"X" * len(e.data)) if isinstance(e, BlobChunk) else e for e in source.txns[blob_txn]]
+    with pytest.raises(IntegrityError):
+        target.applier.apply(tampered)
+    assert target.snapshot() == before
+    # Still usable: the right transactions go in.
+    target.applier.apply(flatten(source.txns[blob_txn:]))
+    assert_replica(source, target)
+
+
+def test_transaction_must_follow_the_last_one(source, target):
+    txns = source.txns
+    target.applier.apply(flatten(txns[:3]))
+    before = target.snapshot()
+    with pytest.raises(RemoteProtocolError, match="gap"):
+        target.applier.apply(txns[4])  # follows txns[3], which we lack
+    with pytest.raises(RemoteProtocolError, match="already"):
+        target.applier.apply(txns[2])  # resent
+    fork = seal([TxnBegin(txns[3][0].tid, txns[1][0].tid, " ", b"", b"", b""), TxnEnd(txns[3][0].tid, b"\0" * 32)])
+    with pytest.raises(DivergenceError):
+        target.applier.apply(fork)  # the primary has nothing between txns[1] and txns[3]; we have txns[2]
+    assert target.snapshot() == before
+    assert not target.applier.in_transaction
+    target.applier.apply(flatten(txns[3:]))
+    assert_replica(source, target)
+
+
+def _blob_txn_index(source: Source) -> int:
+    return next(i for i, t in enumerate(source.txns)
+                if sum(isinstance(e, BlobChunk) for e in t) >= 2 and isinstance(t[1], Record))
+
+
+def test_abort_mid_transaction_leaves_target_unchanged(source, target):
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[:i]))
+    before = target.snapshot()
+    txn = source.txns[i]
+    first_chunk = next(n for n, e in enumerate(txn) if isinstance(e, BlobChunk))
+    for cut in (1, first_chunk + 1, len(txn) - 1):  # after begin, mid-blob, before the end
+        assert target.applier.apply(txn[:cut]) == []
+        assert target.applier.in_transaction
+        target.applier.abort()
+        assert not target.applier.in_transaction
+        assert target.snapshot() == before
+    target.applier.abort()  # nothing in progress: a no-op
+    target.applier.apply(flatten(source.txns[i:]))
+    assert_replica(source, target)
+
+
+@pytest.mark.parametrize("case", ["record_first", "chunk_without_blob", "chunk_too_long", "end_tid",
+                                  "end_mid_blob", "begin_inside", "record_mid_blob", "not_a_stream_event"])
+def test_out_of_order_events_are_refused(source, target, case):
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[:i]))
+    before = target.snapshot()
+    txn = source.txns[i]
+    begin = txn[0]
+    blob_at = next(n for n, e in enumerate(txn) if isinstance(e, Record) and e.blob_size)
+    bad = {
+        "record_first": [txn[1]],
+        "chunk_without_blob": [begin, BlobChunk(b"x")],
+        "chunk_too_long": [*txn[:blob_at + 1], BlobChunk(b"x" * (txn[blob_at].blob_size + 1))],
+        "end_tid": [begin, TxnEnd(b"\xff" * 8, txn[-1].digest)],
+        "end_mid_blob": [*txn[:blob_at + 2], txn[-1]],
+        "begin_inside": [begin, begin],
+        "record_mid_blob": [*txn[:blob_at + 2], txn[1]],
+        "not_a_stream_event": [begin, Heartbeat(begin.tid, 0.0)],
+    }[case]
+    with pytest.raises(RemoteProtocolError) as info:
+        target.applier.apply(bad)
+    assert not isinstance(info.value, IntegrityError)
+    assert not target.applier.in_transaction
+    assert target.snapshot() == before
+    target.applier.apply(flatten(source.txns[i:]))
+    assert_replica(source, target)
+
+
+def test_blob_needs_a_blob_dir(source, tmp_path):
+    storage = open_file_storage(str(tmp_path / "Data.fs"))
+    try:
+        applier = Applier(storage)
+        i = next(i for i, t in enumerate(source.txns)
+                 if any(isinstance(e, Record) and e.blob_size is not None for e in t))
+        applier.apply(flatten(source.txns[:i]))
+        size = os.path.getsize(tmp_path / "Data.fs")
+        with pytest.raises(ConfigError, match="--blob-dir"):
+            applier.apply(source.txns[i])
+        assert os.path.getsize(tmp_path / "Data.fs") == size
+        assert applier.last_tid == source.txns[i - 1][0].tid
+    finally:
+        storage.close()
+
+
+def test_empty_blob_and_arbitrary_bytes(target):
+    # A hand-made stream: no source storage can be simpler.
+    from ZODB.blob import Blob  # noqa: F401  (the pickle below names ZODB.blob.Blob)
+    blob_pickle = b"\x80\x03cZODB.blob\nBlob\nq\x00.N."
+    tid = bytes.fromhex("03ff000000000001")
+    events = seal([TxnBegin(tid, Z64, " ", b"\xff\x00", b"\xc3(", b"\x80\x80 ext"),
+                   Record(b"\0" * 7 + b"\1", blob_pickle, None, 0),
+                   Record(b"\0" * 7 + b"\2", None, None), TxnEnd(tid, b"\0" * 32)])
+    assert target.applier.apply(events) == [tid]
+    [(stored, records)] = list((t, list(r)) for t, r in iter_transactions(target.storage))
+    assert (stored.user, stored.description, stored.extension) == (b"\xff\x00", b"\xc3(", b"\x80\x80 ext")
+    assert records[0].blob_size == 0 and records[1].data is None
+    assert txn_digest(target.storage, tid) == events[-1].digest
+
+
+class FailingStorage:
+    """A FileStorage whose ``method`` fails with a full disk on its ``at``-th call."""
+
+    def __init__(self, storage, method: str, at: int) -> None:
+        self._storage, self._method, self._at, self._calls = storage, method, at, 0
+
+    def __getattr__(self, name):
+        value = getattr(self._storage, name)
+        if name != self._method:
+            return value
+
+        def failing(*args, **kw):
+            self._calls += 1
+            if self._calls == self._at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return value(*args, **kw)
+        return failing
+
+
+@pytest.mark.parametrize("method", ["restore", "restoreBlob", "tpc_vote"])
+def test_storage_failure_leaves_target_unchanged(source, target, method):
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[:i]))
+    before = target.snapshot()
+    applier = Applier(FailingStorage(target.storage, method, at=1))
+    with pytest.raises(StorageError, match="No space left") as info:
+        applier.apply(flatten(source.txns[i:]))
+    assert isinstance(info.value.__cause__, OSError)
+    # Only the transactions before the failing call may have been committed.
+    last = target.applier.last_tid
+    assert last in tids_of(source.txns[:i + 1]) or last == source.txns[i - 1][0].tid
+    if last == source.txns[i - 1][0].tid:
+        assert target.snapshot() == before
+    applier.apply(flatten(t for t in source.txns if t[0].tid > last))
+    assert_replica(source, target)
+
+
+def test_blob_file_write_failure(source, target):
+    """A real OSError while writing the blob file: the file-size limit stands for a full disk."""
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[:i]))
+    before = target.snapshot()
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, old_limit[1]))
+    try:
+        with pytest.raises(StorageError) as info:
+            target.applier.apply(source.txns[i])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert isinstance(info.value.__cause__, OSError)
+    assert target.snapshot() == before
+    target.applier.apply(flatten(source.txns[i:]))
+    assert_replica(source, target)
+
+
+def test_missing_temp_dir_is_a_storage_error(source, target, tmp_path):
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[:i]))
+    before = target.snapshot()
+    applier = Applier(target.storage, temp_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(StorageError, match="cannot create a blob file"):
+        applier.apply(source.txns[i])
+    assert target.snapshot() == before
+
+
+def test_invalidate_is_called_before_last_tid_moves(source, target):
+    seen = []
+    applier = Applier(target.storage, invalidate=lambda tid, oids: seen.append(
+        (tid, oids, target.storage.lastTransaction())))
+    applier.apply(flatten(source.txns[:3]))
+    assert [s[0] for s in seen] == tids_of(source.txns[:3])
+    assert seen[0][1] == frozenset(e.oid for e in source.txns[0] if isinstance(e, Record))
+    assert [s[2] for s in seen] == [Z64, *tids_of(source.txns[:2])]
+
+
+def test_open_file_storage_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        open_file_storage(str(tmp_path))
+    with pytest.raises(ConfigError, match="no such file"):
+        open_file_storage(str(tmp_path / "missing.fs"), read_only=True)
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_file_storage(str(tmp_path / "x.fs"), str(tmp_path / "noblobs"), read_only=True)
+    (tmp_path / "garbage.fs").write_bytes(b"this is not a FileStorage")
+    with pytest.raises(ConfigError, match="not a FileStorage"):
+        open_file_storage(str(tmp_path / "garbage.fs"))
+    first = open_file_storage(str(tmp_path / "deep" / "dir" / "Data.fs"), str(tmp_path / "blobs"))
+    try:
+        assert last_state(first) == (Z64, None)
+        with pytest.raises(StorageError, match="locked"):
+            open_file_storage(str(tmp_path / "deep" / "dir" / "Data.fs"))
+    finally:
+        first.close()
+    if os.geteuid() != 0:  # root reads anything
+        (tmp_path / "secret.fs").write_bytes(b"")
+        os.chmod(tmp_path / "secret.fs", 0)
+        with pytest.raises(ConfigError, match="permission denied"):
+            open_file_storage(str(tmp_path / "secret.fs"))

@@ -1,0 +1,161 @@
+"""``verify`` names the first difference between two real FileStorages."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from replicator.applier import Applier
+from replicator.errors import ConfigError
+from replicator.protocol.events import BlobChunk, Record
+from replicator.storage import open_file_storage
+from replicator.verify import format_result, verify
+
+from .zodb_workload import build_source, flatten, reference_stream, replace_txn, tids_of
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify-source")
+    path, blobs = str(d / "Data.fs"), str(d / "blobs")
+    build_source(path, blobs, seed=11, commits=30)
+    return path, blobs, reference_stream(path, blobs)
+
+
+def replica(tmp_path, txns, name="replica"):
+    """A FileStorage holding ``txns``, applied through the applier."""
+    path, blobs = str(tmp_path / name / "Data.fs"), str(tmp_path / name / "blobs")
+    storage = open_file_storage(path, blobs)
+    try:
+        Applier(storage).apply(flatten(txns))
+    finally:
+        storage.close()
+    return path, blobs
+
+
+def compare(source, other):
+    return verify(source[0], other[0], source[1], other[1])
+
+
+def test_equal(source, tmp_path):
+    result = compare(source, replica(tmp_path, source[2]))
+    assert result.equal
+    assert result.transactions == len(source[2])
+    assert result.records == sum(isinstance(e, Record) for e in flatten(source[2]))
+    assert result.blobs > 0
+    assert result.last_common_tid == source[2][-1][0].tid
+    assert format_result(result).startswith(f"equal: {len(source[2])} transaction(s)")
+
+
+def test_storage_compared_with_itself_is_equal(source):
+    assert verify(source[0], source[0], source[1], source[1]).equal
+
+
+def first_record(txns, predicate):
+    for i, txn in enumerate(txns):
+        for j, event in enumerate(txn):
+            if isinstance(event, Record) and predicate(event):
+                return i, j
+    raise LookupError
+
+
+def test_altered_data(source, tmp_path):
+    txns = source[2]
+    i, j = first_record(txns[3:], lambda r: r.data is not None and r.blob_size is None)
+    i += 3
+    rec = txns[i][j]
+
+    def change(events):
+        events[j] = dataclasses.replace(rec, data=rec.data[:-1] + bytes([rec.data[-1] ^ 1]))
+        return events
+    result = compare(source, replica(tmp_path, replace_txn(txns, i, change)))
+    assert (result.kind, result.field, result.tid, result.oid) == ("record", "data", txns[i][0].tid, rec.oid)
+    assert result.transactions == i
+    assert result.last_common_tid == txns[i - 1][0].tid
+    assert f"byte {len(rec.data) - 1}" in result.detail
+    text = format_result(result)
+    assert text.startswith("DIFFERENT") and rec.oid.hex() in text and txns[i][0].tid.hex() in text
+
+
+def test_altered_blob_bytes(source, tmp_path):
+    txns = source[2]
+    i = next(i for i, t in enumerate(txns) if any(isinstance(e, BlobChunk) for e in t))
+    k = next(k for k, e in enumerate(txns[i]) if isinstance(e, BlobChunk))
+    oid = next(e.oid for e in reversed(txns[i][:k]) if isinstance(e, Record))
+
+    def change(events):
+        data = events[k].data
+        events[k] = BlobChunk(data[:5] + bytes([data[5] ^ 0xFF]) + data[6:])
+        return events
+    result = compare(source, replica(tmp_path, replace_txn(txns, i, change)))
+    assert (result.kind, result.field, result.tid, result.oid) == ("record", "blob", txns[i][0].tid, oid)
+    assert "offset 5" in result.detail
+
+
+def test_missing_transactions(source, tmp_path):
+    txns = source[2]
+    short = replica(tmp_path, txns[:-3])
+    result = compare(source, short)
+    assert (result.kind, result.missing_in, result.missing) == ("missing", "B", 3)
+    assert result.tid == txns[-3][0].tid
+    assert result.last_common_tid == txns[-4][0].tid
+    assert result.detail.startswith("B lacks 3 transaction(s) after " + txns[-4][0].tid.hex())
+    reverse = verify(short[0], source[0], short[1], source[1])
+    assert (reverse.missing_in, reverse.missing) == ("A", 3)
+    assert "A lacks 3" in format_result(reverse)
+    empty = replica(tmp_path, [], name="empty")
+    assert compare(source, empty).missing == len(txns)
+
+
+@pytest.mark.parametrize("field, value", [("user", b"mallory \xff"), ("description", b""),
+                                          ("extension", b"\x80\x03}q\x00."), ("status", "p")])
+def test_altered_metadata(source, tmp_path, field, value):
+    txns = source[2]
+    i = len(txns) // 2
+    if getattr(txns[i][0], field) == value:
+        i += 1
+
+    def change(events):
+        events[0] = dataclasses.replace(events[0], **{field: value})
+        return events
+    result = compare(source, replica(tmp_path, replace_txn(txns, i, change)))
+    assert (result.kind, result.field, result.tid, result.oid) == ("transaction", field, txns[i][0].tid, None)
+    assert result.transactions == i
+
+
+def test_fork_names_the_tid(source, tmp_path):
+    txns = source[2]
+    last = txns[-1]
+    later = (int.from_bytes(last[0].tid, "big") + 1).to_bytes(8, "big")
+
+    def change(events):
+        events[0] = dataclasses.replace(events[0], tid=later)
+        events[-1] = dataclasses.replace(events[-1], tid=later)
+        return events
+    result = compare(source, replica(tmp_path, replace_txn(txns, len(txns) - 1, change)))
+    assert (result.kind, result.field, result.tid) == ("transaction", "tid", last[0].tid)
+    assert "fork" in result.detail
+
+
+def test_missing_blob_file(source, tmp_path):
+    other = replica(tmp_path, source[2])
+    storage = open_file_storage(other[0], other[1], read_only=True)
+    try:
+        i, j = first_record(source[2], lambda r: r.blob_size is not None)
+        rec, tid = source[2][i][j], source[2][i][0].tid
+        os.remove(storage.loadBlob(rec.oid, tid))
+    finally:
+        storage.close()
+    result = compare(source, other)
+    assert (result.field, result.tid, result.oid) == ("blob", tid, rec.oid)
+    assert "missing in B" in result.detail
+
+
+def test_blob_dirs_both_or_neither(source, tmp_path):
+    with pytest.raises(ConfigError):
+        verify(source[0], source[0], source[1], None)
+    # Without blob directories the records are still compared.
+    assert verify(source[0], source[0]).equal
+    assert tids_of(source[2])
