@@ -24,6 +24,7 @@ __all__ = [
     "IntegrityError",
     "RejectedError",
     "CorruptedSourceError",
+    "MissingBlobError",
     "DivergenceError",
     "ConfigError",
     "StorageError",
@@ -87,6 +88,17 @@ class CorruptedSourceError(ReplicatorError):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+class MissingBlobError(CorruptedSourceError):
+    """A committed blob record's file is absent from the blob directory."""
+
+    hint = ("restore the blob directory from a backup, or check that --blob-dir "
+            "names the directory the storage uses")
+
+    def __init__(self, path: str, offset: int, blob_path: str) -> None:
+        super().__init__(path, offset, f"blob file {blob_path} is missing")
+        self.blob_path = blob_path
 
 
 class DivergenceError(ReplicatorError):

@@ -1,0 +1,173 @@
+"""One opened ``Data.fs`` inode: positioned reads and an index of its committed transactions.
+
+Reads go through a small window (one ``pread`` serves a whole small
+transaction, or the next headers of a big one), so that the tailer makes
+about one system call per small transaction.  The header index is extended
+incrementally; it keeps one mark every ``MARK_EVERY`` transactions so that
+finding a TID walks few headers and the index stays small for huge files.
+
+The file handle stays valid when a pack renames another file over the path:
+whoever holds this object can finish reading the old file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+
+from .errors import CorruptedSourceError
+from .fsformat import (
+    CHECKPOINT,
+    FIRST_POS,
+    MAGICS,
+    TRANS_HDR_LEN,
+    TxnHeader,
+    check_txn_header,
+    parse_txn_header,
+    u64,
+)
+from .tid import Z64
+
+__all__ = ["SourceFile", "WHOLE_TXN", "HEADER_AHEAD", "MARK_EVERY"]
+
+#: Transactions up to this size are read in one system call.
+WHOLE_TXN = 1 << 20
+#: Read-ahead when walking headers: most small transactions come in one read.
+HEADER_AHEAD = 64 << 10
+#: One transaction in this many is remembered in the index.
+MARK_EVERY = 256
+#: How long to wait before believing damage that a concurrent abort could fake.
+CONFIRM_DELAY = 0.05
+
+
+class SourceFile:
+    """One opened ``Data.fs`` inode: a window reader and an incremental header scan."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+        self.magic_ok = False
+        self._window, self._wpos = b"", 0
+        self.marks: list[tuple[bytes, int, bytes]] = []  # (tid, pos, prev_tid)
+        self.scan_pos, self.scan_tid, self.count = FIRST_POS, Z64, 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def ready(self) -> bool:
+        """True once the magic is there; a brand-new file may still be empty."""
+        if not self.magic_ok:
+            magic = os.pread(self.fd, FIRST_POS, 0)
+            if len(magic) < FIRST_POS:
+                return False
+            if magic not in MAGICS:
+                raise CorruptedSourceError(self.path, 0, f"not a FileStorage file (magic {magic!r})")
+            self.magic_ok = True
+        return True
+
+    def invalidate(self) -> None:
+        """Forget cached bytes: past the last committed transaction they may change."""
+        self._window = b""
+
+    def read(self, pos: int, n: int, ahead: int = 0) -> bytes:
+        """Bytes ``[pos, pos+n)``, fewer at the end of the file."""
+        off = pos - self._wpos
+        if 0 <= off and off + n <= len(self._window):
+            return self._window[off:off + n]
+        want = max(n, ahead)
+        parts, got = [], 0
+        while got < want:  # pread may return less than asked for huge reads
+            part = os.pread(self.fd, min(want - got, 1 << 30), pos + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if want <= max(ahead, WHOLE_TXN):
+            self._window, self._wpos = data, pos
+        return data[:n]
+
+    def committed_header(self, pos: int, prev_tid: bytes, size: int | None = None
+                         ) -> TxnHeader | None:
+        """The committed transaction at ``pos``, or None if none is there yet.
+
+        ``size`` (default: now) must have been taken before the bytes at
+        ``pos`` were read: a ``'c'`` status with bytes after the transaction
+        is only damage if those bytes were there while the status read ``'c'``.
+        Raises ``CorruptedSourceError`` on damage.
+        """
+        if size is None:
+            self.invalidate()
+            size = self.size()
+        raw = self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD)
+        if len(raw) < TRANS_HDR_LEN:
+            return None  # the header itself is still being written
+        h = parse_txn_header(raw, pos)
+        check_txn_header(h, prev_tid, self.path)
+        if h.status == CHECKPOINT:
+            if size > h.end:
+                raise CorruptedSourceError(self.path, pos, "transaction still has status 'c' "
+                                           "but the file goes on after it")
+            return None  # written at vote, tpc_finish not done (or a torn tail)
+        if size < h.end and self.size() < h.end:
+            # FileStorage flips the status only once every byte is written.
+            raise CorruptedSourceError(self.path, pos, f"committed transaction of {h.tlen} "
+                                       "bytes goes past the end of the file (torn tail)")
+        if h.end - pos <= WHOLE_TXN:
+            self.read(pos, h.end - pos)  # the whole transaction in one read
+        redundant = self.read(h.data_end, 8)
+        if len(redundant) < 8 or u64(redundant) != h.tlen:
+            raise CorruptedSourceError(self.path, pos, f"redundant length at {h.data_end} "
+                                       f"does not repeat the transaction length {h.tlen}")
+        return h
+
+    def scan(self) -> None:
+        """Extend the header index to the newest committed transaction."""
+        if not self.ready():
+            return
+        self.invalidate()
+        size = self.size()
+        while (h := self.confirmed_header(self.scan_pos, self.scan_tid, size)) is not None:
+            if self.count % MARK_EVERY == 0:
+                self.marks.append((h.tid, h.pos, self.scan_tid))
+            self.scan_pos, self.scan_tid, self.count = h.end, h.tid, self.count + 1
+        self.invalidate()
+
+    def find(self, tid: bytes) -> tuple[int, bytes] | bytes:
+        """``(pos, prev_tid)`` of committed transaction ``tid``, else the nearest earlier TID."""
+        self.scan()
+        i = bisect.bisect_right(self.marks, tid, key=lambda m: m[0]) - 1
+        if i < 0:
+            return Z64
+        _, pos, prev = self.marks[i]
+        while pos < self.scan_pos:
+            h = parse_txn_header(self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD), pos)
+            if h.tid == tid:
+                return pos, prev
+            if h.tid > tid:
+                break
+            pos, prev = h.end, h.tid
+        return prev
+
+
+    def confirmed_header(self, pos: int, prev_tid: bytes, size: int | None = None
+                         ) -> TxnHeader | None:
+        """``committed_header``, believing a damage verdict only if a second look agrees.
+
+        An aborted vote truncates the file and the next commit rewrites the
+        same bytes, so a read racing with both can see a mix that looks
+        damaged; the second look takes a fresh size.
+        """
+        try:
+            return self.committed_header(pos, prev_tid, size)
+        except CorruptedSourceError:
+            time.sleep(CONFIRM_DELAY)
+            return self.committed_header(pos, prev_tid)

@@ -1,0 +1,364 @@
+"""Follow a ``Data.fs`` that another process appends to, as protocol events.
+
+The tailer reads the file with its own parser (``fsformat``), never through
+FileStorage, so it can run beside an unmodified ZEO server.  It returns only
+committed transactions: a transaction is shipped once its status byte left
+``'c'`` and every byte of it is in the file, and only after its whole framing
+(every data record header and back pointer) was checked, so that a damaged
+transaction yields nothing.
+
+Positions are TIDs: after a pack (the file is replaced through a rename) or a
+truncation below our position the tailer reopens the path and finds its last
+TID again.  A transaction being read keeps its own file handle until it ends.
+
+Blocking code on purpose: the async layer calls it through ``asyncio.to_thread``;
+one caller at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+
+from ZODB.blob import FilesystemHelper, is_blob_record
+
+from .errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
+from .fsfile import HEADER_AHEAD, WHOLE_TXN, SourceFile
+from .fsformat import (
+    DATA_HDR_LEN,
+    FIRST_POS,
+    TRANS_HDR_LEN,
+    TxnHeader,
+    parse_data_header,
+    parse_txn_header,
+    u64,
+    walk_data_headers,
+)
+from .integrity import TxnDigest
+from .protocol.events import MAX_BLOB_CHUNK, BlobChunk, Event, Record, TxnBegin, TxnEnd
+from .tid import Z64, tid_repr
+
+__all__ = ["Tailer"]
+
+#: Records this small are checked for blobs before TxnBegin (blob pickles are tiny).
+BLOB_PRECHECK = 64 << 10
+#: wait() polls this often: a commit is seen within tens of milliseconds.
+POLL = 0.01
+#: Budget charged per event besides its data, so many empty records still fill it.
+EVENT_COST = 64
+
+
+class Tailer:
+    """Reads committed transactions of ``path`` as ``TxnBegin Record BlobChunk* ... TxnEnd``."""
+
+    def __init__(self, path: str, blob_dir: str | None = None, *,
+                 max_record_size: int = 64 << 20) -> None:
+        self.path = os.path.abspath(path)
+        self.blob_dir = blob_dir
+        self.max_record_size = max_record_size
+        self._fshelper = FilesystemHelper(blob_dir) if blob_dir else None
+        self._src: SourceFile | None = None   # the file now at ``path``
+        self._cur: SourceFile | None = None   # the file the cursor reads (older after a pack)
+        self._pos, self._last_tid = FIRST_POS, Z64
+        self._txn: Iterator[Event] | None = None  # events of the transaction under way
+        self._txn_end = 0  # where the transaction under way ends
+        self._error: Exception | None = None
+        self._seen: tuple[object, ...] | None = None  # what wait() compares against
+
+    # -- life cycle ---------------------------------------------------------
+
+    def open(self) -> Tailer:
+        if self._src is None:
+            try:
+                self._src = self._cur = SourceFile(self.path)
+            except FileNotFoundError:
+                raise ConfigError(f"{self.path}: no such file (is --data-fs right?)") from None
+            try:
+                self._src.ready()
+            except CorruptedSourceError:
+                self.close()
+                raise
+        return self
+
+    def close(self) -> None:
+        self._drop_txn()
+        for src in {id(s): s for s in (self._src, self._cur) if s is not None}.values():
+            src.close()
+        self._src = self._cur = None
+
+    def __enter__(self) -> Tailer:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def last_tid(self) -> bytes:
+        """TID of the last transaction fully returned (or sought)."""
+        return self._last_tid
+
+    # -- positions ----------------------------------------------------------
+
+    def seek_after(self, tid: bytes) -> None:
+        """Position the reader just after committed transaction ``tid`` (``Z64``: start).
+
+        Raises ``DivergenceError`` (``fork_tid``: the nearest earlier TID) when
+        the file has no such transaction, ``CorruptedSourceError`` on damage.
+        """
+        self._drop_txn()
+        self._switch_to(self._path_source(), tid)
+
+    def head(self) -> tuple[bytes, int]:
+        """Newest committed TID in the file at ``path`` and how many transactions it has."""
+        src = self._path_source()
+        src.scan()
+        return src.scan_tid, src.count
+
+    def digest_of(self, tid: bytes) -> bytes | None:
+        """Digest of committed transaction ``tid`` in the file, None if it has none."""
+        src = self._path_source()
+        found = src.find(tid)
+        if not isinstance(found, tuple):
+            return None
+        pos, prev = found
+        h = src.confirmed_header(pos, prev)
+        if h is None:  # cannot happen for a scanned transaction; be safe
+            return None
+        for event in self._txn_events(src, h, prev):
+            if isinstance(event, TxnEnd):
+                return event.digest
+        return None
+
+    # -- reading ------------------------------------------------------------
+
+    def read_events(self, max_bytes: int = 4 << 20) -> list[Event]:
+        """The next events of committed transactions, about ``max_bytes`` of payload.
+
+        Returns ``[]`` when no further complete committed transaction exists
+        yet.  A big transaction spans several calls; the consumer must drop a
+        transaction that never gets its ``TxnEnd`` (that happens only when an
+        error stops a transaction already under way).  On damage, the complete
+        transactions gathered so far are returned and the error is raised by
+        the next call.
+        """
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        events: list[Event] = []
+        done = 0  # events up to here belong to finished transactions
+        size = 0
+        try:
+            while size < max_bytes or not events:  # at least one event, whatever the budget
+                if self._txn is None:
+                    h = self._next_header()
+                    if h is None:
+                        break
+                    self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
+                    self._txn_end = h.end
+                event = next(self._txn)
+                events.append(event)
+                if isinstance(event, (Record, BlobChunk)):
+                    size += len(event.data or b"")
+                size += EVENT_COST
+                if isinstance(event, TxnEnd):
+                    self._txn = None
+                    self._pos, self._last_tid = self._txn_end, event.tid
+                    done = len(events)
+        except (CorruptedSourceError, DivergenceError, ConfigError) as error:
+            self._drop_txn()
+            if done == 0:
+                raise
+            self._error = error
+            return events[:done]
+        return events
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the file may have changed since the last read, or ``timeout``.
+
+        Polls every 10 ms.  Besides size, mtime and inode, it watches the status
+        byte of a voted transaction: its flip to committed changes neither size
+        nor, within the clock's granularity, mtime.
+        """
+        if self._txn is not None or self._seen is None or self._error is not None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._snapshot() != self._seen:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(POLL, remaining))
+
+    # -- internals ----------------------------------------------------------
+
+    def _snapshot(self) -> tuple[object, ...]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:  # a pack renames the old file away first
+            return (None,)
+        status = b""
+        if self._cur is not None and self._cur.fd >= 0:
+            status = os.pread(self._cur.fd, 1, self._pos + 16)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, status)
+
+    def _drop_txn(self) -> None:
+        if self._txn is not None:
+            self._txn.close()  # type: ignore[attr-defined]
+            self._txn = None
+
+    def _refresh(self) -> bool:
+        """Open the file now at ``path`` if it is another inode; True if it changed."""
+        if self._src is None:
+            raise ConfigError("the tailer is not open")
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # between the two renames of a pack; look again later
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != self._src.ident:
+            old, self._src = self._src, SourceFile(self.path)
+            if old is not self._cur:
+                old.close()
+            return True
+        return False
+
+    def _path_source(self) -> SourceFile:
+        self._refresh()
+        return self._src  # type: ignore[return-value]
+
+    def _switch_to(self, src: SourceFile, tid: bytes) -> None:
+        """Make ``src`` the cursor's file, just after ``tid``."""
+        if tid == Z64:
+            pos = FIRST_POS
+        else:
+            found = src.find(tid)
+            if not isinstance(found, tuple):
+                raise DivergenceError(
+                    f"{src.path}: transaction {tid_repr(tid)} is not in the file; the nearest "
+                    f"earlier one is {tid_repr(found)}", fork_tid=found)
+            pos = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0]).end
+        if self._cur is not src and self._cur is not self._src and self._cur is not None:
+            self._cur.close()
+        self._cur, self._pos, self._last_tid = src, pos, tid
+
+    def _next_header(self) -> TxnHeader | None:
+        """Header of the next committed transaction after the cursor, following replacements."""
+        self._seen = self._snapshot()
+        if self._refresh() or self._cur is not self._src:
+            self._switch_to(self._src, self._last_tid)  # type: ignore[arg-type]
+        src = self._cur
+        if src is None or not src.ready():
+            return None
+        size = src.size()
+        if size < self._pos:  # truncated below us: whatever we shipped may be gone
+            src.close()
+            self._src = self._cur = SourceFile(self.path)
+            self._switch_to(self._src, self._last_tid)
+            return None
+        src.invalidate()
+        return src.confirmed_header(self._pos, self._last_tid, size)
+
+    def _blob_file(self, oid: bytes, tid: bytes) -> str:
+        if self._fshelper is None:
+            raise ConfigError(f"{self.path} has blob records: pass --blob-dir")
+        return self._fshelper.getBlobFilename(oid, tid)
+
+    def _check_blob(self, data: bytes | None, oid: bytes, h: TxnHeader, rpos: int) -> None:
+        if data is not None and is_blob_record(data):
+            path = self._blob_file(oid, h.tid)
+            if not os.path.isfile(path):
+                raise MissingBlobError(self.path, rpos, path)
+
+    def _resolve_back(self, src: SourceFile, oid: bytes, back: int, rpos: int
+                      ) -> tuple[int, int, bytes]:
+        """Follow back pointers: ``(data_pos, plen, data_txn)``, data_pos 0 for no data.
+
+        ``data_txn`` is the tid of the record the pointer names (one hop), as
+        ZODB's own iterator reports it.
+        """
+        data_txn = None
+        while True:
+            raw = src.read(back, DATA_HDR_LEN + 8)
+            if len(raw) < DATA_HDR_LEN:
+                raise CorruptedSourceError(self.path, rpos, f"back pointer {back} past end of file")
+            target = parse_data_header(raw, back)
+            if target.oid != oid or target.vlen != 0 or target.tloc >= back:
+                raise CorruptedSourceError(self.path, rpos, f"back pointer {back} does not "
+                                           f"name a data record of oid {oid.hex()}")
+            if data_txn is None:
+                data_txn = target.tid
+            if target.plen:
+                if target.plen > self.max_record_size:
+                    self._too_big(rpos, target.plen)
+                return back + DATA_HDR_LEN, target.plen, data_txn
+            nxt = u64(raw[DATA_HDR_LEN:DATA_HDR_LEN + 8])
+            if nxt == 0:
+                return 0, 0, data_txn
+            if not FIRST_POS <= nxt < back:  # strictly backwards, so the walk ends
+                raise CorruptedSourceError(self.path, back, f"back pointer {nxt} does not "
+                                           "point backwards")
+            back = nxt
+
+    def _too_big(self, rpos: int, plen: int) -> None:
+        raise ConfigError(f"{self.path}: record at {rpos} has {plen} bytes, more than "
+                          f"max_record_size {self.max_record_size}; raise the limit")
+
+    def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes) -> Iterator[Event]:
+        """Check the framing of ``h`` whole, then yield its events one by one."""
+        backs: dict[int, tuple[int, int, bytes | None]] = {}
+        for dh, back in walk_data_headers(lambda p, n: src.read(p, n, HEADER_AHEAD), h, self.path):
+            if dh.plen > self.max_record_size:
+                self._too_big(dh.pos, dh.plen)
+            data_pos, plen = dh.pos + DATA_HDR_LEN, dh.plen
+            if not plen:  # undo: data from an earlier record, or none at all
+                resolved = self._resolve_back(src, dh.oid, back, dh.pos) if back else (0, 0, None)
+                backs[dh.pos] = resolved
+                data_pos, plen = resolved[0], resolved[1]
+            if data_pos and plen <= BLOB_PRECHECK:
+                self._check_blob(src.read(data_pos, plen), dh.oid, h, dh.pos)
+        meta = src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN)
+        user, meta = meta[:h.ulen], meta[h.ulen:]
+        begin = TxnBegin(h.tid, prev_tid, h.status.decode("latin-1"), user,
+                         meta[:h.dlen], meta[h.dlen:])
+        digest = TxnDigest(begin)
+        yield begin
+        pos = h.header_end
+        while pos < h.data_end:
+            dh = parse_data_header(src.read(pos, DATA_HDR_LEN, WHOLE_TXN), pos)
+            data_pos, plen, data_txn = backs.get(pos, (pos + DATA_HDR_LEN, dh.plen, None))
+            data = src.read(data_pos, plen, WHOLE_TXN) if data_pos else None
+            pos += dh.reclen
+            if data is not None and len(data) < plen:
+                raise CorruptedSourceError(self.path, dh.pos, "record data cut short")
+            if data is None or not is_blob_record(data):
+                record = Record(dh.oid, data, data_txn)
+                digest.add_record(record)
+                yield record
+                continue
+            yield from self._blob_events(dh.oid, data, data_txn, h, dh.pos, digest)
+        yield TxnEnd(h.tid, digest.digest())
+
+    def _blob_events(self, oid: bytes, data: bytes, data_txn: bytes | None, h: TxnHeader,
+                     rpos: int, digest: TxnDigest) -> Iterator[Event]:
+        """The blob's ``Record`` then its bytes in chunks; never the whole file in memory."""
+        path = self._blob_file(oid, h.tid)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise MissingBlobError(self.path, rpos, path) from None
+        with f:
+            left = os.fstat(f.fileno()).st_size
+            record = Record(oid, data, data_txn, left)
+            digest.add_record(record)
+            yield record
+            while left:
+                chunk = f.read(min(MAX_BLOB_CHUNK, left))
+                if not chunk:
+                    raise CorruptedSourceError(path, record.blob_size - left,  # type: ignore[operator]
+                                               "blob file shrank while being read")
+                left -= len(chunk)
+                event = BlobChunk(chunk)
+                digest.add_chunk(event)
+                yield event

@@ -1,0 +1,593 @@
+"""The tailer against real FileStorage files, checked against ZODB's own iterator.
+
+ZODB's ``FileStorage.iterator()`` is the reference for what a transaction
+contains; the tailer must agree with it field by field, and must hold back
+what FileStorage has not committed, whatever the writer is doing meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+
+import pytest
+import transaction
+import ZODB
+from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import z64
+
+from replicator.errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
+from replicator.integrity import TxnDigest
+from replicator.protocol.events import MAX_BLOB_CHUNK, BlobChunk, Record, TxnBegin, TxnEnd
+from replicator.tailer import Tailer
+from replicator.tid import Z64
+
+
+@dataclass
+class Txn:
+    begin: TxnBegin
+    records: list[tuple[Record, bytes | None]] = field(default_factory=list)
+    end: TxnEnd | None = None
+
+
+def group(events, txns=None):
+    """Assemble events into transactions, checking the stream's grammar."""
+    txns = [] if txns is None else txns
+    for ev in events:
+        if isinstance(ev, TxnBegin):
+            assert not txns or txns[-1].end is not None
+            txns.append(Txn(ev))
+        elif isinstance(ev, Record):
+            assert txns[-1].end is None
+            txns[-1].records.append((ev, b"" if ev.blob_size is not None else None))
+        elif isinstance(ev, BlobChunk):
+            assert 0 < len(ev.data) <= MAX_BLOB_CHUNK
+            rec, blob = txns[-1].records[-1]
+            txns[-1].records[-1] = (rec, blob + ev.data)
+        else:
+            assert isinstance(ev, TxnEnd) and ev.tid == txns[-1].begin.tid
+            txns[-1].end = ev
+    return txns
+
+
+def drain(tailer, max_bytes=4 << 20):
+    """Every transaction available now, and the error that stopped the reading, if any."""
+    txns: list[Txn] = []
+    while True:
+        try:
+            events = tailer.read_events(max_bytes)
+        except (CorruptedSourceError, DivergenceError, ConfigError) as error:
+            return txns, error
+        if not events:
+            return txns, None
+        group(events, txns)
+
+
+def reference(path, blob_dir=None):
+    """ZODB's own view: (tid, status, user, descr, ext, pos, [(oid, data, data_txn, blob)])."""
+    fs = FileStorage(path, read_only=True, blob_dir=blob_dir)
+    try:
+        out = []
+        for t in fs.iterator():
+            recs = []
+            for r in t:
+                blob = None
+                if blob_dir and r.data and fs.is_blob_record(r.data):
+                    with open(fs.loadBlob(r.oid, t.tid), "rb") as f:
+                        blob = f.read()
+                recs.append((r.oid, r.data, r.data_txn, blob))
+            out.append((t.tid, t.status, t.user, t.description, t.extension_bytes, t._tpos, recs))
+        return out
+    finally:
+        fs.close()
+
+
+def digest_of(ref_txn, prev_tid):
+    tid, status, user, descr, ext, _, recs = ref_txn
+    d = TxnDigest(TxnBegin(tid, prev_tid, status, user, descr, ext))
+    for oid, data, data_txn, blob in recs:
+        d.add_record(Record(oid, data, data_txn, None if blob is None else len(blob)))
+        if blob:
+            d.add_blob_bytes(blob)
+    return d.digest()
+
+
+def commit(root, key, value, note=""):
+    root[key] = value
+    txn = transaction.get()
+    if note:
+        txn.note(note)
+        txn.setUser("alice")
+        txn.setExtendedInfo("why", note)
+    txn.commit()
+
+
+@pytest.fixture
+def history(tmp_path):
+    """A closed FileStorage with plain, undo, redo, blob and undone-creation transactions."""
+    path, blobs = str(tmp_path / "Data.fs"), str(tmp_path / "blobs")
+    db = ZODB.DB(FileStorage(path, blob_dir=blobs))
+    conn = db.open()
+    root = conn.root()
+    for i in range(4):
+        commit(root, f"k{i}", PersistentMapping(v=i), note=f"txn {i}")
+    commit(root, "blob", Blob(b"hello"))
+    with root["blob"].open("w") as f:
+        f.write(b"world")
+    transaction.commit()
+    for _ in range(2):  # undo the blob change, then undo that undo: back pointer chains
+        db.undo(db.undoLog(0, 1)[0]["id"])
+        transaction.commit()
+    commit(root, "gone", PersistentMapping())
+    db.undo(db.undoLog(0, 1)[0]["id"])  # undo of a creation: a record without data
+    transaction.commit()
+    conn.close()
+    db.close()
+    return path, blobs
+
+
+def test_matches_zodb_iterator_and_digests(history):
+    path, blobs = history
+    ref = reference(path, blobs)
+    with Tailer(path, blobs) as tailer:
+        txns, error = drain(tailer, max_bytes=100)  # tiny budget: cursor inside transactions
+        assert error is None
+        assert len(txns) == len(ref)
+        prev = Z64
+        for got, want in zip(txns, ref, strict=True):
+            tid, status, user, descr, ext, _, recs = want
+            b = got.begin
+            assert (b.tid, b.prev_tid, b.status, b.user, b.description, b.extension) == (
+                tid, prev, status, user, descr, ext)
+            assert [(r.oid, r.data, r.data_txn, blob) for r, blob in got.records] == recs
+            assert got.end.digest == digest_of(want, prev) == tailer.digest_of(tid)
+            prev = tid
+        assert tailer.last_tid == prev
+        assert tailer.head() == (prev, len(ref))
+        assert tailer.read_events() == []
+        kinds = {(r.data is None, r.data_txn is not None, blob is not None)
+                 for t in txns for r, blob in t.records}
+        # plain, blob, undone blob (back pointer to blob data), undone creation
+        assert {(False, False, False), (False, False, True), (False, True, True),
+                (True, False, False)} <= kinds
+
+
+def test_seek_after_and_divergence(history):
+    path, blobs = history
+    ref = reference(path, blobs)
+    with Tailer(path, blobs) as tailer:
+        tailer.seek_after(ref[3][0])
+        txns, _ = drain(tailer)
+        assert [t.begin.tid for t in txns] == [r[0] for r in ref[4:]]
+        assert txns[0].begin.prev_tid == ref[3][0]
+        tailer.seek_after(Z64)
+        assert len(drain(tailer)[0]) == len(ref)
+        missing = (int.from_bytes(ref[5][0], "big") + 1).to_bytes(8, "big")
+        with pytest.raises(DivergenceError) as info:
+            tailer.seek_after(missing)
+        assert info.value.fork_tid == ref[5][0]
+        assert ref[5][0].hex() in str(info.value)
+        assert tailer.digest_of(missing) is None
+
+
+def test_seek_through_many_transactions(tmp_path):
+    """More transactions than the index keeps marks for: lookups walk from a mark."""
+    path = str(tmp_path / "Data.fs")
+    fs = FileStorage(path)
+    tids = [_raw_commit(fs, b"x%d" % i) for i in range(700)]
+    fs.close()
+    with Tailer(path) as tailer:
+        assert tailer.head() == (tids[-1], 700)
+        for i in (0, 255, 256, 257, 511, 699):
+            tailer.seek_after(tids[i])
+            events = tailer.read_events(max_bytes=1)
+            if i + 1 < len(tids):
+                assert (events[0].prev_tid, events[0].tid) == (tids[i], tids[i + 1])
+            else:
+                assert events == []
+            assert tailer.digest_of(tids[i]) is not None
+
+
+def _raw_commit(fs, data, *, finish=True, oid=None):
+    """Commit one record through the storage API, or stop after the vote."""
+    t = TransactionMetaData()
+    fs.tpc_begin(t)
+    fs.store(oid or fs.new_oid(), z64, data, "", t)
+    fs.tpc_vote(t)
+    if not finish:
+        return t
+    return fs.tpc_finish(t)
+
+
+def test_voted_transaction_is_held_back_until_finish(tmp_path):
+    path = str(tmp_path / "Data.fs")
+    fs = FileStorage(path)
+    try:
+        first = _raw_commit(fs, b"first")
+        with Tailer(path) as tailer:
+            assert [t.begin.tid for t in drain(tailer)[0]] == [first]
+            t = _raw_commit(fs, b"voted" * 100, finish=False)
+            assert tailer.read_events() == []
+            assert not tailer.wait(0.05)
+            tid = fs.tpc_finish(t)
+            start = time.monotonic()
+            assert tailer.wait(2)
+            assert time.monotonic() - start < 0.5
+            txns, error = drain(tailer)
+            assert error is None and [x.begin.tid for x in txns] == [tid]
+            assert txns[0].records[0][0].data == b"voted" * 100
+    finally:
+        fs.close()
+
+
+def test_transaction_being_written_is_held_back(ten):
+    """Replay the writer's appends a few bytes at a time: nothing shows until the status flips."""
+    path, spans = ten
+    _, pos, tlen = spans[-1]
+    raw = bytearray(_read(path, pos, tlen + 8))
+    raw[16:17] = b"c"
+    os.truncate(path, pos)
+    with Tailer(path) as tailer:
+        assert len(drain(tailer)[0]) == 9
+        with open(path, "ab", buffering=0) as f:
+            for i in range(0, len(raw), 7):
+                f.write(raw[i:i + 7])
+                assert tailer.read_events() == []
+        assert tailer.head() == (spans[8][0], 9)
+        _patch(path, pos + 16, b" ")
+        assert tailer.wait(1)
+        txns, error = drain(tailer)
+        assert error is None and [t.begin.tid for t in txns] == [spans[9][0]]
+
+
+def test_aborted_vote(tmp_path):
+    path = str(tmp_path / "Data.fs")
+    fs = FileStorage(path)
+    try:
+        first = _raw_commit(fs, b"first")
+        with Tailer(path) as tailer:
+            drain(tailer)
+            t = _raw_commit(fs, b"big" * 1000, finish=False)
+            assert tailer.read_events() == []
+            fs.tpc_abort(t)  # truncates the file back to our position
+            assert tailer.read_events() == []
+            second = _raw_commit(fs, b"small")
+            txns, error = drain(tailer)
+            assert error is None
+            assert [(x.begin.tid, x.begin.prev_tid) for x in txns] == [(second, first)]
+    finally:
+        fs.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from ZODB.FileStorage import FileStorage
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import z64
+    fs = FileStorage(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        if sys.argv[3] == "aborts" and i % 2:  # a vote that is then aborted
+            t = TransactionMetaData()
+            fs.tpc_begin(t)
+            fs.store(fs.new_oid(), z64, b"aborted" * (50 * (i % 5)), "", t)
+            fs.tpc_vote(t)
+            time.sleep(0.005)
+            fs.tpc_abort(t)
+        t = TransactionMetaData(description=b"n%d" % i)
+        fs.tpc_begin(t)
+        fs.store(fs.new_oid(), z64, b"data %d" % i * (1 + i % 7) * 100, "", t)
+        fs.tpc_vote(t)
+        tid = fs.tpc_finish(t)
+        print(tid.hex(), time.time(), flush=True)
+        time.sleep(0.02)
+    fs.close()
+""")
+
+
+@pytest.mark.parametrize("mode", ["commits", "aborts"])
+def test_follows_another_process(tmp_path, mode):
+    """Every commit is seen, in order, quickly; aborted votes never show up."""
+    path = str(tmp_path / "Data.fs")
+    FileStorage(path).close()
+    n = 40
+    with Tailer(path) as tailer:
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(n), mode],
+                                  stdout=subprocess.PIPE, text=True)
+        seen: dict[bytes, float] = {}
+        txns: list[Txn] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < n and time.monotonic() < deadline:
+            if tailer.wait(1.0):
+                for t in group(tailer.read_events(), []):
+                    seen[t.begin.tid] = time.time()
+                    txns.append(t)
+        out, _ = writer.communicate(timeout=30)
+        assert writer.returncode == 0
+    committed = [(bytes.fromhex(line.split()[0]), float(line.split()[1]))
+                 for line in out.splitlines()]
+    assert [tid for tid, _ in committed] == [t.begin.tid for t in txns]
+    lags = sorted(seen[tid] - when for tid, when in committed)
+    assert lags[len(lags) // 2] < 0.1 and lags[-1] < 1.0, lags
+    ref = reference(path)
+    assert [[r[1] for r in x[6]] for x in ref] == [[r.data for r, _ in t.records] for t in txns]
+
+
+def test_pack_while_following(tmp_path):
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    root = conn.root()
+    try:
+        for i in range(3):
+            commit(root, "obj", PersistentMapping(v=i))
+        # A big transaction, read across several calls
+        for i in range(20):
+            root[f"big{i}"] = PersistentMapping(payload="x" * 100_000)
+        transaction.commit()
+        with Tailer(path) as tailer:
+            txns = group(tailer.read_events(max_bytes=1))
+            while txns[-1].begin.tid != db.lastTransaction():
+                group(tailer.read_events(max_bytes=1), txns)
+            assert txns[-1].end is None  # inside the big transaction
+            inode = os.stat(path).st_ino
+            db.pack(time.time() + 1)
+            assert os.stat(path).st_ino != inode
+            txns = group(tailer.read_events(max_bytes=10 << 20), txns)
+            assert txns[-1].end is not None and len(txns[-1].records) == 21
+            last = tailer.last_tid
+            commit(root, "after", PersistentMapping())
+            after, error = drain(tailer)
+            assert error is None
+            assert [(t.begin.prev_tid, t.begin.tid) for t in after] == [(last, db.lastTransaction())]
+            assert after[0].begin.status == " "
+            assert tailer.head()[0] == db.lastTransaction()
+    finally:
+        conn.close()
+        db.close()
+
+
+def test_pack_dropping_our_position_is_divergence(tmp_path):
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    root = conn.root()
+    try:
+        commit(root, "obj", PersistentMapping())
+        kept = db.lastTransaction()
+        root["obj"]["v"] = 1
+        transaction.commit()  # touches only obj: dropped by a pack once superseded
+        dropped = db.lastTransaction()
+        root["obj"]["v"] = 2
+        transaction.commit()
+        with Tailer(path) as tailer:
+            tailer.seek_after(dropped)
+            db.pack(time.time() + 1)
+            with pytest.raises(DivergenceError) as info:
+                tailer.read_events()
+            assert info.value.fork_tid == kept
+    finally:
+        conn.close()
+        db.close()
+
+
+# -- damage -----------------------------------------------------------------
+
+@pytest.fixture
+def ten(tmp_path):
+    """A closed FileStorage of ten transactions with their offsets and lengths."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    for i in range(9):
+        commit(conn.root(), f"k{i}", PersistentMapping(v="x" * i * 10))
+    conn.close()
+    db.close()
+    spans = []
+    with open(path, "rb") as f:
+        for t in reference(path):
+            f.seek(t[5] + 8)
+            spans.append((t[0], t[5], struct.unpack(">Q", f.read(8))[0]))
+    return path, spans
+
+
+def _patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _expect_damage(path, spans, k, offset_range):
+    with Tailer(path) as tailer:
+        txns, error = drain(tailer)
+    assert [t.begin.tid for t in txns] == [tid for tid, _, _ in spans[:k]]
+    assert all(t.end is not None for t in txns)
+    assert isinstance(error, CorruptedSourceError), error
+    assert error.offset in offset_range and error.path.endswith("Data.fs")
+    return error
+
+
+def test_nul_overwritten_header(ten):
+    path, spans = ten
+    _, pos, tlen = spans[5]
+    _patch(path, pos, b"\0" * 60)
+    error = _expect_damage(path, spans, 5, [pos])
+    assert str(pos) in str(error)
+
+
+def test_nul_overwritten_data_records(ten):
+    path, spans = ten
+    _, pos, tlen = spans[6]
+    _patch(path, pos + 40, b"\0" * 80)
+    _expect_damage(path, spans, 6, range(pos, pos + tlen))
+
+
+def test_broken_redundant_length(ten):
+    path, spans = ten
+    _, pos, tlen = spans[4]
+    _patch(path, pos + tlen, struct.pack(">Q", tlen + 1))
+    error = _expect_damage(path, spans, 4, [pos])
+    assert "redundant" in error.reason
+
+
+def test_checkpoint_status_mid_file_is_damage(ten):
+    path, spans = ten
+    _patch(path, spans[3][1] + 16, b"c")
+    _expect_damage(path, spans, 3, [spans[3][1]])
+
+
+def test_torn_committed_tail_is_damage(ten):
+    path, spans = ten
+    _, pos, tlen = spans[-1]
+    os.truncate(path, pos + tlen // 2)
+    _expect_damage(path, spans, 9, [pos])
+
+
+def test_torn_voted_tail_waits(ten):
+    """A 'c' transaction cut short: a commit still being written, or the torn tail of a crash."""
+    path, spans = ten
+    _, pos, tlen = spans[-1]
+    _patch(path, pos + 16, b"c")
+    os.truncate(path, pos + tlen // 2)
+    with Tailer(path) as tailer:
+        txns, error = drain(tailer)
+        assert error is None and len(txns) == 9
+        assert tailer.head() == (spans[8][0], 9)
+
+
+def test_bad_back_pointer(history, tmp_path):
+    path, blobs = history
+    ref = reference(path, blobs)
+    # the redo transaction's record points back into the undo; aim it at another oid's record
+    undo_txn = next(t for t in ref if any(r[2] is not None for r in t[6]))
+    with open(path, "rb") as f:
+        f.seek(undo_txn[5] + 8)
+        tlen = struct.unpack(">Q", f.read(8))[0]
+        f.seek(undo_txn[5])
+        raw = f.read(tlen)
+    ulen, dlen, elen = struct.unpack(">HHH", raw[17:23])
+    rpos = undo_txn[5] + 23 + ulen + dlen + elen
+    first_root_record = ref[0][5] + 23 + sum(struct.unpack(">HHH", _read(path, ref[0][5] + 17, 6)))
+    _patch(path, rpos + 42, struct.pack(">Q", first_root_record))
+    with Tailer(path, blobs) as tailer:
+        txns, error = drain(tailer)
+    assert isinstance(error, CorruptedSourceError) and error.offset == rpos
+    assert [t.begin.tid for t in txns] == [t[0] for t in ref[:ref.index(undo_txn)]]
+
+
+def _read(path, offset, n):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def test_bad_magic(tmp_path):
+    path = tmp_path / "Data.fs"
+    path.write_bytes(b"XXXX" + b"\0" * 100)
+    with pytest.raises(CorruptedSourceError) as info:
+        Tailer(str(path)).open()
+    assert info.value.offset == 0
+
+
+# -- blobs ------------------------------------------------------------------
+
+def _blob_db(tmp_path, content):
+    path, blobs = str(tmp_path / "Data.fs"), str(tmp_path / "blobs")
+    db = ZODB.DB(FileStorage(path, blob_dir=blobs))
+    conn = db.open()
+    blob = Blob()
+    with blob.open("w") as f:
+        for chunk in content:
+            f.write(chunk)
+    commit(conn.root(), "blob", blob)
+    tid = db.lastTransaction()
+    oid = conn.root()["blob"]._p_oid
+    conn.close()
+    db.close()
+    return path, blobs, oid, tid
+
+
+def test_big_blob_is_streamed_with_bounded_memory(tmp_path):
+    block = os.urandom(1 << 20)
+    path, blobs, oid, tid = _blob_db(tmp_path, [block] * 50)
+    with Tailer(path, blobs) as tailer:
+        tailer.seek_after(reference(path)[0][0])
+        tracemalloc.start()
+        try:
+            total, chunks, calls = 0, 0, 0
+            digest = hashlib.sha256()
+            record = None
+            while events := tailer.read_events(max_bytes=4 << 20):
+                calls += 1
+                for ev in events:
+                    if isinstance(ev, Record) and ev.oid == oid:
+                        record = ev
+                    elif isinstance(ev, BlobChunk):
+                        assert len(ev.data) <= MAX_BLOB_CHUNK
+                        digest.update(ev.data)
+                        total += len(ev.data)
+                        chunks += 1
+                del events
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert record.blob_size == total == 50 << 20
+    assert chunks == 50 and calls >= 10
+    assert digest.digest() == hashlib.sha256(block * 50).digest()
+    assert peak < 12 << 20, peak
+
+
+def test_missing_blob_file(tmp_path):
+    path, blobs, oid, tid = _blob_db(tmp_path, [b"data"])
+    fs = FileStorage(path, read_only=True, blob_dir=blobs)
+    blob_file = fs.fshelper.getBlobFilename(oid, tid)
+    fs.close()
+    os.remove(blob_file)
+    with Tailer(path, blobs) as tailer:
+        txns, error = drain(tailer)
+    assert isinstance(error, MissingBlobError) and error.blob_path == blob_file
+    assert len(txns) == 1  # the root's creation; nothing of the blob transaction
+    assert blob_file in str(error)
+
+
+def test_blob_records_need_a_blob_dir(tmp_path):
+    path, _, _, _ = _blob_db(tmp_path, [b"data"])
+    with Tailer(path) as tailer:
+        txns, error = drain(tailer)
+    assert isinstance(error, ConfigError) and "--blob-dir" in str(error)
+    assert len(txns) == 1
+
+
+def test_record_over_the_size_limit(history):
+    path, blobs = history
+    with Tailer(path, blobs, max_record_size=80) as tailer:
+        txns, error = drain(tailer)
+    assert isinstance(error, ConfigError) and "max_record_size" in str(error)
+    assert len(txns) == 1  # only the root's creation is small enough
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        Tailer(str(tmp_path / "nope.fs")).open()
+
+
+def test_copy_of_history_keeps_digests(history, tmp_path):
+    """Digests do not depend on where the file lives or how it is read."""
+    path, blobs = history
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(path, copy / "Data.fs")
+    shutil.copytree(blobs, copy / "blobs")
+    with Tailer(path, blobs) as a, Tailer(str(copy / "Data.fs"), str(copy / "blobs")) as b:
+        tid = a.head()[0]
+        assert a.digest_of(tid) == b.digest_of(tid) is not None
