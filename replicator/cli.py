@@ -1,0 +1,304 @@
+"""The ``replicator`` command: parses options and config files, wires services, maps errors to exit codes.
+
+Every option of ``primary`` and ``secondary`` may also come from a TOML file
+given with ``--config`` (keys are the option names with dashes, e.g.
+``tls-ca = "tls/ca.pem"``); options on the command line win.
+
+Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration,
+3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
+6 connection lost for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address
+from .errors import (
+    ConfigError,
+    CorruptedSourceError,
+    DivergenceError,
+    RejectedError,
+    ReplicatorError,
+    TransportError,
+)
+
+__all__ = ["main", "cli"]
+
+log = logging.getLogger("replicator")
+
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (ConfigError, 2),
+    (CorruptedSourceError, 3),
+    (DivergenceError, 4),
+    (RejectedError, 4),
+    (TransportError, 6),
+    (ReplicatorError, 1),
+]
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager ``--config`` callback: the file's keys become the options' defaults."""
+    if not value:
+        return value
+    try:
+        with open(value, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}") from None
+    known = {p.name for p in ctx.command.params if p.name}
+    defaults = {}
+    unknown = []
+    for key, val in data.items():
+        name = key.replace("-", "_")
+        if name in known:
+            defaults[name] = val
+        else:
+            unknown.append(key)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown keys {', '.join(sorted(unknown))}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _common(fn: Callable) -> Callable:
+    options = [
+        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+                     expose_value=False, help="TOML file with any of these options."),
+        click.option("--storage", required=True, help="Path of the Data.fs file."),
+        click.option("--blob-dir", default=None, help="Blob directory of the storage, if it has blobs."),
+        click.option("--tls-ca", default=None, help="Cluster CA certificate (PEM)."),
+        click.option("--tls-cert", default=None, help="This node's certificate (PEM)."),
+        click.option("--tls-key", default=None, help="This node's private key (PEM)."),
+        click.option("--insecure", is_flag=True, default=False,
+                     help="Plaintext, unauthenticated: only on a trusted network."),
+        click.option("--node", default=None, help="Name of this node in logs and status."),
+        click.option("--log-level", default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _tls(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> TLSPaths | None:
+    if not (tls_ca or tls_cert or tls_key):
+        return None
+    return TLSPaths(tls_ca or "", tls_cert or "", tls_key or "")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(coro_factory: Callable[[], Any]) -> None:
+    """Run a service until SIGINT/SIGTERM; map our errors to exit codes."""
+    async def runner() -> None:
+        task = asyncio.ensure_future(coro_factory())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.info("stopped")
+
+    try:
+        asyncio.run(runner())
+    except ReplicatorError as exc:
+        _fail(exc)
+
+
+def _fail(exc: BaseException) -> None:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            click.echo(f"replicator: error: {exc}", err=True)
+            sys.exit(code)
+    raise exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="replicator")
+def cli() -> None:
+    """Streaming, transaction-level replication for ZODB FileStorage over mutual TLS."""
+
+
+@cli.command()
+@_common
+@click.option("--listen", default="127.0.0.1:8100", show_default=True,
+              help="HOST:PORT to serve secondaries and GET /status on.")
+def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen) -> None:
+    """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
+    _setup_logging(log_level)
+    from .primary import Primary
+
+    try:
+        config = PrimaryConfig(
+            storage=storage, blob_dir=blob_dir, listen=parse_address(listen, "--listen"),
+            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure,
+            **({"node": node} if node else {}),
+        ).validate()
+    except ConfigError as exc:
+        _fail(exc)
+    if insecure:
+        log.warning("--insecure: the stream is plaintext and anyone who can reach %s may read it", listen)
+
+    async def serve() -> None:
+        server = Primary(config)
+        await server.start()
+        try:
+            await server.run_until_stopped()
+        finally:
+            await server.stop()
+
+    _run(serve)
+
+
+@cli.command()
+@_common
+@click.option("--primary", "primary_addr", required=True, help="HOST:PORT of the primary.")
+@click.option("--listen", default=None, help="HOST:PORT to answer GET /status on (optional).")
+def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
+              listen) -> None:
+    """Follow the primary at --primary and re-commit its transactions into STORAGE."""
+    _setup_logging(log_level)
+    from .secondary import Secondary
+
+    try:
+        config = SecondaryConfig(
+            storage=storage, blob_dir=blob_dir, primary=parse_address(primary_addr, "--primary"),
+            listen=parse_address(listen, "--listen") if listen else None,
+            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure,
+            **({"node": node} if node else {}),
+        ).validate()
+    except ConfigError as exc:
+        _fail(exc)
+
+    async def follow() -> None:
+        node = Secondary(config)
+        await node.open()
+        try:
+            await node.run()
+        finally:
+            await node.close()
+
+    _run(follow)
+
+
+@cli.command()
+@click.argument("urls", nargs=-1, required=True)
+@click.option("--tls-ca", default=None, help="Cluster CA certificate (PEM).")
+@click.option("--tls-cert", default=None, help="A certificate of the cluster to present.")
+@click.option("--tls-key", default=None, help="Its private key.")
+@click.option("--insecure", is_flag=True, default=False, help="Plain http.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
+def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json) -> None:
+    """Show the status of the nodes at URLS (HOST:PORT or https://HOST:PORT)."""
+    from .status import fetch_all, render
+
+    tls = None if insecure else _tls(tls_ca, tls_cert, tls_key)
+    if tls is None and not insecure:
+        _fail(ConfigError("--tls-ca, --tls-cert and --tls-key are required (or --insecure)"))
+    try:
+        results = asyncio.run(fetch_all(list(urls), tls, insecure))
+    except ReplicatorError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        click.echo(render(results, now=time.time()))
+    if any("error" in r and r.get("unreachable") for r in results):
+        sys.exit(6)
+
+
+@cli.command()
+@click.argument("storage_a")
+@click.argument("storage_b")
+@click.option("--blob-dir-a", default=None, help="Blob directory of STORAGE_A.")
+@click.option("--blob-dir-b", default=None, help="Blob directory of STORAGE_B.")
+def verify(storage_a, storage_b, blob_dir_a, blob_dir_b) -> None:
+    """Compare two storages transaction by transaction; exit 0 only when equal.
+
+    The storages are opened read-only; they may be in use by a replicator.
+    """
+    from .verify import format_result, verify as run_verify
+
+    try:
+        result = run_verify(storage_a, storage_b, blob_dir_a, blob_dir_b)
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(format_result(result))
+    sys.exit(0 if result.equal else 5)
+
+
+@cli.group()
+def certs() -> None:
+    """Create and inspect the cluster's TLS certificates."""
+
+
+@certs.command("init")
+@click.option("--dir", "directory", default="tls", show_default=True, help="Where to write the files.")
+@click.option("--node", "nodes", multiple=True, default=("primary", "secondary"), show_default=True,
+              help="Node certificates to issue (repeat).")
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
+              help="Host names and IP addresses the node certificates are valid for (repeat).")
+@click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
+def certs_init(directory, nodes, hosts, force) -> None:
+    """Create a cluster CA and a certificate for each node."""
+    from .certs import init_ca, issue_node
+
+    try:
+        init_ca(directory, force=force)
+        for name in nodes:
+            issue_node(directory, name, hosts=tuple(hosts), force=force)
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(f"CA and certificates for {', '.join(nodes)} written to {directory}/ "
+               f"(keys are readable by their owner only)")
+
+
+@certs.command("issue")
+@click.argument("name")
+@click.option("--dir", "directory", default="tls", show_default=True)
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True)
+@click.option("--force", is_flag=True, default=False)
+def certs_issue(name, directory, hosts, force) -> None:
+    """Issue one more node certificate signed by the CA in --dir."""
+    from .certs import issue_node
+
+    try:
+        issue_node(directory, name, hosts=tuple(hosts), force=force)
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(f"{directory}/{name}.pem and {directory}/{name}.key written")
+
+
+@certs.command("show")
+@click.argument("cert")
+def certs_show(cert) -> None:
+    """Print a certificate's subject, host names and expiry."""
+    from .certs import describe
+
+    try:
+        info = describe(cert)
+    except ReplicatorError as exc:
+        _fail(exc)
+    for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
+        click.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    cli()
+

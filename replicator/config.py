@@ -1,0 +1,127 @@
+"""Frozen configuration objects for the two roles, checked once, all problems at once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["Address", "TLSPaths", "PrimaryConfig", "SecondaryConfig", "parse_address"]
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, what: str, *, default_host: str = "127.0.0.1") -> Address:
+    """``HOST:PORT``, ``:PORT`` or ``[v6]:PORT``; raise ``ConfigError`` naming ``what``."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what}: port {number} out of range")
+    return Address(host, number)
+
+
+@dataclass(frozen=True)
+class TLSPaths:
+    """The cluster CA and this node's certificate and key (PEM files)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def _check_tls(tls: TLSPaths | None, insecure: bool, problems: list[str]) -> None:
+    if insecure:
+        return
+    if tls is None:
+        problems.append("TLS files are required (--tls-ca, --tls-cert, --tls-key); "
+                        "pass --insecure only on a trusted network")
+        return
+    for name, path in (("--tls-ca", tls.ca), ("--tls-cert", tls.cert), ("--tls-key", tls.key)):
+        if not path:
+            problems.append(f"{name} is required")
+        elif not os.path.isfile(path):
+            problems.append(f"{name} {path}: no such file")
+
+
+def _default_node() -> str:
+    return socket.gethostname() or "node"
+
+
+@dataclass(frozen=True)
+class PrimaryConfig:
+    storage: str
+    listen: Address
+    blob_dir: str | None = None
+    tls: TLSPaths | None = None
+    insecure: bool = False
+    node: str = field(default_factory=_default_node)
+    #: Payload bytes gathered into one WebSocket message while a secondary is behind.
+    batch_bytes: int = 1 << 20
+    heartbeat_interval: float = 1.0
+    #: How often the file's tail is looked at for new commits (sidecar mode).
+    poll_interval: float = 0.01
+    max_frame: int = 64 << 20
+
+    def validate(self) -> PrimaryConfig:
+        problems: list[str] = []
+        if not os.path.isfile(self.storage):
+            problems.append(f"--storage {self.storage}: no such file (the primary tails an existing Data.fs)")
+        if self.blob_dir is not None and not os.path.isdir(self.blob_dir):
+            problems.append(f"--blob-dir {self.blob_dir}: no such directory")
+        _check_tls(self.tls, self.insecure, problems)
+        if self.heartbeat_interval <= 0 or self.poll_interval <= 0:
+            problems.append("intervals must be positive")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+@dataclass(frozen=True)
+class SecondaryConfig:
+    storage: str
+    primary: Address
+    blob_dir: str | None = None
+    tls: TLSPaths | None = None
+    insecure: bool = False
+    node: str = field(default_factory=_default_node)
+    #: Optional HTTPS port answering GET /status.
+    listen: Address | None = None
+    #: Messages received but not yet applied; bounds the secondary's memory.
+    queue_messages: int = 8
+    reconnect_min: float = 0.2
+    reconnect_max: float = 30.0
+    max_frame: int = 64 << 20
+    #: No message from the primary for this long means the link is dead.
+    idle_timeout: float = 15.0
+    #: Stop (rather than retry) after this many seconds without a connection; 0 = never.
+    give_up_after: float = 0.0
+
+    def validate(self) -> SecondaryConfig:
+        problems: list[str] = []
+        parent = os.path.dirname(os.path.abspath(self.storage))
+        if os.path.isdir(self.storage):
+            problems.append(f"--storage {self.storage} is a directory; give the Data.fs file path")
+        elif not os.path.isdir(parent):
+            problems.append(f"--storage {self.storage}: directory {parent} does not exist")
+        _check_tls(self.tls, self.insecure, problems)
+        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
+            problems.append("reconnect delays must satisfy 0 < min <= max")
+        if problems:
+            raise ConfigError(problems)
+        return self

@@ -1,0 +1,356 @@
+"""The primary: serves the replication stream of one FileStorage to secondaries.
+
+Each secondary gets a session with its own tailer positioned after the
+secondary's last transaction.  The sender reads batches of events in a worker
+thread (one thread hop per batch, not per record), encodes them through the
+sans-IO ``Connection`` and awaits ``send_bytes``, which waits for the socket
+to drain: a stalled secondary stops its session's reads and nothing else.  A
+``ChangeNotifier`` wakes idle sessions when the file's tail moves (polling in
+sidecar mode; an embedding storage can call ``notify()`` on commit instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import WSMsgType, web
+
+from .config import PrimaryConfig
+from .errors import (
+    CorruptedSourceError,
+    DivergenceError,
+    RemoteProtocolError,
+    ReplicatorError,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Connection,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Reject,
+    Role,
+    TxnEnd,
+    Welcome,
+)
+from .tailer import Tailer
+from .threads import blocking
+from .tid import Z64, tid_repr, tid_time
+from .transport import peer_identity, server_ssl_context, start_server, stop_server
+
+__all__ = ["Primary", "ChangeNotifier"]
+
+log = logging.getLogger("replicator.primary")
+
+HELLO_TIMEOUT = 10.0
+
+
+class ChangeNotifier:
+    """Tells waiting sessions that the storage file may hold new commits."""
+
+    def __init__(self, path: str, poll_interval: float) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        self.version = 0
+        self._cond = asyncio.Condition()
+        self._stamp: tuple[int, int, int] | None = None
+
+    def notify(self) -> None:
+        """Called on commit by an embedding storage (from the event loop)."""
+        self.version += 1
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """Wait until ``version`` moves past ``seen`` or ``timeout``; return the version."""
+        async with self._cond:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.version != seen), timeout)
+        return self.version
+
+    async def poll_forever(self) -> None:
+        while True:
+            try:
+                st = await asyncio.to_thread(os.stat, self.path)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self.version += 1
+                await self._wake()
+            await asyncio.sleep(self.poll_interval)
+
+
+@dataclass
+class SessionStats:
+    """What /status reports for one connected secondary."""
+
+    peer: str
+    node: str = "?"
+    connected_at: float = field(default_factory=time.time)
+    sent_tid: bytes = Z64
+    acked_tid: bytes = Z64
+    acked_at: float = 0.0
+    bytes_sent: int = 0
+    txns_sent: int = 0
+    #: Shipped but not yet acknowledged transactions, oldest first.
+    in_flight: deque[bytes] = field(default_factory=deque)
+
+    def as_dict(self, head_tid: bytes, head_count: int | None, ordinal: int | None) -> dict:
+        lag_s = 0.0 if self.acked_tid >= head_tid else max(0.0, tid_time(head_tid) - tid_time(self.acked_tid))
+        pending = None
+        if head_count is not None and ordinal is not None:
+            pending = max(0, head_count - ordinal) + len(self.in_flight)
+        return {
+            "peer": self.peer,
+            "node": self.node,
+            "connected_at": self.connected_at,
+            "sent_tid": self.sent_tid.hex(),
+            "acked_tid": self.acked_tid.hex(),
+            "acked_tid_time": tid_time(self.acked_tid),
+            "lag_seconds": round(lag_s, 6),
+            "lag_transactions": pending,
+            "bytes_sent": self.bytes_sent,
+            "transactions_sent": self.txns_sent,
+        }
+
+
+class Primary:
+    """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
+
+    def __init__(self, config: PrimaryConfig) -> None:
+        self.config = config
+        self.notifier = ChangeNotifier(config.storage, config.poll_interval)
+        self.sessions: dict[int, tuple[SessionStats, Tailer]] = {}
+        self.head_tid = Z64
+        self.head_count: int | None = None
+        self.started_at = time.time()
+        self.fatal: ReplicatorError | None = None
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._head_tailer: Tailer | None = None
+        self._stopping = asyncio.Event()
+        self.bytes_sent = 0
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> int:
+        """Open the source, bind the port; return the port actually bound."""
+        cfg = self.config
+        self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
+        await asyncio.to_thread(self._head_tailer.open)
+        await self._refresh_head()
+        app = web.Application(client_max_size=1 << 16)
+        app.router.add_get("/replicate", self._handle_replicate)
+        app.router.add_get("/status", self._handle_status)
+        ssl_ctx = None if cfg.insecure else server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
+        self._tasks = [
+            asyncio.create_task(self.notifier.poll_forever(), name="tail-poller"),
+            asyncio.create_task(self._track_head(), name="head-tracker"),
+        ]
+        log.info("primary %s serving %s on %s:%s (%s); head %s", cfg.node, cfg.storage, cfg.listen.host,
+                 self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
+        return self.port
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await stop_server(self._runner)
+        if self._head_tailer is not None:
+            await asyncio.to_thread(self._head_tailer.close)
+
+    async def run_until_stopped(self) -> None:
+        """Serve until ``stop()``; raise the fatal error (source damage) if one stopped us."""
+        await self._stopping.wait()
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _refresh_head(self) -> None:
+        assert self._head_tailer is not None
+        tid, count = await asyncio.to_thread(self._head_tailer.head)
+        self.head_tid, self.head_count = tid, count
+
+    async def _track_head(self) -> None:
+        seen = -1
+        while True:
+            seen = await self.notifier.wait(seen, self.config.heartbeat_interval)
+            try:
+                await self._refresh_head()
+            except CorruptedSourceError as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: ReplicatorError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("stopping replication: %s", exc)
+        self._stopping.set()
+
+    # -- /status ---------------------------------------------------------
+
+    def status(self) -> dict:
+        secondaries = []
+        for stats, tailer in list(self.sessions.values()):
+            secondaries.append(stats.as_dict(self.head_tid, self.head_count, getattr(tailer, "ordinal", None)))
+        return {
+            "role": "primary",
+            "node": self.config.node,
+            "storage": self.config.storage,
+            "protocol_version": PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "last_tid": self.head_tid.hex(),
+            "last_tid_time": tid_time(self.head_tid),
+            "transactions": self.head_count,
+            "bytes_sent": self.bytes_sent,
+            "secondaries": secondaries,
+            "error": str(self.fatal) if self.fatal else None,
+        }
+
+    async def _handle_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    # -- /replicate ------------------------------------------------------
+
+    async def _handle_replicate(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=False, autoping=True)
+        await ws.prepare(request)
+        peer = f"{request.remote} ({peer_identity(request)})"
+        stats = SessionStats(peer=peer)
+        conn = Connection(Role.PRIMARY, max_frame=cfg.max_frame)
+        tailer = Tailer(cfg.storage, cfg.blob_dir)
+        key = id(ws)
+        try:
+            hello = await self._receive_hello(ws, conn)
+            stats.node = hello.node
+            await asyncio.to_thread(tailer.open)
+            reject = await self._position(tailer, hello)
+            if reject is not None:
+                log.warning("refusing secondary %s: %s", peer, reject.message)
+                await ws.send_bytes(conn.send(reject))
+                return ws
+            await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, 0, hello.last_tid, self.head_tid)))
+            stats.sent_tid = stats.acked_tid = hello.last_tid
+            self.sessions[key] = (stats, tailer)
+            log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))
+            async with asyncio.TaskGroup() as group:
+                sender = group.create_task(self._send_loop(ws, conn, tailer, stats))
+                await self._ack_loop(ws, conn, stats)
+                sender.cancel()
+        except* RemoteProtocolError as group_exc:
+            log.warning("secondary %s broke the protocol: %s", peer, group_exc.exceptions[0])
+            await ws.close(code=1002, message=b"protocol error")
+        except* CorruptedSourceError as group_exc:
+            exc = group_exc.exceptions[0]
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(conn.send(Goodbye("corrupted", str(exc))))
+            self._fail(exc)
+        except* (ConnectionError, asyncio.TimeoutError) as group_exc:
+            log.info("secondary %s disconnected: %s", peer, group_exc.exceptions[0])
+        except* ReplicatorError as group_exc:
+            # Configuration problems met while streaming (a blob record but no
+            # --blob-dir): no secondary can be served until an operator acts.
+            exc = group_exc.exceptions[0]
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(conn.send(Goodbye("error", str(exc))))
+            self._fail(exc)
+        finally:
+            self.sessions.pop(key, None)
+            await asyncio.to_thread(tailer.close)
+            if not ws.closed:
+                await ws.close()
+            log.info("session with %s ended at acked %s", peer, tid_repr(stats.acked_tid))
+        return ws
+
+    async def _receive_hello(self, ws: web.WebSocketResponse, conn: Connection) -> Hello:
+        msg = await ws.receive(timeout=HELLO_TIMEOUT)
+        if msg.type is not WSMsgType.BINARY:
+            raise RemoteProtocolError(f"expected a binary Hello message, got {msg.type.name}")
+        conn.receive_data(msg.data)
+        event = conn.next_event()
+        if not isinstance(event, Hello):
+            raise RemoteProtocolError(f"expected Hello, got {event!r:.80}")
+        return event
+
+    async def _position(self, tailer: Tailer, hello: Hello) -> Reject | None:
+        """Check the secondary's history against ours; seek after its last TID or say why not."""
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
+                                     f"this primary speaks {PROTOCOL_VERSION}")
+        if hello.last_tid != Z64:
+            ours = await asyncio.to_thread(tailer.digest_of, hello.last_tid)
+            if ours is None:
+                if hello.last_tid > self.head_tid:
+                    return Reject("ahead", f"secondary's last transaction {tid_repr(hello.last_tid)} is newer "
+                                           f"than this primary's newest {tid_repr(self.head_tid)}")
+                return Reject("diverged", f"secondary's last transaction {tid_repr(hello.last_tid)} "
+                                          "is not in this primary's history")
+            if ours != hello.last_digest:
+                return Reject("diverged", f"secondary's transaction {tid_repr(hello.last_tid)} differs from "
+                                          "the primary's transaction with the same TID",
+                              fork_tid=None)
+        try:
+            await asyncio.to_thread(tailer.seek_after, hello.last_tid)
+        except DivergenceError as exc:
+            return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
+        return None
+
+    async def _send_loop(self, ws: web.WebSocketResponse, conn: Connection, tailer: Tailer,
+                         stats: SessionStats) -> None:
+        cfg = self.config
+        seen = -1
+        last_sent = time.monotonic()
+        while True:
+            events = await blocking(tailer.read_events, cfg.batch_bytes)
+            if events:
+                frames = []
+                for event in events:
+                    frames.append(conn.send(event))
+                    if isinstance(event, TxnEnd):
+                        stats.in_flight.append(event.tid)
+                        stats.sent_tid = event.tid
+                        stats.txns_sent += 1
+                data = b"".join(frames)
+                await ws.send_bytes(data)
+                stats.bytes_sent += len(data)
+                self.bytes_sent += len(data)
+                last_sent = time.monotonic()
+                continue
+            now = time.monotonic()
+            if now - last_sent >= cfg.heartbeat_interval:
+                await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
+                last_sent = now
+            seen = await self.notifier.wait(seen, max(0.0, cfg.heartbeat_interval - (now - last_sent)))
+
+    async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:
+        async for msg in ws:
+            if msg.type is not WSMsgType.BINARY:
+                raise RemoteProtocolError(f"unexpected {msg.type.name} message")
+            conn.receive_data(msg.data)
+            for event in conn.events():
+                if isinstance(event, Ack):
+                    stats.acked_tid = event.tid
+                    stats.acked_at = time.time()
+                    while stats.in_flight and stats.in_flight[0] <= event.tid:
+                        stats.in_flight.popleft()
+                elif isinstance(event, Goodbye):
+                    log.info("secondary %s said goodbye: %s", stats.node, event.message)
+                    return

@@ -1,0 +1,296 @@
+"""The secondary: follows a primary and re-commits its transactions locally.
+
+One reader task receives WebSocket messages, runs them through the sans-IO
+``Connection`` and puts each message's stream events on a bounded queue; when
+the queue is full the reader stops reading and TCP pushes back on the
+primary.  One applier task hands each batch to the ``Applier`` in a worker
+thread and acknowledges the last TID it made durable.  On any disconnect the
+open transaction is aborted and the secondary reconnects with capped,
+jittered exponential backoff, resuming from its own last TID: nothing lost,
+nothing applied twice.  A refusal for diverged history stops it for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from .applier import Applier
+from .config import SecondaryConfig
+from .errors import (
+    DivergenceError,
+    RejectedError,
+    RemoteProtocolError,
+    StorageError,
+    TLSError,
+    TransportError,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Connection,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Reject,
+    Role,
+    TxnBegin,
+    TxnEnd,
+    Welcome,
+)
+from .storage import last_state, open_file_storage
+from .threads import blocking
+from .tid import Z64, tid_repr, tid_time
+from .transport import client_ssl_context, connect_ws, server_ssl_context, start_server, stop_server
+
+__all__ = ["Secondary", "Backoff"]
+
+log = logging.getLogger("replicator.secondary")
+
+#: Reject codes after which retrying cannot help: an operator must act.
+FINAL_REJECTS = {"diverged", "ahead", "version"}
+
+
+class Backoff:
+    """Capped, jittered exponential delays; ``reset()`` after a success."""
+
+    def __init__(self, minimum: float, maximum: float) -> None:
+        self.minimum, self.maximum = minimum, maximum
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.minimum * (2 ** self.attempt))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class _Progress:
+    applied_tid: bytes = Z64
+    applied_at: float = 0.0
+    head_tid: bytes = Z64
+    primary_node: str | None = None
+    connected: bool = False
+    connected_since: float | None = None
+    bytes_received: int = 0
+    txns_applied: int = 0
+    last_error: str | None = None
+
+
+class Secondary:
+    """Keeps a local FileStorage equal to the primary's, transaction by transaction."""
+
+    def __init__(self, config: SecondaryConfig) -> None:
+        self.config = config
+        self.progress = _Progress()
+        self.storage = None
+        self.applier: Applier | None = None
+        self.port: int | None = None
+        self.started_at = time.time()
+        self._runner: web.AppRunner | None = None
+        self._caught_up = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def open(self) -> None:
+        cfg = self.config
+        self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
+        self.applier = Applier(self.storage)
+        self.progress.applied_tid = self.applier.last_tid
+        if cfg.listen is not None:
+            app = web.Application(client_max_size=1 << 16)
+            app.router.add_get("/status", self._handle_status)
+            ssl_ctx = None if cfg.insecure else server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+            self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
+        log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await stop_server(self._runner)
+            self._runner = None
+        if self.storage is not None:
+            await asyncio.to_thread(self.storage.close)
+            self.storage = None
+
+    async def run(self) -> None:
+        """Follow the primary until cancelled; raise on a refusal retrying cannot cure."""
+        cfg = self.config
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        url_scheme = "ws" if cfg.insecure else "wss"
+        url = f"{url_scheme}://{cfg.primary}/replicate"
+        ssl_ctx = None if cfg.insecure else client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        down_since = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    await self._session(http, url, ssl_ctx, backoff)
+                    message = "primary closed the connection"
+                except RejectedError as exc:
+                    if exc.code in FINAL_REJECTS:
+                        self.progress.last_error = str(exc)
+                        raise DivergenceError(str(exc), hint=exc.hint) if exc.code != "version" else exc
+                    message = str(exc)
+                except StorageError as exc:
+                    # A full disk may be freed; keep what is committed and retry.
+                    log.error("local storage failed: %s", exc)
+                    message = f"{type(exc).__name__}: {exc}"
+                except TLSError as exc:
+                    # Certificates do not fit: retrying helps only once someone fixes them.
+                    log.error("%s", exc)
+                    message = str(exc)
+                except (TransportError, RemoteProtocolError, ConnectionError, asyncio.TimeoutError,
+                        aiohttp.ClientError) as exc:
+                    message = f"{type(exc).__name__}: {exc}"
+                finally:
+                    self.progress.connected = False
+                    self._caught_up.clear()
+                    if self.applier is not None:
+                        await blocking(self.applier.abort)
+                if self.progress.connected_since is not None:
+                    down_since = time.monotonic()
+                    self.progress.connected_since = None
+                self.progress.last_error = message
+                if cfg.give_up_after and time.monotonic() - down_since > cfg.give_up_after:
+                    raise TransportError(str(cfg.primary), f"no usable connection to {cfg.primary} for "
+                                         f"{cfg.give_up_after:.0f}s: {message}")
+                delay = backoff.next_delay()
+                log.info("reconnecting to %s in %.2fs (%s)", cfg.primary, delay, message)
+                await asyncio.sleep(delay)
+
+    # -- one connection --------------------------------------------------
+
+    async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx, backoff: Backoff) -> None:
+        cfg = self.config
+        assert self.applier is not None and self.storage is not None
+        last_tid, digest = await asyncio.to_thread(last_state, self.storage)
+        conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
+        ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20))
+        try:
+            await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, cfg.node, last_tid, digest)))
+            welcome = await self._receive_welcome(ws, conn)
+            backoff.reset()
+            self.progress.connected = True
+            self.progress.connected_since = time.monotonic()
+            self.progress.primary_node = welcome.node
+            self.progress.head_tid = welcome.head_tid
+            self._note_caught_up()
+            log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
+                     tid_repr(welcome.head_tid))
+            queue: asyncio.Queue[list] = asyncio.Queue(maxsize=cfg.queue_messages)
+            reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
+            applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
+            try:
+                await asyncio.wait({reader, applier}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Whatever was received but not applied is sent again after
+                # reconnecting, so stopping both at once loses nothing.
+                for task in (reader, applier):
+                    task.cancel()
+                await asyncio.gather(reader, applier, return_exceptions=True)
+            # The applier's failure (bad digest, full disk) says more than the
+            # reader's (the socket closed because of it).
+            for task in (applier, reader):
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+        finally:
+            if not ws.closed:
+                await ws.close()
+
+    async def _receive_welcome(self, ws, conn: Connection) -> Welcome:
+        msg = await ws.receive(timeout=self.config.idle_timeout)
+        if msg.type is not WSMsgType.BINARY:
+            raise TransportError(str(self.config.primary), f"primary closed the connection before its Welcome ({msg.type.name})")
+        conn.receive_data(msg.data)
+        event = conn.next_event()
+        if isinstance(event, Reject):
+            raise RejectedError(event.code, event.message)
+        if not isinstance(event, Welcome):
+            raise RemoteProtocolError(f"expected Welcome, got {event!r:.80}")
+        return event
+
+    async def _read_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
+        while True:
+            msg = await ws.receive(timeout=self.config.idle_timeout)
+            if msg.type is WSMsgType.BINARY:
+                self.progress.bytes_received += len(msg.data)
+                conn.receive_data(msg.data)
+                batch = []
+                for event in conn.events():
+                    if isinstance(event, Heartbeat):
+                        self.progress.head_tid = max(self.progress.head_tid, event.head_tid)
+                        self._note_caught_up()
+                    elif isinstance(event, Goodbye):
+                        raise TransportError(str(self.config.primary), f"primary said goodbye ({event.code}): {event.message}")
+                    else:
+                        if isinstance(event, TxnBegin):
+                            self.progress.head_tid = max(self.progress.head_tid, event.tid)
+                        batch.append(event)
+                if batch:
+                    await queue.put(batch)
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                raise TransportError(str(self.config.primary), f"primary closed the connection ({ws.close_code})")
+            elif msg.type is WSMsgType.ERROR:
+                raise TransportError(str(self.config.primary), f"connection error: {ws.exception()}")
+            else:
+                raise RemoteProtocolError(f"unexpected {msg.type.name} message")
+
+    async def _apply_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
+        assert self.applier is not None
+        while True:
+            batch = await queue.get()
+            # Merge what is already waiting: fewer thread hops while catching up.
+            while not queue.empty() and len(batch) < 10_000:
+                batch.extend(queue.get_nowait())
+            tids = await blocking(self.applier.apply, batch)
+            if tids:
+                self.progress.applied_tid = tids[-1]
+                self.progress.applied_at = time.time()
+                self.progress.txns_applied += len(tids)
+                self._note_caught_up()
+                if not ws.closed:
+                    await ws.send_bytes(conn.send(Ack(tids[-1])))
+
+    def _note_caught_up(self) -> None:
+        if self.progress.connected and self.progress.applied_tid >= self.progress.head_tid:
+            self._caught_up.set()
+        else:
+            self._caught_up.clear()
+
+    async def wait_caught_up(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._caught_up.wait(), timeout)
+
+    # -- /status ---------------------------------------------------------
+
+    def status(self) -> dict:
+        p = self.progress
+        behind = p.head_tid > p.applied_tid
+        return {
+            "role": "secondary",
+            "node": self.config.node,
+            "storage": self.config.storage,
+            "protocol_version": PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "primary": str(self.config.primary),
+            "primary_node": p.primary_node,
+            "connected": p.connected,
+            "last_tid": p.applied_tid.hex(),
+            "last_tid_time": tid_time(p.applied_tid),
+            "primary_last_tid": p.head_tid.hex(),
+            "lag_seconds": round(max(0.0, tid_time(p.head_tid) - tid_time(p.applied_tid)), 6) if behind else 0.0,
+            "transactions_applied": p.txns_applied,
+            "bytes_received": p.bytes_received,
+            "last_error": p.last_error,
+        }
+
+    async def _handle_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())

@@ -1,0 +1,98 @@
+"""``replicator status``: fetch ``GET /status`` from nodes and show it to people.
+
+Each node answers with JSON describing itself (see ``Primary.status`` and
+``Secondary.status``); this module only fetches and renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import aiohttp
+
+from .config import TLSPaths
+from .transport import client_ssl_context
+
+__all__ = ["fetch_all", "render"]
+
+
+def _url(text: str, insecure: bool) -> str:
+    if "://" in text:
+        base = text
+    else:
+        base = ("http://" if insecure else "https://") + text
+    return base.rstrip("/") + ("" if base.rstrip("/").endswith("/status") else "/status")
+
+
+async def fetch_all(targets: list[str], tls: TLSPaths | None, insecure: bool,
+                    timeout: float = 5.0) -> list[dict]:
+    """GET /status from every target at once; an unreachable one becomes an error entry."""
+    ssl_ctx = None if insecure or tls is None else client_ssl_context(tls.ca, tls.cert, tls.key)
+
+    async def one(session: aiohttp.ClientSession, target: str) -> dict:
+        url = _url(target, insecure)
+        try:
+            async with session.get(url, ssl=ssl_ctx if ssl_ctx is not None else False) as resp:
+                resp.raise_for_status()
+                data = await resp.json()
+                data["url"] = url
+                return data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return {"url": url, "unreachable": True, "error": f"{type(exc).__name__}: {exc}"}
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        return list(await asyncio.gather(*(one(session, t) for t in targets)))
+
+
+def _when(seconds: float | None) -> str:
+    if not seconds:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render(results: list[dict], now: float) -> str:
+    """A plain-text report, one block per node."""
+    lines: list[str] = []
+    for r in results:
+        if r.get("unreachable"):
+            lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
+            lines.append("")
+            continue
+        lines.append(f"{r['url']}: {r['role']} {r['node']}  storage {r['storage']}")
+        lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")
+        if r["role"] == "primary":
+            lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
+                         f"   bytes streamed {_size(r.get('bytes_sent'))}")
+            if r.get("error"):
+                lines.append(f"  ERROR         {r['error']}")
+            peers = r.get("secondaries", [])
+            lines.append(f"  secondaries   {len(peers)} connected")
+            for s in peers:
+                lag_t = s.get("lag_transactions")
+                lines.append(
+                    f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
+                    f"lag {s['lag_seconds']:.3f}s / {lag_t if lag_t is not None else '?'} txns, "
+                    f"sent {_size(s.get('bytes_sent'))}"
+                )
+        else:
+            state = "connected" if r.get("connected") else "DISCONNECTED"
+            lines.append(f"  primary       {r.get('primary')} ({r.get('primary_node') or '?'}) {state}")
+            lines.append(f"  primary tid   {r.get('primary_last_tid')}")
+            lines.append(f"  lag           {r.get('lag_seconds', 0):.3f}s   applied {r.get('transactions_applied')} "
+                         f"txns, received {_size(r.get('bytes_received'))}")
+            if r.get("last_error"):
+                lines.append(f"  last error    {r['last_error']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,159 @@
+"""End to end in one process: a real FileStorage, a Primary and a Secondary over real TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+import transaction
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from replicator.config import Address, PrimaryConfig, SecondaryConfig, TLSPaths
+from replicator.errors import DivergenceError
+from replicator.primary import Primary
+from replicator.secondary import Secondary
+from replicator.verify import verify
+from tests.helpers import Workload
+
+
+def tls(tls_dir: Path, node: str) -> TLSPaths:
+    return TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / f"{node}.pem"), str(tls_dir / f"{node}.key"))
+
+
+def make_source(tmp_path: Path, transactions: int, seed: int = 1) -> tuple[ZODB.DB, Workload]:
+    (tmp_path / "src-blobs").mkdir(exist_ok=True)
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    work = Workload(db, seed=seed)
+    work.commit_random(transactions)
+    return db, work
+
+
+@contextlib.asynccontextmanager
+async def running_primary(tmp_path: Path, tls_dir: Path, **overrides):
+    config = PrimaryConfig(storage=str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"),
+                           listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "primary"), node="p",
+                           heartbeat_interval=0.2, **overrides)
+    primary = Primary(config.validate())
+    await primary.start()
+    try:
+        yield primary
+    finally:
+        await primary.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_secondary(tmp_path: Path, tls_dir: Path, port: int, name: str = "dst",
+                            expect_failure: bool = False):
+    config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
+                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node=name,
+                             reconnect_min=0.05, reconnect_max=0.5)
+    secondary = Secondary(config.validate())
+    await secondary.open()
+    task = asyncio.create_task(secondary.run())
+    try:
+        yield secondary, task
+    finally:
+        failed = task.done() and not task.cancelled() and task.exception()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await secondary.close()
+    if failed and not expect_failure:
+        raise failed
+
+
+async def wait_equal_tid(primary: Primary, secondary: Secondary, timeout: float = 60.0) -> None:
+    async def cond() -> None:
+        while not (primary.head_tid != b"\0" * 8 and secondary.progress.applied_tid == primary.head_tid):
+            if primary.fatal:
+                raise primary.fatal
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(cond(), timeout)
+
+
+def assert_equal(tmp_path: Path, name: str = "dst") -> None:
+    result = verify(str(tmp_path / "src.fs"), str(tmp_path / f"{name}.fs"),
+                    str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
+    assert result.equal, result
+
+
+def test_initial_sync_then_live_follow_then_resume(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 150)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+                # Live: each new commit shows up on the secondary.
+                for _ in range(20):
+                    await asyncio.to_thread(work.commit_random, 1)
+                    await wait_equal_tid(primary, secondary, timeout=10)
+                status = primary.status()
+                assert status["secondaries"][0]["node"] == "dst"
+                assert status["secondaries"][0]["acked_tid"] == primary.head_tid.hex()
+                assert secondary.status()["lag_seconds"] == 0.0
+            # The secondary is gone; the primary goes on committing.
+            await asyncio.to_thread(work.commit_random, 30)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_equal(tmp_path)
+
+
+def test_diverged_secondary_is_refused_and_left_untouched(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 20)
+    work.close()
+    db.close()
+    # A secondary with a history of its own.
+    other = ZODB.DB(FileStorage(str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs")))
+    with other.transaction() as conn:
+        conn.root()["mine"] = 1
+    other.close()
+    before = (tmp_path / "dst.fs").read_bytes()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
+                with pytest.raises(DivergenceError, match="not in this primary's history|newer"):
+                    await asyncio.wait_for(task, 20)
+
+    asyncio.run(scenario())
+    assert (tmp_path / "dst.fs").read_bytes() == before
+
+
+def test_stalled_secondary_does_not_grow_primary_memory(tmp_path, tls_dir):
+    """A secondary that stops reading: the primary's session blocks in send, reading no further."""
+    import aiohttp
+
+    from replicator.protocol import PROTOCOL_VERSION, Hello
+    from replicator.protocol.framing import encode_event
+    from replicator.transport import client_ssl_context
+
+    db, work = make_source(tmp_path, 10)
+    for _ in range(40):
+        work.big_transaction(1, record_size=64 * 1024)
+    work.close()
+    db.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir, batch_bytes=64 * 1024) as primary:
+            t = tls(tls_dir, "secondary")
+            ssl_ctx = client_ssl_context(t.ca, t.cert, t.key)
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(f"https://127.0.0.1:{primary.port}/replicate", ssl=ssl_ctx,
+                                           max_msg_size=1 << 27)
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION, "stalled", b"\0" * 8, None)))
+                await ws.receive()  # Welcome; then read nothing more
+                await asyncio.sleep(2.0)
+                stats = next(iter(primary.sessions.values()))[0]
+                # 40 MB are waiting; the primary may have pushed socket buffers' worth, no more.
+                assert stats.bytes_sent < 16 << 20, stats.bytes_sent
+                await ws.close()
+
+    asyncio.run(scenario())
