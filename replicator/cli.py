@@ -233,7 +233,8 @@ def verify(storage_a, storage_b, blob_dir_a, blob_dir_b) -> None:
 
     The storages are opened read-only; they may be in use by a replicator.
     """
-    from .verify import format_result, verify as run_verify
+    from .verify import format_result
+    from .verify import verify as run_verify
 
     try:
         result = run_verify(storage_a, storage_b, blob_dir_a, blob_dir_b)

@@ -75,6 +75,7 @@ class RejectedError(ReplicatorError):
         super().__init__(f"rejected by peer ({code}): {message}", hint=hint)
         self.code = code
         self.reason = message
+        self.fork_tid: bytes | None = None
 
 
 class CorruptedSourceError(ReplicatorError):

@@ -52,6 +52,13 @@ log = logging.getLogger("replicator.primary")
 HELLO_TIMEOUT = 10.0
 
 
+def _leaf(error: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 class ChangeNotifier:
     """Tells waiting sessions that the storage file may hold new commits."""
 
@@ -104,14 +111,17 @@ class SessionStats:
     acked_at: float = 0.0
     bytes_sent: int = 0
     txns_sent: int = 0
-    #: Shipped but not yet acknowledged transactions, oldest first.
-    in_flight: deque[bytes] = field(default_factory=deque)
+    #: Position of sent_tid / acked_tid in the file (transactions up to them).
+    sent_ordinal: int = 0
+    acked_ordinal: int = 0
+    #: Shipped but not yet acknowledged transactions, oldest first, with ordinals.
+    in_flight: deque[tuple[bytes, int]] = field(default_factory=deque)
 
-    def as_dict(self, head_tid: bytes, head_count: int | None, ordinal: int | None) -> dict:
+    def as_dict(self, head_tid: bytes, head_count: int | None) -> dict:
         lag_s = 0.0 if self.acked_tid >= head_tid else max(0.0, tid_time(head_tid) - tid_time(self.acked_tid))
-        pending = None
-        if head_count is not None and ordinal is not None:
-            pending = max(0, head_count - ordinal) + len(self.in_flight)
+        # Ordinals come from the file as it was when counted; a pack shrinks
+        # the count, so this is clamped and exact again after a reconnect.
+        pending = None if head_count is None else max(0, head_count - self.acked_ordinal)
         return {
             "peer": self.peer,
             "node": self.node,
@@ -155,7 +165,9 @@ class Primary:
         app = web.Application(client_max_size=1 << 16)
         app.router.add_get("/replicate", self._handle_replicate)
         app.router.add_get("/status", self._handle_status)
-        ssl_ctx = None if cfg.insecure else server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        ssl_ctx = None
+        if cfg.tls is not None and not cfg.insecure:
+            ssl_ctx = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
         self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
         self._tasks = [
             asyncio.create_task(self.notifier.poll_forever(), name="tail-poller"),
@@ -198,8 +210,8 @@ class Primary:
                 self._fail(exc)
                 return
 
-    def _fail(self, exc: ReplicatorError) -> None:
-        if self.fatal is None:
+    def _fail(self, exc: BaseException) -> None:
+        if self.fatal is None and isinstance(exc, ReplicatorError):
             self.fatal = exc
             log.critical("stopping replication: %s", exc)
         self._stopping.set()
@@ -209,7 +221,7 @@ class Primary:
     def status(self) -> dict:
         secondaries = []
         for stats, tailer in list(self.sessions.values()):
-            secondaries.append(stats.as_dict(self.head_tid, self.head_count, getattr(tailer, "ordinal", None)))
+            secondaries.append(stats.as_dict(self.head_tid, self.head_count))
         return {
             "role": "primary",
             "node": self.config.node,
@@ -249,6 +261,8 @@ class Primary:
                 return ws
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, 0, hello.last_tid, self.head_tid)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
+            stats.sent_ordinal = stats.acked_ordinal = (
+                await blocking(tailer.ordinal_of, hello.last_tid)) or 0
             self.sessions[key] = (stats, tailer)
             log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))
             async with asyncio.TaskGroup() as group:
@@ -256,19 +270,19 @@ class Primary:
                 await self._ack_loop(ws, conn, stats)
                 sender.cancel()
         except* RemoteProtocolError as group_exc:
-            log.warning("secondary %s broke the protocol: %s", peer, group_exc.exceptions[0])
+            log.warning("secondary %s broke the protocol: %s", peer, _leaf(group_exc))
             await ws.close(code=1002, message=b"protocol error")
         except* CorruptedSourceError as group_exc:
-            exc = group_exc.exceptions[0]
+            exc = _leaf(group_exc)
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("corrupted", str(exc))))
             self._fail(exc)
-        except* (ConnectionError, asyncio.TimeoutError) as group_exc:
-            log.info("secondary %s disconnected: %s", peer, group_exc.exceptions[0])
+        except* (TimeoutError, ConnectionError) as group_exc:
+            log.info("secondary %s disconnected: %s", peer, _leaf(group_exc))
         except* ReplicatorError as group_exc:
             # Configuration problems met while streaming (a blob record but no
             # --blob-dir): no secondary can be served until an operator acts.
-            exc = group_exc.exceptions[0]
+            exc = _leaf(group_exc)
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("error", str(exc))))
             self._fail(exc)
@@ -282,6 +296,8 @@ class Primary:
 
     async def _receive_hello(self, ws: web.WebSocketResponse, conn: Connection) -> Hello:
         msg = await ws.receive(timeout=HELLO_TIMEOUT)
+        if msg.type is WSMsgType.ERROR:
+            raise RemoteProtocolError(f"bad WebSocket message: {ws.exception()}")
         if msg.type is not WSMsgType.BINARY:
             raise RemoteProtocolError(f"expected a binary Hello message, got {msg.type.name}")
         conn.receive_data(msg.data)
@@ -325,7 +341,8 @@ class Primary:
                 for event in events:
                     frames.append(conn.send(event))
                     if isinstance(event, TxnEnd):
-                        stats.in_flight.append(event.tid)
+                        stats.sent_ordinal += 1
+                        stats.in_flight.append((event.tid, stats.sent_ordinal))
                         stats.sent_tid = event.tid
                         stats.txns_sent += 1
                 data = b"".join(frames)
@@ -342,6 +359,8 @@ class Primary:
 
     async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:
         async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                raise RemoteProtocolError(f"bad WebSocket message: {ws.exception()}")
             if msg.type is not WSMsgType.BINARY:
                 raise RemoteProtocolError(f"unexpected {msg.type.name} message")
             conn.receive_data(msg.data)
@@ -349,8 +368,8 @@ class Primary:
                 if isinstance(event, Ack):
                     stats.acked_tid = event.tid
                     stats.acked_at = time.time()
-                    while stats.in_flight and stats.in_flight[0] <= event.tid:
-                        stats.in_flight.popleft()
+                    while stats.in_flight and stats.in_flight[0][0] <= event.tid:
+                        stats.acked_ordinal = stats.in_flight.popleft()[1]
                 elif isinstance(event, Goodbye):
                     log.info("secondary %s said goodbye: %s", stats.node, event.message)
                     return

@@ -13,7 +13,6 @@ nothing applied twice.  A refusal for diverged history stops it for good.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from ZODB.FileStorage import FileStorage
 
 from .applier import Applier
 from .config import SecondaryConfig
@@ -42,7 +42,6 @@ from .protocol import (
     Reject,
     Role,
     TxnBegin,
-    TxnEnd,
     Welcome,
 )
 from .storage import last_state, open_file_storage
@@ -93,7 +92,7 @@ class Secondary:
     def __init__(self, config: SecondaryConfig) -> None:
         self.config = config
         self.progress = _Progress()
-        self.storage = None
+        self.storage: FileStorage | None = None
         self.applier: Applier | None = None
         self.port: int | None = None
         self.started_at = time.time()
@@ -110,7 +109,9 @@ class Secondary:
         if cfg.listen is not None:
             app = web.Application(client_max_size=1 << 16)
             app.router.add_get("/status", self._handle_status)
-            ssl_ctx = None if cfg.insecure else server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+            ssl_ctx = None
+            if cfg.tls is not None and not cfg.insecure:
+                ssl_ctx = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
             self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -128,7 +129,9 @@ class Secondary:
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         url_scheme = "ws" if cfg.insecure else "wss"
         url = f"{url_scheme}://{cfg.primary}/replicate"
-        ssl_ctx = None if cfg.insecure else client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        ssl_ctx = None
+        if cfg.tls is not None and not cfg.insecure:
+            ssl_ctx = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
         down_since = time.monotonic()
         async with aiohttp.ClientSession() as http:
             while True:
@@ -138,7 +141,10 @@ class Secondary:
                 except RejectedError as exc:
                     if exc.code in FINAL_REJECTS:
                         self.progress.last_error = str(exc)
-                        raise DivergenceError(str(exc), hint=exc.hint) if exc.code != "version" else exc
+                        if exc.code == "version":
+                            raise
+                        raise DivergenceError(f"primary refused this secondary ({exc.code}): {exc.reason}",
+                                              fork_tid=exc.fork_tid) from exc
                     message = str(exc)
                 except StorageError as exc:
                     # A full disk may be freed; keep what is committed and retry.
@@ -148,8 +154,7 @@ class Secondary:
                     # Certificates do not fit: retrying helps only once someone fixes them.
                     log.error("%s", exc)
                     message = str(exc)
-                except (TransportError, RemoteProtocolError, ConnectionError, asyncio.TimeoutError,
-                        aiohttp.ClientError) as exc:
+                except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"
                 finally:
                     self.progress.connected = False
@@ -200,8 +205,9 @@ class Secondary:
             # The applier's failure (bad digest, full disk) says more than the
             # reader's (the socket closed because of it).
             for task in (applier, reader):
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    raise error
         finally:
             if not ws.closed:
                 await ws.close()
@@ -213,7 +219,9 @@ class Secondary:
         conn.receive_data(msg.data)
         event = conn.next_event()
         if isinstance(event, Reject):
-            raise RejectedError(event.code, event.message)
+            rejected = RejectedError(event.code, event.message)
+            rejected.fork_tid = event.fork_tid
+            raise rejected
         if not isinstance(event, Welcome):
             raise RemoteProtocolError(f"expected Welcome, got {event!r:.80}")
         return event

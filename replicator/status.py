@@ -48,7 +48,7 @@ async def fetch_all(targets: list[str], tls: TLSPaths | None, insecure: bool,
 def _when(seconds: float | None) -> str:
     if not seconds:
         return "-"
-    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def _size(n: int | None) -> str:

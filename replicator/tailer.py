@@ -116,6 +116,10 @@ class Tailer:
         src.scan()
         return src.scan_tid, src.count
 
+    def ordinal_of(self, tid: bytes) -> int | None:
+        """Number of committed transactions up to and including ``tid`` (None if absent)."""
+        return self._path_source().ordinal(tid)
+
     def digest_of(self, tid: bytes) -> bytes | None:
         """Digest of committed transaction ``tid`` in the file, None if it has none."""
         src = self._path_source()

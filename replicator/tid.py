@@ -47,7 +47,7 @@ def tid_repr(tid: bytes | None) -> str:
         return "none"
     if tid == Z64:
         return "0000000000000000 (empty)"
-    when = datetime.datetime.fromtimestamp(tid_time(tid), tz=datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(tid_time(tid), tz=datetime.UTC)
     return f"{tid.hex()} ({when.isoformat(timespec='milliseconds').replace('+00:00', 'Z')})"
 
 

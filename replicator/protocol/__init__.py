@@ -1,6 +1,6 @@
 """The wire protocol, with no I/O: events, framing and the connection state machine."""
 
-from .connection import Connection, ConnectionState, Role, NEED_DATA
+from .connection import NEED_DATA, Connection, ConnectionState, Role
 from .events import (
     EVENT_TYPES,
     MAX_BLOB_CHUNK,
@@ -17,7 +17,7 @@ from .events import (
     TxnEnd,
     Welcome,
 )
-from .framing import FrameDecoder, encode_event, DEFAULT_MAX_FRAME
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_event
 
 __all__ = [
     "Connection",

@@ -1,0 +1,256 @@
+"""Bad input on the wire and at the TLS layer: a clear error, a closed connection, no data touched.
+
+Real parts only: the primary and secondary services over real TLS on
+127.0.0.1, a hostile client built from aiohttp, and a hostile primary that is
+a real aiohttp TLS server speaking garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp import web
+
+from replicator.config import Address, SecondaryConfig
+from replicator.errors import TLSError, TransportError
+from replicator.protocol import PROTOCOL_VERSION, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
+from replicator.protocol.framing import decode_frame, encode_event
+from replicator.secondary import Secondary
+from replicator.transport import client_ssl_context, server_ssl_context, start_server, stop_server
+from tests.integration.test_replication import (
+    make_source,
+    running_primary,
+    running_secondary,
+    tls,
+    wait_equal_tid,
+)
+
+Z64 = b"\0" * 8
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+async def raw_client(port: int, tls_dir: Path, node: str = "secondary"):
+    t = tls(tls_dir, node)
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(f"wss://127.0.0.1:{port}/replicate", ssl=client_ssl_context(t.ca, t.cert, t.key),
+                               max_msg_size=1 << 28)
+    return http, ws
+
+
+@pytest.fixture
+def source(tmp_path):
+    db, work = make_source(tmp_path, 15)
+    work.close()
+    db.close()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1garbage",  # msgpack's never-used byte
+        msgpack.packb([99, 1, 2]),  # unknown frame type
+        msgpack.packb([Hello.TYPE, 1, "x", b"short", None, 0]),  # a TID of the wrong size
+        msgpack.packb({"type": "Hello"}),  # maps are refused
+        encode_event(TxnBegin(b"\0" * 7 + b"\2", Z64, " ", b"", b"", b"")),  # secondaries may not stream
+    ],
+    ids=["garbage", "unknown-type", "bad-tid", "map", "wrong-direction"],
+)
+def test_primary_closes_on_malformed_frames_and_keeps_serving(source, tls_dir, payload):
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                await ws.send_bytes(payload)
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code == 1002
+            assert primary.fatal is None
+            # A well-behaved secondary is still served.
+            async with running_secondary(source, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+
+    asyncio.run(scenario())
+
+
+def test_oversized_message_is_refused(source, tls_dir, caplog):
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir, max_frame=1 << 16) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                await ws.send_bytes(b"\x00" * (3 << 20))
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code in (1002, 1006, 1009)
+            assert primary.fatal is None
+
+    asyncio.run(scenario())
+    assert any("exceeds limit" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_wrong_protocol_version_gets_a_reject(source, tls_dir):
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION + 1, "future", Z64, None)))
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                event = decode_frame(msgpack.unpackb(msg.data, raw=False))
+                assert isinstance(event, Reject)
+                assert event.code == "version"
+                assert "protocol 2" in event.message
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("case", ["no-certificate", "other-ca", "plaintext"])
+def test_unauthenticated_secondaries_get_nothing(source, tls_dir, foreign_tls_dir, case, caplog):
+    """The secondary names the TLS problem, retries, and its storage is never created or written."""
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            port = primary.port
+            if case == "plaintext":
+                config = SecondaryConfig(storage=str(source / "dst.fs"), primary=Address("127.0.0.1", port),
+                                         insecure=True, reconnect_min=0.05, reconnect_max=0.1,
+                                         give_up_after=1.0, blob_dir=str(source / "dst-blobs"))
+            elif case == "other-ca":
+                config = SecondaryConfig(storage=str(source / "dst.fs"), primary=Address("127.0.0.1", port),
+                                         tls=tls(foreign_tls_dir, "secondary"), reconnect_min=0.05,
+                                         reconnect_max=0.1, give_up_after=1.0, blob_dir=str(source / "dst-blobs"))
+            else:
+                # Bypass the Secondary: it always presents a certificate.
+                bare = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+                answered = False
+                async with aiohttp.ClientSession() as http:
+                    with contextlib.suppress(aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+                        ws = await http.ws_connect(f"wss://127.0.0.1:{port}/replicate", ssl=bare)
+                        await ws.send_bytes(encode_event(Hello(1, "x", Z64, None)))
+                        msg = await ws.receive(timeout=5)
+                        answered = msg.type is aiohttp.WSMsgType.BINARY
+                assert not answered, "the primary answered a client without a certificate"
+                assert not primary.sessions
+                return
+            secondary = Secondary(config.validate())
+            await secondary.open()
+            try:
+                with pytest.raises(TransportError) as info:
+                    await asyncio.wait_for(secondary.run(), 30)
+                if case == "other-ca":
+                    assert isinstance(info.value, TLSError) or "certificate" in str(info.value)
+                assert secondary.progress.applied_tid == Z64
+            finally:
+                await secondary.close()
+            assert not primary.sessions
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    from replicator.storage import last_state, open_file_storage
+    if (source / "dst.fs").exists():
+        storage = open_file_storage(str(source / "dst.fs"), read_only=True)
+        try:
+            assert last_state(storage)[0] == Z64
+        finally:
+            storage.close()
+
+
+class HostilePrimary:
+    """A real TLS WebSocket server that welcomes a secondary and then misbehaves."""
+
+    def __init__(self, tls_dir: Path, script) -> None:
+        self.tls_dir = tls_dir
+        self.script = script
+        self.connections = 0
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections += 1
+        msg = await ws.receive()
+        hello = decode_frame(msgpack.unpackb(msg.data, raw=False))
+        assert isinstance(hello, Hello)
+        await ws.send_bytes(encode_event(Welcome(PROTOCOL_VERSION, "hostile", 0, hello.last_tid, hello.last_tid)))
+        await self.script(ws, hello)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.receive(), 2)
+        return ws
+
+    @contextlib.asynccontextmanager
+    async def serving(self):
+        app = web.Application()
+        app.router.add_get("/replicate", self.handle)
+        t = tls(self.tls_dir, "primary")
+        runner, port = await start_server(app, "127.0.0.1", 0, server_ssl_context(t.ca, t.cert, t.key))
+        try:
+            yield port
+        finally:
+            await stop_server(runner)
+
+
+def _txn(prev: bytes, n: int, digest: bytes) -> list:
+    tid = (int.from_bytes(prev, "big") + n).to_bytes(8, "big")
+    return [TxnBegin(tid, prev, " ", b"u", b"d", b""), Record(b"\0" * 7 + b"\1", b"data", None),
+            TxnEnd(tid, digest)]
+
+
+async def _bad_digest(ws, hello):
+    await ws.send_bytes(b"".join(encode_event(e) for e in _txn(hello.last_tid, 1000, b"\0" * 32)))
+
+
+async def _garbage(ws, hello):
+    await ws.send_bytes(b"\xc1\xc1\xc1")
+
+
+async def _broken_chain(ws, hello):
+    events = _txn(b"\0" * 7 + b"\5", 1000, b"\0" * 32)  # does not follow the secondary's last TID
+    await ws.send_bytes(b"".join(encode_event(e) for e in events))
+
+
+async def _cut_mid_transaction(ws, hello):
+    events = _txn(hello.last_tid, 1000, b"\0" * 32)[:2]
+    await ws.send_bytes(b"".join(encode_event(e) for e in events))
+    await ws.close()
+
+
+@pytest.mark.parametrize("script", [_bad_digest, _garbage, _broken_chain, _cut_mid_transaction],
+                         ids=["bad-digest", "garbage", "broken-chain", "cut-mid-transaction"])
+def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_dir, script):
+    """First replicate for real, then point the secondary at a hostile primary."""
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            async with running_secondary(source, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+        before = file_digest(source / "dst.fs")
+        hostile = HostilePrimary(tls_dir, script)
+        async with hostile.serving() as port:
+            config = SecondaryConfig(storage=str(source / "dst.fs"), blob_dir=str(source / "dst-blobs"),
+                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                                     reconnect_min=0.05, reconnect_max=0.1)
+            secondary = Secondary(config.validate())
+            await secondary.open()
+            task = asyncio.create_task(secondary.run())
+            try:
+                deadline = asyncio.get_running_loop().time() + 20
+                while hostile.connections < 3:  # it keeps reconnecting, never applies
+                    assert not task.done(), task.exception()
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
+                assert secondary.progress.last_error
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await secondary.close()
+        assert file_digest(source / "dst.fs") == before
+
+    asyncio.run(scenario())
