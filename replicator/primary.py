@@ -142,7 +142,7 @@ class Primary:
     def __init__(self, config: PrimaryConfig) -> None:
         self.config = config
         self.notifier = ChangeNotifier(config.storage, config.poll_interval)
-        self.sessions: dict[int, tuple[SessionStats, Tailer]] = {}
+        self.sessions: dict[int, SessionStats] = {}
         self.head_tid = Z64
         self.head_count: int | None = None
         self.started_at = time.time()
@@ -220,7 +220,7 @@ class Primary:
 
     def status(self) -> dict:
         secondaries = []
-        for stats, tailer in list(self.sessions.values()):
+        for stats in list(self.sessions.values()):
             secondaries.append(stats.as_dict(self.head_tid, self.head_count))
         return {
             "role": "primary",
@@ -261,9 +261,9 @@ class Primary:
                 return ws
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, 0, hello.last_tid, self.head_tid)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
-            stats.sent_ordinal = stats.acked_ordinal = (
-                await blocking(tailer.ordinal_of, hello.last_tid)) or 0
-            self.sessions[key] = (stats, tailer)
+            ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
+            stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
+            self.sessions[key] = stats
             log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))
             async with asyncio.TaskGroup() as group:
                 sender = group.create_task(self._send_loop(ws, conn, tailer, stats))
