@@ -57,12 +57,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read {value}: {exc}") from None
-    known = {p.name for p in ctx.command.params if p.name}
+    # Keys are the long option names: ``primary = ...`` sets ``--primary``.
+    known = {opt[2:]: p.name for p in ctx.command.params if p.name for opt in p.opts if opt.startswith("--")}
     defaults = {}
     unknown = []
     for key, val in data.items():
-        name = key.replace("-", "_")
-        if name in known:
+        name = known.get(key.replace("_", "-"))
+        if name is not None and key != "config":
             defaults[name] = val
         else:
             unknown.append(key)

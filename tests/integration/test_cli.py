@@ -1,0 +1,97 @@
+"""The ``replicator`` command as an operator meets it: exit statuses, messages, config files."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from tests.helpers import REPLICATOR
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([REPLICATOR, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def make_fs(path: Path, values: list[int]) -> None:
+    db = ZODB.DB(FileStorage(str(path)))
+    for v in values:
+        with db.transaction() as conn:
+            conn.root()["v"] = v
+    db.close()
+
+
+def test_primary_lists_every_configuration_problem_at_once(tmp_path):
+    result = run("primary", "--storage", str(tmp_path / "missing.fs"), "--tls-ca", str(tmp_path / "ca.pem"),
+                 "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "missing.fs: no such file" in err
+    assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
+
+
+def test_tls_is_required_unless_insecure(tmp_path):
+    make_fs(tmp_path / "a.fs", [1])
+    result = run("primary", "--storage", str(tmp_path / "a.fs"))
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr
+
+
+def test_config_file_supplies_options_and_the_command_line_wins(tmp_path):
+    (tmp_path / "p.toml").write_text(f'storage = "{tmp_path}/from-config.fs"\nlisten = "127.0.0.1:1"\n')
+    result = run("primary", "--config", str(tmp_path / "p.toml"), "--insecure")
+    assert result.returncode == 2 and "from-config.fs: no such file" in result.stderr
+    result = run("primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "cli.fs"),
+                 "--insecure")
+    assert result.returncode == 2 and "cli.fs: no such file" in result.stderr
+    (tmp_path / "bad.toml").write_text('stroage = "x"\n')
+    result = run("primary", "--config", str(tmp_path / "bad.toml"))
+    assert result.returncode == 2 and "unknown keys stroage" in result.stderr
+
+
+def test_verify_exit_status_and_first_difference(tmp_path):
+    make_fs(tmp_path / "a.fs", [1, 2, 3])
+    result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "a.fs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "equal" in result.stdout
+    make_fs(tmp_path / "b.fs", [1, 2])
+    result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "b.fs"))
+    assert result.returncode == 5
+    assert result.stdout.strip()
+    result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "nothing.fs"))
+    assert result.returncode == 2
+
+
+def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
+    result = run("certs", "init", "--dir", str(tmp_path / "tls"), "--host", "db.example.com")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tls" / "primary.key").stat().st_mode & 0o077 == 0
+    shown = run("certs", "show", str(tmp_path / "tls" / "primary.pem"))
+    assert shown.returncode == 0 and "db.example.com" in shown.stdout
+    again = run("certs", "init", "--dir", str(tmp_path / "tls"))
+    assert again.returncode == 2 and "exist" in again.stderr
+
+
+def test_status_reports_unreachable_nodes(tmp_path, tls_dir):
+    from tests.helpers import free_port, tls_args
+
+    result = run("status", f"127.0.0.1:{free_port()}", *tls_args(tls_dir, "secondary"), "--json")
+    assert result.returncode == 6
+    assert '"unreachable": true' in result.stdout
+
+
+def test_insecure_primary_warns(tmp_path):
+    from tests.helpers import Proc, free_port, wait_for_port
+
+    make_fs(tmp_path / "a.fs", [1])
+    port = free_port()
+    proc = Proc([REPLICATOR, "primary", "--storage", str(tmp_path / "a.fs"), "--listen", f"127.0.0.1:{port}",
+                 "--insecure"], tmp_path / "p.log")
+    try:
+        wait_for_port(port, proc.proc)
+    finally:
+        proc.stop()
+    assert "WARNING" in proc.output() and "plaintext" in proc.output()

@@ -1,0 +1,74 @@
+"""The deployment files stay true to the program: compose config is valid and its commands exist."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from replicator.cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_docker_compose_config_is_valid():
+    result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def _parse(args: list[str]) -> click.Context:
+    """Resolve ``replicator ARGS`` to its command and parse the options, without running it."""
+    command: click.Command = cli
+    while isinstance(command, click.Group):
+        name, args = args[0], args[1:]
+        assert name in command.commands, f"replicator has no command {name!r}"
+        command = command.commands[name]
+    return command.make_context(command.name or "?", list(args))
+
+
+def test_every_replicator_command_in_compose_parses(tmp_path, monkeypatch):
+    # The compose commands name config files inside the image; read them from the repo instead.
+    for role in ("primary", "secondary"):
+        src = ROOT / role / f"{role}.toml"
+        (tmp_path / f"{role}.toml").write_text(src.read_text())
+    seen = 0
+    for name, service in compose()["services"].items():
+        command = service.get("command") or []
+        if isinstance(command, str):
+            command = command.split()
+        if command and command[0] == "replicator":
+            args = [a.replace(f"/etc/replicator/{name}/", f"{tmp_path}/") for a in command[1:]]
+            ctx = _parse(args)
+            assert ctx.command.name in ("primary", "secondary")
+            assert ctx.params["storage"] == "/data/Data.fs"
+            seen += 1
+    assert seen == 2
+
+
+def test_role_config_files_only_use_known_options():
+    for role in ("primary", "secondary"):
+        keys = tomllib.loads((ROOT / role / f"{role}.toml").read_text()).keys()
+        command = cli.commands[role]
+        names = {opt[2:] for p in command.params for opt in p.opts if opt.startswith("--")}
+        unknown = [k for k in keys if k not in names]
+        assert not unknown, f"{role}.toml has unknown keys {unknown}"
+
+
+def test_certs_script_uses_existing_commands():
+    script = (ROOT / "primary" / "make-certs.sh").read_text().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if "replicator certs" in line)
+    args = line.split("replicator", 1)[1].replace('"$dir"', "/tmp/x").split()
+    ctx = _parse(args)
+    assert ctx.command.name == "init"
+    assert set(ctx.params["nodes"]) == {"primary", "secondary"}
