@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
@@ -68,11 +69,20 @@ class ChangeNotifier:
         self.version = 0
         self._cond = asyncio.Condition()
         self._stamp: tuple[int, int, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakers: set[asyncio.Task] = set()
 
     def notify(self) -> None:
-        """Called on commit by an embedding storage (from the event loop)."""
+        """A commit happened: wake every waiting session (call from the event loop)."""
         self.version += 1
-        asyncio.get_running_loop().create_task(self._wake())
+        task = asyncio.get_running_loop().create_task(self._wake())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    def notify_threadsafe(self) -> None:
+        """``notify()`` from another thread, e.g. a storage's ``tpc_finish`` under ZEO."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.notify)
 
     async def _wake(self) -> None:
         async with self._cond:
@@ -86,6 +96,7 @@ class ChangeNotifier:
         return self.version
 
     async def poll_forever(self) -> None:
+        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 st = await asyncio.to_thread(os.stat, self.path)
@@ -139,8 +150,10 @@ class SessionStats:
 class Primary:
     """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
 
-    def __init__(self, config: PrimaryConfig) -> None:
+    def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None) -> None:
+        """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's)."""
         self.config = config
+        self.status_provider = status_provider
         self.notifier = ChangeNotifier(config.storage, config.poll_interval)
         self.sessions: dict[int, SessionStats] = {}
         self.head_tid = Z64
@@ -237,7 +250,8 @@ class Primary:
         }
 
     async def _handle_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status())
+        provider = self.status_provider or self.status
+        return web.json_response(provider())
 
     # -- /replicate ------------------------------------------------------
 

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 from ZODB.FileStorage import FileStorage
 
-from .applier import Applier
-from .config import SecondaryConfig
+from .applier import Applier, Invalidate
+from .config import PrimaryConfig, SecondaryConfig
 from .errors import (
     DivergenceError,
     RejectedError,
@@ -32,6 +32,7 @@ from .errors import (
     TLSError,
     TransportError,
 )
+from .primary import Primary
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -47,7 +48,7 @@ from .protocol import (
 from .storage import last_state, open_file_storage
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import client_ssl_context, connect_ws, server_ssl_context, start_server, stop_server
+from .transport import client_ssl_context, connect_ws
 
 __all__ = ["Secondary", "Backoff"]
 
@@ -89,39 +90,54 @@ class _Progress:
 class Secondary:
     """Keeps a local FileStorage equal to the primary's, transaction by transaction."""
 
-    def __init__(self, config: SecondaryConfig) -> None:
+    def __init__(self, config: SecondaryConfig, *, storage: FileStorage | None = None,
+                 invalidate: Invalidate | None = None) -> None:
+        """Follow the primary named in ``config``.
+
+        ``storage``: an already open FileStorage to apply to (a storage
+        wrapper's base, which its owner closes); by default the secondary
+        opens ``config.storage`` itself.  ``invalidate(tid, oids)`` is called
+        as each transaction finishes, before the storage's last TID moves.
+        """
         self.config = config
         self.progress = _Progress()
-        self.storage: FileStorage | None = None
+        self.storage: FileStorage | None = storage
+        self._owns_storage = storage is None
+        self._invalidate = invalidate
         self.applier: Applier | None = None
         self.port: int | None = None
         self.started_at = time.time()
-        self._runner: web.AppRunner | None = None
+        #: Serves our own storage onward (cascading) and GET /status, with --listen.
+        self.downstream: Primary | None = None
         self._caught_up = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------
 
     async def open(self) -> None:
         cfg = self.config
-        self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
-        self.applier = Applier(self.storage)
+        if self.storage is None:
+            self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
+        storage: FileStorage = self.storage
+        self.applier = Applier(storage, invalidate=self._invalidate)
         self.progress.applied_tid = self.applier.last_tid
         if cfg.listen is not None:
-            app = web.Application(client_max_size=1 << 16)
-            app.router.add_get("/status", self._handle_status)
-            ssl_ctx = None
-            if cfg.tls is not None and not cfg.insecure:
-                ssl_ctx = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-            self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
+            # Our own storage is a FileStorage file like any other: serve it
+            # onward with the primary's machinery, woken on every apply.
+            self.downstream = Primary(
+                PrimaryConfig(storage=storage.getName(), blob_dir=cfg.blob_dir, listen=cfg.listen,
+                              tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame,
+                              poll_interval=1.0),
+                status_provider=self.status)
+            self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await stop_server(self._runner)
-            self._runner = None
-        if self.storage is not None:
+        if self.downstream is not None:
+            await self.downstream.stop()
+            self.downstream = None
+        if self.storage is not None and self._owns_storage:
             await asyncio.to_thread(self.storage.close)
-            self.storage = None
+        self.storage = None
 
     async def run(self) -> None:
         """Follow the primary until cancelled; raise on a refusal retrying cannot cure."""
@@ -265,6 +281,8 @@ class Secondary:
                 self.progress.applied_at = time.time()
                 self.progress.txns_applied += len(tids)
                 self._note_caught_up()
+                if self.downstream is not None:
+                    self.downstream.notifier.notify()
                 if not ws.closed:
                     await ws.send_bytes(conn.send(Ack(tids[-1])))
 
@@ -298,7 +316,5 @@ class Secondary:
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
             "last_error": p.last_error,
+            "secondaries": self.downstream.status()["secondaries"] if self.downstream else [],
         }
-
-    async def _handle_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status())

@@ -62,21 +62,23 @@ class Workload:
         self.db = db
         self.rng = random.Random(seed)
         self.blobs = blobs
-        self.conn = db.open()
+        # Its own transaction manager: the workload may run in any thread.
+        self.tm = transaction.TransactionManager()
+        self.conn = db.open(self.tm)
         root = self.conn.root()
         if "tree" not in root:
             root["tree"] = OOBTree()
             root["maps"] = PersistentMapping()
             root["blobs"] = PersistentMapping()
-            transaction.get().note("init")
-            transaction.commit()
+            self.tm.get().note("init")
+            self.tm.commit()
         self.root = root
 
     def commit_random(self, n: int) -> None:
         rng = self.rng
         for i in range(n):
             kind = rng.random()
-            txn = transaction.get()
+            txn = self.tm.get()
             txn.setUser(rng.choice(["alice", "b\u00f6b", "sys"]))
             txn.note(f"t{i} \u2713")
             txn.setExtendedInfo("n", i)
@@ -92,7 +94,7 @@ class Workload:
                 continue
             else:
                 self.write_blob(f"b{rng.randrange(30)}", rng.randint(0, 300_000))
-            transaction.commit()
+            self.tm.commit()
 
     def write_blob(self, key: str, size: int, chunk: int = 1 << 20) -> None:
         blob = self.root["blobs"].get(key)
@@ -109,16 +111,16 @@ class Workload:
         log = self.db.undoLog(0, 20)
         candidates = [entry for entry in log if entry.get("description", b"") not in (b"init", "init")]
         if not candidates:
-            transaction.abort()
+            self.tm.abort()
             return False
         entry = self.rng.choice(candidates)
         try:
-            self.db.undo(entry["id"])
-            transaction.get().note("undo")
-            transaction.commit()
+            self.db.undo(entry["id"], self.tm.get())
+            self.tm.get().note("undo")
+            self.tm.commit()
             return True
         except Exception:  # an undo conflict is a normal outcome of a random undo
-            transaction.abort()
+            self.tm.abort()
             return False
 
     def big_transaction(self, megabytes: int, record_size: int = 512 * 1024) -> None:
@@ -129,13 +131,17 @@ class Workload:
             obj = PersistentMapping()
             obj["payload"] = self.rng.randbytes(record_size)
             holder[f"{i}"] = obj
-        transaction.get().note(f"big {megabytes} MB")
-        transaction.commit()
+        self.tm.get().note(f"big {megabytes} MB")
+        self.tm.commit()
         # Drop the objects from the connection cache so the test's own memory stays small.
         self.conn.cacheMinimize()
 
+    def commit(self, note: str) -> None:
+        self.tm.get().note(note)
+        self.tm.commit()
+
     def close(self) -> None:
-        transaction.abort()
+        self.tm.abort()
         self.conn.close()
 
 

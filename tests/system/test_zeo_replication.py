@@ -84,9 +84,7 @@ def test_zeo_workload_with_big_transaction_and_big_blob(tmp_path, tls_dir):
         # One transaction of 50 MB (100 records of 512 KiB) and one 200 MB blob.
         work.big_transaction(50)
         work.write_blob("huge", 200 * MB)
-        import transaction
-        transaction.get().note("200 MB blob")
-        transaction.commit()
+        work.commit("200 MB blob")
         work.commit_random(20)
         work.close()
         db.close()
