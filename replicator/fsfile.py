@@ -157,6 +157,18 @@ class SourceFile:
             pos, prev = h.end, h.tid
         return prev
 
+    def successor(self, tid: bytes) -> TxnHeader | None:
+        """Header of the first committed transaction with a TID greater than ``tid``."""
+        self.scan()
+        i = bisect.bisect_right(self.marks, tid, key=lambda m: m[0]) - 1
+        pos = self.marks[i][1] if i >= 0 else FIRST_POS
+        while pos < self.scan_pos:
+            h = parse_txn_header(self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD), pos)
+            if h.tid > tid:
+                return h
+            pos = h.end
+        return None
+
     def ordinal(self, tid: bytes) -> int | None:
         """How many committed transactions the file has up to and including ``tid``.
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the events import this module's users; avoid a cycle
     from .protocol.events import BlobChunk, Record, TxnBegin
 
-__all__ = ["TxnDigest", "DIGEST_LEN"]
+__all__ = ["TxnDigest", "DIGEST_LEN", "TxnIdentity", "meta_digest"]
 
 DIGEST_LEN = 32
 _PERSON = b"zodb-repl-txn1"
+_META_PERSON = b"zodb-repl-meta1"
 _NO_TXN = b"\xff" * 8
 
 
@@ -66,3 +68,36 @@ class TxnDigest:
 
     def digest(self) -> bytes:
         return self._h.digest()
+
+
+def meta_digest(tid: bytes, user: bytes, description: bytes, extension: bytes) -> bytes:
+    """Digest of a transaction's identity without its records.
+
+    A pack rewrites a transaction's records (it drops superseded revisions and
+    unreachable objects) but never its TID, user, description or extension,
+    so this is what two nodes compare when one of them packed.
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_LEN, person=_META_PERSON)
+    h.update(tid)
+    for part in (user, description, extension):
+        h.update(struct.pack(">I", len(part)))
+        h.update(part)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TxnIdentity:
+    """What the handshake compares of one committed transaction."""
+
+    tid: bytes
+    status: str
+    digest: bytes
+    meta: bytes
+
+    def matches(self, other: TxnIdentity) -> bool:
+        """Same transaction: equal digests, or, if either side packed it, equal metadata."""
+        if self.tid != other.tid:
+            return False
+        if self.digest == other.digest:
+            return True
+        return "p" in (self.status, other.status) and self.meta == other.meta

@@ -29,6 +29,7 @@ from .errors import (
     RemoteProtocolError,
     ReplicatorError,
 )
+from .integrity import TxnIdentity
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -321,27 +322,51 @@ class Primary:
         return event
 
     async def _position(self, tailer: Tailer, hello: Hello) -> Reject | None:
-        """Check the secondary's history against ours; seek after its last TID or say why not."""
+        """Check the secondary's history against ours; seek after its last TID or say why not.
+
+        The secondary's last transaction must be ours too: equal digests, or,
+        when either side packed it (status ``p``), equal metadata, since a pack
+        rewrites records but never a transaction's identity.
+        """
         if hello.protocol_version != PROTOCOL_VERSION:
             return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
                                      f"this primary speaks {PROTOCOL_VERSION}")
-        if hello.last_tid != Z64:
-            ours = await asyncio.to_thread(tailer.digest_of, hello.last_tid)
+        last = hello.last_tid
+        if last != Z64:
+            ours = await blocking(tailer.identity, last)
             if ours is None:
-                if hello.last_tid > self.head_tid:
-                    return Reject("ahead", f"secondary's last transaction {tid_repr(hello.last_tid)} is newer "
-                                           f"than this primary's newest {tid_repr(self.head_tid)}")
-                return Reject("diverged", f"secondary's last transaction {tid_repr(hello.last_tid)} "
-                                          "is not in this primary's history")
-            if ours != hello.last_digest:
-                return Reject("diverged", f"secondary's transaction {tid_repr(hello.last_tid)} differs from "
-                                          "the primary's transaction with the same TID",
-                              fork_tid=None)
+                return await self._explain_missing(tailer, last)
+            theirs = TxnIdentity(last, hello.last_status, hello.last_digest or b"",
+                                 hello.last_meta_digest or b"")
+            if not ours.matches(theirs):
+                return Reject("diverged", f"secondary's transaction {tid_repr(last)} differs from the "
+                                          "primary's transaction with the same TID: the histories fork "
+                                          "at or before it", fork_tid=None)
+            if ours.digest != theirs.digest:
+                log.info("secondary %s resumes over transaction %s, packed on %s", hello.node, tid_repr(last),
+                         "both sides" if ours.status == theirs.status == "p" else
+                         ("the primary" if ours.status == "p" else "the secondary"))
         try:
-            await asyncio.to_thread(tailer.seek_after, hello.last_tid)
+            await blocking(tailer.seek_after, last)
         except DivergenceError as exc:
             return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
         return None
+
+    async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
+        """The secondary's last TID is not in our file: say precisely why it cannot resume."""
+        if last > self.head_tid:
+            return Reject("ahead", f"secondary's last transaction {tid_repr(last)} is newer than this "
+                                   f"primary's newest {tid_repr(self.head_tid)}: it has transactions this "
+                                   "primary never had")
+        nxt = await blocking(tailer.successor, last)
+        if nxt is not None and nxt[1] == "p":
+            return Reject("packed", f"this primary was packed past the secondary's position: its transaction "
+                                    f"{tid_repr(last)} was removed by the pack (all its records were "
+                                    f"superseded), and the packed transactions after it, from "
+                                    f"{tid_repr(nxt[0])}, cannot be checked against the secondary's "
+                                    "history. Start the secondary anew from an empty storage")
+        return Reject("diverged", f"secondary's last transaction {tid_repr(last)} is not in this primary's "
+                                  "history")
 
     async def _send_loop(self, ws: web.WebSocketResponse, conn: Connection, tailer: Tailer,
                          stats: SessionStats) -> None:

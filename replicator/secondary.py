@@ -45,7 +45,7 @@ from .protocol import (
     TxnBegin,
     Welcome,
 )
-from .storage import last_state, open_file_storage
+from .storage import last_identity, open_file_storage
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import client_ssl_context, connect_ws
@@ -55,7 +55,7 @@ __all__ = ["Secondary", "Backoff"]
 log = logging.getLogger("replicator.secondary")
 
 #: Reject codes after which retrying cannot help: an operator must act.
-FINAL_REJECTS = {"diverged", "ahead", "version"}
+FINAL_REJECTS = {"diverged", "ahead", "version", "packed"}
 
 
 class Backoff:
@@ -193,11 +193,14 @@ class Secondary:
     async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx, backoff: Backoff) -> None:
         cfg = self.config
         assert self.applier is not None and self.storage is not None
-        last_tid, digest = await asyncio.to_thread(last_state, self.storage)
+        identity = await blocking(last_identity, self.storage)
+        last_tid = identity.tid if identity else Z64
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20))
         try:
-            await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, cfg.node, last_tid, digest)))
+            await ws.send_bytes(conn.send(Hello(
+                PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, 0,
+                identity.status if identity else " ", identity.meta if identity else None)))
             welcome = await self._receive_welcome(ws, conn)
             backoff.reset()
             self.progress.connected = True

@@ -36,7 +36,7 @@ from ZODB.FileStorage.format import CorruptedError
 from ZODB.POSException import POSError, POSKeyError
 
 from .errors import ConfigError, StorageError
-from .integrity import TxnDigest
+from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
 from .tid import Z64, tid_repr
 
@@ -227,6 +227,26 @@ def txn_digest(storage: FileStorage, tid: bytes) -> bytes | None:
                         digest.add_blob_bytes(chunk)
             return digest.digest()
     return None
+
+
+def txn_identity(storage: FileStorage, tid: bytes) -> TxnIdentity | None:
+    """Digest, metadata digest and status of transaction ``tid``; ``None`` if absent."""
+    with contextlib.closing(iter_transactions(storage, tid, tid)) as txns:
+        for stored, _records in txns:
+            if stored.tid != tid:
+                return None
+            digest = txn_digest(storage, tid)
+            if digest is None:
+                return None
+            return TxnIdentity(tid, stored.status, digest,
+                               meta_digest(tid, stored.user, stored.description, stored.extension))
+    return None
+
+
+def last_identity(storage: FileStorage) -> TxnIdentity | None:
+    """``txn_identity`` of the storage's last transaction; ``None`` when empty."""
+    last = storage.lastTransaction()
+    return None if last == Z64 else txn_identity(storage, last)
 
 
 def last_state(storage: FileStorage) -> tuple[bytes, bytes | None]:

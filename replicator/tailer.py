@@ -36,7 +36,7 @@ from .fsformat import (
     u64,
     walk_data_headers,
 )
-from .integrity import TxnDigest
+from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .tid import Z64, tid_repr
 
@@ -122,6 +122,11 @@ class Tailer:
 
     def digest_of(self, tid: bytes) -> bytes | None:
         """Digest of committed transaction ``tid`` in the file, None if it has none."""
+        identity = self.identity(tid)
+        return None if identity is None else identity.digest
+
+    def identity(self, tid: bytes) -> TxnIdentity | None:
+        """Digest, metadata digest and status of transaction ``tid``; None if absent."""
         src = self._path_source()
         found = src.find(tid)
         if not isinstance(found, tuple):
@@ -130,10 +135,19 @@ class Tailer:
         h = src.confirmed_header(pos, prev)
         if h is None:  # cannot happen for a scanned transaction; be safe
             return None
+        begin: TxnBegin | None = None
         for event in self._txn_events(src, h, prev):
-            if isinstance(event, TxnEnd):
-                return event.digest
+            if isinstance(event, TxnBegin):
+                begin = event
+            elif isinstance(event, TxnEnd) and begin is not None:
+                return TxnIdentity(tid, begin.status, event.digest,
+                                   meta_digest(tid, begin.user, begin.description, begin.extension))
         return None
+
+    def successor(self, tid: bytes) -> tuple[bytes, str] | None:
+        """TID and status of the first committed transaction after ``tid``, if any."""
+        h = self._path_source().successor(tid)
+        return None if h is None else (h.tid, h.status.decode("latin-1"))
 
     # -- reading ------------------------------------------------------------
 
@@ -232,17 +246,28 @@ class Tailer:
         self._refresh()
         return self._src  # type: ignore[return-value]
 
-    def _switch_to(self, src: SourceFile, tid: bytes) -> None:
-        """Make ``src`` the cursor's file, just after ``tid``."""
+    def _switch_to(self, src: SourceFile, tid: bytes, *, across_pack: bool = False) -> None:
+        """Make ``src`` the cursor's file, just after ``tid``.
+
+        ``across_pack``: the file was replaced while we followed it.  A pack
+        drops transactions whose every record was superseded; if ours was one
+        of them, the pack's region (status ``'p'``) goes on past it and we
+        continue with the first transaction after it, which is exactly what a
+        fresh copy of the packed file would hold from there on.
+        """
         if tid == Z64:
             pos = FIRST_POS
         else:
             found = src.find(tid)
-            if not isinstance(found, tuple):
-                raise DivergenceError(
-                    f"{src.path}: transaction {tid_repr(tid)} is not in the file; the nearest "
-                    f"earlier one is {tid_repr(found)}", fork_tid=found)
-            pos = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0]).end
+            if isinstance(found, tuple):
+                pos = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0]).end
+            else:
+                nxt = src.successor(tid) if across_pack else None
+                if nxt is None or nxt.status != b"p":
+                    raise DivergenceError(
+                        f"{src.path}: transaction {tid_repr(tid)} is not in the file; the nearest "
+                        f"earlier one is {tid_repr(found)}", fork_tid=found)
+                pos = nxt.pos
         if self._cur is not src and self._cur is not self._src and self._cur is not None:
             self._cur.close()
         self._cur, self._pos, self._last_tid = src, pos, tid
@@ -251,7 +276,7 @@ class Tailer:
         """Header of the next committed transaction after the cursor, following replacements."""
         self._seen = self._snapshot()
         if self._refresh() or self._cur is not self._src:
-            self._switch_to(self._src, self._last_tid)  # type: ignore[arg-type]
+            self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
         src = self._cur
         if src is None or not src.ready():
             return None

@@ -97,6 +97,10 @@ class Hello(Event):
     last_tid: bytes
     last_digest: bytes | None
     epoch: int = 0
+    #: Status byte and metadata digest of the last transaction: after a pack
+    #: on either side, the records differ but these still identify it.
+    last_status: str = " "
+    last_meta_digest: bytes | None = None
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -105,6 +109,10 @@ class Hello(Event):
         if self.last_digest is not None:
             _bytes(self.last_digest, "last_digest", exact=DIGEST_LEN)
         _int(self.epoch, "epoch")
+        if self.last_status not in TXN_STATUSES:
+            raise ValueError(f"invalid last_status {self.last_status!r}")
+        if self.last_meta_digest is not None:
+            _bytes(self.last_meta_digest, "last_meta_digest", exact=DIGEST_LEN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -357,28 +357,55 @@ def test_pack_while_following(tmp_path):
         db.close()
 
 
-def test_pack_dropping_our_position_is_divergence(tmp_path):
+def test_pack_dropping_our_position_continues_after_it(tmp_path):
+    """A pack may drop the transaction we stand on; the packed region goes on past it."""
     path = str(tmp_path / "Data.fs")
     db = ZODB.DB(FileStorage(path))
     conn = db.open()
     root = conn.root()
     try:
         commit(root, "obj", PersistentMapping())
-        kept = db.lastTransaction()
         root["obj"]["v"] = 1
         transaction.commit()  # touches only obj: dropped by a pack once superseded
         dropped = db.lastTransaction()
         root["obj"]["v"] = 2
         transaction.commit()
+        last = db.lastTransaction()
         with Tailer(path) as tailer:
             tailer.seek_after(dropped)
             db.pack(time.time() + 1)
-            with pytest.raises(DivergenceError) as info:
-                tailer.read_events()
-            assert info.value.fork_tid == kept
+            events = tailer.read_events()
+            begin = events[0]
+            assert isinstance(begin, TxnBegin)
+            assert (begin.tid, begin.prev_tid, begin.status) == (last, dropped, "p")
     finally:
         conn.close()
         db.close()
+
+
+def test_replaced_file_without_our_position_is_divergence(tmp_path):
+    """A file replaced by another history (not a pack) is refused, naming the nearest earlier TID."""
+    path, fork = str(tmp_path / "Data.fs"), str(tmp_path / "fork.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    commit(conn.root(), "a", 1)
+    kept = db.lastTransaction()
+    shutil.copy(path, fork)  # the same history so far
+    commit(conn.root(), "b", 2)
+    ours = db.lastTransaction()
+    conn.close()
+    db.close()
+    db2 = ZODB.DB(FileStorage(fork))
+    c2 = db2.open()
+    commit(c2.root(), "c", 3)  # another history from here on, not packed
+    c2.close()
+    db2.close()
+    with Tailer(path) as tailer:
+        tailer.seek_after(ours)
+        os.rename(fork, path)
+        with pytest.raises(DivergenceError) as info:
+            tailer.read_events()
+        assert info.value.fork_tid == kept
 
 
 # -- damage -----------------------------------------------------------------

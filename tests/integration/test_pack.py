@@ -1,0 +1,129 @@
+"""Packing while replicating: on the primary, on a secondary, and with a secondary offline across a pack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from ZODB.blob import is_blob_record
+from ZODB.FileStorage import FileStorage
+from ZODB.serialize import referencesf
+
+from replicator.errors import DivergenceError
+from tests.integration.test_replication import make_source, running_primary, running_secondary, wait_equal_tid
+
+
+def current_state(path: Path, blob_dir: Path) -> dict[bytes, bytes]:
+    """Every reachable object's current pickle (and blob bytes), walked from the root."""
+    storage = FileStorage(str(path), blob_dir=str(blob_dir), read_only=True)
+    try:
+        state: dict[bytes, bytes] = {}
+        todo = [b"\0" * 8]
+        while todo:
+            oid = todo.pop()
+            if oid in state:
+                continue
+            data, serial = storage.load(oid)
+            state[oid] = data
+            if is_blob_record(data):
+                with open(storage.loadBlob(oid, serial), "rb") as f:
+                    state[oid] += f.read()
+            todo.extend(referencesf(data))
+        return state
+    finally:
+        storage.close()
+
+
+def assert_same_current_state(tmp_path: Path) -> None:
+    src = current_state(tmp_path / "src.fs", tmp_path / "src-blobs")
+    dst = current_state(tmp_path / "dst.fs", tmp_path / "dst-blobs")
+    assert src.keys() == dst.keys()
+    assert src == dst
+
+
+def test_pack_on_the_primary_while_streaming(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 40, seed=11)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                for _ in range(4):
+                    await asyncio.to_thread(work.commit_random, 30)
+                    # Pack up to now while the secondary may be mid-stream.
+                    await asyncio.to_thread(db.pack, time.time())
+                await asyncio.to_thread(work.commit_random, 10)
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_same_current_state(tmp_path)
+
+
+def test_pack_on_a_secondary_then_resume(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 60, seed=12)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                # The secondary packs its own storage while it keeps applying.
+                packing = asyncio.to_thread(secondary.storage.pack, time.time(), referencesf)
+                await asyncio.gather(packing, asyncio.to_thread(work.commit_random, 20))
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                packed = [t for t in secondary.storage.iterator() if t.status == "p"]
+                assert packed, "the secondary's pack marked nothing"
+            # Its last transaction may now be packed; reconnecting must not raise a false alarm.
+            await asyncio.to_thread(work.commit_random, 10)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_same_current_state(tmp_path)
+
+
+def test_secondary_offline_across_a_pack_that_keeps_its_position(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 30, seed=13)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            # Offline: its last transaction is the primary's last too, so the
+            # pack keeps it (its records are current) but marks it packed.
+            await asyncio.to_thread(db.pack, time.time() + 1)
+            await asyncio.to_thread(work.commit_random, 15)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_same_current_state(tmp_path)
+
+
+def test_secondary_offline_across_a_pack_that_drops_its_position_is_told_why(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 5, seed=14)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            with db.transaction() as c:
+                c.root()["counter"] = 0
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                with db.transaction() as c:
+                    c.root()["counter"] = 1  # the secondary's last transaction: root only
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            with db.transaction() as c:
+                c.root()["counter"] = 2  # supersedes every record of that transaction
+            await asyncio.to_thread(db.pack, time.time() + 1)
+            async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
+                with pytest.raises(DivergenceError, match="packed past the secondary's position"):
+                    await asyncio.wait_for(task, 20)
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
