@@ -171,9 +171,14 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
 @_common
 @click.option("--primary", "primary_addr", required=True, help="HOST:PORT of the primary.")
 @click.option("--listen", default=None, help="HOST:PORT to answer GET /status on (optional).")
+@click.option("--zeo", "zeo_addr", default=None,
+              help="HOST:PORT to serve the replica to read-only ZEO clients on (optional).")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
-              listen) -> None:
-    """Follow the primary at --primary and re-commit its transactions into STORAGE."""
+              listen, zeo_addr) -> None:
+    """Follow the primary at --primary and re-commit its transactions into STORAGE.
+
+    With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
+    """
     _setup_logging(log_level)
     from .secondary import Secondary
 
@@ -184,10 +189,16 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure,
             **({"node": node} if node else {}),
         ).validate()
+        zeo = parse_address(zeo_addr, "--zeo") if zeo_addr else None
     except ConfigError as exc:
         _fail(exc)
 
     async def follow() -> None:
+        if zeo is not None:
+            from .zeoserver import serve_replica
+
+            await serve_replica(config, zeo)
+            return
         node = Secondary(config)
         await node.open()
         try:

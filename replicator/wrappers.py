@@ -1,0 +1,331 @@
+"""Storage wrappers that put replication inside any process that opens a ZODB storage.
+
+``PrimaryStorage`` wraps the FileStorage a ZEO server (or a ``ZODB.DB``)
+writes and serves its replication stream from the same process; because it
+sees every ``tpc_finish``, it wakes the streaming sessions at once instead of
+waiting for the file poller, which stays on as a slow safety net.
+
+``SecondaryStorage`` wraps the FileStorage a secondary applies to and shows
+it read-only to everyone else: a ZEO server on top of it serves a live,
+read-only replica.  Each applied transaction is passed to the databases
+registered with ``registerDB`` (ZEO's ``StorageServerDB`` or a
+``ZODB.DB``'s adapter) inside ``tpc_finish``, before ``lastTransaction``
+moves, which is the order ZODB's MVCC and ZEO's client caches rely on.
+
+Each wrapper runs its service on an event loop of its own, in a daemon
+thread: ZEO runs its own loop in its own threads, and ZODB calls storages
+from any thread, so neither may block the other.  Both wrappers declare the
+interfaces their base provides (``IStorage``, ``IStorageRestoreable``,
+``IStorageIteration``, ``IStorageUndoable``, ``IStorageCurrentRecordIteration``,
+``IExternalGC`` and, with a blob directory, ``IBlobStorageRestoreable``),
+which is what ``ZODB.DB`` and ZEO's server inspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+import zope.interface
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ReadOnlyError
+
+from .config import PrimaryConfig, SecondaryConfig
+from .errors import ConfigError, ReplicatorError
+from .primary import Primary
+from .secondary import Secondary
+from .storage import has_blobs
+
+__all__ = ["PrimaryStorage", "SecondaryStorage", "ServiceThread"]
+
+log = logging.getLogger("replicator.wrappers")
+
+#: How long ``close()`` waits for a service to finish the transaction it is applying.
+STOP_TIMEOUT = 60.0
+START_TIMEOUT = 60.0
+
+
+class ServiceThread:
+    """Runs one asyncio service, ``main(ready)``, on its own event loop in a daemon thread.
+
+    ``main`` calls ``ready()`` once it serves and then runs until cancelled.
+    ``start()`` returns after ``ready()`` (or raises what ``main`` raised
+    before it); ``stop()`` cancels ``main`` and waits for its cleanup.  An
+    error after ``ready()`` is logged and kept in ``error``: the storage
+    goes on serving reads, and the service's status says why it stopped.
+    """
+
+    def __init__(self, name: str, main: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        self.name = name
+        self.error: BaseException | None = None
+        self._main = main
+        self._ready = threading.Event()
+        self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"{self.name} did not start within {timeout:.0f}s")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            # The loop may close between the check and the call; then there is nothing to cancel.
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("%s did not stop within %.0fs", self.name, timeout)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._supervise())
+        finally:
+            self._ready.set()
+
+    async def _supervise(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            await self._main(self._ready.set)
+        except asyncio.CancelledError:
+            pass
+        except ReplicatorError as exc:
+            self.error = exc
+            log.critical("%s stopped: %s", self.name, exc)
+        except Exception as exc:  # a bug: keep it for status; the thread must not die silently
+            self.error = exc
+            log.exception("%s failed", self.name)
+
+
+def _require_file_storage(base: object, role: str) -> FileStorage:
+    if not isinstance(base, FileStorage):
+        raise ConfigError(f"{role} wraps a FileStorage (<filestorage>), not {type(base).__name__}")
+    return base
+
+
+def _blob_dir(base: FileStorage) -> str | None:
+    return str(base.blob_dir) if has_blobs(base) else None
+
+
+class PrimaryStorage:
+    """``base`` with a replication primary serving it; the whole storage API is ``base``'s.
+
+    ``config``'s ``storage`` and ``blob_dir`` are replaced by ``base``'s own.
+    The primary starts at construction (it only reads the file, which
+    ``base`` has already created) and stops in ``close()``, which then
+    closes ``base``.  Raises ``ConfigError`` for a base that is no
+    FileStorage, and whatever ``Primary.start()`` raises (the port is taken,
+    the certificates do not load).
+    """
+
+    def __init__(self, base: FileStorage, config: PrimaryConfig) -> None:
+        self._base = _require_file_storage(base, "a replicated primary")
+        self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
+        self.primary: Primary | None = None
+        self._closed = False
+        zope.interface.directlyProvides(self, zope.interface.providedBy(base))
+        self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
+        self._service.start()
+
+    async def _serve(self, ready: Callable[[], None]) -> None:
+        primary = Primary(self.config)
+        await primary.start()
+        self.primary = primary
+        try:
+            ready()
+            await primary.run_until_stopped()
+        finally:
+            await primary.stop()
+
+    @property
+    def port(self) -> int | None:
+        """The port the primary listens on (useful with port 0)."""
+        return self.primary.port if self.primary is not None else None
+
+    def status(self) -> dict:
+        """The primary's status (as GET /status reports it)."""
+        if self.primary is None:
+            return {"role": "primary", "error": str(self._service.error)}
+        return self.primary.status()
+
+    def _notify(self) -> None:
+        if self.primary is not None:
+            self.primary.notifier.notify_threadsafe()
+
+    # -- the storage API: everything is base's, commits also wake the sessions
+
+    def __getattr__(self, name: str):
+        # Only reached for names not defined here: the rest of base's API,
+        # including optional methods ZODB and ZEO probe with hasattr().
+        if name == "_base":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._base, name)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __repr__(self) -> str:
+        return f"<PrimaryStorage {self._base.getName()!r} listening on {self.config.listen}>"
+
+    @property
+    def tryToResolveConflict(self):
+        return self._base.tryToResolveConflict
+
+    @tryToResolveConflict.setter
+    def tryToResolveConflict(self, value) -> None:
+        # ZEO's client-conflict-resolution replaces the method; FileStorage
+        # calls its own attribute, so the replacement belongs on base.
+        self._base.tryToResolveConflict = value
+
+    def tpc_finish(self, transaction, f=None):
+        tid = self._base.tpc_finish(transaction, f)
+        # The transaction is on disk now: the sessions can read it at once.
+        self._notify()
+        return tid
+
+    def pack(self, *args, **kwargs):
+        result = self._base.pack(*args, **kwargs)
+        self._notify()
+        return result
+
+    def copyTransactionsFrom(self, *args, **kwargs):
+        # FileStorage commits these through its own tpc_finish, not ours.
+        result = self._base.copyTransactionsFrom(*args, **kwargs)
+        self._notify()
+        return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._service.stop()
+        self._base.close()
+
+
+#: What a replica serves: everything that reads, nothing that writes.
+_READ_METHODS = frozenset({
+    "getName", "getSize", "sortKey", "history", "lastTransaction", "load", "loadBefore", "loadSerial",
+    "getTid", "iterator", "record_iternext", "supportsUndo", "undoLog", "undoInfo", "temporaryDirectory",
+    "loadBlob", "openCommittedBlobFile", "tpc_transaction", "cleanup", "blob_dir", "fshelper",
+})
+
+
+def _read_only(*args, **kwargs):
+    raise ReadOnlyError()
+
+
+class SecondaryStorage:
+    """A replica: ``base`` kept equal to the primary's storage, read-only to everyone else.
+
+    Every write method raises ``ZODB.POSException.ReadOnlyError``, and
+    ``isReadOnly()`` is true, so ZEO's server refuses read-write clients.
+    ``pack`` is allowed: it only removes old revisions of this replica's own
+    file, and the transactions it keeps are still the primary's (the
+    handshake's digest leaves out what a pack changes).
+
+    The secondary is not started at construction but at the first
+    ``registerDB`` (what ZEO's server and ``ZODB.DB`` call as they take
+    the storage) or by ``start()``: ZEO reads ``lastTransaction`` to seed its
+    invalidation queue before registering, and a transaction applied in
+    between would reach no client's cache.  With ``start=False`` it is never
+    started here: the caller runs ``self.secondary`` on its own loop (the
+    ``replicator secondary --zeo`` command does).  ``close()`` stops the
+    secondary after the transaction it is applying, then closes ``base``.
+    """
+
+    def __init__(self, base: FileStorage, config: SecondaryConfig, *, start: bool = True) -> None:
+        self._base = _require_file_storage(base, "a replicated secondary")
+        if base.isReadOnly():
+            raise ConfigError(f"the replica's storage {base.getName()} is opened read-only; "
+                              "the secondary must write to it")
+        self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
+        self.secondary = Secondary(self.config, storage=base, invalidate=self._invalidate)
+        self._dbs: list = []
+        self._autostart = start
+        self._closed = False
+        zope.interface.directlyProvides(self, zope.interface.providedBy(base))
+        self._service = ServiceThread(f"replication secondary {self.config.node}", self._follow)
+
+    def start(self) -> None:
+        """Start following the primary, if not yet started (``registerDB`` does it too)."""
+        self._service.start()
+
+    async def _follow(self, ready: Callable[[], None]) -> None:
+        await self.secondary.open()
+        try:
+            ready()
+            await self.secondary.run()
+        finally:
+            await self.secondary.close()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the secondary stopped for good (divergence, ...), if it did."""
+        return self._service.error
+
+    def status(self) -> dict:
+        status = self.secondary.status()
+        if self._service.error is not None:
+            status["last_error"] = str(self._service.error)
+        return status
+
+    def _invalidate(self, tid: bytes, oids) -> None:
+        # ZEO sends the oids to its clients and keeps them for reconnecting
+        # ones; its own commits pass a list, and so do we.  An error here
+        # fails the transaction, which is applied again after a reconnect.
+        changed = list(oids)
+        for db in self._dbs:
+            db.invalidate(tid, changed)
+
+    # -- the storage API: reads are base's, writes are refused
+
+    def registerDB(self, db) -> None:
+        self._dbs.append(db)
+        if self._autostart:
+            self._service.start()
+
+    def isReadOnly(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str):
+        if name in _READ_METHODS:
+            return getattr(self._base, name)
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __repr__(self) -> str:
+        return f"<SecondaryStorage {self._base.getName()!r} following {self.config.primary}>"
+
+    tpc_begin = store = storeBlob = restore = restoreBlob = _read_only
+    undo = new_oid = deleteObject = checkCurrentSerialInTransaction = _read_only
+    tpc_vote = tpc_finish = copyTransactionsFrom = _read_only
+
+    def tpc_abort(self, transaction) -> None:
+        """Nothing to abort: no transaction can begin here (the applier uses ``base``)."""
+
+    def pack(self, *args, **kwargs):
+        return self._base.pack(*args, **kwargs)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._service.stop()
+        self._base.close()
