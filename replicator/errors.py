@@ -116,7 +116,7 @@ class DivergenceError(ReplicatorError):
 class ConfigError(ReplicatorError):
     """The configuration is unusable; ``problems`` lists every problem found."""
 
-    hint = "see `replicator --help` and docs/operations.md"
+    hint = "see `replicator COMMAND --help` and the README's operator's guide"
 
     def __init__(self, problems: list[str] | str) -> None:
         if isinstance(problems, str):
