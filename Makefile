@@ -26,5 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check replicator tests demo
 	$(BIN)/mypy replicator
 
+## Benchmarks against this machine's own limits (~20 min; BENCH_QUICK=1 for a small run).
+## Not part of `make test`.  Results in bench-run/results.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf demo-run bench-run .pytest_cache .mypy_cache .ruff_cache

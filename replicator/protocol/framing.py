@@ -9,7 +9,9 @@ event dataclass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 
 import msgpack
 
@@ -29,10 +31,24 @@ _FEED_SLICE = 1 << 20
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
+#: Per event class: a getter of its fields as a tuple (``dataclasses.fields``
+#: walks the class on every call; this runs once per event sent).
+_getters: dict[type, Callable[[Event], tuple]] = {}
+
+
+def _fields_of(event: Event) -> tuple:
+    cls = type(event)
+    getter = _getters.get(cls)
+    if getter is None:
+        names = [f.name for f in fields(event)]  # type: ignore[arg-type]
+        single = operator.attrgetter(*names)
+        getter = _getters[cls] = (lambda e: (single(e),)) if len(names) == 1 else single  # type: ignore[assignment]
+    return getter(event)  # type: ignore[misc]
+
 
 def encode_event(event: Event, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Serialise ``event`` as one frame; our own oversized frame is a local bug."""
-    frame = _packer.pack([event.TYPE, *event.to_fields()])
+    frame = _packer.pack((event.TYPE, *_fields_of(event)))
     if len(frame) > max_frame:
         raise LocalProtocolError(
             f"{type(event).__name__} frame of {len(frame)} bytes exceeds the {max_frame}-byte limit",

@@ -369,3 +369,104 @@ def test_open_file_storage_errors(tmp_path):
         os.chmod(tmp_path / "secret.fs", 0)
         with pytest.raises(ConfigError, match="permission denied"):
             open_file_storage(str(tmp_path / "secret.fs"))
+
+
+def _datafs_fsyncs(monkeypatch, storage) -> list[int]:
+    """Record every fsync of ``storage``'s Data.fs, by FileStorage itself or by the applier."""
+    import sys
+
+    calls: list[int] = []
+    fd = storage._file.fileno()
+    fs_module = sys.modules["ZODB.FileStorage.FileStorage"]
+    real_os_fsync, real_fs_fsync = os.fsync, fs_module.fsync
+
+    def os_fsync(n):
+        if n == fd:
+            calls.append(n)
+        real_os_fsync(n)
+
+    def fs_fsync(n):
+        if n == fd:
+            calls.append(n)
+        real_fs_fsync(n)
+
+    monkeypatch.setattr(os, "fsync", os_fsync)
+    monkeypatch.setattr(fs_module, "fsync", fs_fsync)
+    return calls
+
+
+def test_group_commit_fsyncs_once_per_batch(source, target, monkeypatch):
+    calls = _datafs_fsyncs(monkeypatch, target.storage)
+    half = len(source.txns) // 2
+    tids = target.applier.apply(flatten(source.txns[:half]))
+    assert len(tids) == half and len(calls) == 1
+    for txn in source.txns[half:]:  # caught up: one transaction per batch, one fsync each
+        target.applier.apply(txn)
+    assert len(calls) == 1 + len(source.txns) - half
+    assert_replica(source, target)
+
+
+def test_group_commit_leaves_other_storages_alone(source, target, tmp_path, monkeypatch):
+    other = open_file_storage(str(tmp_path / "other" / "Data.fs"))
+    try:
+        calls = _datafs_fsyncs(monkeypatch, other)
+        target.applier.apply(flatten(source.txns[:3]))
+        import transaction
+        from ZODB.DB import DB
+
+        db = DB(other)
+        with db.transaction() as conn:
+            conn.root()["x"] = 1
+        assert len(calls) >= 1  # FileStorage's own fsync in tpc_finish, untouched
+        assert "_finish_finish" not in vars(other) and transaction
+    finally:
+        other.close()
+
+
+def test_group_commit_off_gives_the_same_file(source, target, tmp_path):
+    target.applier.apply(flatten(source.txns))
+    plain = Target(str(tmp_path / "plain"))
+    try:
+        plain.applier.close()
+        plain.applier = Applier(plain.storage, group_commit=False)
+        plain.applier.apply(flatten(source.txns))
+        assert "_finish_finish" not in vars(plain.storage)
+        with open(plain.path, "rb") as a, open(target.path, "rb") as b:
+            assert a.read() == b.read()
+    finally:
+        plain.storage.close()
+
+
+def test_back_pointers_are_found_through_the_object_history(source, target, monkeypatch):
+    from replicator.applier import _GroupCommit
+
+    found = []
+    real = _GroupCommit._find_in_history
+
+    def spy(self, oid, tid):
+        pos = real(self, oid, tid)
+        found.append(pos)
+        return pos
+
+    monkeypatch.setattr(_GroupCommit, "_find_in_history", spy)
+    target.applier.apply(flatten(source.txns))
+    with_back = [r for r in flatten(source.txns) if isinstance(r, Record) and r.data_txn is not None]
+    assert with_back and len(found) == len(with_back)
+    assert any(found)
+    assert_replica(source, target)
+
+
+def test_trace_file_lists_durable_tids(source, tmp_path):
+    trace = tmp_path / "trace.txt"
+    t = Target(str(tmp_path))
+    try:
+        t.applier.close()
+        t.applier = Applier(t.storage, trace_file=str(trace))
+        tids = t.applier.apply(flatten(source.txns))
+        t.applier.close()
+        lines = trace.read_text().split("\n")[:-1]
+        assert [bytes.fromhex(line.split()[0]) for line in lines] == tids
+        assert all(float(line.split()[1]) > 1e9 for line in lines)
+        assert "_finish_finish" not in vars(t.storage)
+    finally:
+        t.storage.close()

@@ -1,0 +1,138 @@
+"""Generate a benchmark ``Data.fs`` (run as a script; prints a JSON summary).
+
+``python bench/gendata.py sync OUT_DIR MEGABYTES SEED``: tens of thousands of
+transactions of 1 to 8 records, record payloads log-uniform between 100 B and
+20 KB, a blob in about 1 transaction in 150 (4 KB to 2 MB), an undo now and
+then (back pointers), until ``Data.fs`` holds ``MEGABYTES``.
+
+``python bench/gendata.py big OUT_DIR BLOB_MB TXN_MB``: one transaction with a
+single blob of ``BLOB_MB`` and one transaction of ``TXN_MB`` spread over
+512 KB records.
+
+The files are written through ``ZODB.DB`` and FileStorage (real pickles, real
+blob records), with FileStorage's per-commit fsync switched off in this
+process only: generating is not what is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import transaction
+import ZODB
+import ZODB.FileStorage  # noqa: F401  (loads the module patched below)
+from BTrees.IOBTree import IOBTree
+from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
+from ZODB.FileStorage import FileStorage
+
+# ``ZODB.FileStorage.FileStorage`` as an attribute is the class; the module is here.
+fsmodule = sys.modules["ZODB.FileStorage.FileStorage"]
+
+fsmodule.fsync = None  # generation only; the measured processes keep theirs
+
+MB = 1 << 20
+
+
+def payload(rng: random.Random) -> bytes:
+    size = int(math.exp(rng.uniform(math.log(100), math.log(20_000))))
+    return rng.randbytes(size)
+
+
+def _bytes(value: object) -> bytes:
+    return value.encode() if isinstance(value, str) else (value or b"")
+
+
+def gen_sync(out: str, megabytes: int, seed: int) -> dict:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "Data.fs")
+    storage = FileStorage(path, blob_dir=os.path.join(out, "blobs"), create=True)
+    db = ZODB.DB(storage, cache_size=2000)
+    rng = random.Random(seed)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    root = conn.root()
+    root["objs"] = tree = IOBTree()
+    pool: list[PersistentMapping] = []
+    blobs: list[Blob] = []
+    target = megabytes * MB
+    n = 0
+    t0 = time.time()
+    while os.path.getsize(path) < target:
+        txn = tm.get()
+        txn.setUser(rng.choice(["alice", "bob", "sys"]))
+        kind = rng.random()
+        create = len(pool) < 20 or (len(pool) < 20_000 and rng.random() < 0.4)
+        label = "blob" if kind < 0.007 else "new" if create else "upd"
+        txn.note(f"bench txn {n} {label}")
+        if kind < 0.007:
+            blob = Blob() if len(blobs) < 200 or rng.random() < 0.3 else rng.choice(blobs)
+            if not any(b is blob for b in blobs):
+                blobs.append(blob)
+                root[f"blob{len(blobs)}"] = blob
+            with blob.open("w") as fh:
+                fh.write(rng.randbytes(int(math.exp(rng.uniform(math.log(4096), math.log(2 * MB))))))
+        elif kind < 0.009 and n > 100:
+            # Undo only transactions that changed existing objects: undoing a
+            # creation would leave the generator holding an object that is gone.
+            undo = [e for e in db.undoLog(0, 20) if b"upd" in _bytes(e.get("description"))]
+            if undo:
+                db.undo(rng.choice(undo)["id"], txn)
+        else:
+            for _ in range(rng.randint(1, 8)):
+                if create:
+                    obj = PersistentMapping()
+                    pool.append(obj)
+                    tree[len(pool)] = obj
+                else:
+                    obj = rng.choice(pool)
+                obj["d"] = payload(rng)
+        try:
+            tm.commit()
+        except Exception:  # an undo conflict: nothing to benchmark there
+            tm.abort()
+            continue
+        n += 1
+        if n % 500 == 0:
+            conn.cacheMinimize()
+    txns = sum(1 for _ in storage.iterator())
+    db.close()
+    return {"path": path, "transactions": txns, "bytes": os.path.getsize(path),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def gen_big(out: str, blob_mb: int, txn_mb: int) -> dict:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "Data.fs")
+    storage = FileStorage(path, blob_dir=os.path.join(out, "blobs"), create=True)
+    db = ZODB.DB(storage)
+    rng = random.Random(7)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    root = conn.root()
+    root["blob"] = blob = Blob()
+    with blob.open("w") as fh:
+        for _ in range(blob_mb):
+            fh.write(rng.randbytes(MB))
+    tm.get().note(f"one {blob_mb} MB blob")
+    tm.commit()
+    holder = root["big"] = PersistentMapping()
+    for i in range(txn_mb * 2):
+        holder[str(i)] = obj = PersistentMapping()
+        obj["d"] = rng.randbytes(MB // 2)
+    tm.get().note(f"one {txn_mb} MB transaction")
+    tm.commit()
+    conn.cacheMinimize()
+    db.close()
+    return {"path": path, "bytes": os.path.getsize(path)}
+
+
+if __name__ == "__main__":
+    kind, out, a, b = sys.argv[1:5]
+    result = gen_sync(out, int(a), int(b)) if kind == "sync" else gen_big(out, int(a), int(b))
+    print(json.dumps(result))

@@ -1,0 +1,440 @@
+"""``make bench``: replication measured against this machine's own limits.
+
+Every figure comes from real processes (``runzeo``, ``replicator primary``,
+``replicator secondary``, the helper scripts of this directory) on loopback,
+over mutual TLS.  Data are generated here and cached in ``bench-run/``
+keyed by their parameters.  Medians of repeated runs with min-max.
+
+Sections (all by default; ``python bench/run.py sync lag`` runs some):
+
+- ``sync``: initial sync of a generated Data.fs against ZODB's own local
+  ``copyTransactionsFrom`` of the same file, fsync on and off, same run;
+- ``lag``: commit-to-applied lag under constant ZEO write load (sidecar);
+- ``cost``: ZEO commit throughput and latency with and without replication;
+- ``memory``: peak RSS while streaming a huge blob and a huge transaction.
+
+``BENCH_QUICK=1`` makes everything smaller.  Results: stdout (Markdown),
+``bench-run/results.md`` and ``bench-run/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    HERE,
+    MB,
+    PY,
+    QUICK,
+    REPLICATOR,
+    ROOT,
+    RUN,
+    Proc,
+    cpu_seconds,
+    dir_bytes,
+    ensure_tls,
+    free_port,
+    machine,
+    median_range,
+    peak_rss,
+    percentile,
+    say,
+    start_primary,
+    start_secondary,
+    start_zeo,
+    status,
+    wait_acked,
+    wait_for_port,
+)
+
+SYNC_MB = 100 if QUICK else 500
+SYNC_REPEATS = 1 if QUICK else 3
+LAG_SECONDS = 5 if QUICK else 20
+LAG_RATES = (200, 1000)
+COST_SECONDS = 4 if QUICK else 6
+COST_REPEATS = 1 if QUICK else 5
+BIG_BLOB_MB, BIG_TXN_MB = (256, 50) if QUICK else (1024, 200)
+TRACE_ENV = "REPLICATOR_TRACE_FILE"
+
+results: dict = {"machine": machine()}
+
+
+def fmt(values: list[float], digits: int = 1, scale: float = 1.0) -> str:
+    med, lo, hi = median_range([v * scale for v in values])
+    if len(values) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# -- data -----------------------------------------------------------------
+
+
+def sync_data() -> tuple[Path, dict]:
+    seed = 1
+    data = RUN / f"data-sync-{SYNC_MB}MB-s{seed}-v1"
+    summary = data / "summary.json"
+    if not summary.exists():
+        say(f"generating a {SYNC_MB} MB Data.fs in {data} (cached for later runs)")
+        fresh(data)
+        out = subprocess.run([PY, str(HERE / "gendata.py"), "sync", str(data), str(SYNC_MB), str(seed)],
+                             check=True, capture_output=True, text=True).stdout
+        info = json.loads(out.splitlines()[-1])
+        info["blob_bytes"] = dir_bytes(data / "blobs")
+        summary.write_text(json.dumps(info))
+    return data, json.loads(summary.read_text())
+
+
+def big_data() -> Path:
+    data = RUN / f"data-big-{BIG_BLOB_MB}MBblob-{BIG_TXN_MB}MBtxn-v1"
+    if not (data / "summary.json").exists():
+        say(f"generating a {BIG_BLOB_MB} MB blob and a {BIG_TXN_MB} MB transaction in {data}")
+        fresh(data)
+        out = subprocess.run([PY, str(HERE / "gendata.py"), "big", str(data), str(BIG_BLOB_MB),
+                              str(BIG_TXN_MB)], check=True, capture_output=True, text=True).stdout
+        (data / "summary.json").write_text(out.splitlines()[-1])
+    return data
+
+
+# -- 1. initial sync --------------------------------------------------------
+
+
+def local_copy(src: Path, mode: str) -> dict:
+    dst = fresh(RUN / "work" / f"copy-{mode}")
+    out = subprocess.run([PY, str(HERE / "copy_local.py"), str(src), str(dst), mode], check=True,
+                         capture_output=True, text=True).stdout
+    shutil.rmtree(dst)
+    return json.loads(out.splitlines()[-1])
+
+
+def wait_traced(trace: Path, tid: str, proc, timeout: float) -> float:
+    """When the secondary made ``tid`` durable, read from its trace file (no load on the processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"secondary exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}")
+        if trace.exists():
+            with open(trace, "rb") as fh:
+                fh.seek(max(0, trace.stat().st_size - 200))
+                lines = fh.read().decode().split("\n")
+            for line in lines[-2::-1]:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == tid:
+                    return float(parts[1])
+        time.sleep(0.02)
+    raise TimeoutError(f"secondary did not apply {tid} within {timeout}s")
+
+
+def replicate(src: Path, tls: Path, timeout: float = 1800) -> dict:
+    """A fresh secondary syncs ``src`` from a primary: seconds from its start until the last
+    transaction is durable in it (its trace file says when; acks follow at once)."""
+    work = fresh(RUN / "work" / "sync")
+    trace = work / "trace.txt"
+    port = free_port()
+    primary = start_primary(work, src / "Data.fs", src / "blobs", port, tls)
+    try:
+        head = status(port, tls)["last_tid"]
+        primary_cpu0 = cpu_seconds(primary.pid)
+        t0 = time.time()
+        secondary = start_secondary(work, work / "Data.fs", work / "blobs", port, tls, env={TRACE_ENV: str(trace)})
+        try:
+            done = wait_traced(trace, head, secondary, timeout)
+            row = {
+                "seconds": done - t0,
+                "primary_cpu": cpu_seconds(primary.pid) - primary_cpu0,
+                "secondary_cpu": cpu_seconds(secondary.pid),
+                "primary_rss": peak_rss(primary.pid),
+                "secondary_rss": peak_rss(secondary.pid),
+                "head": head,
+            }
+            wait_acked(port, tls, 60, secondary)
+        finally:
+            secondary.stop()
+    finally:
+        primary.stop()
+    row["work"] = str(work)
+    return row
+
+
+def bench_sync() -> None:
+    src, info = sync_data()
+    tls = ensure_tls()
+    total = info["bytes"] + info["blob_bytes"]
+    txns = info["transactions"]
+    say(f"initial sync: {txns} transactions, {info['bytes'] / MB:.0f} MB Data.fs + "
+        f"{info['blob_bytes'] / MB:.0f} MB blobs, {SYNC_REPEATS} runs")
+    runs: dict[str, list[dict]] = {"copy_on": [], "copy_off": [], "replication": []}
+    for i in range(SYNC_REPEATS):
+        runs["copy_off"].append(local_copy(src, "off"))
+        say(f"  run {i + 1}: copy fsync off {runs['copy_off'][-1]['seconds']:.1f}s")
+        runs["replication"].append(replicate(src, tls))
+        say(f"  run {i + 1}: replication {runs['replication'][-1]['seconds']:.1f}s")
+        if i == 0:
+            verify(src, Path(runs["replication"][-1]["work"]))
+        runs["copy_on"].append(local_copy(src, "on"))
+        say(f"  run {i + 1}: copy fsync on {runs['copy_on'][-1]['seconds']:.1f}s")
+    shutil.rmtree(RUN / "work" / "sync", ignore_errors=True)
+    rates = {k: [txns / r["seconds"] for r in v] for k, v in runs.items()}
+    mbs = {k: [total / MB / r["seconds"] for r in v] for k, v in runs.items()}
+    # Ratios pair the runs of one repetition (same minute, same cache state).
+    ratio_on = [a / b for a, b in zip(rates["replication"], rates["copy_on"], strict=True)]
+    ratio_off = [a / b for a, b in zip(rates["replication"], rates["copy_off"], strict=True)]
+    gb = total / (1 << 30)
+    results["sync"] = {
+        "transactions": txns, "data_fs_bytes": info["bytes"], "blob_bytes": info["blob_bytes"],
+        "runs": runs, "txn_per_s": rates, "mb_per_s": mbs, "ratio_on": ratio_on, "ratio_off": ratio_off,
+        "primary_cpu_per_gb": [r["primary_cpu"] / gb for r in runs["replication"]],
+        "secondary_cpu_per_gb": [r["secondary_cpu"] / gb for r in runs["replication"]],
+        "copy_cpu_per_gb": [r["cpu"] / gb for r in runs["copy_off"]],
+        "primary_rss": [r["primary_rss"] for r in runs["replication"]],
+        "secondary_rss": [r["secondary_rss"] for r in runs["replication"]],
+    }
+
+
+def verify(src: Path, dst: Path) -> None:
+    t0 = time.time()
+    proc = subprocess.run([REPLICATOR, "verify", str(src / "Data.fs"), str(dst / "Data.fs"), "--blob-dir-a",
+                           str(src / "blobs"), "--blob-dir-b", str(dst / "blobs")],
+                          capture_output=True, text=True)
+    results.setdefault("checks", []).append(
+        f"verify after the first sync: exit {proc.returncode} ({time.time() - t0:.0f}s): "
+        f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-200:]}")
+    if proc.returncode != 0:
+        raise SystemExit(f"replica differs from its source:\n{proc.stdout}\n{proc.stderr}")
+
+
+# -- ZEO set-ups ------------------------------------------------------------
+
+
+class ZeoSetup:
+    """A ZEO server on a fresh Data.fs, optionally with a sidecar primary and a secondary."""
+
+    def __init__(self, name: str, replicated: bool, trace: Path | None = None, embedded: bool = False) -> None:
+        self.work = fresh(RUN / "work" / name)
+        self.tls = ensure_tls()
+        (self.work / "zeo").mkdir()
+        (self.work / "sec").mkdir()
+        self.zeo_port = free_port()
+        self.primary = self.secondary = None
+        self.port = free_port() if replicated else None
+        if embedded:
+            # The primary inside the ZEO server: replicator's ZConfig section wraps the filestorage.
+            conf = self.work / "zeo.conf"
+            conf.write_text(
+                f"%import replicator\n<zeo>\n  address 127.0.0.1:{self.zeo_port}\n</zeo>\n"
+                f"<replicated-primary>\n  listen 127.0.0.1:{self.port}\n  node primary\n"
+                f"  tls-ca {self.tls / 'ca.pem'}\n  tls-cert {self.tls / 'primary.pem'}\n"
+                f"  tls-key {self.tls / 'primary.key'}\n  <filestorage>\n"
+                f"    path {self.work / 'zeo' / 'Data.fs'}\n    blob-dir {self.work / 'zeo' / 'blobs'}\n"
+                f"  </filestorage>\n</replicated-primary>\n")
+            self.zeo = Proc([str(Path(PY).parent / "runzeo"), "-C", str(conf)], self.work / "zeo.log")
+            wait_for_port(self.zeo_port, self.zeo.proc)
+            wait_for_port(self.port, self.zeo.proc)
+        else:
+            self.zeo = start_zeo(self.work, self.work / "zeo" / "Data.fs", self.work / "zeo" / "blobs",
+                                 self.zeo_port)
+        self.writers(rate=0, seconds=0.2, count=1)  # creates the root: concurrent first opens race
+        if replicated:
+            if not embedded:
+                self.primary = start_primary(self.work, self.work / "zeo" / "Data.fs",
+                                             self.work / "zeo" / "blobs", self.port, self.tls)
+            env = {TRACE_ENV: str(trace)} if trace else None
+            self.secondary = start_secondary(self.work, self.work / "sec" / "Data.fs", self.work / "sec" / "blobs",
+                                             self.port, self.tls, env=env)
+
+    def writers(self, rate: float, seconds: float, count: int) -> list[tuple[str, float, float]]:
+        """Run ``count`` writer processes sharing ``rate``; their (tid, start, done) lines."""
+        outs = [self.work / f"writer{i}.txt" for i in range(count)]
+        procs = [subprocess.Popen([PY, str(HERE / "writer.py"), str(self.zeo_port), str(rate / count),
+                                   str(seconds), str(out), str(i)]) for i, out in enumerate(outs)]
+        for proc in procs:
+            if proc.wait(seconds + 120) != 0:
+                raise SystemExit(f"writer failed with {proc.returncode}")
+        lines = []
+        for out in outs:
+            for line in out.read_text().splitlines():
+                tid, start, done = line.split()
+                lines.append((tid, float(start), float(done)))
+        return lines
+
+    def caught_up(self, timeout: float = 120) -> None:
+        if self.port is not None:
+            wait_acked(self.port, self.tls, timeout, self.secondary, interval=0.05)
+
+    def stop(self) -> None:
+        for proc in (self.secondary, self.primary, self.zeo):  # secondary first: no reconnect noise
+            if proc is not None:
+                proc.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _writers_for(rate: float) -> int:
+    return 1 if rate <= 200 else 4
+
+
+# -- 2. lag -----------------------------------------------------------------
+
+
+def bench_lag() -> None:
+    results["lag"] = {}
+    embedded = (ROOT / "replicator" / "wrappers.py").exists()
+    for mode, rate in [("sidecar", r) for r in LAG_RATES] + ([("embedded", r) for r in LAG_RATES] if embedded else []):
+        trace = RUN / "work" / f"trace-{rate}.txt"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.unlink(missing_ok=True)
+        setup = ZeoSetup(f"lag-{rate}", replicated=True, trace=trace, embedded=mode == "embedded")
+        try:
+            setup.writers(rate=0, seconds=0.5, count=_writers_for(rate))  # create the objects
+            setup.caught_up()
+            say(f"lag, {mode}: {rate} txn/s offered for {LAG_SECONDS}s")
+            lines = setup.writers(rate, LAG_SECONDS, _writers_for(rate))
+            setup.caught_up()
+            applied = {}
+            for line in trace.read_text().splitlines():
+                tid, at = line.split()
+                applied[tid] = float(at)
+        finally:
+            setup.stop()
+        lags = sorted((applied[tid] - done) * 1000 for tid, _start, done in lines)
+        first = min(start for _t, start, _d in lines)
+        last = max(done for _t, _s, done in lines)
+        results["lag"][f"{mode} {rate}"] = {
+            "mode": mode, "offered": rate, "achieved": len(lines) / (last - first), "count": len(lines),
+            "p50_ms": percentile(lags, 0.5), "p99_ms": percentile(lags, 0.99), "max_ms": lags[-1],
+            "commit_p50_ms": percentile(sorted((d - s) * 1000 for _t, s, d in lines), 0.5),
+        }
+        trace.unlink(missing_ok=True)
+
+
+# -- 3. cost to the primary -------------------------------------------------
+
+
+def bench_cost() -> None:
+    through: dict[str, list[float]] = {"off": [], "on": []}
+    latency: dict[str, dict] = {}
+    for i in range(COST_REPEATS):
+        for mode in ("off", "on"):
+            setup = ZeoSetup(f"cost-{mode}", replicated=mode == "on")
+            try:
+                setup.writers(rate=0, seconds=0.5, count=2)
+                setup.caught_up()
+                lines = setup.writers(rate=0, seconds=COST_SECONDS, count=2)
+                through[mode].append(len(lines) / COST_SECONDS)
+                say(f"cost run {i + 1}: replication {mode}: {through[mode][-1]:.0f} commits/s")
+                if i == 0:
+                    lines = setup.writers(rate=200, seconds=COST_SECONDS, count=1)
+                    lat = sorted((d - s) * 1000 for _t, s, d in lines)
+                    latency[mode] = {"p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
+                setup.caught_up()
+            finally:
+                setup.stop()
+    results["cost"] = {
+        "throughput": through,
+        "ratio": [a / b for a, b in zip(through["on"], through["off"], strict=True)],
+        "latency_200": latency,
+    }
+
+
+# -- 4. memory with huge blobs and transactions -----------------------------
+
+
+def bench_memory() -> None:
+    src = big_data()
+    tls = ensure_tls()
+    say(f"memory: streaming a {BIG_BLOB_MB} MB blob and a {BIG_TXN_MB} MB transaction")
+    row = replicate(src, tls)
+    shutil.rmtree(row.pop("work"), ignore_errors=True)
+    results["memory"] = row
+
+
+# -- report -----------------------------------------------------------------
+
+
+def report() -> str:
+    m = results["machine"]
+    out = [f"Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gb']} GB RAM, Linux {m['kernel']}; "
+           f"Python {m['python']}, ZODB {m['zodb']}, ZEO {m['zeo']}; {m['date']}"
+           + (" (BENCH_QUICK)" if m["quick"] else ""), ""]
+    out += ["| measurement | result | target | |", "| --- | --- | --- | --- |"]
+
+    def row(what: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        out.append(f"| {what} | {value} | {target} | {'' if ok is None else 'met' if ok else 'MISSED'} |")
+
+    if "sync" in results:
+        s = results["sync"]
+        row(f"initial sync, {s['transactions']} txns, {s['data_fs_bytes'] / MB:.0f} MB + "
+            f"{s['blob_bytes'] / MB:.0f} MB blobs, TLS", f"{fmt(s['txn_per_s']['replication'], 0)} txn/s, "
+            f"{fmt(s['mb_per_s']['replication'], 1)} MB/s")
+        row("local copyTransactionsFrom, fsync on", f"{fmt(s['txn_per_s']['copy_on'], 0)} txn/s, "
+            f"{fmt(s['mb_per_s']['copy_on'], 1)} MB/s")
+        row("local copyTransactionsFrom, fsync off", f"{fmt(s['txn_per_s']['copy_off'], 0)} txn/s, "
+            f"{fmt(s['mb_per_s']['copy_off'], 1)} MB/s")
+        med_on = median_range(s["ratio_on"])[0]
+        med_off = median_range(s["ratio_off"])[0]
+        row("sync / copy (fsync on)", fmt(s["ratio_on"], 2) + "x", ">= 3x", med_on >= 3)
+        row("sync / copy (fsync off)", fmt(s["ratio_off"], 2) + "x", ">= 0.6x", med_off >= 0.6)
+        row("CPU per GB replicated: primary / secondary",
+            f"{fmt(s['primary_cpu_per_gb'], 1)} s / {fmt(s['secondary_cpu_per_gb'], 1)} s "
+            f"(local copy: {fmt(s['copy_cpu_per_gb'], 1)} s)")
+        prss, srss = max(s["primary_rss"]) / MB, max(s["secondary_rss"]) / MB
+        row("peak RSS during initial sync: primary / secondary", f"{prss:.0f} MB / {srss:.0f} MB",
+            "<= 120 MB", max(prss, srss) <= 120)
+    if "memory" in results:
+        mem = results["memory"]
+        prss, srss = mem["primary_rss"] / MB, mem["secondary_rss"] / MB
+        row(f"peak RSS streaming a {BIG_BLOB_MB} MB blob and a {BIG_TXN_MB} MB txn: primary / secondary",
+            f"{prss:.0f} MB / {srss:.0f} MB ({mem['seconds']:.1f}s)", "<= 120 MB", max(prss, srss) <= 120)
+    if "lag" in results:
+        for lag in results["lag"].values():
+            rate = lag["offered"]
+            target = "p99 <= 15 ms" if rate == 200 and lag["mode"] == "sidecar" else ""
+            row(f"lag, {lag['mode']} primary, {rate} txn/s offered ({lag['achieved']:.0f} achieved, {lag['count']} txns)",
+                f"p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, max {lag['max_ms']:.1f} ms",
+                target, lag["p99_ms"] <= 15 if target else None)
+        if not any(lag["mode"] == "embedded" for lag in results["lag"].values()):
+            row("lag, embedded primary", "TODO: embedded: not yet available")
+    if "cost" in results:
+        c = results["cost"]
+        ratio = median_range(c["ratio"])[0]
+        row("ZEO commits/s, 2 writers, closed loop: without / with replication",
+            f"{fmt(c['throughput']['off'], 0)} / {fmt(c['throughput']['on'], 0)}")
+        row("throughput with / without replication", fmt(c["ratio"], 3), ">= 0.95", ratio >= 0.95)
+        lat = c["latency_200"]
+        if lat:
+            row("ZEO commit latency at 200 txn/s: without / with replication",
+                f"p50 {lat['off']['p50_ms']:.2f} / {lat['on']['p50_ms']:.2f} ms, "
+                f"p99 {lat['off']['p99_ms']:.2f} / {lat['on']['p99_ms']:.2f} ms")
+    out.append("")
+    out += [f"- {c}" for c in results.get("checks", [])]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    sections = argv or ["sync", "memory", "lag", "cost"]
+    RUN.mkdir(exist_ok=True)
+    t0 = time.time()
+    for name in sections:
+        {"sync": bench_sync, "lag": bench_lag, "cost": bench_cost, "memory": bench_memory}[name]()
+    shutil.rmtree(RUN / "work", ignore_errors=True)
+    results["seconds"] = time.time() - t0
+    text = report() + f"\n\n(make bench took {results['seconds'] / 60:.1f} min)\n"
+    (RUN / "results.md").write_text(text)
+    (RUN / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main(sys.argv[1:])
