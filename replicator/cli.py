@@ -157,7 +157,11 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
         log.warning("--insecure: the stream is plaintext and anyone who can reach %s may read it", listen)
 
     async def serve() -> None:
-        server = Primary(config)
+        from .control import primary_routes
+        from .tailer import Tailer
+
+        server = Primary(config, routes=primary_routes(lambda: server,
+                                                       lambda: Tailer(config.storage, config.blob_dir).open()))
         await server.start()
         try:
             await server.run_until_stopped()
@@ -257,6 +261,90 @@ def verify(storage_a, storage_b, blob_dir_a, blob_dir_b) -> None:
         _fail(exc)
     click.echo(format_result(result))
     sys.exit(0 if result.equal else 5)
+
+
+def _tls_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--tls-ca", default=None, help="Cluster CA certificate (PEM)."),
+        click.option("--tls-cert", default=None, help="A certificate of the cluster to present."),
+        click.option("--tls-key", default=None, help="Its private key."),
+        click.option("--insecure", is_flag=True, default=False, help="Plain http."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _control(target: str, method: str, path: str, tls_ca, tls_cert, tls_key, insecure) -> dict:
+    from .control import call
+
+    try:
+        return asyncio.run(call(target, method, path, _tls(tls_ca, tls_cert, tls_key), insecure=insecure))
+    except ReplicatorError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
+@cli.command()
+@click.argument("node")
+@_tls_options
+def promote(node, tls_ca, tls_cert, tls_key, insecure) -> None:
+    """Make the secondary at NODE (HOST:PORT of its --listen) the primary of a new epoch.
+
+    It first applies everything it received from its primary, then stops
+    following it. Do this only when the old primary is gone or fenced.
+    """
+    result = _control(node, "POST", "/promote", tls_ca, tls_cert, tls_key, insecure)
+    click.echo(f"{result['node']} is the primary of epoch {result['epoch']} from transaction {result['last_tid']}")
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--undo", is_flag=True, default=False, help="Accept writes again (unfence).")
+@_tls_options
+def fence(node, undo, tls_ca, tls_cert, tls_key, insecure) -> None:
+    """Stop (or with --undo resume) writes on the embedded primary at NODE; streaming goes on."""
+    result = _control(node, "POST", "/unfence" if undo else "/fence", tls_ca, tls_cert, tls_key, insecure)
+    state = f"fenced ({result['fenced']})" if result.get("fenced") else "accepting writes"
+    click.echo(f"{result['node']}: {state}; last transaction {result['last_tid']}")
+
+
+@cli.command()
+@click.option("--primary", "old", required=True, help="HOST:PORT of the current primary.")
+@click.option("--to", "new", required=True, help="HOST:PORT (--listen) of the secondary to promote.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for it to catch up.")
+@_tls_options
+def switchover(old, new, timeout, tls_ca, tls_cert, tls_key, insecure) -> None:
+    """Planned switchover: fence the primary, wait until the secondary has everything, promote it."""
+    from .switchover import run_switchover
+
+    try:
+        report = asyncio.run(run_switchover(old, new, _tls(tls_ca, tls_cert, tls_key), insecure, timeout))
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(report)
+
+
+@cli.command()
+@click.option("--storage", required=True, help="The diverged node's Data.fs (its processes stopped).")
+@click.option("--blob-dir", default=None, help="Its blob directory.")
+@click.option("--primary", "primary_addr", required=True, help="HOST:PORT of the new primary.")
+@click.option("--dry-run", is_flag=True, default=False, help="Only say where the histories fork.")
+@_tls_options
+def rewind(storage, blob_dir, primary_addr, dry_run, tls_ca, tls_cert, tls_key, insecure) -> None:
+    """Truncate a diverged node to the last transaction it shares with the primary.
+
+    The transactions after that point (the orphans) are first copied into a
+    separate FileStorage next to STORAGE, with their blobs; nothing is deleted
+    before it is saved. Afterwards the node can follow the primary.
+    """
+    from .rewind import rewind_node
+
+    try:
+        report = asyncio.run(rewind_node(storage, blob_dir, primary_addr, _tls(tls_ca, tls_cert, tls_key),
+                                         insecure, dry_run=dry_run))
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(report)
 
 
 @cli.group()

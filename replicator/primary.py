@@ -17,12 +17,13 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
 from .config import PrimaryConfig
+from .epoch import load_epoch
 from .errors import (
     CorruptedSourceError,
     DivergenceError,
@@ -151,10 +152,22 @@ class SessionStats:
 class Primary:
     """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
 
-    def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None) -> None:
-        """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's)."""
+    def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
+                 routes: Iterable[web.RouteDef] = ()) -> None:
+        """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
+        ``routes`` are more handlers on the same port (the control API)."""
         self.config = config
         self.status_provider = status_provider
+        self.routes = list(routes)
+        #: The epoch this node's history is in (``epoch.py``); read at start.
+        self.epoch = 0
+        #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
+        self.fenced: str | None = None
+        #: A newer epoch exists elsewhere: this node must neither write nor stream.
+        self.stale = False
+        #: Newest TID each secondary node acknowledged, across its sessions.
+        self.acked_by_node: dict[str, bytes] = {}
+        self._acked = asyncio.Condition()
         self.notifier = ChangeNotifier(config.storage, config.poll_interval)
         self.sessions: dict[int, SessionStats] = {}
         self.head_tid = Z64
@@ -173,12 +186,14 @@ class Primary:
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""
         cfg = self.config
+        self.epoch = (await asyncio.to_thread(load_epoch, cfg.storage)).epoch
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         await self._refresh_head()
         app = web.Application(client_max_size=1 << 16)
         app.router.add_get("/replicate", self._handle_replicate)
         app.router.add_get("/status", self._handle_status)
+        app.router.add_routes(self.routes)
         ssl_ctx = None
         if cfg.tls is not None and not cfg.insecure:
             ssl_ctx = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
@@ -224,6 +239,45 @@ class Primary:
                 self._fail(exc)
                 return
 
+    def fence(self, reason: str) -> None:
+        """Accept no more writes (an embedding storage checks ``writable``); streaming goes on."""
+        if self.fenced is None:
+            log.warning("fenced: no more writes on this node: %s", reason)
+        self.fenced = reason
+
+    def unfence(self) -> None:
+        self.fenced = None
+
+    @property
+    def writable(self) -> bool:
+        return self.fenced is None and not self.stale
+
+    def _become_stale(self, epoch: int, node: str) -> None:
+        if not self.stale:
+            log.critical("node %s is at epoch %d, this primary at %d: a newer primary was promoted; "
+                         "this node accepts no more writes and streams to nobody", node, epoch, self.epoch)
+        self.stale = True
+        self.fence(f"superseded by epoch {epoch} (seen from {node})")
+
+    async def wait_replicated(self, tid: bytes, count: int, names: frozenset[str] = frozenset(),
+                              timeout: float | None = None) -> bool:
+        """Wait until ``count`` secondaries (of ``names``, or any) acknowledged ``tid``; False on timeout."""
+        def enough() -> bool:
+            return sum(1 for node, acked in self.acked_by_node.items()
+                       if acked >= tid and (not names or node in names)) >= count
+        async with self._acked:
+            try:
+                await asyncio.wait_for(self._acked.wait_for(enough), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _note_ack(self, node: str, tid: bytes) -> None:
+        if tid > self.acked_by_node.get(node, Z64):
+            self.acked_by_node[node] = tid
+        async with self._acked:
+            self._acked.notify_all()
+
     def _fail(self, exc: BaseException) -> None:
         if self.fatal is None and isinstance(exc, ReplicatorError):
             self.fatal = exc
@@ -247,6 +301,9 @@ class Primary:
             "transactions": self.head_count,
             "bytes_sent": self.bytes_sent,
             "secondaries": secondaries,
+            "epoch": self.epoch,
+            "fenced": self.fenced,
+            "stale": self.stale,
             "error": str(self.fatal) if self.fatal else None,
         }
 
@@ -274,7 +331,8 @@ class Primary:
                 log.warning("refusing secondary %s: %s", peer, reject.message)
                 await ws.send_bytes(conn.send(reject))
                 return ws
-            await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, 0, hello.last_tid, self.head_tid)))
+            await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
+                                                  self.head_tid)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
             ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
             stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
@@ -331,6 +389,11 @@ class Primary:
         if hello.protocol_version != PROTOCOL_VERSION:
             return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
                                      f"this primary speaks {PROTOCOL_VERSION}")
+        if hello.epoch > self.epoch:
+            self._become_stale(hello.epoch, hello.node)
+        if self.stale:
+            return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) was superseded by a "
+                                   "newer epoch: follow the new primary instead")
         last = hello.last_tid
         if last != Z64:
             ours = await blocking(tailer.identity, last)
@@ -374,6 +437,11 @@ class Primary:
         seen = -1
         last_sent = time.monotonic()
         while True:
+            if self.stale:
+                await ws.send_bytes(conn.send(Goodbye("stale", f"primary {cfg.node} was superseded by a "
+                                                               "newer epoch; follow the new primary")))
+                await ws.close()
+                return
             events = await blocking(tailer.read_events, cfg.batch_bytes)
             if events:
                 frames = []
@@ -407,6 +475,7 @@ class Primary:
                 if isinstance(event, Ack):
                     stats.acked_tid = event.tid
                     stats.acked_at = time.time()
+                    await self._note_ack(stats.node, event.tid)
                     while stats.in_flight and stats.in_flight[0][0] <= event.tid:
                         stats.acked_ordinal = stats.in_flight.popleft()[1]
                 elif isinstance(event, Goodbye):

@@ -13,9 +13,11 @@ nothing applied twice.  A refusal for diverged history stops it for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -24,6 +26,8 @@ from ZODB.FileStorage import FileStorage
 
 from .applier import Applier, Invalidate
 from .config import PrimaryConfig, SecondaryConfig
+from .control import identities_route, secondary_routes
+from .epoch import adopt_epoch, load_epoch
 from .errors import (
     DivergenceError,
     RejectedError,
@@ -45,7 +49,9 @@ from .protocol import (
     TxnBegin,
     Welcome,
 )
+from .rewind import explain_divergence
 from .storage import last_identity, open_file_storage
+from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import client_ssl_context, connect_ws
@@ -55,7 +61,7 @@ __all__ = ["Secondary", "Backoff"]
 log = logging.getLogger("replicator.secondary")
 
 #: Reject codes after which retrying cannot help: an operator must act.
-FINAL_REJECTS = {"diverged", "ahead", "version", "packed"}
+FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale"}
 
 
 class Backoff:
@@ -85,13 +91,15 @@ class _Progress:
     bytes_received: int = 0
     txns_applied: int = 0
     last_error: str | None = None
+    epoch: int = 0
 
 
 class Secondary:
     """Keeps a local FileStorage equal to the primary's, transaction by transaction."""
 
     def __init__(self, config: SecondaryConfig, *, storage: FileStorage | None = None,
-                 invalidate: Invalidate | None = None) -> None:
+                 invalidate: Invalidate | None = None,
+                 on_promoted: Callable[[], Awaitable[None]] | None = None) -> None:
         """Follow the primary named in ``config``.
 
         ``storage``: an already open FileStorage to apply to (a storage
@@ -110,6 +118,13 @@ class Secondary:
         #: Serves our own storage onward (cascading) and GET /status, with --listen.
         self.downstream: Primary | None = None
         self._caught_up = asyncio.Event()
+        #: Set by ``stop_following()``: apply what was received, then stop (promotion).
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        #: Set once POST /promote made this node the primary of a new epoch.
+        self.promoted = False
+        self._on_promoted = on_promoted
 
     # -- lifecycle -------------------------------------------------------
 
@@ -120,6 +135,7 @@ class Secondary:
         storage: FileStorage = self.storage
         self.applier = Applier(storage, invalidate=self._invalidate)
         self.progress.applied_tid = self.applier.last_tid
+        self.progress.epoch = (await blocking(load_epoch, storage.getName())).epoch
         if cfg.listen is not None:
             # Our own storage is a FileStorage file like any other: serve it
             # onward with the primary's machinery, woken on every apply.
@@ -127,7 +143,9 @@ class Secondary:
                 PrimaryConfig(storage=storage.getName(), blob_dir=cfg.blob_dir, listen=cfg.listen,
                               tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame,
                               poll_interval=1.0),
-                status_provider=self.status)
+                status_provider=self.status,
+                routes=[*secondary_routes(lambda: self, self._on_promoted),
+                        identities_route(lambda: Tailer(storage.getName(), cfg.blob_dir).open())])
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -148,9 +166,44 @@ class Secondary:
         ssl_ctx = None
         if cfg.tls is not None and not cfg.insecure:
             ssl_ctx = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        try:
+            await self._follow(url, ssl_ctx, backoff)
+        finally:
+            self._stopped.set()
+
+    async def _divergence(self, exc: RejectedError) -> DivergenceError:
+        """The refusal, with where the histories fork and how many transactions are orphaned."""
+        message = f"primary refused this secondary ({exc.code}): {exc.reason}"
+        fork_tid, hint = exc.fork_tid, ""
+        if exc.code in ("diverged", "ahead") and self.storage is not None:
+            cfg = self.config
+            fork = await explain_divergence(self.storage.getName(), cfg.blob_dir, str(cfg.primary), cfg.tls,
+                                            cfg.insecure)
+            if fork is not None and fork.orphans:
+                fork_tid = fork.fork_tid
+                message += f"; {fork.describe()}"
+                hint = (f"if {cfg.primary} is the right primary, run `replicator rewind --storage "
+                        f"{self.storage.getName()} --primary {cfg.primary}` (it saves the {fork.orphans} "
+                        "orphaned transaction(s) to a separate file first), then start this node again")
+        return DivergenceError(message, fork_tid=fork_tid, hint=hint)
+
+    async def stop_following(self, timeout: float = 60.0) -> None:
+        """Stop ``run()`` after applying every complete transaction already received.
+
+        What the primary sent and this node received is applied first, so a
+        promotion loses none of it; a transaction received only in part is
+        aborted.  Returns once ``run()`` has returned.
+        """
+        self._draining.set()
+        if self._ws is not None:
+            await self._ws.close()
+        await asyncio.wait_for(self._stopped.wait(), timeout)
+
+    async def _follow(self, url: str, ssl_ctx, backoff: Backoff) -> None:
+        cfg = self.config
         down_since = time.monotonic()
         async with aiohttp.ClientSession() as http:
-            while True:
+            while not self._draining.is_set():
                 try:
                     await self._session(http, url, ssl_ctx, backoff)
                     message = "primary closed the connection"
@@ -159,8 +212,7 @@ class Secondary:
                         self.progress.last_error = str(exc)
                         if exc.code == "version":
                             raise
-                        raise DivergenceError(f"primary refused this secondary ({exc.code}): {exc.reason}",
-                                              fork_tid=exc.fork_tid) from exc
+                        raise await self._divergence(exc) from exc
                     message = str(exc)
                 except StorageError as exc:
                     # A full disk may be freed; keep what is committed and retry.
@@ -177,6 +229,8 @@ class Secondary:
                     self._caught_up.clear()
                     if self.applier is not None:
                         await blocking(self.applier.abort)
+                if self._draining.is_set():
+                    return
                 if self.progress.connected_since is not None:
                     down_since = time.monotonic()
                     self.progress.connected_since = None
@@ -186,7 +240,8 @@ class Secondary:
                                          f"{cfg.give_up_after:.0f}s: {message}")
                 delay = backoff.next_delay()
                 log.info("reconnecting to %s in %.2fs (%s)", cfg.primary, delay, message)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._draining.wait(), delay)
 
     # -- one connection --------------------------------------------------
 
@@ -195,13 +250,15 @@ class Secondary:
         assert self.applier is not None and self.storage is not None
         identity = await blocking(last_identity, self.storage)
         last_tid = identity.tid if identity else Z64
+        epoch = (await blocking(load_epoch, self.storage.getName())).epoch
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
-        ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20))
+        ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20))
         try:
             await ws.send_bytes(conn.send(Hello(
-                PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, 0,
+                PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
                 identity.status if identity else " ", identity.meta if identity else None)))
             welcome = await self._receive_welcome(ws, conn)
+            await self._check_epoch(welcome, epoch)
             backoff.reset()
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
@@ -210,11 +267,15 @@ class Secondary:
             self._note_caught_up()
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
-            queue: asyncio.Queue[list] = asyncio.Queue(maxsize=cfg.queue_messages)
+            queue: asyncio.Queue[list | None] = asyncio.Queue(maxsize=cfg.queue_messages)
             reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
             try:
                 await asyncio.wait({reader, applier}, return_when=asyncio.FIRST_COMPLETED)
+                if self._draining.is_set() and not applier.done():
+                    await queue.put(None)  # apply what is queued, then stop
+                    await applier
+                    return
             finally:
                 # Whatever was received but not applied is sent again after
                 # reconnecting, so stopping both at once loses nothing.
@@ -228,8 +289,21 @@ class Secondary:
                 if error is not None:
                     raise error
         finally:
+            self._ws = None
             if not ws.closed:
                 await ws.close()
+
+    async def _check_epoch(self, welcome: Welcome, ours: int) -> None:
+        """Never follow an older epoch's primary; join a newer one's (the handshake checked history)."""
+        if welcome.epoch < ours:
+            rejected = RejectedError("stale", f"primary {welcome.node} is at epoch {welcome.epoch}, older than "
+                                              f"this node's epoch {ours}: it is a stale primary; not following it")
+            raise rejected
+        if welcome.epoch > ours:
+            assert self.storage is not None
+            await blocking(adopt_epoch, self.storage.getName(), welcome.epoch, welcome.node)
+            log.info("following primary %s into epoch %d", welcome.node, welcome.epoch)
+        self.progress.epoch = welcome.epoch
 
     async def _receive_welcome(self, ws, conn: Connection) -> Welcome:
         msg = await ws.receive(timeout=self.config.idle_timeout)
@@ -256,6 +330,8 @@ class Secondary:
                     if isinstance(event, Heartbeat):
                         self.progress.head_tid = max(self.progress.head_tid, event.head_tid)
                         self._note_caught_up()
+                    elif isinstance(event, Goodbye) and event.code == "stale":
+                        raise RejectedError("stale", event.message)
                     elif isinstance(event, Goodbye):
                         raise TransportError(str(self.config.primary), f"primary said goodbye ({event.code}): {event.message}")
                     else:
@@ -272,12 +348,20 @@ class Secondary:
                 raise RemoteProtocolError(f"unexpected {msg.type.name} message")
 
     async def _apply_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
+        """Apply batches until cancelled, or until the ``None`` that ``stop_following`` queues."""
         assert self.applier is not None
-        while True:
+        last = False
+        while not last:
             batch = await queue.get()
+            if batch is None:
+                return
             # Merge what is already waiting: fewer thread hops while catching up.
             while not queue.empty() and len(batch) < 10_000:
-                batch.extend(queue.get_nowait())
+                more = queue.get_nowait()
+                if more is None:
+                    last = True
+                    break
+                batch.extend(more)
             tids = await blocking(self.applier.apply, batch)
             if tids:
                 self.progress.applied_tid = tids[-1]
@@ -287,7 +371,8 @@ class Secondary:
                 if self.downstream is not None:
                     self.downstream.notifier.notify()
                 if not ws.closed:
-                    await ws.send_bytes(conn.send(Ack(tids[-1])))
+                    with contextlib.suppress(ConnectionError):
+                        await ws.send_bytes(conn.send(Ack(tids[-1])))
 
     def _note_caught_up(self) -> None:
         if self.progress.connected and self.progress.applied_tid >= self.progress.head_tid:
@@ -304,7 +389,8 @@ class Secondary:
         p = self.progress
         behind = p.head_tid > p.applied_tid
         return {
-            "role": "secondary",
+            "role": "primary" if self.promoted else "secondary",
+            "promoted": self.promoted,
             "node": self.config.node,
             "storage": self.config.storage,
             "protocol_version": PROTOCOL_VERSION,
@@ -319,5 +405,6 @@ class Secondary:
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
             "last_error": p.last_error,
+            "epoch": p.epoch,
             "secondaries": self.downstream.status()["secondaries"] if self.downstream else [],
         }

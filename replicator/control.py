@@ -1,0 +1,133 @@
+"""The control API on each node's HTTPS port, and the client side of it.
+
+Routes (mutual TLS, like the stream; any node certificate of the cluster may
+call them):
+
+- ``POST /promote`` (secondary): stop following after applying everything
+  received, start a new epoch, become the primary of that epoch.
+- ``POST /fence`` and ``POST /unfence`` (primary): stop / resume accepting
+  writes, for a planned switchover; streaming goes on, so secondaries can
+  catch up with the last commits.
+- ``GET /identities?tids=HEX,HEX,...`` (any node): which of these
+  transactions this node has, with their status and digests; a diverged
+  node uses it to find where its history forks (``rewind``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .config import TLSPaths
+from .epoch import begin_epoch
+from .errors import ConfigError, ReplicatorError, TransportError
+from .threads import blocking
+from .tid import tid_from_hex, tid_repr
+from .transport import client_ssl_context
+
+if TYPE_CHECKING:
+    from .primary import Primary
+    from .secondary import Secondary
+    from .tailer import Tailer
+
+__all__ = ["primary_routes", "secondary_routes", "call", "identities_route"]
+
+log = logging.getLogger("replicator.control")
+
+#: Most TIDs one /identities request may ask about.
+MAX_IDENTITIES = 1024
+
+
+def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
+    async def identities(request: web.Request) -> web.Response:
+        raw = request.query.get("tids", "")
+        try:
+            tids = [tid_from_hex(t) for t in raw.split(",") if t]
+        except ValueError:
+            raise web.HTTPBadRequest(text="tids must be comma-separated 16-digit hex TIDs") from None
+        if len(tids) > MAX_IDENTITIES:
+            raise web.HTTPBadRequest(text=f"at most {MAX_IDENTITIES} tids per request")
+
+        def look_up() -> dict:
+            with tailer_factory() as tailer:
+                found = {}
+                for tid in tids:
+                    ident = tailer.identity(tid)
+                    if ident is not None:
+                        found[tid.hex()] = {"status": ident.status, "digest": ident.digest.hex(),
+                                            "meta": ident.meta.hex()}
+                return found
+        return web.json_response({"identities": await blocking(look_up)})
+    return web.get("/identities", identities)
+
+
+def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[[], Tailer]) -> list[web.RouteDef]:
+    async def fence(request: web.Request) -> web.Response:
+        primary = get_primary()
+        primary.fence(request.query.get("reason", "fenced by an operator"))
+        return web.json_response(primary.status())
+
+    async def unfence(request: web.Request) -> web.Response:
+        primary = get_primary()
+        if primary.stale:
+            raise web.HTTPConflict(text="this node was superseded by a newer epoch; it cannot take writes again")
+        primary.unfence()
+        return web.json_response(primary.status())
+
+    return [web.post("/fence", fence), web.post("/unfence", unfence), identities_route(tailer_factory)]
+
+
+def secondary_routes(get_secondary: Callable[[], Secondary],
+                     on_promoted: Callable[[], Awaitable[None]] | None = None) -> list[web.RouteDef]:
+    """Routes of a secondary's port; ``on_promoted`` runs after the epoch began (make storage writable)."""
+    lock = asyncio.Lock()
+
+    async def promote(request: web.Request) -> web.Response:
+        node = get_secondary()
+        async with lock:
+            if node.promoted:
+                return web.json_response(node.status())
+            await node.stop_following()
+            if node.storage is None:
+                raise web.HTTPConflict(text="the secondary's storage is closed")
+            state = await blocking(begin_epoch, node.storage.getName(), node.progress.applied_tid,
+                                   node.config.node)
+            node.promoted = True
+            node.progress.epoch = state.epoch
+            if node.downstream is not None:
+                node.downstream.epoch = state.epoch
+                node.downstream.unfence()
+            log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
+                        tid_repr(node.progress.applied_tid))
+            if on_promoted is not None:
+                await on_promoted()
+        return web.json_response(node.status())
+
+    return [web.post("/promote", promote)]
+
+
+def _url(target: str, path: str, insecure: bool) -> str:
+    base = target if "://" in target else ("http://" if insecure else "https://") + target
+    return base.rstrip("/") + path
+
+
+async def call(target: str, method: str, path: str, tls: TLSPaths | None, *, insecure: bool = False,
+               timeout: float = 120.0) -> dict:
+    """One control request; ``TransportError`` if the node cannot be reached, ``ReplicatorError`` if it says no."""
+    if tls is None and not insecure:
+        raise ConfigError("--tls-ca, --tls-cert and --tls-key are required (or --insecure)")
+    ssl_ctx = client_ssl_context(tls.ca, tls.cert, tls.key) if tls is not None and not insecure else False
+    url = _url(target, path, insecure)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.request(method, url, ssl=ssl_ctx) as resp:
+                if resp.status >= 400:
+                    raise ReplicatorError(f"{method} {url}: HTTP {resp.status}: {(await resp.text()).strip()}")
+                return await resp.json()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise TransportError(target, f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc

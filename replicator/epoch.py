@@ -1,0 +1,111 @@
+"""Epochs: which line of primaries a node's history belongs to, kept durably beside its storage.
+
+Every promotion starts a new epoch, as PostgreSQL's timelines do.  The file
+``<Data.fs>.epoch`` (JSON) records the epoch a node is in and, for each
+epoch it has seen begin, the last transaction the new primary had when it
+was promoted.  The stream carries the epoch both ways, so that:
+
+- a secondary never follows a primary of an older epoch (a stale primary
+  that came back after a failover);
+- a primary that hears of a newer epoch knows it was replaced and fences
+  itself (stops accepting writes).
+
+A missing file means epoch 0: a node that was never part of a failover.
+Writes are atomic (temporary file, fsync, rename, fsync of the directory),
+so a crash leaves either the old or the new record, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .tid import Z64, tid_from_hex
+
+__all__ = ["EpochRecord", "EpochState", "epoch_path", "load_epoch", "save_epoch", "begin_epoch",
+           "adopt_epoch"]
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Epoch ``epoch`` began after transaction ``start_tid``, on node ``node``, at ``at``."""
+
+    epoch: int
+    start_tid: bytes
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class EpochState:
+    history: tuple[EpochRecord, ...] = ()
+
+    @property
+    def epoch(self) -> int:
+        return self.history[-1].epoch if self.history else 0
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch,
+                "history": [{"epoch": r.epoch, "start_tid": r.start_tid.hex(), "node": r.node, "at": r.at}
+                            for r in self.history]}
+
+
+def epoch_path(storage_path: str) -> str:
+    return f"{storage_path}.epoch"
+
+
+def load_epoch(storage_path: str) -> EpochState:
+    """The node's epoch state; epoch 0 if it never had one.  A damaged file is a ``ConfigError``."""
+    path = epoch_path(storage_path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return EpochState()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the epoch record: {exc}") from None
+    try:
+        records = tuple(EpochRecord(int(r["epoch"]), tid_from_hex(r["start_tid"]), str(r["node"]),
+                                    float(r["at"])) for r in data["history"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: malformed epoch record: {exc}") from None
+    if any(b.epoch <= a.epoch for a, b in zip(records, records[1:], strict=False)):
+        raise ConfigError(f"{path}: epochs do not increase")
+    return EpochState(records)
+
+
+def save_epoch(storage_path: str, state: EpochState) -> None:
+    """Replace the epoch record atomically and durably."""
+    path = epoch_path(storage_path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state.as_dict(), fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def begin_epoch(storage_path: str, start_tid: bytes, node: str) -> EpochState:
+    """Promotion: start the epoch after the current one, from ``start_tid``."""
+    state = load_epoch(storage_path)
+    new = EpochState(state.history + (EpochRecord(state.epoch + 1, start_tid, node, time.time()),))
+    save_epoch(storage_path, new)
+    return new
+
+
+def adopt_epoch(storage_path: str, epoch: int, node: str, start_tid: bytes = Z64) -> EpochState:
+    """A secondary follows a primary of a newer epoch: record that it is in it now."""
+    state = load_epoch(storage_path)
+    if epoch <= state.epoch:
+        return state
+    new = EpochState(state.history + (EpochRecord(epoch, start_tid, node, time.time()),))
+    save_epoch(storage_path, new)
+    return new

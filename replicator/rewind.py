@@ -1,0 +1,208 @@
+"""Finding where two histories fork, and rewinding a node to the last common transaction.
+
+A primary that failed and comes back may hold transactions that the new
+primary never had (they were committed after the last one it shipped).
+``find_fork`` walks this node's transactions from the newest backwards and
+asks the new primary (``GET /identities``) which of them it has; the newest
+one it has, with the same identity, is the fork point.  ``rewind`` then
+copies every transaction after it into a separate FileStorage (the orphans,
+with their blobs: never deleted, so nothing is lost), truncates this node's
+file after the fork point and removes its stale index, after which the node
+can follow the new primary.  The node's own processes must be stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ZODB.blob import is_blob_record
+from ZODB.FileStorage import FileStorage
+
+from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError
+from .fsformat import FIRST_POS, TRANS_HDR_LEN, parse_txn_header, u64
+from .integrity import TxnIdentity
+from .storage import open_file_storage, txn_identity
+from .tid import Z64, tid_repr
+
+__all__ = ["Fork", "local_tids_backwards", "find_fork", "save_orphans", "truncate_after"]
+
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Fork:
+    """The last transaction both nodes share (``Z64``: none) and this node's transactions after it."""
+
+    fork_tid: bytes
+    orphans: int
+    #: Offset in this node's file where the first orphan starts.
+    cut: int
+
+    def describe(self) -> str:
+        if not self.orphans:
+            return f"no fork: this node's history is part of the primary's (up to {tid_repr(self.fork_tid)})"
+        return (f"histories fork after {tid_repr(self.fork_tid)}: this node has {self.orphans} "
+                "transaction(s) after it that the primary does not have")
+
+
+def local_tids_backwards(path: str) -> Iterator[tuple[bytes, int]]:
+    """``(tid, offset)`` of each committed transaction of ``path``, newest first.
+
+    Walks the redundant length that ends every transaction, so it reads two
+    small pieces per transaction whatever the file's size.
+    """
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > FIRST_POS:
+            f.seek(end - 8)
+            tlen = u64(f.read(8))
+            pos = end - 8 - tlen
+            if tlen < TRANS_HDR_LEN or pos < FIRST_POS:
+                raise StorageError(f"{path}: bad redundant length before offset {end}")
+            f.seek(pos)
+            h = parse_txn_header(f.read(TRANS_HDR_LEN), pos)
+            if h.tlen != tlen:
+                raise StorageError(f"{path}: transaction at {pos} does not match the length after it")
+            if h.status != b"c":
+                yield h.tid, pos
+            end = pos
+
+
+def find_fork(path: str, blob_dir: str | None, remote_identities) -> Fork:
+    """Where ``path``'s history leaves the primary's.
+
+    ``remote_identities(tids) -> dict[tid, TxnIdentity]`` asks the primary.
+    """
+    storage = open_file_storage(path, blob_dir, read_only=True)
+    try:
+        orphans = 0
+        batch: list[tuple[bytes, int]] = []
+        walker = local_tids_backwards(path)
+        while True:
+            batch = [pair for _, pair in zip(range(BATCH), walker, strict=False)]
+            if not batch:
+                return Fork(Z64, orphans, FIRST_POS)
+            theirs = remote_identities([tid for tid, _ in batch])
+            for tid, pos in batch:
+                other = theirs.get(tid)
+                if other is not None:
+                    ours = txn_identity(storage, tid)
+                    if ours is not None and ours.matches(other):
+                        return Fork(tid, orphans, _end_of(path, pos))
+                orphans += 1
+    finally:
+        storage.close()
+
+
+def _end_of(path: str, pos: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(pos)
+        return parse_txn_header(f.read(TRANS_HDR_LEN), pos).end
+
+
+def save_orphans(path: str, blob_dir: str | None, fork: Fork) -> str:
+    """Copy the transactions after ``fork.fork_tid`` into a new FileStorage; return its path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = f"{path}.orphans-{fork.fork_tid.hex()}-{stamp}"
+    if os.path.exists(target):
+        raise ConfigError(f"{target} exists already")
+    source = open_file_storage(path, blob_dir, read_only=True)
+    dest = FileStorage(target, blob_dir=f"{target}.blobs" if blob_dir else None, create=True)
+    try:
+        start = None if fork.fork_tid == Z64 else fork.fork_tid
+        for txn in source.iterator(start):
+            if txn.tid <= fork.fork_tid:
+                continue
+            dest.tpc_begin(txn, txn.tid, txn.status)
+            for record in txn:
+                if blob_dir and record.data is not None and is_blob_record(record.data):
+                    copy = os.path.join(dest.temporaryDirectory(), f"orphan-{record.oid.hex()}")
+                    shutil.copyfile(source.loadBlob(record.oid, record.tid), copy)
+                    dest.restoreBlob(record.oid, record.tid, record.data, copy, record.data_txn, txn)
+                else:
+                    dest.restore(record.oid, record.tid, record.data, "", record.data_txn, txn)
+            dest.tpc_vote(txn)
+            dest.tpc_finish(txn)
+    finally:
+        dest.close()
+        source.close()
+    return target
+
+
+def truncate_after(path: str, blob_dir: str | None, fork: Fork, orphan_tids: list[bytes]) -> None:
+    """Cut ``path`` where the first orphan starts and drop what referred to the orphans."""
+    with open(path, "r+b") as f:
+        f.truncate(fork.cut)
+        f.flush()
+        os.fsync(f.fileno())
+    for stale in (f"{path}.index", f"{path}.tmp"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    if blob_dir:
+        # The orphans' blob files were copied with them; remove them here.
+        suffixes = {f"{tid.hex()}.blob" for tid in orphan_tids}
+        for root, _dirs, files in os.walk(blob_dir):
+            for name in files:
+                if name.removeprefix("0x") in suffixes:
+                    os.remove(os.path.join(root, name))
+
+
+def identities_from_json(data: dict) -> dict[bytes, TxnIdentity]:
+    out = {}
+    for hex_tid, info in data.get("identities", {}).items():
+        tid = bytes.fromhex(hex_tid)
+        out[tid] = TxnIdentity(tid, info["status"], bytes.fromhex(info["digest"]), bytes.fromhex(info["meta"]))
+    return out
+
+
+def check_fork(fork: Fork) -> None:
+    if fork.fork_tid == Z64 and fork.orphans:
+        raise DivergenceError("this node shares no transaction with the primary: there is nothing to rewind "
+                              "to; start it anew from an empty storage", fork_tid=Z64)
+
+
+async def remote_identities(primary: str, tls, insecure: bool, tids: list[bytes]) -> dict[bytes, TxnIdentity]:
+    from .control import call
+
+    query = ",".join(t.hex() for t in tids)
+    return identities_from_json(await call(primary, "GET", f"/identities?tids={query}", tls, insecure=insecure))
+
+
+async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecure: bool, *,
+                      dry_run: bool = False) -> str:
+    """Find the fork against ``primary``; unless ``dry_run``, save the orphans and truncate."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def ask(tids: list[bytes]) -> dict[bytes, TxnIdentity]:
+        return asyncio.run_coroutine_threadsafe(remote_identities(primary, tls, insecure, tids), loop).result()
+
+    fork = await asyncio.to_thread(find_fork, path, blob_dir, ask)
+    if not fork.orphans or dry_run:
+        return fork.describe()
+    check_fork(fork)
+    orphan_tids = [tid for tid, _ in local_tids_backwards(path)][:fork.orphans]
+    saved = await asyncio.to_thread(save_orphans, path, blob_dir, fork)
+    await asyncio.to_thread(truncate_after, path, blob_dir, fork, orphan_tids)
+    return (f"{fork.describe()}.\nSaved them to {saved}" + (f" (blobs in {saved}.blobs)" if blob_dir else "")
+            + f".\nTruncated {path} after {tid_repr(fork.fork_tid)}; it can now follow {primary}.")
+
+
+async def explain_divergence(path: str, blob_dir: str | None, primary: str, tls, insecure: bool) -> Fork | None:
+    """Where this node forks from ``primary``, for the error message; None if that cannot be told."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def ask(tids: list[bytes]) -> dict[bytes, TxnIdentity]:
+        return asyncio.run_coroutine_threadsafe(remote_identities(primary, tls, insecure, tids), loop).result(60)
+
+    try:
+        return await asyncio.to_thread(find_fork, path, blob_dir, ask)
+    except (ReplicatorError, OSError):
+        return None

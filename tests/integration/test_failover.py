@@ -1,0 +1,141 @@
+"""Failover building blocks in one process: promotion, epochs, fencing a stale primary, fork and rewind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from replicator.config import Address, PrimaryConfig, SecondaryConfig
+from replicator.control import call, primary_routes
+from replicator.epoch import load_epoch
+from replicator.errors import DivergenceError
+from replicator.primary import Primary
+from replicator.rewind import rewind_node
+from replicator.secondary import Secondary
+from replicator.tailer import Tailer
+from replicator.verify import verify
+from tests.helpers import Workload
+from tests.integration.test_replication import make_source, tls
+
+Z64 = b"\0" * 8
+
+
+@contextlib.asynccontextmanager
+async def primary_on(tmp_path: Path, tls_dir: Path, name: str):
+    fs, blobs = str(tmp_path / f"{name}.fs"), str(tmp_path / f"{name}-blobs")
+    config = PrimaryConfig(storage=fs, blob_dir=blobs, listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node=name, heartbeat_interval=0.2).validate()
+    server = Primary(config, routes=primary_routes(lambda: server, lambda: Tailer(fs, blobs).open()))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def secondary_on(tmp_path: Path, tls_dir: Path, name: str, port: int, expect_failure: bool = False):
+    config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
+                             primary=Address("127.0.0.1", port), listen=Address("127.0.0.1", 0),
+                             tls=tls(tls_dir, "secondary"), node=name, reconnect_min=0.05,
+                             reconnect_max=0.3).validate()
+    node = Secondary(config)
+    await node.open()
+    task = asyncio.create_task(node.run())
+    try:
+        yield node, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await node.close()
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("condition not reached")
+
+
+def commit_to(path: Path, blobs: Path, n: int, seed: int) -> None:
+    db = ZODB.DB(FileStorage(str(path), blob_dir=str(blobs)))
+    work = Workload(db, seed=seed)
+    work.commit_random(n)
+    work.close()
+    db.close()
+
+
+def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
+    """A primary "a" and its secondary "b"; b is promoted; a comes back with orphans and is rewound."""
+    db, work = make_source(tmp_path, 40, seed=21)  # src.fs is node a's storage
+    work.close()
+    db.close()
+    for suffix in ("fs", "fs.index"):
+        src = tmp_path / f"src.{suffix}"
+        if src.exists():
+            src.rename(tmp_path / f"a.{suffix}")
+    (tmp_path / "src-blobs").rename(tmp_path / "a-blobs")
+    t = tls(tls_dir, "secondary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, b_task):
+                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                assert promoted["role"] == "primary" and promoted["epoch"] == 1
+                assert promoted["last_tid"] == a.head_tid.hex()
+                await asyncio.wait_for(b_task, 10)  # it stopped following
+                assert load_epoch(str(tmp_path / "b.fs")).epoch == 1
+
+                # c follows the new primary b and joins epoch 1 ...
+                async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                    await until(lambda: c.progress.applied_tid == b.progress.applied_tid and c.progress.epoch == 1)
+                assert load_epoch(str(tmp_path / "c.fs")).epoch == 1
+                # ... and never follows the stale primary a; a learns it was superseded.
+                async with secondary_on(tmp_path, tls_dir, "c", a.port, expect_failure=True) as (_, c_task):
+                    with pytest.raises(DivergenceError, match="stale"):
+                        await asyncio.wait_for(c_task, 10)
+                assert a.stale and not a.writable
+                status = await call(f"127.0.0.1:{a.port}", "GET", "/status", t)
+                assert status["stale"] is True and status["fenced"]
+
+    asyncio.run(scenario())
+
+    # Meanwhile a had committed transactions b never got (orphans), and b, the new primary, went on.
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 7, seed=22)
+    commit_to(tmp_path / "b.fs", tmp_path / "b-blobs", 9, seed=23)
+    a_before = [t.tid for t in FileStorage(str(tmp_path / "a.fs"), read_only=True).iterator()]
+
+    async def come_back() -> None:
+        async with primary_on(tmp_path, tls_dir, "b") as b:
+            assert b.epoch == 1
+            # a, as a secondary of b, is refused: its history forks.
+            async with secondary_on(tmp_path, tls_dir, "a", b.port, expect_failure=True) as (_, task):
+                with pytest.raises(DivergenceError) as info:
+                    await asyncio.wait_for(task, 10)
+            assert "histories fork after" in str(info.value)
+            assert "this node has 7 transaction(s)" in str(info.value)
+            assert "replicator rewind" in str(info.value)
+            # Rewind: saves the 7 orphans, truncates a, which then follows b and ends equal.
+            report = await rewind_node(str(tmp_path / "a.fs"), str(tmp_path / "a-blobs"), f"127.0.0.1:{b.port}",
+                                       t, False)
+            assert "7 transaction(s)" in report
+            async with secondary_on(tmp_path, tls_dir, "a", b.port) as (a, _):
+                await until(lambda: a.progress.applied_tid == b.head_tid)
+
+    asyncio.run(come_back())
+    result = verify(str(tmp_path / "a.fs"), str(tmp_path / "b.fs"), str(tmp_path / "a-blobs"),
+                    str(tmp_path / "b-blobs"))
+    assert result.equal, result
+    saved = list(tmp_path.glob("a.fs.orphans-*"))
+    saved_fs = [p for p in saved if not p.name.endswith((".blobs", ".index", ".lock", ".tmp"))]
+    assert len(saved_fs) == 1
+    orphans = [t.tid for t in FileStorage(str(saved_fs[0]), read_only=True).iterator()]
+    assert orphans == a_before[-7:]

@@ -1,0 +1,40 @@
+"""Epoch records: durable, atomic, checked when read."""
+
+from __future__ import annotations
+
+import pytest
+
+from replicator.epoch import adopt_epoch, begin_epoch, epoch_path, load_epoch
+from replicator.errors import ConfigError
+
+
+def test_missing_file_is_epoch_zero(tmp_path):
+    assert load_epoch(str(tmp_path / "Data.fs")).epoch == 0
+
+
+def test_promotions_increase_and_survive_reloading(tmp_path):
+    fs = str(tmp_path / "Data.fs")
+    first = begin_epoch(fs, b"\0" * 7 + b"\5", "b")
+    second = begin_epoch(fs, b"\0" * 7 + b"\x09", "c")
+    assert (first.epoch, second.epoch) == (1, 2)
+    again = load_epoch(fs)
+    assert again == second
+    assert [r.node for r in again.history] == ["b", "c"]
+    assert not (tmp_path / "Data.fs.epoch.tmp").exists()
+
+
+def test_adopting_only_moves_forward(tmp_path):
+    fs = str(tmp_path / "Data.fs")
+    assert adopt_epoch(fs, 3, "p").epoch == 3
+    assert adopt_epoch(fs, 2, "old").epoch == 3
+    assert load_epoch(fs).epoch == 3
+
+
+@pytest.mark.parametrize("content", ["{", '{"history": [{"epoch": "x"}]}',
+                                     '{"history": [{"epoch": 2, "start_tid": "00", "node": "a", "at": 1}]}'])
+def test_damaged_records_are_config_errors(tmp_path, content):
+    fs = str(tmp_path / "Data.fs")
+    with open(epoch_path(fs), "w") as fh:
+        fh.write(content)
+    with pytest.raises(ConfigError, match="epoch"):
+        load_epoch(fs)
