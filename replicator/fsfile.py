@@ -13,6 +13,7 @@ whoever holds this object can finish reading the old file.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import time
 
@@ -39,6 +40,10 @@ HEADER_AHEAD = 64 << 10
 MARK_EVERY = 256
 #: How long to wait before believing damage that a concurrent abort could fake.
 CONFIRM_DELAY = 0.05
+#: A committed transaction cut short for this long gets a warning (once).
+TORN_WARNING = 30.0
+
+log = logging.getLogger("replicator.tailer")
 
 
 class SourceFile:
@@ -53,6 +58,10 @@ class SourceFile:
         self._window, self._wpos = b"", 0
         self.marks: list[tuple[bytes, int, bytes]] = []  # (tid, pos, prev_tid)
         self.scan_pos, self.scan_tid, self.count = FIRST_POS, Z64, 0
+        #: Damage the scan ran into; the scan stops there and the transactions
+        #: before it stay usable (a reader that gets there raises it itself).
+        self.damage: CorruptedSourceError | None = None
+        self._torn: tuple[int, float, bool] | None = None  # (offset, first seen, warned)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -118,9 +127,13 @@ class SourceFile:
                                            "but the file goes on after it")
             return None  # written at vote, tpc_finish not done (or a torn tail)
         if size < h.end and self.size() < h.end:
-            # FileStorage flips the status only once every byte is written.
-            raise CorruptedSourceError(self.path, pos, f"committed transaction of {h.tlen} "
-                                       "bytes goes past the end of the file (torn tail)")
+            # FileStorage flips the status only once every byte is written, so
+            # this is a torn tail (a crash, a cut copy).  FileStorage itself
+            # truncates it when it next opens the file, as it does a 'c' one,
+            # and writes the next commit in its place: wait for that, ship
+            # nothing of it, and say so if it lasts.
+            self._note_torn(pos, h.tlen)
+            return None
         if h.end - pos <= WHOLE_TXN:
             self.read(pos, h.end - pos)  # the whole transaction in one read
         redundant = self.read(h.data_end, 8)
@@ -129,16 +142,29 @@ class SourceFile:
                                        f"does not repeat the transaction length {h.tlen}")
         return h
 
+    def _note_torn(self, pos: int, tlen: int) -> None:
+        now = time.monotonic()
+        if self._torn is None or self._torn[0] != pos:
+            self._torn = (pos, now, False)
+        elif not self._torn[2] and now - self._torn[1] > TORN_WARNING:
+            self._torn = (pos, self._torn[1], True)
+            log.warning("%s: the committed transaction at offset %d (%d bytes) has been cut short for "
+                        "%.0f s (torn tail?); nothing of it is shipped. FileStorage truncates such a "
+                        "tail when it next opens the file", self.path, pos, tlen, now - self._torn[1])
+
     def scan(self) -> None:
-        """Extend the header index to the newest committed transaction."""
-        if not self.ready():
+        """Extend the header index to the newest committed transaction, or to damage."""
+        if self.damage is not None or not self.ready():
             return
         self.invalidate()
         size = self.size()
-        while (h := self.confirmed_header(self.scan_pos, self.scan_tid, size)) is not None:
-            if self.count % MARK_EVERY == 0:
-                self.marks.append((h.tid, h.pos, self.scan_tid))
-            self.scan_pos, self.scan_tid, self.count = h.end, h.tid, self.count + 1
+        try:
+            while (h := self.confirmed_header(self.scan_pos, self.scan_tid, size)) is not None:
+                if self.count % MARK_EVERY == 0:
+                    self.marks.append((h.tid, h.pos, self.scan_tid))
+                self.scan_pos, self.scan_tid, self.count = h.end, h.tid, self.count + 1
+        except CorruptedSourceError as exc:
+            self.damage = exc
         self.invalidate()
 
     def find(self, tid: bytes) -> tuple[int, bytes] | bytes:

@@ -170,10 +170,13 @@ class Primary:
         self._acked = asyncio.Condition()
         self.notifier = ChangeNotifier(config.storage, config.poll_interval)
         self.sessions: dict[int, SessionStats] = {}
+        self._sockets: dict[int, tuple[web.WebSocketResponse, Connection]] = {}
         self.head_tid = Z64
         self.head_count: int | None = None
         self.started_at = time.time()
         self.fatal: ReplicatorError | None = None
+        #: Damage found ahead by the head scan; fatal once a session reaches it.
+        self.damage_ahead: CorruptedSourceError | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -208,6 +211,13 @@ class Primary:
 
     async def stop(self) -> None:
         self._stopping.set()
+        # Say goodbye first: otherwise the server's cleanup waits out its
+        # shutdown timeout for every session handler still streaming.
+        for ws, conn in list(self._sockets.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye("shutdown", "primary stopping"))), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -228,16 +238,17 @@ class Primary:
         assert self._head_tailer is not None
         tid, count = await asyncio.to_thread(self._head_tailer.head)
         self.head_tid, self.head_count = tid, count
+        damage = self._head_tailer.damage
+        if damage is not None and self.damage_ahead is None:
+            # Serve what comes before it; a session that reaches it stops us.
+            self.damage_ahead = damage
+            log.error("%s; transactions before it are still served", damage)
 
     async def _track_head(self) -> None:
         seen = -1
         while True:
             seen = await self.notifier.wait(seen, self.config.heartbeat_interval)
-            try:
-                await self._refresh_head()
-            except CorruptedSourceError as exc:
-                self._fail(exc)
-                return
+            await self._refresh_head()
 
     def fence(self, reason: str) -> None:
         """Accept no more writes (an embedding storage checks ``writable``); streaming goes on."""
@@ -279,6 +290,8 @@ class Primary:
             self._acked.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
+        if self._stopping.is_set():
+            return  # stopping already: what breaks while sessions are ended is no news
         if self.fatal is None and isinstance(exc, ReplicatorError):
             self.fatal = exc
             log.critical("stopping replication: %s", exc)
@@ -304,7 +317,7 @@ class Primary:
             "epoch": self.epoch,
             "fenced": self.fenced,
             "stale": self.stale,
-            "error": str(self.fatal) if self.fatal else None,
+            "error": str(self.fatal or self.damage_ahead or "") or None,
         }
 
     async def _handle_status(self, request: web.Request) -> web.Response:
@@ -337,6 +350,7 @@ class Primary:
             ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
             stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
             self.sessions[key] = stats
+            self._sockets[key] = (ws, conn)
             log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))
             async with asyncio.TaskGroup() as group:
                 sender = group.create_task(self._send_loop(ws, conn, tailer, stats))
@@ -361,6 +375,7 @@ class Primary:
             self._fail(exc)
         finally:
             self.sessions.pop(key, None)
+            self._sockets.pop(key, None)
             await asyncio.to_thread(tailer.close)
             if not ws.closed:
                 await ws.close()
@@ -417,6 +432,12 @@ class Primary:
 
     async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume."""
+        if self.damage_ahead is not None and last > self.head_tid:
+            # Our file is readable only up to the damage: nothing can be said
+            # of the secondary's history beyond it, and nothing can be served.
+            self._fail(self.damage_ahead)
+            return Reject("corrupted", f"{self.damage_ahead.message}; the secondary's last transaction "
+                                       f"{tid_repr(last)} lies beyond the damage")
         if last > self.head_tid:
             return Reject("ahead", f"secondary's last transaction {tid_repr(last)} is newer than this "
                                    f"primary's newest {tid_repr(self.head_tid)}: it has transactions this "

@@ -41,6 +41,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Ack,
     Connection,
+    ConnectionState,
     Goodbye,
     Heartbeat,
     Hello,
@@ -272,13 +273,16 @@ class Secondary:
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
             try:
                 await asyncio.wait({reader, applier}, return_when=asyncio.FIRST_COMPLETED)
-                if self._draining.is_set() and not applier.done():
-                    await queue.put(None)  # apply what is queued, then stop
+                if not applier.done():
+                    # The connection ended (closed, Goodbye, promotion): apply the
+                    # complete transactions already received before giving up on
+                    # it; a primary that stopped for good (damage ahead) may never
+                    # send them again.  A transaction received in part is aborted.
+                    await queue.put(None)
                     await applier
-                    return
+                    if self._draining.is_set():
+                        return
             finally:
-                # Whatever was received but not applied is sent again after
-                # reconnecting, so stopping both at once loses nothing.
                 for task in (reader, applier):
                     task.cancel()
                 await asyncio.gather(reader, applier, return_exceptions=True)
@@ -370,7 +374,9 @@ class Secondary:
                 self._note_caught_up()
                 if self.downstream is not None:
                     self.downstream.notifier.notify()
-                if not ws.closed:
+                # After a Goodbye or a close there is nobody to tell; the next
+                # Hello reports the same position.
+                if not ws.closed and conn.state is ConnectionState.STREAMING:
                     with contextlib.suppress(ConnectionError):
                         await ws.send_bytes(conn.send(Ack(tids[-1])))
 

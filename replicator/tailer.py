@@ -111,10 +111,19 @@ class Tailer:
         self._switch_to(self._path_source(), tid)
 
     def head(self) -> tuple[bytes, int]:
-        """Newest committed TID in the file at ``path`` and how many transactions it has."""
+        """Newest committed TID in the file at ``path`` and how many transactions it has.
+
+        Stops short of damage (see ``damage``): the transactions before it
+        can still be served, and a reader that reaches it raises the error.
+        """
         src = self._path_source()
         src.scan()
         return src.scan_tid, src.count
+
+    @property
+    def damage(self) -> CorruptedSourceError | None:
+        """Damage the head scan of the file now at ``path`` ran into, if any."""
+        return self._src.damage if self._src is not None else None
 
     def ordinal_of(self, tid: bytes) -> int | None:
         """Number of committed transactions up to and including ``tid`` (None if absent)."""

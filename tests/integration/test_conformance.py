@@ -540,9 +540,6 @@ def test_blob_doctest(case: unittest.TestCase) -> None:
     assert not problems, "\n".join(text for _test, text in problems)
 
 
-@pytest.mark.xfail(strict=True, reason="Primary.stop() does not end its replication sessions: aiohttp's "
-                   "runner.cleanup() waits the 5 s shutdown_timeout for each session handler, cancels it, and "
-                   "waits up to 5 s more, so PrimaryStorage.close() takes 10 s while a secondary is connected")
 def test_primary_closes_promptly_while_a_secondary_is_connected(tmp_path) -> None:
     """A ZEO server or ``DB.close()`` on a ``PrimaryStorage`` should not hang because a secondary follows it."""
     replication = Replication(str(tmp_path), "Data")
@@ -557,4 +554,6 @@ def test_primary_closes_promptly_while_a_secondary_is_connected(tmp_path) -> Non
     finally:
         replication.close_secondary()
         primary.close()
-    assert elapsed < 2.0, f"PrimaryStorage.close() took {elapsed:.1f}s with a secondary connected"
+    # Not a speed target: before sessions were ended on stop, this waited out
+    # aiohttp's shutdown timeout twice (10 s).
+    assert elapsed < 5.0, f"PrimaryStorage.close() took {elapsed:.1f}s with a secondary connected"

@@ -195,25 +195,9 @@ class KnownBug(AssertionError):
     """The checks that fail because of the bugs the xfail reasons describe (other failures stay failures)."""
 
 
-BUG_GOODBYE_DROPS = (
-    "replicator/secondary.py: Secondary._read_loop raises TransportError as soon as it reads the primary's "
-    "Goodbye('corrupted'); _session then cancels the applier while complete transactions received before "
-    "the Goodbye still sit in the apply queue. They are dropped (normally resent after a reconnect, but this "
-    "primary has stopped for good), so the secondary keeps 25 of the 30 transactions before the damage "
-    "(those of the first 1 MiB message only)")
-
-BUG_HEAD_SCAN = (
-    "replicator/primary.py: Primary.start() (and _track_head) scans every transaction header with "
-    "SourceFile.scan(), which checks the redundant length; on damage there it raises "
-    "CorruptedSourceError before the port is bound, so the primary exits 3 without serving the "
-    "undamaged transactions before the damage and an empty secondary gets none of them")
-
-
 @pytest.mark.parametrize("damage", [
-    pytest.param(damage_nul_record, id="nul-over-records",
-                 marks=pytest.mark.xfail(strict=True, raises=KnownBug, reason=BUG_GOODBYE_DROPS)),
-    pytest.param(damage_redundant_length, id="redundant-length",
-                 marks=pytest.mark.xfail(strict=True, raises=KnownBug, reason=BUG_HEAD_SCAN)),
+    pytest.param(damage_nul_record, id="nul-over-records"),
+    pytest.param(damage_redundant_length, id="redundant-length"),
 ])
 def test_damage_stops_primary_secondary_keeps_prefix(tmp_path, tls_dir, source, damage):
     fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
@@ -274,13 +258,6 @@ def test_damage_stops_primary_secondary_keeps_prefix(tmp_path, tls_dir, source, 
 
 # -- a torn tail ---------------------------------------------------------------
 
-BUG_TORN_TAIL = (
-    "replicator/fsfile.py: SourceFile.committed_header() raises CorruptedSourceError ('torn tail') for a "
-    "last transaction whose status is committed but whose bytes end early; FileStorage treats such a tail "
-    "as uncommitted (it truncates it on open, like a 'c' one), so the tailer should wait there. Raised "
-    "from Primary.start()'s head scan, it also makes the primary exit 3 before serving the transactions "
-    "before the tail")
-
 
 def staged_last(raw: bytes, last: TxnPos) -> bytes:
     """The file with the last transaction's status back at 'c', as FileStorage writes it at vote."""
@@ -335,7 +312,6 @@ def test_uncommitted_tail_waits_then_ships_the_finished_commit(tmp_path, tls_dir
                 proc.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason=BUG_TORN_TAIL)
 def test_torn_committed_tail_waits_and_ships_nothing_of_it(tmp_path, tls_dir, source):
     """The file cut in the middle of its last transaction, status byte still ' '.
 
