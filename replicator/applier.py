@@ -29,6 +29,7 @@ ready for the same transaction again (which is what a reconnect sends).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -99,6 +100,10 @@ class _Txn:
     dirs: set[str] = field(default_factory=set)  # directories whose entries must be fsynced
 
 
+#: Incoming blob files are named so; whatever a crash leaves of them is removed at start.
+BLOB_TEMP_PREFIX = "repl-"
+
+
 class Applier:
     """Applies the transaction stream to ``storage`` (an open, writable FileStorage).
 
@@ -118,6 +123,21 @@ class Applier:
         self._group = _GroupCommit.install(storage) if group_commit else None
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete blob files a killed process left half received: nothing refers to them."""
+        if not self._blobs and self._temp_dir is None:
+            return
+        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
+        try:
+            names = os.listdir(temp_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(BLOB_TEMP_PREFIX) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(temp_dir, name))
 
     @property
     def last_tid(self) -> bytes:
@@ -288,7 +308,7 @@ class Applier:
             return
         temp_dir = self._temp_dir or self._storage.temporaryDirectory()
         try:
-            fd, path = tempfile.mkstemp(suffix=".tmp", prefix="repl-", dir=temp_dir)
+            fd, path = tempfile.mkstemp(suffix=".tmp", prefix=BLOB_TEMP_PREFIX, dir=temp_dir)
         except OSError as exc:
             raise StorageError(f"cannot create a blob file in {temp_dir}: {exc}") from exc
         txn.blob = _Blob(record, path, os.fdopen(fd, "wb"), record.blob_size)

@@ -470,3 +470,23 @@ def test_trace_file_lists_durable_tids(source, tmp_path):
         assert "_finish_finish" not in vars(t.storage)
     finally:
         t.storage.close()
+
+
+def test_blob_files_left_by_a_killed_process_are_removed_at_start(tmp_path):
+    """A half-received blob (kill -9 mid-blob) leaves a temporary file; the next applier deletes it."""
+    from replicator.applier import BLOB_TEMP_PREFIX, Applier
+    from replicator.storage import open_file_storage
+
+    storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "blobs"))
+    try:
+        temp = storage.temporaryDirectory()
+        leftover = os.path.join(temp, f"{BLOB_TEMP_PREFIX}abc.tmp")
+        unrelated = os.path.join(temp, "someone-elses.tmp")
+        for path in (leftover, unrelated):
+            with open(path, "wb") as f:
+                f.write(b"x" * 1000)
+        Applier(storage)
+        assert not os.path.exists(leftover)
+        assert os.path.exists(unrelated)
+    finally:
+        storage.close()
