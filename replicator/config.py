@@ -77,9 +77,24 @@ class PrimaryConfig:
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
     max_frame: int = 64 << 20
+    #: Synchronous replication (embedded primary only): commits wait for this
+    #: many secondaries (of ``sync_names`` if any) to acknowledge them.
+    sync_count: int = 0
+    sync_names: tuple[str, ...] = ()
+    sync_timeout: float = 10.0
+    #: ``wait`` (never return an unreplicated commit) or ``async`` (degrade).
+    sync_fallback: str = "wait"
 
     def validate(self) -> PrimaryConfig:
         problems: list[str] = []
+        if self.sync_count < 0:
+            problems.append("sync-count must be 0 (asynchronous) or more")
+        if self.sync_names and len(self.sync_names) < self.sync_count:
+            problems.append(f"sync-count {self.sync_count} is more than the {len(self.sync_names)} sync-names")
+        if self.sync_fallback not in ("wait", "async"):
+            problems.append(f"sync-fallback must be 'wait' or 'async', not {self.sync_fallback!r}")
+        if self.sync_timeout <= 0:
+            problems.append("sync-timeout must be positive")
         if not os.path.isfile(self.storage):
             problems.append(f"--storage {self.storage}: no such file (the primary tails an existing Data.fs)")
         if self.blob_dir is not None and not os.path.isdir(self.blob_dir):

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import zope.interface
@@ -34,10 +35,13 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
 
 from .config import PrimaryConfig, SecondaryConfig
+from .control import primary_routes
 from .errors import ConfigError, ReplicatorError
 from .primary import Primary
 from .secondary import Secondary
 from .storage import has_blobs
+from .tailer import Tailer
+from .tid import tid_repr
 
 __all__ = ["PrimaryStorage", "SecondaryStorage", "ServiceThread"]
 
@@ -91,6 +95,10 @@ class ServiceThread:
             if self._thread.is_alive():
                 log.error("%s did not stop within %.0fs", self.name, timeout)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
     def _run(self) -> None:
         try:
             asyncio.run(self._supervise())
@@ -138,12 +146,16 @@ class PrimaryStorage:
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
         self.primary: Primary | None = None
         self._closed = False
+        #: Synchronous replication's counters, shown in GET /status.
+        self.sync = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
 
     async def _serve(self, ready: Callable[[], None]) -> None:
-        primary = Primary(self.config)
+        cfg = self.config
+        primary = Primary(cfg, status_provider=self._status,
+                          routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open()))
         await primary.start()
         self.primary = primary
         try:
@@ -161,7 +173,14 @@ class PrimaryStorage:
         """The primary's status (as GET /status reports it)."""
         if self.primary is None:
             return {"role": "primary", "error": str(self._service.error)}
-        return self.primary.status()
+        return self._status()
+
+    def _status(self) -> dict:
+        assert self.primary is not None
+        status = self.primary.status()
+        status["sync"] = {"count": self.config.sync_count, "names": list(self.config.sync_names),
+                          "fallback": self.config.sync_fallback, **self.sync}
+        return status
 
     def _notify(self) -> None:
         if self.primary is not None:
@@ -192,11 +211,59 @@ class PrimaryStorage:
         # calls its own attribute, so the replacement belongs on base.
         self._base.tryToResolveConflict = value
 
+    def tpc_begin(self, transaction, tid=None, status=" "):
+        primary = self.primary
+        if primary is not None and not primary.writable:
+            # Fenced for a switchover, or superseded by a newer epoch.
+            raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")
+        return self._base.tpc_begin(transaction, tid, status)
+
     def tpc_finish(self, transaction, f=None):
         tid = self._base.tpc_finish(transaction, f)
         # The transaction is on disk now: the sessions can read it at once.
         self._notify()
+        if self.config.sync_count:
+            self._await_replicas(tid)
         return tid
+
+    def _await_replicas(self, tid: bytes) -> None:
+        """Synchronous replication: return once enough secondaries made ``tid`` durable.
+
+        Called after the local commit is durable (and its commit lock
+        released), so other commits go on meanwhile.  On timeout the
+        ``sync_fallback`` policy decides: ``wait`` keeps waiting, logging
+        every timeout; ``async`` returns and stays asynchronous until enough
+        secondaries are connected again.
+        """
+        primary, loop, cfg = self.primary, self._service.loop, self.config
+        if primary is None or loop is None:
+            return
+        names = frozenset(cfg.sync_names)
+        if self.sync["degraded"]:
+            connected = {s.node for s in list(primary.sessions.values()) if not names or s.node in names}
+            if len(connected) < cfg.sync_count:
+                self.sync["async_commits"] += 1
+                return
+            self.sync["degraded"] = False
+            log.warning("synchronous replication resumed: %d secondaries connected", len(connected))
+        started = time.monotonic()
+        while True:
+            future = asyncio.run_coroutine_threadsafe(
+                primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout), loop)
+            if future.result():
+                self.sync["synced_commits"] += 1
+                return
+            self.sync["timeouts"] += 1
+            waited = time.monotonic() - started
+            if cfg.sync_fallback == "async":
+                self.sync["degraded"] = True
+                self.sync["async_commits"] += 1
+                log.error("synchronous replication DEGRADED to asynchronous: commit %s not acknowledged by %d "
+                          "secondaries within %.1fs; it returns unreplicated", tid_repr(tid), cfg.sync_count,
+                          waited)
+                return
+            log.error("commit %s still waits for %d secondaries to acknowledge it (%.0fs); writes are held",
+                      tid_repr(tid), cfg.sync_count, waited)
 
     def pack(self, *args, **kwargs):
         result = self._base.pack(*args, **kwargs)
