@@ -147,7 +147,7 @@ class PrimaryStorage:
         self.primary: Primary | None = None
         self._closed = False
         #: Synchronous replication's counters, shown in GET /status.
-        self.sync = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
+        self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
@@ -179,7 +179,7 @@ class PrimaryStorage:
         assert self.primary is not None
         status = self.primary.status()
         status["sync"] = {"count": self.config.sync_count, "names": list(self.config.sync_names),
-                          "fallback": self.config.sync_fallback, **self.sync}
+                          "fallback": self.config.sync_fallback, **self.sync_stats}
         return status
 
     def _notify(self) -> None:
@@ -239,25 +239,25 @@ class PrimaryStorage:
         if primary is None or loop is None:
             return
         names = frozenset(cfg.sync_names)
-        if self.sync["degraded"]:
+        if self.sync_stats["degraded"]:
             connected = {s.node for s in list(primary.sessions.values()) if not names or s.node in names}
             if len(connected) < cfg.sync_count:
-                self.sync["async_commits"] += 1
+                self.sync_stats["async_commits"] += 1
                 return
-            self.sync["degraded"] = False
+            self.sync_stats["degraded"] = False
             log.warning("synchronous replication resumed: %d secondaries connected", len(connected))
         started = time.monotonic()
         while True:
             future = asyncio.run_coroutine_threadsafe(
                 primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout), loop)
             if future.result():
-                self.sync["synced_commits"] += 1
+                self.sync_stats["synced_commits"] += 1
                 return
-            self.sync["timeouts"] += 1
+            self.sync_stats["timeouts"] += 1
             waited = time.monotonic() - started
             if cfg.sync_fallback == "async":
-                self.sync["degraded"] = True
-                self.sync["async_commits"] += 1
+                self.sync_stats["degraded"] = True
+                self.sync_stats["async_commits"] += 1
                 log.error("synchronous replication DEGRADED to asynchronous: commit %s not acknowledged by %d "
                           "secondaries within %.1fs; it returns unreplicated", tid_repr(tid), cfg.sync_count,
                           waited)
