@@ -188,6 +188,11 @@ class Secondary:
                         "orphaned transaction(s) to a separate file first), then start this node again")
         return DivergenceError(message, fork_tid=fork_tid, hint=hint)
 
+    @property
+    def stopped_on_request(self) -> bool:
+        """``run()`` returned because ``stop_following()`` asked (a promotion under way or done)."""
+        return self._draining.is_set()
+
     async def stop_following(self, timeout: float = 60.0) -> None:
         """Stop ``run()`` after applying every complete transaction already received.
 

@@ -292,8 +292,14 @@ _READ_METHODS = frozenset({
 })
 
 
-def _read_only(*args, **kwargs):
-    raise ReadOnlyError()
+def _writer(name: str):
+    """A write method of the replica: ``ReadOnlyError`` until it is promoted."""
+    def method(self, *args, **kwargs):
+        if not self._writable:
+            raise ReadOnlyError()
+        return getattr(self._base, name)(*args, **kwargs)
+    method.__name__ = name
+    return method
 
 
 class SecondaryStorage:
@@ -321,7 +327,10 @@ class SecondaryStorage:
             raise ConfigError(f"the replica's storage {base.getName()} is opened read-only; "
                               "the secondary must write to it")
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
-        self.secondary = Secondary(self.config, storage=base, invalidate=self._invalidate)
+        self.secondary = Secondary(self.config, storage=base, invalidate=self._invalidate,
+                                   on_promoted=self._promoted)
+        #: True once promoted (POST /promote): the storage takes writes.
+        self._writable = False
         self._dbs: list = []
         self._autostart = start
         self._closed = False
@@ -337,6 +346,9 @@ class SecondaryStorage:
         try:
             ready()
             await self.secondary.run()
+            if self.secondary.stopped_on_request:
+                # The primary now: keep serving the stream and /status until closed.
+                await asyncio.Event().wait()
         finally:
             await self.secondary.close()
 
@@ -367,10 +379,31 @@ class SecondaryStorage:
             self._service.start()
 
     def isReadOnly(self) -> bool:
-        return True
+        return not self._writable
+
+    async def _promoted(self) -> None:
+        """This node is the primary of a new epoch now: take writes.
+
+        Every ZEO client connected to it registered read-only; invalidating
+        the server's cache closes their connections, and they come back
+        read-write (and validate their caches) on their own.
+        """
+        self._writable = True
+        for db in self._dbs:
+            invalidate_cache = getattr(db, "invalidateCache", None)
+            if invalidate_cache is not None:
+                invalidate_cache()
+        log.warning("%s is writable: promoted to primary", self._base.getName())
+
+    def _writable_now(self) -> None:
+        downstream = self.secondary.downstream
+        if not self._writable:
+            raise ReadOnlyError()
+        if downstream is not None and not downstream.writable:
+            raise ReadOnlyError(f"this primary accepts no writes: {downstream.fenced}")
 
     def __getattr__(self, name: str):
-        if name in _READ_METHODS:
+        if name in _READ_METHODS or (name != "_base" and self.__dict__.get("_writable")):
             return getattr(self._base, name)
         raise AttributeError(name)
 
@@ -380,12 +413,34 @@ class SecondaryStorage:
     def __repr__(self) -> str:
         return f"<SecondaryStorage {self._base.getName()!r} following {self.config.primary}>"
 
-    tpc_begin = store = storeBlob = restore = restoreBlob = _read_only
-    undo = new_oid = deleteObject = checkCurrentSerialInTransaction = _read_only
-    tpc_vote = tpc_finish = copyTransactionsFrom = _read_only
+    def tpc_begin(self, transaction, tid=None, status=" "):
+        self._writable_now()
+        return self._base.tpc_begin(transaction, tid, status)
+
+    store = _writer("store")
+    storeBlob = _writer("storeBlob")
+    restore = _writer("restore")
+    restoreBlob = _writer("restoreBlob")
+    undo = _writer("undo")
+    new_oid = _writer("new_oid")
+    deleteObject = _writer("deleteObject")
+    checkCurrentSerialInTransaction = _writer("checkCurrentSerialInTransaction")
+    tpc_vote = _writer("tpc_vote")
+    copyTransactionsFrom = _writer("copyTransactionsFrom")
+
+    def tpc_finish(self, transaction, f=None):
+        if not self._writable:
+            raise ReadOnlyError()
+        tid = self._base.tpc_finish(transaction, f)
+        downstream = self.secondary.downstream
+        if downstream is not None:
+            downstream.notifier.notify_threadsafe()
+        return tid
 
     def tpc_abort(self, transaction) -> None:
-        """Nothing to abort: no transaction can begin here (the applier uses ``base``)."""
+        """Before promotion no transaction can begin here (the applier uses ``base``)."""
+        if self._writable:
+            self._base.tpc_abort(transaction)
 
     def pack(self, *args, **kwargs):
         return self._base.pack(*args, **kwargs)

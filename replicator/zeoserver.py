@@ -39,9 +39,10 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
     base = await asyncio.to_thread(open_file_storage, config.storage, config.blob_dir)
     storage = SecondaryStorage(base, config, start=False)
     try:
-        # read_only: every client is read-only, whatever it asks for.
+        # The storage itself refuses writes (and read-write clients) until a
+        # promotion makes it the primary; then clients reconnect read-write.
         server = await asyncio.to_thread(StorageServer, (address.host, address.port),
-                                         {STORAGE_NAME: storage}, read_only=True)
+                                         {STORAGE_NAME: storage}, read_only=False)
     except OSError as exc:
         await asyncio.to_thread(storage.close)
         raise ConfigError(f"--zeo {address}: cannot serve ZEO there: {exc}") from exc
@@ -53,6 +54,9 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
         await secondary.open()
         try:
             await secondary.run()
+            if secondary.stopped_on_request:
+                log.warning("promoted: serving the storage read-write to ZEO clients until stopped")
+                await asyncio.Event().wait()
         finally:
             await secondary.close()
     finally:

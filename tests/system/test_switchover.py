@@ -1,0 +1,158 @@
+"""Planned switchover between two ZEO servers, under a write load, with ZEO clients following.
+
+The primary is a ``runzeo`` whose storage is a ``<replicated-primary>``; the
+standby is a ``runzeo`` whose storage is a ``<replicated-secondary>``.
+``replicator switchover`` fences the primary, waits until the standby has
+every transaction, and promotes it; the writer's commits on the old primary
+start failing with ReadOnlyError, it reconnects to the new primary and goes
+on. No transaction that returned may be lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import transaction
+import ZODB
+from ZEO.ClientStorage import ClientStorage
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ReadOnlyError
+
+from tests.helpers import REPLICATOR, RUNZEO, Proc, free_port, tls_args, wait_for_port, wait_until
+
+
+def tls_keys(tls_dir: Path, node: str) -> str:
+    return (f"tls-ca {tls_dir / 'ca.pem'}\ntls-cert {tls_dir / f'{node}.pem'}\n"
+            f"tls-key {tls_dir / f'{node}.key'}\n")
+
+
+def start_runzeo(tmp_path: Path, name: str, zeo_port: int, storage_section: str) -> Proc:
+    conf = tmp_path / f"{name}.conf"
+    conf.write_text(f"%import replicator\n<zeo>\naddress 127.0.0.1:{zeo_port}\n</zeo>\n{storage_section}")
+    proc = Proc([RUNZEO, "-C", str(conf)], tmp_path / f"{name}.log")
+    wait_for_port(zeo_port, proc.proc)
+    return proc
+
+
+class Writer(threading.Thread):
+    """Commits one counter per transaction to whichever server ``target`` names; records what returned."""
+
+    def __init__(self, port: int, blob_cache: Path) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.blob_cache = blob_cache
+        self.returned: list[tuple[int, bytes]] = []  # (value, tid) of commits that returned
+        self.refused = 0
+        self.stop = threading.Event()
+        self.switch_to: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def _open(self, port: int):
+        storage = ClientStorage(("127.0.0.1", port), wait_timeout=30, read_only_fallback=True)
+        db = ZODB.DB(storage)
+        tm = transaction.TransactionManager()
+        return db, tm, db.open(tm)
+
+    def _run(self) -> None:
+        db, tm, conn = self._open(self.port)
+        value = len(conn.root().get("log", ())) if "log" in conn.root() else 0
+        while not self.stop.is_set():
+            if self.switch_to is not None:
+                conn.close()
+                db.close()
+                db, tm, conn = self._open(self.switch_to)
+                self.switch_to = None
+            root = conn.root()
+            value += 1
+            root[f"v{value % 50}"] = value
+            root["last"] = value
+            try:
+                tm.commit()
+            except ReadOnlyError:
+                tm.abort()
+                self.refused += 1
+                value -= 1
+                time.sleep(0.01)
+                continue
+            self.returned.append((value, conn._storage.lastTransaction()))
+            time.sleep(0.003)
+        conn.close()
+        db.close()
+
+
+@pytest.mark.slow
+def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir):
+    old_zeo, new_zeo = free_port(), free_port()
+    old_listen, new_listen = free_port(), free_port()
+    old = start_runzeo(tmp_path, "old", old_zeo,
+                       f"<replicated-primary>\nlisten 127.0.0.1:{old_listen}\nnode old\n{tls_keys(tls_dir, 'primary')}"
+                       f"<filestorage>\npath {tmp_path / 'old.fs'}\nblob-dir {tmp_path / 'old-blobs'}\n</filestorage>\n"
+                       "</replicated-primary>\n")
+    procs = [old]
+    writer = None
+    try:
+        # Seed the primary so the standby's ZODB.DB finds a root to open.
+        db = ZODB.DB(ClientStorage(("127.0.0.1", old_zeo), wait_timeout=30))
+        with db.transaction() as conn:
+            conn.root()["seeded"] = True
+        db.close()
+        new = start_runzeo(tmp_path, "new", new_zeo,
+                           f"<replicated-secondary>\nprimary 127.0.0.1:{old_listen}\nlisten 127.0.0.1:{new_listen}\n"
+                           f"node new\n{tls_keys(tls_dir, 'secondary')}<filestorage>\npath {tmp_path / 'new.fs'}\n"
+                           f"blob-dir {tmp_path / 'new-blobs'}\n</filestorage>\n</replicated-secondary>\n")
+        procs.append(new)
+        wait_for_port(new_listen, new.proc)
+
+        writer = Writer(old_zeo, tmp_path / "cache")
+        writer.start()
+        wait_until(lambda: len(writer.returned) > 200 or writer.error, timeout=60, what="load")
+        assert writer.error is None, writer.error
+
+        result = subprocess.run([REPLICATOR, "switchover", "--primary", f"127.0.0.1:{old_listen}",
+                                 "--to", f"127.0.0.1:{new_listen}", *tls_args(tls_dir, "secondary")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "switched over" in result.stdout
+        # The writer is refused by the fenced old primary, then moves to the new one.
+        wait_until(lambda: writer.refused > 0 or writer.error, timeout=30, what="refusal on the old primary")
+        writer.switch_to = new_zeo
+        before = len(writer.returned)
+        wait_until(lambda: len(writer.returned) > before + 100 or writer.error, timeout=60,
+                   what="writes on the new primary")
+        writer.stop.set()
+        writer.join(30)
+        assert writer.error is None, writer.error
+
+        status = subprocess.run([REPLICATOR, "status", f"127.0.0.1:{new_listen}", f"127.0.0.1:{old_listen}",
+                                 "--json", *tls_args(tls_dir, "secondary")], capture_output=True, text=True)
+        assert '"epoch": 1' in status.stdout
+        for proc in procs:
+            proc.stop()
+        new_tids = [t.tid for t in FileStorage(str(tmp_path / "new.fs"), read_only=True).iterator()]
+        assert new_tids == sorted(set(new_tids)), "duplicated or out-of-order transactions"
+        returned = {tid for _, tid in writer.returned}
+        missing = returned - set(new_tids)
+        assert not missing, f"{len(missing)} commits that returned are not on the new primary"
+        values = [v for v, _ in writer.returned]
+        assert values == sorted(set(values)), "a value was committed twice"
+        print(f"commits returned: {len(writer.returned)}, refused while fenced: {writer.refused}, "
+              f"on the new primary: {len(new_tids)} transactions")
+    except BaseException:
+        for proc in procs:
+            print(f"--- {proc.argv[:3]} ---\n{proc.output()[-4000:]}")
+        raise
+    finally:
+        if writer is not None:
+            writer.stop.set()
+        for proc in procs:
+            proc.stop()
