@@ -163,6 +163,8 @@ class Primary:
         self.epoch = 0
         #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
         self.fenced: str | None = None
+        #: Called once when the node gets fenced (a storage wrapper drops its clients).
+        self.fence_listeners: list[Callable[[], None]] = []
         #: A newer epoch exists elsewhere: this node must neither write nor stream.
         self.stale = False
         #: Newest TID each secondary node acknowledged, across its sessions.
@@ -252,9 +254,12 @@ class Primary:
 
     def fence(self, reason: str) -> None:
         """Accept no more writes (an embedding storage checks ``writable``); streaming goes on."""
-        if self.fenced is None:
-            log.warning("fenced: no more writes on this node: %s", reason)
+        first = self.fenced is None
         self.fenced = reason
+        if first:
+            log.warning("fenced: no more writes on this node: %s", reason)
+            for listener in self.fence_listeners:
+                listener()
 
     def unfence(self) -> None:
         self.fenced = None

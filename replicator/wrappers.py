@@ -148,6 +148,7 @@ class PrimaryStorage:
         self._closed = False
         #: Synchronous replication's counters, shown in GET /status.
         self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
+        self._dbs: list = []
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
@@ -156,6 +157,7 @@ class PrimaryStorage:
         cfg = self.config
         primary = Primary(cfg, status_provider=self._status,
                           routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open()))
+        primary.fence_listeners.append(self._fenced)
         await primary.start()
         self.primary = primary
         try:
@@ -210,6 +212,20 @@ class PrimaryStorage:
         # ZEO's client-conflict-resolution replaces the method; FileStorage
         # calls its own attribute, so the replacement belongs on base.
         self._base.tryToResolveConflict = value
+
+    def registerDB(self, db) -> None:
+        self._dbs.append(db)
+        register = getattr(self._base, "registerDB", None)
+        if register is not None:
+            register(db)
+
+    def isReadOnly(self) -> bool:
+        primary = self.primary
+        return self._base.isReadOnly() or (primary is not None and not primary.writable)
+
+    def _fenced(self) -> None:
+        """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
+        _drop_clients(self._dbs)
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         primary = self.primary
@@ -290,6 +306,18 @@ _READ_METHODS = frozenset({
     "getTid", "iterator", "record_iternext", "supportsUndo", "undoLog", "undoInfo", "temporaryDirectory",
     "loadBlob", "openCommittedBlobFile", "tpc_transaction", "cleanup", "blob_dir", "fshelper",
 })
+
+
+def _drop_clients(dbs: list) -> None:
+    """Make every registered database forget its cache; ZEO's server closes its clients' connections.
+
+    Used when a node's writability changes: ZEO decides read-only or
+    read-write when a client registers, so clients must register again.
+    """
+    for db in dbs:
+        invalidate_cache = getattr(db, "invalidateCache", None)
+        if invalidate_cache is not None:
+            invalidate_cache()
 
 
 def _writer(name: str):
@@ -389,10 +417,7 @@ class SecondaryStorage:
         read-write (and validate their caches) on their own.
         """
         self._writable = True
-        for db in self._dbs:
-            invalidate_cache = getattr(db, "invalidateCache", None)
-            if invalidate_cache is not None:
-                invalidate_cache()
+        _drop_clients(self._dbs)
         log.warning("%s is writable: promoted to primary", self._base.getName())
 
     def _writable_now(self) -> None:
