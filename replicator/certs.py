@@ -276,7 +276,7 @@ def _split_hosts(hosts: Iterable[str], problems: list[str]
 
 
 def _load_cert(path: Path, what: str, problems: list[str]) -> x509.Certificate | None:
-    data = _read(path, what, problems)
+    data = read_file(path, what, problems)
     if data is None:
         return None
     try:
@@ -286,7 +286,8 @@ def _load_cert(path: Path, what: str, problems: list[str]) -> x509.Certificate |
         return None
 
 
-def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
+def read_file(path: Path, what: str, problems: list[str]) -> bytes | None:
+    """The file's bytes, or None with the reason added to ``problems`` (all are reported at once)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -306,7 +307,7 @@ def _load_ca(directory: Path, problems: list[str]
     before = len(problems)
     cert = _load_cert(directory / f"{CA_NAME}.pem", "CA certificate", problems)
     key_path = directory / f"{CA_NAME}.key"
-    data = _read(key_path, "CA key", problems)
+    data = read_file(key_path, "CA key", problems)
     key = None
     if data is not None:
         try:

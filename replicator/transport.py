@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
+from .certs import read_file as _read
 from .errors import ConfigError, TLSError, TransportError
 
 __all__ = [
@@ -165,20 +166,6 @@ def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
             problems.append(f"certificate {cert} ({leaf.subject.rfc4514_string()}) is not "
                             f"signed by the CA in {ca}; peers would refuse it")
     return problems
-
-
-def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        problems.append(f"{what} {path}: no such file")
-    except PermissionError:
-        problems.append(f"{what} {path}: permission denied")
-    except IsADirectoryError:
-        problems.append(f"{what} {path}: is a directory")
-    except OSError as e:
-        problems.append(f"{what} {path}: cannot read ({e.strerror or e})")
-    return None
 
 
 def _load_certs(path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:

@@ -130,7 +130,26 @@ def _blob_dir(base: FileStorage) -> str | None:
     return str(base.blob_dir) if has_blobs(base) else None
 
 
-class PrimaryStorage:
+class _Wrapper:
+    """What both wrappers share: a base FileStorage and a service thread, closed in that order."""
+
+    _base: FileStorage
+    _service: ServiceThread
+    _closed: bool
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def close(self) -> None:
+        """Stop the service (after the transaction it is applying), then close the base storage."""
+        if self._closed:
+            return
+        self._closed = True
+        self._service.stop()
+        self._base.close()
+
+
+class PrimaryStorage(_Wrapper):
     """``base`` with a replication primary serving it; the whole storage API is ``base``'s.
 
     ``config``'s ``storage`` and ``blob_dir`` are replaced by ``base``'s own.
@@ -197,8 +216,6 @@ class PrimaryStorage:
             raise AttributeError(name)
         return getattr(self._base, name)
 
-    def __len__(self) -> int:
-        return len(self._base)
 
     def __repr__(self) -> str:
         return f"<PrimaryStorage {self._base.getName()!r} listening on {self.config.listen}>"
@@ -292,12 +309,6 @@ class PrimaryStorage:
         self._notify()
         return result
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._service.stop()
-        self._base.close()
 
 
 #: What a replica serves: everything that reads, nothing that writes.
@@ -330,7 +341,7 @@ def _writer(name: str):
     return method
 
 
-class SecondaryStorage:
+class SecondaryStorage(_Wrapper):
     """A replica: ``base`` kept equal to the primary's storage, read-only to everyone else.
 
     Every write method raises ``ZODB.POSException.ReadOnlyError``, and
@@ -432,8 +443,6 @@ class SecondaryStorage:
             return getattr(self._base, name)
         raise AttributeError(name)
 
-    def __len__(self) -> int:
-        return len(self._base)
 
     def __repr__(self) -> str:
         return f"<SecondaryStorage {self._base.getName()!r} following {self.config.primary}>"
@@ -470,9 +479,3 @@ class SecondaryStorage:
     def pack(self, *args, **kwargs):
         return self._base.pack(*args, **kwargs)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._service.stop()
-        self._base.close()
