@@ -24,11 +24,13 @@ which is what ``ZODB.DB`` and ZEO's server inspect.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import zope.interface
 from ZODB.FileStorage import FileStorage
@@ -42,6 +44,7 @@ from .secondary import Secondary
 from .storage import has_blobs
 from .tailer import Tailer
 from .tid import tid_repr
+from .zeosync import install_deferred_replies
 
 __all__ = ["PrimaryStorage", "SecondaryStorage", "ServiceThread"]
 
@@ -168,6 +171,7 @@ class PrimaryStorage(_Wrapper):
         #: Synchronous replication's counters, shown in GET /status.
         self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
         self._dbs: list = []
+        self._local = threading.local()
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
@@ -232,6 +236,9 @@ class PrimaryStorage(_Wrapper):
 
     def registerDB(self, db) -> None:
         self._dbs.append(db)
+        if self.config.sync_count:
+            # Under ZEO, wait for acknowledgements without blocking its server.
+            install_deferred_replies(getattr(db, "server", None))
         register = getattr(self._base, "registerDB", None)
         if register is not None:
             register(db)
@@ -256,21 +263,44 @@ class PrimaryStorage(_Wrapper):
         # The transaction is on disk now: the sessions can read it at once.
         self._notify()
         if self.config.sync_count:
-            self._await_replicas(tid)
+            future = self._replicated_future(tid)
+            pending = getattr(self._local, "pending", None)
+            if pending is not None:
+                pending.append(future)  # ZEO's server replies once it is done (zeosync)
+            elif future is not None:
+                future.result()  # any other caller (a ZODB.DB in this process) waits here
         return tid
 
-    def _await_replicas(self, tid: bytes) -> None:
-        """Synchronous replication: return once enough secondaries made ``tid`` durable.
+    @contextlib.contextmanager
+    def deferred_replication(self) -> Iterator[list]:
+        """Within this block, ``tpc_finish`` does not wait for acknowledgements itself.
 
-        Called after the local commit is durable (and its commit lock
-        released), so other commits go on meanwhile.  On timeout the
-        ``sync_fallback`` policy decides: ``wait`` keeps waiting, logging
-        every timeout; ``async`` returns and stays asynchronous until enough
-        secondaries are connected again.
+        It appends the future of the wait to the yielded list instead; ZEO's
+        server (see ``zeosync``) sends its client the reply when that future is
+        done, so that its one event-loop thread never blocks.
         """
-        primary, loop, cfg = self.primary, self._service.loop, self.config
+        pending: list = []
+        self._local.pending = pending
+        try:
+            yield pending
+        finally:
+            self._local.pending = None
+
+    def _replicated_future(self, tid: bytes) -> concurrent.futures.Future | None:
+        primary, loop = self.primary, self._service.loop
         if primary is None or loop is None:
-            return
+            return None
+        return asyncio.run_coroutine_threadsafe(self._replicated(primary, tid), loop)
+
+    async def _replicated(self, primary: Primary, tid: bytes) -> None:
+        """Synchronous replication: done once enough secondaries made ``tid`` durable.
+
+        Starts after the local commit is durable (and FileStorage's commit
+        lock released).  On timeout the ``sync_fallback`` policy decides:
+        ``wait`` keeps waiting, logging every timeout; ``async`` gives up and
+        stays asynchronous until enough secondaries are connected again.
+        """
+        cfg = self.config
         names = frozenset(cfg.sync_names)
         if self.sync_stats["degraded"]:
             connected = {s.node for s in list(primary.sessions.values()) if not names or s.node in names}
@@ -281,9 +311,7 @@ class PrimaryStorage(_Wrapper):
             log.warning("synchronous replication resumed: %d secondaries connected", len(connected))
         started = time.monotonic()
         while True:
-            future = asyncio.run_coroutine_threadsafe(
-                primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout), loop)
-            if future.result():
+            if await primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout):
                 self.sync_stats["synced_commits"] += 1
                 return
             self.sync_stats["timeouts"] += 1
@@ -295,7 +323,7 @@ class PrimaryStorage(_Wrapper):
                           "secondaries within %.1fs; it returns unreplicated", tid_repr(tid), cfg.sync_count,
                           waited)
                 return
-            log.error("commit %s still waits for %d secondaries to acknowledge it (%.0fs); writes are held",
+            log.error("commit %s still waits for %d secondaries to acknowledge it (%.0fs); its client waits",
                       tid_repr(tid), cfg.sync_count, waited)
 
     def pack(self, *args, **kwargs):

@@ -525,11 +525,6 @@ def test_stale_primary_is_fenced_then_rewound_to_follow_the_new_primary(tmp_path
         site.stop_all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PrimaryStorage.tpc_finish waits for acknowledgements by blocking the calling thread, and ZEO 6's "
-    "server calls tpc_finish on its only event-loop thread: while one commit waits, the whole ZEO server "
-    "is frozen (no reads, no new connections, no other commits), for sync-timeout or, with "
-    "sync-fallback wait, until a secondary comes back"))
 def test_a_commit_waiting_for_acknowledgements_does_not_freeze_the_zeo_server(tmp_path, tls_dir):
     """sync-count 1 and no secondary: a commit waits (2 s here), but other clients must still be served."""
     data = tmp_path / "a"
