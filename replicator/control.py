@@ -8,6 +8,8 @@ call them):
 - ``POST /fence`` and ``POST /unfence`` (primary): stop / resume accepting
   writes, for a planned switchover; streaming goes on, so secondaries can
   catch up with the last commits.
+- ``POST /demote?primary=HOST:PORT`` (a fenced primary inside a ZEO
+  server): become a secondary of that node in place, on the same port.
 - ``GET /identities?tids=HEX,HEX,...`` (any node): which of these
   transactions this node has, with their status and digests; a diverged
   node uses it to find where its history forks (``rewind``).
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from .config import TLSPaths
+from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
 from .errors import ConfigError, ReplicatorError, TransportError
 from .threads import blocking
@@ -66,7 +68,26 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
     return web.get("/identities", identities)
 
 
-def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[[], Tailer]) -> list[web.RouteDef]:
+def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[[], Tailer],
+                   demote: Callable[[str], None] | None = None) -> list[web.RouteDef]:
+    """Routes of a primary's port; ``demote(HOST:PORT)`` (embedded primaries) makes it follow another node."""
+    async def demote_route(request: web.Request) -> web.Response:
+        primary = get_primary()
+        upstream = request.query.get("primary", "")
+        if demote is None:
+            raise web.HTTPNotImplemented(text="only a primary inside a ZEO server (<replicated-primary>) can "
+                                              "become a secondary in place; restart this node as a secondary")
+        if primary.writable:
+            raise web.HTTPConflict(text="fence this primary first (replicator fence): it still takes writes")
+        try:
+            parse_address(upstream, "primary")
+        except ConfigError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        status = primary.status()
+        # After the reply: demoting stops the server this request came in on.
+        asyncio.get_running_loop().call_later(0.2, demote, upstream)
+        return web.json_response({**status, "demoting_to": upstream})
+
     async def fence(request: web.Request) -> web.Response:
         primary = get_primary()
         primary.fence(request.query.get("reason", "fenced by an operator"))
@@ -79,7 +100,8 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         primary.unfence()
         return web.json_response(primary.status())
 
-    return [web.post("/fence", fence), web.post("/unfence", unfence), identities_route(tailer_factory)]
+    return [web.post("/fence", fence), web.post("/unfence", unfence), web.post("/demote", demote_route),
+            identities_route(tailer_factory)]
 
 
 def secondary_routes(get_secondary: Callable[[], Secondary],

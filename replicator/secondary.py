@@ -399,6 +399,13 @@ class Secondary:
     def status(self) -> dict:
         p = self.progress
         behind = p.head_tid > p.applied_tid
+        if self.promoted and self.storage is not None:
+            # The primary now: its clients' commits move the storage, not the applier.
+            return {**self._status(p, False), "last_tid": self.storage.lastTransaction().hex(),
+                    "last_tid_time": tid_time(self.storage.lastTransaction()), "connected": False}
+        return self._status(p, behind)
+
+    def _status(self, p: _Progress, behind: bool) -> dict:
         return {
             "role": "primary" if self.promoted else "secondary",
             "promoted": self.promoted,

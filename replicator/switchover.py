@@ -39,7 +39,14 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
     if promoted.get("last_tid") != head:
         raise ReplicatorError(f"{new} was promoted at {promoted.get('last_tid')}, not at the old primary's "
                               f"last transaction {head}: investigate before writing")
-    return (f"switched over: {promoted['node']} is the primary of epoch {promoted['epoch']} from "
-            f"{tid_repr(bytes.fromhex(head))}; {fenced['node']} is fenced.\n"
-            f"Next: restart {fenced['node']} as a secondary of {new} (its history is a prefix of the new "
-            "primary's, so it resumes where it stopped).")
+    done = (f"switched over: {promoted['node']} is the primary of epoch {promoted['epoch']} from "
+            f"{tid_repr(bytes.fromhex(head))}; ")
+    try:
+        await call(old, "POST", f"/demote?primary={new}", tls, insecure=insecure)
+    except ReplicatorError as exc:
+        # A sidecar primary cannot turn into a secondary in place.
+        return (done + f"{fenced['node']} is fenced ({exc.message}).\n"
+                f"Next: restart {fenced['node']} as a secondary of {new} (its history is a prefix of the new "
+                "primary's, so it resumes where it stopped).")
+    return done + f"{fenced['node']} now follows it as a secondary."
+

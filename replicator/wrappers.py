@@ -36,7 +36,7 @@ import zope.interface
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
 
-from .config import PrimaryConfig, SecondaryConfig
+from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import primary_routes
 from .errors import ConfigError, ReplicatorError
 from .primary import Primary
@@ -172,6 +172,8 @@ class PrimaryStorage(_Wrapper):
         self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
         self._dbs: list = []
         self._local = threading.local()
+        #: Set once demoted: this node follows another primary and is read-only.
+        self.secondary: Secondary | None = None
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
@@ -179,7 +181,8 @@ class PrimaryStorage(_Wrapper):
     async def _serve(self, ready: Callable[[], None]) -> None:
         cfg = self.config
         primary = Primary(cfg, status_provider=self._status,
-                          routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open()))
+                          routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open(),
+                                                self._demote_soon))
         primary.fence_listeners.append(self._fenced)
         await primary.start()
         self.primary = primary
@@ -196,6 +199,8 @@ class PrimaryStorage(_Wrapper):
 
     def status(self) -> dict:
         """The primary's status (as GET /status reports it)."""
+        if self.secondary is not None:
+            return self.secondary.status()
         if self.primary is None:
             return {"role": "primary", "error": str(self._service.error)}
         return self._status()
@@ -245,7 +250,47 @@ class PrimaryStorage(_Wrapper):
 
     def isReadOnly(self) -> bool:
         primary = self.primary
-        return self._base.isReadOnly() or (primary is not None and not primary.writable)
+        return (self._base.isReadOnly() or self.secondary is not None
+                or (primary is not None and not primary.writable))
+
+    def _demote_soon(self, upstream: str) -> None:
+        # Called on the primary's own loop, which demote() stops: use a thread.
+        threading.Thread(target=self.demote, args=(upstream,), name="demote", daemon=True).start()
+
+    def demote(self, upstream: str) -> None:
+        """Become a secondary of ``upstream`` (HOST:PORT) in place, after a switchover.
+
+        The primary service stops (its port closes), and a secondary service
+        starts on the same port, applying into the same storage, which stays
+        read-only to clients; they are dropped so that ZEO registers them
+        again read-only, and invalidations flow from what is applied.
+        """
+        cfg = self.config
+        secondary_config = SecondaryConfig(
+            storage=cfg.storage, blob_dir=cfg.blob_dir, primary=parse_address(upstream, "primary"),
+            listen=cfg.listen if self.port is None else dataclasses.replace(cfg.listen, port=self.port),
+            tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame)
+        self._service.stop()
+        self.primary = None
+        self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs)
+        _drop_clients(self._dbs)
+        self._service = ServiceThread(f"replication secondary {cfg.node}", self._follow)
+        self._service.start()
+        log.warning("demoted: %s now follows %s", cfg.storage, upstream)
+
+    async def _follow(self, ready: Callable[[], None]) -> None:
+        assert self.secondary is not None
+        await self.secondary.open()
+        try:
+            ready()
+            await self.secondary.run()
+        finally:
+            await self.secondary.close()
+
+    def _invalidate_dbs(self, tid: bytes, oids) -> None:
+        changed = list(oids)
+        for db in self._dbs:
+            db.invalidate(tid, changed)
 
     def _fenced(self) -> None:
         """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
@@ -253,6 +298,8 @@ class PrimaryStorage(_Wrapper):
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         primary = self.primary
+        if self.secondary is not None:
+            raise ReadOnlyError("this node is a secondary now (demoted)")
         if primary is not None and not primary.writable:
             # Fenced for a switchover, or superseded by a newer epoch.
             raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")

@@ -135,13 +135,28 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir):
         writer.stop.set()
         writer.join(30)
         assert writer.error is None, writer.error
+        # The old primary follows the new one on the same port, in the new epoch, and is equal to it.
+        import json
 
-        status = subprocess.run([REPLICATOR, "status", f"127.0.0.1:{new_listen}", f"127.0.0.1:{old_listen}",
-                                 "--json", *tls_args(tls_dir, "secondary")], capture_output=True, text=True)
-        assert '"epoch": 1' in status.stdout
+        def statuses() -> list[dict]:
+            out = subprocess.run([REPLICATOR, "status", f"127.0.0.1:{new_listen}", f"127.0.0.1:{old_listen}",
+                                  "--json", *tls_args(tls_dir, "secondary")], capture_output=True, text=True)
+            return json.loads(out.stdout)
+
+        def old_follows() -> bool:
+            new_status, old_status = statuses()
+            return (old_status.get("role") == "secondary" and old_status.get("epoch") == 1
+                    and old_status.get("last_tid") == new_status.get("last_tid"))
+
+        wait_until(old_follows, timeout=60, interval=0.2, what="the old primary following the new one")
+        assert statuses()[0]["epoch"] == 1
+
+        assert "now follows it as a secondary" in result.stdout
         for proc in procs:
             proc.stop()
         new_tids = [t.tid for t in FileStorage(str(tmp_path / "new.fs"), read_only=True).iterator()]
+        old_tids = [t.tid for t in FileStorage(str(tmp_path / "old.fs"), read_only=True).iterator()]
+        assert old_tids == new_tids, "the demoted old primary is not equal to the new primary"
         assert new_tids == sorted(set(new_tids)), "duplicated or out-of-order transactions"
         returned = {tid for _, tid in writer.returned}
         missing = returned - set(new_tids)
