@@ -26,9 +26,10 @@ from ZODB.FileStorage import FileStorage
 
 from .applier import Applier, Invalidate
 from .config import PrimaryConfig, SecondaryConfig
-from .control import identities_route, secondary_routes
+from .control import primary_routes, secondary_routes
 from .epoch import adopt_epoch, load_epoch
 from .errors import (
+    ConfigError,
     DivergenceError,
     RejectedError,
     RemoteProtocolError,
@@ -145,8 +146,10 @@ class Secondary:
                               tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame,
                               poll_interval=1.0),
                 status_provider=self.status,
+                # /fence and /unfence act once promoted (a primary then); /identities always.
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
-                        identities_route(lambda: Tailer(storage.getName(), cfg.blob_dir).open())])
+                        *primary_routes(lambda: self._downstream(),
+                                        lambda: Tailer(storage.getName(), cfg.blob_dir).open())])
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -183,10 +186,17 @@ class Secondary:
             if fork is not None and fork.orphans:
                 fork_tid = fork.fork_tid
                 message += f"; {fork.describe()}"
-                hint = (f"if {cfg.primary} is the right primary, run `replicator rewind --storage "
-                        f"{self.storage.getName()} --primary {cfg.primary}` (it saves the {fork.orphans} "
-                        "orphaned transaction(s) to a separate file first), then start this node again")
+                blobs = f" --blob-dir {cfg.blob_dir}" if cfg.blob_dir else ""
+                hint = (f"if {cfg.primary} is the right primary, stop this node and run `replicator rewind "
+                        f"--storage {self.storage.getName()}{blobs} --primary {cfg.primary}` with the same "
+                        f"--tls-* options (it saves the {fork.orphans} orphaned transaction(s) to a separate "
+                        "file first), then start this node again")
         return DivergenceError(message, fork_tid=fork_tid, hint=hint)
+
+    def _downstream(self) -> Primary:
+        if self.downstream is None:
+            raise ConfigError("this secondary has no --listen")
+        return self.downstream
 
     @property
     def stopped_on_request(self) -> bool:

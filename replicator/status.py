@@ -72,7 +72,14 @@ def render(results: list[dict], now: float) -> str:
             continue
         lines.append(f"{r['url']}: {r['role']} {r['node']}  storage {r['storage']}")
         lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")
-        if r["role"] == "primary":
+        if r["role"] == "primary" and r.get("promoted"):
+            lines.append(f"  promoted      primary of epoch {r.get('epoch')} (was following {r.get('primary')})")
+            peers = r.get("secondaries", [])
+            lines.append(f"  secondaries   {len(peers)} connected")
+            for s in peers:
+                lines.append(f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
+                             f"lag {s['lag_seconds']:.3f}s")
+        elif r["role"] == "primary":
             lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
                          f"   bytes streamed {_size(r.get('bytes_sent'))}")
             if r.get("error"):

@@ -213,8 +213,9 @@ class PrimaryStorage(_Wrapper):
         return status
 
     def _notify(self) -> None:
-        if self.primary is not None:
-            self.primary.notifier.notify_threadsafe()
+        serving = self.primary if self.secondary is None else self.secondary.downstream
+        if serving is not None:
+            serving.notifier.notify_threadsafe()
 
     # -- the storage API: everything is base's, commits also wake the sessions
 
@@ -250,7 +251,7 @@ class PrimaryStorage(_Wrapper):
 
     def isReadOnly(self) -> bool:
         primary = self.primary
-        return (self._base.isReadOnly() or self.secondary is not None
+        return (self._base.isReadOnly() or self._demoted_read_only()
                 or (primary is not None and not primary.writable))
 
     def _demote_soon(self, upstream: str) -> None:
@@ -272,7 +273,8 @@ class PrimaryStorage(_Wrapper):
             tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame)
         self._service.stop()
         self.primary = None
-        self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs)
+        self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs,
+                                   on_promoted=self._promoted_again)
         _drop_clients(self._dbs)
         self._service = ServiceThread(f"replication secondary {cfg.node}", self._follow)
         self._service.start()
@@ -287,6 +289,14 @@ class PrimaryStorage(_Wrapper):
         finally:
             await self.secondary.close()
 
+    async def _promoted_again(self) -> None:
+        """A demoted node promoted again (failing back): it takes writes; clients re-register."""
+        _drop_clients(self._dbs)
+        log.warning("%s is writable again: promoted", self.config.storage)
+
+    def _demoted_read_only(self) -> bool:
+        return self.secondary is not None and not self.secondary.promoted
+
     def _invalidate_dbs(self, tid: bytes, oids) -> None:
         changed = list(oids)
         for db in self._dbs:
@@ -298,8 +308,10 @@ class PrimaryStorage(_Wrapper):
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         primary = self.primary
-        if self.secondary is not None:
+        if self._demoted_read_only():
             raise ReadOnlyError("this node is a secondary now (demoted)")
+        if self.secondary is not None:
+            primary = self.secondary.downstream  # promoted again: its stream server fences it
         if primary is not None and not primary.writable:
             # Fenced for a switchover, or superseded by a newer epoch.
             raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")
