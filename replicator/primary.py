@@ -31,6 +31,8 @@ from .errors import (
     ReplicatorError,
 )
 from .integrity import TxnIdentity
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render_metrics
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -198,6 +200,7 @@ class Primary:
         app = web.Application(client_max_size=1 << 16)
         app.router.add_get("/replicate", self._handle_replicate)
         app.router.add_get("/status", self._handle_status)
+        app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_routes(self.routes)
         ssl_ctx = None
         if cfg.tls is not None and not cfg.insecure:
@@ -328,6 +331,10 @@ class Primary:
     async def _handle_status(self, request: web.Request) -> web.Response:
         provider = self.status_provider or self.status
         return web.json_response(provider())
+
+    async def _handle_metrics(self, request: web.Request) -> web.Response:
+        body = render_metrics(self.status_provider or self.status)
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     # -- /replicate ------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""``GET /metrics``: the node's status in Prometheus' text format.
+
+Nothing is counted on the hot path: at each scrape the metrics are read off
+the same status dictionary ``GET /status`` returns (primary, secondary,
+promoted secondary, embedded primary with synchronous replication), so the
+two always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["render_metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StatusCollector(Collector):
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._status()
+        role = s.get("role", "unknown")
+        info = InfoMetricFamily("replicator", "This node: role, name, storage and protocol version.")
+        info.add_metric([], {"role": role, "node": str(s.get("node")), "storage": str(s.get("storage")),
+                             "protocol_version": str(s.get("protocol_version"))})
+        yield info
+        yield _gauge("replicator_epoch", "Epoch of this node's history (promotions so far).", s.get("epoch"))
+        yield _gauge("replicator_last_transaction_timestamp_seconds",
+                     "Commit time of this node's newest transaction.", s.get("last_tid_time"))
+        yield _gauge("replicator_transactions", "Committed transactions in the primary's file.",
+                     s.get("transactions"))
+        yield _counter("replicator_sent_bytes", "Bytes streamed to secondaries.", s.get("bytes_sent"))
+        yield _counter("replicator_received_bytes", "Bytes received from the primary.", s.get("bytes_received"))
+        yield _counter("replicator_applied_transactions", "Transactions applied from the primary.",
+                       s.get("transactions_applied"))
+        yield _gauge("replicator_lag_seconds", "How far this secondary's newest transaction is behind the "
+                     "primary's, in commit time.", s.get("lag_seconds"))
+        yield _gauge("replicator_connected", "1 while this secondary is connected to its primary.",
+                     None if "connected" not in s else int(bool(s["connected"])))
+        yield _gauge("replicator_fenced", "1 while this primary accepts no writes.",
+                     None if "fenced" not in s else int(bool(s["fenced"])))
+        yield _gauge("replicator_stale", "1 once this primary learned of a newer epoch.",
+                     None if "stale" not in s else int(bool(s["stale"])))
+        yield _gauge("replicator_error", "1 while the node reports an error.",
+                     int(bool(s.get("error") or s.get("last_error"))))
+        peers = s.get("secondaries") or []
+        lag_s = GaugeMetricFamily("replicator_secondary_lag_seconds", "Per connected secondary: commit-time "
+                                  "lag of its acknowledged transaction.", labels=["secondary"])
+        lag_t = GaugeMetricFamily("replicator_secondary_lag_transactions", "Per connected secondary: "
+                                  "transactions not yet acknowledged.", labels=["secondary"])
+        sent = CounterMetricFamily("replicator_secondary_sent_bytes", "Per connected secondary: bytes "
+                                   "streamed in this session.", labels=["secondary"])
+        for peer in peers:
+            name = str(peer.get("node"))
+            lag_s.add_metric([name], float(peer.get("lag_seconds") or 0.0))
+            if peer.get("lag_transactions") is not None:
+                lag_t.add_metric([name], float(peer["lag_transactions"]))
+            sent.add_metric([name], float(peer.get("bytes_sent") or 0))
+        yield from (lag_s, lag_t, sent)
+        yield _gauge("replicator_secondaries", "Connected secondaries.", len(peers))
+        sync = s.get("sync")
+        if sync:
+            yield _gauge("replicator_sync_required", "Synchronous replication: acknowledgements each commit "
+                         "waits for (0: asynchronous).", sync.get("count"))
+            yield _gauge("replicator_sync_degraded", "1 while synchronous replication has fallen back to "
+                         "asynchronous.", int(bool(sync.get("degraded"))))
+            commits = CounterMetricFamily("replicator_sync_commits", "Commits by how they returned.",
+                                          labels=["mode"])
+            commits.add_metric(["synchronous"], float(sync.get("synced_commits", 0)))
+            commits.add_metric(["asynchronous"], float(sync.get("async_commits", 0)))
+            yield commits
+            yield _counter("replicator_sync_timeouts", "Waits for acknowledgements that timed out.",
+                           sync.get("timeouts"))
+
+
+def _gauge(name: str, documentation: str, value: object) -> Metric:
+    family = GaugeMetricFamily(name, documentation)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        family.add_metric([], float(value))
+    return family
+
+
+def _counter(name: str, documentation: str, value: object) -> Metric:
+    family = CounterMetricFamily(name, documentation)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        family.add_metric([], float(value))
+    return family
+
+
+def render_metrics(status: Callable[[], dict]) -> bytes:
+    """The Prometheus text exposition of ``status()``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(status))
+    return generate_latest(registry)
