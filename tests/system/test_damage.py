@@ -393,7 +393,7 @@ def test_up_to_date_secondary_is_untouched_by_damaged_primary(tmp_path, tls_dir,
         secondary = start_secondary(tmp_path, sec_fs, sec_blobs, port, tls_dir, status_port=status_port)
         wait_until(lambda: secondary_tid(status_port, tls_dir) == tids[-1].hex(), timeout=30,
                    what="secondary holding the whole history")
-        # (kill -9: a polite stop would wait out the open session's shutdown timeout)
+        # kill -9: the primary dies as it would in a crash, with the session open
         primary.kill9()
         before_fs, before_blobs = sec_fs.read_bytes(), digest_tree(sec_blobs)
 
