@@ -203,19 +203,9 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
 
             await serve_replica(config, zeo)
             return
-        node = Secondary(config)
-        await node.open()
-        try:
-            await node.run()
-            if node.stopped_on_request:
-                # Keep serving the stream (and /status) as the new epoch's primary.
-                log.warning("promoted: %s is the primary of epoch %d; this process keeps serving its stream "
-                            "until stopped. To take writes, stop it and start a ZEO server on the file with "
-                            "<replicated-primary> (or run `replicator secondary --zeo`, which promotes in place)",
-                            config.storage, node.progress.epoch)
-                await asyncio.Event().wait()
-        finally:
-            await node.close()
+        await Secondary(config).serve(advice=(
+            "To take writes, stop it and start a ZEO server on the file with <replicated-primary> "
+            "(or run `replicator secondary --zeo`, which promotes in place)"))
 
     _run(follow)
 

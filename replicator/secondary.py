@@ -119,7 +119,6 @@ class Secondary:
         self.started_at = time.time()
         #: Serves our own storage onward (cascading) and GET /status, with --listen.
         self.downstream: Primary | None = None
-        self._caught_up = asyncio.Event()
         #: Set by ``stop_following()``: apply what was received, then stop (promotion).
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -198,6 +197,25 @@ class Secondary:
             raise ConfigError("this secondary has no --listen")
         return self.downstream
 
+    async def serve(self, ready: Callable[[], None] | None = None, *, advice: str = "") -> None:
+        """Open, follow the primary until cancelled (or refused for good), then close.
+
+        A node stopped for promotion goes on serving its stream and /status
+        as the primary of its new epoch until cancelled; ``advice`` is logged
+        with that.  ``ready`` is called once the node is open and listening.
+        """
+        await self.open()
+        try:
+            if ready is not None:
+                ready()
+            await self.run()
+            if self.stopped_on_request:
+                log.warning("promoted: %s is the primary of epoch %d and serves until stopped. %s",
+                            self.config.storage, self.progress.epoch, advice)
+                await asyncio.Event().wait()
+        finally:
+            await self.close()
+
     @property
     def stopped_on_request(self) -> bool:
         """``run()`` returned because ``stop_following()`` asked (a promotion under way or done)."""
@@ -242,7 +260,6 @@ class Secondary:
                     message = f"{type(exc).__name__}: {exc}"
                 finally:
                     self.progress.connected = False
-                    self._caught_up.clear()
                     if self.applier is not None:
                         await blocking(self.applier.abort)
                 if self._draining.is_set():
@@ -280,7 +297,6 @@ class Secondary:
             self.progress.connected_since = time.monotonic()
             self.progress.primary_node = welcome.node
             self.progress.head_tid = welcome.head_tid
-            self._note_caught_up()
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
             queue: asyncio.Queue[list | None] = asyncio.Queue(maxsize=cfg.queue_messages)
@@ -348,7 +364,6 @@ class Secondary:
                 for event in conn.events():
                     if isinstance(event, Heartbeat):
                         self.progress.head_tid = max(self.progress.head_tid, event.head_tid)
-                        self._note_caught_up()
                     elif isinstance(event, Goodbye) and event.code == "stale":
                         raise RejectedError("stale", event.message)
                     elif isinstance(event, Goodbye):
@@ -386,7 +401,6 @@ class Secondary:
                 self.progress.applied_tid = tids[-1]
                 self.progress.applied_at = time.time()
                 self.progress.txns_applied += len(tids)
-                self._note_caught_up()
                 if self.downstream is not None:
                     self.downstream.notifier.notify()
                 # After a Goodbye or a close there is nobody to tell; the next
@@ -395,14 +409,6 @@ class Secondary:
                     with contextlib.suppress(ConnectionError):
                         await ws.send_bytes(conn.send(Ack(tids[-1])))
 
-    def _note_caught_up(self) -> None:
-        if self.progress.connected and self.progress.applied_tid >= self.progress.head_tid:
-            self._caught_up.set()
-        else:
-            self._caught_up.clear()
-
-    async def wait_caught_up(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._caught_up.wait(), timeout)
 
     # -- /status ---------------------------------------------------------
 

@@ -7,7 +7,6 @@ plus the UTC time it encodes, e.g. ``03ed4b1c2a3b4c5d (2026-11-22T04:06:45.123Z)
 from __future__ import annotations
 
 import datetime
-import struct
 
 from persistent.TimeStamp import TimeStamp
 
@@ -50,6 +49,3 @@ def tid_repr(tid: bytes | None) -> str:
     when = datetime.datetime.fromtimestamp(tid_time(tid), tz=datetime.UTC)
     return f"{tid.hex()} ({when.isoformat(timespec='milliseconds').replace('+00:00', 'Z')})"
 
-
-def tid_int(tid: bytes) -> int:
-    return struct.unpack(">Q", tid)[0]

@@ -282,12 +282,7 @@ class PrimaryStorage(_Wrapper):
 
     async def _follow(self, ready: Callable[[], None]) -> None:
         assert self.secondary is not None
-        await self.secondary.open()
-        try:
-            ready()
-            await self.secondary.run()
-        finally:
-            await self.secondary.close()
+        await self.secondary.serve(ready)
 
     async def _promoted_again(self) -> None:
         """A demoted node promoted again (failing back): it takes writes; clients re-register."""
@@ -298,9 +293,7 @@ class PrimaryStorage(_Wrapper):
         return self.secondary is not None and not self.secondary.promoted
 
     def _invalidate_dbs(self, tid: bytes, oids) -> None:
-        changed = list(oids)
-        for db in self._dbs:
-            db.invalidate(tid, changed)
+        _invalidate(self._dbs, tid, oids)
 
     def _fenced(self) -> None:
         """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
@@ -406,6 +399,18 @@ _READ_METHODS = frozenset({
 })
 
 
+def _invalidate(dbs: list, tid: bytes, oids) -> None:
+    """Tell every registered database which objects ``tid`` changed.
+
+    ZEO sends the oids to its clients and keeps them for reconnecting ones;
+    its own commits pass a list, and so do we.  An error here fails the
+    transaction, which is applied again after a reconnect.
+    """
+    changed = list(oids)
+    for db in dbs:
+        db.invalidate(tid, changed)
+
+
 def _drop_clients(dbs: list) -> None:
     """Make every registered database forget its cache; ZEO's server closes its clients' connections.
 
@@ -468,15 +473,7 @@ class SecondaryStorage(_Wrapper):
         self._service.start()
 
     async def _follow(self, ready: Callable[[], None]) -> None:
-        await self.secondary.open()
-        try:
-            ready()
-            await self.secondary.run()
-            if self.secondary.stopped_on_request:
-                # The primary now: keep serving the stream and /status until closed.
-                await asyncio.Event().wait()
-        finally:
-            await self.secondary.close()
+        await self.secondary.serve(ready)
 
     @property
     def error(self) -> BaseException | None:
@@ -490,12 +487,7 @@ class SecondaryStorage(_Wrapper):
         return status
 
     def _invalidate(self, tid: bytes, oids) -> None:
-        # ZEO sends the oids to its clients and keeps them for reconnecting
-        # ones; its own commits pass a list, and so do we.  An error here
-        # fails the transaction, which is applied again after a reconnect.
-        changed = list(oids)
-        for db in self._dbs:
-            db.invalidate(tid, changed)
+        _invalidate(self._dbs, tid, oids)
 
     # -- the storage API: reads are base's, writes are refused
 

@@ -49,16 +49,8 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
     server.start_thread()
     host, port = server.addr[:2]
     log.info("serving the replica to read-only ZEO clients on %s:%s", host, port)
-    secondary = storage.secondary
     try:
-        await secondary.open()
-        try:
-            await secondary.run()
-            if secondary.stopped_on_request:
-                log.warning("promoted: serving the storage read-write to ZEO clients until stopped")
-                await asyncio.Event().wait()
-        finally:
-            await secondary.close()
+        await storage.secondary.serve(advice="ZEO clients may write to it now.")
     finally:
         # Closes the storage too, after the secondary has let go of it.
         await asyncio.to_thread(server.close)
