@@ -24,6 +24,7 @@ The transaction status is not part of the digest (a pack changes it), but
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -34,11 +35,14 @@ from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import FileStorageFormatError
 from ZODB.FileStorage.format import CorruptedError
 from ZODB.POSException import POSError, POSKeyError
+from ZODB.utils import u64
 
 from .errors import ConfigError, StorageError
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
 from .tid import Z64, tid_repr
+
+log = logging.getLogger("replicator.storage")
 
 __all__ = [
     "open_file_storage",
@@ -79,7 +83,7 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
     try:
         if not read_only:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return FileStorage(path, read_only=read_only, blob_dir=blob_dir)
+        storage = FileStorage(path, read_only=read_only, blob_dir=blob_dir)
     except PermissionError as exc:
         raise ConfigError(f"{exc.filename or path}: permission denied") from exc
     except FileStorageFormatError as exc:
@@ -89,6 +93,31 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
                            hint="only one process may write a FileStorage; stop the other one") from exc
     except (OSError, POSError) as exc:
         raise StorageError(f"cannot open {path}: {exc}") from exc
+    _correct_last_tid(storage)
+    return storage
+
+
+def _correct_last_tid(storage: FileStorage) -> None:
+    """Undo a ZODB quirk: after a crash mid-commit, ``lastTransaction()`` names the lost transaction.
+
+    FileStorage's index reader takes the TID of a transaction still marked
+    ``'c'`` (a vote that never finished) as the last TID before it notices
+    the mark and truncates that tail away.  A replica resuming from such a
+    phantom TID would ask its primary for the wrong position, so the last
+    TID is taken from the last transaction actually in the file instead.
+    """
+    pos = getattr(storage, "_pos", None)
+    if not isinstance(pos, int) or pos <= 4 or not hasattr(storage, "_ltid"):
+        return
+    with open(storage._file_name, "rb") as f:
+        f.seek(pos - 8)
+        tlen = u64(f.read(8))
+        f.seek(pos - 8 - tlen)
+        tid = f.read(8)
+    if len(tid) == 8 and tid != storage._ltid:
+        log.warning("%s: the last transaction is %s, not %s (a commit cut short by a crash)",
+                    storage._file_name, tid_repr(tid), tid_repr(storage._ltid))
+        storage._ltid = tid
 
 
 def has_blobs(storage: FileStorage) -> bool:

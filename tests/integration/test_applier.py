@@ -490,3 +490,40 @@ def test_blob_files_left_by_a_killed_process_are_removed_at_start(tmp_path):
         assert os.path.exists(unrelated)
     finally:
         storage.close()
+
+
+def test_a_crash_mid_commit_does_not_leave_a_phantom_last_tid(tmp_path):
+    """A vote that never finished: ZODB reports its TID as the last one; the replica must not."""
+    import shutil
+
+    import ZODB
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.FileStorage import FileStorage
+
+    from replicator.storage import open_file_storage
+
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    with db.transaction() as conn:
+        conn.root()["x"] = 1
+    committed = db.lastTransaction()
+    storage = db.storage
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    storage.store(b"\0" * 8, committed, storage.load(b"\0" * 8)[0], "", txn)
+    storage.tpc_vote(txn)  # on disk with status 'c', as a kill -9 would leave it
+    shutil.copyfile(path, str(tmp_path / "crashed.fs"))
+    storage.tpc_abort(txn)
+    db.close()
+
+    raw = FileStorage(str(tmp_path / "crashed.fs"), read_only=True)
+    try:
+        assert raw.lastTransaction() != committed  # the ZODB behaviour worked around
+    finally:
+        raw.close()
+    for read_only in (True, False):
+        fixed = open_file_storage(str(tmp_path / "crashed.fs"), read_only=read_only)
+        try:
+            assert fixed.lastTransaction() == committed
+        finally:
+            fixed.close()
