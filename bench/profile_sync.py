@@ -25,7 +25,8 @@ SPY = str(Path(sys.executable).parent / "py-spy")
 
 def spy(name: str, argv: list[str], log: Path) -> subprocess.Popen:
     raw = RUN / f"profile-{name}.txt"
-    return subprocess.Popen([SPY, "record", "--rate", "200", "-f", "raw", "-o", str(raw), "--", *argv],
+    gil = ["--gil"] if os.environ.get("PROFILE_GIL") else []
+    return subprocess.Popen([SPY, "record", "--rate", "200", *gil, "-f", "raw", "-o", str(raw), "--", *argv],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -70,4 +71,4 @@ def main(data: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RUN / "data-sync-500MB-s1-v1")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RUN / "data-sync-500MB-s1-v2")

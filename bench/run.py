@@ -86,7 +86,7 @@ def fresh(path: Path) -> Path:
 
 def sync_data() -> tuple[Path, dict]:
     seed = 1
-    data = RUN / f"data-sync-{SYNC_MB}MB-s{seed}-v1"
+    data = RUN / f"data-sync-{SYNC_MB}MB-s{seed}-v2"
     summary = data / "summary.json"
     if not summary.exists():
         say(f"generating a {SYNC_MB} MB Data.fs in {data} (cached for later runs)")

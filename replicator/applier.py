@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ZODB.blob import is_blob_record, remove_committed
+from ZODB.blob import remove_committed
 from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import POSError
@@ -50,6 +50,7 @@ from .errors import (
     RemoteProtocolError,
     StorageError,
 )
+from .fsformat import is_blob_data
 from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .storage import fsync_dir, has_blobs
@@ -296,7 +297,7 @@ class Applier:
         if record.blob_size is not None and not self._blobs:
             raise ConfigError(f"the primary ships blobs (oid {record.oid.hex()} in transaction "
                               f"{tid_repr(txn.begin.tid)}); the secondary needs --blob-dir")
-        if record.blob_size is None and self._blobs and is_blob_record(record.data):
+        if record.blob_size is None and self._blobs and is_blob_data(record.data):
             # Committing it would leave a blob record without its file.
             raise ConfigError(f"the primary ships blob records without their files (oid {record.oid.hex()});"
                               f" give the primary --blob-dir too, or none to either")

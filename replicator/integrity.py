@@ -1,4 +1,4 @@
-"""Transaction digests: one 32-byte BLAKE2b value over a transaction's canonical content.
+"""Transaction digests: one 32-byte SHA-256 value over a transaction's canonical content.
 
 The digest covers what a re-commit must reproduce exactly: the TID, user,
 description and extension bytes, and for every record in order its oid,
@@ -11,6 +11,12 @@ recomputes it from what it received and refuses to commit on a mismatch.  The
 same function run over a committed storage gives the same value, so two nodes
 can compare their histories by digest (the handshake does, for the secondary's
 last transaction).
+
+SHA-256 because OpenSSL runs it on the CPU's SHA extensions where there are
+any (about twice BLAKE2b's speed on the machines we measure; hashing every
+byte on both sides is a visible share of a catch-up).  A domain prefix keeps
+transaction and metadata digests apart.  Each record is fed as one framed
+header and its data: two ``update`` calls, not one per field.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ if TYPE_CHECKING:  # the events import this module's users; avoid a cycle
 __all__ = ["TxnDigest", "DIGEST_LEN", "TxnIdentity", "meta_digest"]
 
 DIGEST_LEN = 32
-_PERSON = b"zodb-repl-txn1"
-_META_PERSON = b"zodb-repl-meta1"
+_PERSON = b"zodb-repl-txn2\0"
+_META_PERSON = b"zodb-repl-meta2\0"
 _NO_TXN = b"\xff" * 8
+_NO_DATA = 0xFFFFFFFFFFFFFFFF
+_NO_BLOB = 0xFFFFFFFFFFFFFFFF
+_record_header = struct.Struct(">c8s8sQQ").pack
 
 
 class TxnDigest:
@@ -37,28 +46,19 @@ class TxnDigest:
     __slots__ = ("_h", "_blob_left")
 
     def __init__(self, begin: TxnBegin) -> None:
-        self._h = hashlib.blake2b(digest_size=DIGEST_LEN, person=_PERSON)
+        self._h = h = hashlib.sha256(_PERSON)
         self._blob_left = 0
-        self._h.update(begin.tid)
-        for part in (begin.user, begin.description, begin.extension):
-            self._h.update(struct.pack(">I", len(part)))
-            self._h.update(part)
+        h.update(begin.tid + struct.pack(">III", len(begin.user), len(begin.description), len(begin.extension))
+                 + begin.user + begin.description + begin.extension)
 
     def add_record(self, record: Record) -> None:
-        h = self._h
-        h.update(b"R")
-        h.update(record.oid)
-        h.update(record.data_txn if record.data_txn is not None else _NO_TXN)
-        if record.data is None:
-            h.update(b"\xff" * 8)
-        else:
-            h.update(struct.pack(">Q", len(record.data)))
-            h.update(record.data)
-        if record.blob_size is None:
-            h.update(b"-")
-        else:
-            h.update(b"B")
-            h.update(struct.pack(">Q", record.blob_size))
+        data = record.data
+        self._h.update(_record_header(b"R", record.oid,
+                                      _NO_TXN if record.data_txn is None else record.data_txn,
+                                      _NO_DATA if data is None else len(data),
+                                      _NO_BLOB if record.blob_size is None else record.blob_size))
+        if data:
+            self._h.update(data)
 
     def add_blob_bytes(self, data: bytes | memoryview) -> None:
         self._h.update(data)
@@ -77,11 +77,9 @@ def meta_digest(tid: bytes, user: bytes, description: bytes, extension: bytes) -
     unreachable objects) but never its TID, user, description or extension,
     so this is what two nodes compare when one of them packed.
     """
-    h = hashlib.blake2b(digest_size=DIGEST_LEN, person=_META_PERSON)
-    h.update(tid)
-    for part in (user, description, extension):
-        h.update(struct.pack(">I", len(part)))
-        h.update(part)
+    h = hashlib.sha256(_META_PERSON)
+    h.update(tid + struct.pack(">III", len(user), len(description), len(extension)) + user + description
+             + extension)
     return h.digest()
 
 

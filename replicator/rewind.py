@@ -19,11 +19,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ZODB.blob import is_blob_record
 from ZODB.FileStorage import FileStorage
 
 from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError
-from .fsformat import FIRST_POS, TRANS_HDR_LEN, parse_txn_header, u64
+from .fsformat import FIRST_POS, TRANS_HDR_LEN, is_blob_data, parse_txn_header, u64
 from .integrity import TxnIdentity
 from .storage import open_file_storage, txn_identity
 from .tid import Z64, tid_repr
@@ -119,7 +118,7 @@ def save_orphans(path: str, blob_dir: str | None, fork: Fork) -> str:
                 continue
             dest.tpc_begin(txn, txn.tid, txn.status)
             for record in txn:
-                if blob_dir and record.data is not None and is_blob_record(record.data):
+                if blob_dir and record.data is not None and is_blob_data(record.data):
                     copy = os.path.join(dest.temporaryDirectory(), f"orphan-{record.oid.hex()}")
                     shutil.copyfile(source.loadBlob(record.oid, record.tid), copy)
                     dest.restoreBlob(record.oid, record.tid, record.data, copy, record.data_txn, txn)

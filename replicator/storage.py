@@ -30,7 +30,6 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import zc.lockfile
-from ZODB.blob import is_blob_record
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import FileStorageFormatError
 from ZODB.FileStorage.format import CorruptedError
@@ -38,6 +37,7 @@ from ZODB.POSException import POSError, POSKeyError
 from ZODB.utils import u64
 
 from .errors import ConfigError, StorageError
+from .fsformat import is_blob_data
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
 from .tid import Z64, tid_repr
@@ -204,7 +204,7 @@ def iter_transactions(storage: FileStorage, start: bytes | None = None, stop: by
 def _records(storage: FileStorage, txn, blobs: bool) -> Iterator[StoredRecord]:
     try:
         for rec in txn:
-            is_blob = blobs and is_blob_record(rec.data)
+            is_blob = blobs and is_blob_data(rec.data)
             blob_file = None
             blob_size = None
             if is_blob:

@@ -22,15 +22,17 @@ import stat
 import time
 from collections.abc import Iterator
 
-from ZODB.blob import FilesystemHelper, is_blob_record
+from ZODB.blob import FilesystemHelper
 
 from .errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
 from .fsfile import HEADER_AHEAD, WHOLE_TXN, SourceFile
 from .fsformat import (
+    BLOB_SNIFF,
     DATA_HDR_LEN,
     FIRST_POS,
     TRANS_HDR_LEN,
     TxnHeader,
+    is_blob_data,
     parse_data_header,
     parse_txn_header,
     u64,
@@ -42,8 +44,6 @@ from .tid import Z64, tid_repr
 
 __all__ = ["Tailer"]
 
-#: Records this small are checked for blobs before TxnBegin (blob pickles are tiny).
-BLOB_PRECHECK = 64 << 10
 #: wait() polls this often: a commit is seen within tens of milliseconds.
 POLL = 0.01
 #: Budget charged per event besides its data, so many empty records still fill it.
@@ -303,11 +303,14 @@ class Tailer:
             raise ConfigError(f"{self.path} has blob records: pass --blob-dir")
         return self._fshelper.getBlobFilename(oid, tid)
 
-    def _check_blob(self, data: bytes | None, oid: bytes, h: TxnHeader, rpos: int) -> None:
-        if data is not None and is_blob_record(data):
-            path = self._blob_file(oid, h.tid)
-            if not os.path.isfile(path):
-                raise MissingBlobError(self.path, rpos, path)
+    def _check_blob(self, data: bytes | None, oid: bytes, h: TxnHeader, rpos: int) -> bool:
+        """True if ``data`` (a record's first bytes) is a blob record; its file must exist."""
+        if not is_blob_data(data):
+            return False
+        path = self._blob_file(oid, h.tid)
+        if not os.path.isfile(path):
+            raise MissingBlobError(self.path, rpos, path)
+        return True
 
     def _resolve_back(self, src: SourceFile, oid: bytes, back: int, rpos: int
                       ) -> tuple[int, int, bytes]:
@@ -346,6 +349,7 @@ class Tailer:
     def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes) -> Iterator[Event]:
         """Check the framing of ``h`` whole, then yield its events one by one."""
         backs: dict[int, tuple[int, int, bytes | None]] = {}
+        blobs: set[int] = set()  # positions of blob records, found before anything is yielded
         for dh, back in walk_data_headers(lambda p, n: src.read(p, n, HEADER_AHEAD), h, self.path):
             if dh.plen > self.max_record_size:
                 self._too_big(dh.pos, dh.plen)
@@ -354,8 +358,8 @@ class Tailer:
                 resolved = self._resolve_back(src, dh.oid, back, dh.pos) if back else (0, 0, None)
                 backs[dh.pos] = resolved
                 data_pos, plen = resolved[0], resolved[1]
-            if data_pos and plen <= BLOB_PRECHECK:
-                self._check_blob(src.read(data_pos, plen), dh.oid, h, dh.pos)
+            if data_pos and self._check_blob(src.read(data_pos, min(plen, BLOB_SNIFF)), dh.oid, h, dh.pos):
+                blobs.add(dh.pos)
         meta = src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN)
         user, meta = meta[:h.ulen], meta[h.ulen:]
         begin = TxnBegin(h.tid, prev_tid, h.status.decode("latin-1"), user,
@@ -370,7 +374,7 @@ class Tailer:
             pos += dh.reclen
             if data is not None and len(data) < plen:
                 raise CorruptedSourceError(self.path, dh.pos, "record data cut short")
-            if data is None or not is_blob_record(data):
+            if dh.pos not in blobs:
                 record = Record(dh.oid, data, data_txn)
                 digest.add_record(record)
                 yield record

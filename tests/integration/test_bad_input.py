@@ -109,7 +109,7 @@ def test_wrong_protocol_version_gets_a_reject(source, tls_dir):
                 event = decode_frame(msgpack.unpackb(msg.data, raw=False))
                 assert isinstance(event, Reject)
                 assert event.code == "version"
-                assert "protocol 2" in event.message
+                assert f"protocol {PROTOCOL_VERSION + 1}" in event.message
 
     asyncio.run(scenario())
 
