@@ -209,4 +209,4 @@ def is_blob_data(data: bytes | None) -> bool:
     ends several percent of their time.  The class pickle comes first and a
     blob's is far shorter than ``BLOB_SNIFF``, so the answer is the same.
     """
-    return data is not None and is_blob_record(data[:BLOB_SNIFF])
+    return data is not None and data.find(b"ZODB.blob", 0, BLOB_SNIFF) != -1 and is_blob_record(data[:BLOB_SNIFF])

@@ -382,32 +382,53 @@ class Secondary:
                 raise RemoteProtocolError(f"unexpected {msg.type.name} message")
 
     async def _apply_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
-        """Apply batches until cancelled, or until the ``None`` that ``stop_following`` queues."""
+        """Apply batches until cancelled, or until the ``None`` that ``stop_following`` queues.
+
+        The fsync that makes a batch durable runs in a second thread while
+        the next batch is applied; each batch is acknowledged once its fsync
+        returned, in order.
+        """
         assert self.applier is not None
+        applier = self.applier
+        syncing: asyncio.Task | None = None
         last = False
-        while not last:
-            batch = await queue.get()
-            if batch is None:
-                return
-            # Merge what is already waiting: fewer thread hops while catching up.
-            while not queue.empty() and len(batch) < 10_000:
-                more = queue.get_nowait()
-                if more is None:
-                    last = True
-                    break
-                batch.extend(more)
-            tids = await blocking(self.applier.apply, batch)
-            if tids:
-                self.progress.applied_tid = tids[-1]
-                self.progress.applied_at = time.time()
-                self.progress.txns_applied += len(tids)
-                if self.downstream is not None:
-                    self.downstream.notifier.notify()
-                # After a Goodbye or a close there is nobody to tell; the next
-                # Hello reports the same position.
-                if not ws.closed and conn.state is ConnectionState.STREAMING:
-                    with contextlib.suppress(ConnectionError):
-                        await ws.send_bytes(conn.send(Ack(tids[-1])))
+        try:
+            while not last:
+                batch = await queue.get()
+                if batch is None:
+                    return
+                # Merge what is already waiting: fewer thread hops and fsyncs while catching up.
+                while not queue.empty() and len(batch) < 10_000:
+                    more = queue.get_nowait()
+                    if more is None:
+                        last = True
+                        break
+                    batch.extend(more)
+                tids = await blocking(applier.apply, batch, durable=False)
+                if syncing is not None:
+                    await syncing  # one fsync at a time, acknowledgements in order
+                    syncing = None
+                if tids:
+                    syncing = asyncio.create_task(self._make_durable(ws, conn, tids))
+        finally:
+            if syncing is not None:
+                # Whatever ends the loop, what was committed is made durable
+                # (and acknowledged if the connection still stands).
+                await asyncio.shield(syncing)
+
+    async def _make_durable(self, ws, conn: Connection, tids: list[bytes]) -> None:
+        assert self.applier is not None
+        await blocking(self.applier.make_durable, tids)
+        self.progress.applied_tid = tids[-1]
+        self.progress.applied_at = time.time()
+        self.progress.txns_applied += len(tids)
+        if self.downstream is not None:
+            self.downstream.notifier.notify()
+        # After a Goodbye or a close there is nobody to tell; the next
+        # Hello reports the same position.
+        if not ws.closed and conn.state is ConnectionState.STREAMING:
+            with contextlib.suppress(ConnectionError):
+                await ws.send_bytes(conn.send(Ack(tids[-1])))
 
 
     # -- /status ---------------------------------------------------------

@@ -379,6 +379,7 @@ class Tailer:
                 digest.add_record(record)
                 yield record
                 continue
+            assert data is not None  # a blob record found by the first pass, which read its data
             yield from self._blob_events(dh.oid, data, data_txn, h, dh.pos, digest)
         yield TxnEnd(h.tid, digest.digest())
 

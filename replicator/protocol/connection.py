@@ -83,38 +83,40 @@ class _Stream:
 
     def check(self, event: Event, error: type[ReplicatorError]) -> None:
         """Raise ``error`` if ``event`` may not come next; else advance."""
-        if isinstance(event, TxnBegin):
-            if self.txn is not None:
-                raise error(f"TxnBegin {event.tid.hex()} inside transaction {self.txn.tid.hex()}")
-            if event.prev_tid != self.last_tid:
-                raise error(
-                    f"TxnBegin {event.tid.hex()} follows {event.prev_tid.hex()}, "
-                    f"but the stream is at {self.last_tid.hex() if self.last_tid else 'nothing'}"
-                )
-            self.txn = event
-        elif isinstance(event, Record):
+        kind = type(event)
+        if kind is Record:  # nearly every event: tested first, by identity
             if self.txn is None:
                 raise error("Record outside a transaction")
             if self.blob_left:
                 raise error(f"Record while {self.blob_left} blob bytes are still due")
-            self.blob_left = event.blob_size or 0
-        elif isinstance(event, BlobChunk):
-            if self.txn is None or len(event.data) > self.blob_left:
-                raise error(f"BlobChunk of {len(event.data)} bytes where {self.blob_left} are due")
-            self.blob_left -= len(event.data)
-        elif isinstance(event, TxnEnd):
-            if self.txn is None or event.tid != self.txn.tid:
+            self.blob_left = event.blob_size or 0  # type: ignore[attr-defined]
+        elif kind is TxnBegin:
+            if self.txn is not None:
+                raise error(f"TxnBegin {event.tid.hex()} inside transaction {self.txn.tid.hex()}")  # type: ignore[attr-defined]
+            if event.prev_tid != self.last_tid:  # type: ignore[attr-defined]
+                raise error(
+                    f"TxnBegin {event.tid.hex()} follows {event.prev_tid.hex()}, "  # type: ignore[attr-defined]
+                    f"but the stream is at {self.last_tid.hex() if self.last_tid else 'nothing'}"
+                )
+            self.txn = event  # type: ignore[assignment]
+        elif kind is TxnEnd:
+            if self.txn is None or event.tid != self.txn.tid:  # type: ignore[attr-defined]
                 raise error("TxnEnd does not end the open transaction")
             if self.blob_left:
                 raise error(f"TxnEnd while {self.blob_left} blob bytes are still due")
-            self.last_tid = self.ended_tid = event.tid
+            self.last_tid = self.ended_tid = event.tid  # type: ignore[attr-defined]
             self.txn = None
-        elif isinstance(event, Heartbeat):
+        elif kind is BlobChunk:
+            if self.txn is None or len(event.data) > self.blob_left:  # type: ignore[attr-defined]
+                raise error(f"BlobChunk of {len(event.data)} bytes where {self.blob_left} are due")  # type: ignore[attr-defined]
+            self.blob_left -= len(event.data)  # type: ignore[attr-defined]
+        elif kind is Heartbeat:
             if self.txn is not None:
                 raise error("Heartbeat inside a transaction")
 
 
 _STREAM_EVENTS = (TxnBegin, Record, BlobChunk, TxnEnd, Heartbeat)
+_TRANSACTION_EVENTS = frozenset({TxnBegin, Record, BlobChunk, TxnEnd})
 
 
 class Connection:
@@ -182,10 +184,17 @@ class Connection:
         """Buffer the peer's bytes; decoded events wait in ``next_event()``."""
         if self.state is ConnectionState.ERROR:
             raise RemoteProtocolError("connection already failed")
+        pending, stream = self._pending, self._stream
+        streaming = self.role is Role.SECONDARY and self.state is ConnectionState.STREAMING
         try:
             for event in self._decoder.feed(data):
-                self._check_receive(event)
-                self._pending.append(event)
+                if streaming and type(event) in _TRANSACTION_EVENTS:
+                    # The stream itself, the bulk of a secondary's input: checked directly.
+                    stream.check(event, RemoteProtocolError)
+                else:
+                    self._check_receive(event)
+                    streaming = self.role is Role.SECONDARY and self.state is ConnectionState.STREAMING
+                pending.append(event)
         except RemoteProtocolError:
             self.state = ConnectionState.ERROR
             raise

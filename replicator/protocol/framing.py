@@ -10,7 +10,7 @@ event dataclass.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import fields
 
 import msgpack
@@ -73,9 +73,10 @@ class FrameDecoder:
             max_ext_len=0,
         )
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
-        """Yield every complete event in ``data`` plus what was buffered before."""
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Every complete event in ``data`` plus what was buffered before."""
         view = memoryview(data)
+        events: list[Event] = []
         for start in range(0, len(view), _FEED_SLICE):
             try:
                 self._unpacker.feed(view[start:start + _FEED_SLICE])
@@ -83,31 +84,30 @@ class FrameDecoder:
                 raise RemoteProtocolError(
                     f"frame larger than the {self.max_frame}-byte limit"
                 ) from None
-            yield from self._drain()
+            self._drain(events)
         if not view:
-            yield from self._drain()
+            self._drain(events)
+        return events
 
-    def _drain(self) -> Iterator[Event]:
-        while True:
-            try:
-                frame = self._unpacker.unpack()
-            except msgpack.OutOfData:
-                return
-            except (ValueError, msgpack.UnpackException, TypeError) as exc:
-                # msgpack reports over-limit lengths as ValueError.
-                raise RemoteProtocolError(f"malformed frame: {exc}") from None
-            yield decode_frame(frame)
+    def _drain(self, events: list[Event]) -> None:
+        try:
+            # Iterating stops quietly at the end of the buffered bytes.
+            for frame in self._unpacker:
+                events.append(decode_frame(frame))
+        except (ValueError, msgpack.UnpackException, TypeError) as exc:
+            # msgpack reports over-limit lengths as ValueError.
+            raise RemoteProtocolError(f"malformed frame: {exc}") from None
 
 
 def decode_frame(frame: object) -> Event:
     """Check one decoded msgpack value and build its event."""
-    if not isinstance(frame, list) or not frame:
+    if type(frame) is not list or not frame:
         raise RemoteProtocolError(f"frame is not a non-empty array: {type(frame).__name__}")
-    code, *values = frame
-    cls = EVENT_TYPES.get(code) if isinstance(code, int) else None
+    code = frame[0]
+    cls = EVENT_TYPES.get(code) if type(code) is int else None
     if cls is None:
         raise RemoteProtocolError(f"unknown frame type {code!r:.20}")
     try:
-        return cls(*values)
+        return cls(*frame[1:])
     except (TypeError, ValueError) as exc:
         raise RemoteProtocolError(f"invalid {cls.__name__} frame: {exc}") from None
