@@ -8,6 +8,7 @@ is the kernel's ``VmHWM``, CPU is ``utime + stime``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
 import json
@@ -42,7 +43,30 @@ from tests.helpers import (  # noqa: E402  (after the path set-up on purpose)
 
 __all__ = ["HERE", "ROOT", "RUN", "PY", "REPLICATOR", "QUICK", "MB", "Proc", "free_port", "start_zeo",
            "tls_args", "wait_for_port", "wait_until", "machine", "peak_rss", "cpu_seconds", "median_range",
-           "percentile", "ensure_tls", "status", "start_primary", "start_secondary", "say", "dir_bytes"]
+           "percentile", "ensure_tls", "status", "start_primary", "start_secondary", "say", "dir_bytes",
+           "PRIMARY_CPUS", "SECONDARY_CPUS", "on_cpus"]
+
+#: The lag and cost sections model two machines on this one: the primary's
+#: (ZEO server, its clients, the sidecar primary) gets the first core, the
+#: secondary's the other(s).  Without that the secondary's work, which in
+#: production runs on another host, would be charged to the primary.
+_CPUS = sorted(os.sched_getaffinity(0))
+PRIMARY_CPUS = set(_CPUS[:1]) if len(_CPUS) > 1 else set(_CPUS)
+SECONDARY_CPUS = set(_CPUS[1:]) if len(_CPUS) > 1 else set(_CPUS)
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None):
+    """Processes started inside run on ``cpus`` (inherited affinity); None: anywhere."""
+    if cpus is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
 
 
 def say(text: str) -> None:

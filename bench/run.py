@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HERE,
+    PRIMARY_CPUS,
+    SECONDARY_CPUS,
     MB,
     PY,
     QUICK,
@@ -43,6 +45,7 @@ from common import (  # noqa: E402
     free_port,
     machine,
     median_range,
+    on_cpus,
     peak_rss,
     percentile,
     say,
@@ -224,13 +227,16 @@ class ZeoSetup:
     """A ZEO server on a fresh Data.fs, optionally with a sidecar primary and a secondary."""
 
     def __init__(self, name: str, replicated: bool, trace: Path | None = None, embedded: bool = False,
-                 sync: bool = False, separate_disk: bool = False) -> None:
+                 sync: bool = False, separate_disk: bool = True) -> None:
+        # Two machines on one: every process of the primary's side runs on
+        # PRIMARY_CPUS, the secondary on SECONDARY_CPUS (see common.py).
+        self.primary_cpus, self.secondary_cpus = PRIMARY_CPUS, SECONDARY_CPUS
         self.work = fresh(RUN / "work" / name)
         self.tls = ensure_tls()
         (self.work / "zeo").mkdir()
-        # separate_disk: the secondary's storage on tmpfs, standing in for a
-        # secondary on its own machine, whose fsyncs do not queue behind the
-        # primary's on the same disk (the CPU is still shared).
+        # separate_disk: the secondary's storage on tmpfs, standing in for
+        # the disk of the secondary's own machine, whose fsyncs do not queue
+        # behind the primary's.
         self.sec_dir = fresh(SHM / name) if separate_disk else self.work / "sec"
         self.sec_dir.mkdir(exist_ok=True)
         self.zeo_port = free_port()
@@ -246,21 +252,25 @@ class ZeoSetup:
                 f"  tls-key {self.tls / 'primary.key'}\n" + ("  sync-count 1\n" if sync else "") + "  <filestorage>\n"
                 f"    path {self.work / 'zeo' / 'Data.fs'}\n    blob-dir {self.work / 'zeo' / 'blobs'}\n"
                 f"  </filestorage>\n</replicated-primary>\n")
-            self.zeo = Proc([str(Path(PY).parent / "runzeo"), "-C", str(conf)], self.work / "zeo.log")
+            with on_cpus(self.primary_cpus):
+                self.zeo = Proc([str(Path(PY).parent / "runzeo"), "-C", str(conf)], self.work / "zeo.log")
             wait_for_port(self.zeo_port, self.zeo.proc)
             wait_for_port(self.port, self.zeo.proc)
         else:
-            self.zeo = start_zeo(self.work, self.work / "zeo" / "Data.fs", self.work / "zeo" / "blobs",
-                                 self.zeo_port)
+            with on_cpus(self.primary_cpus):
+                self.zeo = start_zeo(self.work, self.work / "zeo" / "Data.fs", self.work / "zeo" / "blobs",
+                                     self.zeo_port)
         if not sync:
             self.writers(rate=0, seconds=0.2, count=1)  # creates the root: concurrent first opens race
         if replicated:
             if not embedded:
-                self.primary = start_primary(self.work, self.work / "zeo" / "Data.fs",
-                                             self.work / "zeo" / "blobs", self.port, self.tls)
+                with on_cpus(self.primary_cpus):
+                    self.primary = start_primary(self.work, self.work / "zeo" / "Data.fs",
+                                                 self.work / "zeo" / "blobs", self.port, self.tls)
             env = {TRACE_ENV: str(trace)} if trace else None
-            self.secondary = start_secondary(self.work, self.sec_dir / "Data.fs", self.sec_dir / "blobs",
-                                             self.port, self.tls, env=env)
+            with on_cpus(self.secondary_cpus):
+                self.secondary = start_secondary(self.work, self.sec_dir / "Data.fs", self.sec_dir / "blobs",
+                                                 self.port, self.tls, env=env)
         if sync:
             # Synchronous: even the first commit waits for the secondary, so it comes first.
             self.writers(rate=0, seconds=0.2, count=1)
@@ -268,8 +278,9 @@ class ZeoSetup:
     def writers(self, rate: float, seconds: float, count: int) -> list[tuple[str, float, float]]:
         """Run ``count`` writer processes sharing ``rate``; their (tid, start, done) lines."""
         outs = [self.work / f"writer{i}.txt" for i in range(count)]
-        procs = [subprocess.Popen([PY, str(HERE / "writer.py"), str(self.zeo_port), str(rate / count),
-                                   str(seconds), str(out), str(i)]) for i, out in enumerate(outs)]
+        with on_cpus(self.primary_cpus):
+            procs = [subprocess.Popen([PY, str(HERE / "writer.py"), str(self.zeo_port), str(rate / count),
+                                       str(seconds), str(out), str(i)]) for i, out in enumerate(outs)]
         for proc in procs:
             if proc.wait(seconds + 120) != 0:
                 raise SystemExit(f"writer failed with {proc.returncode}")
@@ -336,10 +347,9 @@ def bench_lag() -> None:
 #: mode -> ZeoSetup options; "off" is the baseline every other mode is paired with.
 COST_MODES = {
     "off": {"replicated": False},
-    "sidecar, same disk": {"replicated": True},
-    "sidecar": {"replicated": True, "separate_disk": True},
-    "embedded": {"replicated": True, "embedded": True, "separate_disk": True},
-    "embedded, synchronous": {"replicated": True, "embedded": True, "sync": True, "separate_disk": True},
+    "sidecar": {"replicated": True},
+    "embedded": {"replicated": True, "embedded": True},
+    "embedded, synchronous": {"replicated": True, "embedded": True, "sync": True},
 }
 
 
@@ -390,6 +400,10 @@ def report() -> str:
     out = [f"Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gb']} GB RAM, Linux {m['kernel']}; "
            f"Python {m['python']}, ZODB {m['zodb']}, ZEO {m['zeo']}; {m['date']}"
            + (" (BENCH_QUICK)" if m["quick"] else ""), ""]
+    if "lag" in results or "cost" in results:
+        out += [f"Lag and cost model two machines: the primary's side (ZEO server, its clients, the sidecar "
+                f"primary) runs on CPU {sorted(PRIMARY_CPUS)}, the secondary on CPU {sorted(SECONDARY_CPUS)} "
+                "with its storage on tmpfs.", ""]
     out += ["| measurement | result | target | |", "| --- | --- | --- | --- |"]
 
     def row(what: str, value: str, target: str = "", ok: bool | None = None) -> None:

@@ -45,7 +45,7 @@ from .protocol import (
     TxnEnd,
     Welcome,
 )
-from .tailer import Tailer
+from .tailer import POLL, Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import peer_identity, server_ssl_context, start_server, stop_server
@@ -55,6 +55,10 @@ __all__ = ["Primary", "ChangeNotifier"]
 log = logging.getLogger("replicator.primary")
 
 HELLO_TIMEOUT = 10.0
+#: Least time between two refreshes of the head TID (one scan covers every commit since).
+HEAD_REFRESH_INTERVAL = 0.05
+#: A session this close to the end of the file reads inline instead of in a worker thread.
+INLINE_READ_BYTES = 256 << 10
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -65,53 +69,77 @@ def _leaf(error: BaseException) -> BaseException:
 
 
 class ChangeNotifier:
-    """Tells waiting sessions that the storage file may hold new commits."""
+    """Tells waiting sessions that the storage file may hold new commits.
+
+    Each waiter parks on a future of its own, which ``notify()`` resolves:
+    no task, lock or ``wait_for`` per wake-up (under load there are hundreds
+    a second, and each used to cost the primary more than shipping a commit).
+    """
 
     def __init__(self, path: str, poll_interval: float) -> None:
         self.path = path
         self.poll_interval = poll_interval
         self.version = 0
-        self._cond = asyncio.Condition()
+        self._waiters: set[asyncio.Future] = set()
         self._stamp: tuple[int, int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakers: set[asyncio.Task] = set()
+        self._wake_scheduled = False
 
     def notify(self) -> None:
         """A commit happened: wake every waiting session (call from the event loop)."""
         self.version += 1
-        task = asyncio.get_running_loop().create_task(self._wake())
-        self._wakers.add(task)
-        task.add_done_callback(self._wakers.discard)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def notify_threadsafe(self) -> None:
-        """``notify()`` from another thread, e.g. a storage's ``tpc_finish`` under ZEO."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.notify)
+        """``notify()`` from another thread, e.g. a storage's ``tpc_finish`` under ZEO.
 
-    async def _wake(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+        Commits that come while a wake-up is already on its way share it:
+        the sessions it wakes read everything committed by then.  Under load
+        that spares the embedding server one loop wake-up per commit.
+        """
+        if self._loop is not None and not self._loop.is_closed() and not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._loop.call_soon_threadsafe(self._scheduled_notify)
+
+    def _scheduled_notify(self) -> None:
+        self._wake_scheduled = False
+        self.notify()
 
     async def wait(self, seen: int, timeout: float) -> int:
         """Wait until ``version`` moves past ``seen`` or ``timeout``; return the version."""
-        async with self._cond:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.version != seen), timeout)
+        if self.version != seen:
+            return self.version
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiters.discard(waiter)
         return self.version
 
     async def poll_forever(self) -> None:
         self._loop = asyncio.get_running_loop()
         while True:
             try:
-                st = await asyncio.to_thread(os.stat, self.path)
+                # A stat of a local file does not block for long: no thread hop (100 a second).
+                st = os.stat(self.path)
                 stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             except FileNotFoundError:
                 stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
             if stamp != self._stamp:
                 self._stamp = stamp
-                self.version += 1
-                await self._wake()
+                self.notify()
             await asyncio.sleep(self.poll_interval)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
@@ -241,7 +269,10 @@ class Primary:
 
     async def _refresh_head(self) -> None:
         assert self._head_tailer is not None
-        tid, count = await asyncio.to_thread(self._head_tailer.head)
+        if self._head_tailer.unscanned_bytes() <= INLINE_READ_BYTES:
+            tid, count = self._head_tailer.head()  # a few new headers: no thread hop
+        else:
+            tid, count = await asyncio.to_thread(self._head_tailer.head)
         self.head_tid, self.head_count = tid, count
         damage = self._head_tailer.damage
         if damage is not None and self.damage_ahead is None:
@@ -254,6 +285,9 @@ class Primary:
         while True:
             seen = await self.notifier.wait(seen, self.config.heartbeat_interval)
             await self._refresh_head()
+            # The head serves /status, heartbeats and refusals; a few looks a
+            # second are enough, and under load one look covers many commits.
+            await asyncio.sleep(HEAD_REFRESH_INTERVAL)
 
     def fence(self, reason: str) -> None:
         """Accept no more writes (an embedding storage checks ``writable``); streaming goes on."""
@@ -444,6 +478,7 @@ class Primary:
 
     async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume."""
+        await self._refresh_head()  # the tracked head may be up to a refresh interval old
         if self.damage_ahead is not None and last > self.head_tid:
             # Our file is readable only up to the damage: nothing can be said
             # of the secondary's history beyond it, and nothing can be served.
@@ -475,7 +510,12 @@ class Primary:
                                                                "newer epoch; follow the new primary")))
                 await ws.close()
                 return
-            events = await blocking(tailer.read_events, cfg.batch_bytes)
+            if tailer.pending_bytes() <= INLINE_READ_BYTES:
+                # Caught up: a few small commits, read from the page cache in
+                # well under a millisecond; a thread hop would cost more.
+                events = tailer.read_events(cfg.batch_bytes)
+            else:
+                events = await blocking(tailer.read_events, cfg.batch_bytes)
             if events:
                 frames = []
                 for event in events:
@@ -490,12 +530,21 @@ class Primary:
                 stats.bytes_sent += len(data)
                 self.bytes_sent += len(data)
                 last_sent = time.monotonic()
-                continue
+                if not tailer.at_end:
+                    continue
+                # That was all there is: wait for the next commit instead of looking again.
             now = time.monotonic()
             if now - last_sent >= cfg.heartbeat_interval:
                 await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
                 last_sent = now
-            seen = await self.notifier.wait(seen, max(0.0, cfg.heartbeat_interval - (now - last_sent)))
+            timeout = max(0.0, cfg.heartbeat_interval - (now - last_sent))
+            if tailer.at_end and tailer.pending_bytes() > 0:
+                # A commit is under way past the cursor (voted, not finished).
+                # Its finish flips one status byte, which need not change the
+                # file's size or (coarse) mtime that the poller watches: look
+                # again soon by ourselves.
+                timeout = min(timeout, POLL)
+            seen = await self.notifier.wait(seen, timeout)
 
     async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:
         async for msg in ws:

@@ -62,6 +62,9 @@ class Tailer:
         self._src: SourceFile | None = None   # the file now at ``path``
         self._cur: SourceFile | None = None   # the file the cursor reads (older after a pack)
         self._pos, self._last_tid = FIRST_POS, Z64
+        #: The last ``read_events`` stopped because no further committed transaction was there yet.
+        self.at_end = False
+        self._size: int | None = None  # the file's size, taken once per read_events call
         self._txn: Iterator[Event] | None = None  # events of the transaction under way
         self._txn_end = 0  # where the transaction under way ends
         self._error: Exception | None = None
@@ -120,6 +123,16 @@ class Tailer:
         src.scan()
         return src.scan_tid, src.count
 
+    def unscanned_bytes(self) -> int:
+        """Bytes past what ``head()`` scanned so far (huge when nothing is open yet)."""
+        src = self._src
+        if src is None or src.fd < 0:
+            return 1 << 62
+        try:
+            return max(0, os.fstat(src.fd).st_size - src.scan_pos)
+        except OSError:
+            return 1 << 62
+
     @property
     def damage(self) -> CorruptedSourceError | None:
         """Damage the head scan of the file now at ``path`` ran into, if any."""
@@ -176,11 +189,14 @@ class Tailer:
         events: list[Event] = []
         done = 0  # events up to here belong to finished transactions
         size = 0
+        self.at_end = False
+        self._size = None
         try:
             while size < max_bytes or not events:  # at least one event, whatever the budget
                 if self._txn is None:
                     h = self._next_header()
                     if h is None:
+                        self.at_end = True
                         break
                     self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
                     self._txn_end = h.end
@@ -200,6 +216,20 @@ class Tailer:
             self._error = error
             return events[:done]
         return events
+
+    def pending_bytes(self) -> int:
+        """Bytes of the file past the cursor (a quick upper bound of what is left to ship).
+
+        A huge number when the cursor's file is not the one at ``path`` any
+        more (a pack replaced it) or nothing is open yet.
+        """
+        cur = self._cur
+        if cur is None or cur is not self._src or cur.fd < 0:
+            return 1 << 62
+        try:
+            return max(0, os.fstat(cur.fd).st_size - self._pos)
+        except OSError:
+            return 1 << 62
 
     def wait(self, timeout: float) -> bool:
         """Block until the file may have changed since the last read, or ``timeout``.
@@ -282,21 +312,31 @@ class Tailer:
         self._cur, self._pos, self._last_tid = src, pos, tid
 
     def _next_header(self) -> TxnHeader | None:
-        """Header of the next committed transaction after the cursor, following replacements."""
-        self._seen = self._snapshot()
-        if self._refresh() or self._cur is not self._src:
-            self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
-        src = self._cur
-        if src is None or not src.ready():
-            return None
-        size = src.size()
-        if size < self._pos:  # truncated below us: whatever we shipped may be gone
-            src.close()
-            self._src = self._cur = SourceFile(self.path)
-            self._switch_to(self._src, self._last_tid)
-            return None
-        src.invalidate()
-        return src.confirmed_header(self._pos, self._last_tid, size)
+        """Header of the next committed transaction after the cursor, following replacements.
+
+        The file's identity and size are looked at once per ``read_events``
+        call (``_size`` is None at its start), not once per transaction: a
+        caught-up primary ships a few transactions per wake-up, and those
+        system calls were most of its cost per commit.  Every byte read
+        during the call is read after that size was taken, which is what
+        ``committed_header`` needs to tell a commit in progress from damage.
+        """
+        if self._size is None:
+            self._seen = self._snapshot()
+            if self._refresh() or self._cur is not self._src:
+                self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
+            src = self._cur
+            if src is None or not src.ready():
+                return None
+            size = src.size()
+            if size < self._pos:  # truncated below us: whatever we shipped may be gone
+                src.close()
+                self._src = self._cur = SourceFile(self.path)
+                self._switch_to(self._src, self._last_tid)
+                return None
+            src.invalidate()
+            self._size = size
+        return self._cur.confirmed_header(self._pos, self._last_tid, self._size)  # type: ignore[union-attr]
 
     def _blob_file(self, oid: bytes, tid: bytes) -> str:
         if self._fshelper is None:
