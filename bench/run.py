@@ -30,14 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HERE,
-    PRIMARY_CPUS,
-    SECONDARY_CPUS,
     MB,
+    PRIMARY_CPUS,
     PY,
     QUICK,
     REPLICATOR,
     ROOT,
     RUN,
+    SECONDARY_CPUS,
     Proc,
     cpu_seconds,
     dir_bytes,

@@ -140,7 +140,11 @@ def cli() -> None:
 @_common
 @click.option("--listen", default="127.0.0.1:8100", show_default=True,
               help="HOST:PORT to serve secondaries and GET /status on.")
-def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen) -> None:
+@click.option("--poll-interval", type=float, default=0.01, show_default=True, metavar="SECONDS",
+              help="How often to look for new commits in STORAGE. Longer costs the primary's host "
+                   "less under heavy write load and adds up to that much lag.")
+def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,
+            poll_interval) -> None:
     """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
     _setup_logging(log_level)
     from .primary import Primary
@@ -148,7 +152,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
     try:
         config = PrimaryConfig(
             storage=storage, blob_dir=blob_dir, listen=parse_address(listen, "--listen"),
-            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure,
+            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, poll_interval=poll_interval,
             **({"node": node} if node else {}),
         ).validate()
     except ConfigError as exc:

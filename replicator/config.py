@@ -100,8 +100,10 @@ class PrimaryConfig:
         if self.blob_dir is not None and not os.path.isdir(self.blob_dir):
             problems.append(f"--blob-dir {self.blob_dir}: no such directory")
         _check_tls(self.tls, self.insecure, problems)
-        if self.heartbeat_interval <= 0 or self.poll_interval <= 0:
-            problems.append("intervals must be positive")
+        if self.poll_interval <= 0:
+            problems.append(f"--poll-interval {self.poll_interval}: must be positive")
+        if self.heartbeat_interval <= 0:
+            problems.append(f"heartbeat interval {self.heartbeat_interval}: must be positive")
         if problems:
             raise ConfigError(problems)
         return self

@@ -33,6 +33,16 @@ def test_primary_lists_every_configuration_problem_at_once(tmp_path):
     assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
 
 
+def test_poll_interval_must_be_positive_also_from_a_config_file(tmp_path):
+    make_fs(tmp_path / "a.fs", [1])
+    result = run("primary", "--storage", str(tmp_path / "a.fs"), "--insecure", "--poll-interval", "0")
+    assert result.returncode == 2 and "--poll-interval 0.0: must be positive" in result.stderr
+    (tmp_path / "p.toml").write_text("poll-interval = -1.5\n")
+    result = run("primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "a.fs"),
+                 "--insecure")
+    assert result.returncode == 2 and "--poll-interval -1.5: must be positive" in result.stderr
+
+
 def test_tls_is_required_unless_insecure(tmp_path):
     make_fs(tmp_path / "a.fs", [1])
     result = run("primary", "--storage", str(tmp_path / "a.fs"))
