@@ -91,6 +91,7 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
     async def fence(request: web.Request) -> web.Response:
         primary = get_primary()
         primary.fence(request.query.get("reason", "fenced by an operator"))
+        await primary.settle()  # the commit in flight, if any, has landed: the head is final
         return web.json_response(primary.status())
 
     async def unfence(request: web.Request) -> web.Response:

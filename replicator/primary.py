@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
@@ -195,6 +195,8 @@ class Primary:
         self.fenced: str | None = None
         #: Called once when the node gets fenced (a storage wrapper drops its clients).
         self.fence_listeners: list[Callable[[], None]] = []
+        #: Awaited by ``settle()``: an embedding storage waits for the commit in flight.
+        self.fence_settlers: list[Callable[[], Awaitable[None]]] = []
         #: A newer epoch exists elsewhere: this node must neither write nor stream.
         self.stale = False
         #: Newest TID each secondary node acknowledged, across its sessions.
@@ -297,6 +299,12 @@ class Primary:
             log.warning("fenced: no more writes on this node: %s", reason)
             for listener in self.fence_listeners:
                 listener()
+
+    async def settle(self) -> None:
+        """After ``fence()``: return once no commit can land any more, with the head up to date."""
+        for settler in list(self.fence_settlers):
+            await settler()
+        await self._refresh_head()
 
     def unfence(self) -> None:
         self.fenced = None

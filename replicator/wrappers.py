@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import zope.interface
 from ZODB.FileStorage import FileStorage
-from ZODB.POSException import ReadOnlyError
+from ZODB.POSException import POSError, ReadOnlyError
 
 from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import primary_routes
@@ -53,6 +53,8 @@ log = logging.getLogger("replicator.wrappers")
 #: How long ``close()`` waits for a service to finish the transaction it is applying.
 STOP_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
+#: How long a fence waits for a transaction in flight before it aborts it as abandoned.
+SETTLE_TIMEOUT = 10.0
 
 
 class ServiceThread:
@@ -184,6 +186,7 @@ class PrimaryStorage(_Wrapper):
                           routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open(),
                                                 self._demote_soon))
         primary.fence_listeners.append(self._fenced)
+        primary.fence_settlers.append(self._settle)
         await primary.start()
         self.primary = primary
         try:
@@ -286,6 +289,9 @@ class PrimaryStorage(_Wrapper):
 
     async def _promoted_again(self) -> None:
         """A demoted node promoted again (failing back): it takes writes; clients re-register."""
+        downstream = self.secondary.downstream if self.secondary is not None else None
+        if downstream is not None and self._settle not in downstream.fence_settlers:
+            downstream.fence_settlers.append(self._settle)
         _drop_clients(self._dbs)
         log.warning("%s is writable again: promoted", self.config.storage)
 
@@ -299,7 +305,7 @@ class PrimaryStorage(_Wrapper):
         """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
         _drop_clients(self._dbs)
 
-    def tpc_begin(self, transaction, tid=None, status=" "):
+    def _refuse_writes_if_fenced(self) -> None:
         primary = self.primary
         if self._demoted_read_only():
             raise ReadOnlyError("this node is a secondary now (demoted)")
@@ -308,7 +314,21 @@ class PrimaryStorage(_Wrapper):
         if primary is not None and not primary.writable:
             # Fenced for a switchover, or superseded by a newer epoch.
             raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")
-        return self._base.tpc_begin(transaction, tid, status)
+
+    def tpc_begin(self, transaction, tid=None, status=" "):
+        self._refuse_writes_if_fenced()
+        result = self._base.tpc_begin(transaction, tid, status)
+        try:
+            # Fenced while this waited for the commit lock: the fence settled
+            # without it (see _settle), so it must not commit.
+            self._refuse_writes_if_fenced()
+        except ReadOnlyError:
+            self._base.tpc_abort(transaction)
+            raise
+        return result
+
+    async def _settle(self) -> None:
+        await asyncio.to_thread(_wait_for_commit_in_flight, self._base)
 
     def tpc_finish(self, transaction, f=None):
         tid = self._base.tpc_finish(transaction, f)
@@ -411,6 +431,33 @@ def _invalidate(dbs: list, tid: bytes, oids) -> None:
         db.invalidate(tid, changed)
 
 
+def _wait_for_commit_in_flight(base) -> None:
+    """Once fenced, return when no transaction is in flight on ``base``.
+
+    New transactions are refused from the moment of the fence (and one that
+    got the commit lock after it aborts itself, see ``tpc_begin``); one that
+    began before it (voted, its client about to call ``tpc_finish``) gets to
+    finish, so the head the fence reports is final.  One still unfinished
+    after ``SETTLE_TIMEOUT`` was left behind by a client that went away (ZEO
+    drops its clients at the fence) and would hold the commit lock for ever,
+    which a demoted node's applier needs: it is aborted.  It was never
+    acknowledged to its client.
+    """
+    lock = base._commit_lock
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while not lock.acquire(timeout=0.05):
+        if time.monotonic() < deadline:
+            continue
+        txn = base._transaction
+        if txn is not None:
+            log.warning("fenced: aborting a transaction still unfinished after %.0fs (its client went "
+                        "away); it was never acknowledged", SETTLE_TIMEOUT)
+            with contextlib.suppress(POSError):
+                base.tpc_abort(txn)
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+    lock.release()
+
+
 def _drop_clients(dbs: list) -> None:
     """Make every registered database forget its cache; ZEO's server closes its clients' connections.
 
@@ -507,6 +554,9 @@ class SecondaryStorage(_Wrapper):
         read-write (and validate their caches) on their own.
         """
         self._writable = True
+        downstream = self.secondary.downstream
+        if downstream is not None and self._settle not in downstream.fence_settlers:
+            downstream.fence_settlers.append(self._settle)  # a fence waits for the commit in flight
         _drop_clients(self._dbs)
         log.warning("%s is writable: promoted to primary", self._base.getName())
 
@@ -528,7 +578,16 @@ class SecondaryStorage(_Wrapper):
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         self._writable_now()
-        return self._base.tpc_begin(transaction, tid, status)
+        result = self._base.tpc_begin(transaction, tid, status)
+        try:
+            self._writable_now()  # fenced while this waited for the commit lock (see PrimaryStorage)
+        except ReadOnlyError:
+            self._base.tpc_abort(transaction)
+            raise
+        return result
+
+    async def _settle(self) -> None:
+        await asyncio.to_thread(_wait_for_commit_in_flight, self._base)
 
     store = _writer("store")
     storeBlob = _writer("storeBlob")

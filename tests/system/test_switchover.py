@@ -143,12 +143,18 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir):
                                   "--json", *tls_args(tls_dir, "secondary")], capture_output=True, text=True)
             return json.loads(out.stdout)
 
+        seen: list[list[dict]] = []
+
         def old_follows() -> bool:
-            new_status, old_status = statuses()
+            seen[:] = [statuses()]
+            new_status, old_status = seen[0]
             return (old_status.get("role") == "secondary" and old_status.get("epoch") == 1
                     and old_status.get("last_tid") == new_status.get("last_tid"))
 
-        wait_until(old_follows, timeout=60, interval=0.2, what="the old primary following the new one")
+        try:
+            wait_until(old_follows, timeout=60, interval=0.2, what="the old primary following the new one")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; last statuses (new, old): {json.dumps(seen, indent=1)}") from None
         assert statuses()[0]["epoch"] == 1
 
         assert "now follows it as a secondary" in result.stdout

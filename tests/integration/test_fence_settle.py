@@ -1,0 +1,76 @@
+"""POST /fence on an embedded primary answers only once no commit can land any more.
+
+A switchover reads the head from the fence's answer and promotes the
+secondary once it acknowledged that head, so a commit that finished after
+the answer would exist only on the old primary.  A transaction whose client
+went away at the fence must not keep the commit lock either: a demoted
+node's applier needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from ZODB.Connection import TransactionMetaData
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ReadOnlyError
+from ZODB.utils import z64
+
+from replicator import wrappers
+from replicator.config import Address, PrimaryConfig
+from replicator.control import call
+from replicator.wrappers import PrimaryStorage
+from tests.integration.test_replication import tls
+
+
+@pytest.fixture
+def primary(tmp_path, tls_dir):
+    base = FileStorage(str(tmp_path / "p.fs"), create=True)
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p")
+    storage = PrimaryStorage(base, config.validate())
+    yield storage
+    storage.close()
+
+
+def vote_one(storage, oid_value: bytes = b"x") -> TransactionMetaData:
+    """Begin, store and vote a transaction, as ZEO does before its client calls tpc_finish."""
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    storage.store(storage.new_oid(), z64, b"(c__builtin__\nobject\nq\x01)\x81q\x02." + oid_value, "", txn)
+    storage.tpc_vote(txn)
+    return txn
+
+
+def fence(storage, tls_dir) -> dict:
+    return asyncio.run(call(f"127.0.0.1:{storage.port}", "POST", "/fence?reason=test",
+                            tls(tls_dir, "secondary")))
+
+
+def test_fence_answers_after_the_commit_in_flight_landed(primary, tls_dir):
+    txn = vote_one(primary)
+    answer: dict = {}
+    fencing = threading.Thread(target=lambda: answer.update(fence(primary, tls_dir)))
+    fencing.start()
+    time.sleep(0.5)
+    assert fencing.is_alive(), "the fence answered while a voted transaction could still land"
+    tid = primary.tpc_finish(txn)
+    fencing.join(10)
+    assert answer["last_tid"] == tid.hex(), "the head the fence reports misses the commit that landed"
+    with pytest.raises(ReadOnlyError):
+        primary.tpc_begin(TransactionMetaData())
+
+
+def test_fence_aborts_a_transaction_its_client_abandoned(primary, tls_dir, monkeypatch):
+    monkeypatch.setattr(wrappers, "SETTLE_TIMEOUT", 0.5)
+    before = primary.lastTransaction()
+    vote_one(primary)  # never finished nor aborted: its client went away
+    answer = fence(primary, tls_dir)
+    assert answer["last_tid"] == before.hex()
+    base = primary._base
+    assert base._commit_lock.acquire(timeout=1), "the abandoned transaction still holds the commit lock"
+    base._commit_lock.release()
+    assert primary.lastTransaction() == before
