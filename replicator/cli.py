@@ -141,8 +141,8 @@ def cli() -> None:
 @click.option("--listen", default="127.0.0.1:8100", show_default=True,
               help="HOST:PORT to serve secondaries and GET /status on.")
 @click.option("--poll-interval", type=float, default=0.01, show_default=True, metavar="SECONDS",
-              help="How often to look for new commits in STORAGE. Longer costs the primary's host "
-                   "less under heavy write load and adds up to that much lag.")
+              help="How often to look for new commits in STORAGE; a commit waits up to that long "
+                   "before it is shipped.")
 def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,
             poll_interval) -> None:
     """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
