@@ -62,7 +62,7 @@ SYNC_REPEATS = 1 if QUICK else 3
 LAG_SECONDS = 5 if QUICK else 20
 LAG_RATES = (200, 1000)
 COST_SECONDS = 4 if QUICK else 6
-COST_REPEATS = 1 if QUICK else 5
+COST_REPEATS = 1 if QUICK else 7
 BIG_BLOB_MB, BIG_TXN_MB = (256, 50) if QUICK else (1024, 200)
 TRACE_ENV = "REPLICATOR_TRACE_FILE"
 #: Where a "separate disk" secondary keeps its storage (tmpfs when there is one).

@@ -124,14 +124,24 @@ class Tailer:
         return src.scan_tid, src.count
 
     def unscanned_bytes(self) -> int:
-        """Bytes past what ``head()`` scanned so far (huge when nothing is open yet)."""
+        """Bytes past what ``head()`` scanned so far.
+
+        Huge when nothing is open yet or a pack replaced the file: ``head()``
+        then scans a whole file, which callers should not do inline.
+        """
         src = self._src
         if src is None or src.fd < 0:
             return 1 << 62
+        size = self._size_if_same_file(src)
+        return 1 << 62 if size is None else max(0, size - src.scan_pos)
+
+    def _size_if_same_file(self, src: SourceFile) -> int | None:
+        """Size of the file at ``path`` if it is still ``src``'s (None: replaced or gone)."""
         try:
-            return max(0, os.fstat(src.fd).st_size - src.scan_pos)
+            st = os.stat(self.path)
         except OSError:
-            return 1 << 62
+            return None
+        return st.st_size if (st.st_dev, st.st_ino) == src.ident else None
 
     @property
     def damage(self) -> CorruptedSourceError | None:
@@ -221,15 +231,14 @@ class Tailer:
         """Bytes of the file past the cursor (a quick upper bound of what is left to ship).
 
         A huge number when the cursor's file is not the one at ``path`` any
-        more (a pack replaced it) or nothing is open yet.
+        more (a pack replaced it: following it means scanning the new file)
+        or nothing is open yet.
         """
         cur = self._cur
         if cur is None or cur is not self._src or cur.fd < 0:
             return 1 << 62
-        try:
-            return max(0, os.fstat(cur.fd).st_size - self._pos)
-        except OSError:
-            return 1 << 62
+        size = self._size_if_same_file(cur)
+        return 1 << 62 if size is None else max(0, size - self._pos)
 
     def wait(self, timeout: float) -> bool:
         """Block until the file may have changed since the last read, or ``timeout``.
