@@ -520,7 +520,9 @@ class Primary:
                 return
             if tailer.pending_bytes() <= INLINE_READ_BYTES:
                 # Caught up: a few small commits, read from the page cache in
-                # well under a millisecond; a thread hop would cost more.
+                # well under a millisecond; a thread hop would cost more.  (A
+                # read racing an aborted vote re-checks after CONFIRM_DELAY,
+                # 50 ms, blocking the loop that long: rare, and bounded.)
                 events = tailer.read_events(cfg.batch_bytes)
             else:
                 events = await blocking(tailer.read_events, cfg.batch_bytes)
