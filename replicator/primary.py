@@ -548,7 +548,7 @@ class Primary:
                 await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
                 last_sent = now
             timeout = max(0.0, cfg.heartbeat_interval - (now - last_sent))
-            if tailer.at_end and tailer.pending_bytes() > 0:
+            if tailer.commit_under_way:
                 # A commit is under way past the cursor (voted, not finished).
                 # Its finish flips one status byte, which need not change the
                 # file's size or (coarse) mtime that the poller watches: look

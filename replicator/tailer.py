@@ -227,6 +227,11 @@ class Tailer:
             return events[:done]
         return events
 
+    @property
+    def commit_under_way(self) -> bool:
+        """The last ``read_events`` stopped at bytes past the cursor that are no committed transaction yet."""
+        return self.at_end and self._size is not None and self._size > self._pos
+
     def pending_bytes(self) -> int:
         """Bytes of the file past the cursor (a quick upper bound of what is left to ship).
 

@@ -145,6 +145,31 @@ class _Wrapper:
     def __len__(self) -> int:
         return len(self._base)
 
+    def _refuse_writes(self) -> None:
+        """Raise ``ReadOnlyError`` unless this node takes writes now."""
+        raise NotImplementedError
+
+    def tpc_begin(self, transaction, tid=None, status=" "):
+        self._refuse_writes()
+        result = self._base.tpc_begin(transaction, tid, status)
+        try:
+            # Fenced while this waited for the commit lock: the fence settled
+            # without it (see _settle), so it must not commit.
+            self._refuse_writes()
+        except ReadOnlyError:
+            self._base.tpc_abort(transaction)
+            raise
+        return result
+
+    async def _settle(self) -> None:
+        """Awaited by POST /fence: no commit can land once this returns."""
+        await asyncio.to_thread(_wait_for_commit_in_flight, self._base)
+
+    def _settle_fences_of(self, primary: Primary | None) -> None:
+        """Make a fence of ``primary`` (the stream server of this node) wait for the commit in flight."""
+        if primary is not None and self._settle not in primary.fence_settlers:
+            primary.fence_settlers.append(self._settle)
+
     def close(self) -> None:
         """Stop the service (after the transaction it is applying), then close the base storage."""
         if self._closed:
@@ -186,7 +211,7 @@ class PrimaryStorage(_Wrapper):
                           routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open(),
                                                 self._demote_soon))
         primary.fence_listeners.append(self._fenced)
-        primary.fence_settlers.append(self._settle)
+        self._settle_fences_of(primary)
         await primary.start()
         self.primary = primary
         try:
@@ -289,9 +314,7 @@ class PrimaryStorage(_Wrapper):
 
     async def _promoted_again(self) -> None:
         """A demoted node promoted again (failing back): it takes writes; clients re-register."""
-        downstream = self.secondary.downstream if self.secondary is not None else None
-        if downstream is not None and self._settle not in downstream.fence_settlers:
-            downstream.fence_settlers.append(self._settle)
+        self._settle_fences_of(self.secondary.downstream if self.secondary is not None else None)
         _drop_clients(self._dbs)
         log.warning("%s is writable again: promoted", self.config.storage)
 
@@ -305,7 +328,7 @@ class PrimaryStorage(_Wrapper):
         """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
         _drop_clients(self._dbs)
 
-    def _refuse_writes_if_fenced(self) -> None:
+    def _refuse_writes(self) -> None:
         primary = self.primary
         if self._demoted_read_only():
             raise ReadOnlyError("this node is a secondary now (demoted)")
@@ -314,21 +337,6 @@ class PrimaryStorage(_Wrapper):
         if primary is not None and not primary.writable:
             # Fenced for a switchover, or superseded by a newer epoch.
             raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")
-
-    def tpc_begin(self, transaction, tid=None, status=" "):
-        self._refuse_writes_if_fenced()
-        result = self._base.tpc_begin(transaction, tid, status)
-        try:
-            # Fenced while this waited for the commit lock: the fence settled
-            # without it (see _settle), so it must not commit.
-            self._refuse_writes_if_fenced()
-        except ReadOnlyError:
-            self._base.tpc_abort(transaction)
-            raise
-        return result
-
-    async def _settle(self) -> None:
-        await asyncio.to_thread(_wait_for_commit_in_flight, self._base)
 
     def tpc_finish(self, transaction, f=None):
         tid = self._base.tpc_finish(transaction, f)
@@ -554,13 +562,11 @@ class SecondaryStorage(_Wrapper):
         read-write (and validate their caches) on their own.
         """
         self._writable = True
-        downstream = self.secondary.downstream
-        if downstream is not None and self._settle not in downstream.fence_settlers:
-            downstream.fence_settlers.append(self._settle)  # a fence waits for the commit in flight
+        self._settle_fences_of(self.secondary.downstream)
         _drop_clients(self._dbs)
         log.warning("%s is writable: promoted to primary", self._base.getName())
 
-    def _writable_now(self) -> None:
+    def _refuse_writes(self) -> None:
         downstream = self.secondary.downstream
         if not self._writable:
             raise ReadOnlyError()
@@ -575,19 +581,6 @@ class SecondaryStorage(_Wrapper):
 
     def __repr__(self) -> str:
         return f"<SecondaryStorage {self._base.getName()!r} following {self.config.primary}>"
-
-    def tpc_begin(self, transaction, tid=None, status=" "):
-        self._writable_now()
-        result = self._base.tpc_begin(transaction, tid, status)
-        try:
-            self._writable_now()  # fenced while this waited for the commit lock (see PrimaryStorage)
-        except ReadOnlyError:
-            self._base.tpc_abort(transaction)
-            raise
-        return result
-
-    async def _settle(self) -> None:
-        await asyncio.to_thread(_wait_for_commit_in_flight, self._base)
 
     store = _writer("store")
     storeBlob = _writer("storeBlob")

@@ -167,9 +167,7 @@ class Connection:
                 if not self._hello_received:
                     raise LocalProtocolError(f"{name} before the secondary's Hello")
                 if isinstance(event, Welcome):
-                    self._stream.last_tid = event.start_tid
-                    self.welcome = event
-                    self.state = ConnectionState.STREAMING
+                    self._start_streaming(event)
                 else:
                     self.state = ConnectionState.CLOSED
                 return
@@ -236,9 +234,7 @@ class Connection:
                         raise RemoteProtocolError(
                             f"primary speaks protocol {event.protocol_version}, we speak {PROTOCOL_VERSION}"
                         )
-                    self._stream.last_tid = event.start_tid
-                    self.welcome = event
-                    self.state = ConnectionState.STREAMING
+                    self._start_streaming(event)
                 else:
                     self.state = ConnectionState.CLOSED
                 return
@@ -246,6 +242,12 @@ class Connection:
                 self._stream.check(event, RemoteProtocolError)
                 return
         raise RemoteProtocolError(f"a {self.role.value} may not receive {name} in state {self.state.value}")
+
+    def _start_streaming(self, welcome: Welcome) -> None:
+        """The handshake succeeded (either end): transactions after ``start_tid`` follow."""
+        self._stream.last_tid = welcome.start_tid
+        self.welcome = welcome
+        self.state = ConnectionState.STREAMING
 
     def _check_ack(self, ack: Ack, error: type[ReplicatorError]) -> None:
         ended = self._stream.ended_tid
