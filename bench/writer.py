@@ -1,7 +1,8 @@
 """A ZEO client committing small transactions at a fixed rate (run as a script).
 
 ``python bench/writer.py PORT RATE SECONDS OUT INDEX``: one transaction of one
-small record (about 200 bytes) at a time, on an open-loop schedule of RATE
+small record (about 250 bytes: one of 64 small objects of its own, with a
+200-character value) at a time, on an open-loop schedule of RATE
 transactions per second (0: as fast as the server takes them) for SECONDS.
 Appends ``<tid hex> <start> <done>`` per commit to OUT: ``start`` is when the
 commit began, ``done`` when ``commit()`` returned, i.e. when the ZEO server
@@ -31,13 +32,15 @@ def main(port: int, rate: float, seconds: float, out: str, index: int) -> None:
     for attempt in range(20):  # writers start together: the root may conflict once
         try:
             if key not in root:
-                root[key] = PersistentMapping()
+                # Small objects of their own: a commit writes one of them,
+                # not a mapping of all its values.
+                root[key] = PersistentMapping({j: PersistentMapping() for j in range(64)})
                 tm.commit()
             break
         except Exception:
             tm.abort()
             time.sleep(0.05 * (attempt + 1))
-    obj = root[key]
+    objs = [root[key][j] for j in range(64)]
     lines = []
     interval = 1.0 / rate if rate else 0.0
     t_next = time.time()
@@ -51,7 +54,8 @@ def main(port: int, rate: float, seconds: float, out: str, index: int) -> None:
             time.sleep(t_next - now)
         t_next += interval
         start = time.time()
-        obj[i % 64] = os.urandom(100).hex()
+        obj = objs[i % 64]
+        obj["v"] = os.urandom(100).hex()
         tm.get().note(f"w{index} {i}")
         tm.commit()
         done = time.time()
