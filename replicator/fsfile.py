@@ -86,6 +86,17 @@ class SourceFile:
         """Forget cached bytes: past the last committed transaction they may change."""
         self._window = b""
 
+    def view(self, pos: int, n: int) -> tuple[bytes, int] | None:
+        """``(window, offset of pos in it)`` if the window holds ``[pos, pos+n)``, else None.
+
+        Lets a parser unpack many fields straight out of one buffer, with no
+        copy and no call per field.
+        """
+        off = pos - self._wpos
+        if 0 <= off and off + n <= len(self._window):
+            return self._window, off
+        return None
+
     def read(self, pos: int, n: int, ahead: int = 0) -> bytes:
         """Bytes ``[pos, pos+n)``, fewer at the end of the file."""
         off = pos - self._wpos
@@ -134,7 +145,7 @@ class SourceFile:
             # nothing of it, and say so if it lasts.
             self._note_torn(pos, h.tlen)
             return None
-        if h.end - pos <= WHOLE_TXN:
+        if h.end - pos <= WHOLE_TXN and self.view(pos, h.end - pos) is None:
             self.read(pos, h.end - pos)  # the whole transaction in one read
         redundant = self.read(h.data_end, 8)
         if len(redundant) < 8 or u64(redundant) != h.tlen:

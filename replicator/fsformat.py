@@ -53,6 +53,7 @@ __all__ = [
     "parse_data_header",
     "check_data_header",
     "walk_data_headers",
+    "plain_records",
     "u64",
 ]
 
@@ -210,3 +211,36 @@ def is_blob_data(data: bytes | None) -> bool:
     blob's is far shorter than ``BLOB_SNIFF``, so the answer is the same.
     """
     return data is not None and data.find(b"ZODB.blob", 0, BLOB_SNIFF) != -1 and is_blob_record(data[:BLOB_SNIFF])
+
+
+def plain_records(buf: bytes, start: int, txn: TxnHeader, max_plen: int) -> list[tuple[bytes, bytes]] | None:
+    """``(oid, data)`` of every record of ``txn`` if all are plain, else None.
+
+    ``buf[start:]`` holds the whole transaction.  Plain means what nearly
+    every commit is: each record carries its own data (no back pointer),
+    passes ``check_data_header``, and is not a blob.  Anything else, damage
+    included, returns None and the caller takes the careful path
+    (``walk_data_headers``), which says exactly what is wrong.  One unpack
+    per record straight out of the buffer: this runs for every transaction
+    a primary ships.
+    """
+    unpack = _data_struct.unpack_from
+    tid, tpos = txn.tid, txn.pos
+    off = start + (txn.header_end - tpos)
+    end = start + txn.tlen
+    records = []
+    while off < end:
+        hdr_end = off + DATA_HDR_LEN
+        if hdr_end > end:
+            return None
+        oid, rtid, prev, tloc, vlen, plen = unpack(buf, off)
+        data_end = hdr_end + plen
+        if (rtid != tid or tloc != tpos or vlen or not plen or plen > max_plen or data_end > end
+                or not (prev == 0 or FIRST_POS <= prev < tpos)):
+            return None
+        data = buf[hdr_end:data_end]
+        if data.find(b"ZODB.blob", 0, BLOB_SNIFF) != -1:
+            return None  # perhaps a blob: is_blob_data decides, on the careful path
+        records.append((oid, data))
+        off = data_end
+    return records

@@ -35,6 +35,7 @@ from .fsformat import (
     is_blob_data,
     parse_data_header,
     parse_txn_header,
+    plain_records,
     u64,
     walk_data_headers,
 )
@@ -69,6 +70,7 @@ class Tailer:
         self._txn_end = 0  # where the transaction under way ends
         self._error: Exception | None = None
         self._seen: tuple[object, ...] | None = None  # what wait() compares against
+        self._stat_hint: os.stat_result | None = None  # a stat of path taken just before read_events
 
     # -- life cycle ---------------------------------------------------------
 
@@ -136,12 +138,19 @@ class Tailer:
         return 1 << 62 if size is None else max(0, size - src.scan_pos)
 
     def _size_if_same_file(self, src: SourceFile) -> int | None:
-        """Size of the file at ``path`` if it is still ``src``'s (None: replaced or gone)."""
+        """Size of the file at ``path`` if it is still ``src``'s (None: replaced or gone).
+
+        The ``stat`` is kept for the next ``read_events``, which would
+        otherwise take the same one again right after.
+        """
+        st = self._stat_hint = self._stat()
+        return st.st_size if st is not None and (st.st_dev, st.st_ino) == src.ident else None
+
+    def _stat(self) -> os.stat_result | None:
         try:
-            st = os.stat(self.path)
-        except OSError:
+            return os.stat(self.path)
+        except OSError:  # between the two renames of a pack; look again later
             return None
-        return st.st_size if (st.st_dev, st.st_ino) == src.ident else None
 
     @property
     def damage(self) -> CorruptedSourceError | None:
@@ -208,6 +217,13 @@ class Tailer:
                     if h is None:
                         self.at_end = True
                         break
+                    plain = self._plain_txn(h)
+                    if plain is not None:
+                        events += plain
+                        size += h.tlen + EVENT_COST * len(plain)
+                        self._pos, self._last_tid = h.end, h.tid
+                        done = len(events)
+                        continue
                     self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
                     self._txn_end = h.end
                 event = next(self._txn)
@@ -265,10 +281,10 @@ class Tailer:
 
     # -- internals ----------------------------------------------------------
 
-    def _snapshot(self) -> tuple[object, ...]:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:  # a pack renames the old file away first
+    def _snapshot(self, st: os.stat_result | None = None) -> tuple[object, ...]:
+        if st is None:
+            st = self._stat()
+        if st is None:  # a pack renames the old file away first
             return (None,)
         status = b""
         if self._cur is not None and self._cur.fd >= 0:
@@ -280,13 +296,16 @@ class Tailer:
             self._txn.close()  # type: ignore[attr-defined]
             self._txn = None
 
-    def _refresh(self) -> bool:
-        """Open the file now at ``path`` if it is another inode; True if it changed."""
+    def _refresh(self, st: os.stat_result | None = None) -> bool:
+        """Open the file now at ``path`` if it is another inode; True if it changed.
+
+        ``st``: a stat of ``path`` just taken, if the caller has one.
+        """
         if self._src is None:
             raise ConfigError("the tailer is not open")
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
+        if st is None:
+            st = self._stat()
+        if st is None:
             return False  # between the two renames of a pack; look again later
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != self._src.ident:
             old, self._src = self._src, SourceFile(self.path)
@@ -336,13 +355,17 @@ class Tailer:
         ``committed_header`` needs to tell a commit in progress from damage.
         """
         if self._size is None:
-            self._seen = self._snapshot()
-            if self._refresh() or self._cur is not self._src:
+            # One stat serves the change snapshot, the identity check and the
+            # size (pending_bytes() may just have taken it).
+            st, self._stat_hint = self._stat_hint or self._stat(), None
+            self._seen = self._snapshot(st)
+            if self._refresh(st) or self._cur is not self._src:
                 self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
             src = self._cur
             if src is None or not src.ready():
                 return None
-            size = src.size()
+            same = st is not None and (st.st_dev, st.st_ino) == src.ident
+            size = st.st_size if same else src.size()  # type: ignore[union-attr]
             if size < self._pos:  # truncated below us: whatever we shipped may be gone
                 src.close()
                 self._src = self._cur = SourceFile(self.path)
@@ -399,6 +422,31 @@ class Tailer:
     def _too_big(self, rpos: int, plen: int) -> None:
         raise ConfigError(f"{self.path}: record at {rpos} has {plen} bytes, more than "
                           f"max_record_size {self.max_record_size}; raise the limit")
+
+    def _plain_txn(self, h: TxnHeader) -> list[Event] | None:
+        """All events of ``h`` at once if it is small and plain (``plain_records``), else None.
+
+        The common commit, shipped without the generator and the per-record
+        reads of ``_txn_events``; the same events and digest.
+        """
+        found = self._cur.view(h.pos, h.end - h.pos)  # type: ignore[union-attr]
+        if found is None:
+            return None
+        buf, start = found
+        records = plain_records(buf, start, h, self.max_record_size)
+        if records is None:
+            return None
+        meta = buf[start + TRANS_HDR_LEN:start + (h.header_end - h.pos)]
+        user, meta = meta[:h.ulen], meta[h.ulen:]
+        begin = TxnBegin(h.tid, self._last_tid, h.status.decode("latin-1"), user, meta[:h.dlen], meta[h.dlen:])
+        digest = TxnDigest(begin)
+        events: list[Event] = [begin]
+        for oid, data in records:
+            record = Record(oid, data, None)
+            digest.add_record(record)
+            events.append(record)
+        events.append(TxnEnd(h.tid, digest.digest()))
+        return events
 
     def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes) -> Iterator[Event]:
         """Check the framing of ``h`` whole, then yield its events one by one."""

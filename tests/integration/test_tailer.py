@@ -163,6 +163,31 @@ def test_matches_zodb_iterator_and_digests(history):
                 (True, False, False)} <= kinds
 
 
+def test_plain_transactions_take_a_shortcut_with_the_same_events(history, monkeypatch):
+    """Plain transactions are read in one go (``_plain_txn``); the events must be the careful path's."""
+    path, blobs = history
+
+    def events(budget):
+        with Tailer(path, blobs) as tailer:
+            out = []
+            while batch := tailer.read_events(budget):
+                out += batch
+        return out
+
+    fast = events(1 << 20)
+    taken = []
+    plain_txn = Tailer._plain_txn
+    # Every transaction through the careful path, noting what the shortcut would have given.
+    monkeypatch.setattr(Tailer, "_plain_txn", lambda self, h: taken.append(plain_txn(self, h)))
+    assert events(1 << 20) == fast
+    looked, shortcut = len(taken), [t for t in taken if t is not None]
+    assert events(100) == fast
+    # The plain ones took it; blobs, undos and the undone creation did not.
+    assert 0 < len(shortcut) < looked == len(reference(path, blobs))
+    assert all(not isinstance(e, Record) or (e.data_txn is None and e.blob_size is None)
+               for t in shortcut for e in t)
+
+
 def test_seek_after_and_divergence(history):
     path, blobs = history
     ref = reference(path, blobs)
