@@ -55,8 +55,16 @@ __all__ = ["Primary", "ChangeNotifier"]
 log = logging.getLogger("replicator.primary")
 
 HELLO_TIMEOUT = 10.0
-#: Least time between two refreshes of the head TID (one scan covers every commit since).
-HEAD_REFRESH_INTERVAL = 0.05
+#: Least time between two background refreshes of the head TID (one scan covers
+#: every commit since).  /status, /metrics, a new session and a refusal look
+#: afresh themselves, so only in-process readers of ``head_tid`` see it this old.
+HEAD_REFRESH_INTERVAL = 0.25
+#: How long a secondary may hold an acknowledgement back (``Welcome.ack_delay``)
+#: when no commit waits for it: under load one acknowledgement then covers
+#: tens of transactions instead of one per batch, each of which cost this
+#: process a read, a decryption and a wake-up.  Status and switchover see
+#: acknowledgements at most this much later.
+ACK_DELAY = 0.05
 #: A session this close to the end of the file reads inline instead of in a worker thread.
 INLINE_READ_BYTES = 256 << 10
 
@@ -123,18 +131,38 @@ class ChangeNotifier:
         return self.version
 
     async def poll_forever(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        while True:
+        """Look at the file every ``poll_interval`` until cancelled.
+
+        Each look is a timer callback, not a task waking from a sleep: at
+        100 looks a second, the task machinery cost more than the look.
+        """
+        self._loop = loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def look() -> None:
+            nonlocal timer
             try:
-                # A stat of a local file does not block for long: no thread hop (100 a second).
-                st = os.stat(self.path)
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            except FileNotFoundError:
-                stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
-            if stamp != self._stamp:
-                self._stamp = stamp
-                self.notify()
-            await asyncio.sleep(self.poll_interval)
+                self._look()
+            finally:
+                timer = loop.call_later(self.poll_interval, look)
+
+        look()
+        try:
+            await loop.create_future()  # until cancelled
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _look(self) -> None:
+        try:
+            # A stat of a local file does not block for long: no thread hop.
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self.notify()
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -201,7 +229,8 @@ class Primary:
         self.stale = False
         #: Newest TID each secondary node acknowledged, across its sessions.
         self.acked_by_node: dict[str, bytes] = {}
-        self._acked = asyncio.Condition()
+        #: Resolved on every acknowledgement; only synchronous commits wait on them.
+        self._ack_waiters: set[asyncio.Future] = set()
         self.notifier = ChangeNotifier(config.storage, config.poll_interval)
         self.sessions: dict[int, SessionStats] = {}
         self._sockets: dict[int, tuple[web.WebSocketResponse, Connection]] = {}
@@ -215,6 +244,7 @@ class Primary:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._head_tailer: Tailer | None = None
+        self._head_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.bytes_sent = 0
 
@@ -271,10 +301,11 @@ class Primary:
 
     async def _refresh_head(self) -> None:
         assert self._head_tailer is not None
-        if self._head_tailer.unscanned_bytes() <= INLINE_READ_BYTES:
-            tid, count = self._head_tailer.head()  # a few new headers: no thread hop
-        else:
-            tid, count = await asyncio.to_thread(self._head_tailer.head)
+        async with self._head_lock:  # one user of the head tailer at a time (it may be in a thread)
+            if self._head_tailer.unscanned_bytes() <= INLINE_READ_BYTES:
+                tid, count = self._head_tailer.head()  # a few new headers: no thread hop
+            else:
+                tid, count = await asyncio.to_thread(self._head_tailer.head)
         self.head_tid, self.head_count = tid, count
         damage = self._head_tailer.damage
         if damage is not None and self.damage_ahead is None:
@@ -326,18 +357,29 @@ class Primary:
         def enough() -> bool:
             return sum(1 for node, acked in self.acked_by_node.items()
                        if acked >= tid and (not names or node in names)) >= count
-        async with self._acked:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not enough():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            waiter = loop.create_future()
+            self._ack_waiters.add(waiter)
             try:
-                await asyncio.wait_for(self._acked.wait_for(enough), timeout)
+                await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 return False
+            finally:
+                self._ack_waiters.discard(waiter)
         return True
 
-    async def _note_ack(self, node: str, tid: bytes) -> None:
+    def _note_ack(self, node: str, tid: bytes) -> None:
+        """Record an acknowledgement; wake synchronous commits waiting for one (if any)."""
         if tid > self.acked_by_node.get(node, Z64):
             self.acked_by_node[node] = tid
-        async with self._acked:
-            self._acked.notify_all()
+        for waiter in self._ack_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         if self._stopping.is_set():
@@ -371,10 +413,12 @@ class Primary:
         }
 
     async def _handle_status(self, request: web.Request) -> web.Response:
+        await self._refresh_head()
         provider = self.status_provider or self.status
         return web.json_response(provider())
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
+        await self._refresh_head()
         body = render_metrics(self.status_provider or self.status)
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -393,13 +437,16 @@ class Primary:
             hello = await self._receive_hello(ws, conn)
             stats.node = hello.node
             await asyncio.to_thread(tailer.open)
+            await self._refresh_head()  # the Welcome tells the newest TID
             reject = await self._position(tailer, hello)
             if reject is not None:
                 log.warning("refusing secondary %s: %s", peer, reject.message)
                 await ws.send_bytes(conn.send(reject))
                 return ws
+            # Synchronous commits wait for acknowledgements: then none is held back.
+            ack_delay = 0.0 if cfg.sync_count else ACK_DELAY
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
-                                                  self.head_tid)))
+                                                  self.head_tid, ack_delay)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
             ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
             stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
@@ -527,15 +574,13 @@ class Primary:
             else:
                 events = await blocking(tailer.read_events, cfg.batch_bytes)
             if events:
-                frames = []
+                data = conn.send_stream(events)
                 for event in events:
-                    frames.append(conn.send(event))
-                    if isinstance(event, TxnEnd):
+                    if type(event) is TxnEnd:
                         stats.sent_ordinal += 1
                         stats.in_flight.append((event.tid, stats.sent_ordinal))
                         stats.sent_tid = event.tid
                         stats.txns_sent += 1
-                data = b"".join(frames)
                 await ws.send_bytes(data)
                 stats.bytes_sent += len(data)
                 self.bytes_sent += len(data)
@@ -567,7 +612,7 @@ class Primary:
                 if isinstance(event, Ack):
                     stats.acked_tid = event.tid
                     stats.acked_at = time.time()
-                    await self._note_ack(stats.node, event.tid)
+                    self._note_ack(stats.node, event.tid)
                     while stats.in_flight and stats.in_flight[0][0] <= event.tid:
                         stats.acked_ordinal = stats.in_flight.popleft()[1]
                 elif isinstance(event, Goodbye):

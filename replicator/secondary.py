@@ -121,6 +121,8 @@ class Secondary:
         self.downstream: Primary | None = None
         #: Set by ``stop_following()``: apply what was received, then stop (promotion).
         self._draining = asyncio.Event()
+        #: Set when a batch became durable; the session's ack loop acknowledges it.
+        self._ack_due = asyncio.Event()
         self._stopped = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         #: Set once POST /promote made this node the primary of a new epoch.
@@ -302,6 +304,8 @@ class Secondary:
             queue: asyncio.Queue[list | None] = asyncio.Queue(maxsize=cfg.queue_messages)
             reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
+            self._ack_due.clear()
+            acker = asyncio.create_task(self._ack_loop(ws, conn), name="secondary-acker")
             try:
                 await asyncio.wait({reader, applier}, return_when=asyncio.FIRST_COMPLETED)
                 if not applier.done():
@@ -314,9 +318,9 @@ class Secondary:
                     if self._draining.is_set():
                         return
             finally:
-                for task in (reader, applier):
+                for task in (reader, applier, acker):
                     task.cancel()
-                await asyncio.gather(reader, applier, return_exceptions=True)
+                await asyncio.gather(reader, applier, acker, return_exceptions=True)
             # The applier's failure (bad digest, full disk) says more than the
             # reader's (the socket closed because of it).
             for task in (applier, reader):
@@ -415,6 +419,7 @@ class Secondary:
                 # Whatever ends the loop, what was committed is made durable
                 # (and acknowledged if the connection still stands).
                 await asyncio.shield(syncing)
+                await self._send_ack(ws, conn)
 
     async def _make_durable(self, ws, conn: Connection, tids: list[bytes]) -> None:
         assert self.applier is not None
@@ -424,11 +429,28 @@ class Secondary:
         self.progress.txns_applied += len(tids)
         if self.downstream is not None:
             self.downstream.notifier.notify()
+        self._ack_due.set()
+
+    async def _ack_loop(self, ws, conn: Connection) -> None:
+        """Acknowledge what became durable: at once, then at most once per ``Welcome.ack_delay``."""
+        assert conn.welcome is not None
+        delay = conn.welcome.ack_delay
+        while True:
+            await self._ack_due.wait()
+            self._ack_due.clear()
+            await self._send_ack(ws, conn)
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def _send_ack(self, ws, conn: Connection) -> None:
+        """Acknowledge the newest durable TID if it is news to the primary."""
+        tid = self.progress.applied_tid
+        floor = conn.acked_tid or (conn.welcome.start_tid if conn.welcome else tid)
         # After a Goodbye or a close there is nobody to tell; the next
         # Hello reports the same position.
-        if not ws.closed and conn.state is ConnectionState.STREAMING:
+        if tid > floor and not ws.closed and conn.state is ConnectionState.STREAMING:
             with contextlib.suppress(ConnectionError):
-                await ws.send_bytes(conn.send(Ack(tids[-1])))
+                await ws.send_bytes(conn.send(Ack(tid)))  # send() moves conn.acked_tid first
 
 
     # -- /status ---------------------------------------------------------

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -56,6 +56,9 @@ MAX_BLOB_CHUNK = 1 << 20
 TXN_STATUSES = (" ", "p", "u")
 
 DIGEST_LEN = 32
+
+#: Longest ``Welcome.ack_delay`` a primary may ask for.
+MAX_ACK_DELAY = 1.0
 
 
 def _bytes(value: object, what: str, *, max_len: int | None = None, exact: int | None = None) -> None:
@@ -123,7 +126,12 @@ class Hello(Event):
 
 @dataclass(slots=True)
 class Welcome(Event):
-    """Primary -> secondary: accepted; transactions after ``start_tid`` follow."""
+    """Primary -> secondary: accepted; transactions after ``start_tid`` follow.
+
+    ``ack_delay``: the secondary may hold an acknowledgement back this many
+    seconds to cover more transactions with it (0: acknowledge each durable
+    batch at once, which synchronous replication needs).
+    """
 
     TYPE: ClassVar[int] = 2
     protocol_version: int
@@ -131,6 +139,7 @@ class Welcome(Event):
     epoch: int
     start_tid: bytes
     head_tid: bytes
+    ack_delay: float = 0.0
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -138,6 +147,9 @@ class Welcome(Event):
         _int(self.epoch, "epoch")
         check_tid(self.start_tid, "start_tid")
         check_tid(self.head_tid, "head_tid")
+        _time(self.ack_delay, "ack_delay")
+        if not 0 <= self.ack_delay <= MAX_ACK_DELAY:
+            raise ValueError(f"ack_delay must be between 0 and {MAX_ACK_DELAY} seconds, got {self.ack_delay}")
 
 
 @dataclass(slots=True)

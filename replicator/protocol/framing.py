@@ -18,7 +18,7 @@ import msgpack
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import EVENT_TYPES, Event
 
-__all__ = ["encode_event", "FrameDecoder", "DEFAULT_MAX_FRAME"]
+__all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME"]
 
 #: Largest frame accepted.  A frame holds at most one record's data, so this
 #: bounds the largest single object revision; blobs travel in 1 MiB chunks and
@@ -29,7 +29,12 @@ DEFAULT_MAX_FRAME = 64 << 20
 # the size of the message the bytes came in.
 _FEED_SLICE = 1 << 20
 
-_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+def new_packer(*, autoreset: bool = True) -> msgpack.Packer:
+    """The one msgpack dialect of the wire: bytes as bin, strings as str."""
+    return msgpack.Packer(use_bin_type=True, autoreset=autoreset)
+
+
+_packer = new_packer()
 
 #: Per event class: a getter of its fields as a tuple (``dataclasses.fields``
 #: walks the class on every call; this runs once per event sent).

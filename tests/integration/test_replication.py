@@ -168,3 +168,40 @@ def test_stalled_secondary_does_not_grow_primary_memory(tmp_path, tls_dir):
                 await ws.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("sync_count", [0, 1])
+def test_acknowledgements_are_held_back_only_when_nobody_waits(tmp_path, tls_dir, sync_count):
+    """Asynchronous: at most one Ack per ``ACK_DELAY``, and the last one still comes.
+    Synchronous (commits wait for Acks): one per durable batch, none held back."""
+    from replicator.primary import ACK_DELAY
+
+    db, work = make_source(tmp_path, 5)
+
+    async def scenario() -> tuple[int, float]:
+        async with running_primary(tmp_path, tls_dir, sync_count=sync_count) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                acks = []
+                note_ack = primary._note_ack
+                primary._note_ack = lambda node, tid: (acks.append(tid), note_ack(node, tid))
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                for _ in range(40):  # one commit at a time: each its own batch, mostly
+                    await asyncio.to_thread(work.commit_random, 1)
+                    await asyncio.sleep(0.005)
+                last = db.storage.lastTransaction()
+                while primary.acked_by_node.get("dst") != last:
+                    assert loop.time() - start < 30, "the last Ack never came"
+                    await asyncio.sleep(0.005)
+                assert acks == sorted(acks) and acks[-1] == last
+                return len(acks), loop.time() - start
+
+    count, elapsed = asyncio.run(scenario())
+    work.close()
+    db.close()
+    held_back_bound = elapsed / ACK_DELAY + 2
+    if sync_count:
+        assert count > held_back_bound, (count, elapsed)
+    else:
+        assert count <= held_back_bound, (count, elapsed)

@@ -85,6 +85,32 @@ def test_stream_round_trip_whole_and_byte_by_byte_and_trailing():
     assert secondary.state is ConnectionState.STREAMING
 
 
+def test_send_stream_is_send_of_each_event():
+    events = txn_events(1, 0) + txn_events(2, 1) + txn_events(3, 2)
+    primary, _ = handshake()
+    one_by_one = stream_bytes(primary, events)
+    primary, secondary = handshake()
+    batched = primary.send_stream(events[:4]) + primary.send_stream(events[4:])
+    assert batched == one_by_one
+    secondary.receive_data(batched)
+    assert secondary.events() == events
+
+
+@pytest.mark.parametrize("events, match", [
+    (txn_events(2, 1), "follows"),  # does not chain on the stream's position
+    (txn_events(1, 0)[:1] + [Record(b"\0" * 8, b"x" * 2000, None)], "exceeds"),  # over max_frame
+    (txn_events(1, 0)[:3] + [TxnEnd(tid(1), b"d" * 32)], "blob bytes"),
+    ([Heartbeat(Z64, 1.0)], "not a transaction event"),
+])
+def test_send_stream_refuses_what_send_refuses(events, match):
+    primary = Connection(Role.PRIMARY, max_frame=1500)
+    primary.receive_data(Connection(Role.SECONDARY).send(Hello(PROTOCOL_VERSION, "s", Z64, None)))
+    primary.send(Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64))
+    with pytest.raises(LocalProtocolError, match=match):
+        primary.send_stream(events)
+    assert primary.state is ConnectionState.ERROR
+
+
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=30))
 def test_any_chunking_gives_the_same_events(cuts):
@@ -238,6 +264,10 @@ def test_event_validation():
         BlobChunk(b"")
     with pytest.raises(ValueError):
         Heartbeat(Z64, float("nan"))
+    for delay in (-0.1, 1.5, float("inf"), "0.05"):
+        with pytest.raises(ValueError, match="ack_delay"):
+            Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64, delay)
+    assert Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64).ack_delay == 0  # none held back unless asked
 
 
 def test_decoder_alone_handles_many_frames_in_one_feed():
