@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ SYNC_REPEATS = 1 if QUICK else 3
 LAG_SECONDS = 5 if QUICK else 20
 LAG_RATES = (200, 1000)
 COST_SECONDS = 4 if QUICK else 6
-COST_REPEATS = 1 if QUICK else 7
+COST_REPEATS = 1 if QUICK else 9
 BIG_BLOB_MB, BIG_TXN_MB = (256, 50) if QUICK else (1024, 200)
 TRACE_ENV = "REPLICATOR_TRACE_FILE"
 #: Where a "separate disk" secondary keeps its storage (tmpfs when there is one).
@@ -353,30 +354,62 @@ COST_MODES = {
 }
 
 
+def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> None:
+    setup = ZeoSetup(f"cost-{i}", **COST_MODES[mode])
+    try:
+        setup.writers(rate=0, seconds=0.5, count=2)
+        setup.caught_up()
+        procs = {"zeo": setup.zeo, "sidecar": setup.primary}
+        before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writers, once reaped
+        lines = setup.writers(rate=0, seconds=COST_SECONDS, count=2)
+        for name, start in before.items():
+            cpu[mode][name].append((cpu_seconds(procs[name].proc.pid) - start) / len(lines) * 1e6)  # type: ignore[union-attr]
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        writers_cpu = (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime)
+        cpu[mode]["writers"].append(writers_cpu / len(lines) * 1e6)
+        through[mode].append(len(lines) / COST_SECONDS)
+        say(f"cost run {i + 1}: replication {mode}: {through[mode][-1]:.0f} commits/s")
+        if i == 0 and mode not in latency:
+            lines = setup.writers(rate=200, seconds=COST_SECONDS, count=1)
+            lat = sorted((d - s) * 1000 for _t, s, d in lines)
+            latency[mode] = {"p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
+        setup.caught_up()
+    finally:
+        setup.stop()
+
+
 def bench_cost() -> None:
+    """Each round runs every mode once; each mode's run is compared with the
+    mean of the runs without replication just before and just after it (the
+    next round's first run), so that the machine's slow drifts cancel."""
     through: dict[str, list[float]] = {mode: [] for mode in COST_MODES}
+    # CPU microseconds per commit of every process on the primary's core.
+    # The core is saturated, so throughput is about 1 / their sum: a second
+    # estimate of the cost that steal and wall-clock noise do not reach.
+    cpu: dict[str, dict[str, list[float]]] = {mode: {"zeo": [], "sidecar": [], "writers": []}
+                                              for mode in COST_MODES}
     latency: dict[str, dict] = {}
     for i in range(COST_REPEATS):
-        for mode, options in COST_MODES.items():
-            setup = ZeoSetup(f"cost-{i}", **options)
-            try:
-                setup.writers(rate=0, seconds=0.5, count=2)
-                setup.caught_up()
-                lines = setup.writers(rate=0, seconds=COST_SECONDS, count=2)
-                through[mode].append(len(lines) / COST_SECONDS)
-                say(f"cost run {i + 1}: replication {mode}: {through[mode][-1]:.0f} commits/s")
-                if i == 0:
-                    lines = setup.writers(rate=200, seconds=COST_SECONDS, count=1)
-                    lat = sorted((d - s) * 1000 for _t, s, d in lines)
-                    latency[mode] = {"p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
-                setup.caught_up()
-            finally:
-                setup.stop()
+        for mode in COST_MODES:
+            _cost_run(i, mode, through, cpu, latency)
+    _cost_run(COST_REPEATS, "off", through, cpu, latency)  # closes the last round's bracket
+
+    def bracket(values: list[float], i: int) -> float:
+        return (values[i] + values[i + 1]) / 2
+
+    def core_cpu(mode: str, i: int) -> float:
+        return sum(values[i] for values in cpu[mode].values() if values)
+
+    off_core = [core_cpu("off", i) for i in range(COST_REPEATS + 1)]
     results["cost"] = {
         "throughput": through,
-        "ratio": {mode: [a / b for a, b in zip(through[mode], through["off"], strict=True)]
+        "ratio": {mode: [through[mode][i] / bracket(through["off"], i) for i in range(COST_REPEATS)]
                   for mode in COST_MODES if mode != "off"},
+        "cpu_ratio": {mode: [bracket(off_core, i) / core_cpu(mode, i) for i in range(COST_REPEATS)]
+                      for mode in COST_MODES if mode != "off"},
         "latency_200": latency,
+        "cpu_us_per_commit": cpu,
     }
 
 
@@ -449,6 +482,13 @@ def report() -> str:
             ok = median_range(ratios)[0] >= 0.95 if asynchronous else None
             row(f"with replication ({mode}): commits/s; ratio to without",
                 f"{fmt(c['throughput'][mode], 0)}; {fmt(ratios, 3)}", target, ok)
+            if mode in c.get("cpu_ratio", {}):
+                row(f"... the same from CPU per commit on the primary's core ({mode})",
+                    fmt(c["cpu_ratio"][mode], 3))
+        names = {"zeo": "ZEO server", "sidecar": "sidecar", "writers": "the 2 clients"}
+        for mode, sides in c.get("cpu_us_per_commit", {}).items():
+            parts = [f"{names[name]} {fmt(values, 0)} us" for name, values in sides.items() if values]
+            row(f"CPU per commit, primary's core ({mode})", "; ".join(parts))
         lat = c["latency_200"]
         for mode, values in lat.items():
             row(f"ZEO commit latency at 200 txn/s ({mode})",
