@@ -131,6 +131,10 @@ class Applier:
         self._group = _GroupCommit.install(storage) if group_commit else None
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
+        if self._trace is not None:
+            # When this process was ready to replicate (interpreter and imports done).
+            self._trace.write(f"start {time.time():.6f}\n")
+            self._trace.flush()
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
