@@ -176,7 +176,9 @@ class Connection:
                                  event.description, event.extension))  # type: ignore[attr-defined]
                 elif kind is TxnEnd:
                     packer.pack((_END, event.tid, event.digest))  # type: ignore[attr-defined]
-                elif kind is BlobChunk and len(event.data) <= room:  # type: ignore[attr-defined]
+                elif kind is BlobChunk:
+                    if len(event.data) > room:  # type: ignore[attr-defined]
+                        encode_event(event, max_frame=self.max_frame)
                     packer.pack((_CHUNK, event.data))  # type: ignore[attr-defined]
                 else:
                     raise LocalProtocolError(f"{kind.__name__} is not a transaction event")

@@ -100,6 +100,7 @@ def test_send_stream_is_send_of_each_event():
     (txn_events(2, 1), "follows"),  # does not chain on the stream's position
     (txn_events(1, 0)[:1] + [Record(b"\0" * 8, b"x" * 2000, None)], "exceeds"),  # over max_frame
     (txn_events(1, 0)[:3] + [TxnEnd(tid(1), b"d" * 32)], "blob bytes"),
+    (txn_events(1, 0)[:1] + [Record(b"\0" * 8, b"b", None, blob_size=2000), BlobChunk(b"c" * 2000)], "exceeds"),
     ([Heartbeat(Z64, 1.0)], "not a transaction event"),
 ])
 def test_send_stream_refuses_what_send_refuses(events, match):
