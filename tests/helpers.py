@@ -27,10 +27,23 @@ REPLICATOR = str(BIN / "replicator")
 RUNZEO = str(BIN / "runzeo")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, and that this process has not handed out before.
+
+    The kernel may pick the same free port twice in a row; two servers of
+    one test given the same port is a failure that has nothing to do with
+    what the test checks.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
