@@ -247,7 +247,8 @@ class Secondary:
                     if exc.code in FINAL_REJECTS:
                         self.progress.last_error = str(exc)
                         if exc.code == "version":
-                            raise
+                            raise RejectedError(exc.code, exc.reason, hint="run the same replicator release on "
+                                                "the primary and its secondaries; see Upgrading in the README") from None
                         raise await self._divergence(exc) from exc
                     message = str(exc)
                 except StorageError as exc:
