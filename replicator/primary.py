@@ -437,7 +437,7 @@ class Primary:
             hello = await self._receive_hello(ws, conn)
             stats.node = hello.node
             await asyncio.to_thread(tailer.open)
-            await self._refresh_head()  # the Welcome tells the newest TID
+            await self._refresh_head()  # the Welcome and any refusal name the newest TID
             reject = await self._position(tailer, hello)
             if reject is not None:
                 log.warning("refusing secondary %s: %s", peer, reject.message)
@@ -533,7 +533,6 @@ class Primary:
 
     async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume."""
-        await self._refresh_head()  # the tracked head may be up to a refresh interval old
         if self.damage_ahead is not None and last > self.head_tid:
             # Our file is readable only up to the damage: nothing can be said
             # of the secondary's history beyond it, and nothing can be served.

@@ -436,9 +436,7 @@ class Tailer:
         records = plain_records(buf, start, h, self.max_record_size)
         if records is None:
             return None
-        meta = buf[start + TRANS_HDR_LEN:start + (h.header_end - h.pos)]
-        user, meta = meta[:h.ulen], meta[h.ulen:]
-        begin = TxnBegin(h.tid, self._last_tid, h.status.decode("latin-1"), user, meta[:h.dlen], meta[h.dlen:])
+        begin = _txn_begin(h, self._last_tid, buf[start + TRANS_HDR_LEN:start + (h.header_end - h.pos)])
         digest = TxnDigest(begin)
         events: list[Event] = [begin]
         for oid, data in records:
@@ -462,10 +460,7 @@ class Tailer:
                 data_pos, plen = resolved[0], resolved[1]
             if data_pos and self._check_blob(src.read(data_pos, min(plen, BLOB_SNIFF)), dh.oid, h, dh.pos):
                 blobs.add(dh.pos)
-        meta = src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN)
-        user, meta = meta[:h.ulen], meta[h.ulen:]
-        begin = TxnBegin(h.tid, prev_tid, h.status.decode("latin-1"), user,
-                         meta[:h.dlen], meta[h.dlen:])
+        begin = _txn_begin(h, prev_tid, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
         digest = TxnDigest(begin)
         yield begin
         pos = h.header_end
@@ -507,3 +502,9 @@ class Tailer:
                 event = BlobChunk(chunk)
                 digest.add_chunk(event)
                 yield event
+
+
+def _txn_begin(h: TxnHeader, prev_tid: bytes, meta: bytes) -> TxnBegin:
+    """The ``TxnBegin`` of ``h``, from the bytes after its header (user, description, extension)."""
+    user, rest = meta[:h.ulen], meta[h.ulen:]
+    return TxnBegin(h.tid, prev_tid, h.status.decode("latin-1"), user, rest[:h.dlen], rest[h.dlen:])
