@@ -33,6 +33,7 @@ from .errors import (
     ReplicatorError,
     TransportError,
 )
+from .threads import run_service
 
 __all__ = ["main", "cli"]
 
@@ -117,7 +118,7 @@ def _run(coro_factory: Callable[[], Any]) -> None:
             log.info("stopped")
 
     try:
-        asyncio.run(runner())
+        run_service(runner())
     except ReplicatorError as exc:
         _fail(exc)
 
