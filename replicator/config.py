@@ -76,6 +76,9 @@ class PrimaryConfig:
     heartbeat_interval: float = 1.0
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
+    #: Embedded primary: while the CPUs are saturated, commits wake the
+    #: sessions at most this often (seconds), so that they share a wake-up.
+    batch_delay: float = 0.01
     max_frame: int = 64 << 20
     #: Synchronous replication (embedded primary only): commits wait for this
     #: many secondaries (of ``sync_names`` if any) to acknowledge them.
@@ -102,6 +105,8 @@ class PrimaryConfig:
         _check_tls(self.tls, self.insecure, problems)
         if self.poll_interval <= 0:
             problems.append(f"--poll-interval {self.poll_interval}: must be positive")
+        if not 0 <= self.batch_delay <= 1:
+            problems.append(f"batch-delay {self.batch_delay}: must be between 0 and 1 second")
         if self.heartbeat_interval <= 0:
             problems.append(f"heartbeat interval {self.heartbeat_interval}: must be positive")
         if problems:

@@ -39,7 +39,8 @@ class PrimaryStorageConfig(BaseConfig):
             config = PrimaryConfig(
                 storage=base.getName(), blob_dir=getattr(base, "blob_dir", None) or None,
                 listen=parse_address(section.listen, "listen"), tls=_tls(section),
-                insecure=section.insecure, poll_interval=section.poll_interval, **_node(section),
+                insecure=section.insecure, poll_interval=section.poll_interval,
+                batch_delay=section.batch_delay, **_node(section),
                 sync_count=section.sync_count, sync_names=tuple((section.sync_names or "").split()),
                 sync_timeout=section.sync_timeout, sync_fallback=section.sync_fallback,
             ).validate()

@@ -1,0 +1,151 @@
+"""Waking the primary's sessions: at once with idle CPUs, batched while they are saturated."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from replicator.config import Address, PrimaryConfig
+from replicator.cpuload import CpuPressure, _cpu_ticks
+from replicator.errors import ConfigError
+from replicator.primary import ChangeNotifier
+from replicator.threads import run_service
+
+STAT = """cpu  {u} 0 {s} {i} {w} 0 0 0 0 0
+cpu0 {u} 0 {s} {i} {w} 0 0 0 0 0
+cpu1 100 0 100 {i1} 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def write_stat(path, u, s, i, w=0, i1=0):
+    path.write_text(STAT.format(u=u, s=s, i=i, w=w, i1=i1))
+
+
+def test_cpu_ticks_sum_the_allowed_cpus_only():
+    text = STAT.format(u=10, s=5, i=80, w=5, i1=1000)
+    assert _cpu_ticks(text, {0}) == (85, 100)
+    assert _cpu_ticks(text, {0, 1}) == (85 + 1000, 100 + 1200)
+    assert _cpu_ticks(text, {7}) is None
+
+
+def test_pressure_follows_the_idle_share_between_samples(tmp_path):
+    stat = tmp_path / "stat"
+    write_stat(stat, 0, 0, 0)
+    pressure = CpuPressure(interval=0.0, path=str(stat))
+    assert pressure.saturated() is False  # one sample says nothing yet
+    write_stat(stat, 90, 5, 5)  # 5% idle since: saturated
+    assert pressure.saturated() is True
+    write_stat(stat, 120, 10, 65, w=5)  # 70 idle (iowait counts) of 100: not
+    assert pressure.saturated() is False
+    write_stat(stat, 120, 10, 65, w=5)  # no tick since: keeps its last answer
+    assert pressure.saturated() is False
+
+
+def test_pressure_is_never_claimed_without_counters(tmp_path):
+    pressure = CpuPressure(interval=0.0, path=str(tmp_path / "missing"))
+    assert pressure.saturated() is False
+    assert pressure.saturated() is False
+
+
+def test_pressure_reads_the_counters_at_most_once_per_interval(tmp_path):
+    stat = tmp_path / "stat"
+    write_stat(stat, 0, 0, 0)
+    pressure = CpuPressure(interval=60.0, path=str(stat))
+    pressure.saturated()
+    write_stat(stat, 100, 0, 0)
+    assert pressure.saturated() is False  # not read again yet
+
+
+def test_pressure_on_this_machine_answers():
+    assert CpuPressure(interval=0.0).saturated() in (True, False)
+
+
+class Saturated:
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def saturated(self) -> bool:
+        return self.value
+
+
+async def _wakeups(notifier: ChangeNotifier, commits: list[float]) -> list[float]:
+    """Run ``notifier``'s loop; another thread notifies at the offsets in ``commits``; return wake times."""
+    loop = asyncio.get_running_loop()
+    notifier._loop = loop
+    woken: list[float] = []
+    start = time.monotonic()
+
+    def committer() -> None:
+        for offset in commits:
+            time.sleep(max(0.0, start + offset - time.monotonic()))
+            notifier.notify_threadsafe()
+
+    thread = threading.Thread(target=committer)
+    thread.start()
+    seen = notifier.version
+    deadline = start + commits[-1] + 2.0
+    while time.monotonic() < deadline:
+        seen = await notifier.wait(seen, 0.05)
+        if len(woken) < seen:
+            woken.append(time.monotonic() - start)
+        if not thread.is_alive() and not notifier._wake_scheduled:
+            break
+    thread.join()
+    return woken
+
+
+def test_commits_wake_the_sessions_at_once_while_the_cpus_have_idle_time():
+    notifier = ChangeNotifier("unused", 1.0, batch_delay=0.2, pressure=Saturated(False))
+    woken = asyncio.run(_wakeups(notifier, [0.0, 0.05, 0.1]))
+    assert len(woken) == 3
+    assert all(w < c + 0.04 for w, c in zip(woken, [0.0, 0.05, 0.1], strict=True)), woken
+    assert notifier.batched_wakeups == 0
+
+
+def test_commits_share_a_wakeup_while_the_cpus_are_saturated():
+    notifier = ChangeNotifier("unused", 1.0, batch_delay=0.2, pressure=Saturated(True))
+    notifier._last_wake = -1.0  # long ago: the first commit wakes at once
+    woken = asyncio.run(_wakeups(notifier, [0.0, 0.05, 0.1]))
+    # The first at once; the two others together, batch_delay after it.
+    assert len(woken) == 2, woken
+    assert woken[0] < 0.04
+    assert woken[1] >= woken[0] + 0.19
+    assert notifier.batched_wakeups == 1
+
+
+def test_no_batching_without_a_delay():
+    notifier = ChangeNotifier("unused", 1.0, batch_delay=0.0)
+    assert notifier.pressure is None
+    woken = asyncio.run(_wakeups(notifier, [0.0, 0.05]))
+    assert len(woken) == 2 and notifier.batched_wakeups == 0
+
+
+def test_synchronous_commits_are_never_held_back(tmp_path):
+    from replicator.primary import Primary
+
+    (tmp_path / "Data.fs").write_bytes(b"FS21")
+    common = {"storage": str(tmp_path / "Data.fs"), "listen": Address("127.0.0.1", 0), "insecure": True}
+    assert Primary(PrimaryConfig(**common)).notifier.batch_delay == 0.01
+    assert Primary(PrimaryConfig(**common, sync_count=1)).notifier.batch_delay == 0.0
+
+
+@pytest.mark.parametrize("delay", [-0.1, 1.5])
+def test_batch_delay_is_checked(tmp_path, delay):
+    (tmp_path / "Data.fs").write_bytes(b"FS21")
+    config = PrimaryConfig(storage=str(tmp_path / "Data.fs"), listen=Address("127.0.0.1", 0), insecure=True,
+                           batch_delay=delay)
+    with pytest.raises(ConfigError, match="batch-delay"):
+        config.validate()
+
+
+def test_services_run_on_uvloop_where_it_is_installed():
+    uvloop = pytest.importorskip("uvloop")
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert run_service(loop_type()) is uvloop.Loop
