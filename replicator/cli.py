@@ -33,7 +33,6 @@ from .errors import (
     ReplicatorError,
     TransportError,
 )
-from .threads import run_service
 
 __all__ = ["main", "cli"]
 
@@ -118,7 +117,7 @@ def _run(coro_factory: Callable[[], Any]) -> None:
             log.info("stopped")
 
     try:
-        run_service(runner())
+        asyncio.run(runner())
     except ReplicatorError as exc:
         _fail(exc)
 

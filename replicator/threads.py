@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
-__all__ = ["blocking", "run_service"]
+__all__ = ["blocking"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -28,19 +28,3 @@ async def blocking(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> 
         with contextlib.suppress(BaseException):
             await future
         raise
-
-
-def run_service(main: Coroutine[Any, Any, R]) -> R:
-    """Run a long-lived service's ``main`` on a new event loop, uvloop's where it is installed.
-
-    uvloop's transports and TLS run in C: measured on the initial sync, the
-    secondary spent about 7% and the primary about 10% less CPU than on
-    asyncio's own loop.  Where uvloop cannot be installed (Windows), the
-    standard loop runs the same code.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)

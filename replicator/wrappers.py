@@ -43,7 +43,6 @@ from .primary import Primary
 from .secondary import Secondary
 from .storage import has_blobs
 from .tailer import Tailer
-from .threads import run_service
 from .tid import tid_repr
 from .zeosync import install_deferred_replies
 
@@ -107,7 +106,7 @@ class ServiceThread:
 
     def _run(self) -> None:
         try:
-            run_service(self._supervise())
+            asyncio.run(self._supervise())
         finally:
             self._ready.set()
 

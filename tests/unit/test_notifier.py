@@ -12,7 +12,6 @@ from replicator.config import Address, PrimaryConfig
 from replicator.cpuload import CpuPressure, _cpu_ticks
 from replicator.errors import ConfigError
 from replicator.primary import ChangeNotifier
-from replicator.threads import run_service
 
 STAT = """cpu  {u} 0 {s} {i} {w} 0 0 0 0 0
 cpu0 {u} 0 {s} {i} {w} 0 0 0 0 0
@@ -141,11 +140,3 @@ def test_batch_delay_is_checked(tmp_path, delay):
     with pytest.raises(ConfigError, match="batch-delay"):
         config.validate()
 
-
-def test_services_run_on_uvloop_where_it_is_installed():
-    uvloop = pytest.importorskip("uvloop")
-
-    async def loop_type() -> type:
-        return type(asyncio.get_running_loop())
-
-    assert run_service(loop_type()) is uvloop.Loop
