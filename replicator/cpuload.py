@@ -70,11 +70,10 @@ class CpuPressure:
         self._next = 0.0
         self._last: tuple[int, int] | None = None
         self._saturated = False
-        self._broken = False
 
     def saturated(self) -> bool:
         now = time.monotonic()
-        if self._broken or now < self._next or not self._lock.acquire(blocking=False):
+        if now < self._next or not self._lock.acquire(blocking=False):
             return self._saturated
         try:
             self._next = now + self.interval
@@ -91,7 +90,7 @@ class CpuPressure:
         except (OSError, ValueError, AttributeError):
             ticks = None
         if ticks is None:
-            self._broken = True
+            self._next = float("inf")  # no counters here: never read again, never saturated
             self._saturated = False
             return
         last, self._last = self._last, ticks
