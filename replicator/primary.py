@@ -99,8 +99,13 @@ class ChangeNotifier:
         self._waiters: set[asyncio.Future] = set()
         self._stamp: tuple[int, int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_scheduled = False
-        self._last_wake = 0.0
+        self._wake_scheduled = False  # a wake-up is on its way to the loop
+        self._dirty = False  # a commit came since the last wake-up
+        self._ticking = False  # a batch tick is armed on the loop
+        #: Set by an embedding storage that calls ``notify_threadsafe`` after
+        #: every commit: sessions need not look again by themselves for a
+        #: commit they saw under way.
+        self.every_commit_notified = False
 
     def notify(self) -> None:
         """A commit happened: wake every waiting session (call from the event loop)."""
@@ -114,28 +119,43 @@ class ChangeNotifier:
 
         Commits that come while a wake-up is already on its way share it:
         the sessions it wakes read everything committed by then.  While the
-        CPUs are saturated, the wake-up comes no sooner than ``batch_delay``
-        after the previous one, so that the commits finished meanwhile share
-        it too: each wake-up costs the embedding server's CPUs a few hundred
-        microseconds, whatever it ships.  With idle CPUs it comes at once.
+        CPUs are saturated, a wake-up arms a batch tick ``batch_delay``
+        later, and commits until then only mark the notifier dirty: the
+        tick wakes the sessions for all of them, with no signal from the
+        committing thread to the loop.  Each signal costs the embedding
+        server's CPUs a thread switch and a loop pass, whatever it ships.
+        With idle CPUs every commit wakes the sessions at once.
         """
         loop = self._loop
-        if loop is None or loop.is_closed() or self._wake_scheduled:
+        if loop is None or loop.is_closed():
+            return
+        # Dekker-style hand-off with _tick: this sets _dirty and then reads
+        # _ticking; _tick clears _ticking and then reads _dirty.  One of the
+        # two sees the other's write, so no commit is left unannounced.
+        self._dirty = True
+        if self._ticking or self._wake_scheduled:
             return
         self._wake_scheduled = True
-        delay = 0.0
-        if self.pressure is not None and self.pressure.saturated():
-            delay = self._last_wake + self.batch_delay - time.monotonic()
-        if delay <= 0:
-            loop.call_soon_threadsafe(self._scheduled_notify)
-        else:
-            self.batched_wakeups += 1
-            loop.call_soon_threadsafe(loop.call_later, delay, self._scheduled_notify)
+        loop.call_soon_threadsafe(self._scheduled_notify)
 
     def _scheduled_notify(self) -> None:
-        self._last_wake = time.monotonic()
         self._wake_scheduled = False
+        self._wake()
+
+    def _wake(self) -> None:
+        self._dirty = False  # before notify(): a commit after this is marked again
         self.notify()
+        if (self.batch_delay and not self._ticking and self.pressure is not None
+                and self.pressure.saturated() and self._loop is not None):
+            self._ticking = True
+            self._loop.call_later(self.batch_delay, self._tick)
+
+    def _tick(self) -> None:
+        self._ticking = False
+        if self._dirty:
+            self.batched_wakeups += 1
+            self._wake()  # arms the next tick while the CPUs stay saturated
+        # else: no commit since; the next one wakes the sessions itself
 
     async def wait(self, seen: int, timeout: float) -> int:
         """Wait until ``version`` moves past ``seen`` or ``timeout``; return the version."""
@@ -617,7 +637,7 @@ class Primary:
                 await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
                 last_sent = now
             timeout = max(0.0, cfg.heartbeat_interval - (now - last_sent))
-            if tailer.commit_under_way:
+            if tailer.commit_under_way and not self.notifier.every_commit_notified:
                 # A commit is under way past the cursor (voted, not finished).
                 # Its finish flips one status byte, which need not change the
                 # file's size or (coarse) mtime that the poller watches: look

@@ -211,6 +211,7 @@ class PrimaryStorage(_Wrapper):
                           routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open(),
                                                 self._demote_soon))
         primary.fence_listeners.append(self._fenced)
+        primary.notifier.every_commit_notified = True  # tpc_finish, pack and copyTransactionsFrom
         self._settle_fences_of(primary)
         await primary.start()
         self.primary = primary

@@ -91,7 +91,7 @@ async def _wakeups(notifier: ChangeNotifier, commits: list[float]) -> list[float
         seen = await notifier.wait(seen, 0.05)
         if len(woken) < seen:
             woken.append(time.monotonic() - start)
-        if not thread.is_alive() and not notifier._wake_scheduled:
+        if not thread.is_alive() and not notifier._wake_scheduled and not notifier._dirty:
             break
     thread.join()
     return woken
@@ -107,13 +107,35 @@ def test_commits_wake_the_sessions_at_once_while_the_cpus_have_idle_time():
 
 def test_commits_share_a_wakeup_while_the_cpus_are_saturated():
     notifier = ChangeNotifier("unused", 1.0, batch_delay=0.2, pressure=Saturated(True))
-    notifier._last_wake = -1.0  # long ago: the first commit wakes at once
     woken = asyncio.run(_wakeups(notifier, [0.0, 0.05, 0.1]))
     # The first at once; the two others together, batch_delay after it.
     assert len(woken) == 2, woken
     assert woken[0] < 0.04
     assert woken[1] >= woken[0] + 0.19
     assert notifier.batched_wakeups == 1
+
+
+def test_a_saturated_burst_ends_with_a_wakeup_after_its_last_commit():
+    # The committing thread and the batch tick hand off without a lock: after
+    # any burst, the sessions must be woken after the last commit.
+    import random
+
+    rng = random.Random(5)
+    for _ in range(20):
+        notifier = ChangeNotifier("unused", 1.0, batch_delay=0.003, pressure=Saturated(True))
+        commits = sorted(rng.uniform(0, 0.03) for _ in range(rng.randint(1, 30)))
+        woken = asyncio.run(_wakeups(notifier, commits))
+        assert woken and woken[-1] >= commits[-1], (commits, woken)
+        assert not notifier._dirty
+
+
+def test_batching_stops_once_the_commits_stop():
+    notifier = ChangeNotifier("unused", 1.0, batch_delay=0.05, pressure=Saturated(True))
+    woken = asyncio.run(_wakeups(notifier, [0.0, 0.5]))
+    # The tick after the first commit finds nothing to ship: the second wakes at once.
+    assert len(woken) == 2, woken
+    assert woken[1] < 0.54, woken
+    assert notifier.batched_wakeups == 0
 
 
 def test_no_batching_without_a_delay():
