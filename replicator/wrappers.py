@@ -179,6 +179,11 @@ class _Wrapper:
         self._base.close()
 
 
+#: Methods of the base that ZEO's server calls for every commit or load.
+_HOT_DELEGATES = ("store", "storeBlob", "tpc_vote", "tpc_abort", "getSize", "lastTransaction", "load",
+                  "loadBefore", "loadSerial", "new_oid", "checkCurrentSerialInTransaction")
+
+
 class PrimaryStorage(_Wrapper):
     """``base`` with a replication primary serving it; the whole storage API is ``base``'s.
 
@@ -202,6 +207,11 @@ class PrimaryStorage(_Wrapper):
         #: Set once demoted: this node follows another primary and is read-only.
         self.secondary: Secondary | None = None
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
+        for name in _HOT_DELEGATES:
+            # What ZEO calls on every commit, bound once: each call through
+            # __getattr__ first fails an ordinary lookup, a few us apiece.
+            if not hasattr(type(self), name) and hasattr(base, name):
+                self.__dict__[name] = getattr(base, name)
         self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
         self._service.start()
 
