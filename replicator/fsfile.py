@@ -127,6 +127,8 @@ class SourceFile:
         if size is None:
             self.invalidate()
             size = self.size()
+        if pos + TRANS_HDR_LEN > size:
+            return None  # no whole header there yet: no read (the usual end of a caught-up read)
         raw = self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD)
         if len(raw) < TRANS_HDR_LEN:
             return None  # the header itself is still being written
