@@ -8,6 +8,12 @@ just evicted.  That is free while the CPUs have idle time, and comes out of
 the server's commit throughput once they have none.  ``CpuPressure`` tells
 the two cases apart, so that commits are batched only when the CPUs this
 process may run on are busy all the time.
+
+A moment of saturation is not enough: a moderate load on a busy machine
+dips under the threshold now and then, and batching there would add lag
+without giving the server anything (an open-loop load has idle time to
+spare on average).  Only ``SUSTAIN`` saturated samples in a row, half a
+second, count.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import threading
 import time
 
-__all__ = ["CpuPressure", "SATURATED_IDLE", "SAMPLE_INTERVAL"]
+__all__ = ["CpuPressure", "SATURATED_IDLE", "SAMPLE_INTERVAL", "SUSTAIN", "cpu_ticks"]
 
 #: How often the CPUs' counters are read again (they count in 10 ms ticks).
 SAMPLE_INTERVAL = 0.25
@@ -24,11 +30,13 @@ SAMPLE_INTERVAL = 0.25
 #: since the last sample.  A server committing as fast as its clients let it
 #: still idles 5-10% of the time, in the gaps while it waits for fsync.
 SATURATED_IDLE = 0.2
+#: Saturated samples in a row before ``saturated()`` says so (2 x 0.25 s).
+SUSTAIN = 2
 
 PROC_STAT = "/proc/stat"
 
 
-def _cpu_ticks(text: str, cpus: set[int]) -> tuple[int, int] | None:
+def cpu_ticks(text: str, cpus: set[int]) -> tuple[int, int] | None:
     """(idle, total) jiffies of ``cpus`` summed from ``/proc/stat``'s text; None if none is listed.
 
     Idle counts ``idle`` and ``iowait``; total counts user, nice, system,
@@ -57,15 +65,19 @@ class CpuPressure:
     """``saturated()``: whether the CPUs this process may use had (almost) no idle time lately.
 
     Reads ``/proc/stat`` at most every ``interval`` seconds, from whichever
-    thread asks; between reads it answers from the last one.  Where the
-    counters cannot be read it always answers False (never batch).
+    thread asks; between reads it answers from the last one.  True once
+    ``sustain`` samples in a row were saturated, False from the first one
+    that was not.  Where the counters cannot be read it always answers False
+    (never batch).
     """
 
     def __init__(self, interval: float = SAMPLE_INTERVAL, threshold: float = SATURATED_IDLE,
-                 path: str = PROC_STAT) -> None:
+                 path: str = PROC_STAT, sustain: int = SUSTAIN) -> None:
         self.interval = interval
         self.threshold = threshold
         self.path = path
+        self.sustain = sustain
+        self._streak = 0  # saturated samples in a row
         self._lock = threading.Lock()
         self._next = 0.0
         self._last: tuple[int, int] | None = None
@@ -86,7 +98,7 @@ class CpuPressure:
         try:
             with open(self.path, encoding="ascii") as fh:
                 text = fh.read()
-            ticks = _cpu_ticks(text, os.sched_getaffinity(0))
+            ticks = cpu_ticks(text, os.sched_getaffinity(0))
         except (OSError, ValueError, AttributeError):
             ticks = None
         if ticks is None:
@@ -99,4 +111,8 @@ class CpuPressure:
         total = ticks[1] - last[1]
         if total <= 0:
             return  # no tick since the last look: keep the last answer
-        self._saturated = (ticks[0] - last[0]) / total < self.threshold
+        if (ticks[0] - last[0]) / total < self.threshold:
+            self._streak += 1
+        else:
+            self._streak = 0
+        self._saturated = self._streak >= self.sustain

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from replicator.config import Address, PrimaryConfig
-from replicator.cpuload import CpuPressure, _cpu_ticks
+from replicator.cpuload import CpuPressure, cpu_ticks
 from replicator.errors import ConfigError
 from replicator.primary import ChangeNotifier
 
@@ -26,15 +26,15 @@ def write_stat(path, u, s, i, w=0, i1=0):
 
 def test_cpu_ticks_sum_the_allowed_cpus_only():
     text = STAT.format(u=10, s=5, i=80, w=5, i1=1000)
-    assert _cpu_ticks(text, {0}) == (85, 100)
-    assert _cpu_ticks(text, {0, 1}) == (85 + 1000, 100 + 1200)
-    assert _cpu_ticks(text, {7}) is None
+    assert cpu_ticks(text, {0}) == (85, 100)
+    assert cpu_ticks(text, {0, 1}) == (85 + 1000, 100 + 1200)
+    assert cpu_ticks(text, {7}) is None
 
 
 def test_pressure_follows_the_idle_share_between_samples(tmp_path):
     stat = tmp_path / "stat"
     write_stat(stat, 0, 0, 0)
-    pressure = CpuPressure(interval=0.0, path=str(stat))
+    pressure = CpuPressure(interval=0.0, path=str(stat), sustain=1)
     assert pressure.saturated() is False  # one sample says nothing yet
     write_stat(stat, 90, 5, 5)  # 5% idle since: saturated
     assert pressure.saturated() is True
@@ -42,6 +42,27 @@ def test_pressure_follows_the_idle_share_between_samples(tmp_path):
     assert pressure.saturated() is False
     write_stat(stat, 120, 10, 65, w=5)  # no tick since: keeps its last answer
     assert pressure.saturated() is False
+
+
+def test_pressure_must_last_before_it_counts(tmp_path):
+    # A moderate load dips under the threshold now and then: only a streak
+    # of saturated samples turns batching on, and one idle sample ends it.
+    stat = tmp_path / "stat"
+    ticks = [0, 0, 0]
+
+    def sample(busy: int, idle: int) -> bool:
+        ticks[0] += busy
+        ticks[2] += idle
+        write_stat(stat, ticks[0], ticks[1], ticks[2])
+        return pressure.saturated()
+
+    write_stat(stat, 0, 0, 0)
+    pressure = CpuPressure(interval=0.0, path=str(stat), sustain=3)
+    assert pressure.saturated() is False
+    assert [sample(95, 5), sample(95, 5), sample(50, 50), sample(95, 5), sample(95, 5)] == [False] * 5
+    assert sample(95, 5) is True  # the third in a row
+    assert sample(95, 5) is True
+    assert sample(60, 40) is False
 
 
 def test_pressure_is_never_claimed_without_counters(tmp_path):
