@@ -143,8 +143,13 @@ def cli() -> None:
 @click.option("--poll-interval", type=float, default=0.01, show_default=True, metavar="SECONDS",
               help="How often to look for new commits in STORAGE; a commit waits up to that long "
                    "before it is shipped.")
+@click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
+              metavar="SECONDS",
+              help="While the CPUs this process may run on are saturated (under 20% idle), look "
+                   "this often instead, if it is longer: fewer wake-ups, so more commits for the "
+                   "server, for that much more lag. 0: always --poll-interval.")
 def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,
-            poll_interval) -> None:
+            poll_interval, batch_delay) -> None:
     """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
     _setup_logging(log_level)
     from .primary import Primary
@@ -153,7 +158,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
         config = PrimaryConfig(
             storage=storage, blob_dir=blob_dir, listen=parse_address(listen, "--listen"),
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, poll_interval=poll_interval,
-            **({"node": node} if node else {}),
+            batch_delay=batch_delay, **({"node": node} if node else {}),
         ).validate()
     except ConfigError as exc:
         _fail(exc)

@@ -76,8 +76,9 @@ class PrimaryConfig:
     heartbeat_interval: float = 1.0
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
-    #: Embedded primary: while the CPUs are saturated, commits wake the
-    #: sessions at most this often (seconds), so that they share a wake-up.
+    #: While the CPUs are saturated, commits wake the sessions at most this
+    #: often (seconds), so that they share a wake-up: the embedded primary's
+    #: batch tick, and the sidecar's poll if longer than ``poll_interval``.
     batch_delay: float = 0.01
     max_frame: int = 64 << 20
     #: Synchronous replication (embedded primary only): commits wait for this

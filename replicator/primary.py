@@ -46,7 +46,7 @@ from .protocol import (
     TxnEnd,
     Welcome,
 )
-from .tailer import POLL, Tailer
+from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import peer_identity, server_ssl_context, start_server, stop_server
@@ -93,7 +93,8 @@ class ChangeNotifier:
         #: wakes the sessions at most this often (0: at every commit).
         self.batch_delay = batch_delay
         self.pressure = pressure if pressure is not None else (CpuPressure() if batch_delay else None)
-        #: Wake-ups ``notify_threadsafe`` put off under CPU pressure (shown in /status).
+        #: Wake-ups put off under CPU pressure (shown in /status): batch ticks
+        #: that found commits, and the sidecar's looks at ``batch_delay``.
         self.batched_wakeups = 0
         self.version = 0
         self._waiters: set[asyncio.Future] = set()
@@ -106,6 +107,7 @@ class ChangeNotifier:
         #: every commit: sessions need not look again by themselves for a
         #: commit they saw under way.
         self.every_commit_notified = False
+        self._recheck = False  # a session stopped at a commit under way: the next look wakes it
 
     def notify(self) -> None:
         """A commit happened: wake every waiting session (call from the event loop)."""
@@ -172,8 +174,28 @@ class ChangeNotifier:
             self._waiters.discard(waiter)
         return self.version
 
+    def recheck(self) -> None:
+        """A session stopped at a commit under way: wake it at the next look, changed or not.
+
+        The commit's finish flips one status byte, which need not change the
+        file's size or its (coarse) mtime that ``_look`` compares.  Looking
+        again on the poller's own timer, rather than on a timer of the
+        session's, keeps one wake-up per look under load, when a commit is
+        nearly always under way.
+        """
+        self._recheck = True
+
+    def poll_delay(self) -> float:
+        """Seconds to the next look: ``poll_interval``, or ``batch_delay`` if longer
+        while the CPUs are saturated (each look wakes this process, and that
+        comes out of the server's throughput once the CPUs have no idle time)."""
+        if self.batch_delay > self.poll_interval and self.pressure is not None and self.pressure.saturated():
+            self.batched_wakeups += 1
+            return self.batch_delay
+        return self.poll_interval
+
     async def poll_forever(self) -> None:
-        """Look at the file every ``poll_interval`` until cancelled.
+        """Look at the file every ``poll_delay()`` until cancelled.
 
         Each look is a timer callback, not a task waking from a sleep: at
         100 looks a second, the task machinery cost more than the look.
@@ -186,7 +208,7 @@ class ChangeNotifier:
             try:
                 self._look()
             finally:
-                timer = loop.call_later(self.poll_interval, look)
+                timer = loop.call_later(self.poll_delay(), look)
 
         look()
         try:
@@ -202,8 +224,9 @@ class ChangeNotifier:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
-        if stamp != self._stamp:
+        if stamp != self._stamp or self._recheck:
             self._stamp = stamp
+            self._recheck = False
             self.notify()
 
 
@@ -638,11 +661,10 @@ class Primary:
                 last_sent = now
             timeout = max(0.0, cfg.heartbeat_interval - (now - last_sent))
             if tailer.commit_under_way and not self.notifier.every_commit_notified:
-                # A commit is under way past the cursor (voted, not finished).
-                # Its finish flips one status byte, which need not change the
-                # file's size or (coarse) mtime that the poller watches: look
-                # again soon by ourselves.
-                timeout = min(timeout, POLL)
+                # A commit is under way past the cursor (voted, not
+                # finished): the poller's next look wakes us even if the
+                # file's size and mtime stay the same.
+                self.notifier.recheck()
             seen = await self.notifier.wait(seen, timeout)
 
     async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:

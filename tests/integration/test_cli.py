@@ -43,6 +43,16 @@ def test_poll_interval_must_be_positive_also_from_a_config_file(tmp_path):
     assert result.returncode == 2 and "--poll-interval -1.5: must be positive" in result.stderr
 
 
+def test_batch_delay_is_checked_also_from_a_config_file(tmp_path):
+    make_fs(tmp_path / "a.fs", [1])
+    result = run("primary", "--storage", str(tmp_path / "a.fs"), "--insecure", "--batch-delay", "2")
+    assert result.returncode == 2 and "batch-delay 2.0: must be between 0 and 1 second" in result.stderr
+    (tmp_path / "p.toml").write_text("batch-delay = -0.5\n")
+    result = run("primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "a.fs"),
+                 "--insecure")
+    assert result.returncode == 2 and "batch-delay -0.5: must be between 0 and 1 second" in result.stderr
+
+
 def test_tls_is_required_unless_insecure(tmp_path):
     make_fs(tmp_path / "a.fs", [1])
     result = run("primary", "--storage", str(tmp_path / "a.fs"))
