@@ -65,7 +65,7 @@ HEAD_REFRESH_INTERVAL = 0.25
 #: tens of transactions instead of one per batch, each of which cost this
 #: process a read, a decryption and a wake-up.  Status and switchover see
 #: acknowledgements at most this much later.
-ACK_DELAY = 0.05
+ACK_DELAY = 0.25
 #: A session this close to the end of the file reads inline instead of in a worker thread.
 INLINE_READ_BYTES = 256 << 10
 
