@@ -58,6 +58,8 @@ from common import (  # noqa: E402
     wait_for_port,
 )
 
+from replicator.cpuload import cpu_ticks  # noqa: E402
+
 SYNC_MB = 100 if QUICK else 500
 SYNC_REPEATS = 1 if QUICK else 3
 LAG_SECONDS = 5 if QUICK else 20
@@ -305,9 +307,15 @@ class ZeoSetup:
                 lines.append((tid, float(start), float(done)))
         return lines
 
-    def caught_up(self, timeout: float = 120) -> None:
-        if self.port is not None:
-            wait_acked(self.port, self.tls, timeout, self.secondary, interval=0.05)
+    def caught_up(self, timeout: float = 120) -> int:
+        """Wait until the secondary acknowledged the head; the primary's ``batched_wakeups`` so far."""
+        if self.port is None:
+            return 0
+        return wait_acked(self.port, self.tls, timeout, self.secondary, interval=0.05)["batched_wakeups"]
+
+    def busy(self) -> tuple[int, int]:
+        """(idle, total) ticks of the primary's CPUs so far (``busy_share`` of two of them)."""
+        return cpu_ticks(Path("/proc/stat").read_text(), set(self.primary_cpus)) or (0, 0)
 
     def stop(self) -> None:
         for proc in (self.secondary, self.primary, self.zeo):  # secondary first: no reconnect noise
@@ -315,6 +323,12 @@ class ZeoSetup:
                 proc.stop()
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.sec_dir, ignore_errors=True)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the time the CPUs were not idle between two ``ZeoSetup.busy()`` readings."""
+    total = after[1] - before[1]
+    return 1 - (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def _writers_for(rate: float) -> int:
@@ -334,10 +348,12 @@ def bench_lag() -> None:
         setup = ZeoSetup(f"lag-{rate}", replicated=True, trace=trace, embedded=mode == "embedded")
         try:
             setup.writers(rate=0, seconds=0.5, count=_writers_for(rate))  # create the objects
-            setup.caught_up()
+            batched = setup.caught_up()
             say(f"lag, {mode}: {rate} txn/s offered for {LAG_SECONDS}s")
+            busy = setup.busy()
             lines = setup.writers(rate, LAG_SECONDS, _writers_for(rate))
-            setup.caught_up()
+            busy_after = setup.busy()
+            batched = setup.caught_up() - batched
             applied = {}
             for line in trace.read_text().splitlines():
                 tid, at = line.split()
@@ -351,6 +367,7 @@ def bench_lag() -> None:
             "mode": mode, "offered": rate, "achieved": len(lines) / (last - first), "count": len(lines),
             "p50_ms": percentile(lags, 0.5), "p99_ms": percentile(lags, 0.99), "max_ms": lags[-1],
             "commit_p50_ms": percentile(sorted((d - s) * 1000 for _t, s, d in lines), 0.5),
+            "busy": busy_share(busy, busy_after), "batched_wakeups": batched,
         }
         trace.unlink(missing_ok=True)
 
@@ -367,11 +384,15 @@ COST_MODES = {
 }
 
 
+#: mode -> wake-ups a second the primary put off under CPU saturation, per cost run.
+BATCHED: dict[str, list[float]] = {}
+
+
 def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> None:
     setup = ZeoSetup(f"cost-{i}", **COST_MODES[mode])
     try:
         setup.writers(rate=0, seconds=0.5, count=2)
-        setup.caught_up()
+        batched = setup.caught_up()
         procs = {"zeo": setup.zeo, "sidecar": setup.primary}
         before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writers, once reaped
@@ -382,6 +403,9 @@ def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> Non
         writers_cpu = (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime)
         cpu[mode]["writers"].append(writers_cpu / len(lines) * 1e6)
         through[mode].append(len(lines) / COST_SECONDS)
+        batched = setup.caught_up() - batched
+        if setup.port is not None:
+            BATCHED.setdefault(mode, []).append(batched / COST_SECONDS)
         say(f"cost run {i + 1}: replication {mode}: {through[mode][-1]:.0f} commits/s")
         if i == 0 and mode not in latency:
             lines = setup.writers(rate=200, seconds=COST_SECONDS, count=1)
@@ -423,6 +447,7 @@ def bench_cost() -> None:
                       for mode in COST_MODES if mode != "off"},
         "latency_200": latency,
         "cpu_us_per_commit": cpu,
+        "batched_per_s": BATCHED,
     }
 
 
@@ -486,8 +511,10 @@ def report() -> str:
         for lag in results["lag"].values():
             rate = lag["offered"]
             limit = {"sidecar": 15.0, "embedded": 5.0}.get(lag["mode"]) if rate == 200 else None
+            load = (f"; primary's core {lag['busy'] * 100:.0f}% busy, {lag['batched_wakeups']} wake-ups "
+                    "batched" if "busy" in lag else "")
             row(f"lag, {lag['mode']} primary, {rate} txn/s offered ({lag['achieved']:.0f} achieved, {lag['count']} txns)",
-                f"p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, max {lag['max_ms']:.1f} ms",
+                f"p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, max {lag['max_ms']:.1f} ms{load}",
                 f"p99 <= {limit:.0f} ms" if limit else "", lag["p99_ms"] <= limit if limit else None)
     if "cost" in results:
         c = results["cost"]
@@ -501,6 +528,9 @@ def report() -> str:
             if mode in c.get("cpu_ratio", {}):
                 row(f"... the same from CPU per commit on the primary's core ({mode})",
                     fmt(c["cpu_ratio"][mode], 3))
+            if c.get("batched_per_s", {}).get(mode):
+                row(f"... wake-ups a second put off under CPU saturation ({mode})",
+                    fmt(c["batched_per_s"][mode], 0))
         names = {"zeo": "ZEO server", "sidecar": "sidecar", "writers": "the 2 clients"}
         for mode, sides in c.get("cpu_us_per_commit", {}).items():
             parts = [f"{names[name]} {fmt(values, 0)} us" for name, values in sides.items() if values]
