@@ -145,7 +145,8 @@ def cli() -> None:
                    "before it is shipped.")
 @click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
               metavar="SECONDS",
-              help="While the CPUs this process may run on are saturated (under 20% idle), look "
+              help="While the CPUs this process may run on are saturated (under 20% idle for half a "
+                   "second), look "
                    "this often instead, if it is longer: fewer wake-ups, so more commits for the "
                    "server, for that much more lag. 0: always --poll-interval.")
 def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,

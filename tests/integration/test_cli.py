@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import ZODB
 from ZODB.FileStorage import FileStorage
 
@@ -33,24 +34,18 @@ def test_primary_lists_every_configuration_problem_at_once(tmp_path):
     assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
 
 
-def test_poll_interval_must_be_positive_also_from_a_config_file(tmp_path):
+@pytest.mark.parametrize("option, bad, toml, problem", [
+    ("poll-interval", "0", "-1.5", "--poll-interval {}: must be positive"),
+    ("batch-delay", "2", "-0.5", "batch-delay {}: must be between 0 and 1 second"),
+])
+def test_timing_options_are_checked_also_from_a_config_file(tmp_path, option, bad, toml, problem):
     make_fs(tmp_path / "a.fs", [1])
-    result = run("primary", "--storage", str(tmp_path / "a.fs"), "--insecure", "--poll-interval", "0")
-    assert result.returncode == 2 and "--poll-interval 0.0: must be positive" in result.stderr
-    (tmp_path / "p.toml").write_text("poll-interval = -1.5\n")
+    result = run("primary", "--storage", str(tmp_path / "a.fs"), "--insecure", f"--{option}", bad)
+    assert result.returncode == 2 and problem.format(float(bad)) in result.stderr
+    (tmp_path / "p.toml").write_text(f"{option} = {toml}\n")
     result = run("primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "a.fs"),
                  "--insecure")
-    assert result.returncode == 2 and "--poll-interval -1.5: must be positive" in result.stderr
-
-
-def test_batch_delay_is_checked_also_from_a_config_file(tmp_path):
-    make_fs(tmp_path / "a.fs", [1])
-    result = run("primary", "--storage", str(tmp_path / "a.fs"), "--insecure", "--batch-delay", "2")
-    assert result.returncode == 2 and "batch-delay 2.0: must be between 0 and 1 second" in result.stderr
-    (tmp_path / "p.toml").write_text("batch-delay = -0.5\n")
-    result = run("primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "a.fs"),
-                 "--insecure")
-    assert result.returncode == 2 and "batch-delay -0.5: must be between 0 and 1 second" in result.stderr
+    assert result.returncode == 2 and problem.format(float(toml)) in result.stderr
 
 
 def test_tls_is_required_unless_insecure(tmp_path):
