@@ -16,7 +16,6 @@ import os
 
 from ZODB.FileStorage import FileStorage
 
-from replicator.primary import ChangeNotifier
 from tests.integration.test_fence_settle import vote_one
 from tests.integration.test_replication import running_primary, running_secondary, wait_equal_tid
 
@@ -51,22 +50,3 @@ def test_a_commit_seen_under_way_ships_on_the_next_look(tmp_path, tls_dir):
     finally:
         fs.close()
 
-
-class Saturated:
-    def __init__(self, value: bool) -> None:
-        self.value = value
-
-    def saturated(self) -> bool:
-        return self.value
-
-
-def test_the_poller_looks_every_batch_delay_only_while_the_cpus_are_saturated():
-    pressure = Saturated(False)
-    notifier = ChangeNotifier("unused", 0.01, batch_delay=0.05, pressure=pressure)
-    assert notifier.poll_delay() == 0.01
-    pressure.value = True
-    assert notifier.poll_delay() == 0.05
-    assert notifier.batched_wakeups == 1  # shown in /status
-    # A batch delay no longer than the poll interval changes nothing.
-    assert ChangeNotifier("unused", 0.01, batch_delay=0.01, pressure=pressure).poll_delay() == 0.01
-    assert ChangeNotifier("unused", 0.01, batch_delay=0.0, pressure=pressure).poll_delay() == 0.01

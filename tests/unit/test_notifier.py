@@ -183,3 +183,14 @@ def test_batch_delay_is_checked(tmp_path, delay):
     with pytest.raises(ConfigError, match="batch-delay"):
         config.validate()
 
+
+def test_the_poller_looks_every_batch_delay_only_while_the_cpus_are_saturated():
+    pressure = Saturated(False)
+    notifier = ChangeNotifier("unused", 0.01, batch_delay=0.05, pressure=pressure)
+    assert notifier.poll_delay() == 0.01
+    pressure.value = True
+    assert notifier.poll_delay() == 0.05
+    assert notifier.batched_wakeups == 1  # shown in /status
+    # A batch delay no longer than the poll interval changes nothing.
+    assert ChangeNotifier("unused", 0.01, batch_delay=0.01, pressure=pressure).poll_delay() == 0.01
+    assert ChangeNotifier("unused", 0.01, batch_delay=0.0, pressure=pressure).poll_delay() == 0.01
