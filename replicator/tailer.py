@@ -322,10 +322,13 @@ class Tailer:
         """Make ``src`` the cursor's file, just after ``tid``.
 
         ``across_pack``: the file was replaced while we followed it.  A pack
-        drops transactions whose every record was superseded; if ours was one
-        of them, the pack's region (status ``'p'``) goes on past it and we
-        continue with the first transaction after it, which is exactly what a
-        fresh copy of the packed file would hold from there on.
+        drops transactions whose every record was superseded or unreachable;
+        if ours was one of them, the pack's region (status ``'p'``) goes on
+        past it and we continue with the first transaction after it, which
+        is exactly what a fresh copy of the packed file would hold from there
+        on.  If the pack dropped ours and everything after it (packed up to
+        now), the file ends in its packed region before our TID, and we
+        continue at its end.
         """
         if tid == Z64:
             pos = FIRST_POS
@@ -335,14 +338,26 @@ class Tailer:
                 pos = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0]).end
             else:
                 nxt = src.successor(tid) if across_pack else None
-                if nxt is None or nxt.status != b"p":
+                if nxt is not None and nxt.status == b"p":
+                    pos = nxt.pos
+                elif across_pack and nxt is None and (last := self._packed_end(src, found)) is not None:
+                    pos = last
+                else:
                     raise DivergenceError(
                         f"{src.path}: transaction {tid_repr(tid)} is not in the file; the nearest "
                         f"earlier one is {tid_repr(found)}", fork_tid=found)
-                pos = nxt.pos
         if self._cur is not src and self._cur is not self._src and self._cur is not None:
             self._cur.close()
         self._cur, self._pos, self._last_tid = src, pos, tid
+
+    @staticmethod
+    def _packed_end(src: SourceFile, tid: bytes) -> int | None:
+        """End of transaction ``tid`` if the pack rewrote it (status ``'p'``), else ``None``."""
+        found = src.find(tid) if tid != Z64 else None
+        if not isinstance(found, tuple):
+            return None
+        h = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0])
+        return h.end if h.status == b"p" else None
 
     def _next_header(self) -> TxnHeader | None:
         """Header of the next committed transaction after the cursor, following replacements.

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+import transaction
+from persistent.mapping import PersistentMapping
 from ZODB.blob import is_blob_record
 from ZODB.FileStorage import FileStorage
 from ZODB.serialize import referencesf
@@ -55,6 +57,37 @@ def test_pack_on_the_primary_while_streaming(tmp_path, tls_dir):
                     await asyncio.to_thread(db.pack, time.time())
                 await asyncio.to_thread(work.commit_random, 10)
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_same_current_state(tmp_path)
+
+
+def test_a_pack_that_drops_the_newest_transactions_while_streaming(tmp_path, tls_dir):
+    """Packed up to now, the newest transactions go too when nothing reaches their records."""
+    db, work = make_source(tmp_path, 10, seed=12)
+
+    def commit_orphans() -> None:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        for _ in range(3):
+            conn.add(PersistentMapping())  # stored, but referenced by nothing
+            tm.commit()
+        conn.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await asyncio.to_thread(commit_orphans)
+                newest = db.storage.lastTransaction()
+                await wait_equal_tid(primary, secondary, target=newest)
+                await asyncio.to_thread(db.pack, time.time())
+                packed = [t.tid for t in db.storage.iterator()]
+                assert packed[-1] < newest  # the pack dropped what the secondary holds
+                await asyncio.to_thread(work.commit_random, 5)
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                assert primary.fatal is None
 
     asyncio.run(scenario())
     work.close()
