@@ -149,8 +149,13 @@ def cli() -> None:
                    "second), look "
                    "this often instead, if it is longer: fewer wake-ups, so more commits for the "
                    "server, for that much more lag. 0: always --poll-interval.")
+@click.option("--file-events/--no-file-events", default=PrimaryConfig.file_events, show_default=True,
+              help="While STORAGE is quiet, wait for the kernel to report a write (Linux inotify) "
+                   "instead of looking every --poll-interval: an idle primary stays asleep, and the "
+                   "first commit after a pause ships at once. Falls back to polling by itself where "
+                   "writes go unreported (a network file system written by another host).")
 def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,
-            poll_interval, batch_delay) -> None:
+            poll_interval, batch_delay, file_events) -> None:
     """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
     _setup_logging(log_level)
     from .primary import Primary
@@ -159,7 +164,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
         config = PrimaryConfig(
             storage=storage, blob_dir=blob_dir, listen=parse_address(listen, "--listen"),
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, poll_interval=poll_interval,
-            batch_delay=batch_delay, **({"node": node} if node else {}),
+            batch_delay=batch_delay, file_events=file_events, **({"node": node} if node else {}),
         ).validate()
     except ConfigError as exc:
         _fail(exc)

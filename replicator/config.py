@@ -80,6 +80,8 @@ class PrimaryConfig:
     #: often (seconds), so that they share a wake-up: the embedded primary's
     #: batch tick, and the sidecar's poll if longer than ``poll_interval``.
     batch_delay: float = 0.01
+    #: Sidecar: while the file is quiet, sleep on inotify instead of looking every ``poll_interval``.
+    file_events: bool = True
     max_frame: int = 64 << 20
     #: Synchronous replication (embedded primary only): commits wait for this
     #: many secondaries (of ``sync_names`` if any) to acknowledge them.

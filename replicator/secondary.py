@@ -145,7 +145,7 @@ class Secondary:
             self.downstream = Primary(
                 PrimaryConfig(storage=storage.getName(), blob_dir=cfg.blob_dir, listen=cfg.listen,
                               tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame,
-                              poll_interval=1.0),
+                              poll_interval=1.0, file_events=False),
                 status_provider=self.status,
                 # /fence and /unfence act once promoted (a primary then); /identities always.
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
