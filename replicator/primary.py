@@ -611,6 +611,8 @@ class Primary:
             "fenced": self.fenced,
             "stale": self.stale,
             "batched_wakeups": self.notifier.batched_wakeups,
+            # Whether the poller sleeps on file events while the file is quiet (sidecar).
+            "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
             "file_event_wakeups": self.notifier.event_wakeups,
             "error": str(self.fatal or self.damage_ahead or "") or None,
         }

@@ -48,6 +48,28 @@ def test_timing_options_are_checked_also_from_a_config_file(tmp_path, option, ba
     assert result.returncode == 2 and problem.format(float(toml)) in result.stderr
 
 
+@pytest.mark.parametrize("args, toml, watching", [
+    ((), "", True),
+    (("--no-file-events",), "", False),
+    ((), "file-events = false\n", False),
+    (("--file-events",), "file-events = false\n", True),
+])
+def test_file_events_are_on_unless_turned_off(tmp_path, tls_dir, args, toml, watching):
+    from tests.helpers import Proc, free_port, tls_args, wait_for_port
+    from tests.system.sysutil import get_status
+
+    make_fs(tmp_path / "a.fs", [1])
+    (tmp_path / "p.toml").write_text(toml)
+    port = free_port()
+    proc = Proc([REPLICATOR, "primary", "--config", str(tmp_path / "p.toml"), "--storage", str(tmp_path / "a.fs"),
+                 "--listen", f"127.0.0.1:{port}", *tls_args(tls_dir, "primary"), *args], tmp_path / "p.log")
+    try:
+        wait_for_port(port, proc.proc)
+        assert get_status(port, tls_dir)["file_events"] is watching
+    finally:
+        proc.stop()
+
+
 def test_tls_is_required_unless_insecure(tmp_path):
     make_fs(tmp_path / "a.fs", [1])
     result = run("primary", "--storage", str(tmp_path / "a.fs"))
