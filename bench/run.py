@@ -64,8 +64,12 @@ SYNC_MB = 100 if QUICK else 500
 SYNC_REPEATS = 1 if QUICK else 3
 LAG_SECONDS = 5 if QUICK else 20
 LAG_RATES = (200, 1000)
+#: Also measured for the sidecar alone: a light load, where it sleeps on file events between commits.
+LAG_LOW_RATE = 20
 COST_SECONDS = 4 if QUICK else 6
 COST_REPEATS = 1 if QUICK else 9
+#: Seconds each cost run also watches the primary's side with no commit at all.
+IDLE_SECONDS = 2 if QUICK else 3
 BIG_BLOB_MB, BIG_TXN_MB = (256, 50) if QUICK else (1024, 200)
 TRACE_ENV = "REPLICATOR_TRACE_FILE"
 #: Where a "separate disk" secondary keeps its storage (tmpfs when there is one).
@@ -341,7 +345,8 @@ def _writers_for(rate: float) -> int:
 def bench_lag() -> None:
     results["lag"] = {}
     embedded = (ROOT / "replicator" / "wrappers.py").exists()
-    for mode, rate in [("sidecar", r) for r in LAG_RATES] + ([("embedded", r) for r in LAG_RATES] if embedded else []):
+    runs = [("sidecar", LAG_LOW_RATE)] + [("sidecar", r) for r in LAG_RATES]
+    for mode, rate in runs + ([("embedded", r) for r in LAG_RATES] if embedded else []):
         trace = RUN / "work" / f"trace-{rate}.txt"
         trace.parent.mkdir(parents=True, exist_ok=True)
         trace.unlink(missing_ok=True)
@@ -386,6 +391,8 @@ COST_MODES = {
 
 #: mode -> wake-ups a second the primary put off under CPU saturation, per cost run.
 BATCHED: dict[str, list[float]] = {}
+#: mode -> process -> share of a core it used while no client committed, per cost run.
+IDLE: dict[str, dict[str, list[float]]] = {}
 
 
 def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> None:
@@ -394,6 +401,11 @@ def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> Non
         setup.writers(rate=0, seconds=0.5, count=2)
         batched = setup.caught_up()
         procs = {"zeo": setup.zeo, "sidecar": setup.primary}
+        before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
+        time.sleep(IDLE_SECONDS)  # nobody commits: what does each process cost when idle?
+        for name, start in before.items():
+            IDLE.setdefault(mode, {}).setdefault(name, []).append(
+                (cpu_seconds(procs[name].proc.pid) - start) / IDLE_SECONDS)  # type: ignore[union-attr]
         before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writers, once reaped
         lines = setup.writers(rate=0, seconds=COST_SECONDS, count=2)
@@ -448,6 +460,7 @@ def bench_cost() -> None:
         "latency_200": latency,
         "cpu_us_per_commit": cpu,
         "batched_per_s": BATCHED,
+        "idle_share": IDLE,
     }
 
 
@@ -535,6 +548,9 @@ def report() -> str:
         for mode, sides in c.get("cpu_us_per_commit", {}).items():
             parts = [f"{names[name]} {fmt(values, 0)} us" for name, values in sides.items() if values]
             row(f"CPU per commit, primary's core ({mode})", "; ".join(parts))
+        for mode, sides in c.get("idle_share", {}).items():
+            parts = [f"{names[name]} {fmt(values, 2, 100)}%" for name, values in sides.items()]
+            row(f"CPU with no commits for {IDLE_SECONDS} s, share of a core ({mode})", "; ".join(parts))
         lat = c["latency_200"]
         for mode, values in lat.items():
             row(f"ZEO commit latency at 200 txn/s ({mode})",

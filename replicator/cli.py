@@ -141,8 +141,9 @@ def cli() -> None:
 @click.option("--listen", default="127.0.0.1:8100", show_default=True,
               help="HOST:PORT to serve secondaries and GET /status on.")
 @click.option("--poll-interval", type=float, default=0.01, show_default=True, metavar="SECONDS",
-              help="How often to look for new commits in STORAGE; a commit waits up to that long "
-                   "before it is shipped.")
+              help="How often to look for new commits in STORAGE while they come steadily; a commit "
+                   "then waits up to that long before it is shipped (see --file-events for a quiet "
+                   "file).")
 @click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
               metavar="SECONDS",
               help="While the CPUs this process may run on are saturated (under 20% idle for half a "
