@@ -66,7 +66,8 @@ class FileWatch:
     """Pending inotify events about one path, read without blocking."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
+        # A symlinked Data.fs: watch the real file and the directory a pack renames in.
+        self.path = os.path.realpath(path)
         self._name = os.fsencode(os.path.basename(self.path))
         libc = _c_library()
         self._add = libc.inotify_add_watch

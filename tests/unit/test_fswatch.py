@@ -60,6 +60,25 @@ def test_a_file_renamed_into_place_is_watched_in_turn(watched):
     assert watch.lost is False
 
 
+def test_a_symlinked_path_follows_a_pack_in_the_real_directory(tmp_path):
+    real = tmp_path / "data"
+    real.mkdir()
+    (real / "Data.fs").write_bytes(b"FS21")
+    link = tmp_path / "Data.fs"
+    link.symlink_to(real / "Data.fs")
+    watch = FileWatch(str(link))
+    try:
+        (real / "Data.fs.pack").write_bytes(b"FS21packed")
+        (real / "Data.fs").rename(real / "Data.fs.old")
+        (real / "Data.fs.pack").rename(real / "Data.fs")
+        assert watch.changed() is True
+        with open(link, "ab") as f:
+            f.write(b"a commit after the pack")
+        assert watch.changed() is True
+    finally:
+        watch.close()
+
+
 def test_removal_and_a_truncating_write_are_reported(watched):
     path, watch = watched
     os.truncate(path, 2)
