@@ -6,6 +6,17 @@ bounded whatever their size: one record per side, blobs compared chunk by
 chunk.  Everything a replica must reproduce is compared: TID, status, user,
 description, extension bytes, and per record oid, data, ``data_txn`` and
 blob bytes.  One storage being a prefix of the other is a difference too.
+
+Packs are not replicated: each node packs on its own.  A pack rewrites the
+records of the transactions it covers (status ``p``) and drops those left
+with none, but never a transaction's TID, user, description or extension.
+So a transaction packed on either side is compared by that identity only,
+and one side may lack a transaction inside the other side's packed region
+(the pack dropped it).  A fork within packed regions can hide that way, as
+it can from any comparison after a pack; the first transaction after them
+is compared in full.  A transaction a pack dropped after the last one it
+kept (a pack up to now drops the newest transactions when nothing reaches
+their records) cannot be told from a fork, and is reported as one.
 """
 
 from __future__ import annotations
@@ -47,6 +58,11 @@ class VerifyResult:
     records: int
     blobs: int
     last_common_tid: bytes = Z64
+    #: Of ``transactions``, those packed on one side or both (compared by identity only).
+    packed: int = 0
+    #: Transactions one side lacks inside the other side's packed region, per side lacking them.
+    dropped_a: int = 0
+    dropped_b: int = 0
     tid: bytes | None = None
     oid: bytes | None = None
     field: str | None = None
@@ -84,11 +100,15 @@ class _Counts:
     transactions: int = 0
     records: int = 0
     blobs: int = 0
+    packed: int = 0
+    dropped_a: int = 0
+    dropped_b: int = 0
 
     def result(self, kind: str, last: bytes, *, tid: bytes | None = None, oid: bytes | None = None,
                field: str | None = None, detail: str = "", missing_in: str | None = None,
                missing: int = 0) -> VerifyResult:
         return VerifyResult(kind, self.transactions, self.records, self.blobs, last_common_tid=last,
+                            packed=self.packed, dropped_a=self.dropped_a, dropped_b=self.dropped_b,
                             tid=tid, oid=oid, field=field, detail=detail, missing_in=missing_in,
                             missing=missing)
 
@@ -106,11 +126,12 @@ def compare_storages(a, b) -> VerifyResult:
     """Compare two open storages (see ``verify``)."""
     counts = _Counts()
     last = Z64
-    with contextlib.closing(iter_transactions(a)) as txns_a, contextlib.closing(iter_transactions(b)) as txns_b:
+    with contextlib.closing(iter_transactions(a)) as stored_a, contextlib.closing(iter_transactions(b)) as stored_b:
+        txns_a, txns_b = _packed_prefix(stored_a, "A"), _packed_prefix(stored_b, "B")
         try:
+            item_a = next(txns_a, None)
+            item_b = next(txns_b, None)
             while True:
-                item_a = next(txns_a, None)
-                item_b = next(txns_b, None)
                 if item_a is None and item_b is None:
                     return counts.result(EQUAL, last)
                 if item_a is None or item_b is None:
@@ -122,13 +143,41 @@ def compare_storages(a, b) -> VerifyResult:
                         detail=f"{side} lacks {missing} transaction(s) after {tid_repr(last)}",
                         missing_in=side, missing=missing)
                 (txn_a, records_a), (txn_b, records_b) = item_a, item_b
-                _compare_txn(txn_a, txn_b, last)
-                _compare_records(txn_a.tid, records_a, records_b, counts)
+                if txn_a.tid < txn_b.tid and txn_b.status == "p":
+                    counts.dropped_b += 1  # B's pack, which reaches past it, dropped it
+                    item_a = next(txns_a, None)
+                    continue
+                if txn_b.tid < txn_a.tid and txn_a.status == "p":
+                    counts.dropped_a += 1
+                    item_b = next(txns_b, None)
+                    continue
+                if "p" in (txn_a.status, txn_b.status) and txn_a.tid == txn_b.tid:
+                    _compare_identity(txn_a, txn_b)
+                    counts.packed += 1
+                else:
+                    _compare_txn(txn_a, txn_b, last)
+                    _compare_records(txn_a.tid, records_a, records_b, counts)
                 counts.transactions += 1
                 last = txn_a.tid
+                item_a = next(txns_a, None)
+                item_b = next(txns_b, None)
         except _Found as found:
             return counts.result(found.kind, last, tid=found.tid, oid=found.oid, field=found.field,
                                  detail=found.detail)
+
+
+def _packed_prefix(txns, side: str):
+    """``txns`` as they come, checking that the packed ones (status ``p``) come first, as a pack leaves them."""
+    unpacked = None
+    for item in txns:
+        txn = item[0]
+        if txn.status != "p":
+            unpacked = unpacked or txn.tid
+        elif unpacked is not None:
+            raise _Found(TRANSACTION, "status", f"{side}'s transaction {tid_repr(txn.tid)} is marked packed "
+                                                f"(status p) after the unpacked {tid_repr(unpacked)}; a pack "
+                                                "covers the oldest transactions only", tid=txn.tid)
+        yield item
 
 
 def _compare_txn(a: StoredTxn, b: StoredTxn, last: bytes) -> None:
@@ -140,6 +189,15 @@ def _compare_txn(a: StoredTxn, b: StoredTxn, last: bytes) -> None:
         value_a, value_b = getattr(a, name), getattr(b, name)
         if value_a != value_b:
             raise _Found(TRANSACTION, name, f"A has {_show(value_a)}, B has {_show(value_b)}", tid=a.tid)
+
+
+def _compare_identity(a: StoredTxn, b: StoredTxn) -> None:
+    """A transaction packed on one side or both: what no pack changes must be equal."""
+    for name in ("user", "description", "extension"):
+        value_a, value_b = getattr(a, name), getattr(b, name)
+        if value_a != value_b:
+            raise _Found(TRANSACTION, name, f"A has {_show(value_a)}, B has {_show(value_b)} (a packed "
+                                            "transaction keeps these)", tid=a.tid)
 
 
 def _compare_records(tid: bytes, records_a, records_b, counts: _Counts) -> None:
@@ -206,6 +264,10 @@ def format_result(result: VerifyResult) -> str:
     """Say the outcome for people: one line when equal, the difference otherwise."""
     summary = (f"{result.transactions} transaction(s), {result.records} record(s), "
                f"{result.blobs} blob(s)")
+    if result.packed or result.dropped_a or result.dropped_b:
+        summary += (f" ({result.packed} of the transactions packed on a side, compared by TID, user, "
+                    f"description and extension; dropped by a pack: {result.dropped_a} in A, "
+                    f"{result.dropped_b} in B)")
     if result.equal:
         return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}"
     lines = [f"DIFFERENT: {result.detail}"]

@@ -81,6 +81,7 @@ def assert_equal(tmp_path: Path, name: str = "dst"):
                     str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
     assert result.equal, result
     return result
+    return result
 
 
 def test_initial_sync_then_live_follow_then_resume(tmp_path, tls_dir):

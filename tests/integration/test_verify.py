@@ -6,11 +6,13 @@ import dataclasses
 import os
 
 import pytest
+from ZODB.serialize import referencesf
 
 from replicator.applier import Applier
 from replicator.errors import ConfigError
 from replicator.protocol.events import BlobChunk, Record
 from replicator.storage import open_file_storage
+from replicator.tid import tid_time
 from replicator.verify import format_result, verify
 
 from .zodb_workload import build_source, flatten, reference_stream, replace_txn, tids_of
@@ -159,3 +161,67 @@ def test_blob_dirs_both_or_neither(source, tmp_path):
     # Without blob directories the records are still compared.
     assert verify(source[0], source[0]).equal
     assert tids_of(source[2])
+
+
+def packed_copy(source, tmp_path, name: str, at: int) -> tuple[str, str]:
+    """An equal replica, then packed to the time of transaction ``at``, as its node would pack it."""
+    path, blobs = replica(tmp_path, source[2], name=name)
+    storage = open_file_storage(path, blobs)
+    try:
+        storage.pack(tid_time(source[2][at][0].tid), referencesf)
+    finally:
+        storage.close()
+    return path, blobs
+
+
+def test_a_pack_on_one_side_is_not_a_difference(source, tmp_path):
+    txns = source[2]
+    packed = packed_copy(source, tmp_path, "packed", len(txns) // 2)
+    for result in (compare(source, packed), verify(packed[0], source[0], packed[1], source[1])):
+        assert result.equal, format_result(result)
+        assert result.packed > 0
+        assert result.transactions + result.dropped_a + result.dropped_b == len(txns)
+        assert result.last_common_tid == txns[-1][0].tid
+    assert "packed on a side" in format_result(result)
+    # Both packed, to different times.
+    other = packed_copy(source, tmp_path, "packed-later", len(txns) * 3 // 4)
+    assert verify(packed[0], other[0], packed[1], other[1]).equal
+
+
+def test_a_pack_does_not_hide_what_differs_after_it(source, tmp_path):
+    txns = source[2]
+    i, j = first_record(txns[len(txns) * 3 // 4:], lambda r: r.data and r.blob_size is None)
+    i += len(txns) * 3 // 4
+
+    def change(events):
+        events[j] = dataclasses.replace(events[j], data=events[j].data + b"x")
+        return events
+    altered = replica(tmp_path, replace_txn(txns, i, change), name="altered")
+    storage = open_file_storage(*altered)
+    try:
+        storage.pack(tid_time(txns[len(txns) // 2][0].tid), referencesf)
+    finally:
+        storage.close()
+    result = compare(source, altered)
+    assert (result.kind, result.field, result.tid) == ("record", "data", txns[i][0].tid)
+
+
+def test_a_packed_transaction_keeps_its_identity(source, tmp_path):
+    # Packed transactions are compared by what a pack never changes.
+    txns = source[2]
+    i = 3
+
+    def pack_mark(events):
+        events[0] = dataclasses.replace(events[0], status="p")
+        return events
+
+    def pack_mark_and_rename(events):
+        events[0] = dataclasses.replace(events[0], status="p", user=b"mallory")
+        return events
+    marked = txns
+    for k in range(i):
+        marked = replace_txn(marked, k, pack_mark)
+    marked = replace_txn(marked, i, pack_mark_and_rename)
+    result = compare(source, replica(tmp_path, marked))
+    assert (result.kind, result.field, result.tid) == ("transaction", "user", txns[i][0].tid)
+    assert result.transactions == i and result.packed == i
