@@ -327,8 +327,13 @@ class Tailer:
         past it and we continue with the first transaction after it, which
         is exactly what a fresh copy of the packed file would hold from there
         on.  If the pack dropped ours and everything after it (packed up to
-        now), the file ends in its packed region before our TID, and we
-        continue at its end.
+        now, when nothing reached their records), the packed region ends
+        before our TID and whatever follows it was committed after the pack;
+        we continue after the packed region.  A restored backup that was
+        packed looks the same, and following it would ship new commits on
+        top of history the file no longer has; so this is done only when the
+        file we followed was renamed to ``<path>.old``, which is what
+        FileStorage's pack does with the file it replaces.
         """
         if tid == Z64:
             pos = FIRST_POS
@@ -340,7 +345,8 @@ class Tailer:
                 nxt = src.successor(tid) if across_pack else None
                 if nxt is not None and nxt.status == b"p":
                     pos = nxt.pos
-                elif across_pack and nxt is None and (last := self._packed_end(src, found)) is not None:
+                elif (across_pack and self._replaced_by_pack()
+                      and (last := self._packed_end(src, found)) is not None):
                     pos = last
                 else:
                     raise DivergenceError(
@@ -349,6 +355,16 @@ class Tailer:
         if self._cur is not src and self._cur is not self._src and self._cur is not None:
             self._cur.close()
         self._cur, self._pos, self._last_tid = src, pos, tid
+
+    def _replaced_by_pack(self) -> bool:
+        """Whether the file we followed is now ``<path>.old``, as FileStorage's pack leaves it."""
+        if self._cur is None:
+            return False
+        try:
+            st = os.stat(self.path + ".old")
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._cur.ident
 
     @staticmethod
     def _packed_end(src: SourceFile, tid: bytes) -> int | None:

@@ -408,6 +408,60 @@ def test_pack_dropping_our_position_continues_after_it(tmp_path):
         db.close()
 
 
+def commit_orphans(db, count: int) -> bytes:
+    """Commit objects nothing refers to: a pack drops their transactions whole."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    for _ in range(count):
+        conn.add(PersistentMapping())
+        tm.commit()
+    conn.close()
+    return db.lastTransaction()
+
+
+def test_pack_up_to_now_dropping_our_newest_continues_after_it(tmp_path):
+    """Packed up to now, our transaction and all before it since the last kept one go; commits follow."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    try:
+        commit(conn.root(), "a", 1)
+        ours = commit_orphans(db, 3)
+        with Tailer(path) as tailer:
+            tailer.seek_after(ours)
+            db.pack(time.time() + 1)
+            assert os.path.exists(path + ".old")
+            commit(conn.root(), "b", 2)  # committed after the pack, before the tailer looks
+            after = db.lastTransaction()
+            txns, error = drain(tailer)
+            assert error is None
+            assert [(t.begin.tid, t.begin.prev_tid, t.begin.status) for t in txns] == [(after, ours, " ")]
+    finally:
+        conn.close()
+        db.close()
+
+
+def test_restored_packed_backup_without_our_position_is_divergence(tmp_path):
+    """A packed backup put in place of the file looks like such a pack, but FileStorage did not pack it."""
+    path, backup = str(tmp_path / "Data.fs"), str(tmp_path / "backup.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    commit(conn.root(), "a", 1)
+    db.pack(time.time() + 1)  # every transaction so far packed (status p)
+    kept = db.lastTransaction()
+    shutil.copy(path, backup)
+    ours = commit_orphans(db, 2)
+    conn.close()
+    db.close()
+    with Tailer(path) as tailer:
+        tailer.seek_after(ours)
+        os.rename(path, path + ".broken")
+        os.rename(backup, path)
+        with pytest.raises(DivergenceError) as info:
+            tailer.read_events()
+        assert info.value.fork_tid == kept
+
+
 def test_replaced_file_without_our_position_is_divergence(tmp_path):
     """A file replaced by another history (not a pack) is refused, naming the nearest earlier TID."""
     path, fork = str(tmp_path / "Data.fs"), str(tmp_path / "fork.fs")
