@@ -542,8 +542,25 @@ class _GroupCommit:
         return 0
 
     def sync(self) -> None:
-        """Fsync the file; every finished transaction was flushed to it already."""
-        os.fsync(self.storage._file.fileno())
+        """Fsync the file; every finished transaction was flushed to it already.
+
+        Runs in another thread than the applier, and a pack of this storage
+        swaps its file under the storage lock: the descriptor is duplicated
+        under that lock, so the fsync never meets a file the pack just closed.
+        If a pack swapped the file meanwhile, the finished transactions were
+        copied into the new one, which is synced in turn.
+        """
+        s = self.storage
+        while True:
+            with s._lock:
+                current = s._file
+                fd = os.dup(current.fileno())
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if s._file is current:
+                return
 
     def uninstall(self) -> None:
         vars(self.storage).pop("_finish_finish", None)

@@ -376,17 +376,21 @@ def _datafs_fsyncs(monkeypatch, storage) -> list[int]:
     import sys
 
     calls: list[int] = []
-    fd = storage._file.fileno()
+    st = os.fstat(storage._file.fileno())
     fs_module = sys.modules["ZODB.FileStorage.FileStorage"]
     real_os_fsync, real_fs_fsync = os.fsync, fs_module.fsync
 
+    def is_datafs(n: int) -> bool:  # by inode: the applier fsyncs a duplicate of the descriptor
+        other = os.fstat(n)
+        return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
     def os_fsync(n):
-        if n == fd:
+        if is_datafs(n):
             calls.append(n)
         real_os_fsync(n)
 
     def fs_fsync(n):
-        if n == fd:
+        if is_datafs(n):
             calls.append(n)
         real_fs_fsync(n)
 
@@ -528,3 +532,50 @@ def test_a_crash_mid_commit_does_not_leave_a_phantom_last_tid(tmp_path):
             assert fixed.lastTransaction() == committed
         finally:
             fixed.close()
+
+
+def test_group_fsync_in_its_thread_survives_a_pack_swapping_the_file(tmp_path):
+    """The fsync of a batch runs beside the applier; a pack of the same storage swaps its file meanwhile."""
+    import threading
+    import time
+
+    import transaction
+    import ZODB
+    from persistent.mapping import PersistentMapping
+
+    storage = FileStorage(str(tmp_path / "Data.fs"))
+    applier = Applier(storage)  # installs group commit on this storage
+    db = ZODB.DB(storage)
+    conn = db.open()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def fsync_forever() -> None:
+        tid = storage.lastTransaction()
+        while not stop.is_set():
+            try:
+                applier.make_durable([tid])
+            except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+                return
+
+    syncer = threading.Thread(target=fsync_forever)
+    try:
+        conn.root()["m"] = PersistentMapping()
+        transaction.commit()
+        syncer.start()
+        for _ in range(15):
+            for n in range(20):
+                conn.root()["m"]["n"] = n  # superseded revisions: each pack frees them and swaps the file
+                transaction.commit()
+            db.pack(time.time() + 1)
+            if errors:
+                break
+    finally:
+        stop.set()
+        if syncer.is_alive():
+            syncer.join()
+        conn.close()
+        applier.close()
+        db.close()
+    assert not errors, errors
