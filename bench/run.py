@@ -400,17 +400,16 @@ def _cost_run(i: int, mode: str, through: dict, cpu: dict, latency: dict) -> Non
     try:
         setup.writers(rate=0, seconds=0.5, count=2)
         batched = setup.caught_up()
-        procs = {"zeo": setup.zeo, "sidecar": setup.primary}
-        before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
+        procs = {name: p for name, p in {"zeo": setup.zeo, "sidecar": setup.primary}.items() if p is not None}
+        idle_start = {name: cpu_seconds(p.proc.pid) for name, p in procs.items()}
         time.sleep(IDLE_SECONDS)  # nobody commits: what does each process cost when idle?
-        for name, start in before.items():
-            IDLE.setdefault(mode, {}).setdefault(name, []).append(
-                (cpu_seconds(procs[name].proc.pid) - start) / IDLE_SECONDS)  # type: ignore[union-attr]
-        before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p is not None}
+        before = {name: cpu_seconds(p.proc.pid) for name, p in procs.items()}
+        for name, start in idle_start.items():
+            IDLE.setdefault(mode, {}).setdefault(name, []).append((before[name] - start) / IDLE_SECONDS)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writers, once reaped
         lines = setup.writers(rate=0, seconds=COST_SECONDS, count=2)
         for name, start in before.items():
-            cpu[mode][name].append((cpu_seconds(procs[name].proc.pid) - start) / len(lines) * 1e6)  # type: ignore[union-attr]
+            cpu[mode][name].append((cpu_seconds(procs[name].proc.pid) - start) / len(lines) * 1e6)
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         writers_cpu = (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime)
         cpu[mode]["writers"].append(writers_cpu / len(lines) * 1e6)
