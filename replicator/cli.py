@@ -315,7 +315,12 @@ def promote(node, tls_ca, tls_cert, tls_key, insecure) -> None:
 @click.option("--undo", is_flag=True, default=False, help="Accept writes again (unfence).")
 @_tls_options
 def fence(node, undo, tls_ca, tls_cert, tls_key, insecure) -> None:
-    """Stop (or with --undo resume) writes on the embedded primary at NODE; streaming goes on."""
+    """Stop (or with --undo resume) writes on the embedded primary at NODE; streaming goes on.
+
+    Its ZEO clients are disconnected; they register again, read-only or with
+    a server they list that takes writes. (`switchover` keeps them until the
+    new primary is promoted.)
+    """
     result = _control(node, "POST", "/unfence" if undo else "/fence", tls_ca, tls_cert, tls_key, insecure)
     state = f"fenced ({result['fenced']})" if result.get("fenced") else "accepting writes"
     click.echo(f"{result['node']}: {state}; last transaction {result['last_tid']}")

@@ -7,7 +7,9 @@ call them):
   received, start a new epoch, become the primary of that epoch.
 - ``POST /fence`` and ``POST /unfence`` (primary): stop / resume accepting
   writes, for a planned switchover; streaming goes on, so secondaries can
-  catch up with the last commits.
+  catch up with the last commits.  ``/fence`` drops the ZEO clients of a
+  primary inside a ZEO server, or with ``?clients=keep`` leaves them
+  connected (their commits fail with ``ReadOnlyError``) until ``/demote``.
 - ``POST /demote?primary=HOST:PORT`` (a fenced primary inside a ZEO
   server): become a secondary of that node in place, on the same port.
 - ``GET /identities?tids=HEX,HEX,...`` (any node): which of these
@@ -90,7 +92,10 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
 
     async def fence(request: web.Request) -> web.Response:
         primary = get_primary()
-        primary.fence(request.query.get("reason", "fenced by an operator"))
+        clients = request.query.get("clients", "drop")
+        if clients not in ("drop", "keep"):
+            raise web.HTTPBadRequest(text=f"clients must be drop or keep, not {clients!r:.40}")
+        primary.fence(request.query.get("reason", "fenced by an operator"), keep_clients=clients == "keep")
         await primary.settle()  # the commit in flight, if any, has landed: the head is final
         return web.json_response(primary.status())
 

@@ -419,8 +419,10 @@ class Primary:
         self.epoch = 0
         #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
         self.fenced: str | None = None
-        #: Called once when the node gets fenced (a storage wrapper drops its clients).
+        #: Called once a fence takes the clients away (a storage wrapper drops its
+        #: ZEO clients, which register again and find out who takes writes now).
         self.fence_listeners: list[Callable[[], None]] = []
+        self._clients_dropped = False
         #: Awaited by ``settle()``: an embedding storage waits for the commit in flight.
         self.fence_settlers: list[Callable[[], Awaitable[None]]] = []
         #: A newer epoch exists elsewhere: this node must neither write nor stream.
@@ -523,12 +525,23 @@ class Primary:
             # second are enough, and under load one look covers many commits.
             await asyncio.sleep(HEAD_REFRESH_INTERVAL)
 
-    def fence(self, reason: str) -> None:
-        """Accept no more writes (an embedding storage checks ``writable``); streaming goes on."""
+    def fence(self, reason: str, *, keep_clients: bool = False) -> None:
+        """Accept no more writes (an embedding storage checks ``writable``); streaming goes on.
+
+        The fence listeners drop the embedding ZEO server's clients, so that
+        they register again and find the node that takes writes, unless
+        ``keep_clients``: a switchover keeps them until the new primary is
+        promoted (``demote`` drops them then), because a client that
+        registered again in between would find no server taking writes and
+        ZEO's client retries only about every ten seconds.  A later fence
+        without ``keep_clients`` drops them.
+        """
         first = self.fenced is None
         self.fenced = reason
         if first:
             log.warning("fenced: no more writes on this node: %s", reason)
+        if not keep_clients and not self._clients_dropped:
+            self._clients_dropped = True
             for listener in self.fence_listeners:
                 listener()
 
@@ -540,6 +553,7 @@ class Primary:
 
     def unfence(self) -> None:
         self.fenced = None
+        self._clients_dropped = False
 
     @property
     def writable(self) -> bool:

@@ -8,6 +8,7 @@ secondary is promoted only after it acknowledged the primary's last one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from .config import TLSPaths
@@ -22,7 +23,10 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
     target = await call(new, "GET", "/status", tls, insecure=insecure)
     if target.get("role") != "secondary":
         raise ReplicatorError(f"{new} is not a secondary (role {target.get('role')})")
-    fenced = await call(old, "POST", "/fence?reason=switchover", tls, insecure=insecure)
+    # Its ZEO clients stay connected (their commits are refused) until the
+    # demotion below drops them: they then register again at once, and those
+    # that list both servers find the new primary taking writes.
+    fenced = await call(old, "POST", "/fence?reason=switchover&clients=keep", tls, insecure=insecure)
     head = fenced["last_tid"]
     deadline = time.monotonic() + timeout
     while True:
@@ -44,7 +48,10 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
     try:
         await call(old, "POST", f"/demote?primary={new}", tls, insecure=insecure)
     except ReplicatorError as exc:
-        # A sidecar primary cannot turn into a secondary in place.
+        # A sidecar primary cannot turn into a secondary in place.  Whatever
+        # failed, its clients must go: they register again and find the new primary.
+        with contextlib.suppress(ReplicatorError):
+            await call(old, "POST", "/fence?reason=switchover", tls, insecure=insecure)
         return (done + f"{fenced['node']} is fenced ({exc.message}).\n"
                 f"Next: restart {fenced['node']} as a secondary of {new} (its history is a prefix of the new "
                 "primary's, so it resumes where it stopped).")

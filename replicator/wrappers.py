@@ -457,8 +457,8 @@ def _wait_for_commit_in_flight(base) -> None:
     got the commit lock after it aborts itself, see ``tpc_begin``); one that
     began before it (voted, its client about to call ``tpc_finish``) gets to
     finish, so the head the fence reports is final.  One still unfinished
-    after ``SETTLE_TIMEOUT`` was left behind by a client that went away (ZEO
-    drops its clients at the fence) and would hold the commit lock for ever,
+    after ``SETTLE_TIMEOUT`` was left behind by a client that went away (a
+    fence may drop the clients) and would hold the commit lock for ever,
     which a demoted node's applier needs: it is aborted.  It was never
     acknowledged to its client.
     """

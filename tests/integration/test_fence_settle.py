@@ -4,7 +4,8 @@ A switchover reads the head from the fence's answer and promotes the
 secondary once it acknowledged that head, so a commit that finished after
 the answer would exist only on the old primary.  A transaction whose client
 went away at the fence must not keep the commit lock either: a demoted
-node's applier needs it.
+node's applier needs it.  A switchover's fence (``clients=keep``) leaves the
+ZEO clients connected; a plain one drops them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import threading
 import time
 
 import pytest
+import transaction
+import ZODB
+from ZEO.ClientStorage import ClientStorage
+from ZEO.Exceptions import ClientDisconnected
+from ZEO.StorageServer import StorageServer
 from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
@@ -22,7 +28,9 @@ from ZODB.utils import z64
 from replicator import wrappers
 from replicator.config import Address, PrimaryConfig
 from replicator.control import call
+from replicator.errors import ReplicatorError
 from replicator.wrappers import PrimaryStorage
+from tests.helpers import wait_until
 from tests.integration.test_replication import tls
 
 
@@ -45,8 +53,8 @@ def vote_one(storage, oid_value: bytes = b"x") -> TransactionMetaData:
     return txn
 
 
-def fence(storage, tls_dir) -> dict:
-    return asyncio.run(call(f"127.0.0.1:{storage.port}", "POST", "/fence?reason=test",
+def fence(storage, tls_dir, query: str = "") -> dict:
+    return asyncio.run(call(f"127.0.0.1:{storage.port}", "POST", f"/fence?reason=test{query}",
                             tls(tls_dir, "secondary")))
 
 
@@ -74,3 +82,41 @@ def test_fence_aborts_a_transaction_its_client_abandoned(primary, tls_dir, monke
     assert base._commit_lock.acquire(timeout=1), "the abandoned transaction still holds the commit lock"
     base._commit_lock.release()
     assert primary.lastTransaction() == before
+
+
+def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(primary, tls_dir):
+    server = StorageServer(("127.0.0.1", 0), {"1": primary})
+    server.start_thread()
+    db = None
+    try:
+        client = ClientStorage(server.addr, wait_timeout=2)
+        db = ZODB.DB(client)
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        conn.root()["n"] = 1
+        tm.commit()
+
+        with pytest.raises(ReplicatorError, match="clients must be drop or keep"):
+            fence(primary, tls_dir, "&clients=later")
+        assert primary.primary.writable, "a refused fence request fenced the primary"
+
+        fence(primary, tls_dir, "&clients=keep")
+        # Still connected: the commit reaches the server, which refuses it
+        # (a dropped client would meet ClientDisconnected after wait_timeout).
+        conn.root()["n"] = 2
+        with pytest.raises(ReadOnlyError):
+            tm.commit()
+        tm.abort()
+        assert client.is_connected()
+
+        fence(primary, tls_dir)
+        # Dropped; a fenced primary is read-only, so it cannot register read-write again.
+        wait_until(lambda: not client.is_connected(), timeout=10, what="the client dropped by the fence")
+        with pytest.raises(ClientDisconnected):
+            conn.root()["n"] = 3
+            tm.commit()
+        tm.abort()
+    finally:
+        if db is not None:
+            db.close()
+        server.close()
