@@ -193,8 +193,10 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
 @click.option("--listen", default=None, help="HOST:PORT to answer GET /status on (optional).")
 @click.option("--zeo", "zeo_addr", default=None,
               help="HOST:PORT to serve the replica to read-only ZEO clients on (optional).")
+@click.option("--compress/--no-compress", default=False, show_default=True,
+              help="Ask the primary to deflate the stream: for a slow link (a WAN); costs CPU on both ends.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
-              listen, zeo_addr) -> None:
+              listen, zeo_addr, compress) -> None:
     """Follow the primary at --primary and re-commit its transactions into STORAGE.
 
     With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
@@ -206,7 +208,7 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
         config = SecondaryConfig(
             storage=storage, blob_dir=blob_dir, primary=parse_address(primary_addr, "--primary"),
             listen=parse_address(listen, "--listen") if listen else None,
-            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure,
+            tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, compress=compress,
             **({"node": node} if node else {}),
         ).validate()
         zeo = parse_address(zeo_addr, "--zeo") if zeo_addr else None

@@ -136,6 +136,8 @@ class SecondaryConfig:
     idle_timeout: float = 15.0
     #: Stop (rather than retry) after this many seconds without a connection; 0 = never.
     give_up_after: float = 0.0
+    #: Ask the primary to deflate the stream (WebSocket permessage-deflate), for slow links.
+    compress: bool = False
 
     def validate(self) -> SecondaryConfig:
         problems: list[str] = []

@@ -380,6 +380,8 @@ class SessionStats:
     acked_at: float = 0.0
     bytes_sent: int = 0
     txns_sent: int = 0
+    #: The secondary asked for a deflated stream and gets one.
+    compression: bool = False
     #: Position of sent_tid / acked_tid in the file (transactions up to them).
     sent_ordinal: int = 0
     acked_ordinal: int = 0
@@ -400,6 +402,7 @@ class SessionStats:
             "acked_tid_time": tid_time(self.acked_tid),
             "lag_seconds": round(lag_s, 6),
             "lag_transactions": pending,
+            "compression": self.compression,
             "bytes_sent": self.bytes_sent,
             "transactions_sent": self.txns_sent,
         }
@@ -645,10 +648,11 @@ class Primary:
 
     async def _handle_replicate(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
-        ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=False, autoping=True)
+        # A secondary that asks for compression (a slow link) gets it; the others do not.
+        ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=True, autoping=True)
         await ws.prepare(request)
         peer = f"{request.remote} ({peer_identity(request)})"
-        stats = SessionStats(peer=peer)
+        stats = SessionStats(peer=peer, compression=bool(ws.compress))
         conn = Connection(Role.PRIMARY, max_frame=cfg.max_frame)
         tailer = Tailer(cfg.storage, cfg.blob_dir)
         key = id(ws)

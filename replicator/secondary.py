@@ -33,6 +33,7 @@ from .errors import (
     DivergenceError,
     RejectedError,
     RemoteProtocolError,
+    ReplicatorError,
     StorageError,
     TLSError,
     TransportError,
@@ -94,6 +95,8 @@ class _Progress:
     txns_applied: int = 0
     last_error: str | None = None
     epoch: int = 0
+    #: The stream from the primary is deflated (asked for with ``compress``, and agreed).
+    compression: bool = False
 
 
 class Secondary:
@@ -125,6 +128,7 @@ class Secondary:
         self._ack_due = asyncio.Event()
         self._stopped = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._told_uncompressed = False
         #: Set once POST /promote made this node the primary of a new epoch.
         self.promoted = False
         self._on_promoted = on_promoted
@@ -288,7 +292,13 @@ class Secondary:
         last_tid = identity.tid if identity else Z64
         epoch = (await blocking(load_epoch, self.storage.getName())).epoch
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
-        ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20))
+        ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
+                                         compress=cfg.compress)
+        self.progress.compression = bool(ws.compress)
+        if cfg.compress and not ws.compress and not self._told_uncompressed:
+            self._told_uncompressed = True
+            log.warning("the primary at %s did not agree to compress the stream; it comes uncompressed",
+                        cfg.primary)
         try:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
@@ -359,6 +369,13 @@ class Secondary:
             raise RemoteProtocolError(f"expected Welcome, got {event!r:.80}")
         return event
 
+    def _read_error(self, exc: BaseException | None) -> ReplicatorError:
+        """What a WebSocket read error means: a message over the limit is the primary's fault."""
+        if isinstance(exc, aiohttp.WebSocketError) and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+            return RemoteProtocolError(f"the primary sent a message over the {self.config.max_frame + (1 << 20)}-byte "
+                                       f"limit (after decompression, if compressed): {exc}")
+        return TransportError(str(self.config.primary), f"connection error: {exc}")
+
     async def _read_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
         while True:
             msg = await ws.receive(timeout=self.config.idle_timeout)
@@ -382,7 +399,7 @@ class Secondary:
             elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 raise TransportError(str(self.config.primary), f"primary closed the connection ({ws.close_code})")
             elif msg.type is WSMsgType.ERROR:
-                raise TransportError(str(self.config.primary), f"connection error: {ws.exception()}")
+                raise self._read_error(msg.data if isinstance(msg.data, BaseException) else ws.exception())
             else:
                 raise RemoteProtocolError(f"unexpected {msg.type.name} message")
 
@@ -482,6 +499,7 @@ class Secondary:
             "lag_seconds": round(max(0.0, tid_time(p.head_tid) - tid_time(p.applied_tid)), 6) if behind else 0.0,
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
+            "compression": p.compression,
             "last_error": p.last_error,
             "epoch": p.epoch,
             "secondaries": self.downstream.status()["secondaries"] if self.downstream else [],

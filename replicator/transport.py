@@ -273,12 +273,15 @@ def peer_identity(request: web.BaseRequest) -> str:
 async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
                      ssl_context: ssl.SSLContext | None, *, max_msg_size: int,
                      heartbeat: float | None = None, timeout: float = 10.0,
-                     headers: dict[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
+                     headers: dict[str, str] | None = None,
+                     compress: bool = False) -> aiohttp.ClientWebSocketResponse:
     """Open a WebSocket to ``url`` (``wss://`` with a context, ``ws://`` without).
 
     ``timeout`` is one budget for the whole operation (TCP connect, TLS
     handshake, HTTP upgrade).  ``max_msg_size`` bounds every received message;
     ``heartbeat`` enables pings so that a silently dead peer is noticed.
+    ``compress`` offers permessage-deflate (RFC 7692); ``ws.compress`` says
+    whether the server took it (0: it did not).
 
     Raises ``TLSError`` when the handshake fails on certificates,
     ``TransportError`` for every other failure to connect, and ``ConfigError``
@@ -299,7 +302,8 @@ async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
             ws = await session.ws_connect(
                 url, ssl=ssl_context if ssl_context is not None else True,
                 max_msg_size=max_msg_size, heartbeat=heartbeat, autoping=True,
-                headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+                headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
+                compress=15 if compress else 0)
     except TimeoutError:
         raise TransportError(address, f"connecting to {url} timed out after {timeout:g} s") from None
     except aiohttp.ClientConnectorCertificateError as e:

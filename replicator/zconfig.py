@@ -61,7 +61,7 @@ class SecondaryStorageConfig(BaseConfig):
                 storage=base.getName(), blob_dir=getattr(base, "blob_dir", None) or None,
                 primary=parse_address(section.primary, "primary"),
                 listen=parse_address(section.listen, "listen") if section.listen else None,
-                tls=_tls(section), insecure=section.insecure, **_node(section),
+                tls=_tls(section), insecure=section.insecure, compress=section.compress, **_node(section),
             ).validate()
             return SecondaryStorage(base, config)
         except BaseException:

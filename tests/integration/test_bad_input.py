@@ -22,7 +22,7 @@ from aiohttp import web
 from replicator.config import Address, SecondaryConfig
 from replicator.errors import TLSError, TransportError
 from replicator.protocol import PROTOCOL_VERSION, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
-from replicator.protocol.framing import decode_frame, encode_event
+from replicator.protocol.framing import DEFAULT_MAX_FRAME, decode_frame, encode_event
 from replicator.secondary import Secondary
 from replicator.transport import client_ssl_context, server_ssl_context, start_server, stop_server
 from tests.integration.test_replication import (
@@ -222,8 +222,17 @@ async def _cut_mid_transaction(ws, hello):
     await ws.close()
 
 
-@pytest.mark.parametrize("script", [_bad_digest, _garbage, _broken_chain, _cut_mid_transaction],
-                         ids=["bad-digest", "garbage", "broken-chain", "cut-mid-transaction"])
+async def _deflate_bomb(ws, hello):
+    """A message that deflates to a few dozen kilobytes and inflates past the size limit."""
+    assert ws.compress, "the secondary asked for compression and this server agreed"
+    await ws.send_bytes(bytes(DEFAULT_MAX_FRAME + (2 << 20)))
+
+
+_deflate_bomb.compress = True  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("script", [_bad_digest, _garbage, _broken_chain, _cut_mid_transaction, _deflate_bomb],
+                         ids=["bad-digest", "garbage", "broken-chain", "cut-mid-transaction", "deflate-bomb"])
 def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_dir, script):
     """First replicate for real, then point the secondary at a hostile primary."""
     async def scenario() -> None:
@@ -235,7 +244,8 @@ def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_di
         async with hostile.serving() as port:
             config = SecondaryConfig(storage=str(source / "dst.fs"), blob_dir=str(source / "dst-blobs"),
                                      primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
-                                     reconnect_min=0.05, reconnect_max=0.1)
+                                     reconnect_min=0.05, reconnect_max=0.1,
+                                     compress=getattr(script, "compress", False))
             secondary = Secondary(config.validate())
             await secondary.open()
             task = asyncio.create_task(secondary.run())
@@ -246,6 +256,8 @@ def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_di
                     assert asyncio.get_running_loop().time() < deadline
                     await asyncio.sleep(0.05)
                 assert secondary.progress.last_error
+                if script is _deflate_bomb:
+                    assert "RemoteProtocolError: the primary sent a message over the" in secondary.progress.last_error
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -70,6 +70,38 @@ def test_file_events_are_on_unless_turned_off(tmp_path, tls_dir, args, toml, wat
         proc.stop()
 
 
+@pytest.mark.parametrize("args, toml, compressed", [
+    ((), "", False),
+    (("--compress",), "", True),
+    ((), "compress = true\n", True),
+    (("--no-compress",), "compress = true\n", False),
+])
+def test_a_secondary_asks_for_compression_when_told(tmp_path, tls_dir, args, toml, compressed):
+    from tests.helpers import Proc, free_port, tls_args, wait_for_port, wait_until
+    from tests.system.sysutil import get_status, try_status
+
+    make_fs(tmp_path / "a.fs", [1, 2])
+    (tmp_path / "s.toml").write_text(toml)
+    port, status_port = free_port(), free_port()
+    primary = Proc([REPLICATOR, "primary", "--storage", str(tmp_path / "a.fs"), "--listen", f"127.0.0.1:{port}",
+                    *tls_args(tls_dir, "primary")], tmp_path / "p.log")
+    secondary = None
+    try:
+        wait_for_port(port, primary.proc)
+        secondary = Proc([REPLICATOR, "secondary", "--config", str(tmp_path / "s.toml"), "--storage",
+                          str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}", "--listen",
+                          f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"), *args], tmp_path / "s.log")
+        wait_until(lambda: not secondary.alive() or (try_status(status_port, tls_dir) or {}).get("connected"),
+                   timeout=30, what="the secondary connected")
+        assert secondary.alive(), secondary.output()
+        assert get_status(status_port, tls_dir)["compression"] is compressed
+        assert [s["compression"] for s in get_status(port, tls_dir)["secondaries"]] == [compressed]
+    finally:
+        for proc in (secondary, primary):
+            if proc is not None:
+                proc.stop()
+
+
 def test_tls_is_required_unless_insecure(tmp_path):
     make_fs(tmp_path / "a.fs", [1])
     result = run("primary", "--storage", str(tmp_path / "a.fs"))

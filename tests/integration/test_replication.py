@@ -45,10 +45,10 @@ async def running_primary(tmp_path: Path, tls_dir: Path, **overrides):
 
 @contextlib.asynccontextmanager
 async def running_secondary(tmp_path: Path, tls_dir: Path, port: int, name: str = "dst",
-                            expect_failure: bool = False):
+                            expect_failure: bool = False, **overrides):
     config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
                              primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node=name,
-                             reconnect_min=0.05, reconnect_max=0.5)
+                             **{"reconnect_min": 0.05, "reconnect_max": 0.5, **overrides})
     secondary = Secondary(config.validate())
     await secondary.open()
     task = asyncio.create_task(secondary.run())
@@ -80,7 +80,6 @@ def assert_equal(tmp_path: Path, name: str = "dst"):
     result = verify(str(tmp_path / "src.fs"), str(tmp_path / f"{name}.fs"),
                     str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
     assert result.equal, result
-    return result
     return result
 
 

@@ -42,19 +42,20 @@ def primary_section(tmp_path: Path, tls_dir: Path, extra: str = "") -> str:
             "</filestorage>\n</replicated-primary>\n")
 
 
-def secondary_section(tmp_path: Path, tls_dir: Path, port: int, fs_extra: str = "") -> str:
+def secondary_section(tmp_path: Path, tls_dir: Path, port: int, fs_extra: str = "", extra: str = "") -> str:
     (tmp_path / "s").mkdir(exist_ok=True)
-    return (f"<replicated-secondary>\nprimary 127.0.0.1:{port}\nnode s\n{tls_keys(tls_dir, 'secondary')}"
+    return (f"<replicated-secondary>\nprimary 127.0.0.1:{port}\nnode s\n{tls_keys(tls_dir, 'secondary')}{extra}"
             f"<filestorage>\npath {tmp_path / 's' / 'Data.fs'}\nblob-dir {tmp_path / 's' / 'blobs'}\n"
             f"{fs_extra}</filestorage>\n</replicated-secondary>\n")
 
 
-def open_pair(tmp_path: Path, tls_dir: Path, primary_extra: str = "") -> tuple[ZODB.DB, SecondaryStorage]:
+def open_pair(tmp_path: Path, tls_dir: Path, primary_extra: str = "",
+              secondary_extra: str = "") -> tuple[ZODB.DB, SecondaryStorage]:
     """A database on an embedded primary, and a replica storage following it (not yet started)."""
     db = ZODB.config.databaseFromString(
         f"%import replicator\n<zodb>\n{primary_section(tmp_path, tls_dir, primary_extra)}</zodb>\n")
     replica = ZODB.config.storageFromString(
-        "%import replicator\n" + secondary_section(tmp_path, tls_dir, db.storage.port))
+        "%import replicator\n" + secondary_section(tmp_path, tls_dir, db.storage.port, extra=secondary_extra))
     return db, replica
 
 
@@ -83,6 +84,22 @@ def test_config_sections_make_wrappers_with_their_base_interfaces(tmp_path, tls_
         assert db.storage.config.blob_dir == str(tmp_path / "p" / "blobs")
         assert db.storage.config.poll_interval == 1.0
         assert db.storage.status()["role"] == "primary"
+        assert replica.config.compress is False
+    finally:
+        replica.close()
+        db.close()
+
+
+def test_a_replica_section_may_ask_for_a_compressed_stream(tmp_path, tls_dir):
+    db, replica = open_pair(tmp_path, tls_dir, secondary_extra="compress true\n")
+    try:
+        assert replica.config.compress is True
+        replica.start()
+        with db.transaction() as conn:
+            conn.root()["v"] = "text " * 1000
+        wait_until(lambda: replica.lastTransaction() == db.lastTransaction(), timeout=20)
+        assert replica.status()["compression"] is True
+        assert [s["compression"] for s in db.storage.status()["secondaries"]] == [True]
     finally:
         replica.close()
         db.close()
