@@ -9,6 +9,11 @@ dozen of them would dominate the baseline copy's time (more than half of it
 in a 500 MB file) and flatter the replicator, which avoids that walk.
 Undo records are replicated and checked in the test suite.
 
+``python bench/gendata.py prose OUT_DIR MEGABYTES SEED``: the same, but every
+payload and blob is prose (pseudo-words of a 2,000-word vocabulary in Zipf
+frequencies, as in natural language) instead of random bytes: content like
+a CMS's, which deflate shrinks about threefold, for the WAN benchmark.
+
 ``python bench/gendata.py big OUT_DIR BLOB_MB TXN_MB``: one transaction with a
 single blob of ``BLOB_MB`` and one transaction of ``TXN_MB`` spread over
 512 KB records.
@@ -48,12 +53,35 @@ def payload(rng: random.Random) -> bytes:
     return rng.randbytes(size)
 
 
-def gen_sync(out: str, megabytes: int, seed: int) -> dict:
+class Prose:
+    """Text of ``size`` bytes from pseudo-words drawn in Zipf frequencies."""
+
+    SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+
+    def __init__(self, rng: random.Random, words: int = 2000) -> None:
+        self.rng = rng
+        self.words = [" " + "".join(rng.choice(self.SYLLABLES) for _ in range(rng.randint(1, 4)))
+                      for _ in range(words)]
+        self.weights = [1 / (rank + 1) for rank in range(words)]
+
+    def __call__(self, size: int) -> bytes:
+        out = "".join(self.rng.choices(self.words, self.weights, k=size // 5 + 1))
+        while len(out) < size:
+            out += out
+        return out[:size].encode()
+
+
+def gen_sync(out: str, megabytes: int, seed: int, content: str = "random") -> dict:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "Data.fs")
     storage = FileStorage(path, blob_dir=os.path.join(out, "blobs"), create=True)
     db = ZODB.DB(storage, cache_size=2000)
     rng = random.Random(seed)
+    prose = Prose(random.Random(seed + 1)) if content == "prose" else None
+
+    def data(size: int) -> bytes:
+        return rng.randbytes(size) if prose is None else prose(size)
+
     tm = transaction.TransactionManager()
     conn = db.open(tm)
     root = conn.root()
@@ -76,7 +104,7 @@ def gen_sync(out: str, megabytes: int, seed: int) -> dict:
                 blobs.append(blob)
                 root[f"blob{len(blobs)}"] = blob
             with blob.open("w") as fh:
-                fh.write(rng.randbytes(int(math.exp(rng.uniform(math.log(4096), math.log(2 * MB))))))
+                fh.write(data(int(math.exp(rng.uniform(math.log(4096), math.log(2 * MB))))))
         else:
             for _ in range(rng.randint(1, 8)):
                 if create:
@@ -85,7 +113,8 @@ def gen_sync(out: str, megabytes: int, seed: int) -> dict:
                     tree[len(pool)] = obj
                 else:
                     obj = rng.choice(pool)
-                obj["d"] = payload(rng)
+                obj["d"] = payload(rng) if prose is None else prose(
+                    int(math.exp(rng.uniform(math.log(100), math.log(20_000)))))
         tm.commit()
         n += 1
         if n % 500 == 0:
@@ -124,5 +153,8 @@ def gen_big(out: str, blob_mb: int, txn_mb: int) -> dict:
 
 if __name__ == "__main__":
     kind, out, a, b = sys.argv[1:5]
-    result = gen_sync(out, int(a), int(b)) if kind == "sync" else gen_big(out, int(a), int(b))
+    if kind in ("sync", "prose"):
+        result = gen_sync(out, int(a), int(b), "random" if kind == "sync" else "prose")
+    else:
+        result = gen_big(out, int(a), int(b))
     print(json.dumps(result))
