@@ -91,10 +91,12 @@ def render(results: list[dict], now: float) -> str:
                 lines.append(
                     f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
                     f"lag {s['lag_seconds']:.3f}s / {lag_t if lag_t is not None else '?'} txns, "
-                    f"sent {_size(s.get('bytes_sent'))}"
+                    f"sent {_size(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
                 )
         else:
             state = "connected" if r.get("connected") else "DISCONNECTED"
+            if r.get("connected") and r.get("compression"):
+                state += ", stream deflated"
             lines.append(f"  primary       {r.get('primary')} ({r.get('primary_node') or '?'}) {state}")
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
             lines.append(f"  lag           {r.get('lag_seconds', 0):.3f}s   applied {r.get('transactions_applied')} "
