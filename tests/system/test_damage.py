@@ -21,11 +21,13 @@ What the replicator must do:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,60 @@ def secondary_tid(port: int, tls_dir: Path) -> str | None:
     return status["last_tid"] if status else None
 
 
+@dataclass
+class Scene:
+    """A copy of the source (to damage) and a fresh secondary's paths and ports; the processes once started."""
+
+    tmp: Path
+    tls_dir: Path
+    fs: Path
+    blobs: Path
+    raw: bytes
+    txns: list[TxnPos]
+    sec_fs: Path
+    sec_blobs: Path
+    port: int
+    status_port: int
+    primary: Proc | None = None
+    secondary: Proc | None = None
+
+    @property
+    def tids(self) -> list[bytes]:
+        return [t.tid for t in self.txns]
+
+    def start_primary(self, wait: bool = False) -> Proc:
+        self.primary = launch_primary(self.tmp, self.fs, self.blobs, self.port, self.tls_dir)
+        if wait:
+            wait_for_port(self.port, self.primary.proc)
+        return self.primary
+
+    def start_secondary(self) -> Proc:
+        self.secondary = start_secondary(self.tmp, self.sec_fs, self.sec_blobs, self.port, self.tls_dir,
+                                         status_port=self.status_port)
+        return self.secondary
+
+    def secondary_tid(self) -> str | None:
+        return secondary_tid(self.status_port, self.tls_dir)
+
+
+@contextlib.contextmanager
+def scene(tmp_path: Path, tls_dir: Path, source: Path):
+    """The scene of one test; on failure every process log is printed, and the processes always stop."""
+    fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
+    (tmp_path / "sec").mkdir()
+    s = Scene(tmp_path, tls_dir, fs, blobs, raw, txns, tmp_path / "sec" / "Data.fs", tmp_path / "sec" / "blobs",
+              free_port(), free_port())
+    try:
+        yield s
+    except BaseException:
+        dump_logs(tmp_path)
+        raise
+    finally:
+        for proc in (s.secondary, s.primary):
+            if proc is not None:
+                proc.stop()
+
+
 # -- damage inside the history -----------------------------------------------
 
 
@@ -200,27 +256,21 @@ class KnownBug(AssertionError):
     pytest.param(damage_redundant_length, id="redundant-length"),
 ])
 def test_damage_stops_primary_secondary_keeps_prefix(tmp_path, tls_dir, source, damage):
-    fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
-    tids = [t.tid for t in txns]
-    expected_offsets = damage(fs, raw, txns)
-    sec_fs, sec_blobs = tmp_path / "sec" / "Data.fs", tmp_path / "sec" / "blobs"
-    sec_fs.parent.mkdir()
-    port, status_port = free_port(), free_port()
-    primary = secondary = None
-    try:
-        primary = launch_primary(tmp_path, fs, blobs, port, tls_dir)
-        secondary = start_secondary(tmp_path, sec_fs, sec_blobs, port, tls_dir, status_port=status_port)
+    with scene(tmp_path, tls_dir, source) as sc:
+        tids, sec_fs, sec_blobs = sc.tids, sc.sec_fs, sc.sec_blobs
+        expected_offsets = damage(sc.fs, sc.raw, sc.txns)
+        primary = sc.start_primary()
+        secondary = sc.start_secondary()
         rc = wait_exit(primary, 30)
         output = primary.output()
         assert rc == 3, f"primary exit status {rc}"
-        named = [off for off in expected_offsets if f"{fs}: damaged at offset {off}" in output]
-        assert named, f"the primary's output names neither {fs} nor offsets {sorted(expected_offsets)}"
+        named = [off for off in expected_offsets if f"{sc.fs}: damaged at offset {off}" in output]
+        assert named, f"the primary's output names neither {sc.fs} nor offsets {sorted(expected_offsets)}"
 
         # The secondary keeps retrying and never touches what it holds.
         want = tids[DAMAGED - 1].hex()
         try:
-            wait_until(lambda: secondary_tid(status_port, tls_dir) == want, timeout=5,
-                       what="secondary holding the prefix")
+            wait_until(lambda: sc.secondary_tid() == want, timeout=5, what="secondary holding the prefix")
         except TimeoutError:
             pass  # asserted on the file below
         before = sec_fs.read_bytes()
@@ -247,13 +297,6 @@ def test_damage_stops_primary_secondary_keeps_prefix(tmp_path, tls_dir, source, 
         result = verify(str(source / "Data.fs"), str(sec_fs), str(source / "blobs"), str(sec_blobs))
         assert (result.kind, result.missing_in, result.missing) == ("missing", "B", N_TXNS - DAMAGED), result
         assert result.last_common_tid == tids[DAMAGED - 1]
-    except BaseException:
-        dump_logs(tmp_path)
-        raise
-    finally:
-        for proc in (secondary, primary):
-            if proc is not None:
-                proc.stop()
 
 
 # -- a torn tail ---------------------------------------------------------------
@@ -269,47 +312,33 @@ def staged_last(raw: bytes, last: TxnPos) -> bytes:
 @pytest.mark.parametrize("cut", ["in-header", "vote-in-progress"])
 def test_uncommitted_tail_waits_then_ships_the_finished_commit(tmp_path, tls_dir, source, cut):
     """The last transaction still being written (status 'c', or its header cut): wait, then ship it."""
-    fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
-    tids = [t.tid for t in txns]
-    last = txns[-1]
-    offset = last.pos + 10 if cut == "in-header" else last.pos + last.tlen // 2
-    staged = staged_last(raw, last)
-    fs.write_bytes(staged[:offset])
-    sec_fs, sec_blobs = tmp_path / "sec" / "Data.fs", tmp_path / "sec" / "blobs"
-    sec_fs.parent.mkdir()
-    port, status_port = free_port(), free_port()
-    primary = secondary = None
-    try:
-        primary = launch_primary(tmp_path, fs, blobs, port, tls_dir)
-        wait_for_port(port, primary.proc)
-        secondary = start_secondary(tmp_path, sec_fs, sec_blobs, port, tls_dir, status_port=status_port)
-        wait_until(lambda: secondary_tid(status_port, tls_dir) == tids[-2].hex(), timeout=20,
+    with scene(tmp_path, tls_dir, source) as sc:
+        fs, tids, last = sc.fs, sc.tids, sc.txns[-1]
+        offset = last.pos + 10 if cut == "in-header" else last.pos + last.tlen // 2
+        staged = staged_last(sc.raw, last)
+        fs.write_bytes(staged[:offset])
+        primary = sc.start_primary(wait=True)
+        secondary = sc.start_secondary()
+        wait_until(lambda: sc.secondary_tid() == tids[-2].hex(), timeout=20,
                    what="secondary holding everything before the tail")
         time.sleep(1.0)
         assert primary.alive(), "the primary must wait at an uncommitted tail"
-        pstatus = try_status(port, tls_dir)
+        pstatus = try_status(sc.port, tls_dir)
         assert pstatus["last_tid"] == tids[-2].hex() and pstatus["transactions"] == N_TXNS - 1, pstatus
-        assert secondary_tid(status_port, tls_dir) == tids[-2].hex()
+        assert sc.secondary_tid() == tids[-2].hex()
 
         # The writer finishes: the rest of the transaction, then the status flip.
         with open(fs, "ab") as fh:
             fh.write(staged[offset:])
         pwrite(fs, last.pos + 16, b" ")
-        assert fs.read_bytes() == raw
-        wait_until(lambda: secondary_tid(status_port, tls_dir) == tids[-1].hex(), timeout=20,
+        assert fs.read_bytes() == sc.raw
+        wait_until(lambda: sc.secondary_tid() == tids[-1].hex(), timeout=20,
                    what="secondary holding the finished transaction")
         assert secondary.stop() == 0
         assert primary.stop() == 0
-        assert assert_opens_cleanly(sec_fs, tmp_path / "scratch") == tids
-        result = verify(str(source / "Data.fs"), str(sec_fs), str(source / "blobs"), str(sec_blobs))
+        assert assert_opens_cleanly(sc.sec_fs, tmp_path / "scratch") == tids
+        result = verify(str(source / "Data.fs"), str(sc.sec_fs), str(source / "blobs"), str(sc.sec_blobs))
         assert result.equal, result
-    except BaseException:
-        dump_logs(tmp_path)
-        raise
-    finally:
-        for proc in (secondary, primary):
-            if proc is not None:
-                proc.stop()
 
 
 def test_torn_committed_tail_waits_and_ships_nothing_of_it(tmp_path, tls_dir, source):
@@ -319,30 +348,23 @@ def test_torn_committed_tail_waits_and_ships_nothing_of_it(tmp_path, tls_dir, so
     it opens the file and writes its next commit there.  The tailer must not
     ship it, must not stop, and must ship that next commit.
     """
-    fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
-    tids = [t.tid for t in txns]
-    last = txns[-1]
-    assert raw[last.pos + 16:last.pos + 17] == b" "
-    with open(fs, "r+b") as fh:
-        fh.truncate(last.pos + last.tlen // 2)
-    sec_fs, sec_blobs = tmp_path / "sec" / "Data.fs", tmp_path / "sec" / "blobs"
-    sec_fs.parent.mkdir()
-    port, status_port = free_port(), free_port()
-    primary = secondary = None
-    try:
-        primary = launch_primary(tmp_path, fs, blobs, port, tls_dir)
-        secondary = start_secondary(tmp_path, sec_fs, sec_blobs, port, tls_dir, status_port=status_port)
+    with scene(tmp_path, tls_dir, source) as sc:
+        fs, blobs, tids, last = sc.fs, sc.blobs, sc.tids, sc.txns[-1]
+        assert sc.raw[last.pos + 16:last.pos + 17] == b" "
+        with open(fs, "r+b") as fh:
+            fh.truncate(last.pos + last.tlen // 2)
+        primary = sc.start_primary()
+        secondary = sc.start_secondary()
         try:
-            wait_until(lambda: secondary_tid(status_port, tls_dir) == tids[-2].hex() or not primary.alive(),
+            wait_until(lambda: sc.secondary_tid() == tids[-2].hex() or not primary.alive(),
                        timeout=15, what="secondary holding everything before the torn tail")
             time.sleep(1.0)
         except TimeoutError:
             pass
         if not primary.alive():
             raise KnownBug(f"the primary stopped at a torn tail (exit status {primary.proc.returncode}); "
-                           f"the secondary holds up to {secondary_tid(status_port, tls_dir)}")
-        assert secondary_tid(status_port, tls_dir) == tids[-2].hex()
-        assert secondary_tid(status_port, tls_dir) == tids[-2].hex()
+                           f"the secondary holds up to {sc.secondary_tid()}")
+        assert sc.secondary_tid() == tids[-2].hex()
 
         # The writer opens the file again (FileStorage truncates the torn
         # transaction) and commits a new one in its place.
@@ -356,21 +378,14 @@ def test_torn_committed_tail_waits_and_ships_nothing_of_it(tmp_path, tls_dir, so
         finally:
             db.close()
         assert new_tid > tids[-2]
-        wait_until(lambda: secondary_tid(status_port, tls_dir) == new_tid.hex(), timeout=20,
+        wait_until(lambda: sc.secondary_tid() == new_tid.hex(), timeout=20,
                    what="secondary holding the commit after the repair")
         assert secondary.stop() == 0
         assert primary.stop() == 0
-        got = assert_opens_cleanly(sec_fs, tmp_path / "scratch")
+        got = assert_opens_cleanly(sc.sec_fs, tmp_path / "scratch")
         assert got == tids[:-1] + [new_tid]
-        result = verify(str(fs), str(sec_fs), str(blobs), str(sec_blobs))
+        result = verify(str(fs), str(sc.sec_fs), str(blobs), str(sc.sec_blobs))
         assert result.equal, result
-    except BaseException:
-        dump_logs(tmp_path)
-        raise
-    finally:
-        for proc in (secondary, primary):
-            if proc is not None:
-                proc.stop()
 
 
 # -- an up-to-date secondary meets a damaged primary ---------------------------
@@ -381,28 +396,22 @@ def test_torn_committed_tail_waits_and_ships_nothing_of_it(tmp_path, tls_dir, so
     pytest.param(damage_redundant_length, id="redundant-length"),
 ])
 def test_up_to_date_secondary_is_untouched_by_damaged_primary(tmp_path, tls_dir, source, damage):
-    fs, blobs, raw, txns = copy_source(source, tmp_path / "src")
-    tids = [t.tid for t in txns]
-    sec_fs, sec_blobs = tmp_path / "sec" / "Data.fs", tmp_path / "sec" / "blobs"
-    sec_fs.parent.mkdir()
-    port, status_port = free_port(), free_port()
-    primary = secondary = None
-    try:
-        primary = launch_primary(tmp_path, fs, blobs, port, tls_dir)
-        wait_for_port(port, primary.proc)
-        secondary = start_secondary(tmp_path, sec_fs, sec_blobs, port, tls_dir, status_port=status_port)
-        wait_until(lambda: secondary_tid(status_port, tls_dir) == tids[-1].hex(), timeout=30,
+    with scene(tmp_path, tls_dir, source) as sc:
+        tids, sec_fs, sec_blobs = sc.tids, sc.sec_fs, sc.sec_blobs
+        primary = sc.start_primary(wait=True)
+        secondary = sc.start_secondary()
+        wait_until(lambda: sc.secondary_tid() == tids[-1].hex(), timeout=30,
                    what="secondary holding the whole history")
         # kill -9: the primary dies as it would in a crash, with the session open
         primary.kill9()
         before_fs, before_blobs = sec_fs.read_bytes(), digest_tree(sec_blobs)
 
         # The same file, now damaged in an old transaction, served again.
-        damage(fs, raw, txns)
-        primary = launch_primary(tmp_path, fs, blobs, port, tls_dir)
+        damage(sc.fs, sc.raw, sc.txns)
+        primary = sc.start_primary()
         rc = wait_exit(primary, 3.0)
         if rc is None:  # it serves: let the secondary connect and idle a while
-            wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=20,
+            wait_until(lambda: (try_status(sc.status_port, tls_dir) or {}).get("connected"), timeout=20,
                        what="secondary reconnected to the restarted primary")
             time.sleep(1.5)
             rc = primary.proc.poll()
@@ -410,7 +419,7 @@ def test_up_to_date_secondary_is_untouched_by_damaged_primary(tmp_path, tls_dir,
             time.sleep(1.0)  # the secondary retries against a closed port meanwhile
         assert rc in (None, 3), f"primary exit status {rc}"
         assert secondary.alive(), "the secondary must not stop"
-        status = try_status(status_port, tls_dir)
+        status = try_status(sc.status_port, tls_dir)
         assert status["last_tid"] == tids[-1].hex(), status
         assert sec_fs.read_bytes() == before_fs
         assert secondary.stop() == 0
@@ -419,10 +428,3 @@ def test_up_to_date_secondary_is_untouched_by_damaged_primary(tmp_path, tls_dir,
         assert assert_opens_cleanly(sec_fs, tmp_path / "scratch") == tids
         result = verify(str(source / "Data.fs"), str(sec_fs), str(source / "blobs"), str(sec_blobs))
         assert result.equal, result
-    except BaseException:
-        dump_logs(tmp_path)
-        raise
-    finally:
-        for proc in (secondary, primary):
-            if proc is not None:
-                proc.stop()
