@@ -37,7 +37,9 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
             break
         if time.monotonic() > deadline:
             raise ReplicatorError(f"{new} did not catch up with {head} within {timeout:.0f}s; "
-                                  f"{old} stays fenced: unfence it with `replicator fence --undo {old}`")
+                                  f"{old} stays fenced, its ZEO clients connected but refused: unfence it "
+                                  f"with `replicator fence --undo {old}`, or drop them with "
+                                  f"`replicator fence {old}` if you promote another node by hand")
         await asyncio.sleep(0.05)
     promoted = await call(new, "POST", "/promote", tls, insecure=insecure)
     if promoted.get("last_tid") != head:
