@@ -94,14 +94,15 @@ def fresh(path: Path) -> Path:
 # -- data -----------------------------------------------------------------
 
 
-def sync_data() -> tuple[Path, dict]:
-    seed = 1
-    data = RUN / f"data-sync-{SYNC_MB}MB-s{seed}-v2"
+def sync_data(megabytes: int = SYNC_MB, seed: int = 1, kind: str = "sync",
+              version: str = "v2") -> tuple[Path, dict]:
+    """A generated Data.fs (``gendata.py`` KIND: random ``sync`` or ``prose``), cached by its parameters."""
+    data = RUN / f"data-{kind}-{megabytes}MB-s{seed}-{version}"
     summary = data / "summary.json"
     if not summary.exists():
-        say(f"generating a {SYNC_MB} MB Data.fs in {data} (cached for later runs)")
+        say(f"generating a {megabytes} MB Data.fs ({kind}) in {data} (cached for later runs)")
         fresh(data)
-        out = subprocess.run([PY, str(HERE / "gendata.py"), "sync", str(data), str(SYNC_MB), str(seed)],
+        out = subprocess.run([PY, str(HERE / "gendata.py"), kind, str(data), str(megabytes), str(seed)],
                              check=True, capture_output=True, text=True).stdout
         info = json.loads(out.splitlines()[-1])
         info["blob_bytes"] = dir_bytes(data / "blobs")

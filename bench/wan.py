@@ -19,7 +19,6 @@ Needs root (``ip netns``, ``tc``); the namespaces are removed at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -29,21 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    HERE,
     MB,
-    PY,
     QUICK,
     REPLICATOR,
     RUN,
     Proc,
     cpu_seconds,
-    dir_bytes,
     machine,
-    median_range,
     say,
     tls_args,
 )
-from run import TRACE_ENV, traced_start, wait_traced  # noqa: E402
+from run import TRACE_ENV, fmt, sync_data, traced_start, wait_traced  # noqa: E402
 
 DATA_MB = 20 if QUICK else 60
 REPEATS = 1 if QUICK else 3
@@ -57,25 +52,16 @@ def sh(*argv: str) -> str:
 
 
 def data_set(content: str) -> tuple[Path, dict]:
-    seed = 3
-    data = RUN / f"data-wan-{content}-{DATA_MB}MB-s{seed}-v1"
-    summary = data / "summary.json"
-    if not summary.exists():
-        say(f"generating a {DATA_MB} MB Data.fs of {content} in {data} (cached for later runs)")
-        shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        kind = "prose" if content == "prose" else "sync"
-        out = subprocess.run([PY, str(HERE / "gendata.py"), kind, str(data), str(DATA_MB), str(seed)],
-                             check=True, capture_output=True, text=True).stdout
-        info = json.loads(out.splitlines()[-1])
-        info["blob_bytes"] = dir_bytes(data / "blobs")
-        from ZODB.FileStorage import FileStorage
+    """The cached data set of ``content`` (prose or random), with its last TID."""
+    data, info = sync_data(DATA_MB, seed=3, kind="prose" if content == "prose" else "sync", version="wan-v1")
+    from ZODB.FileStorage import FileStorage
 
-        fs = FileStorage(str(data / "Data.fs"), read_only=True)
+    fs = FileStorage(str(data / "Data.fs"), read_only=True)
+    try:
         info["last_tid"] = fs.lastTransaction().hex()
+    finally:
         fs.close()
-        summary.write_text(json.dumps(info))
-    return data, json.loads(summary.read_text())
+    return data, info
 
 
 def wan_tls() -> Path:
@@ -149,11 +135,6 @@ def sync_once(data: Path, info: dict, tls: Path, compress: bool) -> dict:
         for proc in (secondary, primary):
             if proc is not None:
                 proc.stop()
-
-
-def fmt(values: list[float], digits: int = 1) -> str:
-    med, lo, hi = median_range(values)
-    return f"{med:.{digits}f}" if len(values) == 1 else f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def main(rate: str, delay: str) -> None:
