@@ -47,6 +47,8 @@ __all__ = ["Tailer"]
 
 #: wait() polls this often: a commit is seen within tens of milliseconds.
 POLL = 0.01
+#: How long open() waits for a pack to put the packed file in place (two renames apart).
+PACK_SWAP_WAIT = 10.0
 #: Budget charged per event besides its data, so many empty records still fill it.
 EVENT_COST = 64
 
@@ -75,11 +77,28 @@ class Tailer:
     # -- life cycle ---------------------------------------------------------
 
     def open(self) -> Tailer:
+        """Open the file at ``path``, waiting out a pack that is swapping it in.
+
+        FileStorage's pack renames the file to ``<path>.old`` and then
+        ``<path>.pack`` to ``path``: a reader arriving between the two must
+        wait, not report a missing file.
+        """
         if self._src is None:
-            try:
-                self._src = self._cur = SourceFile(self.path)
-            except FileNotFoundError:
-                raise ConfigError(f"{self.path}: no such file (is --data-fs right?)") from None
+            deadline = time.monotonic() + PACK_SWAP_WAIT
+            while True:
+                try:
+                    self._src = self._cur = SourceFile(self.path)
+                    break
+                except FileNotFoundError:
+                    swapping = os.path.exists(self.path + ".pack") or os.path.exists(self.path)
+                    if not swapping:
+                        raise ConfigError(f"{self.path}: no such file (is --data-fs right?)") from None
+                    if time.monotonic() > deadline:
+                        raise ConfigError(
+                            f"{self.path}: no such file, but {self.path}.pack is there: a pack was"
+                            f" interrupted before it put the packed file in place (finish or undo it"
+                            f" by hand: rename {self.path}.old or {self.path}.pack to {self.path})") from None
+                    time.sleep(POLL)
             try:
                 self._src.ready()
             except CorruptedSourceError:
@@ -308,7 +327,11 @@ class Tailer:
         if st is None:
             return False  # between the two renames of a pack; look again later
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != self._src.ident:
-            old, self._src = self._src, SourceFile(self.path)
+            try:
+                new = SourceFile(self.path)
+            except FileNotFoundError:
+                return False  # renamed away since the stat: a pack began; look again later
+            old, self._src = self._src, new
             if old is not self._cur:
                 old.close()
             return True

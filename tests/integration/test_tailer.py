@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
+from replicator import tailer as tailer_module
 from replicator.errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
 from replicator.integrity import TxnDigest
 from replicator.protocol.events import MAX_BLOB_CHUNK, BlobChunk, Record, TxnBegin, TxnEnd
@@ -690,6 +692,64 @@ def test_record_over_the_size_limit(history):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         Tailer(str(tmp_path / "nope.fs")).open()
+
+
+def _half_swapped(path):
+    """Leave ``path`` as FileStorage's pack does between its two renames: at .old, the new file at .pack."""
+    shutil.copy(path, path + ".pack")
+    os.rename(path, path + ".old")
+
+
+def test_open_waits_for_a_pack_to_put_its_file_in_place(history):
+    path, blobs = history
+    want = Tailer(path, blobs).open().head()
+    _half_swapped(path)
+    finisher = threading.Timer(0.3, os.rename, (path + ".pack", path))
+    finisher.start()
+    try:
+        with Tailer(path, blobs) as tailer:  # arrives between the renames
+            assert os.path.exists(path)
+            assert tailer.head() == want
+    finally:
+        finisher.join()
+
+
+def test_open_names_an_interrupted_pack(history, monkeypatch):
+    path, blobs = history
+    _half_swapped(path)
+    monkeypatch.setattr(tailer_module, "PACK_SWAP_WAIT", 0.2)
+    with pytest.raises(ConfigError, match=r"Data\.fs\.pack is there: a pack was interrupted"):
+        Tailer(path, blobs).open()
+
+
+def test_readers_ride_out_packs_swapping_the_file(history):
+    """Opening and looking at the head while the file is swapped again and again never fails."""
+    path, blobs = history
+    shutil.copy(path, path + ".copy")
+    stop = threading.Event()
+
+    def swap_forever():
+        while not stop.is_set():
+            shutil.copy(path + ".copy", path + ".pack")  # a new inode each time, same history
+            os.rename(path, path + ".old")
+            os.rename(path + ".pack", path)
+            time.sleep(0.002)  # a pack's own work: packs do not follow each other within microseconds
+
+    swapper = threading.Thread(target=swap_forever)
+    swapper.start()
+    try:
+        want = None
+        deadline = time.monotonic() + 1.5
+        with Tailer(path, blobs) as follower:
+            while time.monotonic() < deadline:
+                with Tailer(path, blobs) as fresh:
+                    got = fresh.head()
+                assert follower.head() == got
+                want = want or got
+                assert got == want
+    finally:
+        stop.set()
+        swapper.join()
 
 
 def test_copy_of_history_keeps_digests(history, tmp_path):
