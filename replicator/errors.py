@@ -8,6 +8,8 @@ by its message.  Every error carries the fields an operator needs and a
 - ``RemoteProtocolError``: the peer broke the protocol; close and reconnect.
 - ``IntegrityError``: a transaction's digest did not match; never applied.
 - ``CorruptedSourceError``: the primary's ``Data.fs`` is damaged; stop, never ship.
+- ``SourceReplacedError``: a pack replaced the ``Data.fs`` while one of its
+  transactions was half shipped; end that stream, the secondary resumes.
 - ``DivergenceError``: the two histories fork; stop and tell the operator.
 - ``ConfigError``: bad configuration; lists every problem at once.
 - ``StorageError``: the secondary's storage refused a write (full disk, ...).
@@ -25,6 +27,7 @@ __all__ = [
     "RejectedError",
     "CorruptedSourceError",
     "MissingBlobError",
+    "SourceReplacedError",
     "DivergenceError",
     "ConfigError",
     "StorageError",
@@ -100,6 +103,18 @@ class MissingBlobError(CorruptedSourceError):
     def __init__(self, path: str, offset: int, blob_path: str) -> None:
         super().__init__(path, offset, f"blob file {blob_path} is missing")
         self.blob_path = blob_path
+
+
+class SourceReplacedError(ReplicatorError):
+    """The source file was replaced (packed) while a transaction of it was half shipped.
+
+    The pack removed blob files of revisions it dropped, one of them in the
+    transaction under way.  Nothing is wrong with either node: the
+    transaction is dropped unfinished and the stream starts again from the
+    packed file.
+    """
+
+    hint = "nothing to do: the secondary reconnects and resumes from the packed file"
 
 
 class DivergenceError(ReplicatorError):

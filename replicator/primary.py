@@ -30,6 +30,7 @@ from .errors import (
     DivergenceError,
     RemoteProtocolError,
     ReplicatorError,
+    SourceReplacedError,
 )
 from .fswatch import FileWatch
 from .integrity import TxnIdentity
@@ -690,6 +691,14 @@ class Primary:
             self._fail(exc)
         except* (TimeoutError, ConnectionError) as group_exc:
             log.info("secondary %s disconnected: %s", peer, _leaf(group_exc))
+        except* SourceReplacedError as group_exc:
+            # A routine pack, not damage: the secondary drops the transaction
+            # under way and reconnects, and the handshake finds its place in
+            # the packed file.
+            reason = getattr(_leaf(group_exc), "message", "the storage was packed")
+            log.info("ending the stream to %s: %s", peer, reason)
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(conn.send(Goodbye("packed", reason)))
         except* ReplicatorError as group_exc:
             # Configuration problems met while streaming (a blob record but no
             # --blob-dir): no secondary can be served until an operator acts.

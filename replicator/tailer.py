@@ -21,10 +21,18 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from ZODB.blob import FilesystemHelper
 
-from .errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
+from .errors import (
+    ConfigError,
+    CorruptedSourceError,
+    DivergenceError,
+    MissingBlobError,
+    ReplicatorError,
+    SourceReplacedError,
+)
 from .fsfile import HEADER_AHEAD, WHOLE_TXN, SourceFile
 from .fsformat import (
     BLOB_SNIFF,
@@ -51,6 +59,8 @@ POLL = 0.01
 PACK_SWAP_WAIT = 10.0
 #: Budget charged per event besides its data, so many empty records still fill it.
 EVENT_COST = 64
+#: Blob files of one transaction opened before its first event is read (file descriptors).
+EAGER_BLOBS = 64
 
 
 class Tailer:
@@ -70,6 +80,7 @@ class Tailer:
         self._size: int | None = None  # the file's size, taken once per read_events call
         self._txn: Iterator[Event] | None = None  # events of the transaction under way
         self._txn_end = 0  # where the transaction under way ends
+        self._txn_tid = Z64  # and its TID
         self._error: Exception | None = None
         self._seen: tuple[object, ...] | None = None  # what wait() compares against
         self._stat_hint: os.stat_result | None = None  # a stat of path taken just before read_events
@@ -229,38 +240,68 @@ class Tailer:
         size = 0
         self.at_end = False
         self._size = None
-        try:
-            while size < max_bytes or not events:  # at least one event, whatever the budget
-                if self._txn is None:
-                    h = self._next_header()
-                    if h is None:
-                        self.at_end = True
-                        break
-                    plain = self._plain_txn(h)
-                    if plain is not None:
-                        events += plain
-                        size += h.tlen + EVENT_COST * len(plain)
-                        self._pos, self._last_tid = h.end, h.tid
+        started_here = False  # the transaction under way began in this call
+        reread = False  # a pack made this call start a transaction again
+        while True:
+            try:
+                while size < max_bytes or not events:  # at least one event, whatever the budget
+                    if self._txn is None:
+                        h = self._next_header()
+                        if h is None:
+                            self.at_end = True
+                            break
+                        plain = self._plain_txn(h)
+                        if plain is not None:
+                            events += plain
+                            size += h.tlen + EVENT_COST * len(plain)
+                            self._pos, self._last_tid = h.end, h.tid
+                            done = len(events)
+                            continue
+                        self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
+                        self._txn_end, self._txn_tid = h.end, h.tid
+                        started_here = True
+                    event = next(self._txn)
+                    events.append(event)
+                    if isinstance(event, (Record, BlobChunk)):
+                        size += len(event.data or b"")
+                    size += EVENT_COST
+                    if isinstance(event, TxnEnd):
+                        self._txn = None
+                        self._pos, self._last_tid = self._txn_end, event.tid
                         done = len(events)
-                        continue
-                    self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
-                    self._txn_end = h.end
-                event = next(self._txn)
-                events.append(event)
-                if isinstance(event, (Record, BlobChunk)):
-                    size += len(event.data or b"")
-                size += EVENT_COST
-                if isinstance(event, TxnEnd):
-                    self._txn = None
-                    self._pos, self._last_tid = self._txn_end, event.tid
-                    done = len(events)
-        except (CorruptedSourceError, DivergenceError, ConfigError) as error:
-            self._drop_txn()
-            if done == 0:
-                raise
-            self._error = error
-            return events[:done]
-        return events
+                        started_here = False
+                return events
+            except MissingBlobError as error:
+                self._drop_txn()
+                if not self._cur_replaced():
+                    return self._stop_at(events, done, error)
+                # A pack swapped the file under us and removed the blob files
+                # of revisions it dropped, this transaction's among them.
+                if not started_here or reread:  # its first events are out already (or no progress)
+                    raise SourceReplacedError(
+                        f"{self.path} was packed while transaction {tid_repr(self._txn_tid)} "
+                        f"was being shipped (its blob file {error.blob_path} was removed by the pack); "
+                        "the transaction is dropped unfinished and must be read again from the packed file"
+                    ) from error
+                # Nothing of it left this call: read on from the packed file.
+                del events[done:]
+                started_here, reread = False, True
+                self._size = None
+            except (CorruptedSourceError, DivergenceError, ConfigError) as error:
+                self._drop_txn()
+                return self._stop_at(events, done, error)
+
+    def _stop_at(self, events: list[Event], done: int, error: ReplicatorError) -> list[Event]:
+        """The complete transactions gathered before ``error``; it is raised now or by the next call."""
+        if done == 0:
+            raise error
+        self._error = error
+        return events[:done]
+
+    def _cur_replaced(self) -> bool:
+        """Whether ``path`` names another file than the one the cursor reads (a pack swapped it)."""
+        st = self._stat()  # None: between a pack's two renames
+        return self._cur is not None and (st is None or (st.st_dev, st.st_ino) != self._cur.ident)
 
     @property
     def commit_under_way(self) -> bool:
@@ -434,14 +475,13 @@ class Tailer:
             raise ConfigError(f"{self.path} has blob records: pass --blob-dir")
         return self._fshelper.getBlobFilename(oid, tid)
 
-    def _check_blob(self, data: bytes | None, oid: bytes, h: TxnHeader, rpos: int) -> bool:
-        """True if ``data`` (a record's first bytes) is a blob record; its file must exist."""
-        if not is_blob_data(data):
-            return False
+    def _open_blob(self, oid: bytes, h: TxnHeader, rpos: int) -> BinaryIO:
+        """The blob file of record ``rpos``, open for reading."""
         path = self._blob_file(oid, h.tid)
-        if not os.path.isfile(path):
-            raise MissingBlobError(self.path, rpos, path)
-        return True
+        try:
+            return open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise MissingBlobError(self.path, rpos, path) from None
 
     def _resolve_back(self, src: SourceFile, oid: bytes, back: int, rpos: int
                       ) -> tuple[int, int, bytes]:
@@ -503,59 +543,70 @@ class Tailer:
     def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes) -> Iterator[Event]:
         """Check the framing of ``h`` whole, then yield its events one by one."""
         backs: dict[int, tuple[int, int, bytes | None]] = {}
-        blobs: set[int] = set()  # positions of blob records, found before anything is yielded
-        for dh, back in walk_data_headers(lambda p, n: src.read(p, n, HEADER_AHEAD), h, self.path):
-            if dh.plen > self.max_record_size:
-                self._too_big(dh.pos, dh.plen)
-            data_pos, plen = dh.pos + DATA_HDR_LEN, dh.plen
-            if not plen:  # undo: data from an earlier record, or none at all
-                resolved = self._resolve_back(src, dh.oid, back, dh.pos) if back else (0, 0, None)
-                backs[dh.pos] = resolved
-                data_pos, plen = resolved[0], resolved[1]
-            if data_pos and self._check_blob(src.read(data_pos, min(plen, BLOB_SNIFF)), dh.oid, h, dh.pos):
-                blobs.add(dh.pos)
-        begin = _txn_begin(h, prev_tid, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
-        digest = TxnDigest(begin)
-        yield begin
-        pos = h.header_end
-        while pos < h.data_end:
-            dh = parse_data_header(src.read(pos, DATA_HDR_LEN, WHOLE_TXN), pos)
-            data_pos, plen, data_txn = backs.get(pos, (pos + DATA_HDR_LEN, dh.plen, None))
-            data = src.read(data_pos, plen, WHOLE_TXN) if data_pos else None
-            pos += dh.reclen
-            if data is not None and len(data) < plen:
-                raise CorruptedSourceError(self.path, dh.pos, "record data cut short")
-            if dh.pos not in blobs:
-                record = Record(dh.oid, data, data_txn)
-                digest.add_record(record)
-                yield record
-                continue
-            assert data is not None  # a blob record found by the first pass, which read its data
-            yield from self._blob_events(dh.oid, data, data_txn, h, dh.pos, digest)
-        yield TxnEnd(h.tid, digest.digest())
-
-    def _blob_events(self, oid: bytes, data: bytes, data_txn: bytes | None, h: TxnHeader,
-                     rpos: int, digest: TxnDigest) -> Iterator[Event]:
-        """The blob's ``Record`` then its bytes in chunks; never the whole file in memory."""
-        path = self._blob_file(oid, h.tid)
+        # Blob records by position, found before anything is yielded.  Their
+        # files are opened up front (the first EAGER_BLOBS of them): a pack
+        # may remove a dropped revision's file while the transaction is
+        # shipped, and an open file still reads whole.
+        blobs: dict[int, BinaryIO | None] = {}
         try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise MissingBlobError(self.path, rpos, path) from None
-        with f:
-            left = os.fstat(f.fileno()).st_size
-            record = Record(oid, data, data_txn, left)
-            digest.add_record(record)
-            yield record
-            while left:
-                chunk = f.read(min(MAX_BLOB_CHUNK, left))
-                if not chunk:
-                    raise CorruptedSourceError(path, record.blob_size - left,  # type: ignore[operator]
-                                               "blob file shrank while being read")
-                left -= len(chunk)
-                event = BlobChunk(chunk)
-                digest.add_chunk(event)
-                yield event
+            for dh, back in walk_data_headers(lambda p, n: src.read(p, n, HEADER_AHEAD), h, self.path):
+                if dh.plen > self.max_record_size:
+                    self._too_big(dh.pos, dh.plen)
+                data_pos, plen = dh.pos + DATA_HDR_LEN, dh.plen
+                if not plen:  # undo: data from an earlier record, or none at all
+                    resolved = self._resolve_back(src, dh.oid, back, dh.pos) if back else (0, 0, None)
+                    backs[dh.pos] = resolved
+                    data_pos, plen = resolved[0], resolved[1]
+                if data_pos and is_blob_data(src.read(data_pos, min(plen, BLOB_SNIFF))):
+                    opened = self._open_blob(dh.oid, h, dh.pos)  # it must exist, opened early or not
+                    if len(blobs) < EAGER_BLOBS:
+                        blobs[dh.pos] = opened
+                    else:
+                        opened.close()
+                        blobs[dh.pos] = None
+            begin = _txn_begin(h, prev_tid, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
+            digest = TxnDigest(begin)
+            yield begin
+            pos = h.header_end
+            while pos < h.data_end:
+                dh = parse_data_header(src.read(pos, DATA_HDR_LEN, WHOLE_TXN), pos)
+                data_pos, plen, data_txn = backs.get(pos, (pos + DATA_HDR_LEN, dh.plen, None))
+                data = src.read(data_pos, plen, WHOLE_TXN) if data_pos else None
+                pos += dh.reclen
+                if data is not None and len(data) < plen:
+                    raise CorruptedSourceError(self.path, dh.pos, "record data cut short")
+                if dh.pos not in blobs:
+                    record = Record(dh.oid, data, data_txn)
+                    digest.add_record(record)
+                    yield record
+                    continue
+                assert data is not None  # a blob record found by the first pass, which read its data
+                blob_file = blobs.pop(dh.pos) or self._open_blob(dh.oid, h, dh.pos)
+                with blob_file:
+                    yield from self._blob_events(blob_file, dh.oid, data, data_txn, digest)
+            yield TxnEnd(h.tid, digest.digest())
+        finally:
+            for f in blobs.values():
+                if f is not None:
+                    f.close()
+
+    @staticmethod
+    def _blob_events(f: BinaryIO, oid: bytes, data: bytes, data_txn: bytes | None,
+                     digest: TxnDigest) -> Iterator[Event]:
+        """The blob's ``Record`` then the bytes of its file ``f`` in chunks; never all in memory."""
+        left = os.fstat(f.fileno()).st_size
+        record = Record(oid, data, data_txn, left)
+        digest.add_record(record)
+        yield record
+        while left:
+            chunk = f.read(min(MAX_BLOB_CHUNK, left))
+            if not chunk:
+                raise CorruptedSourceError(str(f.name), record.blob_size - left,  # type: ignore[operator]
+                                           "blob file shrank while being read")
+            left -= len(chunk)
+            event = BlobChunk(chunk)
+            digest.add_chunk(event)
+            yield event
 
 
 def _txn_begin(h: TxnHeader, prev_tid: bytes, meta: bytes) -> TxnBegin:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 import transaction
+import ZODB
 from persistent.mapping import PersistentMapping
-from ZODB.blob import is_blob_record
+from ZODB.blob import Blob, is_blob_record
 from ZODB.FileStorage import FileStorage
 from ZODB.serialize import referencesf
 
+from replicator import tailer as tailer_module
 from replicator.errors import DivergenceError
+from replicator.tid import tid_repr
 from tests.integration.test_replication import (
     assert_equal,
     make_source,
@@ -167,3 +172,56 @@ def test_secondary_offline_across_a_pack_that_drops_its_position_is_told_why(tmp
     asyncio.run(scenario())
     work.close()
     db.close()
+
+
+def test_pack_removing_a_blob_of_the_transaction_being_shipped(tmp_path, tls_dir, monkeypatch, caplog):
+    """The pack removes the file of a blob revision it drops while that revision is being shipped.
+
+    Blob files are opened before a transaction's first event, so this needs
+    more blob records in one transaction than are opened early; the stream
+    then ends and the secondary resumes from the packed file.  Before, the
+    primary called its storage damaged and stopped.
+    """
+    monkeypatch.setattr(tailer_module, "EAGER_BLOBS", 0)
+    (tmp_path / "src-blobs").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    conn = db.open()
+    root = conn.root()
+    root["keep"] = PersistentMapping()  # never changed again: this transaction outlives the pack
+    root["b"] = b = Blob(b"revision 0")
+    transaction.commit()
+    root["a"] = Blob(os.urandom(2 << 20))  # shipped in several batches before b's record
+    with b.open("w") as f:
+        f.write(b"revision 1")  # dropped by the pack below
+    transaction.commit()
+    shipped = db.lastTransaction()
+    records = [r.oid for r in db.storage.iterator(shipped, shipped).__next__()]
+    assert records.index(root["a"]._p_oid) < records.index(b._p_oid), "b's record must come after a's"
+    with b.open("w") as f:
+        f.write(b"revision 2")
+    transaction.commit()
+    conn.close()
+
+    open_blob, opened = tailer_module.Tailer._open_blob, []
+
+    def pack_before_the_late_open(self, oid, h, rpos):
+        if (oid, h.tid) == (b._p_oid, shipped):
+            opened.append(rpos)
+            if len(opened) == 2:  # the first pass looked; now it is to be streamed
+                db.pack(time.time() + 1)
+        return open_blob(self, oid, h, rpos)
+
+    monkeypatch.setattr(tailer_module.Tailer, "_open_blob", pack_before_the_late_open)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir, batch_bytes=64 << 10) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                assert primary.fatal is None
+
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        asyncio.run(scenario())
+    db.close()
+    assert len(opened) >= 2
+    assert f"packed while transaction {tid_repr(shipped)}" in caplog.text
+    assert_same_current_state(tmp_path)

@@ -29,11 +29,17 @@ from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
 from replicator import tailer as tailer_module
-from replicator.errors import ConfigError, CorruptedSourceError, DivergenceError, MissingBlobError
+from replicator.errors import (
+    ConfigError,
+    CorruptedSourceError,
+    DivergenceError,
+    MissingBlobError,
+    SourceReplacedError,
+)
 from replicator.integrity import TxnDigest
 from replicator.protocol.events import MAX_BLOB_CHUNK, BlobChunk, Record, TxnBegin, TxnEnd
 from replicator.tailer import Tailer
-from replicator.tid import Z64
+from replicator.tid import Z64, tid_repr
 
 
 @dataclass
@@ -671,6 +677,107 @@ def test_missing_blob_file(tmp_path):
     assert isinstance(error, MissingBlobError) and error.blob_path == blob_file
     assert len(txns) == 1  # the root's creation; nothing of the blob transaction
     assert blob_file in str(error)
+
+
+@pytest.fixture
+def superseded_blob(tmp_path):
+    """A database whose second transaction holds a blob revision the third supersedes: a pack drops it."""
+    path, blobs = str(tmp_path / "Data.fs"), str(tmp_path / "blobs")
+    db = ZODB.DB(FileStorage(path, blob_dir=blobs))
+    conn = db.open()
+    root = conn.root()
+    root["pad"] = PersistentMapping(payload="x" * 1000)
+    root["blob"] = blob = Blob(b"first revision")
+    transaction.commit()
+    with blob.open("w") as f:
+        f.write(b"second revision")
+    transaction.commit()
+    yield db, path, blobs
+    conn.close()
+    db.close()
+
+
+def _pack(db):
+    db.pack(time.time() + 1)
+
+
+def test_pack_removing_a_blob_of_a_half_shipped_transaction(superseded_blob):
+    """Its blob files were opened before its first event: the transaction ships whole, as it was."""
+    db, path, blobs = superseded_blob
+    with Tailer(path, blobs) as tailer:
+        root_txn = group(tailer.read_events(max_bytes=1))  # the root's creation, whole
+        txns = group(tailer.read_events(max_bytes=1))
+        assert txns[0].end is None  # the blob transaction is under way
+        _pack(db)
+        assert not os.path.exists(db.storage.fshelper.getBlobFilename(
+            db.open().root()["blob"]._p_oid, txns[0].begin.tid))  # the pack removed its blob file
+        while txns[0].end is None:
+            group(tailer.read_events(max_bytes=1), txns)
+        after, error = drain(tailer)  # then on from the packed file
+    assert error is None
+    assert b"first revision" in [blob for _, blob in txns[0].records]
+    assert [t.begin.prev_tid for t in after] == [txns[0].begin.tid]
+    assert after[0].begin.tid == db.lastTransaction()
+    assert root_txn[0].begin.tid < txns[0].begin.tid
+
+
+def test_pack_removing_a_blob_not_opened_yet(superseded_blob, monkeypatch):
+    """Past EAGER_BLOBS files are opened late; a missing one ends the stream, and nothing looks damaged."""
+    monkeypatch.setattr(tailer_module, "EAGER_BLOBS", 0)
+    db, path, blobs = superseded_blob
+    with Tailer(path, blobs) as tailer:
+        root_txn = group(tailer.read_events(max_bytes=1))
+        half = tailer.read_events(max_bytes=1)
+        assert isinstance(half[0], TxnBegin)
+        _pack(db)
+        with pytest.raises(SourceReplacedError) as caught:
+            while True:
+                tailer.read_events(max_bytes=1)
+        assert tid_repr(half[0].tid) in str(caught.value) and "packed" in str(caught.value)
+        assert not isinstance(caught.value, CorruptedSourceError)  # no "damaged" alarm
+        # The same tailer reads on from the packed file, after the last whole transaction.
+        after, error = drain(tailer)
+    assert error is None
+    assert [t.begin.prev_tid for t in after] == [root_txn[-1].begin.tid, half[0].tid]
+    assert after[0].begin.tid == half[0].tid and after[0].begin.status == "p"
+    assert after[-1].begin.tid == db.lastTransaction()
+
+
+def test_pack_removing_a_blob_before_its_transaction_is_read(superseded_blob, monkeypatch):
+    """Nothing of it is out yet: the call reads on from the packed file and nobody notices."""
+    db, path, blobs = superseded_blob
+    with Tailer(path, blobs) as tailer:
+        group(tailer.read_events(max_bytes=1))  # the root's creation
+        open_blob, packed = Tailer._open_blob, []
+
+        def pack_first(self, *args):
+            if not packed:  # the first pass found a blob record; a pack removes its file now
+                packed.append(1)
+                _pack(db)
+            return open_blob(self, *args)
+
+        monkeypatch.setattr(Tailer, "_open_blob", pack_first)
+        txns = group(tailer.read_events(max_bytes=64 << 20))
+        assert packed
+        monkeypatch.undo()
+        with Tailer(path, blobs) as fresh:  # what a fresh reader of the packed file gets
+            want, error = drain(fresh)  # the pack dropped the root's creation: the file starts with ours
+    assert error is None
+    assert [(t.begin.tid, t.begin.status, t.end.digest) for t in txns] == \
+        [(t.begin.tid, t.begin.status, t.end.digest) for t in want]
+    assert txns[0].begin.status == "p" and len(txns) == 2
+
+
+def test_open_blob_files_are_closed(superseded_blob):
+    """A transaction dropped half read closes the files opened for it."""
+    _, path, blobs = superseded_blob
+    with Tailer(path, blobs) as tailer:
+        tailer.read_events(max_bytes=1)  # the root's creation
+        before = len(os.listdir("/proc/self/fd"))
+        tailer.read_events(max_bytes=1)  # the blob transaction's first pass opened its blob file
+        assert len(os.listdir("/proc/self/fd")) == before + 1
+        tailer.seek_after(Z64)  # drops the transaction under way
+        assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_blob_records_need_a_blob_dir(tmp_path):
