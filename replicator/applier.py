@@ -200,11 +200,11 @@ class Applier:
                     committed.append(self._on_end(event))  # type: ignore[arg-type]
                 else:
                     raise RemoteProtocolError(f"unexpected {type(event).__name__} in the transaction stream")
-        except BaseException:
+        except BaseException as exc:
             # Whatever went wrong (ours, the peer's, the disk's, an interrupt),
             # the commit lock must not stay held by a half-received transaction.
             try:
-                self.abort()
+                self.abort(write_failed=isinstance(exc, StorageError))
             finally:
                 if group is not None:
                     group.deferring = False
@@ -250,10 +250,11 @@ class Applier:
             self._trace.close()
             self._trace = None
 
-    def abort(self) -> None:
+    def abort(self, *, write_failed: bool = False) -> None:
         """Drop the transaction in progress, if any, leaving the storage as it was.
 
-        Called on errors and when the connection is lost mid-transaction.
+        Called on errors and when the connection is lost mid-transaction;
+        ``write_failed``: a write to the storage failed (a full disk).
         Raises ``StorageError`` if the storage cannot undo its side.
         """
         txn, self._txn = self._txn, None
@@ -267,6 +268,11 @@ class Applier:
                 self._storage.tpc_abort(txn.meta)
             except (OSError, POSError) as exc:
                 failures.append(f"tpc_abort: {exc}")
+            if self._group is not None:
+                try:
+                    self._group.drop_tail(force=write_failed)
+                except OSError as exc:
+                    failures.append(f"removing what the failed transaction wrote: {exc}")
         # FileStorage removes placed blob files only when the abort follows a
         # vote; before it they would stay behind as orphans.
         for path in txn.placed:
@@ -561,6 +567,36 @@ class _GroupCommit:
                 os.close(fd)
             if s._file is current:
                 return
+
+    def drop_tail(self, *, force: bool) -> None:
+        """After an aborted transaction: the file ends where the last committed one does.
+
+        FileStorage truncates what a failed vote wrote, but its buffered file
+        flushes first, and with a full disk that fails again: the partial
+        transaction stays past the end, and the buffer keeps bytes that a
+        later flush writes there.  ZODB's readers then take that tail for the
+        end of the file ("Can't find last transaction in large file"), which
+        stopped the secondary from resuming even once the disk had room.
+
+        Checked after every abort; ``force`` (a write failed) also drops what
+        may still be buffered: the file is reopened, as a pack does, and the
+        old file object closed, which discards its buffer if it cannot write
+        it.  Truncating needs no free space.
+        """
+        s = self.storage
+        with s._lock:
+            if not force and os.fstat(s._file.fileno()).st_size == s._pos:
+                return
+        with s._files.write_lock(), s._lock:
+            old = s._file
+            with contextlib.suppress(OSError):
+                old.close()
+            s._file = open(s._file_name, "r+b")  # noqa: SIM115  (the storage owns it from here)
+            size = os.fstat(s._file.fileno()).st_size
+            s._file.truncate(s._pos)
+        if size != s._pos:
+            log.warning("%s: removed the %d bytes a failed transaction left past its end", s._file_name,
+                        size - s._pos)
 
     def uninstall(self) -> None:
         vars(self.storage).pop("_finish_finish", None)

@@ -244,8 +244,9 @@ class Secondary:
         down_since = time.monotonic()
         async with aiohttp.ClientSession() as http:
             while not self._draining.is_set():
+                applied = self.progress.txns_applied
                 try:
-                    await self._session(http, url, ssl_ctx, backoff)
+                    await self._session(http, url, ssl_ctx)
                     message = "primary closed the connection"
                 except RejectedError as exc:
                     if exc.code in FINAL_REJECTS:
@@ -272,6 +273,15 @@ class Secondary:
                 if self._draining.is_set():
                     return
                 if self.progress.connected_since is not None:
+                    # A connection that got somewhere (it applied a transaction
+                    # or lasted longer than the longest delay) makes the next
+                    # attempt quick again.  One that failed at once, as each
+                    # does while the disk is full, keeps backing off: otherwise
+                    # it would fetch the same transaction again five times a
+                    # second, and log it.
+                    if (self.progress.txns_applied > applied
+                            or time.monotonic() - self.progress.connected_since > cfg.reconnect_max):
+                        backoff.reset()
                     down_since = time.monotonic()
                     self.progress.connected_since = None
                 self.progress.last_error = message
@@ -285,7 +295,7 @@ class Secondary:
 
     # -- one connection --------------------------------------------------
 
-    async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx, backoff: Backoff) -> None:
+    async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx) -> None:
         cfg = self.config
         assert self.applier is not None and self.storage is not None
         identity = await blocking(last_identity, self.storage)
@@ -305,7 +315,6 @@ class Secondary:
                 identity.status if identity else " ", identity.meta if identity else None)))
             welcome = await self._receive_welcome(ws, conn)
             await self._check_epoch(welcome, epoch)
-            backoff.reset()
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
             self.progress.primary_node = welcome.node
