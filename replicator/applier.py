@@ -585,7 +585,7 @@ class _GroupCommit:
         """
         s = self.storage
         with s._lock:
-            if not force and os.fstat(s._file.fileno()).st_size == s._pos:
+            if s._file.closed or (not force and os.fstat(s._file.fileno()).st_size == s._pos):
                 return
         with s._files.write_lock(), s._lock:
             old = s._file
