@@ -101,9 +101,10 @@ class Tailer:
                     self._src = self._cur = SourceFile(self.path)
                     break
                 except FileNotFoundError:
-                    swapping = os.path.exists(self.path + ".pack") or os.path.exists(self.path)
-                    if not swapping:
-                        raise ConfigError(f"{self.path}: no such file (is --data-fs right?)") from None
+                    if not os.path.exists(self.path + ".pack"):
+                        if os.path.exists(self.path):
+                            continue  # the pack's second rename came meanwhile
+                        raise ConfigError(f"{self.path}: no such file (is --storage right?)") from None
                     if time.monotonic() > deadline:
                         raise ConfigError(
                             f"{self.path}: no such file, but {self.path}.pack is there: a pack was"
