@@ -672,6 +672,10 @@ class Primary:
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
                                                   self.head_tid, ack_delay)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
+            # The secondary holds its last transaction durably (it fsyncs
+            # before saying hello): a commit still waiting for it, whose Ack
+            # the connection lost, need not wait for the next batch.
+            self._note_ack(hello.node, hello.last_tid)
             ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
             stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
             self.sessions[key] = stats

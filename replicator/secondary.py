@@ -298,6 +298,10 @@ class Secondary:
     async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx) -> None:
         cfg = self.config
         assert self.applier is not None and self.storage is not None
+        # The primary takes the last transaction named in the Hello as
+        # acknowledged: it must be durable (a batch's fsync may have failed,
+        # or the process before this one died before it).
+        await blocking(self.applier.make_all_durable)
         identity = await blocking(last_identity, self.storage)
         last_tid = identity.tid if identity else Z64
         epoch = (await blocking(load_epoch, self.storage.getName())).epoch

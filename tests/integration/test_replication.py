@@ -170,6 +170,34 @@ def test_stalled_secondary_does_not_grow_primary_memory(tmp_path, tls_dir):
     asyncio.run(scenario())
 
 
+def test_a_reconnecting_secondary_acknowledges_what_it_holds(tmp_path, tls_dir):
+    """A commit waiting for a secondary whose Ack the connection lost is released by its Hello.
+
+    The secondary already holds the commit durably when it connects, so no
+    batch and no Ack follow; before, the commit waited out its timeout.
+    """
+    db, work = make_source(tmp_path, 5)
+    head = db.storage.lastTransaction()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=head)
+        # A new primary over the same file knows of no Ack (as after a lost one).
+        async with running_primary(tmp_path, tls_dir, sync_count=1) as primary:
+            assert primary.acked_by_node == {}
+            waiting = asyncio.create_task(primary.wait_replicated(head, 1, timeout=10))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            async with running_secondary(tmp_path, tls_dir, primary.port):
+                assert await waiting, "the secondary holds the transaction, but the commit was not released"
+                assert primary.acked_by_node == {"dst": head}
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+
+
 @pytest.mark.parametrize("sync_count", [0, 1])
 def test_acknowledgements_are_held_back_only_when_nobody_waits(tmp_path, tls_dir, sync_count):
     """Asynchronous: at most one Ack per ``ACK_DELAY``, and the last one still comes.
