@@ -304,6 +304,9 @@ class Secondary:
         await blocking(self.applier.make_all_durable)
         identity = await blocking(last_identity, self.storage)
         last_tid = identity.tid if identity else Z64
+        # A batch that failed half way committed (and made durable) what came
+        # before the failure without reporting it: status shows it from here.
+        self.progress.applied_tid = max(self.progress.applied_tid, last_tid)
         epoch = (await blocking(load_epoch, self.storage.getName())).epoch
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
@@ -458,6 +461,7 @@ class Secondary:
         self.progress.applied_tid = tids[-1]
         self.progress.applied_at = time.time()
         self.progress.txns_applied += len(tids)
+        self.progress.last_error = None  # whatever it was, transactions are applied again
         if self.downstream is not None:
             self.downstream.notifier.notify()
         self._ack_due.set()

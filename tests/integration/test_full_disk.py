@@ -72,8 +72,10 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog):
                 assert not task.done() and primary.fatal is None  # both keep going
                 stuck = secondary.progress.applied_tid
                 assert stuck < db.storage.lastTransaction()
+                assert stuck == secondary.storage.lastTransaction()  # status names what it holds
                 grow()
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction(), timeout=30)
+                assert secondary.progress.last_error is None  # the trouble is over
 
     with caplog.at_level(logging.INFO, logger="replicator"):
         asyncio.run(scenario())
