@@ -230,12 +230,7 @@ class Applier:
         """
         if not tids:
             return
-        if self._group is not None:
-            try:
-                self._group.sync()
-            except OSError as exc:
-                raise StorageError(f"cannot make transactions up to {tid_repr(tids[-1])} "
-                                   f"durable: {exc}") from exc
+        self._sync(f"transactions up to {tid_repr(tids[-1])}")
         if self._trace is not None:
             now = f" {time.time():.6f}\n"
             self._trace.write("".join(tid.hex() + now for tid in tids))
@@ -248,11 +243,15 @@ class Applier:
         counts as acknowledged.  Without group commit FileStorage fsynced
         each transaction itself.
         """
+        self._sync(self._storage.getName())
+
+    def _sync(self, what: str) -> None:
+        """The group commit's one fsync; its failure is a ``StorageError`` naming ``what``."""
         if self._group is not None:
             try:
                 self._group.sync()
             except OSError as exc:
-                raise StorageError(f"cannot make {self._storage.getName()} durable: {exc}") from exc
+                raise StorageError(f"cannot make {what} durable: {exc}") from exc
 
     def close(self) -> None:
         """Stop tracing and give the storage its own ``tpc_finish`` back."""
