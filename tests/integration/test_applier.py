@@ -441,6 +441,80 @@ def test_group_commit_off_gives_the_same_file(source, target, tmp_path):
         plain.storage.close()
 
 
+def _temp_size(target: Target) -> int:
+    return os.path.getsize(target.path + ".tmp")
+
+
+def test_transaction_data_stays_in_memory_and_the_temp_file_is_back_after(source, target):
+    own = target.storage._tfile
+    target.applier.apply(flatten(source.txns[:5]))
+    assert target.storage._tfile is own  # a promoted node's own commits use FileStorage's file
+    assert _temp_size(target) == 0  # nothing went through it
+    i = _blob_txn_index(source)
+    target.applier.apply(flatten(source.txns[5:i]))
+    assert target.applier.apply(source.txns[i][:-1]) == []  # mid-transaction: in memory
+    assert target.storage._tfile is not own
+    target.applier.abort()
+    assert target.storage._tfile is own
+    target.applier.apply(flatten(source.txns[i:]))
+    assert _temp_size(target) == 0
+    assert_replica(source, target)
+
+
+def _big_transactions() -> list[list]:
+    """Hand-made: three 20 KB records (past the 30,000 bytes the tests keep in memory), then a small one."""
+    rng = random.Random(5)
+    tids = [bytes.fromhex("03ff000000000001"), bytes.fromhex("03ff000000000002")]
+    big = seal([TxnBegin(tids[0], Z64, " ", b"", b"big", b""),
+                *[Record(bytes(7) + bytes([n]), rng.randbytes(20_000), None) for n in (1, 2, 3)],
+                TxnEnd(tids[0], bytes(32))])
+    small = seal([TxnBegin(tids[1], tids[0], " ", b"", b"small", b""),
+                  Record(bytes(7) + b"\1", b"x" * 100, None), TxnEnd(tids[1], bytes(32))])
+    return [big, small]
+
+
+def test_a_transaction_outgrowing_memory_moves_to_the_temp_file(target, tmp_path, monkeypatch):
+    monkeypatch.setattr("replicator.applier.MEMORY_TEMP", 30_000)
+    own = target.storage._tfile
+    txns = _big_transactions()
+    assert target.applier.apply(flatten(txns)) == tids_of(txns)
+    assert _temp_size(target) > 40_000  # the big one went through FileStorage's file
+    assert target.storage._tfile is own
+    for txn in txns:
+        assert txn_digest(target.storage, txn[0].tid) == txn[-1].digest
+    # Byte for byte what FileStorage writes on its own.
+    plain = Target(str(tmp_path / "plain"))
+    try:
+        plain.applier.close()
+        plain.applier = Applier(plain.storage, group_commit=False)
+        plain.applier.apply(flatten(txns))
+        with open(plain.path, "rb") as a, open(target.path, "rb") as b:
+            assert a.read() == b.read()
+    finally:
+        plain.storage.close()
+
+
+def test_a_failed_move_to_the_temp_file_commits_nothing(target, monkeypatch):
+    """The file-size limit stands for a full disk as the transaction moves to the temp file."""
+    monkeypatch.setattr("replicator.applier.MEMORY_TEMP", 30_000)
+    txns = _big_transactions()
+    own = target.storage._tfile
+    before = target.snapshot()
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, old_limit[1]))
+    try:
+        with pytest.raises(StorageError, match=r"cannot write .*Data\.fs\.tmp") as info:
+            target.applier.apply(txns[0])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert isinstance(info.value.__cause__, OSError)
+    assert not target.applier.in_transaction and target.storage._tfile is own
+    assert target.snapshot() == before
+    assert target.applier.apply(flatten(txns)) == tids_of(txns)
+
+
 def test_back_pointers_are_found_through_the_object_history(source, target, monkeypatch):
     from replicator.applier import _GroupCommit
 
