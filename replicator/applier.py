@@ -555,9 +555,10 @@ class _GroupCommit:
         storage._finish_finish = _finish_finish  # type: ignore[method-assign]
         storage._txn_find = _txn_find  # type: ignore[method-assign]
         #: FileStorage's temporary file and its formatter, and the memory buffer standing in for it.
-        self._disk_temp = (getattr(storage, "_tfile", None), getattr(storage, "_tfmt", None))
+        tfile, tfmt = getattr(storage, "_tfile", None), getattr(storage, "_tfmt", None)
+        self._disk_temp: tuple = (tfile, tfmt)
         self.memory: io.BytesIO | None = None
-        if type(self._disk_temp[0]) is io.BufferedRandom and type(self._disk_temp[1]) is TempFormatter:
+        if isinstance(tfile, io.BufferedRandom) and isinstance(tfmt, TempFormatter):
             self.memory = io.BytesIO()
             self._memory_temp = (self.memory, TempFormatter(self.memory))
 
