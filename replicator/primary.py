@@ -747,12 +747,19 @@ class Primary:
             return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) was superseded by a "
                                    "newer epoch: follow the new primary instead")
         last = hello.last_tid
+        dropped = False
         if last != Z64:
             ours = await blocking(tailer.identity, last)
-            if ours is None:
-                return await self._explain_missing(tailer, last)
             theirs = TxnIdentity(last, hello.last_status, hello.last_digest or b"",
                                  hello.last_meta_digest or b"")
+            if ours is None:
+                if last > self.head_tid or not await blocking(tailer.resumes_across_pack, theirs):
+                    return await self._explain_missing(tailer, last)
+                # Our last pack dropped it; the file it replaced shows it was ours.
+                log.info("secondary %s resumes after transaction %s, which a pack of this primary dropped "
+                         "(%s.old shows it was ours)", hello.node, tid_repr(last), self.config.storage)
+                dropped = True
+                ours = theirs
             if not ours.matches(theirs):
                 return Reject("diverged", f"secondary's transaction {tid_repr(last)} differs from the "
                                           "primary's transaction with the same TID: the histories fork "
@@ -762,7 +769,7 @@ class Primary:
                          "both sides" if ours.status == theirs.status == "p" else
                          ("the primary" if ours.status == "p" else "the secondary"))
         try:
-            await blocking(tailer.seek_after, last)
+            await blocking(tailer.seek_after, last, dropped_by_pack=dropped)
         except DivergenceError as exc:
             return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
         return None
@@ -785,7 +792,9 @@ class Primary:
                                     f"{tid_repr(last)} was removed by the pack (all its records were "
                                     f"superseded), and the packed transactions after it, from "
                                     f"{tid_repr(nxt[0])}, cannot be checked against the secondary's "
-                                    "history. Start the secondary anew from an empty storage")
+                                    f"history ({self.config.storage}.old, the file the pack replaced, is "
+                                    "gone or does not hold it: packed twice, or pack-keep-old is off). "
+                                    "Start the secondary anew from an empty storage")
         return Reject("diverged", f"secondary's last transaction {tid_repr(last)} is not in this primary's "
                                   "history")
 

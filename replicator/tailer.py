@@ -17,8 +17,10 @@ one caller at a time.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -50,6 +52,8 @@ from .fsformat import (
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .tid import Z64, tid_repr
+
+log = logging.getLogger("replicator.tailer")
 
 __all__ = ["Tailer"]
 
@@ -137,14 +141,67 @@ class Tailer:
 
     # -- positions ----------------------------------------------------------
 
-    def seek_after(self, tid: bytes) -> None:
+    def seek_after(self, tid: bytes, *, dropped_by_pack: bool = False) -> None:
         """Position the reader just after committed transaction ``tid`` (``Z64``: start).
 
         Raises ``DivergenceError`` (``fork_tid``: the nearest earlier TID) when
         the file has no such transaction, ``CorruptedSourceError`` on damage.
+        ``dropped_by_pack``: ``resumes_across_pack`` said yes for ``tid``;
+        the reader goes on with the packed transaction after it.
         """
         self._drop_txn()
-        self._switch_to(self._path_source(), tid)
+        self._switch_to(self._path_source(), tid, across_pack=dropped_by_pack)
+
+    def resumes_across_pack(self, theirs: TxnIdentity) -> bool:
+        """Whether a reader whose last transaction is ``theirs`` may go on, though a pack dropped it.
+
+        A pack drops a transaction whose every record was superseded, so a
+        secondary that was away during a pack may name a last transaction
+        the file no longer has.  FileStorage's pack keeps the file it
+        replaced as ``<path>.old`` (and the blob files as ``<blob dir>.old``)
+        unless ``pack-keep-old`` is off.  Yes when:
+
+        - ``.old`` holds that transaction, the same one (``TxnIdentity.matches``;
+          the metadata alone when its blob files are gone too); and
+        - the first transaction after it in our file was rewritten by a pack
+          (status ``p``) and ``.old`` holds it with the same metadata: our
+          file is the pack of ``.old`` there.  A backup restored next to a
+          stale ``.old`` is not, and has no such transaction.
+
+        The reader's history is then ours up to its last transaction, and our
+        file from that next transaction on is what a fresh copy of the packed
+        file holds after it.  Anything else, damage in ``.old`` included, is
+        a no (the caller refuses as before).
+        """
+        src = self._path_source()
+        if isinstance(src.find(theirs.tid), tuple):
+            return False  # not dropped: the usual handshake applies
+        nxt = src.successor(theirs.tid)
+        if nxt is None or nxt.status != b"p":
+            return False
+        # Without <blob dir>.old, a blob record's file is missing, which says the pack took it.
+        old = Tailer(self.path + ".old", self.blob_dir and self.blob_dir + ".old",
+                     max_record_size=self.max_record_size)
+        try:
+            old.open()
+            _reuse_scan(old._src)  # type: ignore[arg-type]
+            kept, now = old.identity(nxt.tid, digest=False), self.identity(nxt.tid, digest=False)
+            if kept is None or now is None or kept.meta != now.meta:
+                return False
+            try:
+                had = old.identity(theirs.tid)
+            except MissingBlobError:  # its blob files went with the pack: compare what is left
+                had = old.identity(theirs.tid, digest=False)
+                return had is not None and had.meta == theirs.meta
+            return had is not None and had.matches(theirs)
+        except (OSError, ReplicatorError) as exc:
+            log.info("%s.old cannot show whether a pack dropped transaction %s: %s", self.path,
+                     tid_repr(theirs.tid), exc)
+            return False
+        finally:
+            if old._src is not None:
+                _keep_scan(old._src)
+            old.close()
 
     def head(self) -> tuple[bytes, int]:
         """Newest committed TID in the file at ``path`` and how many transactions it has.
@@ -197,8 +254,11 @@ class Tailer:
         identity = self.identity(tid)
         return None if identity is None else identity.digest
 
-    def identity(self, tid: bytes) -> TxnIdentity | None:
-        """Digest, metadata digest and status of transaction ``tid``; None if absent."""
+    def identity(self, tid: bytes, *, digest: bool = True) -> TxnIdentity | None:
+        """Digest, metadata digest and status of transaction ``tid``; None if absent.
+
+        ``digest=False``: only the header is read, and the digest is left empty.
+        """
         src = self._path_source()
         found = src.find(tid)
         if not isinstance(found, tuple):
@@ -207,6 +267,9 @@ class Tailer:
         h = src.confirmed_header(pos, prev)
         if h is None:  # cannot happen for a scanned transaction; be safe
             return None
+        if not digest:
+            head = _txn_begin(h, prev, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
+            return TxnIdentity(tid, head.status, b"", meta_digest(tid, head.user, head.description, head.extension))
         begin: TxnBegin | None = None
         for event in self._txn_events(src, h, prev):
             if isinstance(event, TxnBegin):
@@ -608,6 +671,29 @@ class Tailer:
             event = BlobChunk(chunk)
             digest.add_chunk(event)
             yield event
+
+
+#: Header scans of ``<path>.old`` files, by path: ``(dev, ino, size)`` and the
+#: scan's state.  A pack's ``.old`` never changes, and the first scan of a big
+#: one may outlast the secondary's wait for its Welcome: its next attempt then
+#: finds the file scanned.  The file itself is not kept open (the next pack
+#: deletes it, and an open descriptor would keep its space in use).
+_old_scans: dict[str, tuple[tuple[int, int, int], tuple]] = {}
+_old_scans_lock = threading.Lock()
+
+
+def _reuse_scan(src: SourceFile) -> None:
+    with _old_scans_lock:
+        key, state = _old_scans.get(src.path, (None, None))
+    if state is not None and key == (*src.ident, src.size()):
+        src.marks, src.scan_pos, src.scan_tid, src.count = list(state[0]), *state[1:]
+
+
+def _keep_scan(src: SourceFile) -> None:
+    if src.fd >= 0 and src.damage is None:
+        with _old_scans_lock:
+            _old_scans[src.path] = ((*src.ident, src.size()),
+                                    (list(src.marks), src.scan_pos, src.scan_tid, src.count))
 
 
 def _txn_begin(h: TxnHeader, prev_tid: bytes, meta: bytes) -> TxnBegin:

@@ -151,27 +151,123 @@ def test_secondary_offline_across_a_pack_that_keeps_its_position(tmp_path, tls_d
     assert_same_current_state(tmp_path)
 
 
-def test_secondary_offline_across_a_pack_that_drops_its_position_is_told_why(tmp_path, tls_dir):
+def _offline_across_a_pack(tmp_path, tls_dir, *, blob: bool = False, before_reconnect=None,
+                           refused: str | None = None, caplog=None) -> None:
+    """A secondary goes offline; its last transaction is superseded, then dropped by a pack; it comes back.
+
+    ``blob``: that transaction changes a blob (its revision's file goes to
+    ``src-blobs.old``).  ``before_reconnect(db)`` runs after the pack.
+    ``refused``: the refusal expected, else it must resume.
+    """
     db, work = make_source(tmp_path, 5, seed=14)
+
+    def change(n: int) -> None:
+        with db.transaction() as c:
+            if blob:
+                with c.root()["blob"].open("w") as f:
+                    f.write(b"revision %d" % n)
+            else:
+                c.root()["counter"] = n
 
     async def scenario() -> None:
         async with running_primary(tmp_path, tls_dir) as primary:
             with db.transaction() as c:
                 c.root()["counter"] = 0
+                c.root()["blob"] = Blob(b"revision 0")
             async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
-                with db.transaction() as c:
-                    c.root()["counter"] = 1  # the secondary's last transaction: root only
+                change(1)  # the secondary's last transaction: one record
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
-            with db.transaction() as c:
-                c.root()["counter"] = 2  # supersedes every record of that transaction
+                last = secondary.storage.lastTransaction()
+            change(2)  # supersedes it
+            await asyncio.to_thread(work.commit_random, 5)
             await asyncio.to_thread(db.pack, time.time() + 1)
-            async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
-                with pytest.raises(DivergenceError, match="packed past the secondary's position"):
-                    await asyncio.wait_for(task, 20)
+            assert not list(db.storage.iterator(last, last)), "the pack kept it"
+            if before_reconnect is not None:
+                before_reconnect(db)
+            if refused is not None:
+                async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
+                    with pytest.raises(DivergenceError, match=refused):
+                        await asyncio.wait_for(task, 20)
+                return
+            await asyncio.to_thread(work.commit_random, 5)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        asyncio.run(scenario())
     work.close()
     db.close()
+    if refused is None:
+        assert "which a pack of this primary dropped" in caplog.text
+        assert_same_current_state(tmp_path)
+
+
+def test_secondary_offline_across_a_pack_that_drops_its_position_resumes(tmp_path, tls_dir, caplog):
+    """The file the pack replaced (Data.fs.old) shows the dropped transaction was the primary's."""
+    _offline_across_a_pack(tmp_path, tls_dir, caplog=caplog)
+
+
+def test_resuming_across_a_pack_checks_the_dropped_blob_too(tmp_path, tls_dir, caplog):
+    _offline_across_a_pack(tmp_path, tls_dir, blob=True, caplog=caplog)
+
+
+def test_without_the_replaced_file_the_secondary_is_told_why(tmp_path, tls_dir, caplog):
+    """A second pack, or pack-keep-old off, leaves no Data.fs.old: nothing shows the history was ours."""
+    _offline_across_a_pack(tmp_path, tls_dir, caplog=caplog,
+                           before_reconnect=lambda db: os.remove(str(tmp_path / "src.fs.old")),
+                           refused=r"packed past the secondary's position.*src\.fs\.old")
+
+
+def test_a_replaced_file_of_another_history_does_not_resume(tmp_path, tls_dir, caplog):
+    """Data.fs.old must hold the secondary's very transaction: one of another history is refused."""
+    def other_history(db) -> None:
+        old = tmp_path / "src.fs.old"
+        os.remove(old)
+        other = ZODB.DB(FileStorage(str(old)))  # same shape, different transactions
+        with other.transaction() as c:
+            c.root()["counter"] = 1
+        other.close()
+
+    _offline_across_a_pack(tmp_path, tls_dir, caplog=caplog, before_reconnect=other_history,
+                           refused="packed past the secondary's position")
+
+
+def test_resuming_across_a_pack_compares_the_dropped_transaction_whole(tmp_path):
+    """The dropped transaction's digest is recomputed from Data.fs.old and its blobs.old, not trusted."""
+    import dataclasses
+    import shutil
+
+    from replicator.tailer import Tailer
+
+    (tmp_path / "blobs").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "Data.fs"), blob_dir=str(tmp_path / "blobs")))
+    with db.transaction() as c:
+        c.root()["blob"] = Blob(b"revision 0")
+    for n in (1, 2):
+        with db.transaction() as c:
+            with c.root()["blob"].open("w") as f:
+                f.write(b"revision %d" % n)
+        if n == 1:
+            dropped = db.lastTransaction()
+            with Tailer(str(tmp_path / "Data.fs"), str(tmp_path / "blobs")) as t:
+                theirs = t.identity(dropped)
+    db.pack(time.time() + 1)
+    db.close()
+    assert theirs is not None and (tmp_path / "blobs.old").is_dir()
+    forged = dataclasses.replace(theirs, digest=bytes(32))
+    with Tailer(str(tmp_path / "Data.fs"), str(tmp_path / "blobs")) as t:
+        assert t.identity(dropped) is None, "the pack kept it"
+        assert t.resumes_across_pack(theirs)
+        # The scan of Data.fs.old is kept (not the file): the next handshake need not scan it again.
+        assert tailer_module._old_scans[str(tmp_path / "Data.fs.old")][1][3] == 4
+        assert not t.resumes_across_pack(forged)
+        # Without blobs.old the revision's file is gone with the pack: the metadata decide.
+        shutil.rmtree(tmp_path / "blobs.old")
+        assert t.resumes_across_pack(forged)
+        assert not t.resumes_across_pack(dataclasses.replace(theirs, meta=bytes(32)))
+        assert not (tmp_path / "blobs.old").exists()  # looked for, not made
+        os.remove(tmp_path / "Data.fs.old")
+        assert not t.resumes_across_pack(theirs)
 
 
 def test_pack_removing_a_blob_of_the_transaction_being_shipped(tmp_path, tls_dir, monkeypatch, caplog):
