@@ -19,6 +19,7 @@ from ZODB.serialize import referencesf
 from replicator import tailer as tailer_module
 from replicator.errors import DivergenceError
 from replicator.tid import tid_repr
+from replicator.verify import format_result, verify
 from tests.integration.test_replication import (
     assert_equal,
     make_source,
@@ -200,6 +201,11 @@ def _offline_across_a_pack(tmp_path, tls_dir, *, blob: bool = False, before_reco
     if refused is None:
         assert "which a pack of this primary dropped" in caplog.text
         assert_same_current_state(tmp_path)
+        # The replica holds the packed transactions after its own unpacked ones.
+        result = verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                        str(tmp_path / "dst-blobs"))
+        assert result.equal, format_result(result)
+        assert result.dropped_a >= 1 and result.packed >= 1
 
 
 def test_secondary_offline_across_a_pack_that_drops_its_position_resumes(tmp_path, tls_dir, caplog):
