@@ -179,6 +179,10 @@ class Tailer:
         nxt = src.successor(theirs.tid)
         if nxt is None or nxt.status != b"p":
             return False
+        if not os.path.exists(self.path + ".old"):
+            log.info("%s.old is not there (packed again since, or pack-keep-old is off): nothing shows "
+                     "that the pack dropped transaction %s of this history", self.path, tid_repr(theirs.tid))
+            return False
         # Without <blob dir>.old, a blob record's file is missing, which says the pack took it.
         old = Tailer(self.path + ".old", self.blob_dir and self.blob_dir + ".old",
                      max_record_size=self.max_record_size)
