@@ -676,7 +676,8 @@ class Primary:
             # before saying hello): a commit still waiting for it, whose Ack
             # the connection lost, need not wait for the next batch.
             self._note_ack(hello.node, hello.last_tid)
-            ordinal = await blocking(tailer.ordinal_of, hello.last_tid)
+            # Its last transaction may be one a pack dropped (the handshake checked).
+            ordinal = await blocking(tailer.ordinal_of, hello.last_tid, dropped=True)
             stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
             self.sessions[key] = stats
             self._sockets[key] = (ws, conn)

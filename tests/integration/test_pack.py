@@ -193,6 +193,11 @@ def _offline_across_a_pack(tmp_path, tls_dir, *, blob: bool = False, before_reco
             await asyncio.to_thread(work.commit_random, 5)
             async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                # Counted from where it resumed, not from the start of the file.
+                deadline = time.monotonic() + 10
+                while primary.status()["secondaries"][0]["lag_transactions"] != 0:
+                    assert time.monotonic() < deadline, primary.status()["secondaries"]
+                    await asyncio.sleep(0.05)
 
     with caplog.at_level(logging.INFO, logger="replicator"):
         asyncio.run(scenario())
