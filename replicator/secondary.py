@@ -184,6 +184,10 @@ class Secondary:
         """The refusal, with where the histories fork and how many transactions are orphaned."""
         message = f"primary refused this secondary ({exc.code}): {exc.reason}"
         fork_tid, hint = exc.fork_tid, ""
+        if exc.code == "packed":
+            hint = ("this node's history cannot be checked past the primary's packs; keep its Data.fs aside "
+                    "and start it anew from an empty storage (keeping the primary's Data.fs.old, ZODB's "
+                    "pack-keep-old, lets a secondary resume across one pack)")
         if exc.code in ("diverged", "ahead") and self.storage is not None:
             cfg = self.config
             fork = await explain_divergence(self.storage.getName(), cfg.blob_dir, str(cfg.primary), cfg.tls,
