@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration,
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -104,8 +105,19 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+#: Collect the youngest generation every this many net container allocations
+#: (Python's default: 700).  A catching-up secondary builds and drops about
+#: 200,000 event objects a GB; with the default its collector ran about 350
+#: times and spent 0.35-0.41 s of a 10 s initial sync, with this 9 times and
+#: 0.02-0.04 s (2026-11-30).  Only in the processes this CLI runs as services;
+#: a ZEO server embedding the replicator keeps its own settings.
+GC_THRESHOLD0 = 10_000
+
+
 def _run(coro_factory: Callable[[], Any]) -> None:
     """Run a service until SIGINT/SIGTERM; map our errors to exit codes."""
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
     async def runner() -> None:
         task = asyncio.ensure_future(coro_factory())
         loop = asyncio.get_running_loop()
