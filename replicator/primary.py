@@ -760,12 +760,11 @@ class Primary:
                 log.info("secondary %s resumes after transaction %s, which a pack of this primary dropped "
                          "(%s.old shows it was ours)", hello.node, tid_repr(last), self.config.storage)
                 dropped = True
-                ours = theirs
-            if not ours.matches(theirs):
+            elif not ours.matches(theirs):
                 return Reject("diverged", f"secondary's transaction {tid_repr(last)} differs from the "
                                           "primary's transaction with the same TID: the histories fork "
                                           "at or before it", fork_tid=None)
-            if ours.digest != theirs.digest:
+            elif ours.digest != theirs.digest:
                 log.info("secondary %s resumes over transaction %s, packed on %s", hello.node, tid_repr(last),
                          "both sides" if ours.status == theirs.status == "p" else
                          ("the primary" if ours.status == "p" else "the secondary"))
