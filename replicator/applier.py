@@ -176,6 +176,21 @@ class Applier:
     def in_transaction(self) -> bool:
         return self._txn is not None
 
+    @property
+    def may_stall(self) -> bool:
+        """Whether the next ``apply`` may take long whatever its events.
+
+        True while a pack of this storage runs (it takes the commit lock
+        for its last stretch), once the open transaction has outgrown
+        memory (its vote copies it back from disk), and without group
+        commit (FileStorage then fsyncs every transaction itself).
+        """
+        group = self._group
+        if group is None or getattr(self._storage, "_pack_is_in_progress", False):
+            return True
+        return self._txn is not None and group.spilled
+
+
     def apply(self, events: Sequence[Event], *, durable: bool = True) -> list[bytes]:
         """Apply ``TxnBegin``/``Record``/``BlobChunk``/``TxnEnd`` events, in order.
 
@@ -665,6 +680,11 @@ class _GroupCommit:
         except OSError as exc:
             raise StorageError(f"cannot write {s._file_name}.tmp: {exc}") from exc
         s._tfile, s._tfmt = disk, fmt
+
+    @property
+    def spilled(self) -> bool:
+        """The transaction under way writes to FileStorage's own file (it outgrew ``MEMORY_TEMP``)."""
+        return self.memory is None or self.storage._tfile is not self.memory
 
     def temp_on_disk(self) -> None:
         """After ``tpc_finish`` or ``tpc_abort``: FileStorage's own temporary file is back."""

@@ -477,6 +477,11 @@ def test_a_transaction_outgrowing_memory_moves_to_the_temp_file(target, tmp_path
     monkeypatch.setattr("replicator.applier.MEMORY_TEMP", 30_000)
     own = target.storage._tfile
     txns = _big_transactions()
+    # Its vote copies the file back: the secondary then applies in a thread.
+    assert target.applier.apply(txns[0][:2]) == [] and not target.applier.may_stall
+    assert target.applier.apply(txns[0][2:-1]) == [] and target.applier.may_stall
+    target.applier.abort()
+    assert not target.applier.may_stall
     assert target.applier.apply(flatten(txns)) == tids_of(txns)
     assert _temp_size(target) > 40_000  # the big one went through FileStorage's file
     assert target.storage._tfile is own

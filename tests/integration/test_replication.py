@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,45 @@ def test_initial_sync_then_live_follow_then_resume(tmp_path, tls_dir):
     # 151 initial, then 20 live and 30 while the secondary was away (a random
     # undo that conflicts commits nothing, hence the margin).
     assert assert_equal(tmp_path).transactions > 185
+
+
+def test_small_batches_are_applied_on_the_loop_and_the_rest_in_a_thread(tmp_path, tls_dir, monkeypatch):
+    """Small batches skip the thread hop; blobs and big transactions keep the loop free."""
+    monkeypatch.setattr("replicator.applier.MEMORY_TEMP", 1 << 20)
+    (tmp_path / "src-blobs").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    work = Workload(db, seed=3, blobs=False)
+    work.commit_random(30)
+    calls: list[tuple[bool, set[str]]] = []  # (on the loop's thread, kinds of events)
+
+    async def scenario() -> None:
+        loop_thread = threading.get_ident()
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                real = secondary.applier.apply
+
+                def spy(events, **kw):
+                    calls.append((threading.get_ident() == loop_thread, {type(e).__name__ for e in events}))
+                    return real(events, **kw)
+
+                secondary.applier.apply = spy
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                small = len(calls)
+                await asyncio.to_thread(work.write_blob, "b", 5000)
+                await asyncio.to_thread(work.commit, "a blob")
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                blob = len(calls)
+                await asyncio.to_thread(work.big_transaction, 3)  # 6 records of 512 KB: past 1 MB
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                assert small and all(on_loop for on_loop, _ in calls[:small])
+                assert [on_loop for on_loop, kinds in calls[small:blob] if "BlobChunk" in kinds] == [False]
+                # The end of the big one (its vote copies 3 MB back from disk) is not applied on the loop.
+                assert [on_loop for on_loop, kinds in calls[blob:] if "TxnEnd" in kinds] == [False]
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert_equal(tmp_path)
 
 
 def test_diverged_secondary_is_refused_and_left_untouched(tmp_path, tls_dir):
