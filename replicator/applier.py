@@ -144,6 +144,8 @@ class Applier:
         self._temp_dir = temp_dir
         self._invalidate = invalidate
         self._txn: _Txn | None = None
+        #: Transactions committed by this applier, durable or not yet.
+        self.committed = 0
         self._group = _GroupCommit.install(storage) if group_commit else None
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
@@ -454,6 +456,7 @@ class Applier:
         finished = self._call("tpc_finish", self._storage.tpc_finish, txn.meta, callback)
         # The transaction is committed from here on: nothing left to abort.
         self._txn = None
+        self.committed += 1
         if self._group is not None:
             self._group.temp_on_disk()
         if finished is not None and finished != tid:

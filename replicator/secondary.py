@@ -334,6 +334,7 @@ class Secondary:
         # A batch that failed half way committed (and made durable) what came
         # before the failure without reporting it: status shows it from here.
         self.progress.applied_tid = max(self.progress.applied_tid, last_tid)
+        self.progress.txns_applied = max(self.progress.txns_applied, self.applier.committed)
         epoch = (await blocking(load_epoch, self.storage.getName())).epoch
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from replicator.config import Address, SecondaryConfig
 from replicator.errors import TLSError, TransportError
+from replicator.integrity import TxnDigest
 from replicator.protocol import PROTOCOL_VERSION, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
 from replicator.protocol.framing import DEFAULT_MAX_FRAME, decode_frame, encode_event
 from replicator.secondary import Secondary
@@ -264,5 +265,51 @@ def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_di
                     await task
                 await secondary.close()
         assert file_digest(source / "dst.fs") == before
+
+    asyncio.run(scenario())
+
+
+def test_transactions_before_a_bad_one_in_the_same_message_are_counted(source, tls_dir):
+    """One message: a good transaction, then one with a bad digest.  The good one stays and is reported."""
+    good_tids = []
+
+    async def good_then_bad(ws, hello):
+        if good_tids:
+            return  # the secondary came back: nothing more for it
+        good = _txn(hello.last_tid, 1000, b"\0" * 32)
+        digest = TxnDigest(good[0])
+        digest.add_record(good[1])
+        good[-1] = TxnEnd(good[0].tid, digest.digest())
+        bad = _txn(good[0].tid, 1000, b"\0" * 32)
+        good_tids.append(good[0].tid)
+        await ws.send_bytes(b"".join(encode_event(e) for e in good + bad))
+
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            async with running_secondary(source, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+        hostile = HostilePrimary(tls_dir, good_then_bad)
+        async with hostile.serving() as port:
+            config = SecondaryConfig(storage=str(source / "dst.fs"), blob_dir=str(source / "dst-blobs"),
+                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                                     reconnect_min=0.05, reconnect_max=0.1)
+            secondary = Secondary(config.validate())
+            await secondary.open()
+            task = asyncio.create_task(secondary.run())
+            try:
+                deadline = asyncio.get_running_loop().time() + 20
+                while hostile.connections < 2:
+                    assert not task.done(), task.exception()
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)
+                assert "digest mismatch" in secondary.progress.last_error
+                assert secondary.progress.applied_tid == good_tids[0]
+                assert secondary.status()["transactions_applied"] == 1
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await secondary.close()
 
     asyncio.run(scenario())
