@@ -34,9 +34,10 @@ the real file; outside the applier's transactions (a promoted node's own
 commits) FileStorage's file is back in place.  Measured apart from the
 network, it made applying a 575 MB catch-up about 15% faster.
 
-The code blocks.  The async layer hands it *batches* of events in a worker
-thread (one thread hop per batch, not per record); a transaction may span
-several batches.  One ``Applier`` must be used by one thread at a time.
+The code blocks.  The async layer hands it *batches* of events (a thread
+hop, if any, per batch, not per record: a small batch is applied on the
+event loop itself, see ``may_stall``); a transaction may span several
+batches.  One ``Applier`` must be used by one thread at a time.
 
 Any failure leaves the storage as it was before the transaction in progress:
 the transaction is aborted, its blob files are removed, and the applier is
@@ -191,7 +192,6 @@ class Applier:
         if group is None or getattr(self._storage, "_pack_is_in_progress", False):
             return True
         return self._txn is not None and group.spilled
-
 
     def apply(self, events: Sequence[Event], *, durable: bool = True) -> list[bytes]:
         """Apply ``TxnBegin``/``Record``/``BlobChunk``/``TxnEnd`` events, in order.
