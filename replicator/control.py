@@ -132,6 +132,7 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
                 node.downstream.unfence()
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
+            node.promotion_done.set()
             if on_promoted is not None:
                 await on_promoted()
         return web.json_response(node.status())

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .tid import Z64, tid_from_hex
+from .tid import tid_from_hex
 
 __all__ = ["EpochRecord", "EpochState", "epoch_path", "load_epoch", "save_epoch", "begin_epoch",
            "adopt_epoch"]
@@ -31,10 +31,15 @@ __all__ = ["EpochRecord", "EpochState", "epoch_path", "load_epoch", "save_epoch"
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """Epoch ``epoch`` began after transaction ``start_tid``, on node ``node``, at ``at``."""
+    """Epoch ``epoch`` began after transaction ``start_tid``, on node ``node``, at ``at``.
+
+    A node that joined an epoch by following its primary does not know where
+    it began: its record has ``start_tid`` None (``null`` in the file), and
+    ``at`` is when it joined.
+    """
 
     epoch: int
-    start_tid: bytes
+    start_tid: bytes | None
     node: str
     at: float
 
@@ -49,7 +54,8 @@ class EpochState:
 
     def as_dict(self) -> dict:
         return {"epoch": self.epoch,
-                "history": [{"epoch": r.epoch, "start_tid": r.start_tid.hex(), "node": r.node, "at": r.at}
+                "history": [{"epoch": r.epoch, "start_tid": None if r.start_tid is None else r.start_tid.hex(),
+                             "node": r.node, "at": r.at}
                             for r in self.history]}
 
 
@@ -68,8 +74,8 @@ def load_epoch(storage_path: str) -> EpochState:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the epoch record: {exc}") from None
     try:
-        records = tuple(EpochRecord(int(r["epoch"]), tid_from_hex(r["start_tid"]), str(r["node"]),
-                                    float(r["at"])) for r in data["history"])
+        records = tuple(EpochRecord(int(r["epoch"]), None if r["start_tid"] is None else tid_from_hex(r["start_tid"]),
+                                    str(r["node"]), float(r["at"])) for r in data["history"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: malformed epoch record: {exc}") from None
     if any(b.epoch <= a.epoch for a, b in zip(records, records[1:], strict=False)):
@@ -101,8 +107,8 @@ def begin_epoch(storage_path: str, start_tid: bytes, node: str) -> EpochState:
     return new
 
 
-def adopt_epoch(storage_path: str, epoch: int, node: str, start_tid: bytes = Z64) -> EpochState:
-    """A secondary follows a primary of a newer epoch: record that it is in it now."""
+def adopt_epoch(storage_path: str, epoch: int, node: str, start_tid: bytes | None = None) -> EpochState:
+    """A secondary follows ``node``, primary of a newer epoch: record that it is in it now."""
     state = load_epoch(storage_path)
     if epoch <= state.epoch:
         return state

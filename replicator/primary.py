@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
-from .epoch import load_epoch
+from .epoch import EpochRecord, load_epoch
 from .errors import (
     CorruptedSourceError,
     DivergenceError,
@@ -413,10 +413,12 @@ class Primary:
     """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
 
     def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
-                 routes: Iterable[web.RouteDef] = ()) -> None:
+                 routes: Iterable[web.RouteDef] = (), relay: bool = False) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
-        ``routes`` are more handlers on the same port (the control API)."""
+        ``routes`` are more handlers on the same port (the control API).  ``relay``: this
+        serves a secondary's storage onward, in the epoch of the primary it follows."""
         self.config = config
+        self.relay = relay
         self.status_provider = status_provider
         self.routes = list(routes)
         #: The epoch this node's history is in (``epoch.py``); read at start.
@@ -431,6 +433,8 @@ class Primary:
         self.fence_settlers: list[Callable[[], Awaitable[None]]] = []
         #: A newer epoch exists elsewhere: this node must neither write nor stream.
         self.stale = False
+        #: Why it is stale (shown to the secondaries it refuses).
+        self.stale_reason = ""
         #: Newest TID each secondary node acknowledged, across its sessions.
         self.acked_by_node: dict[str, bytes] = {}
         #: Resolved on every acknowledgement; only synchronous commits wait on them.
@@ -459,7 +463,10 @@ class Primary:
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""
         cfg = self.config
-        self.epoch = (await asyncio.to_thread(load_epoch, cfg.storage)).epoch
+        epochs = await asyncio.to_thread(load_epoch, cfg.storage)
+        self.epoch = epochs.epoch
+        if not self.relay and epochs.history and epochs.history[-1].node != cfg.node:
+            self._start_superseded(epochs.history[-1])
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         await self._refresh_head()
@@ -568,7 +575,29 @@ class Primary:
             log.critical("node %s is at epoch %d, this primary at %d: a newer primary was promoted; "
                          "this node accepts no more writes and streams to nobody", node, epoch, self.epoch)
         self.stale = True
-        self.fence(f"superseded by epoch {epoch} (seen from {node})")
+        self.stale_reason = f"superseded by epoch {epoch} (seen from {node})"
+        self.fence(self.stale_reason)
+
+    def _start_superseded(self, record: EpochRecord) -> None:
+        """Started as a primary on a storage that followed another node's epoch: stale from the start.
+
+        A node may be the primary only of an epoch it began itself (its
+        promotion, or epoch 0).  This storage's latest epoch was begun by
+        ``record.node``, and this node followed it as a secondary (a
+        demoted primary after a switchover, or any secondary).  Taking writes
+        here would fork the history: both nodes would commit, and nothing
+        could fence either, since both are in the same epoch.
+        """
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.at))
+        reason = (f"this storage follows epoch {record.epoch}, begun by node {record.node!r} "
+                  f"(joined {when}), so this node ({self.config.node!r}) is a secondary of it, not a primary")
+        self.stale, self.stale_reason = True, reason
+        log.critical("%s: %s. It accepts no writes and streams to nobody. Configure it as a secondary of "
+                     "%s (in a ZEO configuration: <replicated-secondary> instead of <replicated-primary>). "
+                     "If %s is gone for good, run this node as its secondary and `replicator promote` it, "
+                     "which begins a new epoch of its own; if this node was renamed, give it its old name, "
+                     "%r", self.config.storage, reason, record.node, record.node, record.node)
+        self.fence(reason)
 
     async def wait_replicated(self, tid: bytes, count: int, names: frozenset[str] = frozenset(),
                               timeout: float | None = None) -> bool:
@@ -745,8 +774,8 @@ class Primary:
         if hello.epoch > self.epoch:
             self._become_stale(hello.epoch, hello.node)
         if self.stale:
-            return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) was superseded by a "
-                                   "newer epoch: follow the new primary instead")
+            return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) accepts no "
+                                   f"secondary: {self.stale_reason}; follow the current primary instead")
         last = hello.last_tid
         dropped = False
         if last != Z64:

@@ -154,6 +154,8 @@ class Secondary:
         self._told_uncompressed = False
         #: Set once POST /promote made this node the primary of a new epoch.
         self.promoted = False
+        #: Set once the promotion's new epoch is recorded (after ``promoted``).
+        self.promotion_done = asyncio.Event()
         self._on_promoted = on_promoted
 
     # -- lifecycle -------------------------------------------------------
@@ -177,7 +179,8 @@ class Secondary:
                 # /fence and /unfence act once promoted (a primary then); /identities always.
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
                         *primary_routes(lambda: self._downstream(),
-                                        lambda: Tailer(storage.getName(), cfg.blob_dir).open())])
+                                        lambda: Tailer(storage.getName(), cfg.blob_dir).open())],
+                relay=True)
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -207,7 +210,15 @@ class Secondary:
         """The refusal, with where the histories fork and how many transactions are orphaned."""
         message = f"primary refused this secondary ({exc.code}): {exc.reason}"
         fork_tid, hint = exc.fork_tid, ""
-        if exc.code == "packed":
+        if exc.code == "stale":
+            hint = ("this node's storage is intact and stays as it is: point --primary (or `primary` in "
+                    "its configuration) at the current primary, the node that began the newest epoch, and "
+                    "it resumes from its own last transaction")
+            if self.storage is not None:
+                epochs = await blocking(load_epoch, self.storage.getName())
+                if epochs.history and epochs.history[-1].node != self.config.node:
+                    hint += f" (this node last followed {epochs.history[-1].node!r}, in epoch {epochs.epoch})"
+        elif exc.code == "packed":
             hint = ("this node's history cannot be checked past the primary's packs; keep its Data.fs aside "
                     "and start it anew from an empty storage (keeping the primary's Data.fs.old, ZODB's "
                     "pack-keep-old, lets a secondary resume across one pack)")
@@ -243,6 +254,7 @@ class Secondary:
                 ready()
             await self.run()
             if self.stopped_on_request:
+                await self.promotion_done.wait()  # the new epoch is on disk once it is set
                 log.warning("promoted: %s is the primary of epoch %d and serves until stopped. %s",
                             self.config.storage, self.progress.epoch, advice)
                 await asyncio.Event().wait()

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pytest
 import ZODB
+from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ReadOnlyError
 
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call, primary_routes
-from replicator.epoch import load_epoch
+from replicator.epoch import adopt_epoch, begin_epoch, load_epoch
 from replicator.errors import DivergenceError
 from replicator.primary import Primary
 from replicator.rewind import rewind_node
 from replicator.secondary import Secondary
 from replicator.tailer import Tailer
 from replicator.verify import verify
+from replicator.wrappers import PrimaryStorage
 from tests.helpers import Workload
 from tests.integration.test_replication import make_source, tls
 
@@ -139,3 +143,53 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
     assert len(saved_fs) == 1
     orphans = [t.tid for t in FileStorage(str(saved_fs[0]), read_only=True).iterator()]
     assert orphans == a_before[-7:]
+
+
+def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tmp_path, tls_dir):
+    """After a switchover the old primary follows the standby's epoch; restarted as a primary
+    by mistake (its configuration unchanged), it must not take writes: that would fork the
+    history with no epoch to fence either side."""
+    x_fs, x_blobs = tmp_path / "x.fs", tmp_path / "x-blobs"
+    commit_to(x_fs, x_blobs, 3, seed=31)
+    adopt_epoch(str(x_fs), 1, "standby")  # as x did when it followed the promoted standby
+    t = tls(tls_dir, "secondary")
+
+    async def sidecar() -> None:
+        async with primary_on(tmp_path, tls_dir, "x") as x:
+            assert x.stale and not x.writable
+            status = await call(f"127.0.0.1:{x.port}", "GET", "/status", t)
+            assert status["stale"] is True and "begun by node 'standby'" in status["fenced"]
+            # It streams to nobody: a secondary is refused, told why, and keeps its storage.
+            async with secondary_on(tmp_path, tls_dir, "c", x.port, expect_failure=True) as (_, task):
+                with pytest.raises(DivergenceError) as info:
+                    await asyncio.wait_for(task, 10)
+            assert "begun by node 'standby'" in str(info.value)
+            assert "storage is intact" in info.value.hint and "start it anew" not in info.value.hint
+
+    asyncio.run(sidecar())
+
+    # Embedded in a ZEO server: read-only from the start, writes refused with the reason.
+    config = PrimaryConfig(storage=str(x_fs), blob_dir=str(x_blobs), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="x").validate()
+    storage = PrimaryStorage(FileStorage(str(x_fs), blob_dir=str(x_blobs)), config)
+    try:
+        assert storage.isReadOnly()
+        with pytest.raises(ReadOnlyError, match="begun by node 'standby'"):
+            storage.tpc_begin(TransactionMetaData())
+    finally:
+        storage.close()
+
+    # The node that began the epoch itself (a promoted standby) is a primary as before.
+    y_fs, y_blobs = tmp_path / "y.fs", tmp_path / "y-blobs"
+    commit_to(y_fs, y_blobs, 3, seed=32)
+    begin_epoch(str(y_fs), Z64, "y")
+    config = dataclasses.replace(config, storage=str(y_fs), blob_dir=str(y_blobs), node="y")
+    storage = PrimaryStorage(FileStorage(str(y_fs), blob_dir=str(y_blobs)), config)
+    try:
+        assert not storage.isReadOnly()
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            conn.root()["after"] = 1
+        db.close()
+    finally:
+        storage.close()

@@ -30,6 +30,14 @@ def test_adopting_only_moves_forward(tmp_path):
     assert load_epoch(fs).epoch == 3
 
 
+def test_an_adopted_epoch_records_no_start_it_does_not_know(tmp_path):
+    fs = str(tmp_path / "Data.fs")
+    adopt_epoch(fs, 1, "p")
+    (record,) = load_epoch(fs).history
+    assert (record.epoch, record.node, record.start_tid) == (1, "p", None)
+    assert '"start_tid": null' in open(epoch_path(fs)).read()
+
+
 @pytest.mark.parametrize("content", ["{", '{"history": [{"epoch": "x"}]}',
                                      '{"history": [{"epoch": 2, "start_tid": "00", "node": "a", "at": 1}]}'])
 def test_damaged_records_are_config_errors(tmp_path, content):
