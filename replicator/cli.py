@@ -158,10 +158,9 @@ def cli() -> None:
                    "file).")
 @click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
               metavar="SECONDS",
-              help="While the CPUs this process may run on are saturated (under 20% idle for half a "
-                   "second), look "
-                   "this often instead, if it is longer: fewer wake-ups, so more commits for the "
-                   "server, for that much more lag. 0: always --poll-interval.")
+              help="While the CPUs this process may run on are saturated (under 20% idle for a "
+                   "second), look this often instead, if it is longer: fewer wake-ups, so more "
+                   "commits for the server, for that much more lag. 0: always --poll-interval.")
 @click.option("--file-events/--no-file-events", default=PrimaryConfig.file_events, show_default=True,
               help="While STORAGE is quiet, wait for the kernel to report a write (Linux inotify) "
                    "instead of looking every --poll-interval: an idle primary stays asleep, and the "
