@@ -6,7 +6,8 @@ given with ``--config`` (keys are the option names with dashes, e.g.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration,
 3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
-6 connection lost for good.
+6 connection lost for good.  (``verify`` also exits 2 when it could not
+compare blob files: no blob directories given.)
 """
 
 from __future__ import annotations
@@ -274,10 +275,16 @@ def verify(storage_a, storage_b, blob_dir_a, blob_dir_b) -> None:
     """Compare two storages transaction by transaction; exit 0 only when equal.
 
     The storages are opened read-only; they may be in use by a replicator.
+    Blob files are compared only with --blob-dir-a and --blob-dir-b: without
+    them, storages whose records are equal but hold blobs exit 2, as the
+    comparison is incomplete.
     """
     from .verify import format_result
     from .verify import verify as run_verify
 
+    if (blob_dir_a is None) != (blob_dir_b is None):
+        _fail(ConfigError("--blob-dir-a and --blob-dir-b go together: with one alone every blob would "
+                          "differ (give both to compare blob files)"))
     # A storage in use has a stale index file; FileStorage says so on every
     # read-only open, which is expected here and not worth a warning.
     logging.getLogger("ZODB.FileStorage").setLevel(logging.ERROR)
@@ -286,7 +293,8 @@ def verify(storage_a, storage_b, blob_dir_a, blob_dir_b) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     click.echo(format_result(result))
-    sys.exit(0 if result.equal else 5)
+    # Equal records with blob files left out are not a verified replica.
+    sys.exit(0 if result.complete else 2 if result.equal else 5)
 
 
 def _tls_options(fn: Callable) -> Callable:

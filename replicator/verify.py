@@ -7,6 +7,11 @@ chunk.  Everything a replica must reproduce is compared: TID, status, user,
 description, extension bytes, and per record oid, data, ``data_txn`` and
 blob bytes.  One storage being a prefix of the other is a difference too.
 
+Blob bytes can only be compared with both blob directories.  Without them a
+blob record's data (its pickle) is still compared, but not its file; such
+records are counted in ``blobs_not_compared`` and the result is not
+``complete``: equal records do not make the blobs equal.
+
 Packs are not replicated: each node packs on its own.  A pack rewrites the
 records of the transactions it covers (status ``p``) and drops those left
 with none, but never a transaction's TID, user, description or extension.
@@ -28,7 +33,8 @@ from dataclasses import dataclass
 from itertools import zip_longest
 
 from .errors import ConfigError
-from .storage import StoredRecord, StoredTxn, iter_transactions, open_file_storage, read_blob
+from .fsformat import is_blob_data
+from .storage import StoredRecord, StoredTxn, has_blobs, iter_transactions, open_file_storage, read_blob
 from .tid import Z64, tid_repr
 
 __all__ = ["VerifyResult", "verify", "compare_storages", "format_result", "EQUAL"]
@@ -52,7 +58,9 @@ class VerifyResult:
     ``extension``, ``records``, ``oid``, ``data``, ``data_txn``, ``blob``,
     ``transactions``) and ``detail`` says how, for people.  ``missing_in``
     (``"A"`` or ``"B"``) and ``missing`` tell which side lacks how many
-    trailing transactions.
+    trailing transactions.  ``blobs_not_compared`` counts the blob records
+    whose files were not compared (no blob directories): ``equal`` then
+    speaks of the records only, and ``complete`` is False.
     """
 
     kind: str
@@ -71,10 +79,18 @@ class VerifyResult:
     detail: str = ""
     missing_in: str | None = None
     missing: int = 0
+    #: Blob records met whose files were not compared (no blob directories given).
+    blobs_not_compared: int = 0
 
     @property
     def equal(self) -> bool:
+        """No difference found in what was compared (see ``complete``)."""
         return self.kind == EQUAL
+
+    @property
+    def complete(self) -> bool:
+        """Equal, blob files included: what ``replicator verify`` exits 0 for."""
+        return self.equal and not self.blobs_not_compared
 
 
 def verify(path_a: str, path_b: str, blob_dir_a: str | None = None, blob_dir_b: str | None = None) -> VerifyResult:
@@ -102,9 +118,21 @@ class _Counts:
     transactions: int = 0
     records: int = 0
     blobs: int = 0
+    #: Blob records whose files are not compared: the storages were opened without blob directories.
+    blobs_not_compared: int = 0
     packed: int = 0
     dropped_a: int = 0
     dropped_b: int = 0
+    compare_blobs: bool = True
+
+    def blob(self, tid: bytes, a: StoredRecord, b: StoredRecord) -> None:
+        """Compare the blob files of two records with equal data, or count them as not compared."""
+        if not self.compare_blobs:
+            if is_blob_data(b.data):  # b's data: in a packed transaction a's is only a digest here
+                self.blobs_not_compared += 1
+        elif a.is_blob or b.is_blob:
+            _compare_blobs(tid, a, b)
+            self.blobs += 1
 
     def result(self, kind: str, last: bytes, *, tid: bytes | None = None, oid: bytes | None = None,
                field: str | None = None, detail: str = "", missing_in: str | None = None,
@@ -112,7 +140,7 @@ class _Counts:
         return VerifyResult(kind, self.transactions, self.records, self.blobs, last_common_tid=last,
                             packed=self.packed, dropped_a=self.dropped_a, dropped_b=self.dropped_b,
                             tid=tid, oid=oid, field=field, detail=detail, missing_in=missing_in,
-                            missing=missing)
+                            missing=missing, blobs_not_compared=self.blobs_not_compared)
 
 
 class _Found(Exception):
@@ -125,8 +153,12 @@ class _Found(Exception):
 
 
 def compare_storages(a, b) -> VerifyResult:
-    """Compare two open storages (see ``verify``)."""
-    counts = _Counts()
+    """Compare two open storages (see ``verify``).
+
+    Blob files are compared when both storages have a blob directory;
+    otherwise blob records are compared by their data only, and counted.
+    """
+    counts = _Counts(compare_blobs=has_blobs(a) and has_blobs(b))
     last = Z64
     with contextlib.closing(iter_transactions(a)) as stored_a, contextlib.closing(iter_transactions(b)) as stored_b:
         # A packed transaction (status p) may follow unpacked ones: a secondary
@@ -207,9 +239,7 @@ def _compare_records(tid: bytes, records_a, records_b, counts: _Counts) -> None:
         if ra.data_txn != rb.data_txn:
             raise _Found(RECORD, "data_txn", f"A points to {tid_repr(ra.data_txn)}, B to {tid_repr(rb.data_txn)}",
                          tid=tid, oid=ra.oid)
-        if ra.is_blob:
-            _compare_blobs(tid, ra, rb)
-            counts.blobs += 1
+        counts.blob(tid, ra, rb)
         counts.records += 1
 
 
@@ -233,9 +263,7 @@ def _compare_kept_records(tid: bytes, records_a, records_b, counts: _Counts) -> 
         if digest_a != (None if rb.data is None else hashlib.sha256(rb.data).digest()):
             raise _Found(RECORD, "data", "the record both sides kept differs (a packed transaction)", tid=tid,
                          oid=rb.oid)
-        if ra.is_blob or rb.is_blob:
-            _compare_blobs(tid, ra, rb)
-            counts.blobs += 1
+        counts.blob(tid, ra, rb)
         counts.records += 1
 
 
@@ -280,15 +308,26 @@ def _show(value: object, limit: int = 60) -> str:
 
 
 def format_result(result: VerifyResult) -> str:
-    """Say the outcome for people: one line when equal, the difference otherwise."""
-    summary = (f"{result.transactions} transaction(s), {result.records} record(s), "
-               f"{result.blobs} blob(s)")
+    """Say the outcome for people: one line when equal, the difference otherwise.
+
+    A comparison that left blob files out says so first: equal records are
+    not equal storages.
+    """
+    summary = f"{result.transactions} transaction(s), {result.records} record(s), "
+    if result.blobs_not_compared:
+        summary += f"{result.blobs_not_compared} blob record(s) whose files were NOT compared"
+    else:
+        summary += f"{result.blobs} blob(s)"
     if result.packed or result.dropped_a or result.dropped_b:
         summary += (f" ({result.packed} of the transactions packed on a side, compared by TID, user, "
                     f"description, extension and the records both kept; dropped by a pack: {result.dropped_a} in A, "
                     f"{result.dropped_b} in B)")
-    if result.equal:
+    if result.complete:
         return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}"
+    if result.equal:
+        return (f"INCOMPLETE: the records are equal, but {result.blobs_not_compared} blob file(s) were not "
+                f"compared: give --blob-dir-a and --blob-dir-b\n"
+                f"  {summary}, up to {tid_repr(result.last_common_tid)}")
     lines = [f"DIFFERENT: {result.detail}"]
     if result.kind != MISSING:
         where = f"transaction {tid_repr(result.tid)}"

@@ -138,6 +138,42 @@ def test_verify_exit_status_and_first_difference(tmp_path):
     assert result.returncode == 2
 
 
+def test_verify_without_blob_dirs_does_not_pass_storages_with_blobs(tmp_path):
+    """A replica whose blob was overwritten must not be called equal when its blobs were not read."""
+    import shutil
+
+    from ZODB.blob import Blob
+
+    (tmp_path / "a").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "a" / "Data.fs"), blob_dir=str(tmp_path / "a" / "blobs")))
+    for i in range(3):
+        with db.transaction() as conn:
+            blob = conn.root()[f"b{i}"] = Blob()
+            with blob.open("w") as fh:
+                fh.write(bytes([i]) * 1000)
+    db.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    [victim] = [p for p in (tmp_path / "b" / "blobs").rglob("*.blob") if p.read_bytes() == b"\x01" * 1000]
+    victim.chmod(0o644)
+    victim.write_bytes(b"tampered")
+    a, b = str(tmp_path / "a" / "Data.fs"), str(tmp_path / "b" / "Data.fs")
+    dirs = ["--blob-dir-a", str(tmp_path / "a" / "blobs"), "--blob-dir-b", str(tmp_path / "b" / "blobs")]
+
+    result = run("verify", a, b)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.startswith("INCOMPLETE"), result.stdout
+    assert "3 blob file(s) were not compared: give --blob-dir-a and --blob-dir-b" in result.stdout
+    result = run("verify", a, b, *dirs)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "DIFFERENT: blob is 1000 bytes in A, 8 in B" in result.stdout
+    result = run("verify", a, a, *dirs[:2], "--blob-dir-b", dirs[1])
+    assert result.returncode == 0 and result.stdout.startswith("equal: ") and "3 blob(s)" in result.stdout
+    for half in (dirs[:2], dirs[2:]):
+        result = run("verify", a, b, *half)
+        assert result.returncode == 2 and "--blob-dir-a and --blob-dir-b go together" in result.stderr
+        assert not result.stdout
+
+
 def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     result = run("certs", "init", "--dir", str(tmp_path / "tls"), "--host", "db.example.com")
     assert result.returncode == 0, result.stderr

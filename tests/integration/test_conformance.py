@@ -401,7 +401,7 @@ class RecoveryTests(ReplicatedTestBase, RecoveryStorage.RecoveryStorage):
         replica = self._replications.by_name["Data"]
         if self._testMethodName in _FULL_COPIES:
             result = verify(os.path.abspath("Dest.fs"), replica.replica_path)
-            assert result.equal, "the recovered destination differs from the replica:\n" + format_result(result)
+            assert result.complete, "the recovered destination differs from the replica:\n" + format_result(result)
         else:
             differences = current_state_differences(os.path.abspath("Dest.fs"), None, replica.replica_path,
                                                     replica.replica_blob_dir)

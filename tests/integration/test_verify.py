@@ -183,6 +183,41 @@ def test_blob_dirs_both_or_neither(source, tmp_path):
     assert tids_of(source[2])
 
 
+def test_without_blob_dirs_the_blob_records_are_counted_as_not_compared(source, tmp_path):
+    """A blob changed on one side is invisible without blob directories: the result must say so."""
+    blob_records = sum(isinstance(e, Record) and e.blob_size is not None for e in flatten(source[2]))
+    assert blob_records
+    other = replica(tmp_path, source[2])
+    storage = open_file_storage(other[0], other[1], read_only=True)
+    try:
+        i, j = first_record(source[2], lambda r: r.blob_size is not None)
+        path = storage.loadBlob(source[2][i][j].oid, source[2][i][0].tid)
+    finally:
+        storage.close()
+    os.chmod(path, 0o644)
+    with open(path, "wb") as fh:
+        fh.write(b"tampered")
+    assert compare(source, other).field == "blob"
+    result = verify(source[0], other[0])
+    assert result.equal and not result.complete
+    assert (result.blobs, result.blobs_not_compared) == (0, blob_records)
+    text = format_result(result)
+    assert text.startswith("INCOMPLETE") and not text.startswith("equal")
+    assert f"{blob_records} blob file(s) were not compared" in text and "--blob-dir-a and --blob-dir-b" in text
+    # With both directories the count is of blobs compared, and nothing is left out.
+    full = compare(source, replica(tmp_path, source[2], name="full"))
+    assert full.complete and (full.blobs, full.blobs_not_compared) == (blob_records, 0)
+    assert "NOT compared" not in format_result(full)
+
+
+def test_blob_records_of_packed_transactions_are_counted_as_not_compared(source, tmp_path):
+    packed = packed_copy(source, tmp_path, "packed", len(source[2]) // 2)
+    with_dirs = compare(source, packed)
+    without = verify(source[0], packed[0])
+    assert with_dirs.complete and with_dirs.packed and with_dirs.blobs
+    assert without.equal and not without.complete and without.blobs_not_compared == with_dirs.blobs
+
+
 def packed_copy(source, tmp_path, name: str, at: int) -> tuple[str, str]:
     """An equal replica, then packed to the time of transaction ``at``, as its node would pack it."""
     path, blobs = replica(tmp_path, source[2], name=name)
