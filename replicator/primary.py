@@ -416,9 +416,11 @@ class Primary:
                  routes: Iterable[web.RouteDef] = (), relay: bool = False) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
         ``routes`` are more handlers on the same port (the control API).  ``relay``: this
-        serves a secondary's storage onward, in the epoch of the primary it follows."""
+        serves a secondary's storage onward (and its /status), in the epoch of the primary
+        it follows; its logs say secondary."""
         self.config = config
         self.relay = relay
+        self.role = "secondary" if relay else "primary"
         self.status_provider = status_provider
         self.routes = list(routes)
         #: The epoch this node's history is in (``epoch.py``); read at start.
@@ -484,8 +486,9 @@ class Primary:
                 file_events=cfg.file_events and not self.notifier.every_commit_notified), name="tail-poller"),
             asyncio.create_task(self._track_head(), name="head-tracker"),
         ]
-        log.info("primary %s serving %s on %s:%s (%s); head %s", cfg.node, cfg.storage, cfg.listen.host,
-                 self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
+        logging.getLogger(f"replicator.{self.role}").info(
+            "%s %s serving %s on %s:%s (%s); head %s", self.role, cfg.node, cfg.storage, cfg.listen.host,
+            self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
         return self.port
 
     async def stop(self) -> None:

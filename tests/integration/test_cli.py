@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def test_a_secondary_asks_for_compression_when_told(tmp_path, tls_dir, args, tom
         wait_until(lambda: not secondary.alive() or (try_status(status_port, tls_dir) or {}).get("connected"),
                    timeout=30, what="the secondary connected")
         assert secondary.alive(), secondary.output()
+        # Its status port is served by the primary's machinery, but it logs as what it is.
+        assert re.search(r"replicator\.secondary: secondary \S+ serving .*b\.fs", secondary.output())
+        assert " serving " not in "".join(line for line in secondary.output().splitlines(True)
+                                          if "replicator.primary" in line)
         assert get_status(status_port, tls_dir)["compression"] is compressed
         assert [s["compression"] for s in get_status(port, tls_dir)["secondaries"]] == [compressed]
         shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
