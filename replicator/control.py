@@ -29,10 +29,10 @@ from aiohttp import web
 
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
-from .errors import ConfigError, ReplicatorError, TransportError
+from .errors import ConfigError, ReplicatorError
 from .threads import blocking
 from .tid import tid_from_hex, tid_repr
-from .transport import client_ssl_context
+from .transport import client_ssl_context, request_error
 
 if TYPE_CHECKING:
     from .primary import Primary
@@ -156,7 +156,11 @@ async def call(target: str, method: str, path: str, tls: TLSPaths | None, *, ins
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
             async with http.request(method, url, ssl=ssl_ctx) as resp:
                 if resp.status >= 400:
-                    raise ReplicatorError(f"{method} {url}: HTTP {resp.status}: {(await resp.text()).strip()}")
+                    if resp.content_type == "text/plain":  # a node's refusal says why in words
+                        raise ReplicatorError(f"{method} {url}: HTTP {resp.status}: {(await resp.text()).strip()}")
+                    raise ReplicatorError(f"{method} {url}: HTTP {resp.status} {resp.reason}",
+                                          hint="is this the replicator's --listen address, and not another "
+                                               "service's?")
                 return await resp.json()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise TransportError(target, f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
+        raise request_error(method, url, exc, timeout=timeout) from exc

@@ -12,7 +12,7 @@ import datetime
 import aiohttp
 
 from .config import TLSPaths
-from .transport import client_ssl_context
+from .transport import client_ssl_context, request_error
 
 __all__ = ["fetch_all", "render"]
 
@@ -39,7 +39,7 @@ async def fetch_all(targets: list[str], tls: TLSPaths | None, insecure: bool,
                 data["url"] = url
                 return data
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return {"url": url, "unreachable": True, "error": f"{type(exc).__name__}: {exc}"}
+            return {"url": url, "unreachable": True, "error": str(request_error("GET", url, exc, timeout=timeout))}
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         return list(await asyncio.gather(*(one(session, t) for t in targets)))

@@ -21,6 +21,8 @@ Errors: unusable files raise ``ConfigError`` listing every problem at once
 (the operator fixes them all in one go); a failed connection raises
 ``TransportError`` (retry with backoff), or ``TLSError`` when the
 certificates do not fit (retrying will not help until someone fixes them).
+``request_error`` says the same of a single HTTP request (the control and
+status commands), which nothing retries.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "stop_server",
     "peer_identity",
     "connect_ws",
+    "request_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -335,7 +338,38 @@ def _certificate_error(address: str, error: Exception) -> TLSError:
                     f"failed: {reason}", hint=hint)
 
 
-def _connect_error(url: URL, address: str, error: BaseException) -> TransportError:
+#: What to check when a request made once (``replicator status``, ``promote``, ...) finds no node.
+ONE_SHOT_HINT = "check that the node is running and that this is its --listen address"
+
+
+def request_error(method: str, url: str | URL, error: BaseException, *, timeout: float) -> TransportError:
+    """Why one HTTP request to a node failed: the address and the reason, with a hint for a command run once.
+
+    aiohttp's own texts are not shown: they name its SSL context object
+    (``ssl:<ssl.SSLContext object at 0x...>``), which tells people nothing.
+    """
+    url = URL(url)
+    address = f"{url.host}:{url.port}"
+    what = f"{method} {url.path}"
+    if isinstance(error, TimeoutError):
+        return TransportError(address, f"{address} did not answer {what} within {timeout:g} s",
+                              hint=ONE_SHOT_HINT)
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return _certificate_error(address, error.certificate_error)
+    if isinstance(error, aiohttp.ContentTypeError):  # a ClientResponseError: test it first
+        kind = error.headers.get("Content-Type", "no content type") if error.headers else "no content type"
+        return TransportError(address, f"{address} answered {what} with {kind}, not JSON",
+                              hint="is this the replicator's --listen address, and not another service's?")
+    if isinstance(error, aiohttp.ClientResponseError):
+        return TransportError(address, f"{address} answered {what} with HTTP {error.status} {error.message}",
+                              hint="is this the replicator's --listen address, and not another service's?")
+    return _connect_error(url, address, error, during=what, hint=ONE_SHOT_HINT)
+
+
+def _connect_error(url: URL, address: str, error: BaseException, *, during: str = "the WebSocket handshake",
+                   hint: str = "") -> TransportError:
+    """``error`` from opening a connection to ``url``, in words; ``hint`` for a node that cannot be reached."""
+    secure = url.scheme in ("wss", "https")
     ssl_error = _find_ssl_error(error)
     if ssl_error is not None:
         reason = getattr(ssl_error, "reason", None) or _short(ssl_error)
@@ -353,8 +387,8 @@ def _connect_error(url: URL, address: str, error: BaseException) -> TransportErr
             hint = "check that both nodes use certificates from the same cluster CA"
         return TLSError(address, f"TLS handshake with {address} failed: {text}", hint=hint)
     os_error = error.os_error if isinstance(error, aiohttp.ClientConnectorError) else error
-    if url.scheme == "wss" and isinstance(os_error, aiohttp.ServerDisconnectedError
-                                          | ConnectionResetError | ConnectionAbortedError):
+    if secure and isinstance(os_error, aiohttp.ServerDisconnectedError
+                             | ConnectionResetError | ConnectionAbortedError):
         # asyncio's TLS server drops a connection whose certificate it refuses
         # without flushing the alert, so the refusal arrives here as a reset
         # (TLS 1.2) or, since TLS 1.3 checks the client after the client
@@ -362,18 +396,20 @@ def _connect_error(url: URL, address: str, error: BaseException) -> TransportErr
         hint = ("the server probably refused this node's certificate: is it signed by "
                 "the cluster CA, and does this node present one?")
         return TLSError(address, f"TLS handshake with {address} failed: the server closed "
-                        "the connection before the WebSocket upgrade", hint=hint)
+                        f"the connection before answering {during}", hint=hint)
     if isinstance(error, aiohttp.ClientConnectorError):
-        errno = error.os_error.errno
-        reason = os.strerror(errno) if errno else _short(error.os_error)
-        return TransportError(address, f"cannot connect to {address}: {reason}")
-    hint = ""
-    if url.scheme == "ws" and isinstance(error, aiohttp.ClientResponseError
-                                         | aiohttp.ServerDisconnectedError):
-        hint = "the server may require TLS: use wss:// with the cluster certificates"
+        os_error = error.os_error
+        if isinstance(os_error, socket.gaierror):  # its errno is getaddrinfo's, not an OS errno
+            reason = os_error.strerror or _short(os_error)
+        else:
+            reason = os.strerror(os_error.errno) if os_error.errno else _short(os_error)
+        return TransportError(address, f"cannot connect to {address}: {reason}", hint=hint)
+    if not secure and isinstance(error, aiohttp.ClientResponseError | aiohttp.ServerDisconnectedError):
+        hint = ("the server may require TLS: use wss:// with the cluster certificates" if url.scheme == "ws"
+                else "the node may require TLS: leave out --insecure and give the cluster certificates "
+                     "(--tls-ca, --tls-cert, --tls-key)")
     detail = _short(error) if str(error) else type(error).__name__
-    return TransportError(address, f"connection to {address} failed during the WebSocket "
-                          f"handshake: {detail}", hint=hint)
+    return TransportError(address, f"connection to {address} failed during {during}: {detail}", hint=hint)
 
 
 def _find_ssl_error(error: BaseException | None) -> ssl.SSLError | None:

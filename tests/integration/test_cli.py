@@ -197,6 +197,20 @@ def test_status_reports_unreachable_nodes(tmp_path, tls_dir):
     assert '"unreachable": true' in result.stdout
 
 
+@pytest.mark.parametrize("command", [("status",), ("promote",), ("fence",), ("status", "--json")])
+def test_one_shot_commands_name_the_address_and_the_reason_only(tls_dir, command):
+    """No aiohttp internals (its SSL context object) and no promise of a retry these commands do not make."""
+    from tests.helpers import free_port, tls_args
+
+    port = free_port()
+    result = run(command[0], f"127.0.0.1:{port}", *command[1:], *tls_args(tls_dir, "secondary"))
+    assert result.returncode == 6, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in said
+    assert "check that the node is running and that this is its --listen address" in said
+    assert "SSLContext" not in said and "ssl:" not in said and "retried" not in said
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 

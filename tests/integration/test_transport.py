@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from replicator import certs, transport
-from replicator.errors import ConfigError, TLSError, TransportError
+from replicator.errors import ConfigError, ReplicatorError, TLSError, TransportError
 
 MAX_MSG = 1 << 20
 
@@ -324,6 +324,33 @@ def test_scheme_and_context_must_agree(pki, url, tls):
             with pytest.raises(ConfigError):
                 await transport.connect_ws(session, url, pki.client.client_context() if tls else None,
                                            max_msg_size=MAX_MSG)
+    _run(main())
+
+
+# -- one-shot requests (the control and status commands) ---------------------------------
+
+def test_a_one_shot_request_says_address_and_reason(pki, monkeypatch):
+    from replicator.config import TLSPaths
+    from replicator.control import call
+
+    monkeypatch.setattr(transport, "_warned_insecure", set())
+    tls = TLSPaths(str(pki.ca), str(pki.client.cert), str(pki.client.key))
+
+    async def main():
+        async with Server(pki.server.server_context()) as srv:
+            address = f"127.0.0.1:{srv.port}"
+            assert (await call(address, "GET", "/status", tls))["peer"]
+            with pytest.raises(TransportError) as info:
+                await call(address, "GET", "/status", None, insecure=True)
+            assert str(info.value).startswith(f"connection to {address} failed during GET /status: ")
+            assert "leave out --insecure" in info.value.hint
+            with pytest.raises(ReplicatorError, match=f"GET https://{address}/nothing: HTTP 404: "):
+                await call(address, "GET", "/nothing", tls)
+        async with Server(None) as srv:
+            with pytest.raises(TLSError) as info:
+                await call(f"127.0.0.1:{srv.port}", "GET", "/status", tls)
+            assert "without TLS" in info.value.hint
+            assert "SSLContext" not in str(info.value)
     _run(main())
 
 
