@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -338,6 +339,13 @@ def _certificate_error(address: str, error: Exception) -> TLSError:
                     f"failed: {reason}", hint=hint)
 
 
+#: The other reason a node's address may answer in a tongue other than the replicator's.
+OTHER_SERVICE = ("is this address another service's, e.g. the ZEO port instead of the replication port "
+                 "(the node's --listen)?")
+
+#: What to do when a plaintext client met a node that speaks TLS.
+TLS_INSTEAD = "leave out --insecure and give the cluster certificates (--tls-ca, --tls-cert, --tls-key)"
+
 #: What to check when a request made once (``replicator status``, ``promote``, ...) finds no node.
 ONE_SHOT_HINT = "check that the node is running and that this is its --listen address"
 
@@ -356,6 +364,8 @@ def request_error(method: str, url: str | URL, error: BaseException, *, timeout:
                               hint=ONE_SHOT_HINT)
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         return _certificate_error(address, error.certificate_error)
+    if _not_http(error):
+        return _connect_error(url, address, error, during=what)
     if isinstance(error, aiohttp.ContentTypeError):  # a ClientResponseError: test it first
         kind = error.headers.get("Content-Type", "no content type") if error.headers else "no content type"
         return TransportError(address, f"{address} answered {what} with {kind}, not JSON",
@@ -380,7 +390,9 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
             if "certificate required" in text:
                 hint = "the server requires a client certificate; configure --tls-cert/--tls-key"
         elif "wrong version" in text or "record layer" in text or "packet length" in text:
-            hint = "is the server running without TLS (insecure mode)?"
+            # What answered does not speak TLS: a node in insecure mode, or
+            # not a replication node at all (ZEO's port is a common mix-up).
+            hint = f"is the server running without TLS (insecure mode)? Or {OTHER_SERVICE}"
         elif "protocol" in text:
             hint = f"the two ends share no TLS version (this side needs {MINIMUM_TLS.name} or newer)"
         else:
@@ -404,12 +416,21 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
         else:
             reason = os.strerror(os_error.errno) if os_error.errno else _short(os_error)
         return TransportError(address, f"cannot connect to {address}: {reason}", hint=hint)
+    if _not_http(error):
+        return TransportError(address, f"what answers at {address} does not speak HTTP (the first bytes of "
+                              f"its answer to {during} were not an HTTP status line)",
+                              hint=f"is the node running with TLS? Then {TLS_INSTEAD}. Or {OTHER_SERVICE}"
+                              if not secure else OTHER_SERVICE)
     if not secure and isinstance(error, aiohttp.ClientResponseError | aiohttp.ServerDisconnectedError):
-        hint = ("the server may require TLS: use wss:// with the cluster certificates" if url.scheme == "ws"
-                else "the node may require TLS: leave out --insecure and give the cluster certificates "
-                     "(--tls-ca, --tls-cert, --tls-key)")
+        hint = f"the node may require TLS: {TLS_INSTEAD}"
     detail = _short(error) if str(error) else type(error).__name__
     return TransportError(address, f"connection to {address} failed during {during}: {detail}", hint=hint)
+
+
+def _not_http(error: BaseException) -> bool:
+    """Whatever answered did not send an HTTP response aiohttp could parse (a ZEO server sends its own bytes)."""
+    return (isinstance(error, aiohttp.ClientResponseError)
+            and isinstance(error.__cause__, HttpProcessingError))
 
 
 def _find_ssl_error(error: BaseException | None) -> ssl.SSLError | None:

@@ -211,6 +211,30 @@ def test_one_shot_commands_name_the_address_and_the_reason_only(tls_dir, command
     assert "SSLContext" not in said and "ssl:" not in said and "retried" not in said
 
 
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_secondary_pointed_at_a_zeo_port_is_told_it_may_be_another_service(tmp_path, tls_dir, secure):
+    from tests.helpers import Proc, free_port, start_zeo, tls_args, wait_until
+
+    zeo_port = free_port()
+    zeo = start_zeo(tmp_path, tmp_path / "zeo.fs", None, zeo_port)
+    secondary = None
+    try:
+        security = tls_args(tls_dir, "secondary") if secure else ["--insecure"]
+        secondary = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "b.fs"), "--primary",
+                          f"127.0.0.1:{zeo_port}", *security], tmp_path / "s.log")
+        wait_until(lambda: "ZEO port" in secondary.output() or not secondary.alive(), timeout=30,
+                   what="the secondary said why it cannot connect")
+        log = secondary.output()
+        assert "the ZEO port instead of the replication port" in log, log
+        assert ("wrong version number" if secure else "does not speak HTTP") in log, log
+        shown = run("status", f"127.0.0.1:{zeo_port}", *security)
+        assert shown.returncode == 6 and "the ZEO port instead of the replication port" in shown.stdout
+    finally:
+        if secondary is not None:
+            secondary.stop()
+        zeo.stop()
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 
