@@ -104,7 +104,7 @@ def init_ca(directory: str | os.PathLike[str], *, common_name: str = "ZODB repli
     paths = CertPaths(directory / f"{CA_NAME}.pem", directory / f"{CA_NAME}.key")
     problems += _check_targets(paths, force)
     if problems:
-        raise ConfigError(problems)
+        raise _refusal(problems)
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -154,7 +154,7 @@ def issue_node(directory: str | os.PathLike[str], name: str, *,
     problems += _check_targets(paths, force)
     ca = _load_ca(directory, problems)
     if problems or ca is None:
-        error = ConfigError(problems)
+        error = _refusal(problems)
         if ca is None:
             error.hint = (f"node certificates are signed by {directory / 'ca.pem'}; create it "
                           "first with `replicator certs init` (init_ca)")
@@ -244,11 +244,23 @@ def _check_days(days: int) -> list[str]:
     return []
 
 
+#: The problem of a file that is there already, and what a caller of this module does about it.
+#: The command line says ``--force`` instead (``cli.py``).
+EXISTS = "already exists"
+FORCE_HINT = "pass force=True to replace existing files"
+
+
+def _refusal(problems: list[str]) -> ConfigError:
+    error = ConfigError(problems)
+    if any(p.endswith(f": {EXISTS}") for p in problems):
+        error.hint = FORCE_HINT
+    return error
+
+
 def _check_targets(paths: CertPaths, force: bool) -> list[str]:
     if force:
         return []
-    return [f"{p}: already exists (pass force=True / --force to replace it)"
-            for p in (paths.cert, paths.key) if p.exists()]
+    return [f"{p}: {EXISTS}" for p in (paths.cert, paths.key) if p.exists()]
 
 
 def _split_hosts(hosts: Iterable[str], problems: list[str]

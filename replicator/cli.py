@@ -386,6 +386,15 @@ def rewind(storage, blob_dir, primary_addr, dry_run, tls_ca, tls_cert, tls_key, 
     click.echo(report)
 
 
+def _with_force_option(exc: ConfigError, warning: str = "") -> ConfigError:
+    """The certs module's advice about existing files, in the command line's terms."""
+    from .certs import FORCE_HINT
+
+    if exc.hint == FORCE_HINT:
+        exc.hint = "give --force to replace existing files" + warning
+    return exc
+
+
 @cli.group()
 def certs() -> None:
     """Create and inspect the cluster's TLS certificates."""
@@ -406,6 +415,8 @@ def certs_init(directory, nodes, hosts, force) -> None:
         init_ca(directory, force=force)
         for name in nodes:
             issue_node(directory, name, hosts=tuple(hosts), force=force)
+    except ConfigError as exc:
+        _fail(_with_force_option(exc, "; a new CA leaves every certificate the old one signed unusable"))
     except ReplicatorError as exc:
         _fail(exc)
     click.echo(f"CA and certificates for {', '.join(nodes)} written to {directory}/ "
@@ -423,6 +434,8 @@ def certs_issue(name, directory, hosts, force) -> None:
 
     try:
         issue_node(directory, name, hosts=tuple(hosts), force=force)
+    except ConfigError as exc:
+        _fail(_with_force_option(exc))
     except ReplicatorError as exc:
         _fail(exc)
     click.echo(f"{directory}/{name}.pem and {directory}/{name}.key written")

@@ -187,6 +187,12 @@ def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     assert shown.returncode == 0 and "db.example.com" in shown.stdout
     again = run("certs", "init", "--dir", str(tmp_path / "tls"))
     assert again.returncode == 2 and "exist" in again.stderr
+    # Told in the command line's terms, not the Python API's.
+    assert "give --force" in again.stderr and "force=True" not in again.stderr
+    issued = run("certs", "issue", "primary", "--dir", str(tmp_path / "tls"))
+    assert issued.returncode == 2 and "primary.pem: already exists" in issued.stderr
+    assert "give --force" in issued.stderr and "force=True" not in issued.stderr
+    assert run("certs", "issue", "primary", "--dir", str(tmp_path / "tls"), "--force").returncode == 0
 
 
 def test_status_reports_unreachable_nodes(tmp_path, tls_dir):

@@ -61,6 +61,7 @@ def test_init_ca_refuses_to_overwrite_and_names_both_files(tmp_path):
     assert len(info.value.problems) == 2
     assert "ca.pem: already exists" in str(info.value)
     assert "ca.key: already exists" in str(info.value)
+    assert info.value.hint == certs.FORCE_HINT
     assert first.cert.read_bytes() == before
 
 
