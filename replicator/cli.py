@@ -88,7 +88,8 @@ def _common(fn: Callable) -> Callable:
                      help="Plaintext, unauthenticated: only on a trusted network."),
         click.option("--node", default=None, help="Name of this node in logs and status."),
         click.option("--log-level", default="INFO", show_default=True,
-                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                     help="Least severe messages to log (on stderr)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -154,7 +155,7 @@ def cli() -> None:
 @click.option("--listen", default="127.0.0.1:8100", show_default=True,
               help="HOST:PORT to serve secondaries and GET /status on.")
 @click.option("--poll-interval", type=float, default=0.01, show_default=True, metavar="SECONDS",
-              help="How often to look for new commits in STORAGE while they come steadily; a commit "
+              help="How often to look for new commits in --storage while they come steadily; a commit "
                    "then waits up to that long before it is shipped (see --file-events for a quiet "
                    "file).")
 @click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
@@ -163,13 +164,13 @@ def cli() -> None:
                    "second), look this often instead, if it is longer: fewer wake-ups, so more "
                    "commits for the server, for that much more lag. 0: always --poll-interval.")
 @click.option("--file-events/--no-file-events", default=PrimaryConfig.file_events, show_default=True,
-              help="While STORAGE is quiet, wait for the kernel to report a write (Linux inotify) "
+              help="While --storage is quiet, wait for the kernel to report a write (Linux inotify) "
                    "instead of looking every --poll-interval: an idle primary stays asleep, and the "
                    "first commit after a pause ships at once. Falls back to polling by itself where "
                    "writes go unreported (a network file system written by another host).")
 def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, listen,
             poll_interval, batch_delay, file_events) -> None:
-    """Tail STORAGE (written by a ZEO server or Zope) and stream it to secondaries."""
+    """Tail the Data.fs at --storage (written by a ZEO server or Zope) and stream it to secondaries."""
     _setup_logging(log_level)
     from .primary import Primary
 
@@ -209,7 +210,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
               help="Ask the primary to deflate the stream: for a slow link (a WAN); costs CPU on both ends.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
               listen, zeo_addr, compress) -> None:
-    """Follow the primary at --primary and re-commit its transactions into STORAGE.
+    """Follow the primary at --primary and re-commit its transactions into the Data.fs at --storage.
 
     With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
     """
@@ -373,7 +374,7 @@ def rewind(storage, blob_dir, primary_addr, dry_run, tls_ca, tls_cert, tls_key, 
     """Truncate a diverged node to the last transaction it shares with the primary.
 
     The transactions after that point (the orphans) are first copied into a
-    separate FileStorage next to STORAGE, with their blobs; nothing is deleted
+    separate FileStorage next to --storage, with their blobs; nothing is deleted
     before it is saved. Afterwards the node can follow the primary.
     """
     from .rewind import rewind_node
@@ -425,11 +426,18 @@ def certs_init(directory, nodes, hosts, force) -> None:
 
 @certs.command("issue")
 @click.argument("name")
-@click.option("--dir", "directory", default="tls", show_default=True)
-@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True)
-@click.option("--force", is_flag=True, default=False)
+@click.option("--dir", "directory", default="tls", show_default=True,
+              help="Where the CA is (ca.pem, ca.key) and the files are written.")
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
+              help="Host names and IP addresses the certificate is valid for (repeat): every name "
+                   "and address peers dial to reach this node.")
+@click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
 def certs_issue(name, directory, hosts, force) -> None:
-    """Issue one more node certificate signed by the CA in --dir."""
+    """Issue one more node certificate signed by the CA in --dir.
+
+    NAME is the node's name: the files are NAME.pem and NAME.key, and peers
+    log it as the node's identity.
+    """
     from .certs import issue_node
 
     try:

@@ -179,6 +179,28 @@ def test_verify_without_blob_dirs_does_not_pass_storages_with_blobs(tmp_path):
         assert not result.stdout
 
 
+def test_every_option_has_a_help_text_and_every_name_in_a_help_exists():
+    import click
+
+    from replicator.cli import cli
+
+    def commands(group, path):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, [*path, name])
+            else:
+                yield " ".join([*path, name]), command
+    for name, command in commands(cli, []):
+        options = [p for p in command.params if isinstance(p, click.Option)]
+        assert all(p.help for p in options), (name, [p.opts for p in options if not p.help])
+        # An upper-case word in a help names an argument (``verify STORAGE_A``), never an option.
+        arguments = {p.name.upper() for p in command.params if isinstance(p, click.Argument)}
+        texts = [command.help or "", *(p.help or "" for p in options)]
+        named = set(re.findall(r"\b[A-Z][A-Z_]{2,}\b", " ".join(texts)))
+        words = {"HOST", "PORT", "ZEO", "TOML", "PEM", "CPU", "JSON", "HTTP", "TLS", "GET", "POST", "WAN"}
+        assert named <= arguments | words, (name, named - arguments - words)
+
+
 def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     result = run("certs", "init", "--dir", str(tmp_path / "tls"), "--host", "db.example.com")
     assert result.returncode == 0, result.stderr
