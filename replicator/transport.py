@@ -58,6 +58,7 @@ __all__ = [
     "peer_identity",
     "connect_ws",
     "request_error",
+    "unresolved_host",
 ]
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,9 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
                 "the cluster CA, and does this node present one?")
         return TLSError(address, f"TLS handshake with {address} failed: the server closed "
                         f"the connection before answering {during}", hint=hint)
+    unresolved = unresolved_host(error)
+    if unresolved is not None:
+        return TransportError(address, f"cannot connect to {address}: {unresolved}", hint=RESOLUTION_HINT)
     if isinstance(error, aiohttp.ClientConnectorError):
         os_error = error.os_error
         if isinstance(os_error, socket.gaierror):  # its errno is getaddrinfo's, not an OS errno
@@ -431,6 +435,32 @@ def _not_http(error: BaseException) -> bool:
     """Whatever answered did not send an HTTP response aiohttp could parse (a ZEO server sends its own bytes)."""
     return (isinstance(error, aiohttp.ClientResponseError)
             and isinstance(error.__cause__, HttpProcessingError))
+
+
+def _resolution_error(error: BaseException) -> socket.gaierror | None:
+    """The name-resolution failure behind ``error`` (aiohttp's DNS error wraps one), if that is what it is."""
+    inner = getattr(error, "os_error", None)
+    for candidate in (inner, error, error.__cause__, error.__context__):
+        if isinstance(candidate, socket.gaierror):
+            return candidate
+    return None
+
+
+def unresolved_host(error: BaseException) -> str | None:
+    """If ``error`` is a host name that could not be resolved, say so in words; else None.
+
+    The resolver's errors carry negative codes of their own (``EAI_*``),
+    which ``os.strerror`` knows nothing about ("Unknown error -2").
+    """
+    gai = _resolution_error(error)
+    if gai is None:
+        return None
+    host = error.host if isinstance(error, aiohttp.ClientConnectorError) else None
+    name = f"the host name {host!r}" if host else "the host name"
+    return f"{name} could not be resolved ({gai.strerror or gai})"
+
+
+RESOLUTION_HINT = "check the host name for typos, and that this machine resolves it (DNS or /etc/hosts)"
 
 
 def _find_ssl_error(error: BaseException | None) -> ssl.SSLError | None:

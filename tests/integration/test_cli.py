@@ -263,6 +263,19 @@ def test_a_secondary_pointed_at_a_zeo_port_is_told_it_may_be_another_service(tmp
         zeo.stop()
 
 
+def test_status_and_control_commands_say_a_host_name_does_not_resolve(tls_dir):
+    from tests.helpers import tls_args
+
+    shown = run("status", "noprimary.invalid:8100", *tls_args(tls_dir, "secondary"))
+    assert shown.returncode == 6
+    assert "UNREACHABLE (" in shown.stdout
+    assert "the host name 'noprimary.invalid' could not be resolved" in shown.stdout
+    promoted = run("promote", "noprimary.invalid:8100", *tls_args(tls_dir, "secondary"))
+    assert promoted.returncode == 6
+    assert "the host name 'noprimary.invalid' could not be resolved" in promoted.stderr
+    assert "Unknown error" not in promoted.stderr
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 

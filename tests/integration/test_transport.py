@@ -287,6 +287,15 @@ def test_connection_refused_is_a_plain_transport_error(pki):
     assert str(error).startswith(f"cannot connect to 127.0.0.1:{port}")
 
 
+def test_unresolvable_host_name_is_named_as_such(pki):
+    # .invalid never resolves (RFC 6761); the resolver's code is no errno ("Unknown error -2").
+    error = _run(_connect_fails("wss://noprimary.invalid:8100/replicate", pki.client.client_context()))
+    assert type(error) is TransportError
+    assert str(error).startswith("cannot connect to noprimary.invalid:8100: the host name "
+                                 "'noprimary.invalid' could not be resolved")
+    assert "Unknown error" not in str(error) and "DNS" in error.hint
+
+
 def test_silent_server_times_out_within_the_budget(pki):
     async def main():
         async def hold(reader, writer):
