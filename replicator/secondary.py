@@ -62,7 +62,7 @@ from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import client_ssl_context, connect_ws
 
-__all__ = ["Secondary", "Backoff"]
+__all__ = ["Secondary", "Backoff", "LinkLog"]
 
 log = logging.getLogger("replicator.secondary")
 
@@ -104,6 +104,87 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+#: While the primary stays unreachable, a WARNING says so at most this often (seconds).
+OUTAGE_WARNING_INTERVAL = 60.0
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``2m05s``, ``3h07m``: how long, for people."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+class LinkLog:
+    """Tells the operator when the link to the primary goes down, stays down and comes back.
+
+    A secondary that cannot reach its primary retries for ever, so the log
+    is the only place that says it is not replicating.  The first failure
+    of an outage (to connect at all, or of a connection) is a WARNING;
+    while the link stays down each retry is INFO, and a WARNING naming how
+    long it has been down and the last reason repeats at most every
+    ``interval`` seconds.  Those warnings are also at most that frequent
+    across outages, so a link that flaps logs a warning a minute, not one a
+    flap.  The reconnection is logged at WARNING when the outage was warned
+    about (whoever saw it go down must see it come back), else at INFO.
+    Every failure's line ends in ``reconnecting to HOST:PORT in Ns (reason)``.
+    """
+
+    def __init__(self, primary: str, interval: float = OUTAGE_WARNING_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.primary = primary
+        self.interval = interval
+        self.clock = clock
+        #: When the current outage began (the first failure), None while connected.
+        self.down_since: float | None = None
+        #: Failed attempts in the current outage.
+        self.failures = 0
+        self._warned = False
+        self._last_warning: float | None = None
+
+    def failed(self, reason: str, delay: float, *, was_connected: bool, logged: bool = False) -> None:
+        """An attempt failed (``was_connected``: a connection that stood was lost); next one in ``delay`` s.
+
+        ``logged``: the caller has already logged this failure at ERROR.
+        """
+        now = self.clock()
+        first = self.down_since is None
+        if first:
+            self.down_since, self.failures, self._warned = now, 0, False
+        self.failures += 1
+        retry = f"reconnecting to {self.primary} in {delay:.2f}s ({reason})"
+        if logged:
+            # An ERROR line said it already (and says it again on each retry).
+            self._warned, self._last_warning = True, now
+            log.info("%s", retry)
+            return
+        if self._last_warning is not None and now - self._last_warning < self.interval:
+            log.info("%s", retry)
+            return
+        if first:
+            headline = ("lost the connection to the primary" if was_connected else
+                        "cannot connect to the primary: this secondary is not replicating")
+        else:
+            headline = (f"still no connection to the primary after {_duration(now - (self.down_since or now))} "
+                        f"and {self.failures} attempts")
+        self._warned, self._last_warning = True, now
+        log.warning("%s; %s", headline, retry)
+
+    def connected(self, node: str) -> None:
+        """A connection stands (the primary ``node`` welcomed us); ends the outage, if there was one."""
+        since = self.down_since
+        if since is None:
+            return
+        down = _duration(self.clock() - since)
+        log.log(logging.WARNING if self._warned else logging.INFO,
+                "connected to the primary %s (%s) again after %s without a connection (%d failed attempts)",
+                self.primary, node, down, self.failures)
+        self.down_since, self.failures, self._warned = None, 0, False
 
 
 @dataclass
@@ -157,6 +238,8 @@ class Secondary:
         #: Set once the promotion's new epoch is recorded (after ``promoted``).
         self.promotion_done = asyncio.Event()
         self._on_promoted = on_promoted
+        #: Says when the link to the primary goes down and comes back.
+        self.link_log = LinkLog(str(config.primary))
 
     # -- lifecycle -------------------------------------------------------
 
@@ -284,6 +367,7 @@ class Secondary:
         async with aiohttp.ClientSession() as http:
             while not self._draining.is_set():
                 applied = self.progress.txns_applied
+                logged = False
                 try:
                     await self._session(http, url, ssl_ctx)
                     message = "primary closed the connection"
@@ -299,10 +383,12 @@ class Secondary:
                     # A full disk may be freed; keep what is committed and retry.
                     log.error("local storage failed: %s", exc)
                     message = f"{type(exc).__name__}: {exc}"
+                    logged = True
                 except TLSError as exc:
                     # Certificates do not fit: retrying helps only once someone fixes them.
                     log.error("%s", exc)
                     message = str(exc)
+                    logged = True
                 except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"
                 finally:
@@ -311,7 +397,9 @@ class Secondary:
                         await blocking(self.applier.abort)
                 if self._draining.is_set():
                     return
-                if self.progress.connected_since is not None:
+                connected_since = self.progress.connected_since
+                was_connected = connected_since is not None
+                if connected_since is not None:
                     # A connection that got somewhere (it applied a transaction
                     # or lasted longer than the longest delay) makes the next
                     # attempt quick again.  One that failed at once, as each
@@ -319,7 +407,7 @@ class Secondary:
                     # it would fetch the same transaction again five times a
                     # second, and log it.
                     if (self.progress.txns_applied > applied
-                            or time.monotonic() - self.progress.connected_since > cfg.reconnect_max):
+                            or time.monotonic() - connected_since > cfg.reconnect_max):
                         backoff.reset()
                     down_since = time.monotonic()
                     self.progress.connected_since = None
@@ -328,7 +416,7 @@ class Secondary:
                     raise TransportError(str(cfg.primary), f"no usable connection to {cfg.primary} for "
                                          f"{cfg.give_up_after:.0f}s: {message}")
                 delay = backoff.next_delay()
-                log.info("reconnecting to %s in %.2fs (%s)", cfg.primary, delay, message)
+                self.link_log.failed(message, delay, was_connected=was_connected, logged=logged)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), delay)
 
@@ -366,6 +454,7 @@ class Secondary:
             self.progress.connected_since = time.monotonic()
             self.progress.primary_node = welcome.node
             self.progress.head_tid = welcome.head_tid
+            self.link_log.connected(welcome.node)
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
             queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=cfg.queue_messages)
