@@ -6,8 +6,9 @@ given with ``--config`` (keys are the option names with dashes, e.g.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration,
 3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
-6 connection lost for good.  (``verify`` also exits 2 when it could not
-compare blob files: no blob directories given.)
+6 a node could not be reached (a secondary: only with ``--give-up-after``).
+(``verify`` also exits 2 when it could not compare blob files: no blob
+directories given.)
 """
 
 from __future__ import annotations
@@ -208,8 +209,12 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
               help="HOST:PORT to serve the replica to read-only ZEO clients on (optional).")
 @click.option("--compress/--no-compress", default=False, show_default=True,
               help="Ask the primary to deflate the stream: for a slow link (a WAN); costs CPU on both ends.")
+@click.option("--give-up-after", type=float, default=SecondaryConfig.give_up_after, show_default=True,
+              metavar="SECONDS",
+              help="Exit with status 6 after this long without a usable connection to the primary "
+                   "(for a supervisor that should take over). 0: keep retrying for ever.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
-              listen, zeo_addr, compress) -> None:
+              listen, zeo_addr, compress, give_up_after) -> None:
     """Follow the primary at --primary and re-commit its transactions into the Data.fs at --storage.
 
     With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
@@ -222,7 +227,7 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
             storage=storage, blob_dir=blob_dir, primary=parse_address(primary_addr, "--primary"),
             listen=parse_address(listen, "--listen") if listen else None,
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, compress=compress,
-            **({"node": node} if node else {}),
+            give_up_after=give_up_after, **({"node": node} if node else {}),
         ).validate()
         zeo = parse_address(zeo_addr, "--zeo") if zeo_addr else None
     except ConfigError as exc:

@@ -149,6 +149,8 @@ class SecondaryConfig:
         _check_tls(self.tls, self.insecure, problems)
         if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
             problems.append("reconnect delays must satisfy 0 < min <= max")
+        if self.give_up_after < 0:
+            problems.append(f"--give-up-after {self.give_up_after}: must be 0 (never) or more")
         if problems:
             raise ConfigError(problems)
         return self

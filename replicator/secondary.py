@@ -368,6 +368,7 @@ class Secondary:
             while not self._draining.is_set():
                 applied = self.progress.txns_applied
                 logged = False
+                failure: BaseException | None = None
                 try:
                     await self._session(http, url, ssl_ctx)
                     message = "primary closed the connection"
@@ -383,14 +384,15 @@ class Secondary:
                     # A full disk may be freed; keep what is committed and retry.
                     log.error("local storage failed: %s", exc)
                     message = f"{type(exc).__name__}: {exc}"
-                    logged = True
+                    logged, failure = True, exc
                 except TLSError as exc:
                     # Certificates do not fit: retrying helps only once someone fixes them.
                     log.error("%s", exc)
                     message = str(exc)
-                    logged = True
+                    logged, failure = True, exc
                 except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"
+                    failure = exc
                 finally:
                     self.progress.connected = False
                     if self.applier is not None:
@@ -412,10 +414,20 @@ class Secondary:
                     down_since = time.monotonic()
                     self.progress.connected_since = None
                 self.progress.last_error = message
-                if cfg.give_up_after and time.monotonic() - down_since > cfg.give_up_after:
-                    raise TransportError(str(cfg.primary), f"no usable connection to {cfg.primary} for "
-                                         f"{cfg.give_up_after:.0f}s: {message}")
                 delay = backoff.next_delay()
+                if cfg.give_up_after:
+                    left = cfg.give_up_after - (time.monotonic() - down_since)
+                    if left <= 0:
+                        # The last failure's own words; its hint, unless that says retrying goes on.
+                        last, hint = message, ""
+                        if isinstance(failure, ReplicatorError):
+                            last = failure.message
+                            hint = "" if failure.hint == TransportError.hint else failure.hint
+                        raise TransportError(str(cfg.primary), f"no usable connection to {cfg.primary} for "
+                                             f"{_duration(cfg.give_up_after)} (--give-up-after); the last "
+                                             f"attempt: {last}", hint=hint or "is the primary running and "
+                                             "reachable from here? start this node again once it is")
+                    delay = min(delay, left)  # one last attempt when the time is up, not a backoff later
                 self.link_log.failed(message, delay, was_connected=was_connected, logged=logged)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), delay)

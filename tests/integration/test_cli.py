@@ -276,6 +276,22 @@ def test_status_and_control_commands_say_a_host_name_does_not_resolve(tls_dir):
     assert "Unknown error" not in promoted.stderr
 
 
+def test_a_secondary_without_its_primary_warns_and_exits_6_with_give_up_after(tmp_path, tls_dir):
+    from tests.helpers import free_port, tls_args
+
+    port = free_port()  # nobody listens there
+    result = run("secondary", "--storage", str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}",
+                 "--log-level", "warning", "--give-up-after", "2", *tls_args(tls_dir, "secondary"))
+    assert result.returncode == 6, result.stderr
+    assert (f"WARNING replicator.secondary: cannot connect to the primary: this secondary is not replicating; "
+            f"reconnecting to 127.0.0.1:{port} in ") in result.stderr
+    assert f"replicator: error: no usable connection to 127.0.0.1:{port} for 2.0s (--give-up-after)" in result.stderr
+    assert "Connection refused" in result.stderr
+    bad = run("secondary", "--storage", str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}",
+              "--give-up-after", "-1", *tls_args(tls_dir, "secondary"))
+    assert bad.returncode == 2 and "--give-up-after -1.0: must be 0 (never) or more" in bad.stderr
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 
