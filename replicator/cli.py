@@ -4,7 +4,8 @@ Every option of ``primary`` and ``secondary`` may also come from a TOML file
 given with ``--config`` (keys are the option names with dashes, e.g.
 ``tls-ca = "tls/ca.pem"``); options on the command line win.
 
-Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration,
+Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration
+(also a storage another process has open),
 3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
 6 a node could not be reached (a secondary: only with ``--give-up-after``).
 (``verify`` also exits 2 when it could not compare blob files: no blob
@@ -34,6 +35,7 @@ from .errors import (
     DivergenceError,
     RejectedError,
     ReplicatorError,
+    StorageInUseError,
     TransportError,
 )
 
@@ -43,6 +45,7 @@ log = logging.getLogger("replicator")
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (ConfigError, 2),
+    (StorageInUseError, 2),
     (CorruptedSourceError, 3),
     (DivergenceError, 4),
     (RejectedError, 4),

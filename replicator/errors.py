@@ -12,7 +12,8 @@ by its message.  Every error carries the fields an operator needs and a
   transactions was half shipped; end that stream, the secondary resumes.
 - ``DivergenceError``: the two histories fork; stop and tell the operator.
 - ``ConfigError``: bad configuration; lists every problem at once.
-- ``StorageError``: the secondary's storage refused a write (full disk, ...).
+- ``StorageError``: the secondary's storage refused a write (full disk, ...);
+  ``StorageInUseError``, its subclass, when another process holds the storage's lock.
 - ``TransportError``: a peer could not be reached (refused, reset, timed out);
   ``TLSError``, its subclass, when the TLS handshake itself failed (certificates).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "DivergenceError",
     "ConfigError",
     "StorageError",
+    "StorageInUseError",
     "TransportError",
     "TLSError",
 ]
@@ -144,6 +146,20 @@ class StorageError(ReplicatorError):
     """The local storage could not be read or written (full disk, permissions, ...)."""
 
     hint = "fix the storage problem; nothing was acknowledged that is not durable"
+
+
+class StorageInUseError(StorageError):
+    """Another process has the FileStorage open (holds its ``.lock`` file): a deployment mistake."""
+
+    hint = ("only one process may open a FileStorage for writing: stop the other one, or give this "
+            "node a storage of its own")
+
+    def __init__(self, path: str, lock_path: str, holder: str = "") -> None:
+        held = f" (held by {holder})" if holder else ""
+        super().__init__(f"{path} is in use: another process holds its lock {lock_path}{held}; it may be "
+                         "another replicator, a ZEO server (runzeo) or a Zope instance with this storage open")
+        self.path = path
+        self.lock_path = lock_path
 
 
 class TransportError(ReplicatorError):

@@ -36,7 +36,7 @@ from ZODB.FileStorage.format import CorruptedError
 from ZODB.POSException import POSError, POSKeyError
 from ZODB.utils import u64
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, StorageError, StorageInUseError
 from .fsformat import is_blob_data
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
@@ -62,8 +62,9 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
 
     Raises ``ConfigError`` when the paths cannot be what the operator meant
     (a directory, a missing file to read, no permission, not a FileStorage),
-    and ``StorageError`` when the storage itself fails (locked by another
-    process, I/O error), so that callers can tell "fix the command line" from
+    ``StorageInUseError`` when another process has it open (holds its lock),
+    and ``StorageError`` when the storage itself fails (I/O error), so that
+    callers can tell "fix the command line" or "fix the deployment" from
     "fix the machine".
     """
     problems = []
@@ -89,12 +90,35 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
     except FileStorageFormatError as exc:
         raise ConfigError(f"{path} is not a FileStorage file") from exc
     except zc.lockfile.LockError as exc:
-        raise StorageError(f"{path} is locked by another process ({exc})",
-                           hint="only one process may write a FileStorage; stop the other one") from exc
+        raise StorageInUseError(path, f"{path}.lock", _lock_holder(f"{path}.lock")) from exc
     except (OSError, POSError) as exc:
         raise StorageError(f"cannot open {path}: {exc}") from exc
     _correct_last_tid(storage)
     return storage
+
+
+def _lock_holder(lock_path: str) -> str:
+    """``process 1234 (runzeo -C zeo.conf)``: who holds a FileStorage's lock, as far as can be told.
+
+    zc.lockfile writes the holder's process id into the lock file; its
+    command line is known only when it runs on this machine (Linux /proc).
+    """
+    try:
+        with open(lock_path) as f:
+            pid = int(f.read(32).split()[0])
+    except (OSError, ValueError, IndexError):
+        return ""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return f"process {pid}"
+    if len(argv) > 1 and os.path.basename(argv[0]).startswith("python") and not argv[1].startswith("-"):
+        argv = argv[1:]  # a script run by its interpreter: name the script (replicator, runzeo)
+    command = " ".join([os.path.basename(argv[0]), *argv[1:]]) if argv else ""
+    if len(command) > 120:
+        command = command[:117] + "..."
+    return f"process {pid} ({command})" if command else f"process {pid}"
 
 
 def _correct_last_tid(storage: FileStorage) -> None:

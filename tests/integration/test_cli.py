@@ -292,6 +292,26 @@ def test_a_secondary_without_its_primary_warns_and_exits_6_with_give_up_after(tm
     assert bad.returncode == 2 and "--give-up-after -1.0: must be 0 (never) or more" in bad.stderr
 
 
+def test_a_second_secondary_on_the_same_storage_is_a_usage_error(tmp_path, tls_dir):
+    from tests.helpers import Proc, free_port, tls_args, wait_until
+
+    port = free_port()  # no primary: the first secondary holds its storage and retries
+    argv = ["secondary", "--storage", str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}",
+            *tls_args(tls_dir, "secondary")]
+    first = Proc([REPLICATOR, *argv], tmp_path / "first.log")
+    try:
+        wait_until(lambda: "opened" in first.output() or not first.alive(), timeout=30, what="the first opened")
+        assert first.alive(), first.output()
+        second = run(*argv)
+        assert second.returncode == 2, second.stderr
+        assert (f"replicator: error: {tmp_path / 'b.fs'} is in use: another process holds its lock "
+                f"{tmp_path / 'b.fs'}.lock (held by process {first.pid} (replicator secondary") in second.stderr
+        assert "another replicator, a ZEO server" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.stop()
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 
