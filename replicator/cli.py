@@ -5,7 +5,7 @@ given with ``--config`` (keys are the option names with dashes, e.g.
 ``tls-ca = "tls/ca.pem"``); options on the command line win.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration
-(also a storage another process has open),
+(also a command aimed at the wrong node, a storage another process has open),
 3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
 6 a node could not be reached (a secondary: only with ``--give-up-after``).
 (``verify`` also exits 2 when it could not compare blob files: no blob
@@ -37,6 +37,7 @@ from .errors import (
     ReplicatorError,
     StorageInUseError,
     TransportError,
+    UsageError,
 )
 
 __all__ = ["main", "cli"]
@@ -45,6 +46,7 @@ log = logging.getLogger("replicator")
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (ConfigError, 2),
+    (UsageError, 2),
     (StorageInUseError, 2),
     (CorruptedSourceError, 3),
     (DivergenceError, 4),
@@ -317,11 +319,13 @@ def _tls_options(fn: Callable) -> Callable:
     return fn
 
 
-def _control(target: str, method: str, path: str, tls_ca, tls_cert, tls_key, insecure) -> dict:
-    from .control import call
+def _control(target: str, method: str, path: str, tls_ca, tls_cert, tls_key, insecure, *, role: str,
+             what: str) -> dict:
+    from .control import node_command
 
     try:
-        return asyncio.run(call(target, method, path, _tls(tls_ca, tls_cert, tls_key), insecure=insecure))
+        return asyncio.run(node_command(target, method, path, _tls(tls_ca, tls_cert, tls_key), insecure=insecure,
+                                        role=role, what=what))
     except ReplicatorError as exc:
         _fail(exc)
         raise  # unreachable: _fail exits
@@ -336,7 +340,8 @@ def promote(node, tls_ca, tls_cert, tls_key, insecure) -> None:
     It first applies everything it received from its primary, then stops
     following it. Do this only when the old primary is gone or fenced.
     """
-    result = _control(node, "POST", "/promote", tls_ca, tls_cert, tls_key, insecure)
+    result = _control(node, "POST", "/promote", tls_ca, tls_cert, tls_key, insecure, role="secondary",
+                      what="`replicator promote`")
     click.echo(f"{result['node']} is the primary of epoch {result['epoch']} from transaction {result['last_tid']}")
 
 
@@ -351,7 +356,8 @@ def fence(node, undo, tls_ca, tls_cert, tls_key, insecure) -> None:
     a server they list that takes writes. (`switchover` keeps them until the
     new primary is promoted.)
     """
-    result = _control(node, "POST", "/unfence" if undo else "/fence", tls_ca, tls_cert, tls_key, insecure)
+    result = _control(node, "POST", "/unfence" if undo else "/fence", tls_ca, tls_cert, tls_key, insecure,
+                      role="primary", what="`replicator fence`")
     state = f"fenced ({result['fenced']})" if result.get("fenced") else "accepting writes"
     click.echo(f"{result['node']}: {state}; last transaction {result['last_tid']}")
 

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
-from .errors import ConfigError, ReplicatorError
+from .errors import ConfigError, ReplicatorError, UsageError
 from .threads import blocking
 from .tid import tid_from_hex, tid_repr
 from .transport import client_ssl_context, request_error
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .secondary import Secondary
     from .tailer import Tailer
 
-__all__ = ["primary_routes", "secondary_routes", "call", "identities_route"]
+__all__ = ["primary_routes", "secondary_routes", "call", "node_command", "describe_node", "identities_route"]
 
 log = logging.getLogger("replicator.control")
 
@@ -145,9 +145,51 @@ def _url(target: str, path: str, insecure: bool) -> str:
     return base.rstrip("/") + path
 
 
+def _refusal(target: str, method: str, url: str, status: int, text: str) -> ReplicatorError:
+    """What an HTTP error answer means: the node refusing what it was asked (the operator's
+    mistake, ``UsageError``) or failing at it (``ReplicatorError``: look at its log)."""
+    route = url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+    if status in (404, 405):
+        return UsageError(f"{target} has no {method} /{route} (HTTP {status}): it is not a node of the "
+                          "kind this command is for")
+    if 400 <= status < 500 or status == 501:
+        return UsageError(f"{target} refused {method} /{route} (HTTP {status}): {text}")
+    return ReplicatorError(f"{method} {url}: HTTP {status}: {text}",
+                           hint=f"the node failed; its log at {target} says why")
+
+
+def describe_node(status: dict) -> str:
+    """``the primary p (epoch 2)``, ``a secondary s following 10.0.0.1:8100``: what a /status says a node is."""
+    name = status.get("node") or "?"
+    if status.get("role") == "primary":
+        promoted = ", promoted" if status.get("promoted") else ""
+        fenced = ", fenced" if status.get("fenced") else ""
+        return f"the primary {name} (epoch {status.get('epoch')}{promoted}{fenced})"
+    if status.get("role") == "secondary":
+        return f"a secondary {name} following {status.get('primary')}"
+    return f"a node {name} of role {status.get('role')!r}"
+
+
+async def node_command(target: str, method: str, path: str, tls: TLSPaths | None, *, insecure: bool,
+                       role: str, what: str) -> dict:
+    """A control request for a node of ``role`` (``primary``/``secondary``): first check that it is one.
+
+    A node of the other role raises ``UsageError`` saying what the node is
+    and that ``what`` (the command) wants a ``role``; nothing is asked of it.
+    A promoted secondary is a primary (``promote`` on it again is harmless).
+    """
+    status = await call(target, "GET", "/status", tls, insecure=insecure)
+    actual = status.get("role")
+    if actual != role and not (role == "secondary" and status.get("promoted")):
+        raise UsageError(f"{target} is not a {role}: it is {describe_node(status)}; {what} takes the "
+                         f"address of a {role}'s --listen port")
+    return await call(target, method, path, tls, insecure=insecure)
+
+
 async def call(target: str, method: str, path: str, tls: TLSPaths | None, *, insecure: bool = False,
                timeout: float = 120.0) -> dict:
-    """One control request; ``TransportError`` if the node cannot be reached, ``ReplicatorError`` if it says no."""
+    """One control request; ``TransportError`` if the node cannot be reached, ``UsageError`` if it
+    refuses (no such route, wrong state), ``ReplicatorError`` if it failed."""
     if tls is None and not insecure:
         raise ConfigError("--tls-ca, --tls-cert and --tls-key are required (or --insecure)")
     ssl_ctx = client_ssl_context(tls.ca, tls.cert, tls.key) if tls is not None and not insecure else False
@@ -156,11 +198,11 @@ async def call(target: str, method: str, path: str, tls: TLSPaths | None, *, ins
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
             async with http.request(method, url, ssl=ssl_ctx) as resp:
                 if resp.status >= 400:
-                    if resp.content_type == "text/plain":  # a node's refusal says why in words
-                        raise ReplicatorError(f"{method} {url}: HTTP {resp.status}: {(await resp.text()).strip()}")
-                    raise ReplicatorError(f"{method} {url}: HTTP {resp.status} {resp.reason}",
-                                          hint="is this the replicator's --listen address, and not another "
-                                               "service's?")
+                    if resp.content_type != "text/plain":  # not a node's refusal: another service's page
+                        raise UsageError(f"{method} {url}: HTTP {resp.status} {resp.reason}",
+                                         hint="is this the replicator's --listen address, and not another "
+                                              "service's?")
+                    raise _refusal(target, method, url, resp.status, (await resp.text()).strip())
                 return await resp.json()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise request_error(method, url, exc, timeout=timeout) from exc

@@ -12,6 +12,8 @@ by its message.  Every error carries the fields an operator needs and a
   transactions was half shipped; end that stream, the secondary resumes.
 - ``DivergenceError``: the two histories fork; stop and tell the operator.
 - ``ConfigError``: bad configuration; lists every problem at once.
+- ``UsageError``: a command the node it was aimed at cannot carry out (it is
+  not the role the command is for, or the arguments contradict each other).
 - ``StorageError``: the secondary's storage refused a write (full disk, ...);
   ``StorageInUseError``, its subclass, when another process holds the storage's lock.
 - ``TransportError``: a peer could not be reached (refused, reset, timed out);
@@ -31,6 +33,7 @@ __all__ = [
     "SourceReplacedError",
     "DivergenceError",
     "ConfigError",
+    "UsageError",
     "StorageError",
     "StorageInUseError",
     "TransportError",
@@ -140,6 +143,15 @@ class ConfigError(ReplicatorError):
             problems = [problems]
         self.problems = list(problems)
         super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+class UsageError(ReplicatorError):
+    """The command was aimed at the wrong node, or its arguments contradict each other.
+
+    The operator's mistake, like a ``ConfigError``: nothing was changed.
+    """
+
+    hint = "see `replicator COMMAND --help` and the README's operator's guide"
 
 
 class StorageError(ReplicatorError):
