@@ -12,17 +12,45 @@ import contextlib
 import time
 
 from .config import TLSPaths
-from .control import call
-from .errors import ReplicatorError
+from .control import call, describe_node
+from .errors import ReplicatorError, UsageError
 from .tid import tid_repr
 
 __all__ = ["run_switchover"]
 
 
-async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: bool, timeout: float) -> str:
-    target = await call(new, "GET", "/status", tls, insecure=insecure)
+def check_nodes(old: str, new: str, source: dict, target: dict) -> None:
+    """Raise ``UsageError`` unless ``old`` is a primary and ``new`` a secondary streaming from it.
+
+    Checked before anything is fenced: a switchover aimed at the wrong
+    nodes must leave both as they were.
+    """
+    if source.get("role") == "secondary" and target.get("role") == "primary":
+        raise UsageError(f"--primary {old} is {describe_node(source)} and --to {new} is {describe_node(target)}: "
+                         "the two arguments may be swapped",
+                         hint="replicator switchover --primary CURRENT-PRIMARY --to SECONDARY-TO-PROMOTE")
     if target.get("role") != "secondary":
-        raise ReplicatorError(f"{new} is not a secondary (role {target.get('role')})")
+        raise UsageError(f"--to {new} is not a secondary: it is {describe_node(target)}",
+                         hint="--to takes the --listen address of the secondary to promote")
+    if source.get("role") != "primary":
+        raise UsageError(f"--primary {old} is not a primary: it is {describe_node(source)}",
+                         hint="--primary takes the --listen address of the current primary")
+    if source.get("stale"):
+        raise UsageError(f"--primary {old} is {describe_node(source)}, superseded by a newer epoch: it is "
+                         "not the primary any more", hint="replicator status shows which node is")
+    streaming = {s.get("node") for s in source.get("secondaries", [])}
+    if target.get("node") not in streaming:
+        state = "connected" if target.get("connected") else "not connected"
+        raise UsageError(f"--to {new} ({target.get('node')}) is not streaming from --primary {old} "
+                         f"({source.get('node')}): it follows {target.get('primary')}, {state}; nothing was "
+                         "fenced", hint=f"check `replicator status {old} {new}`; a switchover promotes a "
+                         "secondary connected to the primary")
+
+
+async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: bool, timeout: float) -> str:
+    source, target = await asyncio.gather(call(old, "GET", "/status", tls, insecure=insecure),
+                                          call(new, "GET", "/status", tls, insecure=insecure))
+    check_nodes(old, new, source, target)
     # Its ZEO clients stay connected (their commits are refused) until the
     # demotion below drops them: they then register again at once, and those
     # that list both servers find the new primary taking writes.

@@ -10,6 +10,7 @@ import pytest
 from replicator.config import TLSPaths
 from replicator.control import call
 from replicator.errors import UsageError
+from replicator.switchover import check_nodes
 from tests.helpers import (
     REPLICATOR,
     free_port,
@@ -62,6 +63,26 @@ def test_fence_aimed_at_a_secondary(pair, tls_dir):
     assert get_status(status_port, tls_dir)["role"] == "secondary"
 
 
+def test_switchover_with_the_arguments_swapped(pair, tls_dir):
+    port, status_port = pair
+    result = run("switchover", "--primary", f"127.0.0.1:{status_port}", "--to", f"127.0.0.1:{port}",
+                 *tls_args(tls_dir, "secondary"))
+    assert result.returncode == 2, result.stderr
+    assert "the two arguments may be swapped" in result.stderr
+    assert "--primary CURRENT-PRIMARY --to SECONDARY-TO-PROMOTE" in result.stderr
+    assert get_status(port, tls_dir)["fenced"] is None  # nothing was fenced
+    assert get_status(status_port, tls_dir)["connected"]
+
+
+def test_switchover_to_the_primary_itself(pair, tls_dir):
+    port, _ = pair
+    result = run("switchover", "--primary", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{port}",
+                 *tls_args(tls_dir, "secondary"))
+    assert result.returncode == 2, result.stderr
+    assert f"--to 127.0.0.1:{port} is not a secondary: it is the primary primary" in result.stderr
+    assert get_status(port, tls_dir)["fenced"] is None
+
+
 def test_a_route_the_node_does_not_have_is_a_usage_error(pair, tls_dir):
     port, _ = pair
     paths = TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / "secondary.pem"), str(tls_dir / "secondary.key"))
@@ -69,3 +90,22 @@ def test_a_route_the_node_does_not_have_is_a_usage_error(pair, tls_dir):
         asyncio.run(call(f"127.0.0.1:{port}", "POST", "/promote", paths))
     with pytest.raises(UsageError, match=r"refused POST /demote \(HTTP 501\)"):
         asyncio.run(call(f"127.0.0.1:{port}", "POST", "/demote?primary=x:1", paths))
+
+
+PRIMARY = {"role": "primary", "node": "p", "epoch": 3, "fenced": None, "stale": False,
+           "secondaries": [{"node": "s"}]}
+SECONDARY = {"role": "secondary", "node": "s", "primary": "p.example:8100", "connected": True}
+
+
+def test_switchover_checks_before_fencing():
+    check_nodes("p:1", "s:1", PRIMARY, SECONDARY)  # the right way round
+    with pytest.raises(UsageError, match="may be swapped"):
+        check_nodes("s:1", "p:1", SECONDARY, PRIMARY)
+    with pytest.raises(UsageError, match="--primary s:1 is not a primary: it is a secondary s following"):
+        check_nodes("s:1", "s:1", SECONDARY, SECONDARY)
+    with pytest.raises(UsageError, match="superseded by a newer epoch"):
+        check_nodes("p:1", "s:1", {**PRIMARY, "stale": True, "fenced": "superseded"}, SECONDARY)
+    elsewhere = {**SECONDARY, "node": "t", "primary": "q.example:8100", "connected": False}
+    with pytest.raises(UsageError, match=r"--to t:1 \(t\) is not streaming from --primary p:1 \(p\): it follows "
+                                         r"q.example:8100, not connected; nothing was fenced"):
+        check_nodes("p:1", "t:1", PRIMARY, elsewhere)
