@@ -653,9 +653,13 @@ class Secondary:
         p = self.progress
         behind = p.head_tid > p.applied_tid
         if self.promoted and self.storage is not None:
-            # The primary now: its clients' commits move the storage, not the applier.
+            # The primary now: its clients' commits move the storage, not the applier;
+            # /fence and a newer epoch stop its writes as they stop any primary's.
+            serving = self.downstream
             return {**self._status(p, False), "last_tid": self.storage.lastTransaction().hex(),
-                    "last_tid_time": tid_time(self.storage.lastTransaction()), "connected": False}
+                    "last_tid_time": tid_time(self.storage.lastTransaction()), "connected": False,
+                    "fenced": serving.fenced if serving is not None else None,
+                    "stale": serving.stale if serving is not None else False}
         return self._status(p, behind)
 
     def _status(self, p: _Progress, behind: bool) -> dict:

@@ -62,6 +62,36 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _alarms(r: dict) -> list[tuple[str, str]]:
+    """The states an operator must not miss, as (flag, line): no writes, no synchronous commits."""
+    alarms = []
+    if r.get("stale"):
+        alarms.append(("STALE", "takes no writes and streams to nobody: "
+                                f"{r.get('fenced') or 'a newer epoch exists'}"))
+    elif r.get("fenced"):
+        alarms.append(("FENCED", f"takes no writes: {r['fenced']}"))
+    sync = r.get("sync") or {}
+    if sync.get("count") and sync.get("degraded"):
+        alarms.append(("SYNC DEGRADED", "commits return unreplicated (asynchronous) until enough secondaries are "
+                                        f"connected again (needs {_sync_quorum(sync)}): "
+                                        f"{sync.get('async_commits', 0)} commits so far, "
+                                        f"{sync.get('timeouts', 0)} timeouts"))
+    return alarms
+
+
+def _sync_quorum(sync: dict) -> str:
+    names = sync.get("names") or []
+    return f"{sync.get('count')} of {', '.join(names)}" if names else f"{sync.get('count')}, any"
+
+
+def _sync_line(sync: dict) -> str | None:
+    if not sync.get("count") or sync.get("degraded"):
+        return None
+    return (f"  sync          each commit waits for secondaries' acknowledgements (needs {_sync_quorum(sync)}; "
+            f"fallback {sync.get('fallback')}): {sync.get('synced_commits', 0)} synchronous, "
+            f"{sync.get('async_commits', 0)} not, {sync.get('timeouts', 0)} timeouts")
+
+
 def render(results: list[dict], now: float) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
@@ -70,7 +100,10 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
             lines.append("")
             continue
-        lines.append(f"{r['url']}: {r['role']} {r['node']}  storage {r['storage']}")
+        alarms = _alarms(r)
+        flags = "".join(f" [{flag}]" for flag, _ in alarms)
+        lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
+        lines.extend(f"  {flag:<13} {text}" for flag, text in alarms)
         lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")
         if r["role"] == "primary" and r.get("promoted"):
             lines.append(f"  promoted      primary of epoch {r.get('epoch')} (was following {r.get('primary')})")
@@ -84,6 +117,9 @@ def render(results: list[dict], now: float) -> str:
                          f"   bytes streamed {_size(r.get('bytes_sent'))}")
             if r.get("error"):
                 lines.append(f"  ERROR         {r['error']}")
+            sync_line = _sync_line(r.get("sync") or {})
+            if sync_line:
+                lines.append(sync_line)
             peers = r.get("secondaries", [])
             lines.append(f"  secondaries   {len(peers)} connected")
             for s in peers:

@@ -1,0 +1,91 @@
+"""``replicator status`` in text: a fenced primary and degraded synchronous replication are not missed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from replicator.config import Address, PrimaryConfig
+from replicator.status import render
+from replicator.wrappers import PrimaryStorage
+from tests.helpers import REPLICATOR, free_port, start_primary, start_secondary, tls_args, wait_until
+from tests.integration.test_cli import make_fs
+from tests.integration.test_replication import tls
+from tests.system.sysutil import get_status, try_status
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([REPLICATOR, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_an_embedded_primary_shows_fenced_and_sync_degraded(tmp_path, tls_dir):
+    base = FileStorage(str(tmp_path / "p.fs"))
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p", sync_count=1, sync_names=("standby",),
+                           sync_timeout=0.3, sync_fallback="async")
+    storage = PrimaryStorage(base, config.validate())
+    db = ZODB.DB(storage)  # creating the root commits once: no standby, it times out and degrades
+    try:
+        node = f"127.0.0.1:{storage.port}"
+        shown = run("status", node, *tls_args(tls_dir, "secondary"))
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0] == f"https://{node}/status: primary p [SYNC DEGRADED]  storage {tmp_path / 'p.fs'}"
+        assert lines[1].startswith("  SYNC DEGRADED commits return unreplicated (asynchronous) until enough "
+                                   "secondaries are connected again (needs 1 of standby): 1 commits so far, "
+                                   "1 timeouts"), shown.stdout
+        assert "FENCED" not in shown.stdout
+
+        fenced = run("fence", node, *tls_args(tls_dir, "secondary"))
+        assert fenced.returncode == 0, fenced.stderr
+        lines = run("status", node, *tls_args(tls_dir, "secondary")).stdout.splitlines()
+        assert lines[0].startswith(f"https://{node}/status: primary p [FENCED] [SYNC DEGRADED]  storage ")
+        assert lines[1] == "  FENCED        takes no writes: fenced by an operator"
+        assert lines[2].startswith("  SYNC DEGRADED ")
+
+        assert run("fence", "--undo", node, *tls_args(tls_dir, "secondary")).returncode == 0
+        shown = run("status", node, *tls_args(tls_dir, "secondary")).stdout
+        assert "FENCED" not in shown and "[SYNC DEGRADED]" in shown
+    finally:
+        db.close()
+
+
+def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_dir):
+    make_fs(tmp_path / "a.fs", [1, 2])
+    port, status_port = free_port(), free_port()
+    primary = start_primary(tmp_path, tmp_path / "a.fs", None, port, tls_dir)
+    secondary = start_secondary(tmp_path, tmp_path / "b.fs", None, port, tls_dir, status_port=status_port)
+    try:
+        wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=30,
+                   what="the secondary connected")
+        assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
+        shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
+        assert shown.returncode == 0, shown.stderr
+        assert f"127.0.0.1:{port}/status: primary primary [FENCED]  storage" in shown.stdout
+        assert "  FENCED        takes no writes: fenced by an operator\n" in shown.stdout
+        assert f"127.0.0.1:{status_port}/status: secondary secondary  storage" in shown.stdout
+
+        promoted = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
+        assert promoted.returncode == 0, promoted.stderr
+        assert get_status(status_port, tls_dir)["fenced"] is None
+        assert run("fence", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary")).returncode == 0
+        assert get_status(status_port, tls_dir)["fenced"] == "fenced by an operator"
+        shown = run("status", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary")).stdout
+        assert f"127.0.0.1:{status_port}/status: primary secondary [FENCED]  storage" in shown
+        assert "  promoted      primary of epoch 1" in shown
+    finally:
+        secondary.stop()
+        primary.stop()
+
+
+def test_a_stale_primary_says_so_first():
+    status = {"url": "https://old:8100/status", "role": "primary", "node": "old", "storage": "/d/Data.fs",
+              "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "stale": True,
+              "fenced": "superseded by epoch 2 (seen from new)", "epoch": 1}
+    lines = render([status], now=time.time()).splitlines()
+    assert lines[0] == "https://old:8100/status: primary old [STALE]  storage /d/Data.fs"
+    assert lines[1] == "  STALE         takes no writes and streams to nobody: superseded by epoch 2 (seen from new)"
+    assert "FENCED" not in "\n".join(lines)
