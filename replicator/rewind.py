@@ -24,7 +24,7 @@ from ZODB.FileStorage import FileStorage
 from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError
 from .fsformat import FIRST_POS, TRANS_HDR_LEN, is_blob_data, parse_txn_header, u64
 from .integrity import TxnIdentity
-from .storage import open_file_storage, txn_identity
+from .storage import lock_storage, open_file_storage, txn_identity
 from .tid import Z64, tid_repr
 
 __all__ = ["Fork", "local_tids_backwards", "find_fork", "save_orphans", "truncate_after"]
@@ -181,13 +181,20 @@ async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecu
     def ask(tids: list[bytes]) -> dict[bytes, TxnIdentity]:
         return asyncio.run_coroutine_threadsafe(remote_identities(primary, tls, insecure, tids), loop).result()
 
-    fork = await asyncio.to_thread(find_fork, path, blob_dir, ask)
-    if not fork.orphans or dry_run:
-        return fork.describe()
-    check_fork(fork)
-    orphan_tids = [tid for tid, _ in local_tids_backwards(path)][:fork.orphans]
-    saved = await asyncio.to_thread(save_orphans, path, blob_dir, fork)
-    await asyncio.to_thread(truncate_after, path, blob_dir, fork, orphan_tids)
+    # Truncating a file a running node writes would wreck it: hold the
+    # storage's lock throughout, as its own processes do (a dry run only reads).
+    lock = None if dry_run else await asyncio.to_thread(lock_storage, path)
+    try:
+        fork = await asyncio.to_thread(find_fork, path, blob_dir, ask)
+        if not fork.orphans or dry_run:
+            return fork.describe()
+        check_fork(fork)
+        orphan_tids = [tid for tid, _ in local_tids_backwards(path)][:fork.orphans]
+        saved = await asyncio.to_thread(save_orphans, path, blob_dir, fork)
+        await asyncio.to_thread(truncate_after, path, blob_dir, fork, orphan_tids)
+    finally:
+        if lock is not None:
+            lock.close()
     return (f"{fork.describe()}.\nSaved them to {saved}" + (f" (blobs in {saved}.blobs)" if blob_dir else "")
             + f".\nTruncated {path} after {tid_repr(fork.fork_tid)}; it can now follow {primary}.")
 

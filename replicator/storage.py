@@ -46,6 +46,7 @@ log = logging.getLogger("replicator.storage")
 
 __all__ = [
     "open_file_storage",
+    "lock_storage",
     "has_blobs",
     "StoredTxn",
     "StoredRecord",
@@ -95,6 +96,24 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
         raise StorageError(f"cannot open {path}: {exc}") from exc
     _correct_last_tid(storage)
     return storage
+
+
+def lock_storage(path: str) -> zc.lockfile.LockFile:
+    """Take the FileStorage's own lock, as a process that opens it for writing does.
+
+    For work on the file outside FileStorage (``rewind`` truncates it):
+    ``StorageInUseError`` while another process has the storage open.
+    ``close()`` the returned lock when done.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such file")
+    lock_path = f"{path}.lock"
+    try:
+        return zc.lockfile.LockFile(lock_path)
+    except zc.lockfile.LockError as exc:
+        raise StorageInUseError(path, lock_path, _lock_holder(lock_path)) from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{lock_path}: permission denied") from exc
 
 
 def _lock_holder(lock_path: str) -> str:

@@ -312,6 +312,30 @@ def test_a_second_secondary_on_the_same_storage_is_a_usage_error(tmp_path, tls_d
         first.stop()
 
 
+def test_rewind_refuses_a_storage_a_running_node_has_open(tmp_path, tls_dir):
+    from tests.helpers import Proc, free_port, tls_args, wait_until
+
+    make_fs(tmp_path / "b.fs", [1, 2, 3])
+    before = (tmp_path / "b.fs").read_bytes()
+    port = free_port()  # no primary: the secondary holds its storage and retries
+    node = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}",
+                 *tls_args(tls_dir, "secondary")], tmp_path / "node.log")
+    try:
+        wait_until(lambda: "opened" in node.output() or not node.alive(), timeout=30, what="the node opened")
+        assert node.alive(), node.output()
+        result = run("rewind", "--storage", str(tmp_path / "b.fs"), "--primary", f"127.0.0.1:{port}",
+                     *tls_args(tls_dir, "secondary"))
+        assert result.returncode == 2, result.stderr
+        assert f"{tmp_path / 'b.fs'} is in use: another process holds its lock" in result.stderr
+    finally:
+        node.stop()
+    assert (tmp_path / "b.fs").read_bytes()[:len(before)] == before
+    missing = run("rewind", "--storage", str(tmp_path / "none.fs"), "--primary", f"127.0.0.1:{port}",
+                  *tls_args(tls_dir, "secondary"))
+    assert missing.returncode == 2 and "none.fs: no such file" in missing.stderr
+    assert not (tmp_path / "none.fs.lock").exists()
+
+
 def test_insecure_primary_warns(tmp_path):
     from tests.helpers import Proc, free_port, wait_for_port
 
