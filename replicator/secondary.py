@@ -158,13 +158,12 @@ class LinkLog:
             self.down_since, self.failures, self._warned = now, 0, False
         self.failures += 1
         retry = f"reconnecting to {self.primary} in {delay:.2f}s ({reason})"
-        if logged:
-            # An ERROR line said it already (and says it again on each retry).
-            self._warned, self._last_warning = True, now
+        due = self._last_warning is None or now - self._last_warning >= self.interval
+        if logged or not due:
             log.info("%s", retry)
-            return
-        if self._last_warning is not None and now - self._last_warning < self.interval:
-            log.info("%s", retry)
+            if due:
+                # An ERROR line said it already: it counts as this interval's warning.
+                self._warned, self._last_warning = True, now
             return
         if first:
             headline = ("lost the connection to the primary" if was_connected else

@@ -81,12 +81,19 @@ def test_a_flapping_link_warns_at_most_once_a_minute(caplog):
 
 
 def test_a_failure_already_logged_at_error_is_not_warned_again(caplog):
-    link = LinkLog("p:1", clock=Clock())
+    clock = Clock()
+    link = LinkLog("p:1", interval=60.0, clock=clock)
     caplog.set_level(logging.INFO, logger="replicator.secondary")
     link.failed("TLSError: certificate verify failed", 0.2, was_connected=False, logged=True)
     assert [level for level, _ in _lines(caplog)] == [logging.INFO]
     link.connected("p")
-    assert [level for level, _ in _lines(caplog)] == [logging.WARNING]
+    assert [level for level, _ in _lines(caplog)] == [logging.WARNING]  # whoever saw the ERROR sees this
+    # A full disk: each connection stands until the first write fails, logged at ERROR each time.
+    for _ in range(3):
+        clock.now += 5
+        link.failed("StorageError: No space left on device", 5, was_connected=True, logged=True)
+        link.connected("p")
+    assert [level for level, _ in _lines(caplog)] == [logging.INFO] * 6  # not a warning per attempt
 
 
 def test_a_real_secondary_warns_while_its_primary_is_away_and_when_it_is_back(tmp_path, tls_dir, caplog):
