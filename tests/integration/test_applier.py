@@ -21,6 +21,7 @@ from replicator.errors import (
     IntegrityError,
     RemoteProtocolError,
     StorageError,
+    StorageInUseError,
 )
 from replicator.protocol.events import BlobChunk, Heartbeat, Record, TxnBegin, TxnEnd
 from replicator.storage import iter_transactions, last_state, open_file_storage, txn_digest
@@ -360,7 +361,7 @@ def test_open_file_storage_errors(tmp_path):
     first = open_file_storage(str(tmp_path / "deep" / "dir" / "Data.fs"), str(tmp_path / "blobs"))
     try:
         assert last_state(first) == (Z64, None)
-        with pytest.raises(StorageError, match="locked"):
+        with pytest.raises(StorageInUseError, match="another process holds its lock"):
             open_file_storage(str(tmp_path / "deep" / "dir" / "Data.fs"))
     finally:
         first.close()

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from replicator import certs, transport
-from replicator.errors import ConfigError, ReplicatorError, TLSError, TransportError
+from replicator.errors import ConfigError, TLSError, TransportError, UsageError
 
 MAX_MSG = 1 << 20
 
@@ -353,7 +353,7 @@ def test_a_one_shot_request_says_address_and_reason(pki, monkeypatch):
                 await call(address, "GET", "/status", None, insecure=True)
             assert str(info.value).startswith(f"connection to {address} failed during GET /status: ")
             assert "leave out --insecure" in info.value.hint
-            with pytest.raises(ReplicatorError, match=f"GET https://{address}/nothing: HTTP 404: "):
+            with pytest.raises(UsageError, match=rf"{address} has no GET /nothing \(HTTP 404\)"):
                 await call(address, "GET", "/nothing", tls)
         async with Server(None) as srv:
             with pytest.raises(TLSError) as info:
