@@ -196,7 +196,8 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
         from .tailer import Tailer
 
         server = Primary(config, routes=primary_routes(lambda: server,
-                                                       lambda: Tailer(config.storage, config.blob_dir).open()))
+                                                       lambda: Tailer(config.storage, config.blob_dir).open(),
+                                                       sidecar=True))
         await server.start()
         try:
             await server.run_until_stopped()

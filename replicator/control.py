@@ -29,7 +29,8 @@ from aiohttp import web
 
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
-from .errors import ConfigError, ReplicatorError, UsageError
+from .errors import ConfigError, ReplicatorError, StorageInUseError, UsageError
+from .storage import lock_storage
 from .threads import blocking
 from .tid import tid_from_hex, tid_repr
 from .transport import client_ssl_context, request_error
@@ -71,8 +72,15 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
 
 
 def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[[], Tailer],
-                   demote: Callable[[str], None] | None = None) -> list[web.RouteDef]:
-    """Routes of a primary's port; ``demote(HOST:PORT)`` (embedded primaries) makes it follow another node."""
+                   demote: Callable[[str], None] | None = None, *, sidecar: bool = False) -> list[web.RouteDef]:
+    """Routes of a primary's port; ``demote(HOST:PORT)`` (embedded primaries) makes it follow another node.
+
+    ``sidecar``: the commits come from another process (a ZEO server), which
+    this one cannot stop.  Its fence then holds the storage's own lock, as a
+    process that opens the storage for writing does: refused while a writer
+    has it open (stop that first), and while held, no writer can open it,
+    until ``/unfence`` or the end of this process.
+    """
     async def demote_route(request: web.Request) -> web.Response:
         primary = get_primary()
         upstream = request.query.get("primary", "")
@@ -95,6 +103,14 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         clients = request.query.get("clients", "drop")
         if clients not in ("drop", "keep"):
             raise web.HTTPBadRequest(text=f"clients must be drop or keep, not {clients!r:.40}")
+        if sidecar and primary.storage_lock is None:
+            try:
+                primary.storage_lock = await blocking(lock_storage, primary.config.storage)
+            except StorageInUseError as exc:
+                raise web.HTTPConflict(text=f"not fenced: {exc.message}. This primary runs beside that "
+                                            "process and cannot stop its commits: stop it (the ZEO server), "
+                                            "then fence; the fence then keeps it from opening the storage "
+                                            "again") from None
         primary.fence(request.query.get("reason", "fenced by an operator"), keep_clients=clients == "keep")
         await primary.settle()  # the commit in flight, if any, has landed: the head is final
         return web.json_response(primary.status())
@@ -104,6 +120,7 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         if primary.stale:
             raise web.HTTPConflict(text="this node was superseded by a newer epoch; it cannot take writes again")
         primary.unfence()
+        primary.release_storage_lock()
         return web.json_response(primary.status())
 
     return [web.post("/fence", fence), web.post("/unfence", unfence), web.post("/demote", demote_route),

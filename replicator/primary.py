@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -437,6 +438,8 @@ class Primary:
         self.stale = False
         #: Why it is stale (shown to the secondaries it refuses).
         self.stale_reason = ""
+        #: A sidecar's fence holds the storage's lock (``zc.lockfile.LockFile``), so that no writer opens it.
+        self.storage_lock: Any = None
         #: Newest TID each secondary node acknowledged, across its sessions.
         self.acked_by_node: dict[str, bytes] = {}
         #: Resolved on every acknowledgement; only synchronous commits wait on them.
@@ -509,6 +512,13 @@ class Primary:
             await stop_server(self._runner)
         if self._head_tailer is not None:
             await asyncio.to_thread(self._head_tailer.close)
+        self.release_storage_lock()
+
+    def release_storage_lock(self) -> None:
+        """Let writers open the storage again (a sidecar's fence held its lock)."""
+        lock, self.storage_lock = self.storage_lock, None
+        if lock is not None:
+            lock.close()
 
     async def run_until_stopped(self) -> None:
         """Serve until ``stop()``; raise the fatal error (source damage) if one stopped us."""

@@ -6,6 +6,8 @@ import asyncio
 import subprocess
 
 import pytest
+import zc.lockfile
+from ZODB.FileStorage import FileStorage
 
 from replicator.config import TLSPaths
 from replicator.control import call
@@ -16,6 +18,7 @@ from tests.helpers import (
     free_port,
     start_primary,
     start_secondary,
+    start_zeo,
     tls_args,
     wait_until,
 )
@@ -109,3 +112,35 @@ def test_switchover_checks_before_fencing():
     with pytest.raises(UsageError, match=r"--to t:1 \(t\) is not streaming from --primary p:1 \(p\): it follows "
                                          r"q.example:8100, not connected; nothing was fenced"):
         check_nodes("p:1", "t:1", PRIMARY, elsewhere)
+
+
+def test_a_sidecar_fence_needs_its_zeo_server_stopped_and_then_keeps_it_out(tmp_path, tls_dir):
+    """A sidecar primary cannot refuse the commits of the ZEO server beside it: its fence is
+    refused while that server has the storage open, and once fenced it holds the storage's
+    lock, so that the server cannot open it and take writes until the fence is undone."""
+    fs = tmp_path / "a.fs"
+    zeo_port, port = free_port(), free_port()
+    zeo = start_zeo(tmp_path, fs, None, zeo_port)
+    primary = start_primary(tmp_path, fs, None, port, tls_dir)
+    try:
+        refused = run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+        assert refused.returncode == 2, refused.stderr
+        assert "not fenced" in refused.stderr and "runzeo" in refused.stderr, refused.stderr
+        assert "stop it (the ZEO server), then fence" in refused.stderr
+        assert get_status(port, tls_dir)["fenced"] is None
+
+        zeo.stop()
+        fenced = run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+        assert fenced.returncode == 0, fenced.stderr
+        assert get_status(port, tls_dir)["fenced"]
+        with pytest.raises(zc.lockfile.LockError):  # what a ZEO server started now would meet
+            FileStorage(str(fs)).close()
+
+        undone = run("fence", "--undo", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+        assert undone.returncode == 0, undone.stderr
+        assert get_status(port, tls_dir)["fenced"] is None
+        FileStorage(str(fs)).close()  # writers may open it again
+    finally:
+        primary.stop()
+        zeo.stop()
+    assert primary.proc.returncode == 0
