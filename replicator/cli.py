@@ -7,7 +7,8 @@ given with ``--config`` (keys are the option names with dashes, e.g.
 Exit codes: 0 success, 1 unexpected failure, 2 bad usage or configuration
 (also a command aimed at the wrong node, a storage another process has open),
 3 damaged source, 4 diverged history, 5 ``verify`` found a difference,
-6 a node could not be reached (a secondary: only with ``--give-up-after``).
+6 a node could not be reached (a secondary: only with ``--give-up-after``),
+7 the local storage failed or an operation could not complete.
 (``verify`` also exits 2 when it could not compare blob files: no blob
 directories given.)
 """
@@ -33,8 +34,10 @@ from .errors import (
     ConfigError,
     CorruptedSourceError,
     DivergenceError,
+    OperationError,
     RejectedError,
     ReplicatorError,
+    StorageError,
     StorageInUseError,
     TransportError,
     UsageError,
@@ -52,6 +55,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (DivergenceError, 4),
     (RejectedError, 4),
     (TransportError, 6),
+    (StorageError, 7),
+    (OperationError, 7),
     (ReplicatorError, 1),
 ]
 

@@ -154,6 +154,14 @@ class UsageError(ReplicatorError):
     hint = "see `replicator COMMAND --help` and the README's operator's guide"
 
 
+class OperationError(ReplicatorError):
+    """An operation on running nodes could not complete (a switchover's standby did not catch up).
+
+    Not a bug and not a mistake in the command: the message says what state
+    the nodes were left in and what to do next.
+    """
+
+
 class StorageError(ReplicatorError):
     """The local storage could not be read or written (full disk, permissions, ...)."""
 
