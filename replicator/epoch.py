@@ -10,7 +10,9 @@ was promoted.  The stream carries the epoch both ways, so that:
 - a primary that hears of a newer epoch knows it was replaced and fences
   itself (stops accepting writes).
 
-A missing file means epoch 0: a node that was never part of a failover.
+A missing file means epoch 0 on a node that never followed another (a
+primary that was never part of a failover); a secondary records the primary
+it follows, epoch 0 included.
 Writes are atomic (temporary file, fsync, rename, fsync of the directory),
 so a crash leaves either the old or the new record, never half of one.
 """
@@ -108,9 +110,15 @@ def begin_epoch(storage_path: str, start_tid: bytes, node: str) -> EpochState:
 
 
 def adopt_epoch(storage_path: str, epoch: int, node: str, start_tid: bytes | None = None) -> EpochState:
-    """A secondary follows ``node``, primary of a newer epoch: record that it is in it now."""
+    """A secondary follows ``node``, a primary of ``epoch``: record that it is in that epoch now.
+
+    Only a newer epoch is recorded, or epoch 0 when the node has no record
+    yet: so every node that ever followed another says so, and one that
+    began its epoch itself (a promotion) keeps saying that until it follows
+    a newer one.
+    """
     state = load_epoch(storage_path)
-    if epoch <= state.epoch:
+    if epoch < state.epoch or (epoch == state.epoch and state.history):
         return state
     new = EpochState(state.history + (EpochRecord(epoch, start_tid, node, time.time()),))
     save_epoch(storage_path, new)

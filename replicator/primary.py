@@ -595,15 +595,15 @@ class Primary:
         """Started as a primary on a storage that followed another node's epoch: stale from the start.
 
         A node may be the primary only of an epoch it began itself (its
-        promotion, or epoch 0).  This storage's latest epoch was begun by
-        ``record.node``, and this node followed it as a secondary (a
-        demoted primary after a switchover, or any secondary).  Taking writes
+        promotion), or of epoch 0 if it never followed another node.  This
+        storage's latest record says it followed ``record.node`` (any
+        secondary, or a primary demoted by a switchover).  Taking writes
         here would fork the history: both nodes would commit, and nothing
         could fence either, since both are in the same epoch.
         """
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.at))
-        reason = (f"this storage follows epoch {record.epoch}, begun by node {record.node!r} "
-                  f"(joined {when}), so this node ({self.config.node!r}) is a secondary of it, not a primary")
+        reason = (f"this storage joined epoch {record.epoch} following node {record.node!r} ({when}), "
+                  f"so this node ({self.config.node!r}) is a secondary, not a primary")
         self.stale, self.stale_reason = True, reason
         log.critical("%s: %s. It accepts no writes and streams to nobody. Configure it as a secondary of "
                      "%s (in a ZEO configuration: <replicated-secondary> instead of <replicated-primary>). "

@@ -234,6 +234,8 @@ class Secondary:
         self._told_uncompressed = False
         #: Set once POST /promote made this node the primary of a new epoch.
         self.promoted = False
+        #: The epoch record says this node follows a primary (``adopt_epoch``), checked once.
+        self._following_recorded = False
         #: Set once the promotion's new epoch is recorded (after ``promoted``).
         self.promotion_done = asyncio.Event()
         self._on_promoted = on_promoted
@@ -505,10 +507,14 @@ class Secondary:
             rejected = RejectedError("stale", f"primary {welcome.node} is at epoch {welcome.epoch}, older than "
                                               f"this node's epoch {ours}: it is a stale primary; not following it")
             raise rejected
-        if welcome.epoch > ours:
+        if welcome.epoch > ours or not self._following_recorded:
+            # Recorded in epoch 0 too: a node that followed another must not
+            # start as a primary by mistake (``Primary`` refuses to).
             assert self.storage is not None
             await blocking(adopt_epoch, self.storage.getName(), welcome.epoch, welcome.node)
-            log.info("following primary %s into epoch %d", welcome.node, welcome.epoch)
+            self._following_recorded = True
+            if welcome.epoch > ours:
+                log.info("following primary %s into epoch %d", welcome.node, welcome.epoch)
         self.progress.epoch = welcome.epoch
 
     async def _receive_welcome(self, ws, conn: Connection) -> Welcome:

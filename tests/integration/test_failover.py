@@ -158,12 +158,12 @@ def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tm
         async with primary_on(tmp_path, tls_dir, "x") as x:
             assert x.stale and not x.writable
             status = await call(f"127.0.0.1:{x.port}", "GET", "/status", t)
-            assert status["stale"] is True and "begun by node 'standby'" in status["fenced"]
+            assert status["stale"] is True and "following node 'standby'" in status["fenced"]
             # It streams to nobody: a secondary is refused, told why, and keeps its storage.
             async with secondary_on(tmp_path, tls_dir, "c", x.port, expect_failure=True) as (_, task):
                 with pytest.raises(DivergenceError) as info:
                     await asyncio.wait_for(task, 10)
-            assert "begun by node 'standby'" in str(info.value)
+            assert "following node 'standby'" in str(info.value)
             assert "storage is intact" in info.value.hint and "start it anew" not in info.value.hint
 
     asyncio.run(sidecar())
@@ -174,7 +174,7 @@ def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tm
     storage = PrimaryStorage(FileStorage(str(x_fs), blob_dir=str(x_blobs)), config)
     try:
         assert storage.isReadOnly()
-        with pytest.raises(ReadOnlyError, match="begun by node 'standby'"):
+        with pytest.raises(ReadOnlyError, match="following node 'standby'"):
             storage.tpc_begin(TransactionMetaData())
     finally:
         storage.close()
@@ -193,3 +193,28 @@ def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tm
         db.close()
     finally:
         storage.close()
+
+
+def test_a_secondary_of_epoch_0_started_as_a_primary_takes_no_writes(tmp_path, tls_dir):
+    """No promotion ever happened, and the replica is started as a primary beside the real one
+    (a configuration copied by mistake): it refuses, as it followed the real primary."""
+    db, work = make_source(tmp_path, 10, seed=41)
+    work.close()
+    db.close()
+    for suffix in ("fs", "fs.index"):
+        if (tmp_path / f"src.{suffix}").exists():
+            (tmp_path / f"src.{suffix}").rename(tmp_path / f"a.{suffix}")
+    (tmp_path / "src-blobs").rename(tmp_path / "a-blobs")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            assert not a.stale
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+        assert [(r.epoch, r.node) for r in load_epoch(str(tmp_path / "b.fs")).history] == [(0, "a")]
+        async with primary_on(tmp_path, tls_dir, "b") as b_as_primary:
+            assert b_as_primary.stale and "following node 'a'" in b_as_primary.stale_reason
+        async with primary_on(tmp_path, tls_dir, "a") as a:  # the real primary is as it was
+            assert a.writable
+
+    asyncio.run(scenario())

@@ -46,3 +46,13 @@ def test_damaged_records_are_config_errors(tmp_path, content):
         fh.write(content)
     with pytest.raises(ConfigError, match="epoch"):
         load_epoch(fs)
+
+
+def test_following_in_epoch_0_is_recorded_once_and_a_promotion_is_kept(tmp_path):
+    fs = str(tmp_path / "Data.fs")
+    assert [r.node for r in adopt_epoch(fs, 0, "p").history] == ["p"]
+    assert [r.node for r in adopt_epoch(fs, 0, "q").history] == ["p"]  # already a follower
+    begin_epoch(fs, b"\0" * 8, "me")
+    assert adopt_epoch(fs, 1, "other").history[-1].node == "me"  # its own epoch: still its own
+    assert [(r.epoch, r.node) for r in adopt_epoch(fs, 2, "other").history] == [(0, "p"), (1, "me"),
+                                                                                (2, "other")]
