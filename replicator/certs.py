@@ -157,7 +157,7 @@ def issue_node(directory: str | os.PathLike[str], name: str, *,
         error = _refusal(problems)
         if ca is None:
             error.hint = (f"node certificates are signed by {directory / 'ca.pem'}; create it "
-                          "first with `replicator certs init` (init_ca)")
+                          "first with `replicator certs init`")
         raise error
     ca_cert, ca_key = ca
 
@@ -345,7 +345,7 @@ def _load_ca(directory: Path, problems: list[str]
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
         problems.append(f"CA certificate {directory / (CA_NAME + '.pem')} is not a CA "
-                        "made by init_ca (missing CA basic constraints or key identifier)")
+                        "made by `replicator certs init` (missing CA basic constraints or key identifier)")
         return None
     return cert, key
 
