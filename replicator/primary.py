@@ -602,14 +602,22 @@ class Primary:
         could fence either, since both are in the same epoch.
         """
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.at))
-        reason = (f"this storage joined epoch {record.epoch} following node {record.node!r} ({when}), "
-                  f"so this node ({self.config.node!r}) is a secondary, not a primary")
+        if record.start_tid is None:
+            reason = (f"this storage joined epoch {record.epoch} following node {record.node!r} ({when}), "
+                      f"so this node ({self.config.node!r}) is a secondary, not a primary")
+        else:
+            reason = (f"epoch {record.epoch} of this storage was begun by node {record.node!r} ({when}), "
+                      f"not by this node ({self.config.node!r})")
         self.stale, self.stale_reason = True, reason
+        # A record this node wrote at its own promotion has a start; one it
+        # wrote following a primary has none.
+        renamed = (f"; if this node was renamed since it began epoch {record.epoch}, give it its old name "
+                   f"again ({record.node!r})" if record.start_tid is not None else "")
         log.critical("%s: %s. It accepts no writes and streams to nobody. Configure it as a secondary of "
                      "%s (in a ZEO configuration: <replicated-secondary> instead of <replicated-primary>). "
                      "If %s is gone for good, run this node as its secondary and `replicator promote` it, "
-                     "which begins a new epoch of its own; if this node was renamed, give it its old name, "
-                     "%r", self.config.storage, reason, record.node, record.node, record.node)
+                     "which begins a new epoch of its own%s", self.config.storage, reason, record.node,
+                     record.node, renamed)
         self.fence(reason)
 
     async def wait_replicated(self, tid: bytes, count: int, names: frozenset[str] = frozenset(),

@@ -195,7 +195,7 @@ def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tm
         storage.close()
 
 
-def test_a_secondary_of_epoch_0_started_as_a_primary_takes_no_writes(tmp_path, tls_dir):
+def test_a_secondary_of_epoch_0_started_as_a_primary_takes_no_writes(tmp_path, tls_dir, caplog):
     """No promotion ever happened, and the replica is started as a primary beside the real one
     (a configuration copied by mistake): it refuses, as it followed the real primary."""
     db, work = make_source(tmp_path, 10, seed=41)
@@ -218,3 +218,17 @@ def test_a_secondary_of_epoch_0_started_as_a_primary_takes_no_writes(tmp_path, t
             assert a.writable
 
     asyncio.run(scenario())
+    assert "Configure it as a secondary of a " in caplog.text
+    assert "old name" not in caplog.text  # it followed 'a'; it was never 'a'
+
+
+def test_a_renamed_primary_is_told_the_name_it_began_its_epoch_under(tmp_path, tls_dir, caplog):
+    commit_to(tmp_path / "r.fs", tmp_path / "r-blobs", 2, seed=51)
+    begin_epoch(str(tmp_path / "r.fs"), Z64, "old-name")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "r") as r:
+            assert r.stale and "was begun by node 'old-name'" in r.stale_reason
+
+    asyncio.run(scenario())
+    assert "give it its old name again ('old-name')" in caplog.text
