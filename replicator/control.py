@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
@@ -165,7 +166,7 @@ def _url(target: str, path: str, insecure: bool) -> str:
 def _refusal(target: str, method: str, url: str, status: int, text: str) -> ReplicatorError:
     """What an HTTP error answer means: the node refusing what it was asked (the operator's
     mistake, ``UsageError``) or failing at it (``ReplicatorError``: look at its log)."""
-    route = url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+    route = URL(url).path.lstrip("/")
     if status in (404, 405):
         return UsageError(f"{target} has no {method} /{route} (HTTP {status}): it is not a node of the "
                           "kind this command is for")

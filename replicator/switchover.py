@@ -65,14 +65,14 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
             break
         if time.monotonic() > deadline:
             raise OperationError(f"{new} did not catch up with {head} within {timeout:.0f}s; "
-                                  f"{old} stays fenced, its ZEO clients connected but refused: unfence it "
-                                  f"with `replicator fence --undo {old}`, or drop them with "
-                                  f"`replicator fence {old}` if you promote another node by hand")
+                                 f"{old} stays fenced, its ZEO clients connected but refused: unfence it "
+                                 f"with `replicator fence --undo {old}`, or drop them with "
+                                 f"`replicator fence {old}` if you promote another node by hand")
         await asyncio.sleep(0.05)
     promoted = await call(new, "POST", "/promote", tls, insecure=insecure)
     if promoted.get("last_tid") != head:
         raise OperationError(f"{new} was promoted at {promoted.get('last_tid')}, not at the old primary's "
-                              f"last transaction {head}: investigate before writing")
+                             f"last transaction {head}: investigate before writing")
     done = (f"switched over: {promoted['node']} is the primary of epoch {promoted['epoch']} from "
             f"{tid_repr(bytes.fromhex(head))}; ")
     try:
