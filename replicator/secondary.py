@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -104,6 +106,29 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def _seconds_since_data(ws) -> float | None:
+    """Seconds since the WebSocket's TCP connection last received data; None where unknown.
+
+    From the kernel's ``TCP_INFO`` (``tcpi_last_data_recv``, in ms, at the
+    same offset since Linux 2.6): TCP payload, TLS records included, counts
+    even while a message is still incomplete.
+    """
+    sock = ws.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return int.from_bytes(info[_LAST_DATA_RECV:_LAST_DATA_RECV + 4], sys.byteorder) / 1000
+
+
+#: Bytes of ``struct tcp_info`` read, and the offset of ``tcpi_last_data_recv`` in it.
+_TCP_INFO_LEN, _LAST_DATA_RECV = 104, 52
 
 
 #: While the primary stays unreachable, a WARNING says so at most this often (seconds).
@@ -538,9 +563,29 @@ class Secondary:
                                        f"limit (after decompression, if compressed): {exc}")
         return TransportError(str(self.config.primary), f"connection error: {exc}")
 
+    async def _receive(self, ws):
+        """The next message; ``TransportError`` once the link brought no data for ``idle_timeout``.
+
+        One message may take longer than that on a slow link (a catch-up
+        batch or blob chunk is up to 1 MiB, a record up to ``max_frame``,
+        and the primary's heartbeats queue behind it): while the connection
+        still receives data (Linux says when it last did), the wait goes on.
+        """
+        idle = self.config.idle_timeout
+        while True:
+            try:
+                return await ws.receive(timeout=idle)
+            except TimeoutError:
+                quiet = _seconds_since_data(ws)
+                if quiet is not None and quiet < idle:
+                    continue  # bytes are arriving: a message longer than the link carries in `idle`
+                raise TransportError(str(self.config.primary), f"nothing from the primary for {idle:g} s: the "
+                                     "link or the primary is down (the primary sends a heartbeat every "
+                                     "second while it has nothing else to send)") from None
+
     async def _read_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
         while True:
-            msg = await ws.receive(timeout=self.config.idle_timeout)
+            msg = await self._receive(ws)
             if msg.type is WSMsgType.BINARY:
                 size = len(msg.data)
                 self.progress.bytes_received += size

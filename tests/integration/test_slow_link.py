@@ -1,0 +1,133 @@
+"""A secondary on a slow link: a message that takes longer than the idle timeout to arrive is not a dead link.
+
+The link is a real TCP proxy between a real primary and a real secondary
+(TLS passes through it), forwarding the primary's bytes at a fixed rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import ZODB
+from persistent.mapping import PersistentMapping
+from ZODB.FileStorage import FileStorage
+
+from replicator.config import Address, SecondaryConfig
+from replicator.secondary import Secondary
+from replicator.verify import verify
+from tests.integration.test_replication import running_primary, tls
+
+RATE = 100_000  # bytes a second, primary to secondary
+RECORD = 400_000  # one record: four times what the link carries in the idle timeout
+
+
+@contextlib.asynccontextmanager
+async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = None):
+    """Forward 127.0.0.1:PORT to the target; the target's answers at ``rate`` bytes a second.
+
+    Once ``cut`` is set, nothing more gets through either way, and the
+    connections stay open: a link that died without a word.
+    """
+    tasks: set[asyncio.Task] = set()
+    cut = cut if cut is not None else asyncio.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None) -> None:
+        try:
+            while data := await reader.read(limit or 65536):
+                if cut.is_set():
+                    await asyncio.Event().wait()
+                writer.write(data)
+                await writer.drain()
+                if limit:
+                    await asyncio.sleep(len(data) / rate)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+        for task in (asyncio.create_task(pipe(client_r, server_w, None)),
+                     asyncio.create_task(pipe(server_r, client_w, rate // 20))):
+            tasks.add(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_record_slower_than_the_idle_timeout_still_arrives(tmp_path, tls_dir):
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    with db.transaction() as conn:
+        conn.root()["big"] = PersistentMapping(data=os.urandom(RECORD))
+    db.close()
+    idle = 1.0
+    assert RECORD / RATE > 3 * idle
+
+    async def scenario() -> Secondary:
+        async with running_primary(tmp_path, tls_dir) as primary, slow_proxy(primary.port, RATE) as port:
+            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                                     node="dst", idle_timeout=idle, reconnect_min=0.05,
+                                     reconnect_max=0.2).validate()
+            node = Secondary(config)
+            await node.open()
+            task = asyncio.create_task(node.run())
+            try:
+                for _ in range(int(30 / 0.05)):
+                    if node.progress.applied_tid == primary.head_tid:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await node.close()
+            return node
+
+    node = asyncio.run(scenario())
+    assert node.link_log.failures == 0, "the slow message was taken for a dead link"
+    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                  str(tmp_path / "dst-blobs")).equal
+
+
+def test_a_link_that_carries_nothing_is_taken_down_after_the_idle_timeout(tmp_path, tls_dir):
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    with db.transaction() as conn:
+        conn.root()["small"] = 1
+    db.close()
+
+    async def scenario() -> None:
+        cut = asyncio.Event()
+        async with running_primary(tmp_path, tls_dir) as primary, slow_proxy(primary.port, RATE, cut) as port:
+            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                                     node="dst", idle_timeout=1.0, reconnect_min=5, reconnect_max=5).validate()
+            node = Secondary(config)
+            await node.open()
+            task = asyncio.create_task(node.run())
+            try:
+                for _ in range(int(10 / 0.05)):
+                    if node.progress.applied_tid == primary.head_tid and node.progress.connected:
+                        break
+                    await asyncio.sleep(0.05)
+                cut.set()
+                await asyncio.sleep(3.0)  # heartbeats stop arriving; the wait gives up after 1 s
+                assert not node.progress.connected
+                assert "nothing from the primary for 1 s" in node.progress.last_error
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await node.close()
+
+    asyncio.run(scenario())
