@@ -414,13 +414,16 @@ class Primary:
     """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
 
     def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
-                 routes: Iterable[web.RouteDef] = (), relay: bool = False) -> None:
+                 routes: Iterable[web.RouteDef] = (), relay: bool = False,
+                 upstream: Callable[[], str] | None = None) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
         ``routes`` are more handlers on the same port (the control API).  ``relay``: this
         serves a secondary's storage onward (and its /status), in the epoch of the primary
-        it follows; its logs say secondary."""
+        it follows; its logs say secondary.  ``upstream``: a relay's description of the
+        primary it follows, for its refusals."""
         self.config = config
         self.relay = relay
+        self.upstream = upstream
         self.role = "secondary" if relay else "primary"
         self.status_provider = status_provider
         self.routes = list(routes)
@@ -825,13 +828,32 @@ class Primary:
         return None
 
     async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
-        """The secondary's last TID is not in our file: say precisely why it cannot resume."""
+        """The secondary's last TID is not in our file: say precisely why it cannot resume.
+
+        A relay whose head is older than the secondary's last transaction
+        refuses with ``behind``, which the secondary retries: the relay may
+        have lost an unsynced tail in a crash that its own secondaries had
+        already read, and gets it back from its primary.  It never says
+        ``ahead`` (final), not even when the primary it follows reported a
+        head older still: that primary may be a relay catching up too, and
+        its head is only as fresh as its last heartbeat.  A secondary that
+        really holds transactions the whole chain lacks therefore keeps
+        retrying, and its log says why each time, until the source of the
+        chain refuses it with ``ahead``.
+        """
         if self.damage_ahead is not None and last > self.head_tid:
             # Our file is readable only up to the damage: nothing can be said
             # of the secondary's history beyond it, and nothing can be served.
             self._fail(self.damage_ahead)
             return Reject("corrupted", f"{self.damage_ahead.message}; the secondary's last transaction "
                                        f"{tid_repr(last)} lies beyond the damage")
+        if last > self.head_tid and self.relay:
+            upstream = self.upstream() if self.upstream is not None else "its primary"
+            return Reject("behind", f"this node ({self.config.node}) relays the history of {upstream}, and "
+                                    f"its newest transaction {tid_repr(self.head_tid)} is older than the "
+                                    f"secondary's last transaction {tid_repr(last)}: it is probably still "
+                                    "catching up with its own primary (after a restart that lost an "
+                                    "unsynced tail, say)")
         if last > self.head_tid:
             return Reject("ahead", f"secondary's last transaction {tid_repr(last)} is newer than this "
                                    f"primary's newest {tid_repr(self.head_tid)}: it has transactions this "

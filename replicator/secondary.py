@@ -289,9 +289,19 @@ class Secondary:
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
                         *primary_routes(lambda: self._downstream(),
                                         lambda: Tailer(storage.getName(), cfg.blob_dir).open())],
-                relay=True)
+                relay=True, upstream=self._upstream)
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
+
+    def _upstream(self) -> str:
+        """The primary this node follows, as its relay's refusals name it."""
+        p = self.progress
+        name = f"the primary {self.config.primary}"
+        if p.primary_node is not None:
+            name += f" ({p.primary_node})"
+        if not p.connected:
+            return f"{name}, to which it is not connected now"
+        return f"{name}, which last reported its newest transaction as {tid_repr(p.head_tid)}"
 
     async def close(self) -> None:
         if self.downstream is not None:

@@ -156,7 +156,8 @@ class Welcome(Event):
 class Reject(Event):
     """Primary -> secondary: refused, with a machine code and a message for people.
 
-    Codes: ``version``, ``diverged``, ``ahead``, ``corrupted``, ``busy``.
+    Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale`` (final for the
+    secondary), ``corrupted``, ``behind`` (retried; see docs/protocol.md).
     ``fork_tid`` is the last transaction both histories share, when known.
     """
 

@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from replicator.config import Address, SecondaryConfig
+from replicator.config import Address, PrimaryConfig, SecondaryConfig
+from replicator.primary import Primary
+from replicator.rewind import Fork, local_tids_backwards, truncate_after
 from replicator.secondary import Secondary
 from replicator.verify import verify
+from tests.helpers import free_port
+from tests.integration.test_failover import until
 from tests.integration.test_replication import make_source, running_primary, tls
 
 
@@ -58,3 +62,79 @@ def test_three_level_cascade_stays_equal_under_random_workload_with_blobs(tmp_pa
                         str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
         assert result.equal, (name, result)
         assert result.transactions > 100
+
+
+@contextlib.asynccontextmanager
+async def primary_at(tmp_path: Path, tls_dir: Path, port: int):
+    config = PrimaryConfig(storage=str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"),
+                           listen=Address("127.0.0.1", port), tls=tls(tls_dir, "primary"), node="p",
+                           heartbeat_interval=0.2)
+    primary = Primary(config.validate())
+    await primary.start()
+    try:
+        yield primary
+    finally:
+        await primary.stop()
+
+
+@contextlib.asynccontextmanager
+async def following(tmp_path: Path, tls_dir: Path, name: str, upstream_port: int):
+    """Like ``chained``, but yields the ``run()`` task too, to see whether it gave up."""
+    config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
+                             primary=Address("127.0.0.1", upstream_port), listen=Address("127.0.0.1", 0),
+                             tls=tls(tls_dir, "secondary"), node=name, reconnect_min=0.05, reconnect_max=0.3)
+    node = Secondary(config.validate())
+    await node.open()
+    task = asyncio.create_task(node.run())
+    try:
+        yield node, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await node.close()
+
+
+def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_path, tls_dir):
+    """s1 relays p to s3; s1 loses its last transactions, which s3 already has, and restarts.
+
+    Until s1 has them again from p, s3 is ahead of s1 but not of the chain:
+    s1 refuses it with the retryable ``behind``, and s3 resumes once s1 caught up.
+    """
+    db, work = make_source(tmp_path, 30, seed=5)
+    port = free_port()
+
+    async def scenario() -> None:
+        async with primary_at(tmp_path, tls_dir, port):
+            async with following(tmp_path, tls_dir, "s1", port) as (s1, _):
+                async with following(tmp_path, tls_dir, "s3", s1.port) as (s3, _):
+                    target = db.storage.lastTransaction()
+                    await until(lambda: s3.progress.applied_tid == target)
+
+        # s1 crashed and lost its unsynced tail: its last three transactions.
+        s1_fs = str(tmp_path / "s1.fs")
+        newest = list(local_tids_backwards(s1_fs))[:3]
+        truncate_after(s1_fs, str(tmp_path / "s1-blobs"),
+                       Fork(fork_tid=b"", orphans=len(newest), cut=newest[-1][1]), [tid for tid, _ in newest])
+        await asyncio.to_thread(work.commit_random, 10)
+
+        # p is not back yet, so s1 cannot catch up before s3 asks it.
+        async with following(tmp_path, tls_dir, "s1", port) as (s1, s1_task):
+            assert s1.progress.applied_tid < target
+            async with following(tmp_path, tls_dir, "s3", s1.port) as (s3, s3_task):
+                await until(lambda: s3_task.done() or "(behind)" in (s3.progress.last_error or ""))
+                assert not s3_task.done(), s3_task.exception()
+                assert "relays the history of the primary 127.0.0.1:" in (s3.progress.last_error or "")
+                assert s3.progress.applied_tid == target
+                async with primary_at(tmp_path, tls_dir, port):
+                    final = db.storage.lastTransaction()
+                    await until(lambda: s3.progress.applied_tid == final)
+                assert not s1_task.done() and not s3_task.done()
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+    for name in ("s1", "s3"):
+        result = verify(str(tmp_path / "src.fs"), str(tmp_path / f"{name}.fs"),
+                        str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
+        assert result.equal, (name, result)
