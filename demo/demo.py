@@ -106,9 +106,10 @@ async def show_progress(tls: Path, primary_port: int, secondary_port: int, until
     while True:
         prim, sec = await fetch_all([f"127.0.0.1:{primary_port}", f"127.0.0.1:{secondary_port}"], paths, False)
         if not prim.get("unreachable") and not sec.get("unreachable"):
+            lag = "unknown" if sec["lag_seconds"] is None else f"{sec['lag_seconds'] * 1000:8.1f} ms"
             print(f"    primary head {prim['last_tid']} ({prim['transactions']} txns) | "
                   f"secondary at {sec['last_tid']} applied {sec['transactions_applied']:>5} "
-                  f"lag {sec['lag_seconds'] * 1000:8.1f} ms", flush=True)
+                  f"lag {lag}", flush=True)
             if until.is_set() and prim["last_tid"] == sec["last_tid"]:
                 return
         await asyncio.sleep(0.5)

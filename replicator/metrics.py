@@ -40,7 +40,14 @@ class _StatusCollector(Collector):
         yield _counter("replicator_applied_transactions", "Transactions applied from the primary.",
                        s.get("transactions_applied"))
         yield _gauge("replicator_lag_seconds", "How far this secondary's newest transaction is behind the "
-                     "primary's, in commit time.", s.get("lag_seconds"))
+                     "primary's, in commit time. Disconnected: at "
+                     "least the time since the primary was last heard from (see replicator_lag_exact). "
+                     "Absent while unknown.", s.get("lag_seconds"))
+        yield _gauge("replicator_lag_exact", "1 while replicator_lag_seconds is measured against the "
+                     "primary's current head (connected), 0 while it is an estimate.",
+                     None if "lag_exact" not in s else int(bool(s["lag_exact"])))
+        yield _gauge("replicator_primary_last_heard_timestamp_seconds", "When this secondary last received "
+                     "a message from its primary.", s.get("last_heard_at"))
         yield _gauge("replicator_connected", "1 while this secondary is connected to its primary.",
                      None if "connected" not in s else int(bool(s["connected"])))
         yield _gauge("replicator_fenced", "1 while this primary accepts no writes.",

@@ -219,6 +219,8 @@ class _Progress:
     primary_node: str | None = None
     connected: bool = False
     connected_since: float | None = None
+    #: Wall-clock time of the last message from the primary (None: none yet).
+    last_heard_at: float | None = None
     bytes_received: int = 0
     txns_applied: int = 0
     last_error: str | None = None
@@ -500,6 +502,7 @@ class Secondary:
             await self._check_epoch(welcome, epoch)
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
+            self.progress.last_heard_at = time.time()
             self.progress.primary_node = welcome.node
             self.progress.head_tid = welcome.head_tid
             self.link_log.connected(welcome.node)
@@ -599,6 +602,7 @@ class Secondary:
             if msg.type is WSMsgType.BINARY:
                 size = len(msg.data)
                 self.progress.bytes_received += size
+                self.progress.last_heard_at = time.time()
                 conn.receive_data(msg.data)
                 batch = _Batch([], size)
                 events = batch.events
@@ -722,6 +726,33 @@ class Secondary:
                     "stale": serving.stale if serving is not None else False}
         return self._status(p, behind)
 
+    def _lag(self, p: _Progress, behind: bool) -> dict:
+        """``lag_seconds`` and how far to trust it.
+
+        Connected, it is exact: the commit time of the primary's head (kept
+        current by heartbeats) minus that of our newest transaction.
+        Disconnected, the primary's head is unknown: anything committed since
+        it was last heard from is unseen, so the figure is the larger of the
+        lag behind the last head heard of and the time since then
+        (``lag_exact`` false): not a measurement but how old the newest state
+        this node can vouch for is, growing through an outage so that alerts
+        fire.  None if the primary was never heard from.
+        """
+        known: float | None = 0.0
+        if behind:
+            known = max(0.0, tid_time(p.head_tid) - tid_time(p.applied_tid))
+        silent = None if p.last_heard_at is None else max(0.0, time.time() - p.last_heard_at)
+        if p.connected or self.promoted:
+            lag = known
+        elif known is None or silent is None:
+            lag = None
+        else:
+            lag = max(known, silent)
+        return {"lag_seconds": None if lag is None else round(lag, 6),
+                "lag_exact": (p.connected or self.promoted) and lag is not None,
+                "lag_last_known_seconds": None if known is None else round(known, 6),
+                "last_heard_at": p.last_heard_at}
+
     def _status(self, p: _Progress, behind: bool) -> dict:
         return {
             "role": "primary" if self.promoted else "secondary",
@@ -736,7 +767,7 @@ class Secondary:
             "last_tid": p.applied_tid.hex(),
             "last_tid_time": tid_time(p.applied_tid),
             "primary_last_tid": p.head_tid.hex(),
-            "lag_seconds": round(max(0.0, tid_time(p.head_tid) - tid_time(p.applied_tid)), 6) if behind else 0.0,
+            **self._lag(p, behind),
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
             "compression": p.compression,

@@ -92,6 +92,20 @@ def _sync_line(sync: dict) -> str | None:
             f"{sync.get('async_commits', 0)} not, {sync.get('timeouts', 0)} timeouts")
 
 
+def _secondary_lag(r: dict, now: float) -> str:
+    """A secondary's lag; disconnected, the primary's head is unknown, so it says what it knows."""
+    lag = r.get("lag_seconds")
+    if r.get("lag_exact", True) and lag is not None:
+        return f"{lag:.3f}s"
+    if r.get("connected") or r.get("last_heard_at") is None:
+        return "unknown"
+    ago = max(0.0, now - r["last_heard_at"])
+    then = r.get("lag_last_known_seconds")
+    return (f"unknown, disconnected: the primary was last heard from {ago:.1f}s ago"
+            f"{f' (this node {then:.3f}s behind it then)' if then is not None else ''}"
+            f"{f'; reported as {lag:.3f}s' if lag is not None else ''}")
+
+
 def render(results: list[dict], now: float) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
@@ -135,7 +149,7 @@ def render(results: list[dict], now: float) -> str:
                 state += ", stream deflated"
             lines.append(f"  primary       {r.get('primary')} ({r.get('primary_node') or '?'}) {state}")
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
-            lines.append(f"  lag           {r.get('lag_seconds', 0):.3f}s   applied {r.get('transactions_applied')} "
+            lines.append(f"  lag           {_secondary_lag(r, now)}   applied {r.get('transactions_applied')} "
                          f"txns, received {_size(r.get('bytes_received'))}")
             if r.get("last_error"):
                 lines.append(f"  last error    {r['last_error']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import ZODB
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,8 +12,10 @@ from ZODB.FileStorage import FileStorage
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call
 from replicator.secondary import Secondary
+from replicator.status import render
 from replicator.transport import client_ssl_context
 from replicator.wrappers import PrimaryStorage
+from tests.helpers import free_port
 from tests.integration.test_replication import make_source, running_primary, tls, wait_equal_tid
 
 
@@ -101,3 +104,79 @@ def test_synchronous_replication_is_visible_in_metrics(tmp_path, tls_dir):
         assert status["sync"]["degraded"] is True
     finally:
         db.close()
+
+
+def test_a_disconnected_secondary_does_not_claim_to_be_current(tmp_path, tls_dir):
+    """The primary goes away and commits on: the secondary cannot know how far behind it is, and says so."""
+    db, work = make_source(tmp_path, 20)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                     primary=Address("127.0.0.1", primary.port), listen=Address("127.0.0.1", 0),
+                                     tls=tls(tls_dir, "secondary"), node="dst", reconnect_min=0.05,
+                                     reconnect_max=0.3)
+            secondary = Secondary(config.validate())
+            await secondary.open()
+            task = asyncio.create_task(secondary.run())
+            await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            assert secondary.status()["lag_seconds"] == 0.0
+            assert secondary.status().get("lag_exact") is not False
+        try:
+            await asyncio.to_thread(work.commit_random, 30)  # unseen: nobody streams them
+            for _ in range(500):
+                if not secondary.progress.connected:
+                    break
+                await asyncio.sleep(0.02)
+            assert not secondary.progress.connected
+            await asyncio.sleep(1.2)
+            status = secondary.status()
+            assert status["connected"] is False
+            assert status["lag_seconds"] >= 1.2
+            assert status["lag_exact"] is False
+            assert status["lag_last_known_seconds"] == 0.0
+            s = await scrape(secondary.port, tls_dir)
+            assert value(s, "replicator_connected") == 0
+            assert value(s, "replicator_lag_exact") == 0
+            assert value(s, "replicator_lag_seconds") >= 1.2
+            assert value(s, "replicator_primary_last_heard_timestamp_seconds") == status["last_heard_at"]
+            text = render([{**status, "url": "https://dst/status"}], now=time.time())
+            assert "lag           unknown, disconnected: the primary was last heard from 1." in text, text
+            assert "(this node 0.000s behind it then); reported as 1." in text, text
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await secondary.close()
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+
+
+def test_a_secondary_never_connected_reports_its_lag_as_unknown(tmp_path, tls_dir):
+    async def scenario() -> None:
+        config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                 primary=Address("127.0.0.1", free_port()), listen=Address("127.0.0.1", 0),
+                                 tls=tls(tls_dir, "secondary"), node="dst", reconnect_min=0.05,
+                                 reconnect_max=0.3).validate()
+        secondary = Secondary(config)
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            await asyncio.sleep(0.3)
+            status = secondary.status()
+            assert status["connected"] is False
+            assert status["lag_seconds"] is None
+            assert status["lag_exact"] is False
+            s = await scrape(secondary.port, tls_dir)
+            assert value(s, "replicator_connected") == 0
+            assert "replicator_lag_seconds" not in s
+            text = render([{**status, "url": "https://dst/status"}], now=time.time())
+            assert "  lag           unknown   applied 0 txns" in text, text
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await secondary.close()
+
+    asyncio.run(scenario())
+
