@@ -32,7 +32,8 @@ class _StatusCollector(Collector):
         yield info
         yield _gauge("replicator_epoch", "Epoch of this node's history (promotions so far).", s.get("epoch"))
         yield _gauge("replicator_last_transaction_timestamp_seconds",
-                     "Commit time of this node's newest transaction.", s.get("last_tid_time"))
+                     "Commit time of this node's newest transaction (absent while it has none).",
+                     s.get("last_tid_time") or None)
         yield _gauge("replicator_transactions", "Committed transactions in the primary's file.",
                      s.get("transactions"))
         yield _counter("replicator_sent_bytes", "Bytes streamed to secondaries.", s.get("bytes_sent"))
@@ -40,7 +41,7 @@ class _StatusCollector(Collector):
         yield _counter("replicator_applied_transactions", "Transactions applied from the primary.",
                        s.get("transactions_applied"))
         yield _gauge("replicator_lag_seconds", "How far this secondary's newest transaction is behind the "
-                     "primary's, in commit time. Disconnected: at "
+                     "primary's, in commit time (from the primary's first one while empty). Disconnected: at "
                      "least the time since the primary was last heard from (see replicator_lag_exact). "
                      "Absent while unknown.", s.get("lag_seconds"))
         yield _gauge("replicator_lag_exact", "1 while replicator_lag_seconds is measured against the "
@@ -65,7 +66,8 @@ class _StatusCollector(Collector):
                                    "streamed in this session.", labels=["secondary"])
         for peer in peers:
             name = str(peer.get("node"))
-            lag_s.add_metric([name], float(peer.get("lag_seconds") or 0.0))
+            if peer.get("lag_seconds") is not None:
+                lag_s.add_metric([name], float(peer["lag_seconds"]))
             if peer.get("lag_transactions") is not None:
                 lag_t.add_metric([name], float(peer["lag_transactions"]))
             sent.add_metric([name], float(peer.get("bytes_sent") or 0))

@@ -380,6 +380,9 @@ class SessionStats:
     sent_tid: bytes = Z64
     acked_tid: bytes = Z64
     acked_at: float = 0.0
+    #: The first transaction sent to a secondary that came empty: its lag is
+    #: measured from that commit time until it acknowledges one.
+    first_sent_tid: bytes | None = None
     bytes_sent: int = 0
     txns_sent: int = 0
     #: The secondary asked for a deflated stream and gets one.
@@ -391,7 +394,10 @@ class SessionStats:
     in_flight: deque[tuple[bytes, int]] = field(default_factory=deque)
 
     def as_dict(self, head_tid: bytes, head_count: int | None) -> dict:
-        lag_s = 0.0 if self.acked_tid >= head_tid else max(0.0, tid_time(head_tid) - tid_time(self.acked_tid))
+        since = self.acked_tid if self.acked_tid != Z64 else self.first_sent_tid
+        lag_s: float | None = 0.0
+        if self.acked_tid < head_tid:
+            lag_s = None if since is None else max(0.0, tid_time(head_tid) - tid_time(since))
         # Ordinals come from the file as it was when counted; a pack shrinks
         # the count, so this is clamped and exact again after a reconnect.
         pending = None if head_count is None else max(0, head_count - self.acked_ordinal)
@@ -402,7 +408,7 @@ class SessionStats:
             "sent_tid": self.sent_tid.hex(),
             "acked_tid": self.acked_tid.hex(),
             "acked_tid_time": tid_time(self.acked_tid),
-            "lag_seconds": round(lag_s, 6),
+            "lag_seconds": None if lag_s is None else round(lag_s, 6),
             "lag_transactions": pending,
             "compression": self.compression,
             "bytes_sent": self.bytes_sent,
@@ -895,6 +901,8 @@ class Primary:
                     if type(event) is TxnEnd:
                         stats.sent_ordinal += 1
                         stats.in_flight.append((event.tid, stats.sent_ordinal))
+                        if stats.sent_tid == Z64 and stats.first_sent_tid is None:
+                            stats.first_sent_tid = event.tid
                         stats.sent_tid = event.tid
                         stats.txns_sent += 1
                 await ws.send_bytes(data)

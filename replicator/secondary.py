@@ -221,6 +221,9 @@ class _Progress:
     connected_since: float | None = None
     #: Wall-clock time of the last message from the primary (None: none yet).
     last_heard_at: float | None = None
+    #: The first transaction the primary streamed to this node while it was
+    #: empty: an empty node's lag is measured from its commit time.
+    first_tid: bytes | None = None
     bytes_received: int = 0
     txns_applied: int = 0
     last_error: str | None = None
@@ -625,6 +628,8 @@ class Secondary:
                     else:
                         if isinstance(event, TxnBegin):
                             self.progress.head_tid = max(self.progress.head_tid, event.tid)
+                            if self.progress.first_tid is None and self.progress.applied_tid == Z64:
+                                self.progress.first_tid = event.tid
                         events.append(event)
                 if events:
                     await queue.put(batch)
@@ -730,17 +735,20 @@ class Secondary:
         """``lag_seconds`` and how far to trust it.
 
         Connected, it is exact: the commit time of the primary's head (kept
-        current by heartbeats) minus that of our newest transaction.
+        current by heartbeats) minus that of our newest transaction, or, with
+        nothing applied yet, minus that of the primary's first transaction.
         Disconnected, the primary's head is unknown: anything committed since
         it was last heard from is unseen, so the figure is the larger of the
         lag behind the last head heard of and the time since then
         (``lag_exact`` false): not a measurement but how old the newest state
         this node can vouch for is, growing through an outage so that alerts
-        fire.  None if the primary was never heard from.
+        fire.  None while that is unknown too (never heard from, or nothing
+        applied yet and no transaction of the primary's seen).
         """
         known: float | None = 0.0
         if behind:
-            known = max(0.0, tid_time(p.head_tid) - tid_time(p.applied_tid))
+            since = p.applied_tid if p.applied_tid != Z64 else p.first_tid
+            known = None if since is None else max(0.0, tid_time(p.head_tid) - tid_time(since))
         silent = None if p.last_heard_at is None else max(0.0, time.time() - p.last_heard_at)
         if p.connected or self.promoted:
             lag = known

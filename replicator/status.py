@@ -106,6 +106,10 @@ def _secondary_lag(r: dict, now: float) -> str:
             f"{f'; reported as {lag:.3f}s' if lag is not None else ''}")
 
 
+def _peer_lag(s: dict) -> str:
+    return "unknown" if s.get("lag_seconds") is None else f"{s['lag_seconds']:.3f}s"
+
+
 def render(results: list[dict], now: float) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
@@ -125,7 +129,7 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"  secondaries   {len(peers)} connected")
             for s in peers:
                 lines.append(f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
-                             f"lag {s['lag_seconds']:.3f}s")
+                             f"lag {_peer_lag(s)}")
         elif r["role"] == "primary":
             lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
                          f"   bytes streamed {_size(r.get('bytes_sent'))}")
@@ -140,7 +144,7 @@ def render(results: list[dict], now: float) -> str:
                 lag_t = s.get("lag_transactions")
                 lines.append(
                     f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
-                    f"lag {s['lag_seconds']:.3f}s / {lag_t if lag_t is not None else '?'} txns, "
+                    f"lag {_peer_lag(s)} / {lag_t if lag_t is not None else '?'} txns, "
                     f"sent {_size(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
                 )
         else:

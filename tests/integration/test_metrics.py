@@ -13,6 +13,7 @@ from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call
 from replicator.secondary import Secondary
 from replicator.status import render
+from replicator.tid import tid_time
 from replicator.transport import client_ssl_context
 from replicator.wrappers import PrimaryStorage
 from tests.helpers import free_port
@@ -180,3 +181,61 @@ def test_a_secondary_never_connected_reports_its_lag_as_unknown(tmp_path, tls_di
 
     asyncio.run(scenario())
 
+
+def test_an_empty_secondary_lag_counts_from_the_primary_first_transaction(tmp_path, tls_dir, monkeypatch):
+    """Not from the all-zero TID (1970): an empty secondary is behind by the primary's history, not 56 years."""
+    db, work = make_source(tmp_path, 20)
+    first = next(iter(db.storage.iterator())).tid
+    head = db.storage.lastTransaction()
+    expected = round(tid_time(head) - tid_time(first), 6)
+    gate = asyncio.Event()
+    apply_loop = Secondary._apply_loop
+
+    async def held_apply_loop(self, ws, conn, queue):
+        await gate.wait()
+        await apply_loop(self, ws, conn, queue)
+
+    monkeypatch.setattr(Secondary, "_apply_loop", held_apply_loop)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                     primary=Address("127.0.0.1", primary.port), listen=Address("127.0.0.1", 0),
+                                     tls=tls(tls_dir, "secondary"), node="dst").validate()
+            secondary = Secondary(config)
+            await secondary.open()
+            task = asyncio.create_task(secondary.run())
+            try:
+                for _ in range(500):  # connected, and the stream is arriving, but nothing is applied
+                    if secondary.progress.head_tid == head and secondary.status()["lag_seconds"] is not None \
+                            and primary.status()["secondaries"] \
+                            and primary.status()["secondaries"][0]["sent_tid"] == head.hex():
+                        break
+                    await asyncio.sleep(0.02)
+                status = secondary.status()
+                assert status["last_tid"] == "0" * 16
+                assert status["lag_seconds"] == expected
+                assert status["lag_exact"] is True
+                peer = primary.status()["secondaries"][0]
+                assert peer["acked_tid"] == "0" * 16
+                assert peer["lag_seconds"] == expected
+                s = await scrape(secondary.port, tls_dir)
+                assert value(s, "replicator_lag_seconds") == expected
+                assert "replicator_last_transaction_timestamp_seconds" not in s
+                p = await scrape(primary.port, tls_dir)
+                assert value(p, "replicator_secondary_lag_seconds", secondary="dst") == expected
+                text = render([{**status, "url": "https://dst/status"}], now=time.time())
+                assert f"  lag           {expected:.3f}s   applied 0 txns" in text, text
+
+                gate.set()
+                await wait_equal_tid(primary, secondary, target=head)
+                assert secondary.status()["lag_seconds"] == 0.0
+            finally:
+                gate.set()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await secondary.close()
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
