@@ -147,6 +147,7 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             node.progress.epoch = state.epoch
             if node.downstream is not None:
                 node.downstream.epoch = state.epoch
+                node.downstream.relay = False  # the source of its history now: it may refuse as one
                 node.downstream.unfence()
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
