@@ -12,7 +12,7 @@ from replicator.rewind import Fork, local_tids_backwards, truncate_after
 from replicator.secondary import Secondary
 from replicator.verify import verify
 from tests.helpers import free_port
-from tests.integration.test_failover import until
+from tests.integration.test_failover import secondary_on, until
 from tests.integration.test_replication import make_source, running_primary, tls
 
 
@@ -77,24 +77,6 @@ async def primary_at(tmp_path: Path, tls_dir: Path, port: int):
         await primary.stop()
 
 
-@contextlib.asynccontextmanager
-async def following(tmp_path: Path, tls_dir: Path, name: str, upstream_port: int):
-    """Like ``chained``, but yields the ``run()`` task too, to see whether it gave up."""
-    config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
-                             primary=Address("127.0.0.1", upstream_port), listen=Address("127.0.0.1", 0),
-                             tls=tls(tls_dir, "secondary"), node=name, reconnect_min=0.05, reconnect_max=0.3)
-    node = Secondary(config.validate())
-    await node.open()
-    task = asyncio.create_task(node.run())
-    try:
-        yield node, task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await node.close()
-
-
 def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_path, tls_dir):
     """s1 relays p to s3; s1 loses its last transactions, which s3 already has, and restarts.
 
@@ -106,8 +88,8 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
 
     async def scenario() -> None:
         async with primary_at(tmp_path, tls_dir, port):
-            async with following(tmp_path, tls_dir, "s1", port) as (s1, _):
-                async with following(tmp_path, tls_dir, "s3", s1.port) as (s3, _):
+            async with secondary_on(tmp_path, tls_dir, "s1", port) as (s1, _):
+                async with secondary_on(tmp_path, tls_dir, "s3", s1.port) as (s3, _):
                     target = db.storage.lastTransaction()
                     await until(lambda: s3.progress.applied_tid == target)
 
@@ -119,9 +101,9 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
         await asyncio.to_thread(work.commit_random, 10)
 
         # p is not back yet, so s1 cannot catch up before s3 asks it.
-        async with following(tmp_path, tls_dir, "s1", port) as (s1, s1_task):
+        async with secondary_on(tmp_path, tls_dir, "s1", port) as (s1, s1_task):
             assert s1.progress.applied_tid < target
-            async with following(tmp_path, tls_dir, "s3", s1.port) as (s3, s3_task):
+            async with secondary_on(tmp_path, tls_dir, "s3", s1.port) as (s3, s3_task):
                 await until(lambda: s3_task.done() or "(behind)" in (s3.progress.last_error or ""))
                 assert not s3_task.done(), s3_task.exception()
                 assert "relays the history of the primary 127.0.0.1:" in (s3.progress.last_error or "")
