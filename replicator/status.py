@@ -110,6 +110,19 @@ def _peer_lag(s: dict) -> str:
     return "unknown" if s.get("lag_seconds") is None else f"{s['lag_seconds']:.3f}s"
 
 
+def _followers(peers: list[dict]) -> list[str]:
+    """The secondaries streaming from a node, one line each."""
+    lines = [f"  secondaries   {len(peers)} connected"]
+    for s in peers:
+        lag_t = s.get("lag_transactions")
+        lines.append(
+            f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
+            f"lag {_peer_lag(s)} / {lag_t if lag_t is not None else '?'} txns, "
+            f"sent {_size(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
+        )
+    return lines
+
+
 def render(results: list[dict], now: float) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
@@ -138,15 +151,7 @@ def render(results: list[dict], now: float) -> str:
             sync_line = _sync_line(r.get("sync") or {})
             if sync_line:
                 lines.append(sync_line)
-            peers = r.get("secondaries", [])
-            lines.append(f"  secondaries   {len(peers)} connected")
-            for s in peers:
-                lag_t = s.get("lag_transactions")
-                lines.append(
-                    f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
-                    f"lag {_peer_lag(s)} / {lag_t if lag_t is not None else '?'} txns, "
-                    f"sent {_size(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
-                )
+            lines.extend(_followers(r.get("secondaries", [])))
         else:
             state = "connected" if r.get("connected") else "DISCONNECTED"
             if r.get("connected") and r.get("compression"):
@@ -157,5 +162,7 @@ def render(results: list[dict], now: float) -> str:
                          f"txns, received {_size(r.get('bytes_received'))}")
             if r.get("last_error"):
                 lines.append(f"  last error    {r['last_error']}")
+            if r.get("secondaries"):  # a relay: secondaries follow this one
+                lines.extend(_followers(r["secondaries"]))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

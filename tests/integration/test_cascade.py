@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.primary import Primary
 from replicator.rewind import Fork, local_tids_backwards, truncate_after
 from replicator.secondary import Secondary
+from replicator.status import render
 from replicator.verify import verify
 from tests.helpers import free_port
 from tests.integration.test_failover import secondary_on, until
@@ -53,6 +55,8 @@ def test_three_level_cascade_stays_equal_under_random_workload_with_blobs(tmp_pa
                         # Each level reports the level below it.
                         assert [s["node"] for s in a.status()["secondaries"]] == ["b"]
                         assert [s["node"] for s in b.status()["secondaries"]] == ["c"]
+                        text = render([{**b.status(), "url": "https://b/status"}], now=time.time())
+                        assert "  secondaries   1 connected\n    - c from " in text, text
 
     asyncio.run(scenario())
     work.close()
