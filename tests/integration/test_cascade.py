@@ -7,8 +7,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from replicator.config import Address, PrimaryConfig, SecondaryConfig
-from replicator.primary import Primary
+from replicator.config import Address, SecondaryConfig
 from replicator.rewind import Fork, local_tids_backwards, truncate_after
 from replicator.secondary import Secondary
 from replicator.status import render
@@ -68,19 +67,6 @@ def test_three_level_cascade_stays_equal_under_random_workload_with_blobs(tmp_pa
         assert result.transactions > 100
 
 
-@contextlib.asynccontextmanager
-async def primary_at(tmp_path: Path, tls_dir: Path, port: int):
-    config = PrimaryConfig(storage=str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"),
-                           listen=Address("127.0.0.1", port), tls=tls(tls_dir, "primary"), node="p",
-                           heartbeat_interval=0.2)
-    primary = Primary(config.validate())
-    await primary.start()
-    try:
-        yield primary
-    finally:
-        await primary.stop()
-
-
 def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_path, tls_dir):
     """s1 relays p to s3; s1 loses its last transactions, which s3 already has, and restarts.
 
@@ -91,7 +77,7 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
     port = free_port()
 
     async def scenario() -> None:
-        async with primary_at(tmp_path, tls_dir, port):
+        async with running_primary(tmp_path, tls_dir, listen=Address("127.0.0.1", port)):
             async with secondary_on(tmp_path, tls_dir, "s1", port) as (s1, _):
                 async with secondary_on(tmp_path, tls_dir, "s3", s1.port) as (s3, _):
                     target = db.storage.lastTransaction()
@@ -112,7 +98,7 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
                 assert not s3_task.done(), s3_task.exception()
                 assert "relays the history of the primary 127.0.0.1:" in (s3.progress.last_error or "")
                 assert s3.progress.applied_tid == target
-                async with primary_at(tmp_path, tls_dir, port):
+                async with running_primary(tmp_path, tls_dir, listen=Address("127.0.0.1", port)):
                     final = db.storage.lastTransaction()
                     await until(lambda: s3.progress.applied_tid == final)
                 assert not s1_task.done() and not s3_task.done()
