@@ -97,7 +97,9 @@ def _common(fn: Callable) -> Callable:
         click.option("--tls-key", default=None, help="This node's private key (PEM)."),
         click.option("--insecure", is_flag=True, default=False,
                      help="Plaintext, unauthenticated: only on a trusted network."),
-        click.option("--node", default=None, help="Name of this node in logs and status."),
+        click.option("--node", default=None,
+                     help="Name of this node in logs, status and sync-names (default: the host name); each "
+                          "secondary of a primary needs its own."),
         click.option("--log-level", default="INFO", show_default=True,
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
                      help="Least severe messages to log (on stderr)."),

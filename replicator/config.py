@@ -74,6 +74,11 @@ class PrimaryConfig:
     #: Payload bytes gathered into one WebSocket message while a secondary is behind.
     batch_bytes: int = 1 << 20
     heartbeat_interval: float = 1.0
+    #: A secondary whose host acknowledged nothing for this long (seconds;
+    #: the primary's heartbeats keep its host answering) is gone: its
+    #: session is dropped, and its node name free for its next connection.
+    #: Never less than three heartbeat intervals (see ``silence_limit``).
+    peer_timeout: float = 15.0
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
     #: While the CPUs are saturated, commits wake the sessions at most this
@@ -90,6 +95,11 @@ class PrimaryConfig:
     sync_timeout: float = 10.0
     #: ``wait`` (never return an unreplicated commit) or ``async`` (degrade).
     sync_fallback: str = "wait"
+
+    @property
+    def silence_limit(self) -> float:
+        """Seconds without an answer from a secondary's host before its session is dropped."""
+        return max(self.peer_timeout, 3 * self.heartbeat_interval)
 
     def validate(self) -> PrimaryConfig:
         problems: list[str] = []
@@ -112,6 +122,8 @@ class PrimaryConfig:
             problems.append(f"batch-delay {self.batch_delay}: must be between 0 and 1 second")
         if self.heartbeat_interval <= 0:
             problems.append(f"heartbeat interval {self.heartbeat_interval}: must be positive")
+        if self.peer_timeout <= 0:
+            problems.append(f"peer timeout {self.peer_timeout}: must be positive")
         if problems:
             raise ConfigError(problems)
         return self

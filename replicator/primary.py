@@ -52,7 +52,7 @@ from .protocol import (
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import peer_identity, server_ssl_context, start_server, stop_server
+from .transport import peer_identity, seconds_since_heard, server_ssl_context, start_server, stop_server
 
 __all__ = ["Primary", "ChangeNotifier"]
 
@@ -71,6 +71,10 @@ HEAD_REFRESH_INTERVAL = 0.25
 ACK_DELAY = 0.25
 #: A session this close to the end of the file reads inline instead of in a worker thread.
 INLINE_READ_BYTES = 256 << 10
+
+
+class SecondaryGoneError(Exception):
+    """A secondary's host stopped answering; the message says which and for how long."""
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -392,6 +396,12 @@ class SessionStats:
     acked_ordinal: int = 0
     #: Shipped but not yet acknowledged transactions, oldest first, with ordinals.
     in_flight: deque[tuple[bytes, int]] = field(default_factory=deque)
+    #: ``Hello.instance``: the secondary process, across its reconnections.
+    instance: bytes | None = None
+    #: Ends the connection at once (a reconnection of the same process replaces it).
+    abort: Callable[[], None] | None = None
+    #: Set when a newer connection of the same secondary replaced this one.
+    replaced: bool = False
 
     def as_dict(self, head_tid: bytes, head_count: int | None) -> dict:
         since = self.acked_tid if self.acked_tid != Z64 else self.first_sent_tid
@@ -458,6 +468,9 @@ class Primary:
                                        batch_delay=0.0 if config.sync_count else config.batch_delay)
         self.sessions: dict[int, SessionStats] = {}
         self._sockets: dict[int, tuple[web.WebSocketResponse, Connection]] = {}
+        #: Connections past their Hello, by the same keys (``sessions`` holds
+        #: those past the handshake too): one secondary node name each.
+        self._claims: dict[int, SessionStats] = {}
         self.head_tid = Z64
         self.head_count: int | None = None
         self.started_at = time.time()
@@ -718,7 +731,14 @@ class Primary:
         key = id(ws)
         try:
             hello = await self._receive_hello(ws, conn)
-            stats.node = hello.node
+            stats.node, stats.instance = hello.node, hello.instance
+            transport = request.transport
+            stats.abort = transport.abort if transport is not None else None
+            duplicate = self._claim(key, stats, hello)
+            if duplicate is not None:
+                log.warning("refusing secondary %s: %s", peer, duplicate.message)
+                await ws.send_bytes(conn.send(duplicate))
+                return ws
             await asyncio.to_thread(tailer.open)
             await self._refresh_head()  # the Welcome and any refusal name the newest TID
             reject = await self._position(tailer, hello)
@@ -753,6 +773,8 @@ class Primary:
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("corrupted", str(exc))))
             self._fail(exc)
+        except* SecondaryGoneError as group_exc:
+            log.warning("%s", _leaf(group_exc))
         except* (TimeoutError, ConnectionError) as group_exc:
             log.info("secondary %s disconnected: %s", peer, _leaf(group_exc))
         except* SourceReplacedError as group_exc:
@@ -773,11 +795,49 @@ class Primary:
         finally:
             self.sessions.pop(key, None)
             self._sockets.pop(key, None)
+            self._claims.pop(key, None)
             await asyncio.to_thread(tailer.close)
             if not ws.closed:
                 await ws.close()
             log.info("session with %s ended at acked %s", peer, tid_repr(stats.acked_tid))
         return ws
+
+    def _claim(self, key: int, stats: SessionStats, hello: Hello) -> Reject | None:
+        """Take the secondary's node name for this connection, or say why not.
+
+        Node names identify secondaries everywhere (``sync-names``, status,
+        metrics), so two connected secondaries never share one: with
+        synchronous replication, a second node under the standby's name
+        could acknowledge commits the standby never got.  A connection of
+        the same node from the same process (``Hello.instance``) is that
+        process back after a link failure that the older connection has not
+        noticed yet: the older one is dropped at once.  Another process under
+        a name in use is refused with ``duplicate``, which it retries: the
+        other may be a connection of a node that is gone, which the primary
+        drops after ``peer_timeout`` without an answer from its host.  (No
+        await here: the check and the claim are one step.)
+        """
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return None  # refused by version next
+        for other_key, other in list(self._claims.items()):
+            if other.node != hello.node:
+                continue
+            if hello.instance is not None and other.instance == hello.instance:
+                log.info("secondary %s connected again (%s): dropping its previous connection (%s)",
+                         hello.node, stats.peer, other.peer)
+                other.replaced = True
+                self._claims.pop(other_key, None)
+                self.sessions.pop(other_key, None)
+                if other.abort is not None:
+                    other.abort()
+                continue
+            return Reject("duplicate", f"another secondary named {hello.node!r} is connected to this primary "
+                                       f"(from {other.peer}): each secondary needs a node name of its own "
+                                       "(--node, or node in its configuration file). This one retries; if "
+                                       "that other one is gone, the primary drops it within "
+                                       f"{self.config.silence_limit:g} s and lets this one in")
+        self._claims[key] = stats
+        return None
 
     async def _receive_hello(self, ws: web.WebSocketResponse, conn: Connection) -> Hello:
         msg = await ws.receive(timeout=HELLO_TIMEOUT)
@@ -925,7 +985,30 @@ class Primary:
             seen = await self.notifier.wait(seen, timeout)
 
     async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:
-        async for msg in ws:
+        """Take the secondary's acknowledgements until it says goodbye, the
+        connection ends, or its host stops answering.
+
+        A secondary sends nothing while there is nothing to acknowledge, and
+        a host that vanished (power cut, a network partition) sends no FIN:
+        without a check the session would stay listed, and its node name
+        taken, until TCP gives up after about a quarter of an hour.  The
+        primary sends a heartbeat every second, so a live host acknowledges
+        something at least that often, its window full or not; a slow link
+        still delivering is not mistaken for a dead one.
+        """
+        timeout = self.config.silence_limit
+        while True:
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                quiet = seconds_since_heard(ws, acks=True)
+                if quiet is None or quiet < timeout:
+                    continue  # its host answers (or this platform cannot tell): still there
+                raise SecondaryGoneError(f"secondary {stats.node} ({stats.peer}) is gone: its host acknowledged "
+                                         f"nothing for {quiet:.0f} s; dropping its session (it resumes from its "
+                                         "last transaction when it connects again)") from None
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) or stats.replaced:
+                return
             if msg.type is WSMsgType.ERROR:
                 raise RemoteProtocolError(f"bad WebSocket message: {ws.exception()}")
             if msg.type is not WSMsgType.BINARY:

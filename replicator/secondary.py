@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from .errors import (
 )
 from .primary import Primary
 from .protocol import (
+    INSTANCE_LEN,
     PROTOCOL_VERSION,
     Ack,
     BlobChunk,
@@ -62,7 +62,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import client_ssl_context, connect_ws
+from .transport import client_ssl_context, connect_ws, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -106,29 +106,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-def _seconds_since_data(ws) -> float | None:
-    """Seconds since the WebSocket's TCP connection last received data; None where unknown.
-
-    From the kernel's ``TCP_INFO`` (``tcpi_last_data_recv``, in ms, at the
-    same offset since Linux 2.6): TCP payload, TLS records included, counts
-    even while a message is still incomplete.
-    """
-    sock = ws.get_extra_info("socket")
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    except OSError:
-        return None
-    if len(info) < _LAST_DATA_RECV + 4:
-        return None
-    return int.from_bytes(info[_LAST_DATA_RECV:_LAST_DATA_RECV + 4], sys.byteorder) / 1000
-
-
-#: Bytes of ``struct tcp_info`` read, and the offset of ``tcpi_last_data_recv`` in it.
-_TCP_INFO_LEN, _LAST_DATA_RECV = 104, 52
 
 
 #: While the primary stays unreachable, a WARNING says so at most this often (seconds).
@@ -271,6 +248,9 @@ class Secondary:
         self._on_promoted = on_promoted
         #: Says when the link to the primary goes down and comes back.
         self.link_log = LinkLog(str(config.primary))
+        #: Sent in each Hello: tells the primary a reconnection of this
+        #: process from another secondary under the same node name.
+        self.instance = os.urandom(INSTANCE_LEN)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -500,7 +480,7 @@ class Secondary:
         try:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
-                identity.status if identity else " ", identity.meta if identity else None)))
+                identity.status if identity else " ", identity.meta if identity else None, self.instance)))
             welcome = await self._receive_welcome(ws, conn)
             await self._check_epoch(welcome, epoch)
             self.progress.connected = True
@@ -561,6 +541,13 @@ class Secondary:
     async def _receive_welcome(self, ws, conn: Connection) -> Welcome:
         msg = await ws.receive(timeout=self.config.idle_timeout)
         if msg.type is not WSMsgType.BINARY:
+            if ws.close_code == aiohttp.WSCloseCode.PROTOCOL_ERROR:
+                # An older primary cannot read a newer Hello at all, so it
+                # cannot refuse it by version either.
+                raise TransportError(str(self.config.primary), "the primary closed the connection as a protocol "
+                                     f"error before its Welcome: it may run an older release (this one speaks "
+                                     f"protocol {PROTOCOL_VERSION})", hint="run the same replicator release on the "
+                                     "primary and its secondaries; see Upgrading in the README")
             raise TransportError(str(self.config.primary), f"primary closed the connection before its Welcome ({msg.type.name})")
         conn.receive_data(msg.data)
         event = conn.next_event()
@@ -592,7 +579,7 @@ class Secondary:
             try:
                 return await ws.receive(timeout=idle)
             except TimeoutError:
-                quiet = _seconds_since_data(ws)
+                quiet = seconds_since_heard(ws, acks=False)
                 if quiet is not None and quiet < idle:
                     continue  # bytes are arriving: a message longer than the link carries in `idle`
                 raise TransportError(str(self.config.primary), f"nothing from the primary for {idle:g} s: the "

@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "connect_ws",
     "request_error",
     "unresolved_host",
+    "seconds_since_heard",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,36 @@ log = logging.getLogger(__name__)
 MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 
 _warned_insecure: set[str] = set()
+
+#: Bytes of ``struct tcp_info`` read, and the offsets of ``tcpi_last_data_recv``
+#: and ``tcpi_last_ack_recv`` in it (the same since Linux 2.6).
+_TCP_INFO_LEN, _LAST_DATA_RECV, _LAST_ACK_RECV = 104, 52, 56
+
+
+def seconds_since_heard(ws, *, acks: bool) -> float | None:
+    """Seconds since the WebSocket's TCP connection last received data (or, with
+    ``acks``, data or an acknowledgement of ours); None where unknown.
+
+    From the kernel's ``TCP_INFO``, in ms.  Data counts even while a message
+    is still incomplete (TLS records included), so a slow link that still
+    delivers is told from a dead one.  An acknowledgement says the peer's
+    host still takes what we send (its kernel answers even when its window
+    is full), though nothing comes back at the application's level: the
+    primary's view of an idle secondary, which it sends heartbeats to.
+    """
+    sock = ws.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _LAST_ACK_RECV + 4:
+        return None
+    quiet = int.from_bytes(info[_LAST_DATA_RECV:_LAST_DATA_RECV + 4], sys.byteorder)
+    if acks:
+        quiet = min(quiet, int.from_bytes(info[_LAST_ACK_RECV:_LAST_ACK_RECV + 4], sys.byteorder))
+    return quiet / 1000
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from .connection import NEED_DATA, Connection, ConnectionState, Role
 from .events import (
     EVENT_TYPES,
+    INSTANCE_LEN,
     MAX_BLOB_CHUNK,
     PROTOCOL_VERSION,
     Ack,
@@ -25,6 +26,7 @@ __all__ = [
     "Role",
     "NEED_DATA",
     "EVENT_TYPES",
+    "INSTANCE_LEN",
     "MAX_BLOB_CHUNK",
     "PROTOCOL_VERSION",
     "Ack",

@@ -43,11 +43,12 @@ __all__ = [
     "Heartbeat",
     "Goodbye",
     "EVENT_TYPES",
+    "INSTANCE_LEN",
     "TXN_STATUSES",
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -56,6 +57,9 @@ MAX_BLOB_CHUNK = 1 << 20
 TXN_STATUSES = (" ", "p", "u")
 
 DIGEST_LEN = 32
+
+#: Bytes of ``Hello.instance``.
+INSTANCE_LEN = 16
 
 #: Longest ``Welcome.ack_delay`` a primary may ask for.
 MAX_ACK_DELAY = 1.0
@@ -110,6 +114,12 @@ class Hello(Event):
     #: on either side, the records differ but these still identify it.
     last_status: str = " "
     last_meta_digest: bytes | None = None
+    #: Random, drawn once per secondary process (kept across its
+    #: reconnections): a primary that still holds a session of the same node
+    #: and instance knows it for this process's broken connection and drops
+    #: it; the same node name from another instance is a second secondary
+    #: under the same name, and is refused (``duplicate``).
+    instance: bytes | None = None
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -122,6 +132,8 @@ class Hello(Event):
             raise ValueError(f"invalid last_status {self.last_status!r}")
         if self.last_meta_digest is not None:
             _bytes(self.last_meta_digest, "last_meta_digest", exact=DIGEST_LEN)
+        if self.instance is not None:
+            _bytes(self.instance, "instance", exact=INSTANCE_LEN)
 
 
 @dataclass(slots=True)
@@ -157,7 +169,7 @@ class Reject(Event):
     """Primary -> secondary: refused, with a machine code and a message for people.
 
     Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale`` (final for the
-    secondary), ``corrupted``, ``behind`` (retried; see docs/protocol.md).
+    secondary), ``corrupted``, ``behind``, ``duplicate`` (retried; see docs/protocol.md).
     ``fork_tid`` is the last transaction both histories share, when known.
     """
 

@@ -16,7 +16,7 @@ from dataclasses import fields
 import msgpack
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .events import EVENT_TYPES, Event
+from .events import EVENT_TYPES, PROTOCOL_VERSION, Event, Hello
 
 __all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME"]
 
@@ -115,4 +115,10 @@ def decode_frame(frame: object) -> Event:
     try:
         return cls(*frame[1:])
     except (TypeError, ValueError) as exc:
+        if cls is Hello and len(frame) > 1 and type(frame[1]) is int and frame[1] >= 1 \
+                and frame[1] != PROTOCOL_VERSION:
+            # Another release's Hello, whatever its fields (a newer one may
+            # have more): enough for a refusal that names both versions.
+            node = frame[2] if len(frame) > 2 and type(frame[2]) is str and len(frame[2]) <= 256 else "?"
+            return Hello(frame[1], node, bytes(8), None)
         raise RemoteProtocolError(f"invalid {cls.__name__} frame: {exc}") from None

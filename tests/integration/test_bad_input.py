@@ -62,7 +62,7 @@ def source(tmp_path):
     [
         b"\xc1garbage",  # msgpack's never-used byte
         msgpack.packb([99, 1, 2]),  # unknown frame type
-        msgpack.packb([Hello.TYPE, 1, "x", b"short", None, 0]),  # a TID of the wrong size
+        msgpack.packb([Hello.TYPE, PROTOCOL_VERSION, "x", b"short", None, 0]),  # a TID of the wrong size
         msgpack.packb({"type": "Hello"}),  # maps are refused
         encode_event(TxnBegin(b"\0" * 7 + b"\2", Z64, " ", b"", b"", b"")),  # secondaries may not stream
     ],
@@ -100,12 +100,16 @@ def test_oversized_message_is_refused(source, tls_dir, caplog):
     assert any("exceeds limit" in r.getMessage() for r in caplog.records), caplog.text
 
 
-def test_wrong_protocol_version_gets_a_reject(source, tls_dir):
+@pytest.mark.parametrize("more_fields", [False, True], ids=["same-fields", "more-fields"])
+def test_wrong_protocol_version_gets_a_reject(source, tls_dir, more_fields):
+    """Also when a newer release's Hello has fields this one does not know."""
     async def scenario() -> None:
         async with running_primary(source, tls_dir) as primary:
             http, ws = await raw_client(primary.port, tls_dir)
             async with http:
-                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION + 1, "future", Z64, None)))
+                hello = Hello(PROTOCOL_VERSION + 1, "future", Z64, None)
+                frame = [Hello.TYPE, *hello.to_fields(), *(["new", 1] if more_fields else [])]
+                await ws.send_bytes(msgpack.packb(frame, use_bin_type=True))
                 msg = await asyncio.wait_for(ws.receive(), 10)
                 event = decode_frame(msgpack.unpackb(msg.data, raw=False))
                 assert isinstance(event, Reject)

@@ -161,9 +161,11 @@ def test_oversized_frame_is_refused():
         ([99, 1], "unknown frame type"),
         (["Hello"], "unknown frame type"),
         ({"a": 1}, "malformed|not a non-empty array"),
-        ([Hello.TYPE, 1, "s", b"short", None, 0], "last_tid"),
-        ([Hello.TYPE, 1, "s"], "invalid Hello"),
-        ([Hello.TYPE, 1, "s", Z64, None, 0, "extra", "more"], "invalid Hello"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", b"short", None, 0], "last_tid"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s"], "invalid Hello"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, b"i" * 16, "more"], "invalid Hello"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, b"short"], "instance"),
+        ([Hello.TYPE, 0, "s", Z64, None, 0, " ", None, None, "more"], "invalid Hello"),
         (7, "not a non-empty array"),
     ],
 )
@@ -171,6 +173,20 @@ def test_malformed_frames(frame, match):
     conn = Connection(Role.PRIMARY)
     with pytest.raises(RemoteProtocolError, match=match):
         conn.receive_data(msgpack.packb(frame, use_bin_type=True))
+
+
+def test_hello_of_another_version_decodes_for_its_refusal():
+    """A newer release's Hello may have more fields: enough of it is read to refuse it by version."""
+    conn = Connection(Role.PRIMARY)
+    frame = [Hello.TYPE, PROTOCOL_VERSION + 1, "dr-site", Z64, None, 0, " ", None, b"i" * 16, "new", 5]
+    conn.receive_data(msgpack.packb(frame, use_bin_type=True))
+    hello = conn.next_event()
+    assert isinstance(hello, Hello)
+    assert (hello.protocol_version, hello.node) == (PROTOCOL_VERSION + 1, "dr-site")
+    # Its fields are not trusted for anything else: a bad node name is not passed on.
+    conn = Connection(Role.PRIMARY)
+    conn.receive_data(msgpack.packb([Hello.TYPE, PROTOCOL_VERSION + 1, 7, "junk"], use_bin_type=True))
+    assert conn.next_event().node == "?"
 
 
 def test_ext_types_and_pickles_never_decode():

@@ -1,0 +1,127 @@
+"""One connected secondary per node name; a reconnecting secondary replaces its own silent connection.
+
+Real Primary and Secondary objects over mutual TLS on 127.0.0.1, with real
+FileStorage files.  The silent old connection is a real WebSocket that said
+Hello and then stopped reading, which is what the primary sees of a
+secondary whose link broke without a FIN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Reject, Role, Welcome
+from replicator.tid import Z64
+from replicator.transport import client_ssl_context, connect_ws
+from tests.integration.test_replication import (
+    assert_equal,
+    make_source,
+    running_primary,
+    running_secondary,
+    wait_equal_tid,
+)
+
+
+async def _until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves(tmp_path, tls_dir):
+    db, work = make_source(tmp_path, 40)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port, name="dst") as (first, _):
+                await wait_equal_tid(primary, first, target=db.storage.lastTransaction())
+                # Another storage, another process's worth of secondary, the same node name.
+                async with running_secondary(tmp_path, tls_dir, primary.port, name="dr",
+                                             node="dst") as (second, task):
+                    await _until(lambda: second.progress.last_error is not None, what="the refusal")
+                    error = second.progress.last_error
+                    assert "duplicate" in error and "another secondary named 'dst'" in error, error
+                    assert "node name of its own" in error
+                    # Refused, not stopped: it keeps trying; nothing was applied to it.
+                    await asyncio.sleep(0.5)
+                    assert not task.done()
+                    assert second.progress.applied_tid == Z64
+                    listed = primary.status()["secondaries"]
+                    assert [s["node"] for s in listed] == ["dst"]
+                    # The first one goes on replicating meanwhile.
+                    await asyncio.to_thread(work.commit_random, 3)
+                    await wait_equal_tid(primary, first, target=db.storage.lastTransaction())
+                    await first.stop_following()
+                    # The name is free: the second one gets in on its next attempt.
+                    await wait_equal_tid(primary, second, target=db.storage.lastTransaction())
+                    assert [s["node"] for s in primary.status()["secondaries"]] == ["dst"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+    assert_equal(tmp_path, "dr")
+
+
+def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path, tls_dir, caplog):
+    db, work = make_source(tmp_path, 20)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            instance = b"\x07" * 16
+            ctx = client_ssl_context(tls_dir / "ca.pem", tls_dir / "secondary.pem", tls_dir / "secondary.key")
+            async with aiohttp.ClientSession() as http:
+                # A connection of "dst" that said Hello and then went silent.
+                old = await connect_ws(http, f"wss://127.0.0.1:{primary.port}/replicate", ctx,
+                                       max_msg_size=1 << 26)
+                conn = Connection(Role.SECONDARY)
+                await old.send_bytes(conn.send(Hello(PROTOCOL_VERSION, "dst", Z64, None, 0, " ", None,
+                                                     instance)))
+                conn.receive_data((await old.receive(timeout=10)).data)
+                assert isinstance(conn.next_event(), Welcome)
+                await _until(lambda: len(primary.status()["secondaries"]) == 1, what="the old session")
+                old_since = primary.status()["secondaries"][0]["connected_at"]
+
+                # Another process under that name is refused while it stands...
+                other = await connect_ws(http, f"wss://127.0.0.1:{primary.port}/replicate", ctx,
+                                         max_msg_size=1 << 26)
+                conn2 = Connection(Role.SECONDARY)
+                await other.send_bytes(conn2.send(Hello(PROTOCOL_VERSION, "dst", Z64, None, 0, " ", None,
+                                                        b"\x08" * 16)))
+                conn2.receive_data((await other.receive(timeout=10)).data)
+                refusal = conn2.next_event()
+                assert isinstance(refusal, Reject) and refusal.code == "duplicate", refusal
+                await other.close()
+
+                # ...but the same process, back over a new connection, takes its place at once.
+                async with running_secondary(tmp_path, tls_dir, primary.port, name="dst") as (secondary, _):
+                    # Before its first Hello: its task starts at this block's first await.
+                    secondary.instance = instance
+                    await wait_equal_tid(primary, secondary, timeout=20, target=db.storage.lastTransaction())
+                    listed = primary.status()["secondaries"]
+                    assert len(listed) == 1 and listed[0]["connected_at"] > old_since, listed
+                    # The old connection was ended by the primary, not left to time out
+                    # (after what it had streamed to it before).
+                    msg = await old.receive(timeout=10)
+                    while msg.type is aiohttp.WSMsgType.BINARY:
+                        msg = await old.receive(timeout=10)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                        aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR), msg
+                    assert secondary.progress.last_error is None
+                await old.close()
+
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        try:
+            asyncio.run(scenario())
+        finally:
+            work.close()
+            db.close()
+    assert any("connected again" in r.getMessage() and "dropping its previous connection" in r.getMessage()
+               for r in caplog.records)
+    assert_equal(tmp_path)
