@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory lint
 
 lint: $(STAMP)
-	$(BIN)/ruff check replicator tests demo
-	$(BIN)/mypy replicator
+	$(BIN)/ruff check replicator tests demo bench
+	$(BIN)/mypy replicator bench
 
 ## Benchmarks against this machine's own limits (~20 min; BENCH_QUICK=1 for a small run).
 ## Not part of `make test`.  Results in bench-run/results.md.

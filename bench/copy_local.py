@@ -14,12 +14,13 @@ import os
 import resource
 import sys
 import time
+from typing import Any
 
 import ZODB.FileStorage  # noqa: F401  (loads the module patched below)
 from ZODB.FileStorage import FileStorage
 
 # ``ZODB.FileStorage.FileStorage`` as an attribute is the class; the module is here.
-fsmodule = sys.modules["ZODB.FileStorage.FileStorage"]
+fsmodule: Any = sys.modules["ZODB.FileStorage.FileStorage"]
 
 
 def main(src: str, dst: str, mode: str) -> dict:

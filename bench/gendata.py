@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from typing import Any
 
 import transaction
 import ZODB
@@ -41,7 +42,7 @@ from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
 # ``ZODB.FileStorage.FileStorage`` as an attribute is the class; the module is here.
-fsmodule = sys.modules["ZODB.FileStorage.FileStorage"]
+fsmodule: Any = sys.modules["ZODB.FileStorage.FileStorage"]
 
 fsmodule.fsync = None  # generation only; the measured processes keep theirs
 

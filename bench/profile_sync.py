@@ -34,9 +34,9 @@ def top(name: str, n: int = 25) -> None:
     own: collections.Counter = collections.Counter()
     total = 0
     for line in (RUN / f"profile-{name}.txt").read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        total += int(count)
-        own[stack.split(";")[-1]] += int(count)
+        stack, _, samples = line.rpartition(" ")
+        total += int(samples)
+        own[stack.split(";")[-1]] += int(samples)
     print(f"\n== {name}: {total} samples, own time")
     for frame, count in own.most_common(n):
         print(f"{count / total * 100:5.1f}%  {frame}")

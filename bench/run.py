@@ -19,6 +19,7 @@ Sections (all by default; ``python bench/run.py sync lag`` runs some):
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -263,6 +265,7 @@ class ZeoSetup:
         self.zeo_port = free_port()
         self.primary = self.secondary = None
         self.port = free_port() if replicated else None
+        port = self.port or 0  # only used when replicated
         if embedded:
             # The primary inside the ZEO server: replicator's ZConfig section wraps the filestorage.
             conf = self.work / "zeo.conf"
@@ -276,7 +279,7 @@ class ZeoSetup:
             with on_cpus(self.primary_cpus):
                 self.zeo = Proc([str(Path(PY).parent / "runzeo"), "-C", str(conf)], self.work / "zeo.log")
             wait_for_port(self.zeo_port, self.zeo.proc)
-            wait_for_port(self.port, self.zeo.proc)
+            wait_for_port(port, self.zeo.proc)
         else:
             with on_cpus(self.primary_cpus):
                 self.zeo = start_zeo(self.work, self.work / "zeo" / "Data.fs", self.work / "zeo" / "blobs",
@@ -287,11 +290,11 @@ class ZeoSetup:
             if not embedded:
                 with on_cpus(self.primary_cpus):
                     self.primary = start_primary(self.work, self.work / "zeo" / "Data.fs",
-                                                 self.work / "zeo" / "blobs", self.port, self.tls)
+                                                 self.work / "zeo" / "blobs", port, self.tls)
             env = {TRACE_ENV: str(trace)} if trace else None
             with on_cpus(self.secondary_cpus):
                 self.secondary = start_secondary(self.work, self.sec_dir / "Data.fs", self.sec_dir / "blobs",
-                                                 self.port, self.tls, env=env)
+                                                 port, self.tls, env=env)
         if sync:
             # Synchronous: even the first commit waits for the secondary, so it comes first.
             self.writers(rate=0, seconds=0.2, count=1)
@@ -382,7 +385,13 @@ def bench_lag() -> None:
 
 
 #: mode -> ZeoSetup options; "off" is the baseline every other mode is paired with.
-COST_MODES = {
+class _Mode(TypedDict, total=False):
+    replicated: bool
+    embedded: bool
+    sync: bool
+
+
+COST_MODES: dict[str, _Mode] = {
     "off": {"replicated": False},
     "sidecar": {"replicated": True},
     "embedded": {"replicated": True, "embedded": True},
@@ -574,12 +583,22 @@ def report() -> str:
     return "\n".join(out)
 
 
+SECTIONS = {"sync": bench_sync, "memory": bench_memory, "lag": bench_lag, "cost": bench_cost}
+
+
 def main(argv: list[str]) -> None:
-    sections = argv or ["sync", "memory", "lag", "cost"]
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"what to run: any of {', '.join(SECTIONS)} (default: all)")
+    sections = parser.parse_args(argv).sections or list(SECTIONS)
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"no section {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     RUN.mkdir(exist_ok=True)
     t0 = time.time()
     for name in sections:
-        {"sync": bench_sync, "lag": bench_lag, "cost": bench_cost, "memory": bench_memory}[name]()
+        SECTIONS[name]()
     shutil.rmtree(RUN / "work", ignore_errors=True)
     results["seconds"] = time.time() - t0
     text = report() + f"\n\n(make bench took {results['seconds'] / 60:.1f} min)\n"
