@@ -149,11 +149,17 @@ class LinkLog:
         self._warned = False
         self._last_warning: float | None = None
 
-    def failed(self, reason: str, delay: float, *, was_connected: bool, logged: bool = False) -> None:
+    def failed(self, reason: str, delay: float, *, was_connected: bool, logged: bool = False,
+               link_down: bool = True) -> None:
         """An attempt failed (``was_connected``: a connection that stood was lost); next one in ``delay`` s.
 
         ``logged``: the caller has already logged this failure at ERROR.
+        ``link_down``: False when the link was fine and something else failed
+        (the local storage): the retry is logged at INFO and no outage begins.
         """
+        if not link_down:
+            log.info("reconnecting to %s in %.2fs (%s)", self.primary, delay, reason)
+            return
         now = self.clock()
         first = self.down_since is None
         if first:
@@ -248,6 +254,9 @@ class Secondary:
         self._on_promoted = on_promoted
         #: Says when the link to the primary goes down and comes back.
         self.link_log = LinkLog(str(config.primary))
+        #: Since when (monotonic) and how many times applying failed in the
+        #: local storage (a full disk), until a batch is durable again.
+        self._storage_failing: tuple[float, int] | None = None
         #: Sent in each Hello: tells the primary a reconnection of this
         #: process from another secondary under the same node name.
         self.instance = os.urandom(INSTANCE_LEN)
@@ -403,9 +412,14 @@ class Secondary:
                     message = str(exc)
                 except StorageError as exc:
                     # A full disk may be freed; keep what is committed and retry.
+                    # Not a link outage: the link worked, and the line that
+                    # ends this trouble is about the storage (_make_durable).
                     log.error("local storage failed: %s", exc)
                     message = f"{type(exc).__name__}: {exc}"
                     logged, failure = True, exc
+                    if self._storage_failing is None:
+                        self._storage_failing = (time.monotonic(), 0)
+                    self._storage_failing = (self._storage_failing[0], self._storage_failing[1] + 1)
                 except TLSError as exc:
                     # Certificates do not fit: retrying helps only once someone fixes them.
                     log.error("%s", exc)
@@ -449,7 +463,8 @@ class Secondary:
                                              f"attempt: {last}", hint=hint or "is the primary running and "
                                              "reachable from here? start this node again once it is")
                     delay = min(delay, left)  # one last attempt when the time is up, not a backoff later
-                self.link_log.failed(message, delay, was_connected=was_connected, logged=logged)
+                self.link_log.failed(message, delay, was_connected=was_connected, logged=logged,
+                                     link_down=not isinstance(failure, StorageError))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), delay)
 
@@ -677,6 +692,13 @@ class Secondary:
         self.progress.applied_at = time.time()
         self.progress.txns_applied += len(tids)
         self.progress.last_error = None  # whatever it was, transactions are applied again
+        if self._storage_failing is not None:
+            since, attempts = self._storage_failing
+            self._storage_failing = None
+            # Whoever saw the storage fail (at ERROR) must see it work again.
+            log.warning("local storage %s takes transactions again after %s (%d failed attempt%s)",
+                        self.config.storage, _duration(time.monotonic() - since), attempts,
+                        "" if attempts == 1 else "s")
         if self.downstream is not None:
             self.downstream.notifier.notify()
         self._ack_due.set()

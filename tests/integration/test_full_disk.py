@@ -83,6 +83,12 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog):
     db.close()
     assert max(delays) >= 0.5, f"the reconnect delays did not grow: {delays}"
     assert len(delays) <= 12, delays
+    # A storage problem, not a link outage: no outage warnings, and the
+    # recovery is said about the storage, once.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not [w for w in warnings if "primary" in w and ("again after" in w or "connection" in w)], warnings
+    back = [w for w in warnings if "takes transactions again" in w]
+    assert len(back) == 1 and f"{len(delays)} failed attempt" in back[0], (back, len(delays))
     assert assert_equal(tmp_path, "disk/dst").transactions > 0
 
 
