@@ -5,6 +5,14 @@ cluster CA, that it uses both as a TLS server (it may serve the stream
 onward) and as a TLS client (it dials its upstream).  That is why node
 certificates carry *both* the serverAuth and clientAuth extended key usages.
 
+A certificate may also carry a *role*, as a SubjectAltName URI
+``urn:zodb-replicator:role:NAME`` (``ROLES``): what its holder may ask of a
+node.  ``node`` (what every node needs; a certificate without a role URI is
+one) may do everything; ``operator`` may call the control routes (promote,
+fence, switchover) and read status, but not replicate the database;
+``monitor`` may only read ``/status`` and ``/metrics``, for a Prometheus
+scraper that must not be able to download the data or fence the primary.
+
 Files live side by side in one directory::
 
     ca.pem  ca.key          the cluster CA (keep ca.key off the nodes if you can)
@@ -39,7 +47,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError
 
-__all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "describe"]
+__all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "describe", "ROLES", "ROLE_URI_PREFIX",
+           "roles_from_uris"]
 
 CA_NAME = "ca"
 
@@ -49,6 +58,21 @@ _BACKDATE = datetime.timedelta(minutes=5)
 
 _EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
               ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+#: Certificate roles, from most to least trusted (see the module's docstring).
+ROLES = ("node", "operator", "monitor")
+#: A role is a SubjectAltName URI: this prefix, then the role's name.
+ROLE_URI_PREFIX = "urn:zodb-replicator:role:"
+
+
+def roles_from_uris(uris: Iterable[str]) -> frozenset[str]:
+    """The roles a certificate's SubjectAltName URIs grant: ``node`` when it names none.
+
+    Role names this release does not know are kept (they grant nothing).
+    """
+    roles = frozenset(u[len(ROLE_URI_PREFIX):] for u in uris if u.startswith(ROLE_URI_PREFIX))
+    return roles or frozenset({"node"})
+
 
 # Node names become file names; keep them to a portable, unambiguous set.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -78,6 +102,8 @@ class CertInfo:
     is_ca: bool
     extended_key_usage: tuple[str, ...]
     sha256_fingerprint: str
+    #: What its holder may ask of a node (``ROLES``); a CA's is empty.
+    roles: tuple[str, ...] = ()
 
     @property
     def sans(self) -> tuple[str, ...]:
@@ -132,8 +158,11 @@ def init_ca(directory: str | os.PathLike[str], *, common_name: str = "ZODB repli
 
 def issue_node(directory: str | os.PathLike[str], name: str, *,
                hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 825,
-               force: bool = False) -> CertPaths:
+               force: bool = False, role: str = "node") -> CertPaths:
     """Issue ``<name>.pem`` / ``<name>.key`` in ``directory``, signed by its CA.
+
+    ``role`` (``ROLES``) is written as a SubjectAltName URI; nodes check it
+    on every request (``transport.authorize``).
 
     ``hosts`` become SubjectAltName entries (IP addresses as IP entries, the
     rest as DNS names): clients check the address they dial against them, so
@@ -149,6 +178,8 @@ def issue_node(directory: str | os.PathLike[str], name: str, *,
     if not _NAME_RE.match(name) or name == CA_NAME:
         problems.append(f"node name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
                         f"start with a letter or digit, and not be {CA_NAME!r}")
+    if role not in ROLES:
+        problems.append(f"role {role!r}: must be one of {', '.join(ROLES)}")
     dns_names, ips = _split_hosts(hosts, problems)
     paths = CertPaths(directory / f"{name}.pem", directory / f"{name}.key")
     problems += _check_targets(paths, force)
@@ -166,6 +197,7 @@ def issue_node(directory: str | os.PathLike[str], name: str, *,
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
     sans += [x509.IPAddress(ip) for ip in ips]
+    sans.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
@@ -201,8 +233,9 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns_names = tuple(san.get_values_for_type(x509.DNSName))
         ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:
-        dns_names, ips = (), ()
+        dns_names, ips, uris = (), (), ()
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -226,7 +259,12 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         is_ca=is_ca,
         extended_key_usage=eku,
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":"),
+        roles=() if is_ca else tuple(sorted(roles_from_uris(uris), key=_role_order)),
     )
+
+
+def _role_order(role: str) -> tuple[int, str]:
+    return (ROLES.index(role) if role in ROLES else len(ROLES), role)
 
 
 # -- helpers ---------------------------------------------------------------

@@ -453,22 +453,26 @@ def certs_init(directory, nodes, hosts, force) -> None:
 @click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
               help="Host names and IP addresses the certificate is valid for (repeat): every name "
                    "and address peers dial to reach this node.")
+@click.option("--role", type=click.Choice(["node", "operator", "monitor"]), default="node", show_default=True,
+              help="What its holder may ask of a node: node (a primary or secondary: everything), operator "
+                   "(status and the control commands: promote, fence, switchover, rewind; not the data), "
+                   "monitor (status and /metrics only, e.g. for Prometheus).")
 @click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
-def certs_issue(name, directory, hosts, force) -> None:
-    """Issue one more node certificate signed by the CA in --dir.
+def certs_issue(name, directory, hosts, role, force) -> None:
+    """Issue one more certificate signed by the CA in --dir.
 
-    NAME is the node's name: the files are NAME.pem and NAME.key, and peers
-    log it as the node's identity.
+    NAME is the node's (or operator's, or monitor's) name: the files are
+    NAME.pem and NAME.key, and nodes log it as the client's identity.
     """
     from .certs import issue_node
 
     try:
-        issue_node(directory, name, hosts=tuple(hosts), force=force)
+        issue_node(directory, name, hosts=tuple(hosts), force=force, role=role)
     except ConfigError as exc:
         _fail(_with_force_option(exc))
     except ReplicatorError as exc:
         _fail(exc)
-    click.echo(f"{directory}/{name}.pem and {directory}/{name}.key written")
+    click.echo(f"{directory}/{name}.pem and {directory}/{name}.key written (role {role})")
 
 
 @certs.command("show")

@@ -57,6 +57,23 @@ def _check_tls(tls: TLSPaths | None, insecure: bool, problems: list[str]) -> Non
             problems.append(f"{name} is required")
         elif not os.path.isfile(path):
             problems.append(f"{name} {path}: no such file")
+        elif name == "--tls-cert":
+            _check_node_role(path, problems)
+
+
+def _check_node_role(path: str, problems: list[str]) -> None:
+    """A node's own certificate must have the ``node`` role (``certs.ROLES``): a primary
+    may become a secondary in a switchover, and a secondary replicates."""
+    from .certs import describe  # cryptography: only once files are there to read
+
+    try:
+        roles = describe(path).roles
+    except ConfigError:
+        return  # not PEM: the TLS context names the problem
+    if "node" not in roles:
+        problems.append(f"--tls-cert {path} is a certificate of role {', '.join(roles)}, for operators' "
+                        "commands or monitoring: a primary or secondary needs a node certificate "
+                        "(`replicator certs issue NAME`)")
 
 
 def _default_node() -> str:

@@ -1,7 +1,8 @@
 """The control API on each node's HTTPS port, and the client side of it.
 
-Routes (mutual TLS, like the stream; any node certificate of the cluster may
-call them):
+Routes (mutual TLS, like the stream; the POST routes take a certificate of
+the role ``node`` or ``operator``, ``/identities`` any certificate of the
+cluster: see ``transport.ROLE_RIGHTS``):
 
 - ``POST /promote`` (secondary): stop following after applying everything
   received, start a new epoch, become the primary of that epoch.
@@ -171,6 +172,10 @@ def _refusal(target: str, method: str, url: str, status: int, text: str) -> Repl
     if status in (404, 405):
         return UsageError(f"{target} has no {method} /{route} (HTTP {status}): it is not a node of the "
                           "kind this command is for")
+    if status == 403:  # the client certificate's role (transport.authorize)
+        return UsageError(f"{target} refused {method} /{route} (HTTP 403): {text}",
+                          hint="give this command an operator's or a node's certificate (--tls-cert, "
+                               "--tls-key); `replicator certs issue NAME --role operator` makes one")
     if 400 <= status < 500 or status == 501:
         return UsageError(f"{target} refused {method} /{route} (HTTP {status}): {text}")
     return ReplicatorError(f"{method} {url}: HTTP {status}: {text}",

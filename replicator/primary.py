@@ -52,7 +52,14 @@ from .protocol import (
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import peer_identity, seconds_since_heard, server_ssl_context, start_server, stop_server
+from .transport import (
+    authorize,
+    peer_identity,
+    seconds_since_heard,
+    server_ssl_context,
+    start_server,
+    stop_server,
+)
 
 __all__ = ["Primary", "ChangeNotifier"]
 
@@ -497,7 +504,8 @@ class Primary:
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         await self._refresh_head()
-        app = web.Application(client_max_size=1 << 16)
+        # Every route checks the client certificate's role first (transport.ROLE_RIGHTS).
+        app = web.Application(client_max_size=1 << 16, middlewares=[authorize])
         app.router.add_get("/replicate", self._handle_replicate)
         app.router.add_get("/status", self._handle_status)
         app.router.add_get("/metrics", self._handle_metrics)

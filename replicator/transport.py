@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
 from .certs import read_file as _read
+from .certs import roles_from_uris
 from .errors import ConfigError, TLSError, TransportError
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "start_server",
     "stop_server",
     "peer_identity",
+    "authorize",
+    "ROLE_RIGHTS",
     "connect_ws",
     "request_error",
     "unresolved_host",
@@ -305,6 +308,49 @@ def peer_identity(request: web.BaseRequest) -> str:
     return f"certificate without common name from {request.remote}"
 
 
+#: What a certificate of each role may ask of a node (``certs.ROLES``):
+#: ``replicate`` (GET /replicate: the whole database), ``control`` (the POST
+#: routes: promote, fence, unfence, demote) and ``read`` (every other GET:
+#: /status, /metrics, /identities).
+ROLE_RIGHTS: dict[str, frozenset[str]] = {
+    "node": frozenset({"replicate", "control", "read"}),
+    "operator": frozenset({"control", "read"}),
+    "monitor": frozenset({"read"}),
+}
+_RIGHT_WORDS = {"replicate": "replicate the database", "control": "change a node's state",
+                "read": "read a node's status"}
+
+
+def _right(request: web.BaseRequest) -> str:
+    if request.path == "/replicate":
+        return "replicate"
+    return "read" if request.method in ("GET", "HEAD") else "control"
+
+
+def peer_roles(request: web.BaseRequest) -> frozenset[str] | None:
+    """The roles of the client's certificate; None without TLS (insecure mode: no identity)."""
+    transport = request.transport
+    peercert = transport.get_extra_info("peercert") if transport is not None else None
+    if not peercert:
+        return None
+    return roles_from_uris(str(value) for key, value in peercert.get("subjectAltName", ()) if key == "URI")
+
+
+@web.middleware
+async def authorize(request: web.Request, handler):
+    """Refuse (HTTP 403, logged) what the client certificate's role does not allow (``ROLE_RIGHTS``)."""
+    roles = peer_roles(request)
+    right = _right(request)
+    if roles is not None and not any(right in ROLE_RIGHTS.get(role, ()) for role in roles):
+        needed = " or ".join(role for role, rights in ROLE_RIGHTS.items() if right in rights)
+        text = (f"the certificate {peer_identity(request)!r} has the role {', '.join(sorted(roles))}, which may "
+                f"not {_RIGHT_WORDS[right]} ({request.method} {request.path}); that takes a certificate of "
+                f"the role {needed}")
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, text)
+        raise web.HTTPForbidden(text=text)
+    return await handler(request)
+
+
 # -- client ------------------------------------------------------------------
 
 async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
@@ -346,6 +392,12 @@ async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
     except aiohttp.ClientConnectorCertificateError as e:
         raise _certificate_error(address, e.certificate_error) from e
     except aiohttp.WSServerHandshakeError as e:
+        if e.status == 403:
+            # The node's log names the role; retrying helps once the certificate is replaced.
+            raise TLSError(address, f"{url} refused this node's certificate for replication (HTTP 403): its "
+                           "role may not replicate", hint="a secondary needs a certificate of the role node "
+                           "(`replicator certs show` prints a certificate's role; `replicator certs issue "
+                           "NAME` makes one)") from e
         raise TransportError(address, f"{url} refused the WebSocket upgrade: HTTP {e.status} "
                              f"{e.message}", hint="check the URL path (normally /replicate)") from e
     except (aiohttp.ClientError, OSError) as e:

@@ -9,13 +9,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tls_dir(tmp_path_factory) -> Path:
-    """A cluster CA with certificates for ``primary``, ``secondary`` and ``other``."""
+    """A cluster CA with node certificates ``primary``, ``secondary`` and ``tertiary``, and
+    ``operator`` and ``monitor`` certificates of those roles."""
     from replicator.certs import init_ca, issue_node
 
     directory = tmp_path_factory.mktemp("tls")
     init_ca(directory)
     for name in ("primary", "secondary", "tertiary"):
         issue_node(directory, name, hosts=("localhost", "127.0.0.1"))
+    for role in ("operator", "monitor"):  # certificates of those roles, named after them
+        issue_node(directory, role, role=role)
     return directory
 
 

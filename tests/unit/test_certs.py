@@ -202,3 +202,25 @@ def test_describe_missing_or_not_pem(tmp_path):
         certs.describe(tmp_path / "junk.pem")
     with pytest.raises(ConfigError, match="is a directory"):
         certs.describe(tmp_path)
+
+
+def test_roles_are_subject_alt_name_uris(tmp_path):
+    certs.init_ca(tmp_path)
+    for role in certs.ROLES:
+        cert = _cert(certs.issue_node(tmp_path, f"c-{role}", role=role).cert)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:zodb-replicator:role:{role}"]
+        assert certs.describe(tmp_path / f"c-{role}.pem").roles == (role,)
+    assert certs.describe(tmp_path / "ca.pem").roles == ()
+    with pytest.raises(ConfigError, match="role 'admin': must be one of node, operator, monitor"):
+        certs.issue_node(tmp_path, "x", role="admin")
+    assert not (tmp_path / "x.pem").exists()
+
+
+def test_a_certificate_without_a_role_is_a_node_and_unknown_roles_grant_nothing_known():
+    # Certificates issued before roles existed carry no role URI: they stay nodes.
+    assert certs.roles_from_uris([]) == {"node"}
+    assert certs.roles_from_uris(["https://example.com/"]) == {"node"}
+    assert certs.roles_from_uris(["urn:zodb-replicator:role:monitor"]) == {"monitor"}
+    # A role of a later release is kept as it is: it is not taken for a node.
+    assert certs.roles_from_uris(["urn:zodb-replicator:role:auditor"]) == {"auditor"}
