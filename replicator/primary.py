@@ -80,6 +80,16 @@ ACK_DELAY = 0.25
 INLINE_READ_BYTES = 256 << 10
 
 
+def _remote_address(request: web.Request) -> str:
+    """``HOST:PORT`` of the client (``[v6]:PORT``): tells apart two connections from one host."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = str(peername[0])
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+    return str(request.remote)
+
+
 class SecondaryGoneError(Exception):
     """A secondary's host stopped answering; the message says which and for how long."""
 
@@ -732,7 +742,7 @@ class Primary:
         # A secondary that asks for compression (a slow link) gets it; the others do not.
         ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=True, autoping=True)
         await ws.prepare(request)
-        peer = f"{request.remote} ({peer_identity(request)})"
+        peer = f"{_remote_address(request)} ({peer_identity(request)})"
         stats = SessionStats(peer=peer, compression=bool(ws.compress))
         conn = Connection(Role.PRIMARY, max_frame=cfg.max_frame)
         tailer = Tailer(cfg.storage, cfg.blob_dir)

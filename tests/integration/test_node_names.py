@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import aiohttp
 
@@ -47,6 +48,10 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     error = second.progress.last_error
                     assert "duplicate" in error and "another secondary named 'dst'" in error, error
                     assert "node name of its own" in error
+                    # Which connection holds the name: its address and port, and certificate.
+                    held_by = primary.status()["secondaries"][0]["peer"]
+                    assert re.fullmatch(r"127\.0\.0\.1:\d+ \(secondary\)", held_by), held_by
+                    assert f"(from {held_by})" in error
                     # Refused, not stopped: it keeps trying; nothing was applied to it.
                     await asyncio.sleep(0.5)
                     assert not task.done()
