@@ -73,6 +73,16 @@ class _StatusCollector(Collector):
             sent.add_metric([name], float(peer.get("bytes_sent") or 0))
         yield from (lag_s, lag_t, sent)
         yield _gauge("replicator_secondaries", "Connected secondaries.", len(peers))
+        if "refusals" in s:
+            refused = CounterMetricFamily("replicator_refused_secondaries", "Secondaries this primary refused "
+                                          "at their handshake, by reason (duplicate: a node name already "
+                                          "connected; diverged, ahead, packed, version, stale, behind, "
+                                          "corrupted: see docs/protocol.md).", labels=["code"])
+            for code, count in sorted((s.get("refusals") or {}).items()):
+                refused.add_metric([str(code)], float(count))
+            yield refused
+        yield _counter("replicator_silent_secondaries_dropped", "Sessions dropped because the secondary's "
+                       "host stopped answering.", s.get("silent_secondaries_dropped"))
         sync = s.get("sync")
         if sync:
             yield _gauge("replicator_sync_required", "Synchronous replication: acknowledgements each commit "

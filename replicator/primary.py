@@ -12,6 +12,7 @@ sidecar mode; an embedding storage can call ``notify()`` on commit instead).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -501,6 +502,10 @@ class Primary:
         self._head_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.bytes_sent = 0
+        #: Secondaries refused at their Hello, by ``Reject`` code (/status, /metrics).
+        self.refusals: collections.Counter[str] = collections.Counter()
+        #: Sessions dropped because the secondary's host fell silent.
+        self.silent_dropped = 0
 
     # -- lifecycle -------------------------------------------------------
 
@@ -723,6 +728,8 @@ class Primary:
             "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
             "file_event_wakeups": self.notifier.event_wakeups,
             "error": str(self.fatal or self.damage_ahead or "") or None,
+            "refusals": dict(self.refusals),
+            "silent_secondaries_dropped": self.silent_dropped,
         }
 
     async def _handle_status(self, request: web.Request) -> web.Response:
@@ -755,6 +762,7 @@ class Primary:
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:
                 log.warning("refusing secondary %s: %s", peer, duplicate.message)
+                self.refusals[duplicate.code] += 1
                 await ws.send_bytes(conn.send(duplicate))
                 return ws
             await asyncio.to_thread(tailer.open)
@@ -762,6 +770,7 @@ class Primary:
             reject = await self._position(tailer, hello)
             if reject is not None:
                 log.warning("refusing secondary %s: %s", peer, reject.message)
+                self.refusals[reject.code] += 1
                 await ws.send_bytes(conn.send(reject))
                 return ws
             # Synchronous commits wait for acknowledgements: then none is held back.
@@ -793,6 +802,7 @@ class Primary:
             self._fail(exc)
         except* SecondaryGoneError as group_exc:
             log.warning("%s", _leaf(group_exc))
+            self.silent_dropped += 1
         except* (TimeoutError, ConnectionError) as group_exc:
             log.info("secondary %s disconnected: %s", peer, _leaf(group_exc))
         except* SourceReplacedError as group_exc:

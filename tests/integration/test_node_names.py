@@ -14,6 +14,7 @@ import re
 
 import aiohttp
 
+from replicator.metrics import render_metrics
 from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Reject, Role, Welcome
 from replicator.tid import Z64
 from replicator.transport import client_ssl_context, connect_ws
@@ -52,6 +53,11 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     held_by = primary.status()["secondaries"][0]["peer"]
                     assert re.fullmatch(r"127\.0\.0\.1:\d+ \(secondary\)", held_by), held_by
                     assert f"(from {held_by})" in error
+                    # Counted, for alerting on it.
+                    assert primary.status()["refusals"]["duplicate"] >= 1
+                    metrics = render_metrics(primary.status).decode()
+                    assert re.search(r'^replicator_refused_secondaries_total\{code="duplicate"\} [1-9]', metrics,
+                                     re.M), metrics
                     # Refused, not stopped: it keeps trying; nothing was applied to it.
                     await asyncio.sleep(0.5)
                     assert not task.done()

@@ -137,6 +137,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
             await until(lambda: not primary.status()["secondaries"], 15, "the silent secondary to be dropped")
             gone_after = asyncio.get_running_loop().time() - cut
             assert gone_after < 8, gone_after
+            assert primary.status()["silent_secondaries_dropped"] == 1
 
             # Back again: its name is free, it reconnects and catches up.
             _silence(netns, False)
