@@ -456,7 +456,7 @@ def certs_init(directory, nodes, hosts, force) -> None:
 @click.option("--role", type=click.Choice(["node", "operator", "monitor"]), default="node", show_default=True,
               help="What its holder may ask of a node: node (a primary or secondary: everything), operator "
                    "(status and the control commands: promote, fence, switchover, rewind; not the data), "
-                   "monitor (status and /metrics only, e.g. for Prometheus).")
+                   "monitor (reading status and /metrics only, e.g. for Prometheus).")
 @click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
 def certs_issue(name, directory, hosts, role, force) -> None:
     """Issue one more certificate signed by the CA in --dir.
