@@ -55,8 +55,8 @@ from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import (
     authorize,
+    host_silence,
     peer_identity,
-    seconds_since_heard,
     server_ssl_context,
     start_server,
     stop_server,
@@ -1020,21 +1020,33 @@ class Primary:
         a host that vanished (power cut, a network partition) sends no FIN:
         without a check the session would stay listed, and its node name
         taken, until TCP gives up after about a quarter of an hour.  The
-        primary sends a heartbeat every second, so a live host acknowledges
-        something at least that often, its window full or not; a slow link
-        still delivering is not mistaken for a dead one.
+        primary sends a heartbeat every second, so a live host has data to
+        acknowledge at least that often; a slow link still delivering is not
+        mistaken for a dead one, nor is a secondary too busy to read (a pack
+        of its storage, a huge transaction), whose host answers the probes
+        of its closed window (``host_silence``).
         """
-        timeout = self.config.silence_limit
+        limit = self.config.silence_limit
+        # A first silent look is confirmed by a second one a moment later:
+        # a probe of a closed window may just have gone out, and its answer
+        # takes a round trip.
+        confirm = min(2.0, limit / 4)
+        silent_looks = 0
         while True:
             try:
-                msg = await ws.receive(timeout=timeout)
+                msg = await ws.receive(timeout=confirm if silent_looks else limit)
             except TimeoutError:
-                quiet = seconds_since_heard(ws, acks=True)
-                if quiet is None or quiet < timeout:
-                    continue  # its host answers (or this platform cannot tell): still there
+                silence = host_silence(ws)
+                if silence is None or silence < limit:
+                    silent_looks = 0  # its host answers (or this platform cannot tell): still there
+                    continue
+                silent_looks += 1
+                if silent_looks < 2:
+                    continue
                 raise SecondaryGoneError(f"secondary {stats.node} ({stats.peer}) is gone: its host acknowledged "
-                                         f"nothing for {quiet:.0f} s; dropping its session (it resumes from its "
-                                         "last transaction when it connects again)") from None
+                                         f"nothing for {silence:.0f} s; dropping its session (it resumes from "
+                                         "its last transaction when it connects again)") from None
+            silent_looks = 0
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) or stats.replaced:
                 return
             if msg.type is WSMsgType.ERROR:

@@ -594,7 +594,7 @@ class Secondary:
             try:
                 return await ws.receive(timeout=idle)
             except TimeoutError:
-                quiet = seconds_since_heard(ws, acks=False)
+                quiet = seconds_since_heard(ws)
                 if quiet is not None and quiet < idle:
                     continue  # bytes are arriving: a message longer than the link carries in `idle`
                 raise TransportError(str(self.config.primary), f"nothing from the primary for {idle:g} s: the "

@@ -64,6 +64,7 @@ __all__ = [
     "request_error",
     "unresolved_host",
     "seconds_since_heard",
+    "host_silence",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,14 @@ MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 
 _warned_insecure: set[str] = set()
 
-#: Bytes of ``struct tcp_info`` read, and the offsets of ``tcpi_last_data_recv``
-#: and ``tcpi_last_ack_recv`` in it (the same since Linux 2.6).
-_TCP_INFO_LEN, _LAST_DATA_RECV, _LAST_ACK_RECV = 104, 52, 56
+#: Bytes of ``struct tcp_info`` read, and the offsets in it (the same since
+#: Linux 2.6) of ``tcpi_probes`` (unanswered zero-window probes, a byte),
+#: ``tcpi_unacked`` (segments sent and not yet acknowledged),
+#: ``tcpi_last_data_recv`` and ``tcpi_last_ack_recv`` (ms ago).
+_TCP_INFO_LEN, _PROBES, _UNACKED, _LAST_DATA_RECV, _LAST_ACK_RECV = 104, 3, 24, 52, 56
 
 
-def seconds_since_heard(ws, *, acks: bool) -> float | None:
-    """Seconds since the WebSocket's TCP connection last received data (or, with
-    ``acks``, data or an acknowledgement of ours); None where unknown.
-
-    From the kernel's ``TCP_INFO``, in ms.  Data counts even while a message
-    is still incomplete (TLS records included), so a slow link that still
-    delivers is told from a dead one.  An acknowledgement says the peer's
-    host still takes what we send (its kernel answers even when its window
-    is full), though nothing comes back at the application's level: the
-    primary's view of an idle secondary, which it sends heartbeats to.
-    """
+def _tcp_info(ws) -> bytes | None:
     sock = ws.get_extra_info("socket")
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return None
@@ -95,12 +88,41 @@ def seconds_since_heard(ws, *, acks: bool) -> float | None:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     except OSError:
         return None
-    if len(info) < _LAST_ACK_RECV + 4:
+    return info if len(info) >= _LAST_ACK_RECV + 4 else None
+
+
+def _u32(info: bytes, offset: int) -> int:
+    return int.from_bytes(info[offset:offset + 4], sys.byteorder)
+
+
+def seconds_since_heard(ws) -> float | None:
+    """Seconds since the WebSocket's TCP connection last received data; None where unknown.
+
+    From the kernel's ``TCP_INFO``.  Data counts even while a message is
+    still incomplete (TLS records included), so a slow link that still
+    delivers is told from a dead one.
+    """
+    info = _tcp_info(ws)
+    return None if info is None else _u32(info, _LAST_DATA_RECV) / 1000
+
+
+def host_silence(ws) -> float | None:
+    """Seconds the peer's host has owed us an answer; None where unknown.
+
+    While the kernel waits for the peer to acknowledge data or a
+    zero-window probe: the time since the peer last acknowledged or sent
+    anything.  Otherwise 0: nothing is owed.  That is the case of a live
+    peer whose receive window is closed (its process is busy and reads
+    nothing): the kernel probes it at exponentially growing intervals and
+    it answers each probe, so long gaps between its answers say nothing.
+    A host that vanished leaves data or a probe unanswered.
+    """
+    info = _tcp_info(ws)
+    if info is None:
         return None
-    quiet = int.from_bytes(info[_LAST_DATA_RECV:_LAST_DATA_RECV + 4], sys.byteorder)
-    if acks:
-        quiet = min(quiet, int.from_bytes(info[_LAST_ACK_RECV:_LAST_ACK_RECV + 4], sys.byteorder))
-    return quiet / 1000
+    if not info[_PROBES] and not _u32(info, _UNACKED):
+        return 0.0
+    return min(_u32(info, _LAST_DATA_RECV), _u32(info, _LAST_ACK_RECV)) / 1000
 
 
 @dataclass(frozen=True)
