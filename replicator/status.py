@@ -152,6 +152,11 @@ def render(results: list[dict], now: float) -> str:
             if sync_line:
                 lines.append(sync_line)
             lines.extend(_followers(r.get("secondaries", [])))
+            refused = r.get("refusals") or {}
+            if refused or r.get("silent_secondaries_dropped"):
+                counts = ", ".join(f"{count} {code}" for code, count in sorted(refused.items())) or "none"
+                lines.append(f"  refused       {counts} (since start; the primary's log names each); "
+                             f"{r.get('silent_secondaries_dropped', 0)} dropped as silent")
         else:
             state = "connected" if r.get("connected") else "DISCONNECTED"
             if r.get("connected") and r.get("compression"):

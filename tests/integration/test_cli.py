@@ -215,6 +215,13 @@ def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     assert issued.returncode == 2 and "primary.pem: already exists" in issued.stderr
     assert "give --force" in issued.stderr and "force=True" not in issued.stderr
     assert run("certs", "issue", "primary", "--dir", str(tmp_path / "tls"), "--force").returncode == 0
+    # Roles: chosen when issuing, printed by show; a node is the default.
+    assert "roles: ('node',)" in run("certs", "show", str(tmp_path / "tls" / "primary.pem")).stdout
+    monitor = run("certs", "issue", "prometheus", "--role", "monitor", "--dir", str(tmp_path / "tls"))
+    assert monitor.returncode == 0 and "(role monitor)" in monitor.stdout, monitor.stderr
+    assert "roles: ('monitor',)" in run("certs", "show", str(tmp_path / "tls" / "prometheus.pem")).stdout
+    bad = run("certs", "issue", "x", "--role", "admin", "--dir", str(tmp_path / "tls"))
+    assert bad.returncode == 2 and "admin" in bad.stderr
 
 
 def test_status_reports_unreachable_nodes(tmp_path, tls_dir):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import aiohttp
 
 from replicator.metrics import render_metrics
 from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Reject, Role, Welcome
+from replicator.status import render
 from replicator.tid import Z64
 from replicator.transport import client_ssl_context, connect_ws
 from tests.integration.test_replication import (
@@ -58,6 +60,9 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     metrics = render_metrics(primary.status).decode()
                     assert re.search(r'^replicator_refused_secondaries_total\{code="duplicate"\} [1-9]', metrics,
                                      re.M), metrics
+                    text = render([{**primary.status(), "url": "https://p/status"}], time.time())
+                    assert re.search(r"^  refused +[1-9]\d* duplicate \(since start; .*0 dropped as silent$", text,
+                                     re.M), text
                     # Refused, not stopped: it keeps trying; nothing was applied to it.
                     await asyncio.sleep(0.5)
                     assert not task.done()
