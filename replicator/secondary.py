@@ -62,7 +62,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import client_ssl_context, connect_ws, seconds_since_heard
+from .transport import client_ssl_context, connect_ws, host_silence, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -107,6 +107,11 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
+
+#: Longest wait for the primary's answer to a Hello while its host is there (seconds):
+#: placing a secondary that was away during a pack may take the primary a scan of
+#: the file the pack replaced.
+WELCOME_WAIT = 600.0
 
 #: While the primary stays unreachable, a WARNING says so at most this often (seconds).
 OUTAGE_WARNING_INTERVAL = 60.0
@@ -554,7 +559,32 @@ class Secondary:
         self.progress.epoch = welcome.epoch
 
     async def _receive_welcome(self, ws, conn: Connection) -> Welcome:
-        msg = await ws.receive(timeout=self.config.idle_timeout)
+        """The primary's answer to our Hello: a ``Welcome``, or the refusal raised.
+
+        The primary may take long to answer: to place a secondary that was
+        away during a pack, it scans the file the pack replaced
+        (``Data.fs.old``), minutes on a big storage.  So while the primary's
+        host owes us nothing (it acknowledged the Hello; ``host_silence``),
+        the wait goes on, up to ``WELCOME_WAIT``; a host that vanished
+        leaves the Hello unacknowledged and is given up after ``idle_timeout``.
+        """
+        idle = self.config.idle_timeout
+        started = time.monotonic()
+        told = False
+        while True:
+            try:
+                msg = await ws.receive(timeout=idle)
+                break
+            except TimeoutError:
+                waited = time.monotonic() - started
+                silence = host_silence(ws)
+                if silence is None or silence >= idle or waited >= WELCOME_WAIT:
+                    raise TransportError(str(self.config.primary), f"the primary did not answer our Hello within "
+                                         f"{waited:.0f} s") from None
+                if not told:
+                    told = True
+                    log.info("the primary at %s is still working on its answer to our Hello (after a pack it may "
+                             "be reading the file the pack replaced); waiting for it", self.config.primary)
         if msg.type is not WSMsgType.BINARY:
             if ws.close_code == aiohttp.WSCloseCode.PROTOCOL_ERROR:
                 # An older primary cannot read a newer Hello at all, so it
