@@ -186,6 +186,12 @@ class Tailer:
         # Without <blob dir>.old, a blob record's file is missing, which says the pack took it.
         old = Tailer(self.path + ".old", self.blob_dir and self.blob_dir + ".old",
                      max_record_size=self.max_record_size)
+        # One scan of a given .old at a time: secondaries that come back
+        # together after a pack wait for the first scan and reuse it.
+        with _old_scan_lock(self.path + ".old"):
+            return self._resumes_from(old, nxt, theirs)
+
+    def _resumes_from(self, old: Tailer, nxt: TxnHeader, theirs: TxnIdentity) -> bool:
         try:
             old.open()
             _reuse_scan(old._src)  # type: ignore[arg-type]
@@ -693,6 +699,13 @@ class Tailer:
 #: deletes it, and an open descriptor would keep its space in use).
 _old_scans: dict[str, tuple[tuple[int, int, int], tuple]] = {}
 _old_scans_lock = threading.Lock()
+#: Held while a ``.old`` file is scanned (``resumes_across_pack``), by path.
+_old_scan_locks: dict[str, threading.Lock] = {}
+
+
+def _old_scan_lock(path: str) -> threading.Lock:
+    with _old_scans_lock:
+        return _old_scan_locks.setdefault(path, threading.Lock())
 
 
 def _reuse_scan(src: SourceFile) -> None:

@@ -333,3 +333,48 @@ def test_pack_removing_a_blob_of_the_transaction_being_shipped(tmp_path, tls_dir
     assert len(opened) >= 2
     assert f"packed while transaction {tid_repr(shipped)}" in caplog.text
     assert_same_current_state(tmp_path)
+
+
+def test_secondaries_back_together_after_a_pack_share_one_scan_of_the_replaced_file(tmp_path, monkeypatch):
+    """Two handshakes at once over one Data.fs.old: the second waits for the first's scan and reuses it."""
+    import threading
+
+    from replicator.fsfile import SourceFile
+    from replicator.tailer import Tailer
+
+    db = ZODB.DB(FileStorage(str(tmp_path / "Data.fs")))
+    for n in range(3):
+        with db.transaction() as c:
+            c.root()["x"] = n
+        if n == 1:
+            dropped = db.lastTransaction()
+            with Tailer(str(tmp_path / "Data.fs")) as t:
+                theirs = t.identity(dropped)
+    db.pack(time.time() + 1)
+    db.close()
+    old = str(tmp_path / "Data.fs.old")
+    assert theirs is not None and os.path.exists(old)
+    tailer_module._old_scans.pop(old, None)
+    starts: list[int] = []
+    scan = SourceFile.scan
+
+    def slow_scan(self):  # a big file's scan, in miniature: long enough for the two to overlap
+        if self.path == old:
+            starts.append(self.scan_pos)
+            time.sleep(0.3)
+        return scan(self)
+
+    monkeypatch.setattr(SourceFile, "scan", slow_scan)
+    answers: list[bool] = []
+
+    def handshake() -> None:
+        with Tailer(str(tmp_path / "Data.fs")) as t:
+            answers.append(t.resumes_across_pack(theirs))
+
+    threads = [threading.Thread(target=handshake) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert answers == [True, True]
+    assert starts.count(4) == 1, starts  # one scan from the file's first transaction, not two
