@@ -1027,14 +1027,16 @@ class Primary:
         of its closed window (``host_silence``).
         """
         limit = self.config.silence_limit
+        # The kernel is asked every third of the limit without a message (a
+        # getsockopt), so a silent host is dropped within about 1.3 limits.
         # A first silent look is confirmed by a second one a moment later:
         # a probe of a closed window may just have gone out, and its answer
         # takes a round trip.
-        confirm = min(2.0, limit / 4)
+        look, confirm = limit / 3, min(2.0, limit / 4)
         silent_looks = 0
         while True:
             try:
-                msg = await ws.receive(timeout=confirm if silent_looks else limit)
+                msg = await ws.receive(timeout=confirm if silent_looks else look)
             except TimeoutError:
                 silence = host_silence(ws)
                 if silence is None or silence < limit:
