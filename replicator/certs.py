@@ -10,8 +10,9 @@ A certificate may also carry a *role*, as a SubjectAltName URI
 node.  ``node`` (what every node needs; a certificate without a role URI is
 one) may do everything; ``operator`` may call the control routes (promote,
 fence, switchover) and read status, but not replicate the database;
-``monitor`` may only read ``/status`` and ``/metrics``, for a Prometheus
-scraper that must not be able to download the data or fence the primary.
+``monitor`` may only read (``/status``, ``/metrics``, ``/identities``), for
+a Prometheus scraper that must not be able to download the data or fence
+the primary.  ``transport.ROLE_RIGHTS`` is the rule.
 
 Files live side by side in one directory::
 

@@ -842,8 +842,9 @@ class Primary:
         noticed yet: the older one is dropped at once.  Another process under
         a name in use is refused with ``duplicate``, which it retries: the
         other may be a connection of a node that is gone, which the primary
-        drops after ``peer_timeout`` without an answer from its host.  (No
-        await here: the check and the claim are one step.)
+        drops once its host has been silent for ``silence_limit``
+        (``_ack_loop``).  (No await here: the check and the claim are one
+        step.)
         """
         if hello.protocol_version != PROTOCOL_VERSION:
             return None  # refused by version next
@@ -862,8 +863,8 @@ class Primary:
             return Reject("duplicate", f"another secondary named {hello.node!r} is connected to this primary "
                                        f"(from {other.peer}): each secondary needs a node name of its own "
                                        "(--node, or node in its configuration file). This one retries; if "
-                                       "that other one is gone, the primary drops it within "
-                                       f"{self.config.silence_limit:g} s and lets this one in")
+                                       "that other one is gone, the primary drops it once its host has been "
+                                       f"silent for {self.config.silence_limit:g} s, and lets this one in")
         self._claims[key] = stats
         return None
 

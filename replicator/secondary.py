@@ -422,9 +422,8 @@ class Secondary:
                     log.error("local storage failed: %s", exc)
                     message = f"{type(exc).__name__}: {exc}"
                     logged, failure = True, exc
-                    if self._storage_failing is None:
-                        self._storage_failing = (time.monotonic(), 0)
-                    self._storage_failing = (self._storage_failing[0], self._storage_failing[1] + 1)
+                    since, attempts = self._storage_failing or (time.monotonic(), 0)
+                    self._storage_failing = (since, attempts + 1)
                 except TLSError as exc:
                     # Certificates do not fit: retrying helps only once someone fixes them.
                     log.error("%s", exc)

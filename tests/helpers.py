@@ -6,6 +6,7 @@ ZEO servers started with ``runzeo``, and the ``replicator`` command itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -66,6 +67,16 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05, what: s
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+async def until(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05) -> None:
+    """``wait_until`` for a coroutine: poll ``predicate`` without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 class Workload:

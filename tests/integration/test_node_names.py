@@ -20,6 +20,7 @@ from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Reject, Rol
 from replicator.status import render
 from replicator.tid import Z64
 from replicator.transport import client_ssl_context, connect_ws
+from tests.helpers import until
 from tests.integration.test_replication import (
     assert_equal,
     make_source,
@@ -27,14 +28,6 @@ from tests.integration.test_replication import (
     running_secondary,
     wait_equal_tid,
 )
-
-
-async def _until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves(tmp_path, tls_dir):
@@ -47,7 +40,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                 # Another storage, another process's worth of secondary, the same node name.
                 async with running_secondary(tmp_path, tls_dir, primary.port, name="dr",
                                              node="dst") as (second, task):
-                    await _until(lambda: second.progress.last_error is not None, what="the refusal")
+                    await until(lambda: second.progress.last_error is not None, what="the refusal")
                     error = second.progress.last_error
                     assert "duplicate" in error and "another secondary named 'dst'" in error, error
                     assert "node name of its own" in error
@@ -101,7 +94,7 @@ def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path
                                                      instance)))
                 conn.receive_data((await old.receive(timeout=10)).data)
                 assert isinstance(conn.next_event(), Welcome)
-                await _until(lambda: len(primary.status()["secondaries"]) == 1, what="the old session")
+                await until(lambda: len(primary.status()["secondaries"]) == 1, what="the old session")
                 old_since = primary.status()["secondaries"][0]["connected_at"]
 
                 # Another process under that name is refused while it stands...

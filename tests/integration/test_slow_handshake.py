@@ -11,13 +11,17 @@ timeout of one; everything else (TLS, WebSocket, storages) is real.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from replicator.config import Address, PrimaryConfig, SecondaryConfig
+from replicator.config import Address, PrimaryConfig
 from replicator.primary import Primary
-from replicator.secondary import Secondary
-from tests.integration.test_replication import assert_equal, make_source, tls, wait_equal_tid
+from tests.integration.test_replication import (
+    assert_equal,
+    make_source,
+    running_secondary,
+    tls,
+    wait_equal_tid,
+)
 
 
 class SlowToPlace(Primary):
@@ -41,21 +45,12 @@ def test_a_primary_slow_to_answer_the_hello_is_waited_for(tmp_path, tls_dir, cap
                                heartbeat_interval=0.2).validate()
         primary = SlowToPlace(config)
         await primary.start()
-        secondary = Secondary(SecondaryConfig(
-            storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-            primary=Address("127.0.0.1", primary.port), tls=tls(tls_dir, "secondary"), node="dst",
-            idle_timeout=1.0, reconnect_min=0.05, reconnect_max=0.5).validate())
-        await secondary.open()
-        task = asyncio.create_task(secondary.run())
         try:
-            await wait_equal_tid(primary, secondary, timeout=30, target=db.storage.lastTransaction())
-            assert secondary.link_log.failures == 0 and secondary.link_log.down_since is None
-            assert primary.placed == 1  # one handshake, not one per idle timeout
+            async with running_secondary(tmp_path, tls_dir, primary.port, idle_timeout=1.0) as (secondary, _):
+                await wait_equal_tid(primary, secondary, timeout=30, target=db.storage.lastTransaction())
+                assert secondary.link_log.failures == 0 and secondary.link_log.down_since is None
+                assert primary.placed == 1  # one handshake, not one per idle timeout
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await secondary.close()
             await primary.stop()
 
     with caplog.at_level(logging.INFO, logger="replicator"):

@@ -29,7 +29,7 @@ from replicator.certs import init_ca, issue_node
 from replicator.config import Address, PrimaryConfig, TLSPaths
 from replicator.primary import Primary
 from replicator.verify import verify
-from tests.helpers import REPLICATOR, Proc, tls_args
+from tests.helpers import REPLICATOR, Proc, tls_args, until
 
 # The big records are stored on the root mapping itself, which ZODB warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:The <class 'persistent.mapping.PersistentMapping'>:UserWarning")
@@ -82,6 +82,20 @@ def _silence(netns: dict, on: bool) -> None:
                    check=True, capture_output=True)
 
 
+def _primary_config(src: Path, tls_dir: Path, host: str) -> PrimaryConfig:
+    """A primary of ``src`` on ``host`` whose limit for a silent secondary is 2 s."""
+    return PrimaryConfig(storage=str(src), listen=Address(host, 0), node="p",
+                         tls=TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / "primary.pem"),
+                                      str(tls_dir / "primary.key")),
+                         heartbeat_interval=0.5, peer_timeout=2.0).validate()
+
+
+def _acked(primary: Primary, tid: bytes) -> bool:
+    """One secondary is connected and acknowledged ``tid``."""
+    listed = primary.status()["secondaries"]
+    return len(listed) == 1 and listed[0]["acked_tid"] == tid.hex()
+
+
 def _commit(db: ZODB.DB, name: str, size: int) -> bytes:
     with db.transaction(note=name) as conn:
         conn.root()[name] = os.urandom(size)
@@ -99,17 +113,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
     for i in range(5):
         _commit(db, f"small{i}", 2000)
     dst = tmp_path / "dst.fs"
-    config = PrimaryConfig(storage=str(src), listen=Address(netns["near"], 0), node="p",
-                           tls=TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / "primary.pem"),
-                                        str(tls_dir / "primary.key")),
-                           heartbeat_interval=0.5, peer_timeout=2.0).validate()
-
-    async def until(predicate, timeout: float, what: str) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.05)
+    config = _primary_config(src, tls_dir, netns["near"])
 
     async def scenario(secondary: list[Proc]) -> None:
         primary = Primary(config)
@@ -120,11 +124,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
                                    "--log-level", "info", *tls_args(tls_dir, "secondary")],
                                   tmp_path / "secondary.log"))
 
-            def acked(tid: bytes) -> bool:
-                listed = primary.status()["secondaries"]
-                return len(listed) == 1 and listed[0]["acked_tid"] == tid.hex()
-
-            await until(lambda: acked(db.storage.lastTransaction()), 60, "the first sync")
+            await until(lambda: _acked(primary, db.storage.lastTransaction()), 60, "the first sync")
             since = primary.status()["secondaries"][0]["connected_at"]
 
             # A slow link: 2.5 MB at 4 Mbit/s take about 5 s, during which
@@ -132,7 +132,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
             # transactions), more than twice the primary's peer_timeout.
             _rate(netns, "4mbit")
             big = await asyncio.to_thread(_commit, db, "big", 2_500_000)
-            await until(lambda: acked(big), 60, "the big transaction over the slow link")
+            await until(lambda: _acked(primary, big), 60, "the big transaction over the slow link")
             listed = primary.status()["secondaries"]
             assert listed[0]["connected_at"] == since, "the slow secondary's session was dropped"
             _rate(netns, None)
@@ -148,7 +148,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
             # Back again: its name is free, it reconnects and catches up.
             _silence(netns, False)
             last = await asyncio.to_thread(_commit, db, "after", 1000)
-            await until(lambda: acked(last), 60, "the secondary to come back")
+            await until(lambda: _acked(primary, last), 60, "the secondary to come back")
         finally:
             await primary.stop()
 
@@ -180,17 +180,7 @@ def test_a_stopped_secondary_is_kept_while_its_host_answers(tmp_path: Path, tls_
     db = ZODB.DB(FileStorage(str(src)))
     _commit(db, "first", 1000)
     dst = tmp_path / "dst.fs"
-    config = PrimaryConfig(storage=str(src), listen=Address("127.0.0.1", 0), node="p",
-                           tls=TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / "primary.pem"),
-                                        str(tls_dir / "primary.key")),
-                           heartbeat_interval=0.5, peer_timeout=2.0).validate()
-
-    async def until(predicate, timeout: float, what: str) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.05)
+    config = _primary_config(src, tls_dir, "127.0.0.1")
 
     async def scenario(procs: list[Proc]) -> None:
         primary = Primary(config)
@@ -199,11 +189,7 @@ def test_a_stopped_secondary_is_kept_while_its_host_answers(tmp_path: Path, tls_
             procs.append(Proc([REPLICATOR, "secondary", "--storage", str(dst), "--primary", f"127.0.0.1:{port}",
                                "--node", "busy", *tls_args(tls_dir, "secondary")], tmp_path / "secondary.log"))
 
-            def acked(tid: bytes) -> bool:
-                listed = primary.status()["secondaries"]
-                return len(listed) == 1 and listed[0]["acked_tid"] == tid.hex()
-
-            await until(lambda: acked(db.storage.lastTransaction()), 60, "the first sync")
+            await until(lambda: _acked(primary, db.storage.lastTransaction()), 60, "the first sync")
             since = primary.status()["secondaries"][0]["connected_at"]
             os.kill(procs[0].pid, signal.SIGSTOP)
             try:
@@ -217,7 +203,7 @@ def test_a_stopped_secondary_is_kept_while_its_host_answers(tmp_path: Path, tls_
                 assert primary.status()["silent_secondaries_dropped"] == 0
             finally:
                 os.kill(procs[0].pid, signal.SIGCONT)
-            await until(lambda: acked(db.storage.lastTransaction()), 120, "the secondary to catch up")
+            await until(lambda: _acked(primary, db.storage.lastTransaction()), 120, "the secondary to catch up")
             assert primary.status()["secondaries"][0]["connected_at"] == since
         finally:
             await primary.stop()

@@ -224,3 +224,12 @@ def test_a_certificate_without_a_role_is_a_node_and_unknown_roles_grant_nothing_
     assert certs.roles_from_uris(["urn:zodb-replicator:role:monitor"]) == {"monitor"}
     # A role of a later release is kept as it is: it is not taken for a node.
     assert certs.roles_from_uris(["urn:zodb-replicator:role:auditor"]) == {"auditor"}
+
+
+def test_every_role_has_rights_and_a_command_line_spelling():
+    from replicator.cli import certs_issue
+    from replicator.transport import ROLE_RIGHTS
+
+    assert tuple(ROLE_RIGHTS) == certs.ROLES
+    role_option = next(p for p in certs_issue.params if p.name == "role")
+    assert tuple(role_option.type.choices) == certs.ROLES
