@@ -800,6 +800,8 @@ class Secondary:
                 "last_heard_at": p.last_heard_at}
 
     def _status(self, p: _Progress, behind: bool) -> dict:
+        # A relay: the secondaries following this node, and those it refused or dropped.
+        relayed = self.downstream.status() if self.downstream else {}
         return {
             "role": "primary" if self.promoted else "secondary",
             "promoted": self.promoted,
@@ -819,5 +821,6 @@ class Secondary:
             "compression": p.compression,
             "last_error": p.last_error,
             "epoch": p.epoch,
-            "secondaries": self.downstream.status()["secondaries"] if self.downstream else [],
+            "secondaries": relayed.get("secondaries", []),
+            **({key: relayed[key] for key in ("refusals", "silent_secondaries_dropped")} if relayed else {}),
         }

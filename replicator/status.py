@@ -123,6 +123,16 @@ def _followers(peers: list[dict]) -> list[str]:
     return lines
 
 
+def _refused(r: dict) -> list[str]:
+    """The secondaries a node serving others refused (by reason) or dropped as silent, if any."""
+    refused = r.get("refusals") or {}
+    if not refused and not r.get("silent_secondaries_dropped"):
+        return []
+    counts = ", ".join(f"{count} {code}" for code, count in sorted(refused.items())) or "none"
+    return [f"  refused       {counts} (since start; this node's log names each); "
+            f"{r.get('silent_secondaries_dropped', 0)} dropped as silent"]
+
+
 def render(results: list[dict], now: float) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
@@ -152,11 +162,7 @@ def render(results: list[dict], now: float) -> str:
             if sync_line:
                 lines.append(sync_line)
             lines.extend(_followers(r.get("secondaries", [])))
-            refused = r.get("refusals") or {}
-            if refused or r.get("silent_secondaries_dropped"):
-                counts = ", ".join(f"{count} {code}" for code, count in sorted(refused.items())) or "none"
-                lines.append(f"  refused       {counts} (since start; the primary's log names each); "
-                             f"{r.get('silent_secondaries_dropped', 0)} dropped as silent")
+            lines.extend(_refused(r))
         else:
             state = "connected" if r.get("connected") else "DISCONNECTED"
             if r.get("connected") and r.get("compression"):
@@ -169,5 +175,6 @@ def render(results: list[dict], now: float) -> str:
                 lines.append(f"  last error    {r['last_error']}")
             if r.get("secondaries"):  # a relay: secondaries follow this one
                 lines.extend(_followers(r["secondaries"]))
+            lines.extend(_refused(r))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -98,6 +98,10 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
                 assert not s3_task.done(), s3_task.exception()
                 assert "relays the history of the primary 127.0.0.1:" in (s3.progress.last_error or "")
                 assert s3.progress.applied_tid == target
+                # The relay counts the refusal as a primary does (status, metrics, status text).
+                assert s1.status()["refusals"]["behind"] >= 1
+                assert "behind (since start; this node's log names each)" in render(
+                    [{**s1.status(), "url": "https://s1/status"}], time.time())
                 async with running_primary(tmp_path, tls_dir, listen=Address("127.0.0.1", port)):
                     final = db.storage.lastTransaction()
                     await until(lambda: s3.progress.applied_tid == final)
