@@ -96,6 +96,19 @@ def _acked(primary: Primary, tid: bytes) -> bool:
     return len(listed) == 1 and listed[0]["acked_tid"] == tid.hex()
 
 
+def _run(scenario, db: ZODB.DB, caplog) -> None:
+    """``scenario(procs)`` with the replicator's INFO logs captured; then stop the processes it
+    started (``procs``) and close ``db``, whatever happened."""
+    procs: list[Proc] = []
+    try:
+        with caplog.at_level(logging.INFO, logger="replicator"):
+            asyncio.run(scenario(procs))
+    finally:
+        for proc in procs:
+            proc.stop()
+        db.close()
+
+
 def _commit(db: ZODB.DB, name: str, size: int) -> bytes:
     with db.transaction(note=name) as conn:
         conn.root()[name] = os.urandom(size)
@@ -152,14 +165,7 @@ def test_silent_host_dropped_slow_link_kept(tmp_path: Path, netns, caplog):
         finally:
             await primary.stop()
 
-    procs: list[Proc] = []
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator"):
-            asyncio.run(scenario(procs))
-    finally:
-        for proc in procs:
-            proc.stop()
-        db.close()
+    _run(scenario, db, caplog)
     gone = [r for r in caplog.records if "is gone: its host acknowledged nothing" in r.getMessage()]
     assert len(gone) == 1 and gone[0].levelno == logging.WARNING, [r.getMessage() for r in gone]
     assert "secondary far" in gone[0].getMessage()
@@ -208,14 +214,7 @@ def test_a_stopped_secondary_is_kept_while_its_host_answers(tmp_path: Path, tls_
         finally:
             await primary.stop()
 
-    procs: list[Proc] = []
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator"):
-            asyncio.run(scenario(procs))
-    finally:
-        for proc in procs:
-            proc.stop()
-        db.close()
+    _run(scenario, db, caplog)
     assert not [r for r in caplog.records if "is gone" in r.getMessage()]
     result = verify(str(src), str(dst))
     assert result.equal, result
