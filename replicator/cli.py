@@ -130,7 +130,7 @@ GC_THRESHOLD0 = 10_000
 
 
 def _run(coro_factory: Callable[[], Any]) -> None:
-    """Run a service until SIGINT/SIGTERM; map our errors to exit codes."""
+    """Run a service until SIGINT/SIGTERM (SIGHUP reloads renewed TLS files); map our errors to exit codes."""
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
     async def runner() -> None:
@@ -138,6 +138,10 @@ def _run(coro_factory: Callable[[], Any]) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
+        # SIGHUP, which would end the process: look for renewed certificates now.
+        from .credentials import on_sighup
+
+        on_sighup()
         try:
             await task
         except asyncio.CancelledError:
@@ -457,8 +461,12 @@ def certs_init(directory, nodes, hosts, force) -> None:
               help="What its holder may ask of a node: node (a primary or secondary: everything), operator "
                    "(status and the control commands: promote, fence, switchover, rewind; not the data), "
                    "monitor (reading status and /metrics only, e.g. for Prometheus).")
-@click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
-def certs_issue(name, directory, hosts, role, force) -> None:
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True,
+              help="How long it is valid (never past the CA's own expiry).")
+@click.option("--force", is_flag=True, default=False,
+              help="Overwrite existing files (renewing a certificate: a running node loads the new "
+                   "files within a minute, or at once on SIGHUP).")
+def certs_issue(name, directory, hosts, role, days, force) -> None:
     """Issue one more certificate signed by the CA in --dir.
 
     NAME is the node's (or operator's, or monitor's) name: the files are
@@ -467,7 +475,7 @@ def certs_issue(name, directory, hosts, role, force) -> None:
     from .certs import issue_node
 
     try:
-        issue_node(directory, name, hosts=tuple(hosts), force=force, role=role)
+        issue_node(directory, name, hosts=tuple(hosts), force=force, role=role, days=days)
     except ConfigError as exc:
         _fail(_with_force_option(exc))
     except ReplicatorError as exc:

@@ -83,6 +83,17 @@ class _StatusCollector(Collector):
             yield refused
         yield _counter("replicator_silent_secondaries_dropped", "Sessions dropped because the secondary's "
                        "host stopped answering.", s.get("silent_secondaries_dropped"))
+        tls = s.get("tls")
+        if tls:
+            yield _gauge("replicator_tls_certificate_expiry_timestamp_seconds", "When this node's certificate "
+                         "(the one it presents now) expires.", tls.get("not_after"))
+            yield _gauge("replicator_tls_ca_expiry_timestamp_seconds", "When the first of the CA "
+                         "certificates in this node's CA file expires.", tls.get("ca_not_after"))
+            yield _gauge("replicator_tls_reload_failed", "1 while this node's TLS files changed on disk but "
+                         "cannot be used (it keeps presenting the certificate it has).",
+                         int(bool(tls.get("reload_error"))))
+            yield _counter("replicator_tls_reloads", "Renewed TLS files loaded without a restart.",
+                           tls.get("reloads"))
         sync = s.get("sync")
         if sync:
             yield _gauge("replicator_sync_required", "Synchronous replication: acknowledgements each commit "

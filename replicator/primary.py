@@ -26,6 +26,7 @@ from aiohttp import WSMsgType, web
 
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
+from .credentials import Credentials
 from .epoch import EpochRecord, load_epoch
 from .errors import (
     CorruptedSourceError,
@@ -57,7 +58,6 @@ from .transport import (
     authorize,
     host_silence,
     peer_identity,
-    server_ssl_context,
     start_server,
     stop_server,
 )
@@ -449,13 +449,17 @@ class Primary:
 
     def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
                  routes: Iterable[web.RouteDef] = (), relay: bool = False,
-                 upstream: Callable[[], str] | None = None) -> None:
+                 upstream: Callable[[], str] | None = None, credentials: Credentials | None = None) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
         ``routes`` are more handlers on the same port (the control API).  ``relay``: this
         serves a secondary's storage onward (and its /status), in the epoch of the primary
         it follows; its logs say secondary.  ``upstream``: a relay's description of the
-        primary it follows, for its refusals."""
+        primary it follows, for its refusals.  ``credentials``: the TLS files, already
+        read by an owner who keeps them current (a relay's secondary); by default the
+        primary reads ``config.tls`` and checks for renewed files itself."""
         self.config = config
+        self.credentials = credentials
+        self._owns_credentials = False
         self.relay = relay
         self.upstream = upstream
         self.role = "secondary" if relay else "primary"
@@ -527,9 +531,14 @@ class Primary:
         app.router.add_routes(self.routes)
         ssl_ctx = None
         if cfg.tls is not None and not cfg.insecure:
-            ssl_ctx = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+            if self.credentials is None:
+                self.credentials = Credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+                self._owns_credentials = True
+            ssl_ctx = self.credentials.server_context()
         self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
-        self._tasks = [
+        if self._owns_credentials and self.credentials is not None:
+            self._tasks.append(asyncio.create_task(self.credentials.watch(), name="tls-files"))
+        self._tasks += [
             asyncio.create_task(self.notifier.poll_forever(
                 file_events=cfg.file_events and not self.notifier.every_commit_notified), name="tail-poller"),
             asyncio.create_task(self._track_head(), name="head-tracker"),
@@ -732,14 +741,20 @@ class Primary:
             "silent_secondaries_dropped": self.silent_dropped,
         }
 
+    def served_status(self) -> dict:
+        """What GET /status returns: the node's status (its provider's), and its certificate's."""
+        status = (self.status_provider or self.status)()
+        if self.credentials is not None:
+            status["tls"] = self.credentials.status()
+        return status
+
     async def _handle_status(self, request: web.Request) -> web.Response:
         await self._refresh_head()
-        provider = self.status_provider or self.status
-        return web.json_response(provider())
+        return web.json_response(self.served_status())
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
         await self._refresh_head()
-        body = render_metrics(self.status_provider or self.status)
+        body = render_metrics(self.served_status)
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     # -- /replicate ------------------------------------------------------

@@ -29,6 +29,7 @@ from ZODB.FileStorage import FileStorage
 from .applier import Applier, Invalidate
 from .config import PrimaryConfig, SecondaryConfig
 from .control import primary_routes, secondary_routes
+from .credentials import Credentials
 from .epoch import adopt_epoch, load_epoch
 from .errors import (
     ConfigError,
@@ -62,7 +63,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
-from .transport import client_ssl_context, connect_ws, host_silence, seconds_since_heard
+from .transport import connect_ws, host_silence, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -265,6 +266,9 @@ class Secondary:
         #: Sent in each Hello: tells the primary a reconnection of this
         #: process from another secondary under the same node name.
         self.instance = os.urandom(INSTANCE_LEN)
+        #: The TLS files, kept current (renewed certificates); shared with the relay.
+        self.credentials: Credentials | None = None
+        self._credentials_watch: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -276,6 +280,7 @@ class Secondary:
         self.applier = Applier(storage, invalidate=self._invalidate)
         self.progress.applied_tid = self.applier.last_tid
         self.progress.epoch = (await blocking(load_epoch, storage.getName())).epoch
+        self._read_credentials()
         if cfg.listen is not None:
             # Our own storage is a FileStorage file like any other: serve it
             # onward with the primary's machinery, woken on every apply.
@@ -288,7 +293,7 @@ class Secondary:
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
                         *primary_routes(lambda: self._downstream(),
                                         lambda: Tailer(storage.getName(), cfg.blob_dir).open())],
-                relay=True, upstream=self._upstream)
+                relay=True, upstream=self._upstream, credentials=self.credentials)
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -303,6 +308,9 @@ class Secondary:
         return f"{name}, which last reported its newest transaction as {tid_repr(p.head_tid)}"
 
     async def close(self) -> None:
+        if self._credentials_watch is not None:
+            self._credentials_watch.cancel()
+            self._credentials_watch = None
         if self.downstream is not None:
             await self.downstream.stop()
             self.downstream = None
@@ -316,13 +324,21 @@ class Secondary:
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         url_scheme = "ws" if cfg.insecure else "wss"
         url = f"{url_scheme}://{cfg.primary}/replicate"
-        ssl_ctx = None
-        if cfg.tls is not None and not cfg.insecure:
-            ssl_ctx = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        credentials = self._read_credentials()
+        ssl_ctx = None if credentials is None else credentials.client_context()
         try:
             await self._follow(url, ssl_ctx, backoff)
         finally:
             self._stopped.set()
+
+    def _read_credentials(self) -> Credentials | None:
+        """The TLS files (None: plaintext), read once and then checked for renewal until ``close()``."""
+        cfg = self.config
+        if self.credentials is None and cfg.tls is not None and not cfg.insecure:
+            self.credentials = Credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        if self.credentials is not None and self._credentials_watch is None:
+            self._credentials_watch = asyncio.create_task(self.credentials.watch(), name="tls-files")
+        return self.credentials
 
     async def _divergence(self, exc: RejectedError) -> DivergenceError:
         """The refusal, with where the histories fork and how many transactions are orphaned."""

@@ -62,8 +62,9 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
-def _alarms(r: dict) -> list[tuple[str, str]]:
-    """The states an operator must not miss, as (flag, line): no writes, no synchronous commits."""
+def _alarms(r: dict, now: float) -> list[tuple[str, str]]:
+    """The states an operator must not miss, as (flag, line): no writes, no synchronous commits,
+    a certificate about to expire."""
     alarms = []
     if r.get("stale"):
         alarms.append(("STALE", "takes no writes and streams to nobody: "
@@ -76,7 +77,39 @@ def _alarms(r: dict) -> list[tuple[str, str]]:
                                         f"connected again (needs {_sync_quorum(sync)}): "
                                         f"{sync.get('async_commits', 0)} commits so far, "
                                         f"{sync.get('timeouts', 0)} timeouts"))
+    alarms.extend(("CERTIFICATE", text) for text in _certificate_alarms(r.get("tls") or {}, now))
     return alarms
+
+
+#: ``replicator status`` flags a certificate or CA expiring sooner than this.
+CERTIFICATE_ALARM_DAYS = 30
+
+
+def _certificate_alarms(tls: dict, now: float) -> list[str]:
+    texts = []
+    for what, key in (("this node's certificate", "not_after"), ("the CA", "ca_not_after")):
+        if tls.get(key) is None:
+            continue
+        days = (tls[key] - now) / 86400
+        if days <= 0:
+            texts.append(f"{what} expired on {_day(tls[key])}: peers refuse its new connections; renew it")
+        elif days < CERTIFICATE_ALARM_DAYS:
+            texts.append(f"{what} expires in {days:.0f} days ({_day(tls[key])}): renew it")
+    if tls.get("reload_error"):
+        texts.append(f"its TLS files changed but were not loaded: {tls['reload_error']}")
+    return texts
+
+
+def _certificate_line(tls: dict, now: float) -> str | None:
+    if not tls:
+        return None
+    days = (tls["not_after"] - now) / 86400
+    renewed = f"; renewed files loaded {tls['reloads']} time(s)" if tls.get("reloads") else ""
+    return f"  certificate   {tls.get('certificate')}, valid until {_day(tls['not_after'])} ({days:.0f} days){renewed}"
+
+
+def _day(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d")
 
 
 def _sync_quorum(sync: dict) -> str:
@@ -141,7 +174,7 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
             lines.append("")
             continue
-        alarms = _alarms(r)
+        alarms = _alarms(r, now)
         flags = "".join(f" [{flag}]" for flag, _ in alarms)
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
         lines.extend(f"  {flag:<13} {text}" for flag, text in alarms)
@@ -176,5 +209,8 @@ def render(results: list[dict], now: float) -> str:
             if r.get("secondaries"):  # a relay: secondaries follow this one
                 lines.extend(_followers(r["secondaries"]))
             lines.extend(_refused(r))
+        certificate = _certificate_line(r.get("tls") or {}, now)
+        if certificate:
+            lines.append(certificate)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -35,6 +35,8 @@ import os
 import socket
 import ssl
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,11 +171,34 @@ def client_ssl_context(ca: str | os.PathLike[str], cert: str | os.PathLike[str],
 
 
 def _context(purpose: ssl.Purpose, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    TLSFiles(ca, cert, key).validate()
+    pems = read_tls_files(ca, cert, key)
+    return context_from_pems(purpose, pems, (ca, cert, key))
+
+
+#: The bytes of a CA file, a certificate and its key, read once: what was
+#: checked is what OpenSSL loads, even while someone replaces the files.
+TLSPems = tuple[bytes, bytes, bytes]
+
+
+def read_tls_files(ca: Path, cert: Path, key: Path) -> TLSPems:
+    """The three files' bytes; ``ConfigError`` listing every problem with them."""
+    problems: list[str] = []
+    pems = tuple(_read(path, what, problems) for path, what in ((ca, "CA file"), (cert, "certificate"),
+                                                                (key, "key")))
+    problems += check_pems(ca, cert, key, pems)
+    if problems:
+        raise ConfigError(problems)
+    return pems  # type: ignore[return-value]  # no problems: none is None
+
+
+def context_from_pems(purpose: ssl.Purpose, pems: TLSPems, paths: tuple[Path, Path, Path]) -> ssl.SSLContext:
+    """A TLS 1.2+ context of mutual authentication made of checked bytes (``read_tls_files``)."""
+    ca, cert, key = paths
     try:
-        # cafile given: create_default_context loads that CA and not the system store.
-        context = ssl.create_default_context(purpose, cafile=str(ca))
-        context.load_cert_chain(str(cert), str(key))
+        with pem_paths(*pems) as (ca_path, cert_path, key_path):
+            # cafile given: create_default_context loads that CA and not the system store.
+            context = ssl.create_default_context(purpose, cafile=ca_path)
+            context.load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as e:  # our own checks passed, OpenSSL still objects
         raise ConfigError(f"TLS files {ca}, {cert}, {key}: OpenSSL refused them ({e})") from e
     context.minimum_version = MINIMUM_TLS
@@ -186,12 +211,51 @@ def _context(purpose: ssl.Purpose, ca: Path, cert: Path, key: Path) -> ssl.SSLCo
     return context
 
 
-def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
-    """Every problem with the three files, in words an operator can act on."""
+@contextlib.contextmanager
+def pem_paths(*pems: bytes) -> Iterator[list[str]]:
+    """Paths OpenSSL can open that hold exactly these bytes.
+
+    OpenSSL loads certificates and keys from paths only.  On Linux they are
+    memory files (``memfd_create``): the private key is never copied to a
+    disk; elsewhere, files in a private temporary directory.
+    """
+    if hasattr(os, "memfd_create"):
+        fds: list[int] = []
+        try:
+            for data in pems:
+                fds.append(os.memfd_create("replicator-tls", os.MFD_CLOEXEC))
+                _write_all(fds[-1], data)
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="replicator-tls-") as directory:  # mode 0700
+        paths = []
+        for i, data in enumerate(pems):
+            path = os.path.join(directory, str(i))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            paths.append(path)
+        yield paths
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) -> list[str]:
+    """Every problem with the three files' bytes (None: unreadable, already reported), in words an
+    operator can act on; the paths only name them."""
+    ca_data, cert_data, key_data = pems
     problems: list[str] = []
-    ca_certs = _load_certs(ca, "CA file", problems)
-    chain = _load_certs(cert, "certificate", problems)
-    key_data = _read(key, "key", problems)
+    ca_certs = _parse_certs(ca_data, ca, "CA file", problems)
+    chain = _parse_certs(cert_data, cert, "certificate", problems)
     private_key = None
     if key_data is not None:
         try:
@@ -202,10 +266,11 @@ def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
         except (ValueError, UnsupportedAlgorithm) as e:
             problems.append(f"key {key}: not a PEM private key ({_short(e)})")
         else:
-            mode = key.stat().st_mode & 0o777
-            if mode & 0o077:
-                log.warning("private key %s is readable by other users (mode %o); "
-                            "chmod 600 it", key, mode)
+            with contextlib.suppress(OSError):
+                mode = key.stat().st_mode & 0o777
+                if mode & 0o077:
+                    log.warning("private key %s is readable by other users (mode %o); "
+                                "chmod 600 it", key, mode)
     now = datetime.datetime.now(datetime.UTC)
     for ca_cert in ca_certs:
         if not _is_ca(ca_cert):
@@ -230,8 +295,24 @@ def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
     return problems
 
 
-def _load_certs(path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:
-    data = _read(path, what, problems)
+def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
+    """Every problem with the three files, in words an operator can act on."""
+    problems: list[str] = []
+    pems = tuple(_read(path, what, problems) for path, what in ((ca, "CA file"), (cert, "certificate"),
+                                                                (key, "key")))
+    return problems + check_pems(ca, cert, key, pems)
+
+
+def parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
+    """The PEM certificates in ``data``; ``ConfigError`` if it holds none."""
+    problems: list[str] = []
+    certs = _parse_certs(data, path, what, problems)
+    if problems:
+        raise ConfigError(problems)
+    return certs
+
+
+def _parse_certs(data: bytes | None, path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:
     if data is None:
         return []
     try:
@@ -439,7 +520,8 @@ def _certificate_error(address: str, error: Exception) -> TLSError:
         hint = (f"the server's certificate does not list {address.rsplit(':', 1)[0]!r} in "
                 "its SubjectAltNames; dial a listed name or reissue it with that host")
     elif "expired" in reason:
-        hint = "the server's certificate has expired; issue a new one"
+        hint = ("the server's certificate has expired; issue a new one (`replicator certs issue NAME --force`) "
+                "and put it in place: the server loads it within a minute, no restart needed")
     else:
         hint = "is the server's certificate signed by the cluster CA?"
     return TLSError(address, f"TLS handshake with {address} failed: certificate verify "

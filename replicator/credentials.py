@@ -1,0 +1,263 @@
+"""A running node's certificate: renewed without a restart, its expiry watched.
+
+Node certificates live 825 days, and a primary may run inside the ZEO server
+(``%import replicator``), where a restart to renew one would take the
+database away from its clients.  So a node looks at its three TLS files
+every ``CHECK_INTERVAL`` (and at once on SIGHUP, in the processes the CLI
+runs): when their contents changed and form a usable set again (the same
+checks as at start, the certificate's role, and OpenSSL loading them into a
+scratch context), it loads the new certificate and key into every TLS
+context it handed out.  Connections made from then on present the new
+certificate; established ones keep theirs.  A changed set that is not usable
+(a key that belongs to another certificate, another role's certificate)
+changes nothing: it is looked at again ``SETTLE`` seconds later (the operator
+may be copying the files one by one), then logged with its problems, and
+status shows it until it is fixed.
+
+CA certificates added to the CA file are trusted from then on.  OpenSSL
+cannot take a trusted CA out of a context in use, so one removed from the
+file stays trusted until the process restarts (the log says so).
+
+Each check also warns, at most once a day, while the node's certificate
+or the CA expires in less than ``EXPIRY_WARNING``; ``/status`` and
+``/metrics`` carry both dates for alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import signal
+import ssl
+import time
+import weakref
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from .certs import read_file, roles_from_uris
+from .errors import ConfigError
+from .transport import TLSPems, check_pems, context_from_pems, parse_certs, pem_paths, read_tls_files
+
+__all__ = ["Credentials", "check_all", "on_sighup", "CHECK_INTERVAL", "EXPIRY_WARNING"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks at the TLS files of a running node.
+CHECK_INTERVAL = 60.0
+#: Seconds before a changed set of files that is not usable is looked at
+#: again, and only then reported: an operator copying the files one by one
+#: is not an error.
+SETTLE = 2.0
+#: Warn (daily) once the certificate or the CA expires in less than this.
+EXPIRY_WARNING = datetime.timedelta(days=30)
+_DAY = 86400.0
+_SHA256 = hashes.SHA256()
+
+#: Whether SIGHUP checks the files in this process (the CLI's services; in a
+#: ZEO server SIGHUP is the server's own restart).
+sighup_checks = False
+
+#: Every node's credentials in this process, for SIGHUP.
+_live: weakref.WeakSet[Credentials] = weakref.WeakSet()
+
+
+class Credentials:
+    """This node's CA file, certificate and key, and the TLS contexts made of them."""
+
+    def __init__(self, ca: str | Path, cert: str | Path, key: str | Path) -> None:
+        """Read and check the files; ``ConfigError`` naming every problem."""
+        self.paths = (Path(ca), Path(cert), Path(key))
+        pems = read_tls_files(*self.paths)
+        problems = self._role_problems(pems)
+        if problems:
+            raise ConfigError(problems)
+        self._pems = pems
+        self._digest = _digest(pems)
+        self._contexts: list[ssl.SSLContext] = []
+        #: The digest of a changed set that was not usable, reported once.
+        self._refused: bytes | None = None
+        #: The digest of a changed set not usable at first sight, looked at again after ``SETTLE``.
+        self._unsettled: bytes | None = None
+        #: Why the files on disk, changed, were not loaded (None once they are).
+        self.reload_error: str | None = None
+        self.loaded_at = time.time()
+        self.reloads = 0
+        self._warned_at: dict[str, float] = {}
+        self._describe()
+        _live.add(self)
+        self._warn_expiry()
+
+    # -- contexts --------------------------------------------------------
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context demanding client certificates from the CA; kept current."""
+        return self._context(ssl.Purpose.CLIENT_AUTH)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context checking the server's certificate and host name; kept current."""
+        return self._context(ssl.Purpose.SERVER_AUTH)
+
+    def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+        context = context_from_pems(purpose, self._pems, self.paths)
+        self._contexts.append(context)
+        return context
+
+    # -- checking --------------------------------------------------------
+
+    async def watch(self, interval: float | None = None) -> None:
+        """Check the files every ``interval`` seconds (``CHECK_INTERVAL``) until cancelled."""
+        while True:
+            wait = CHECK_INTERVAL if interval is None else interval
+            await asyncio.sleep(SETTLE if self._unsettled is not None else wait)
+            try:
+                self.check()
+            except Exception:  # never let this take the node down
+                log.exception("checking the TLS files %s failed", ", ".join(map(str, self.paths)))
+
+    def check(self, *, asked: bool = False) -> bool:
+        """Load the files again if their contents changed; True if new ones were loaded.
+
+        ``asked``: an operator asked (SIGHUP), so say so when nothing changed.
+        """
+        problems: list[str] = []
+        raw = tuple(read_file(path, what, problems)
+                    for path, what in zip(self.paths, ("CA file", "certificate", "key"), strict=True))
+        digest = _digest(raw)
+        if digest == self._digest:
+            self._unsettled = None
+            if self.reload_error is not None:
+                log.warning("the TLS files are back to those this node uses (%s, valid until %s)",
+                            self.subject, _date(self.not_after))
+            self._refused, self.reload_error = None, None
+            if asked:
+                log.info("TLS files unchanged: this node keeps the certificate %s, valid until %s",
+                         self.subject, _date(self.not_after))
+            self._warn_expiry()
+            return False
+        if digest == self._refused and not asked:
+            return False
+        problems += check_pems(*self.paths, raw)
+        if not problems:
+            problems = self._role_problems(raw)  # type: ignore[arg-type]  # all read
+        if not problems:
+            try:
+                context_from_pems(ssl.Purpose.CLIENT_AUTH, raw, self.paths)  # type: ignore[arg-type]
+            except ConfigError as e:
+                problems = e.problems
+        if problems:
+            if not asked and digest != self._unsettled:
+                # Maybe caught between two files being replaced: look again soon before saying so.
+                self._unsettled = digest
+                return False
+            self._refused, self._unsettled = digest, None
+            self.reload_error = "; ".join(problems)
+            log.warning("the TLS files changed but cannot be used, so this node keeps its certificate %s "
+                        "(valid until %s) until they are fixed: %s", self.subject, _date(self.not_after),
+                        self.reload_error)
+            return False
+        self._load(raw)  # type: ignore[arg-type]  # checked: all read
+        return True
+
+    def _load(self, pems: TLSPems) -> None:
+        old_subject, old_not_after = self.subject, self.not_after
+        old_cas = self._ca_keys
+        with pem_paths(*pems) as (ca_path, cert_path, key_path):
+            for context in self._contexts:
+                context.load_cert_chain(cert_path, key_path)
+                context.load_verify_locations(cafile=ca_path)
+        self._pems, self._digest = pems, _digest(pems)
+        self._refused, self._unsettled, self.reload_error = None, None, None
+        self.loaded_at = time.time()
+        self.reloads += 1
+        self._warned_at.clear()
+        self._describe()
+        log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
+                    "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
+                    old_subject, _date(old_not_after))
+        dropped = old_cas - self._ca_keys
+        if dropped:
+            log.warning("%d CA certificate(s) taken out of %s stay trusted until this node restarts",
+                        len(dropped), self.paths[0])
+        self._warn_expiry()
+
+    def _role_problems(self, pems: TLSPems) -> list[str]:
+        leaf = parse_certs(pems[1], self.paths[1], "certificate")[0]
+        try:
+            uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                .get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        roles = roles_from_uris(uris)
+        if "node" in roles:
+            return []
+        return [f"certificate {self.paths[1]} is of role {', '.join(sorted(roles))}: a primary or secondary "
+                "needs a node certificate (`replicator certs issue NAME`)"]
+
+    def _describe(self) -> None:
+        leaf = parse_certs(self._pems[1], self.paths[1], "certificate")[0]
+        cas = parse_certs(self._pems[0], self.paths[0], "CA file")
+        self.subject = leaf.subject.rfc4514_string()
+        self.serial = leaf.serial_number
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.ca_not_after = min(c.not_valid_after_utc.timestamp() for c in cas)
+        self._ca_keys = frozenset(c.fingerprint(_SHA256) for c in cas)
+
+    def _warn_expiry(self) -> None:
+        now = time.time()
+        for what, not_after, advice in (
+                ("certificate " + str(self.paths[1]), self.not_after,
+                 "issue a new one (`replicator certs issue NAME --force`) and put it in place of the "
+                 "old files: this node loads it within a minute" + (", or at once on SIGHUP" if sighup_checks
+                                                                     else "")),
+                ("CA " + str(self.paths[0]), self.ca_not_after,
+                 "make a new CA, add it to every node's CA file beside the old one, then renew the "
+                 "nodes' certificates")):
+            left = not_after - now
+            if left >= EXPIRY_WARNING.total_seconds():
+                continue
+            if now - self._warned_at.get(what, -_DAY) < _DAY:
+                continue
+            self._warned_at[what] = now
+            if left <= 0:
+                log.error("this node's %s expired on %s: peers refuse its new connections; %s",
+                          what, _date(not_after), advice)
+            else:
+                log.warning("this node's %s expires on %s, in %.0f days: %s",
+                            what, _date(not_after), left / _DAY, advice)
+
+    def status(self) -> dict:
+        """For ``/status`` (and ``/metrics``): what is loaded and whether the files on disk are."""
+        return {"certificate": self.subject, "certificate_file": str(self.paths[1]),
+                "not_after": self.not_after, "ca_not_after": self.ca_not_after,
+                "loaded_at": self.loaded_at, "reloads": self.reloads, "reload_error": self.reload_error}
+
+
+def on_sighup() -> None:
+    """Make SIGHUP check every node's TLS files in this process (the CLI's services)."""
+    global sighup_checks
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, check_all)
+    sighup_checks = True
+
+
+def check_all() -> None:
+    """Check every node's TLS files in this process now (SIGHUP)."""
+    for credentials in list(_live):
+        try:
+            credentials.check(asked=True)
+        except Exception:
+            log.exception("checking the TLS files %s failed", ", ".join(map(str, credentials.paths)))
+
+
+def _digest(pems: tuple[bytes | None, ...]) -> bytes:
+    h = hashlib.sha256()
+    for data in pems:
+        h.update(b"-" if data is None else len(data).to_bytes(8, "big") + data)
+    return h.digest()
+
+
+def _date(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

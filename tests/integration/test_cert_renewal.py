@@ -1,0 +1,196 @@
+"""Renewed certificates are used without a restart, and their expiry is watched.
+
+Real Primary and Secondary nodes over mutual TLS on 127.0.0.1, real
+certificate files replaced under them (a private copy of the session's CA),
+and a real ``replicator primary`` process for SIGHUP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
+
+from replicator import credentials
+from replicator.certs import describe, issue_node
+from replicator.metrics import render_metrics
+from replicator.status import render
+from replicator.transport import client_ssl_context
+from tests.helpers import free_port, start_primary, until, wait_until
+from tests.integration.test_replication import (
+    make_source,
+    running_primary,
+    running_secondary,
+    tls,
+    wait_equal_tid,
+)
+
+
+@pytest.fixture
+def own_tls(tmp_path, tls_dir) -> Path:
+    """A copy of the cluster's CA and certificates that a test may replace files in."""
+    return Path(shutil.copytree(tls_dir, tmp_path / "tls"))
+
+
+async def served_certificate(port: int, tls_dir: Path) -> x509.Certificate:
+    """The certificate a node presents to a new connection now."""
+    t = tls(tls_dir, "secondary")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(t.ca, t.cert, t.key))
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        await writer.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+def replace_with(tls_dir: Path, target: str, source: str) -> None:
+    """Put ``source``'s certificate and key in place of ``target``'s, as an operator copies them."""
+    for suffix in (".key", ".pem"):
+        shutil.copyfile(tls_dir / f"{source}{suffix}", tls_dir / f"{target}{suffix}")
+
+
+def test_renewed_certificates_are_presented_without_a_restart(tmp_path, own_tls, monkeypatch):
+    monkeypatch.setattr(credentials, "CHECK_INTERVAL", 0.1)
+    db, work = make_source(tmp_path, 5)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary, \
+                running_secondary(tmp_path, own_tls, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary)
+            before = describe(own_tls / "primary.pem")
+            assert (await served_certificate(primary.port, own_tls)).serial_number == before.serial
+            session = set(primary.sessions)
+
+            # The primary's own certificate, renewed in place: its next handshake presents it.
+            issue_node(own_tls, "primary", force=True)
+            renewed = describe(own_tls / "primary.pem")
+            assert renewed.serial != before.serial
+            await until(lambda: primary.credentials.reloads == 1, timeout=10, what="the primary reloads")
+            assert (await served_certificate(primary.port, own_tls)).serial_number == renewed.serial
+            tls_status = primary.served_status()["tls"]
+            assert tls_status["reload_error"] is None and tls_status["reloads"] == 1
+            assert tls_status["not_after"] == renewed.not_after.timestamp()
+
+            # The session made with the old certificate goes on streaming.
+            work.commit_random(3)
+            await wait_equal_tid(primary, secondary)
+            assert set(primary.sessions) == session
+
+            # The secondary's client certificate, renewed (under another common name,
+            # to tell it apart): its next connection presents it.
+            issue_node(own_tls, "standby-renewed")
+            replace_with(own_tls, "secondary", "standby-renewed")
+            await until(lambda: secondary.credentials.reloads >= 1, timeout=10, what="the secondary reloads")
+            for ws, _ in list(primary._sockets.values()):
+                await ws.close()
+            await until(lambda: [s["peer"].split()[-1] for s in primary.status()["secondaries"]]
+                        == ["(standby-renewed)"],
+                        timeout=20, what="the secondary reconnects with its renewed certificate")
+            work.commit_random(2)
+            await wait_equal_tid(primary, secondary)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+
+
+def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls, caplog):
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary:
+            keeper = primary.credentials
+            serial = describe(own_tls / "primary.pem").serial
+            good = {s: (own_tls / f"primary{s}").read_bytes() for s in (".pem", ".key")}
+
+            # Half copied: the key of another certificate.
+            shutil.copyfile(own_tls / "tertiary.key", own_tls / "primary.key")
+            with caplog.at_level(logging.WARNING, logger="replicator"):
+                assert not keeper.check()  # maybe copied half-way: looked at again before it is said
+                assert keeper.reload_error is None and not caplog.records
+                assert not keeper.check()
+                assert not keeper.check()  # the same files: reported once
+            warnings = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+            assert len(warnings) == 1 and "does not match certificate" in warnings[0], warnings
+            assert "does not match" in keeper.reload_error
+            assert (await served_certificate(primary.port, own_tls)).serial_number == serial
+
+            status = primary.served_status()
+            assert b"replicator_tls_reload_failed 1.0" in render_metrics(primary.served_status)
+            text = render([{**status, "url": "p"}], time.time())
+            assert "[CERTIFICATE]" in text and "changed but were not loaded" in text, text
+
+            # A certificate of another role: not for a node.
+            replace_with(own_tls, "primary", "monitor")
+            assert not keeper.check(asked=True)  # SIGHUP: said at once
+            assert "role monitor" in keeper.reload_error
+            assert (await served_certificate(primary.port, own_tls)).serial_number == serial
+
+            # Put back as they were: nothing to load, and nothing wrong any more.
+            for suffix, data in good.items():
+                (own_tls / f"primary{suffix}").write_bytes(data)
+            assert not keeper.check()
+            assert keeper.reload_error is None and keeper.reloads == 0
+            assert b"replicator_tls_reload_failed 0.0" in render_metrics(primary.served_status)
+
+    asyncio.run(scenario())
+
+
+def test_a_certificate_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
+    issue_node(own_tls, "primary", days=10, force=True)
+    not_after = describe(own_tls / "primary.pem").not_after.timestamp()
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary:
+            status = primary.served_status()
+            assert status["tls"]["not_after"] == not_after
+            text = render([{**status, "url": "p"}], time.time())
+            assert "[CERTIFICATE]" in text and "this node's certificate expires in 10 days" in text, text
+            samples = {s.name: s.value for family in text_string_to_metric_families(
+                render_metrics(primary.served_status).decode()) for s in family.samples}
+            assert samples["replicator_tls_certificate_expiry_timestamp_seconds"] == not_after
+            primary.credentials.check()  # a later look does not repeat the day's warning
+
+    with caplog.at_level(logging.WARNING, logger="replicator"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "expires on" in r.getMessage()]
+    assert len(warnings) == 1 and "in 10 days" in warnings[0] and "certs issue" in warnings[0], warnings
+
+
+def test_sighup_reloads_a_running_primary_process(tmp_path, own_tls):
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+    port = free_port()
+    proc = start_primary(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs", port, own_tls)
+    try:
+        before = describe(own_tls / "primary.pem").serial
+        proc.proc.send_signal(signal.SIGHUP)  # nothing changed: said so, and the process goes on
+        wait_until(lambda: "TLS files unchanged" in proc.output(), timeout=10, what="the unchanged line")
+        assert proc.alive()
+        assert asyncio.run(served_certificate(port, own_tls)).serial_number == before
+
+        issue_node(own_tls, "primary", force=True)
+        renewed = describe(own_tls / "primary.pem").serial
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "loaded the renewed TLS files" in proc.output(), timeout=10, what="the reload")
+        assert asyncio.run(served_certificate(port, own_tls)).serial_number == renewed
+        assert proc.alive()
+    finally:
+        assert proc.stop() == 0, proc.output()
