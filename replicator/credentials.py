@@ -229,6 +229,17 @@ class Credentials:
                 log.warning("this node's %s expires on %s, in %.0f days: %s",
                             what, _date(not_after), left / _DAY, advice)
 
+    def expired(self) -> str | None:
+        """What has expired of this node's certificate and CA, if anything: why peers refuse it."""
+        now = time.time()
+        gone = [f"{what} expired on {_date(when)}" for what, when in
+                (("this node's certificate " + str(self.paths[1]), self.not_after),
+                 ("the CA " + str(self.paths[0]), self.ca_not_after)) if when <= now]
+        if not gone:
+            return None
+        return ("; ".join(gone) + ": renew it (`replicator certs issue NAME --force`) and put the files in place; "
+                "this node loads them within a minute")
+
     def status(self) -> dict:
         """For ``/status`` (and ``/metrics``): what is loaded and whether the files on disk are."""
         return {"certificate": self.subject, "certificate_file": str(self.paths[1]),

@@ -83,6 +83,15 @@ class _StatusCollector(Collector):
             yield refused
         yield _counter("replicator_silent_secondaries_dropped", "Sessions dropped because the secondary's "
                        "host stopped answering.", s.get("silent_secondaries_dropped"))
+        if "refused_tls_connections" in s:
+            refused_tls = CounterMetricFamily("replicator_refused_tls_connections", "TLS connections this node "
+                                              "refused at their handshake, by reason (certificate: its "
+                                              "certificate failed the check; no_certificate; refused_by_client: "
+                                              "the client refused this node's; not_tls; closed; timeout; other).",
+                                              labels=["reason"])
+            for reason, count in sorted((s.get("refused_tls_connections") or {}).items()):
+                refused_tls.add_metric([str(reason)], float(count))
+            yield refused_tls
         tls = s.get("tls")
         if tls:
             yield _gauge("replicator_tls_certificate_expiry_timestamp_seconds", "When this node's certificate "

@@ -55,6 +55,7 @@ from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_repr, tid_time
 from .transport import (
+    RefusedHandshakes,
     authorize,
     host_silence,
     peer_identity,
@@ -510,6 +511,8 @@ class Primary:
         self.refusals: collections.Counter[str] = collections.Counter()
         #: Sessions dropped because the secondary's host fell silent.
         self.silent_dropped = 0
+        #: TLS connections refused at their handshake (certificates), by reason.
+        self.refused_handshakes = RefusedHandshakes()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -535,7 +538,8 @@ class Primary:
                 self.credentials = Credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
                 self._owns_credentials = True
             ssl_ctx = self.credentials.server_context()
-        self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx)
+        self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx,
+                                                     refused=self.refused_handshakes)
         if self._owns_credentials and self.credentials is not None:
             self._tasks.append(asyncio.create_task(self.credentials.watch(), name="tls-files"))
         self._tasks += [
@@ -746,6 +750,7 @@ class Primary:
         status = (self.status_provider or self.status)()
         if self.credentials is not None:
             status["tls"] = self.credentials.status()
+            status["refused_tls_connections"] = dict(self.refused_handshakes.counts)
         return status
 
     async def _handle_status(self, request: web.Request) -> web.Response:

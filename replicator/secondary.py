@@ -441,9 +441,11 @@ class Secondary:
                     since, attempts = self._storage_failing or (time.monotonic(), 0)
                     self._storage_failing = (since, attempts + 1)
                 except TLSError as exc:
-                    # Certificates do not fit: retrying helps only once someone fixes them.
-                    log.error("%s", exc)
-                    message = str(exc)
+                    # Certificates do not fit: retrying helps only once someone fixes them
+                    # (renewed files are loaded as they come: Credentials).
+                    expired = self.credentials.expired() if self.credentials is not None else None
+                    message = str(exc) if expired is None else f"{exc}; the likely cause: {expired}"
+                    log.error("%s", message)
                     logged, failure = True, exc
                 except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"

@@ -157,13 +157,22 @@ def _followers(peers: list[dict]) -> list[str]:
 
 
 def _refused(r: dict) -> list[str]:
-    """The secondaries a node serving others refused (by reason) or dropped as silent, if any."""
+    """The secondaries a node serving others refused (by reason) or dropped as silent, and the
+    TLS connections it refused, if any."""
+    lines = []
     refused = r.get("refusals") or {}
-    if not refused and not r.get("silent_secondaries_dropped"):
-        return []
-    counts = ", ".join(f"{count} {code}" for code, count in sorted(refused.items())) or "none"
-    return [f"  refused       {counts} (since start; this node's log names each); "
-            f"{r.get('silent_secondaries_dropped', 0)} dropped as silent"]
+    if refused or r.get("silent_secondaries_dropped"):
+        counts = ", ".join(f"{count} {code}" for code, count in sorted(refused.items())) or "none"
+        lines.append(f"  refused       {counts} (since start; this node's log names each); "
+                     f"{r.get('silent_secondaries_dropped', 0)} dropped as silent")
+    # Connections closed before their handshake (health checks, port scans) are no news.
+    tls = {reason: n for reason, n in (r.get("refused_tls_connections") or {}).items()
+           if reason not in ("closed", "timeout")}
+    if tls:
+        counts = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(tls.items()))
+        lines.append(f"  refused TLS   {counts} (connections refused at their handshake since start; "
+                     "this node's log names each host)")
+    return lines
 
 
 def render(results: list[dict], now: float) -> str:

@@ -28,6 +28,7 @@ status commands), which nothing retries.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
@@ -36,6 +37,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ __all__ = [
     "server_ssl_context",
     "client_ssl_context",
     "start_server",
+    "RefusedHandshakes",
     "stop_server",
     "peer_identity",
     "authorize",
@@ -91,6 +94,26 @@ def _tcp_info(ws) -> bytes | None:
     except OSError:
         return None
     return info if len(info) >= _LAST_ACK_RECV + 4 else None
+
+
+#: ``tcpi_bytes_received`` (a u64, since Linux 4.1) in ``struct tcp_info``;
+#: it counts a FIN as one byte.
+_BYTES_RECEIVED = 128
+#: Fewer bytes than the smallest TLS ClientHello: the client sent no hello.
+_HELLO_BYTES = 48
+
+
+def _bytes_received(sock: socket.socket | None) -> int | None:
+    """Payload bytes the connection received so far (None where the kernel does not say)."""
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED + 8)
+    except OSError:
+        return None
+    if len(info) < _BYTES_RECEIVED + 8:
+        return None
+    return int.from_bytes(info[_BYTES_RECEIVED:_BYTES_RECEIVED + 8], sys.byteorder)
 
 
 def _u32(info: bytes, offset: int) -> int:
@@ -357,9 +380,198 @@ def _warn_insecure(side: str) -> None:
 
 # -- server ------------------------------------------------------------------
 
+#: Seconds a client has to complete its TLS handshake (asyncio's default).
+HANDSHAKE_TIMEOUT = 60.0
+#: Seconds between two log lines about TLS connections refused from one host for one reason.
+HANDSHAKE_LOG_INTERVAL = 60.0
+
+
+class RefusedHandshakes:
+    """TLS connections this node's server refused, counted by reason and logged.
+
+    asyncio's server drops a failed handshake without a word outside its
+    debug mode, so an operator whose secondary is refused (an expired
+    certificate, another cluster's CA, a plaintext client) would find
+    nothing in the primary's log.  A failed certificate check is a WARNING,
+    a client that does not speak TLS an INFO, a connection closed or timed
+    out before its handshake (health checks, port scans) DEBUG; one line per
+    host and reason a minute at most, saying how many more there were.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._logged: dict[tuple[str, str], float] = {}
+        self._unlogged: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def add(self, peer: Any, error: BaseException, received: int | None = None) -> None:
+        """One refused connection; ``received``: bytes it had sent (a hello), if known."""
+        reason, level, text = _handshake_failure(error, received)
+        self.counts[reason] += 1
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "an unknown address"
+        key, now = (host, reason), time.monotonic()
+        last = self._logged.get(key)
+        if last is not None and now - last < HANDSHAKE_LOG_INTERVAL:
+            self._unlogged[key] += 1
+            return
+        self._logged[key] = now
+        more = self._unlogged.pop(key, 0)
+        where = f"{host}:{peer[1]}" if isinstance(peer, tuple) and len(peer) > 1 else host
+        log.log(level, "refused a TLS connection from %s: %s%s", where, text,
+                f" ({more} more from {host} for this reason since the last such line)" if more else "")
+
+
+def _handshake_failure(error: BaseException, received: int | None = None) -> tuple[str, int, str]:
+    """(reason for the counts, log level, words) of a failed server-side handshake."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        message = error.verify_message or _short(error)
+        advice = ("renew it (`replicator certs issue NAME --force`)" if "expired" in message
+                  else "is it signed by this cluster's CA (the one in --tls-ca)?")
+        return "certificate", logging.WARNING, f"its certificate was refused ({message}): {advice}"
+    if isinstance(error, TimeoutError):
+        return "timeout", logging.DEBUG, f"no TLS handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+    reason = (getattr(error, "reason", None) or "").upper()
+    if isinstance(error, ssl.SSLError) and "CERTIFICATE" in reason and "ALERT" not in reason:
+        return ("no_certificate", logging.WARNING,
+                "it presented no client certificate (a node needs --tls-cert and --tls-key; "
+                "`curl` needs --cert and --key)")
+    if "ALERT" in reason:
+        # The client refused ours: the alert it sent names why.
+        return ("refused_by_client", logging.WARNING,
+                f"the client refused this node's certificate ({_short(error)}): does it trust this "
+                "cluster's CA, and has this node's certificate expired?")
+    if reason in ("HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "UNSUPPORTED_PROTOCOL",
+                  "VERSION_TOO_LOW", "NO_SHARED_CIPHER", "NO_PROTOCOLS_AVAILABLE"):
+        return ("not_tls", logging.INFO, f"it does not speak TLS 1.2 or later ({_short(error)}); "
+                "a plaintext (--insecure) client?")
+    if isinstance(error, (ConnectionError, EOFError, ssl.SSLEOFError)) or "EOF" in reason:
+        if received is not None and received >= _HELLO_BYTES:
+            # It sent its hello, got this node's certificate, and left without a word:
+            # an asyncio client (a secondary) refusing a certificate sends no alert.
+            return ("refused_by_client", logging.WARNING,
+                    "the client closed the connection in the middle of the handshake, most likely "
+                    "refusing this node's certificate: does it trust this cluster's CA (is it a node "
+                    "of this cluster), and has this node's certificate expired?")
+        return "closed", logging.DEBUG, f"closed before its handshake began ({_short(error)})"
+    return "other", logging.INFO, f"TLS handshake failed ({type(error).__name__}: {_short(error)})"
+
+
+class _Handshake(asyncio.Protocol):
+    """Takes one accepted connection through its TLS handshake, then hands it to aiohttp.
+
+    A refused handshake goes to ``RefusedHandshakes``.  What arrives between
+    the handshake's end and the hand-over (the request may come in the same
+    read) is kept and passed on, as is a close.
+    """
+
+    def __init__(self, handler_factory: Any, context: ssl.SSLContext, refused: RefusedHandshakes,
+                 pending: set[asyncio.Task]) -> None:
+        self._factory, self._context, self._refused, self._pending = handler_factory, context, refused, pending
+        self._handler: asyncio.Protocol | None = None
+        self._early: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))  # type: ignore[arg-type]
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        # A second descriptor of the socket, to ask the kernel what the client sent once
+        # a failed handshake closed the transport's (Linux; a few microseconds).
+        raw = transport.get_extra_info("socket")
+        probe: socket.socket | None = None
+        if raw is not None and hasattr(socket, "TCP_INFO"):
+            with contextlib.suppress(OSError):
+                probe = raw.dup()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, self, self._context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            transport.close()
+            raise
+        except Exception as e:  # start_tls closed the connection
+            self._refused.add(peer, e, _bytes_received(probe))
+            return
+        finally:
+            if probe is not None:
+                probe.close()
+        if tls is None:  # closed meanwhile
+            return
+        handler = self._factory()
+        tls.set_protocol(handler)
+        handler.connection_made(tls)
+        self._handler = handler
+        if self._early:
+            handler.data_received(b"".join(self._early))
+            self._early.clear()
+        if self._eof:
+            handler.eof_received()
+        if self._lost is not None:
+            handler.connection_lost(self._lost[0])
+
+    # Until the hand-over (afterwards the TLS transport calls the handler itself).
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+        else:
+            self._early.append(data)
+
+    def eof_received(self) -> bool | None:
+        if self._handler is not None:
+            return self._handler.eof_received()
+        self._eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+        else:
+            self._lost = (exc,)
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+
+class _AuditedTLSSite(web.TCPSite):
+    """A ``TCPSite`` that runs each TLS handshake itself (``_Handshake``), so that refusals are told."""
+
+    __slots__ = ("_refused", "_handshakes")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ssl.SSLContext,
+                 refused: RefusedHandshakes) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self._refused = refused
+        self._handshakes: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does
+        server, context = self._runner.server, self._ssl_context
+        assert server is not None and context is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Handshake(server, context, self._refused, self._handshakes),
+            self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().stop()
+
+
 async def start_server(app: web.Application, host: str, port: int,
                        ssl_context: ssl.SSLContext | None, *,
-                       shutdown_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
+                       shutdown_timeout: float = 5.0,
+                       refused: RefusedHandshakes | None = None) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` and return the runner and the bound port.
 
     ``port=0`` picks a free port (tests, and "any port" deployments that
@@ -367,6 +579,8 @@ async def start_server(app: web.Application, host: str, port: int,
     insecure mode and is logged as a warning.  ``shutdown_timeout`` bounds how
     long ``stop_server`` waits for open connections before cancelling their
     handlers.  Raises ``ConfigError`` if the address cannot be bound.
+    ``refused`` counts and logs the TLS handshakes the server refused (a
+    fresh one by default).
     """
     if ssl_context is None:
         _warn_insecure("server")
@@ -376,7 +590,12 @@ async def start_server(app: web.Application, host: str, port: int,
                            shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site: web.TCPSite
+        if ssl_context is None:
+            site = web.TCPSite(runner, host, port)
+        else:
+            site = _AuditedTLSSite(runner, host, port, ssl_context=ssl_context,
+                                   refused=refused if refused is not None else RefusedHandshakes())
         await site.start()
     except OSError as e:
         await runner.cleanup()

@@ -1,0 +1,176 @@
+"""A node says which TLS connections it refused, and why, and the refused side says why too.
+
+asyncio's server drops a failed handshake silently; the primary here runs
+its own handshakes (``transport._Handshake``) to log and count them.  Real
+Primary and Secondary nodes, real certificates (one made to expire while
+the secondary runs) and real clients on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import os
+import shutil
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from replicator import transport
+from replicator.config import Address, SecondaryConfig
+from replicator.secondary import Secondary
+from replicator.status import render
+from tests.helpers import until
+from tests.integration.test_replication import make_source, running_primary, tls
+
+
+@pytest.fixture
+def source(tmp_path):
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+    return tmp_path
+
+
+def short_lived(tls_dir: Path, name: str, lifetime: datetime.timedelta) -> None:
+    """A node certificate ``name`` signed by the CA in ``tls_dir``, expiring ``lifetime`` from now
+    (negative: expired already), written as ``name.pem`` and ``name.key``."""
+    ca_cert = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=30)).not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    (tls_dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(tls_dir / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+
+async def attempt(port: int, context: ssl.SSLContext | None) -> None:
+    """One connection: a TLS handshake with ``context``, or a plaintext HTTP request without."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        if context is None:
+            writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+    except (ssl.SSLError, ConnectionError, TimeoutError):
+        pass
+
+
+def client(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_refused_connections_are_logged_counted_and_shown(source, tls_dir, foreign_tls_dir, tmp_path,
+                                                          caplog, monkeypatch):
+    own = Path(shutil.copytree(tls_dir, tmp_path / "tls"))
+    short_lived(own, "lapsed", -datetime.timedelta(days=1))
+    monkeypatch.setattr(transport, "HANDSHAKE_LOG_INTERVAL", 0.0)  # every line, until said otherwise
+
+    async def scenario() -> None:
+        async with running_primary(source, own) as primary:
+            port, counts = primary.port, primary.refused_handshakes.counts
+            ca = own / "ca.pem"
+            await attempt(port, client(ca, own / "lapsed.pem", own / "lapsed.key"))
+            await attempt(port, client(ca))  # no client certificate
+            await attempt(port, client(ca, foreign_tls_dir / "secondary.pem", foreign_tls_dir / "secondary.key"))
+            # A client of another cluster refuses this node's certificate first.
+            await attempt(port, client(foreign_tls_dir / "ca.pem", foreign_tls_dir / "secondary.pem",
+                                       foreign_tls_dir / "secondary.key"))
+            await attempt(port, None)  # plaintext HTTP
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)  # a port check
+            writer.close()
+            await until(lambda: sum(counts.values()) == 6, timeout=10, what="six refusals")
+            assert counts == {"certificate": 2, "no_certificate": 1, "refused_by_client": 1, "not_tls": 1,
+                              "closed": 1}, counts
+
+            # One line per host and reason a minute at most, with the count of the rest.
+            monkeypatch.setattr(transport, "HANDSHAKE_LOG_INTERVAL", 0.5)
+            for _ in range(3):
+                await attempt(port, client(ca))
+            await asyncio.sleep(0.6)
+            await attempt(port, client(ca))
+
+            status = primary.served_status()
+            assert status["refused_tls_connections"]["no_certificate"] == 5
+            text = render([{**status, "url": "p"}], time.time())
+            assert "refused TLS   2 certificate, 5 no certificate, 1 not tls, 1 refused by client" in text, text
+            assert "closed" not in text.split("refused TLS")[1]  # port checks are no news
+
+            # Refused connections took nothing away: a node still gets in.
+            t = tls(own, "secondary")
+            await attempt(port, client(Path(t.ca), Path(t.cert), Path(t.key)))
+            assert sum(counts.values()) == 10
+
+    with caplog.at_level(logging.DEBUG, logger="replicator.transport"):
+        asyncio.run(scenario())
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "refused a TLS connection" in r.getMessage()]
+    warnings = [m for level, m in lines if level == "WARNING"]
+    assert any("certificate was refused (certificate has expired): renew it" in m for m in warnings), lines
+    assert any("unable to get local issuer certificate" in m and "signed by this cluster's CA" in m
+               for m in warnings), lines
+    no_certificate = [m for m in warnings if "presented no client certificate" in m]
+    assert len(no_certificate) == 2 and "(3 more from 127.0.0.1" in no_certificate[1], no_certificate
+    assert any(level == "INFO" and "does not speak TLS" in m for level, m in lines), lines
+    assert any("most likely refusing this node's certificate" in m for m in warnings), lines
+    assert any(level == "DEBUG" and "closed before its handshake began" in m for level, m in lines), lines
+
+
+def test_a_secondary_whose_certificate_expired_says_so(source, tls_dir, tmp_path, caplog):
+    own = Path(shutil.copytree(tls_dir, tmp_path / "tls"))
+    short_lived(own, "brief", datetime.timedelta(seconds=3))
+
+    async def scenario() -> None:
+        async with running_primary(source, own) as primary:
+            port = primary.port
+        # The primary is gone; the secondary starts with a certificate valid a few seconds more.
+        config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                 primary=Address("127.0.0.1", port), node="brief", reconnect_min=0.05,
+                                 reconnect_max=0.2, tls=tls(own, "brief")).validate()
+        secondary = Secondary(config)
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            await asyncio.sleep(max(0.0, secondary.credentials.not_after - time.time() + 0.5))
+            async with running_primary(source, own, listen=Address("127.0.0.1", port)) as primary:
+                await until(lambda: "the likely cause" in (secondary.progress.last_error or ""), timeout=15,
+                            what="the secondary's diagnosis")
+                assert primary.refused_handshakes.counts["certificate"] >= 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await secondary.close()
+
+    with caplog.at_level(logging.ERROR, logger="replicator.secondary"):
+        asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("the likely cause: this node's certificate" in m and "expired on" in m for m in errors), errors
