@@ -53,6 +53,7 @@ from .protocol import (
 )
 from .tailer import Tailer
 from .threads import blocking
+from .throttle import Throttle
 from .tid import Z64, tid_repr, tid_time
 from .transport import (
     RefusedHandshakes,
@@ -68,6 +69,8 @@ __all__ = ["Primary", "ChangeNotifier"]
 log = logging.getLogger("replicator.primary")
 
 HELLO_TIMEOUT = 10.0
+#: Seconds between two log lines refusing one secondary node for one reason.
+REFUSAL_LOG_INTERVAL = 300.0
 #: Least time between two background refreshes of the head TID (one scan covers
 #: every commit since).  /status, /metrics, a new session and a refusal look
 #: afresh themselves, so only in-process readers of ``head_tid`` see it this old.
@@ -509,6 +512,7 @@ class Primary:
         self.bytes_sent = 0
         #: Secondaries refused at their Hello, by ``Reject`` code (/status, /metrics).
         self.refusals: collections.Counter[str] = collections.Counter()
+        self._refusal_log = Throttle(REFUSAL_LOG_INTERVAL)
         #: Sessions dropped because the secondary's host fell silent.
         self.silent_dropped = 0
         #: TLS connections refused at their handshake (certificates), by reason.
@@ -781,16 +785,14 @@ class Primary:
             stats.abort = transport.abort if transport is not None else None
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:
-                log.warning("refusing secondary %s: %s", peer, duplicate.message)
-                self.refusals[duplicate.code] += 1
+                self._log_refusal(hello.node, peer, duplicate)
                 await ws.send_bytes(conn.send(duplicate))
                 return ws
             await asyncio.to_thread(tailer.open)
             await self._refresh_head()  # the Welcome and any refusal name the newest TID
             reject = await self._position(tailer, hello)
             if reject is not None:
-                log.warning("refusing secondary %s: %s", peer, reject.message)
-                self.refusals[reject.code] += 1
+                self._log_refusal(hello.node, peer, reject)
                 await ws.send_bytes(conn.send(reject))
                 return ws
             # Synchronous commits wait for acknowledgements: then none is held back.
@@ -887,6 +889,15 @@ class Primary:
                                        f"silent for {self.config.silence_limit:g} s, and lets this one in")
         self._claims[key] = stats
         return None
+
+    def _log_refusal(self, node: str, peer: str, reject: Reject) -> None:
+        """Count a refusal; log it, but the same one of the same node only every few minutes
+        (a refused secondary retries every 30 s for as long as nobody fixes it)."""
+        self.refusals[reject.code] += 1
+        unsaid = self._refusal_log.due((node, reject.code))
+        if unsaid is not None:
+            log.warning("refusing secondary %s: %s%s", peer, reject.message,
+                        Throttle.since(unsaid, f"of {node!r} for this reason"))
 
     async def _receive_hello(self, ws: web.WebSocketResponse, conn: Connection) -> Hello:
         msg = await ws.receive(timeout=HELLO_TIMEOUT)

@@ -37,7 +37,6 @@ import socket
 import ssl
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from yarl import URL
 from .certs import read_file as _read
 from .certs import roles_from_uris
 from .errors import ConfigError, TLSError, TransportError
+from .throttle import Throttle
 
 __all__ = [
     "TLSFiles",
@@ -383,7 +383,7 @@ def _warn_insecure(side: str) -> None:
 #: Seconds a client has to complete its TLS handshake (asyncio's default).
 HANDSHAKE_TIMEOUT = 60.0
 #: Seconds between two log lines about TLS connections refused from one host for one reason.
-HANDSHAKE_LOG_INTERVAL = 60.0
+HANDSHAKE_LOG_INTERVAL = 300.0
 
 
 class RefusedHandshakes:
@@ -395,29 +395,24 @@ class RefusedHandshakes:
     nothing in the primary's log.  A failed certificate check is a WARNING,
     a client that does not speak TLS an INFO, a connection closed or timed
     out before its handshake (health checks, port scans) DEBUG; one line per
-    host and reason a minute at most, saying how many more there were.
+    host and reason every five minutes at most, saying how many more there were.
     """
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
-        self._logged: dict[tuple[str, str], float] = {}
-        self._unlogged: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._throttle = Throttle(HANDSHAKE_LOG_INTERVAL)
 
     def add(self, peer: Any, error: BaseException, received: int | None = None) -> None:
         """One refused connection; ``received``: bytes it had sent (a hello), if known."""
         reason, level, text = _handshake_failure(error, received)
         self.counts[reason] += 1
         host = str(peer[0]) if isinstance(peer, tuple) and peer else "an unknown address"
-        key, now = (host, reason), time.monotonic()
-        last = self._logged.get(key)
-        if last is not None and now - last < HANDSHAKE_LOG_INTERVAL:
-            self._unlogged[key] += 1
+        unsaid = self._throttle.due((host, reason), HANDSHAKE_LOG_INTERVAL)
+        if unsaid is None:
             return
-        self._logged[key] = now
-        more = self._unlogged.pop(key, 0)
         where = f"{host}:{peer[1]}" if isinstance(peer, tuple) and len(peer) > 1 else host
         log.log(level, "refused a TLS connection from %s: %s%s", where, text,
-                f" ({more} more from {host} for this reason since the last such line)" if more else "")
+                Throttle.since(unsaid, f"from {host} for this reason"))
 
 
 def _handshake_failure(error: BaseException, received: int | None = None) -> tuple[str, int, str]:

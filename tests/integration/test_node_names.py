@@ -30,7 +30,7 @@ from tests.integration.test_replication import (
 )
 
 
-def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves(tmp_path, tls_dir):
+def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves(tmp_path, tls_dir, caplog):
     db, work = make_source(tmp_path, 40)
 
     async def scenario() -> None:
@@ -57,7 +57,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     assert re.search(r"^  refused +[1-9]\d* duplicate \(since start; .*0 dropped as silent$", text,
                                      re.M), text
                     # Refused, not stopped: it keeps trying; nothing was applied to it.
-                    await asyncio.sleep(0.5)
+                    await until(lambda: primary.refusals["duplicate"] >= 3, what="more attempts")
                     assert not task.done()
                     assert second.progress.applied_tid == Z64
                     listed = primary.status()["secondaries"]
@@ -71,11 +71,15 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     assert [s["node"] for s in primary.status()["secondaries"]] == ["dst"]
 
     try:
-        asyncio.run(scenario())
+        with caplog.at_level(logging.WARNING, logger="replicator.primary"):
+            asyncio.run(scenario())
     finally:
         work.close()
         db.close()
     assert_equal(tmp_path, "dr")
+    # Each attempt is counted; the log says it once (then every few minutes at most).
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing secondary")]
+    assert len(refused) == 1, refused
 
 
 def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path, tls_dir, caplog):
