@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -67,6 +68,14 @@ from .transport import connect_ws, host_silence, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
+#: After the disk filled up, the failed transaction is fetched again only once
+#: this much more room is free where the storage or its blobs live...
+FREE_SPACE_STEP = 1 << 20
+#: ... or after this many seconds anyway (a raised quota does not show as free space).
+FULL_DISK_RETRY = 600.0
+#: Seconds between two looks at the free space meanwhile.
+FREE_SPACE_LOOK = 1.0
+
 log = logging.getLogger("replicator.secondary")
 
 #: Reject codes after which retrying cannot help: an operator must act.
@@ -116,6 +125,30 @@ WELCOME_WAIT = 600.0
 
 #: While the primary stays unreachable, a WARNING says so at most this often (seconds).
 OUTAGE_WARNING_INTERVAL = 60.0
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The "no space" (or quota) error behind a ``StorageError``, if that is what it is."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes this process may still write on ``path``'s file system (None if it cannot say)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 20):.1f} MiB"
 
 
 def _duration(seconds: float) -> str:
@@ -485,10 +518,40 @@ class Secondary:
                                              f"attempt: {last}", hint=hint or "is the primary running and "
                                              "reachable from here? start this node again once it is")
                     delay = min(delay, left)  # one last attempt when the time is up, not a backoff later
-                self.link_log.failed(message, delay, was_connected=was_connected, logged=logged,
-                                     link_down=not isinstance(failure, StorageError))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._draining.wait(), delay)
+                full = _disk_full(failure)
+                if full is None:
+                    self.link_log.failed(message, delay, was_connected=was_connected, logged=logged,
+                                         link_down=not isinstance(failure, StorageError))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._draining.wait(), delay)
+                else:
+                    await self._wait_for_room(full, delay)
+
+    async def _wait_for_room(self, error: OSError, delay: float) -> None:
+        """After a full disk, wait until there is more room before fetching the failed transaction
+        again: retrying into the same space would fail the same way, and refetch it each time (over
+        a WAN, perhaps a big blob every 30 s).  At least ``delay``; at most ``FULL_DISK_RETRY`` (a
+        raised quota does not show in the free space)."""
+        cfg = self.config
+        places = sorted({os.path.dirname(os.path.abspath(p)) for p in (cfg.storage, cfg.blob_dir) if p}
+                        | ({os.path.dirname(error.filename)} if isinstance(error.filename, str) else set()))
+        before = {place: _free_bytes(place) for place in places}
+        log.info("waiting for more free space before fetching the transaction again (%s; at most %s): %s",
+                 ", ".join(f"{place}: {_size(free)} free" for place, free in before.items()),
+                 _duration(FULL_DISK_RETRY), error)
+        started = time.monotonic()
+        while not self._draining.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), min(FREE_SPACE_LOOK, delay))
+            waited = time.monotonic() - started
+            if waited < delay:
+                continue
+            grown = [place for place, free in before.items()
+                     if free is not None and (_free_bytes(place) or 0) >= free + FREE_SPACE_STEP]
+            if grown or waited >= FULL_DISK_RETRY:
+                log.info("fetching the transaction again: %s", f"more room on {', '.join(grown)}" if grown
+                         else f"no more room after {_duration(waited)}, trying anyway")
+                return
 
     # -- one connection --------------------------------------------------
 

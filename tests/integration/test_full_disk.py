@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from ZODB.utils import p64
 
+from replicator import secondary as secondary_module
 from replicator.applier import Applier
 from replicator.errors import StorageError
 from replicator.protocol.events import Record, TxnBegin, TxnEnd
 from replicator.storage import last_identity, open_file_storage
 from replicator.tid import Z64
+from tests.helpers import until
 from tests.integration.test_replication import (
     assert_equal,
     make_source,
@@ -50,29 +51,34 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog):
+def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog, monkeypatch):
     mount, grow = small_disk
     db, work = make_source(tmp_path, 60)
     assert (tmp_path / "src.fs").stat().st_size > 1 << 20  # far more than the disk holds
-    delays: list[float] = []
+    monkeypatch.setattr(secondary_module, "FREE_SPACE_LOOK", 0.05)
+    monkeypatch.setattr(secondary_module, "FULL_DISK_RETRY", 0.3)  # at first: no waiting for room to speak of
+
+    def failures() -> int:
+        return caplog.text.count("local storage failed")
 
     async def scenario() -> None:
         async with running_primary(tmp_path, tls_dir) as primary:
             async with running_secondary(tmp_path, tls_dir, primary.port, name="disk/dst",
                                          reconnect_min=0.05, reconnect_max=1.0) as (secondary, task):
-                # Each attempt fails at once on the same transaction: the delays must grow, not
-                # start from the shortest again after every connection that worked.
-                for _ in range(600):
-                    delays[:] = [float(d) for d in re.findall(r"reconnecting to \S+ in ([\d.]+)s \(StorageError",
-                                                                caplog.text)]
-                    if max(delays, default=0) >= 0.5:
-                        break
-                    await asyncio.sleep(0.05)
+                await until(lambda: failures() >= 3, timeout=30, what="three failed attempts")
                 assert "No space left on device" in (secondary.progress.last_error or "")
                 assert not task.done() and primary.fatal is None  # both keep going
                 stuck = secondary.progress.applied_tid
                 assert stuck < db.storage.lastTransaction()
                 assert stuck == secondary.storage.lastTransaction()  # status names what it holds
+
+                # As by default: the failed transaction is not fetched again while there is no more room.
+                monkeypatch.setattr(secondary_module, "FULL_DISK_RETRY", 600.0)
+                await asyncio.sleep(1.5)  # an attempt under way when the wait grew ends first
+                attempts, sent = failures(), primary.bytes_sent
+                await asyncio.sleep(2.0)
+                assert (failures(), primary.bytes_sent) == (attempts, sent), "fetched again into a full disk"
+
                 grow()
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction(), timeout=30)
                 assert secondary.progress.last_error is None  # the trouble is over
@@ -81,14 +87,14 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog):
         asyncio.run(scenario())
     work.close()
     db.close()
-    assert max(delays) >= 0.5, f"the reconnect delays did not grow: {delays}"
-    assert len(delays) <= 12, delays
+    assert "fetching the transaction again: more room on " in caplog.text
+    assert "no more room after" in caplog.text  # the first attempts, after FULL_DISK_RETRY
     # A storage problem, not a link outage: no outage warnings, and the
     # recovery is said about the storage, once.
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert not [w for w in warnings if "primary" in w and ("again after" in w or "connection" in w)], warnings
     back = [w for w in warnings if "takes transactions again" in w]
-    assert len(back) == 1 and f"{len(delays)} failed attempt" in back[0], (back, len(delays))
+    assert len(back) == 1 and f"{failures()} failed attempt" in back[0], (back, failures())
     assert assert_equal(tmp_path, "disk/dst").transactions > 0
 
 
