@@ -223,6 +223,29 @@ def issue_node(directory: str | os.PathLike[str], name: str, *,
     return paths
 
 
+def renew_node(directory: str | os.PathLike[str], name: str, *, days: int = 825) -> CertPaths:
+    """Issue ``<name>.pem`` / ``<name>.key`` in ``directory`` anew: a new key, the same host
+    names, addresses and role as the certificate there now, valid ``days`` from now.
+
+    A running node loads the new files without a restart; the same names
+    matter, because the peers that dial it check them.  ``ConfigError`` if
+    there is no such certificate, or it is not a node, operator or monitor
+    certificate of this CA.
+    """
+    directory = Path(directory)
+    current = describe(directory / f"{name}.pem")
+    if current.is_ca:
+        raise ConfigError(f"{directory / (name + '.pem')} is a CA certificate; `certs renew` renews the "
+                          "certificates it signed")
+    roles = [r for r in current.roles if r in ROLES]
+    if len(roles) != 1:
+        raise ConfigError(f"{directory / (name + '.pem')} has the roles {', '.join(current.roles) or 'none'}; "
+                          "issue its successor with `replicator certs issue NAME --role ROLE --force`")
+    hosts = current.dns_names + current.ip_addresses
+    return issue_node(directory, name, hosts=hosts or ("localhost", "127.0.0.1"), days=days, force=True,
+                      role=roles[0])
+
+
 def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     """Read a PEM certificate and summarise it; ``ConfigError`` if missing or not PEM."""
     path = Path(cert_path)

@@ -483,6 +483,31 @@ def certs_issue(name, directory, hosts, role, days, force) -> None:
     click.echo(f"{directory}/{name}.pem and {directory}/{name}.key written (role {role})")
 
 
+@certs.command("renew")
+@click.argument("name")
+@click.option("--dir", "directory", default="tls", show_default=True,
+              help="Where the CA (ca.pem, ca.key) and the certificate to renew (NAME.pem) are.")
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True,
+              help="How long the new one is valid (never past the CA's own expiry).")
+def certs_renew(name, directory, days) -> None:
+    """Replace NAME's certificate and key with new ones for the same hosts and role.
+
+    Copy the two files to the node in place of the old ones: it loads them
+    within a minute (at once on SIGHUP), without a restart.
+    """
+    from .certs import describe, renew_node
+
+    try:
+        old = describe(f"{directory}/{name}.pem")
+        paths = renew_node(directory, name, days=days)
+        new = describe(paths.cert)
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(f"{paths.cert} and {paths.key} written: role {', '.join(new.roles)}, hosts "
+               f"{', '.join(new.dns_names + new.ip_addresses)}, valid until {new.not_after:%Y-%m-%d} "
+               f"(the old one: until {old.not_after:%Y-%m-%d})")
+
+
 @certs.command("show")
 @click.argument("cert")
 def certs_show(cert) -> None:

@@ -142,7 +142,7 @@ class Credentials:
             return False
         problems += check_pems(*self.paths, raw)
         if not problems:
-            problems = self._role_problems(raw)  # type: ignore[arg-type]  # all read
+            problems = self._role_problems(raw) + self._name_problems(raw)  # type: ignore[arg-type]  # all read
         if not problems:
             try:
                 context_from_pems(ssl.Purpose.CLIENT_AUTH, raw, self.paths)  # type: ignore[arg-type]
@@ -197,6 +197,18 @@ class Credentials:
         return [f"certificate {self.paths[1]} is of role {', '.join(sorted(roles))}: a primary or secondary "
                 "needs a node certificate (`replicator certs issue NAME`)"]
 
+    def _name_problems(self, pems: TLSPems) -> list[str]:
+        """A renewed certificate must still name every host and address the current one does:
+        peers dial the node by them, and would refuse it otherwise."""
+        lost = _names(parse_certs(self._pems[1], self.paths[1], "certificate")[0]) \
+            - _names(parse_certs(pems[1], self.paths[1], "certificate")[0])
+        if not lost:
+            return []
+        return [f"certificate {self.paths[1]} no longer lists {', '.join(sorted(lost))}, which the one in use "
+                "does: peers that dial this node by that name would refuse it (renew with `replicator certs "
+                "renew NAME`, which keeps the names, or issue it with every --host; to drop a name on "
+                "purpose, restart the node)"]
+
     def _describe(self) -> None:
         leaf = parse_certs(self._pems[1], self.paths[1], "certificate")[0]
         cas = parse_certs(self._pems[0], self.paths[0], "CA file")
@@ -210,7 +222,7 @@ class Credentials:
         now = time.time()
         for what, not_after, advice in (
                 ("certificate " + str(self.paths[1]), self.not_after,
-                 "issue a new one (`replicator certs issue NAME --force`) and put it in place of the "
+                 "renew it (`replicator certs renew NAME`) and put the new files in place of the "
                  "old files: this node loads it within a minute" + (", or at once on SIGHUP" if sighup_checks
                                                                      else "")),
                 ("CA " + str(self.paths[0]), self.ca_not_after,
@@ -237,7 +249,7 @@ class Credentials:
                  ("the CA " + str(self.paths[0]), self.ca_not_after)) if when <= now]
         if not gone:
             return None
-        return ("; ".join(gone) + ": renew it (`replicator certs issue NAME --force`) and put the files in place; "
+        return ("; ".join(gone) + ": renew it (`replicator certs renew NAME`) and put the files in place; "
                 "this node loads them within a minute")
 
     def status(self) -> dict:
@@ -261,6 +273,15 @@ def check_all() -> None:
             credentials.check(asked=True)
         except Exception:
             log.exception("checking the TLS files %s failed", ", ".join(map(str, credentials.paths)))
+
+
+def _names(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return ({f"DNS:{d.lower()}" for d in san.get_values_for_type(x509.DNSName)}
+            | {f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)})
 
 
 def _digest(pems: tuple[bytes | None, ...]) -> bytes:

@@ -419,7 +419,7 @@ def _handshake_failure(error: BaseException, received: int | None = None) -> tup
     """(reason for the counts, log level, words) of a failed server-side handshake."""
     if isinstance(error, ssl.SSLCertVerificationError):
         message = error.verify_message or _short(error)
-        advice = ("renew it (`replicator certs issue NAME --force`)" if "expired" in message
+        advice = ("renew it (`replicator certs renew NAME`)" if "expired" in message
                   else "is it signed by this cluster's CA (the one in --tls-ca)?")
         return "certificate", logging.WARNING, f"its certificate was refused ({message}): {advice}"
     if isinstance(error, TimeoutError):
@@ -734,7 +734,7 @@ def _certificate_error(address: str, error: Exception) -> TLSError:
         hint = (f"the server's certificate does not list {address.rsplit(':', 1)[0]!r} in "
                 "its SubjectAltNames; dial a listed name or reissue it with that host")
     elif "expired" in reason:
-        hint = ("the server's certificate has expired; issue a new one (`replicator certs issue NAME --force`) "
+        hint = ("the server's certificate has expired; renew it (`replicator certs renew NAME`) "
                 "and put it in place: the server loads it within a minute, no restart needed")
     else:
         hint = "is the server's certificate signed by the cluster CA?"

@@ -21,7 +21,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicator import credentials
-from replicator.certs import describe, issue_node
+from replicator.certs import describe, issue_node, renew_node
 from replicator.metrics import render_metrics
 from replicator.status import render
 from replicator.transport import client_ssl_context
@@ -71,9 +71,10 @@ def test_renewed_certificates_are_presented_without_a_restart(tmp_path, own_tls,
             session = set(primary.sessions)
 
             # The primary's own certificate, renewed in place: its next handshake presents it.
-            issue_node(own_tls, "primary", force=True)
+            renew_node(own_tls, "primary", days=400)
             renewed = describe(own_tls / "primary.pem")
             assert renewed.serial != before.serial
+            assert (renewed.sans, renewed.roles) == (before.sans, before.roles)
             await until(lambda: primary.credentials.reloads == 1, timeout=10, what="the primary reloads")
             assert (await served_certificate(primary.port, own_tls)).serial_number == renewed.serial
             tls_status = primary.served_status()["tls"]
@@ -133,6 +134,12 @@ def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls
             text = render([{**status, "url": "p"}], time.time())
             assert "[CERTIFICATE]" in text and "changed but were not loaded" in text, text
 
+            # A renewal that forgot a name peers dial this node by.
+            issue_node(own_tls, "primary", hosts=("localhost",), force=True)
+            assert not keeper.check(asked=True)
+            assert "no longer lists IP:127.0.0.1" in keeper.reload_error and "certs renew" in keeper.reload_error
+            assert (await served_certificate(primary.port, own_tls)).serial_number == serial
+
             # A certificate of another role: not for a node.
             replace_with(own_tls, "primary", "monitor")
             assert not keeper.check(asked=True)  # SIGHUP: said at once
@@ -170,7 +177,7 @@ def test_a_certificate_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
     with caplog.at_level(logging.WARNING, logger="replicator"):
         asyncio.run(scenario())
     warnings = [r.getMessage() for r in caplog.records if "expires on" in r.getMessage()]
-    assert len(warnings) == 1 and "in 10 days" in warnings[0] and "certs issue" in warnings[0], warnings
+    assert len(warnings) == 1 and "in 10 days" in warnings[0] and "certs renew" in warnings[0], warnings
 
 
 def test_sighup_reloads_a_running_primary_process(tmp_path, own_tls):

@@ -201,6 +201,31 @@ def test_every_option_has_a_help_text_and_every_name_in_a_help_exists():
         assert named <= arguments | words, (name, named - arguments - words)
 
 
+def test_certs_renew_keeps_hosts_and_role(tmp_path):
+    directory = tmp_path / "tls"
+    assert run("certs", "init", "--dir", str(directory), "--node", "db").returncode == 0
+    assert run("certs", "issue", "watcher", "--dir", str(directory), "--role", "monitor",
+               "--host", "mon.example.com", "--host", "10.1.2.3", "--days", "20").returncode == 0
+    before = run("certs", "show", str(directory / "watcher.pem")).stdout
+    old_key = (directory / "watcher.key").read_bytes()
+    result = run("certs", "renew", "watcher", "--dir", str(directory), "--days", "400")
+    assert result.returncode == 0, result.stderr
+    assert "role monitor, hosts mon.example.com, 10.1.2.3, valid until" in result.stdout, result.stdout
+    after = run("certs", "show", str(directory / "watcher.pem")).stdout
+
+    def field(text: str, name: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith(name + ":"))
+    for name in ("subject", "dns_names", "ip_addresses", "roles"):
+        assert field(before, name) == field(after, name), name
+    assert field(before, "not_after") != field(after, "not_after")
+    assert (directory / "watcher.key").read_bytes() != old_key  # a new key too
+
+    missing = run("certs", "renew", "nobody", "--dir", str(directory))
+    assert missing.returncode == 2 and "nobody.pem: no such file" in missing.stderr, missing.stderr
+    ca = run("certs", "renew", "ca", "--dir", str(directory))
+    assert ca.returncode == 2 and "is a CA certificate" in ca.stderr, ca.stderr
+
+
 def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     result = run("certs", "init", "--dir", str(tmp_path / "tls"), "--host", "db.example.com")
     assert result.returncode == 0, result.stderr
