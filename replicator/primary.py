@@ -448,20 +448,67 @@ class SessionStats:
         }
 
 
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    """What the primary a relay follows says of a downstream secondary's last TID."""
+
+    #: Its transaction with that TID, if it has one.
+    identity: TxnIdentity | None
+    #: Its newest transaction now.
+    head_tid: bytes
+    #: It is the source of its chain (a primary), not a relay catching up itself.
+    source: bool
+    #: Its node name.
+    node: str
+
+
+def relay_verdict(node: str, upstream: str, head: bytes, theirs: TxnIdentity,
+                  answer: UpstreamAnswer | None) -> Reject:
+    """A relay (``node``, newest transaction ``head``) to a secondary whose last transaction
+    ``theirs`` is newer than ``head``, knowing what the primary it follows says of it."""
+    last = theirs.tid
+    catching_up = (f"this node ({node}) relays the history of {upstream}, and its newest transaction "
+                   f"{tid_repr(head)} is older than the secondary's last transaction {tid_repr(last)}")
+    if answer is None:
+        return Reject("behind", f"{catching_up}: it is probably still catching up with its own primary "
+                                "(after a restart that lost an unsynced tail, say), which it could not ask")
+    there = f"{answer.node}, the primary it follows"
+    if answer.identity is not None:
+        if answer.identity.matches(theirs):
+            return Reject("behind", f"{catching_up}; {there}, has that transaction: this node is catching up")
+        return Reject("diverged", f"the secondary's transaction {tid_repr(last)} differs from the transaction "
+                                  f"with the same TID in the history of {there}: the histories fork at or "
+                                  "before it", fork_tid=None)
+    if answer.head_tid >= last:
+        # Not there, though its history reaches past it: a fork, or a pack of it dropped the
+        # transaction.  Once caught up this node can tell (as any primary does), not before.
+        return Reject("behind", f"{catching_up}; {there}, does not have it either (a pack may have dropped "
+                                "it): this node tells once it has caught up")
+    if answer.source:
+        return Reject("ahead", f"the secondary's last transaction {tid_repr(last)} is newer than the newest "
+                               f"transaction {tid_repr(answer.head_tid)} of {there}, the source of this chain: "
+                               "it has transactions this chain never had")
+    return Reject("behind", f"{catching_up}; {there}, is a relay itself and older still: the chain is "
+                            "probably catching up")
+
+
 class Primary:
     """Serves ``/replicate`` (WebSocket) and ``/status`` (JSON) over HTTPS."""
 
     def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
                  routes: Iterable[web.RouteDef] = (), relay: bool = False,
-                 upstream: Callable[[], str] | None = None, credentials: Credentials | None = None) -> None:
+                 upstream: Callable[[], str] | None = None, credentials: Credentials | None = None,
+                 upstream_answer: Callable[[bytes], Awaitable[UpstreamAnswer | None]] | None = None) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
         ``routes`` are more handlers on the same port (the control API).  ``relay``: this
         serves a secondary's storage onward (and its /status), in the epoch of the primary
         it follows; its logs say secondary.  ``upstream``: a relay's description of the
         primary it follows, for its refusals.  ``credentials``: the TLS files, already
         read by an owner who keeps them current (a relay's secondary); by default the
-        primary reads ``config.tls`` and checks for renewed files itself."""
+        primary reads ``config.tls`` and checks for renewed files itself.  ``upstream_answer``:
+        a relay's question to the primary it follows about a TID (``relay_verdict``)."""
         self.config = config
+        self.upstream_answer = upstream_answer
         self.credentials = credentials
         self._owns_credentials = False
         self.relay = relay
@@ -934,7 +981,7 @@ class Primary:
                                  hello.last_meta_digest or b"")
             if ours is None:
                 if last > self.head_tid or not await blocking(tailer.resumes_across_pack, theirs):
-                    return await self._explain_missing(tailer, last)
+                    return await self._explain_missing(tailer, last, theirs)
                 # Our last pack dropped it; the file it replaced shows it was ours.
                 log.info("secondary %s resumes after transaction %s, which a pack of this primary dropped "
                          "(%s.old shows it was ours)", hello.node, tid_repr(last), self.config.storage)
@@ -953,19 +1000,18 @@ class Primary:
             return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
         return None
 
-    async def _explain_missing(self, tailer: Tailer, last: bytes) -> Reject:
+    async def _explain_missing(self, tailer: Tailer, last: bytes, theirs: TxnIdentity) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume.
 
         A relay whose head is older than the secondary's last transaction
-        refuses with ``behind``, which the secondary retries: the relay may
-        have lost an unsynced tail in a crash that its own secondaries had
-        already read, and gets it back from its primary.  It never says
-        ``ahead`` (final), not even when the primary it follows reported a
-        head older still: that primary may be a relay catching up too, and
-        its head is only as fresh as its last heartbeat.  A secondary that
-        really holds transactions the whole chain lacks therefore keeps
-        retrying, and its log says why each time, until the source of the
-        chain refuses it with ``ahead``.
+        cannot tell by itself: it may have lost an unsynced tail in a crash
+        that its own secondaries had already read, and gets it back from its
+        primary.  So it asks that primary (``upstream_answer``): ``ahead``
+        (final) when that primary is the chain's source and has nothing as
+        new, so the chain will never reach it; ``diverged`` when it has a
+        different transaction under that TID; otherwise ``behind``, which
+        the secondary retries, and once caught up this node answers as any
+        primary does.
         """
         if self.damage_ahead is not None and last > self.head_tid:
             # Our file is readable only up to the damage: nothing can be said
@@ -975,11 +1021,8 @@ class Primary:
                                        f"{tid_repr(last)} lies beyond the damage")
         if last > self.head_tid and self.relay:
             upstream = self.upstream() if self.upstream is not None else "its primary"
-            return Reject("behind", f"this node ({self.config.node}) relays the history of {upstream}, and "
-                                    f"its newest transaction {tid_repr(self.head_tid)} is older than the "
-                                    f"secondary's last transaction {tid_repr(last)}: it is probably still "
-                                    "catching up with its own primary (after a restart that lost an "
-                                    "unsynced tail, say)")
+            answer = await self.upstream_answer(last) if self.upstream_answer is not None else None
+            return relay_verdict(self.config.node, upstream, self.head_tid, theirs, answer)
         if last > self.head_tid:
             return Reject("ahead", f"secondary's last transaction {tid_repr(last)} is newer than this "
                                    f"primary's newest {tid_repr(self.head_tid)}: it has transactions this "

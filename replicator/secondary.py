@@ -29,7 +29,7 @@ from ZODB.FileStorage import FileStorage
 
 from .applier import Applier, Invalidate
 from .config import PrimaryConfig, SecondaryConfig
-from .control import primary_routes, secondary_routes
+from .control import call, primary_routes, secondary_routes
 from .credentials import Credentials
 from .epoch import adopt_epoch, load_epoch
 from .errors import (
@@ -42,7 +42,7 @@ from .errors import (
     TLSError,
     TransportError,
 )
-from .primary import Primary
+from .primary import Primary, UpstreamAnswer
 from .protocol import (
     INSTANCE_LEN,
     PROTOCOL_VERSION,
@@ -59,15 +59,17 @@ from .protocol import (
     TxnBegin,
     Welcome,
 )
-from .rewind import explain_divergence
+from .rewind import explain_divergence, identities_from_json
 from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
-from .tid import Z64, tid_repr, tid_time
+from .tid import Z64, tid_from_hex, tid_repr, tid_time
 from .transport import connect_ws, host_silence, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
+#: Seconds a relay waits for the primary it follows to answer about a secondary's position.
+UPSTREAM_QUESTION_TIMEOUT = 10.0
 #: After the disk filled up, the failed transaction is fetched again only once
 #: this much more room is free where the storage or its blobs live...
 FREE_SPACE_STEP = 1 << 20
@@ -326,9 +328,27 @@ class Secondary:
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
                         *primary_routes(lambda: self._downstream(),
                                         lambda: Tailer(storage.getName(), cfg.blob_dir).open())],
-                relay=True, upstream=self._upstream, credentials=self.credentials)
+                relay=True, upstream=self._upstream, credentials=self.credentials,
+                upstream_answer=self._ask_upstream)
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
+
+    async def _ask_upstream(self, tid: bytes) -> UpstreamAnswer | None:
+        """What the primary this node follows says of ``tid`` (for its relay's refusals); None if
+        it cannot be asked now."""
+        cfg = self.config
+        primary = str(cfg.primary)
+        try:
+            status = await call(primary, "GET", "/status", cfg.tls, insecure=cfg.insecure,
+                                timeout=UPSTREAM_QUESTION_TIMEOUT)
+            found = identities_from_json(await call(primary, "GET", f"/identities?tids={tid.hex()}", cfg.tls,
+                                                    insecure=cfg.insecure, timeout=UPSTREAM_QUESTION_TIMEOUT))
+            head = tid_from_hex(str(status["last_tid"]))
+        except (ReplicatorError, KeyError, ValueError) as exc:
+            log.info("could not ask the primary %s about transaction %s: %s", primary, tid_repr(tid), exc)
+            return None
+        return UpstreamAnswer(found.get(tid), head, source=status.get("role") == "primary",
+                              node=str(status.get("node")))
 
     def _upstream(self) -> str:
         """The primary this node follows, as its relay's refusals name it."""

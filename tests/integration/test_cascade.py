@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 from replicator.config import Address, SecondaryConfig
+from replicator.errors import DivergenceError
 from replicator.rewind import Fork, local_tids_backwards, truncate_after
 from replicator.secondary import Secondary
 from replicator.status import render
 from replicator.verify import verify
 from tests.helpers import free_port
-from tests.integration.test_failover import secondary_on, until
+from tests.integration.test_failover import primary_on, secondary_on, until
 from tests.integration.test_replication import make_source, running_primary, tls
 
 
@@ -114,3 +115,46 @@ def test_a_relay_that_lost_its_tail_makes_its_secondary_wait_not_give_up(tmp_pat
         result = verify(str(tmp_path / "src.fs"), str(tmp_path / f"{name}.fs"),
                         str(tmp_path / "src-blobs"), str(tmp_path / f"{name}-blobs"))
         assert result.equal, (name, result)
+
+
+def test_a_secondary_ahead_of_the_whole_chain_is_told_so_by_the_relay(tmp_path, tls_dir):
+    """s3 holds a transaction neither its relay s1 nor the chain's source p ever had.
+
+    s1 cannot know by itself that it will never catch up with s3, so it asks
+    p: p is the source and has nothing as new, so s1 refuses s3 with the
+    final ``ahead`` (and the rewind advice), instead of ``behind`` for ever.
+    """
+    db, work = make_source(tmp_path, 20, seed=7)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "src") as p:  # with its control routes, as the CLI's
+            async with secondary_on(tmp_path, tls_dir, "s1", p.port) as (s1, _):
+                async with secondary_on(tmp_path, tls_dir, "s3", s1.port) as (s3, _):
+                    await until(lambda: s3.progress.applied_tid == db.storage.lastTransaction())
+                # A commit made on s3's storage behind the chain's back (a node that was a
+                # primary for a while, say).
+                await asyncio.to_thread(commit_directly, tmp_path / "s3.fs", tmp_path / "s3-blobs")
+                async with secondary_on(tmp_path, tls_dir, "s3", s1.port, expect_failure=True) as (s3, task):
+                    await until(lambda: task.done(), timeout=30)
+                    error = task.exception()
+                    assert isinstance(error, DivergenceError), error
+                    assert "(ahead)" in str(error) and "the source of this chain" in str(error), error
+                    assert "rewind" in (error.hint or ""), error.hint
+                assert s1.status()["refusals"] == {"ahead": 1}
+                assert p.refusals == {}  # p was only asked, over HTTPS; s3 never reached it
+
+    asyncio.run(scenario())
+    work.close()
+    db.close()
+
+
+def commit_directly(path: Path, blob_dir: Path) -> None:
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    db = ZODB.DB(FileStorage(str(path), blob_dir=str(blob_dir)))
+    try:
+        with db.transaction() as conn:
+            conn.root()["behind the chain's back"] = 1
+    finally:
+        db.close()
