@@ -494,9 +494,14 @@ class _Handshake(asyncio.Protocol):
                 probe.close()
         if tls is None:  # closed meanwhile
             return
-        handler = self._factory()
-        tls.set_protocol(handler)
-        handler.connection_made(tls)
+        try:
+            handler = self._factory()
+            tls.set_protocol(handler)
+            handler.connection_made(tls)
+        except Exception:
+            log.exception("could not hand a TLS connection from %s over to the web server", peer)
+            tls.abort()
+            return
         self._handler = handler
         if self._early:
             handler.data_received(b"".join(self._early))
