@@ -184,7 +184,7 @@ def render(results: list[dict], now: float) -> str:
             lines.append("")
             continue
         alarms = _alarms(r, now)
-        flags = "".join(f" [{flag}]" for flag, _ in alarms)
+        flags = "".join(f" [{flag}]" for flag in dict.fromkeys(flag for flag, _ in alarms))
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
         lines.extend(f"  {flag:<13} {text}" for flag, text in alarms)
         lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")

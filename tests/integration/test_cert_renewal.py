@@ -133,6 +133,10 @@ def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls
             assert b"replicator_tls_reload_failed 1.0" in render_metrics(primary.served_status)
             text = render([{**status, "url": "p"}], time.time())
             assert "[CERTIFICATE]" in text and "changed but were not loaded" in text, text
+            # Expiring too: two lines, one flag.
+            soon = {**status, "url": "p", "tls": {**status["tls"], "not_after": time.time() + 5 * 86400}}
+            text = render([soon], time.time())
+            assert text.count("[CERTIFICATE]") == 1 and text.count("  CERTIFICATE   ") == 2, text
 
             # A renewal that forgot a name peers dial this node by.
             issue_node(own_tls, "primary", hosts=("localhost",), force=True)
