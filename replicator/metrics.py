@@ -64,6 +64,8 @@ class _StatusCollector(Collector):
                                   "transactions not yet acknowledged.", labels=["secondary"])
         sent = CounterMetricFamily("replicator_secondary_sent_bytes", "Per connected secondary: bytes "
                                    "streamed in this session.", labels=["secondary"])
+        expiry = GaugeMetricFamily("replicator_secondary_certificate_expiry_timestamp_seconds", "Per connected "
+                                   "secondary: when the certificate it presented expires.", labels=["secondary"])
         for peer in peers:
             name = str(peer.get("node"))
             if peer.get("lag_seconds") is not None:
@@ -71,7 +73,9 @@ class _StatusCollector(Collector):
             if peer.get("lag_transactions") is not None:
                 lag_t.add_metric([name], float(peer["lag_transactions"]))
             sent.add_metric([name], float(peer.get("bytes_sent") or 0))
-        yield from (lag_s, lag_t, sent)
+            if peer.get("certificate_not_after") is not None:
+                expiry.add_metric([name], float(peer["certificate_not_after"]))
+        yield from (lag_s, lag_t, sent, expiry)
         yield _gauge("replicator_secondaries", "Connected secondaries.", len(peers))
         if "refusals" in s:
             refused = CounterMetricFamily("replicator_refused_secondaries", "Secondaries this primary refused "

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -26,7 +27,7 @@ from aiohttp import WSMsgType, web
 
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
-from .credentials import Credentials
+from .credentials import EXPIRY_WARNING, Credentials
 from .epoch import EpochRecord, load_epoch
 from .errors import (
     CorruptedSourceError,
@@ -424,6 +425,8 @@ class SessionStats:
     abort: Callable[[], None] | None = None
     #: Set when a newer connection of the same secondary replaced this one.
     replaced: bool = False
+    #: When the certificate it presented expires (Unix time), with TLS.
+    certificate_not_after: float | None = None
 
     def as_dict(self, head_tid: bytes, head_count: int | None) -> dict:
         since = self.acked_tid if self.acked_tid != Z64 else self.first_sent_tid
@@ -436,6 +439,7 @@ class SessionStats:
         return {
             "peer": self.peer,
             "node": self.node,
+            "certificate_not_after": self.certificate_not_after,
             "connected_at": self.connected_at,
             "sent_tid": self.sent_tid.hex(),
             "acked_tid": self.acked_tid.hex(),
@@ -560,6 +564,7 @@ class Primary:
         #: Secondaries refused at their Hello, by ``Reject`` code (/status, /metrics).
         self.refusals: collections.Counter[str] = collections.Counter()
         self._refusal_log = Throttle(REFUSAL_LOG_INTERVAL)
+        self._expiry_log = Throttle(86400.0)
         #: Sessions dropped because the secondary's host fell silent.
         self.silent_dropped = 0
         #: TLS connections refused at their handshake (certificates), by reason.
@@ -828,6 +833,7 @@ class Primary:
         try:
             hello = await self._receive_hello(ws, conn)
             stats.node, stats.instance = hello.node, hello.instance
+            stats.certificate_not_after = self._peer_certificate_expiry(request, hello.node)
             transport = request.transport
             stats.abort = transport.abort if transport is not None else None
             duplicate = self._claim(key, stats, hello)
@@ -936,6 +942,27 @@ class Primary:
                                        f"silent for {self.config.silence_limit:g} s, and lets this one in")
         self._claims[key] = stats
         return None
+
+    def _peer_certificate_expiry(self, request: web.Request, node: str) -> float | None:
+        """When the secondary's certificate expires; a WARNING (daily per node) when that is soon.
+
+        A secondary without ``--listen`` has no status to scrape: its
+        primary's status and metrics are where its certificate's expiry shows.
+        """
+        transport = request.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        try:
+            not_after = ssl.cert_time_to_seconds(peercert["notAfter"]) if peercert else None
+        except (KeyError, ValueError):
+            return None
+        if not_after is not None and not_after - time.time() < EXPIRY_WARNING.total_seconds():
+            if self._expiry_log.due(node) is not None:
+                log.warning("secondary %s presents a certificate that expires on %s, in %.0f days: renew it "
+                            "(`replicator certs renew NAME`) and put the files in place on that node, which "
+                            "loads them without a restart", node,
+                            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after)),
+                            (not_after - time.time()) / 86400)
+        return not_after
 
     def _log_refusal(self, node: str, peer: str, reject: Reject) -> None:
         """Count a refusal; log it, but the same one of the same node only every few minutes

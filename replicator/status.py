@@ -78,6 +78,14 @@ def _alarms(r: dict, now: float) -> list[tuple[str, str]]:
                                         f"{sync.get('async_commits', 0)} commits so far, "
                                         f"{sync.get('timeouts', 0)} timeouts"))
     alarms.extend(("CERTIFICATE", text) for text in _certificate_alarms(r.get("tls") or {}, now))
+    for peer in r.get("secondaries") or []:
+        not_after = peer.get("certificate_not_after")
+        if not_after is not None and (not_after - now) / 86400 < CERTIFICATE_ALARM_DAYS:
+            days = (not_after - now) / 86400
+            when = f"expired on {_day(not_after)}" if days <= 0 else \
+                f"expires in {days:.0f} days ({_day(not_after)})"
+            alarms.append(("CERTIFICATE", f"the certificate of secondary {peer.get('node')} {when}: renew it "
+                                          "on that node"))
     return alarms
 
 

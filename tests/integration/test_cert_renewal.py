@@ -205,3 +205,33 @@ def test_sighup_reloads_a_running_primary_process(tmp_path, own_tls):
         assert proc.alive()
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+def test_the_primary_shows_when_a_secondarys_certificate_expires(tmp_path, own_tls, caplog):
+    """A secondary without --listen has no status of its own to scrape: its primary's shows it."""
+    issue_node(own_tls, "secondary", days=10, force=True)
+    not_after = describe(own_tls / "secondary.pem").not_after.timestamp()
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary, \
+                running_secondary(tmp_path, own_tls, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary)
+            [peer] = primary.served_status()["secondaries"]
+            assert peer["certificate_not_after"] == not_after
+            samples = {(s.name, s.labels.get("secondary")): s.value for family in text_string_to_metric_families(
+                render_metrics(primary.served_status).decode()) for s in family.samples}
+            assert samples[("replicator_secondary_certificate_expiry_timestamp_seconds", "dst")] == not_after
+            text = render([{**primary.served_status(), "url": "p"}], time.time())
+            assert "[CERTIFICATE]" in text and "the certificate of secondary dst expires in 10 days" in text, text
+            # Connected again: no second warning that day.
+            for ws, _ in list(primary._sockets.values()):
+                await ws.close()
+            await until(lambda: caplog.text.count("secondary dst (") >= 2, timeout=20, what="the reconnection")
+
+    with caplog.at_level(logging.INFO, logger="replicator.primary"):
+        asyncio.run(scenario())
+    warned = [r.getMessage() for r in caplog.records if "presents a certificate that expires" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("secondary dst ") and "in 10 days" in warned[0], warned
