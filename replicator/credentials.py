@@ -176,8 +176,8 @@ class Credentials:
         self._warned_at.clear()
         self._describe()
         log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
-                    "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
-                    old_subject, _date(old_not_after))
+                 "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
+                 old_subject, _date(old_not_after))
         dropped = old_cas - self._ca_keys
         if dropped:
             log.warning("%d CA certificate(s) taken out of %s stay trusted until this node restarts",

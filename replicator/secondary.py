@@ -553,19 +553,20 @@ class Secondary:
         a WAN, perhaps a big blob every 30 s).  At least ``delay``; at most ``FULL_DISK_RETRY`` (a
         raised quota does not show in the free space)."""
         cfg = self.config
-        places = sorted({os.path.dirname(os.path.abspath(p)) for p in (cfg.storage, cfg.blob_dir) if p}
+        places = sorted({os.path.dirname(os.path.abspath(cfg.storage))}
+                        | ({os.path.abspath(cfg.blob_dir)} if cfg.blob_dir else set())
                         | ({os.path.dirname(error.filename)} if isinstance(error.filename, str) else set()))
         before = {place: _free_bytes(place) for place in places}
         log.info("waiting for more free space before fetching the transaction again (%s; at most %s): %s",
                  ", ".join(f"{place}: {_size(free)} free" for place, free in before.items()),
                  _duration(FULL_DISK_RETRY), error)
         started = time.monotonic()
+        wait = delay
         while not self._draining.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._draining.wait(), min(FREE_SPACE_LOOK, delay))
+                await asyncio.wait_for(self._draining.wait(), wait)
+            wait = FREE_SPACE_LOOK
             waited = time.monotonic() - started
-            if waited < delay:
-                continue
             grown = [place for place, free in before.items()
                      if free is not None and (_free_bytes(place) or 0) >= free + FREE_SPACE_STEP]
             if grown or waited >= FULL_DISK_RETRY:
