@@ -239,10 +239,11 @@ def pem_paths(*pems: bytes) -> Iterator[list[str]]:
     """Paths OpenSSL can open that hold exactly these bytes.
 
     OpenSSL loads certificates and keys from paths only.  On Linux they are
-    memory files (``memfd_create``): the private key is never copied to a
-    disk; elsewhere, files in a private temporary directory.
+    memory files (``memfd_create``, opened through ``/proc``): the private
+    key is never copied to a disk; elsewhere, or without ``/proc``, files
+    in a private temporary directory, removed at once.
     """
-    if hasattr(os, "memfd_create"):
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fds: list[int] = []
         try:
             for data in pems:

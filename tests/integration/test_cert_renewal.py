@@ -235,3 +235,18 @@ def test_the_primary_shows_when_a_secondarys_certificate_expires(tmp_path, own_t
         asyncio.run(scenario())
     warned = [r.getMessage() for r in caplog.records if "presents a certificate that expires" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("secondary dst ") and "in 10 days" in warned[0], warned
+
+
+def test_pem_paths_hold_exactly_the_bytes_given(monkeypatch):
+    """Memory files where Linux has them, private temporary files otherwise; gone afterwards."""
+    from replicator import transport
+
+    data = [b"-----BEGIN X-----\n" + bytes(range(256)) * 40, b"", b"key"]
+    for memory in (True, False):
+        if not memory:
+            monkeypatch.delattr(transport.os, "memfd_create", raising=False)
+        with transport.pem_paths(*data) as paths:
+            assert [Path(p).read_bytes() for p in paths] == data
+            if not memory:
+                assert all(oct(Path(p).stat().st_mode & 0o777) == "0o600" for p in paths)
+        assert not any(Path(p).exists() for p in paths) or memory
