@@ -27,7 +27,7 @@ from replicator.protocol.framing import DEFAULT_MAX_FRAME, decode_frame, encode_
 from replicator.secondary import Secondary
 from replicator.transport import client_ssl_context, server_ssl_context, start_server, stop_server
 from tests.integration.test_replication import (
-    make_source,
+    closed_source,
     running_primary,
     running_secondary,
     tls,
@@ -51,10 +51,7 @@ async def raw_client(port: int, tls_dir: Path, node: str = "secondary"):
 
 @pytest.fixture
 def source(tmp_path):
-    db, work = make_source(tmp_path, 15)
-    work.close()
-    db.close()
-    return tmp_path
+    return closed_source(tmp_path, 15)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from replicator.status import render
 from replicator.transport import client_ssl_context
 from tests.helpers import free_port, start_primary, until, wait_until
 from tests.integration.test_replication import (
+    closed_source,
     make_source,
     running_primary,
     running_secondary,
@@ -50,6 +51,12 @@ async def served_certificate(port: int, tls_dir: Path) -> x509.Certificate:
     with contextlib.suppress(ssl.SSLError, ConnectionError):
         await writer.wait_closed()
     return x509.load_der_x509_certificate(der)
+
+
+def metric_samples(primary) -> dict[tuple[str, str | None], float]:
+    """The node's /metrics samples, by name and ``secondary`` label."""
+    return {(s.name, s.labels.get("secondary")): s.value for family in text_string_to_metric_families(
+        render_metrics(primary.served_status).decode()) for s in family.samples}
 
 
 def replace_with(tls_dir: Path, target: str, source: str) -> None:
@@ -107,9 +114,7 @@ def test_renewed_certificates_are_presented_without_a_restart(tmp_path, own_tls,
 
 
 def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls, caplog):
-    db, work = make_source(tmp_path, 3)
-    work.close()
-    db.close()
+    closed_source(tmp_path, 3)
 
     async def scenario() -> None:
         async with running_primary(tmp_path, own_tls) as primary:
@@ -163,9 +168,7 @@ def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls
 def test_a_certificate_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
     issue_node(own_tls, "primary", days=10, force=True)
     not_after = describe(own_tls / "primary.pem").not_after.timestamp()
-    db, work = make_source(tmp_path, 3)
-    work.close()
-    db.close()
+    closed_source(tmp_path, 3)
 
     async def scenario() -> None:
         async with running_primary(tmp_path, own_tls) as primary:
@@ -173,9 +176,7 @@ def test_a_certificate_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
             assert status["tls"]["not_after"] == not_after
             text = render([{**status, "url": "p"}], time.time())
             assert "[CERTIFICATE]" in text and "this node's certificate expires in 10 days" in text, text
-            samples = {s.name: s.value for family in text_string_to_metric_families(
-                render_metrics(primary.served_status).decode()) for s in family.samples}
-            assert samples["replicator_tls_certificate_expiry_timestamp_seconds"] == not_after
+            assert metric_samples(primary)[("replicator_tls_certificate_expiry_timestamp_seconds", None)] == not_after
             primary.credentials.check()  # a later look does not repeat the day's warning
 
     with caplog.at_level(logging.WARNING, logger="replicator"):
@@ -185,9 +186,7 @@ def test_a_certificate_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
 
 
 def test_sighup_reloads_a_running_primary_process(tmp_path, own_tls):
-    db, work = make_source(tmp_path, 3)
-    work.close()
-    db.close()
+    closed_source(tmp_path, 3)
     port = free_port()
     proc = start_primary(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs", port, own_tls)
     try:
@@ -211,9 +210,7 @@ def test_the_primary_shows_when_a_secondarys_certificate_expires(tmp_path, own_t
     """A secondary without --listen has no status of its own to scrape: its primary's shows it."""
     issue_node(own_tls, "secondary", days=10, force=True)
     not_after = describe(own_tls / "secondary.pem").not_after.timestamp()
-    db, work = make_source(tmp_path, 3)
-    work.close()
-    db.close()
+    closed_source(tmp_path, 3)
 
     async def scenario() -> None:
         async with running_primary(tmp_path, own_tls) as primary, \
@@ -221,9 +218,8 @@ def test_the_primary_shows_when_a_secondarys_certificate_expires(tmp_path, own_t
             await wait_equal_tid(primary, secondary)
             [peer] = primary.served_status()["secondaries"]
             assert peer["certificate_not_after"] == not_after
-            samples = {(s.name, s.labels.get("secondary")): s.value for family in text_string_to_metric_families(
-                render_metrics(primary.served_status).decode()) for s in family.samples}
-            assert samples[("replicator_secondary_certificate_expiry_timestamp_seconds", "dst")] == not_after
+            assert metric_samples(primary)[("replicator_secondary_certificate_expiry_timestamp_seconds", "dst")] \
+                == not_after
             text = render([{**primary.served_status(), "url": "p"}], time.time())
             assert "[CERTIFICATE]" in text and "the certificate of secondary dst expires in 10 days" in text, text
             # Connected again: no second warning that day.

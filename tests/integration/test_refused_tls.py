@@ -30,15 +30,12 @@ from replicator.config import Address, SecondaryConfig
 from replicator.secondary import Secondary
 from replicator.status import render
 from tests.helpers import until
-from tests.integration.test_replication import make_source, running_primary, tls
+from tests.integration.test_replication import closed_source, running_primary, tls
 
 
 @pytest.fixture
 def source(tmp_path):
-    db, work = make_source(tmp_path, 3)
-    work.close()
-    db.close()
-    return tmp_path
+    return closed_source(tmp_path, 3)
 
 
 def short_lived(tls_dir: Path, name: str, lifetime: datetime.timedelta) -> None:

@@ -23,6 +23,14 @@ def tls(tls_dir: Path, node: str) -> TLSPaths:
     return TLSPaths(str(tls_dir / "ca.pem"), str(tls_dir / f"{node}.pem"), str(tls_dir / f"{node}.key"))
 
 
+def closed_source(tmp_path: Path, transactions: int) -> Path:
+    """``make_source``'s ``src.fs`` with that many transactions, closed again: ``tmp_path``."""
+    db, work = make_source(tmp_path, transactions)
+    work.close()
+    db.close()
+    return tmp_path
+
+
 def make_source(tmp_path: Path, transactions: int, seed: int = 1) -> tuple[ZODB.DB, Workload]:
     (tmp_path / "src-blobs").mkdir(exist_ok=True)
     db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))

@@ -18,15 +18,12 @@ from replicator.control import call
 from replicator.errors import ConfigError, TLSError, UsageError
 from replicator.transport import client_ssl_context, connect_ws
 from tests.integration.test_failover import primary_on
-from tests.integration.test_replication import make_source, tls
+from tests.integration.test_replication import closed_source, tls
 
 
 @pytest.fixture
 def source(tmp_path):
-    db, work = make_source(tmp_path, 5)
-    work.close()
-    db.close()
-    return tmp_path
+    return closed_source(tmp_path, 5)
 
 
 async def _get(port: int, tls_dir, who: str, path: str) -> tuple[int, str]:
