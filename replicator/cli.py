@@ -16,6 +16,7 @@ directories given.)
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import logging
@@ -520,6 +521,8 @@ def certs_show(cert) -> None:
         _fail(exc)
     for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
         click.echo(f"{key}: {value}")
+    left = (info.not_after - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
+    click.echo(f"valid_for: {'EXPIRED' if left <= 0 else f'{left:.0f} more days'}")
 
 
 def main() -> None:

@@ -208,6 +208,7 @@ def test_certs_renew_keeps_hosts_and_role(tmp_path):
                "--host", "mon.example.com", "--host", "10.1.2.3", "--days", "20").returncode == 0
     before = run("certs", "show", str(directory / "watcher.pem")).stdout
     old_key = (directory / "watcher.key").read_bytes()
+    assert "valid_for: 20 more days" in before, before
     result = run("certs", "renew", "watcher", "--dir", str(directory), "--days", "400")
     assert result.returncode == 0, result.stderr
     assert "role monitor, hosts mon.example.com, 10.1.2.3, valid until" in result.stdout, result.stdout
@@ -217,6 +218,7 @@ def test_certs_renew_keeps_hosts_and_role(tmp_path):
         return next(line for line in text.splitlines() if line.startswith(name + ":"))
     for name in ("subject", "dns_names", "ip_addresses", "roles"):
         assert field(before, name) == field(after, name), name
+    assert "valid_for: 400 more days" in after, after
     assert field(before, "not_after") != field(after, "not_after")
     assert (directory / "watcher.key").read_bytes() != old_key  # a new key too
 
