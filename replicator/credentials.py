@@ -38,9 +38,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .certs import read_file, roles_from_uris
+from .certs import roles_from_uris
 from .errors import ConfigError
-from .transport import TLSPems, check_pems, context_from_pems, parse_certs, pem_paths, read_tls_files
+from .throttle import Throttle
+from .transport import (
+    TLSPems,
+    check_pems,
+    context_from_pems,
+    parse_certs,
+    pem_paths,
+    read_pems,
+    read_tls_files,
+)
 
 __all__ = ["Credentials", "check_all", "on_sighup", "CHECK_INTERVAL", "EXPIRY_WARNING"]
 
@@ -86,7 +95,8 @@ class Credentials:
         self.reload_error: str | None = None
         self.loaded_at = time.time()
         self.reloads = 0
-        self._warned_at: dict[str, float] = {}
+        #: The expiry warnings, daily.
+        self._expiry_log = Throttle(_DAY)
         self._describe()
         _live.add(self)
         self._warn_expiry()
@@ -124,8 +134,7 @@ class Credentials:
         ``asked``: an operator asked (SIGHUP), so say so when nothing changed.
         """
         problems: list[str] = []
-        raw = tuple(read_file(path, what, problems)
-                    for path, what in zip(self.paths, ("CA file", "certificate", "key"), strict=True))
+        raw = read_pems(*self.paths, problems)
         digest = _digest(raw)
         if digest == self._digest:
             self._unsettled = None
@@ -173,7 +182,7 @@ class Credentials:
         self._refused, self._unsettled, self.reload_error = None, None, None
         self.loaded_at = time.time()
         self.reloads += 1
-        self._warned_at.clear()
+        self._expiry_log = Throttle(_DAY)  # the new certificate's dates are news
         self._describe()
         log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
                  "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
@@ -231,9 +240,8 @@ class Credentials:
             left = not_after - now
             if left >= EXPIRY_WARNING.total_seconds():
                 continue
-            if now - self._warned_at.get(what, -_DAY) < _DAY:
+            if self._expiry_log.due(what) is None:
                 continue
-            self._warned_at[what] = now
             if left <= 0:
                 log.error("this node's %s expired on %s: peers refuse its new connections; %s",
                           what, _date(not_after), advice)

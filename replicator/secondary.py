@@ -60,6 +60,7 @@ from .protocol import (
     Welcome,
 )
 from .rewind import explain_divergence, identities_from_json
+from .status import size_text
 from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
@@ -147,10 +148,6 @@ def _free_bytes(path: str) -> int | None:
     except OSError:
         return None
     return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-
-
-def _size(n: int | None) -> str:
-    return "?" if n is None else f"{n / (1 << 20):.1f} MiB"
 
 
 def _duration(seconds: float) -> str:
@@ -558,7 +555,7 @@ class Secondary:
                         | ({os.path.dirname(error.filename)} if isinstance(error.filename, str) else set()))
         before = {place: _free_bytes(place) for place in places}
         log.info("waiting for more free space before fetching the transaction again (%s; at most %s): %s",
-                 ", ".join(f"{place}: {_size(free)} free" for place, free in before.items()),
+                 ", ".join(f"{place}: {size_text(free)} free" for place, free in before.items()),
                  _duration(FULL_DISK_RETRY), error)
         started = time.monotonic()
         wait = delay

@@ -14,7 +14,7 @@ import aiohttp
 from .config import TLSPaths
 from .transport import client_ssl_context, request_error
 
-__all__ = ["fetch_all", "render"]
+__all__ = ["fetch_all", "render", "size_text"]
 
 
 def _url(text: str, insecure: bool) -> str:
@@ -51,7 +51,7 @@ def _when(seconds: float | None) -> str:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
     if n is None:
         return "-"
     value = float(n)
@@ -159,7 +159,7 @@ def _followers(peers: list[dict]) -> list[str]:
         lines.append(
             f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
             f"lag {_peer_lag(s)} / {lag_t if lag_t is not None else '?'} txns, "
-            f"sent {_size(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
+            f"sent {size_text(s.get('bytes_sent'))}{' (deflated on the wire)' if s.get('compression') else ''}"
         )
     return lines
 
@@ -205,7 +205,7 @@ def render(results: list[dict], now: float) -> str:
                              f"lag {_peer_lag(s)}")
         elif r["role"] == "primary":
             lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
-                         f"   bytes streamed {_size(r.get('bytes_sent'))}")
+                         f"   bytes streamed {size_text(r.get('bytes_sent'))}")
             if r.get("error"):
                 lines.append(f"  ERROR         {r['error']}")
             sync_line = _sync_line(r.get("sync") or {})
@@ -220,7 +220,7 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"  primary       {r.get('primary')} ({r.get('primary_node') or '?'}) {state}")
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
             lines.append(f"  lag           {_secondary_lag(r, now)}   applied {r.get('transactions_applied')} "
-                         f"txns, received {_size(r.get('bytes_received'))}")
+                         f"txns, received {size_text(r.get('bytes_received'))}")
             if r.get("last_error"):
                 lines.append(f"  last error    {r['last_error']}")
             if r.get("secondaries"):  # a relay: secondaries follow this one

@@ -206,12 +206,17 @@ TLSPems = tuple[bytes, bytes, bytes]
 def read_tls_files(ca: Path, cert: Path, key: Path) -> TLSPems:
     """The three files' bytes; ``ConfigError`` listing every problem with them."""
     problems: list[str] = []
-    pems = tuple(_read(path, what, problems) for path, what in ((ca, "CA file"), (cert, "certificate"),
-                                                                (key, "key")))
+    pems = read_pems(ca, cert, key, problems)
     problems += check_pems(ca, cert, key, pems)
     if problems:
         raise ConfigError(problems)
     return pems  # type: ignore[return-value]  # no problems: none is None
+
+
+def read_pems(ca: Path, cert: Path, key: Path, problems: list[str]) -> tuple[bytes | None, ...]:
+    """The three files' bytes as they are now; an unreadable one is None, its reason in ``problems``."""
+    return tuple(_read(path, what, problems) for path, what in ((ca, "CA file"), (cert, "certificate"),
+                                                                (key, "key")))
 
 
 def context_from_pems(purpose: ssl.Purpose, pems: TLSPems, paths: tuple[Path, Path, Path]) -> ssl.SSLContext:
@@ -322,8 +327,7 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
 def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
     """Every problem with the three files, in words an operator can act on."""
     problems: list[str] = []
-    pems = tuple(_read(path, what, problems) for path, what in ((ca, "CA file"), (cert, "certificate"),
-                                                                (key, "key")))
+    pems = read_pems(ca, cert, key, problems)
     return problems + check_pems(ca, cert, key, pems)
 
 
