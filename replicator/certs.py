@@ -19,6 +19,14 @@ Files live side by side in one directory::
     ca.pem  ca.key          the cluster CA (keep ca.key off the nodes if you can)
     <name>.pem <name>.key   one pair per node
 
+Moving a cluster to a new CA (the old one expires, or its key leaked) takes
+no restart: ``new_ca`` makes the new CA and a ``ca.pem`` that holds both,
+which every node trusts once it is in place; the nodes' certificates are
+then renewed under the new CA; ``drop_old_ca`` leaves the new CA alone in
+``ca.pem``, and nodes given that file close their connections of
+certificates the old one signed (``credentials``).  In between, the old CA
+waits in ``ca-previous.pem`` and ``ca-previous.key``.
+
 Keys are EC P-256: small, fast, and accepted by every TLS 1.2+ stack.  Private
 keys are created with mode 0600 from the first byte (``O_EXCL`` plus an
 explicit mode), never chmod-ed afterwards, so there is no window in which
@@ -48,10 +56,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError
 
-__all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "describe", "ROLES", "ROLE_URI_PREFIX",
-           "roles_from_uris"]
+__all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "renew_node", "new_ca", "drop_old_ca", "describe",
+           "ROLES", "ROLE_URI_PREFIX", "roles_from_uris"]
 
 CA_NAME = "ca"
+#: Where ``new_ca`` keeps the CA it replaces until ``drop_old_ca``.
+PREVIOUS_CA_NAME = "ca-previous"
 
 # Clocks on freshly provisioned machines disagree; backdating by a few
 # minutes avoids "certificate is not yet valid" right after issuing.
@@ -132,7 +142,12 @@ def init_ca(directory: str | os.PathLike[str], *, common_name: str = "ZODB repli
     problems += _check_targets(paths, force)
     if problems:
         raise _refusal(problems)
+    cert, key = _make_ca(common_name, days)
+    _write(paths, cert, key)
+    return paths
 
+
+def _make_ca(common_name: str, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -153,8 +168,132 @@ def init_ca(directory: str | os.PathLike[str], *, common_name: str = "ZODB repli
                        critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(paths, cert, key)
-    return paths
+    return cert, key
+
+
+@dataclass(frozen=True)
+class CARotation:
+    """What ``new_ca`` or ``drop_old_ca`` did."""
+
+    #: The CA file to copy to every node.
+    ca_file: Path
+    #: The CA that signs from now on.
+    new: x509.Certificate
+    #: The CAs replaced (``new_ca``) or taken out of the CA file (``drop_old_ca``).
+    old: tuple[x509.Certificate, ...]
+    #: Certificates in the directory still signed by an old CA (``new_ca``: all to renew).
+    unrenewed: tuple[Path, ...] = ()
+
+
+def new_ca(directory: str | os.PathLike[str], *, days: int = 3650,
+           common_name: str | None = None) -> CARotation:
+    """Begin moving the cluster in ``directory`` to a new CA, without stopping any node.
+
+    Makes a new CA key and certificate; ``ca.key`` becomes the new key (what
+    ``issue_node`` and ``renew_node`` sign with from now on) and ``ca.pem``
+    holds the new CA and then the old one, so nodes given it trust both.
+    The old CA goes to ``ca-previous.pem`` and ``ca-previous.key``.
+    ``ConfigError`` if the CA in ``directory`` is not usable or a move is
+    under way already (``ca.pem`` holds more than one CA).
+    """
+    directory = Path(directory)
+    problems = _check_days(days)
+    ca = _load_ca(directory, problems)
+    bundle = _bundle(directory, problems)
+    if len(bundle) > 1:
+        problems.append(f"{directory / (CA_NAME + '.pem')} holds {len(bundle)} CA certificates: a move to a new "
+                        "CA is under way; finish it with `replicator certs drop-old-ca` first")
+    if problems or ca is None:
+        raise ConfigError(problems)
+    old_cert, old_key = ca
+    now = datetime.datetime.now(datetime.UTC)
+    if common_name is None:
+        common_name = f"ZODB replication CA {now:%Y-%m-%d %H:%M:%S}"
+    if not common_name.strip() or common_name == old_cert.subject.rfc4514_string().removeprefix("CN="):
+        raise ConfigError(f"the new CA's common name {common_name!r} must be set and differ from the old one's")
+    cert, key = _make_ca(common_name, days)
+    # The old CA first, so that a crash leaves it where it can be put back from.
+    _write(CertPaths(directory / f"{PREVIOUS_CA_NAME}.pem", directory / f"{PREVIOUS_CA_NAME}.key"),
+           old_cert, old_key)
+    _write_file(directory / f"{CA_NAME}.key", _key_pem(key), 0o600)
+    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(cert) + _cert_pem(old_cert), 0o644)
+    return CARotation(directory / f"{CA_NAME}.pem", cert, (old_cert,), _signed_by_old(directory, cert))
+
+
+def drop_old_ca(directory: str | os.PathLike[str], *, force: bool = False) -> CARotation:
+    """End a move to a new CA: ``ca.pem`` keeps only the CA that signs now.
+
+    Refuses (``ConfigError``) while certificates in ``directory`` are still
+    signed by an old CA only, unless ``force``: nodes given the new file
+    would refuse them.  ``ca-previous.pem`` and ``ca-previous.key`` are
+    removed: nothing is signed with the old key any more.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    ca = _load_ca(directory, problems)
+    bundle = _bundle(directory, problems)
+    if problems or ca is None:
+        raise ConfigError(problems)
+    if len(bundle) == 1:
+        raise ConfigError(f"{directory / (CA_NAME + '.pem')} holds one CA only: there is no old CA to drop "
+                          "(`replicator certs new-ca` begins a move to a new one)")
+    new, old = bundle[0], tuple(bundle[1:])
+    unrenewed = _signed_by_old(directory, new)
+    if unrenewed and not force:
+        error = ConfigError([f"{path} is still signed by the old CA" for path in unrenewed])
+        error.hint = ("renew each (`replicator certs renew NAME`) and put it in place on its node first: nodes "
+                      "given a CA file without the old CA refuse it; --force drops the old CA all the same")
+        raise error
+    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(new), 0o644)
+    for suffix in (".key", ".pem"):
+        (directory / f"{PREVIOUS_CA_NAME}{suffix}").unlink(missing_ok=True)
+    return CARotation(directory / f"{CA_NAME}.pem", new, old, unrenewed)
+
+
+def _bundle(directory: Path, problems: list[str]) -> list[x509.Certificate]:
+    """Every certificate of ``ca.pem``, the signing CA first."""
+    data = read_file(directory / f"{CA_NAME}.pem", "CA certificate", problems)
+    if data is None:
+        return []
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')}: not PEM certificates ({e})")
+        return []
+
+
+def _signed_by_old(directory: Path, ca: x509.Certificate) -> tuple[Path, ...]:
+    """The leaf certificates in ``directory`` that ``ca`` did not sign."""
+    found = []
+    for path in sorted(directory.glob("*.pem")):
+        if path.stem in (CA_NAME, PREVIOUS_CA_NAME):
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if is_ca(cert):
+            continue
+        if not issued_by(cert, ca):
+            found.append(path)
+    return tuple(found)
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer`` signed ``cert`` (directly)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` says it is a CA (basic constraints)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def issue_node(directory: str | os.PathLike[str], name: str, *,
@@ -261,10 +400,6 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     except x509.ExtensionNotFound:
         dns_names, ips, uris = (), (), ()
     try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    try:
         eku = tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in
                     cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
@@ -280,10 +415,10 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         ip_addresses=ips,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-        is_ca=is_ca,
+        is_ca=is_ca(cert),
         extended_key_usage=eku,
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":"),
-        roles=() if is_ca else tuple(sorted(roles_from_uris(uris), key=_role_order)),
+        roles=() if is_ca(cert) else tuple(sorted(roles_from_uris(uris), key=_role_order)),
     )
 
 
@@ -415,11 +550,17 @@ def _load_ca(directory: Path, problems: list[str]
 def _write(paths: CertPaths, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
     """Write key then certificate; the key is 0600 from creation on."""
     paths.cert.parent.mkdir(parents=True, exist_ok=True)
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    _write_file(paths.key, key_pem, 0o600)
-    _write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_file(paths.key, _key_pem(key), 0o600)
+    _write_file(paths.cert, _cert_pem(cert), 0o644)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

@@ -509,6 +509,64 @@ def certs_renew(name, directory, days) -> None:
                f"(the old one: until {old.not_after:%Y-%m-%d})")
 
 
+@certs.command("new-ca")
+@click.option("--dir", "directory", default="tls", show_default=True,
+              help="Where the cluster's CA is (ca.pem, ca.key) and its certificates.")
+@click.option("--days", type=click.IntRange(min=1), default=3650, show_default=True,
+              help="How long the new CA is valid.")
+def certs_new_ca(directory, days) -> None:
+    """Begin moving the cluster to a new CA, without stopping any node.
+
+    Makes a new CA: ca.key signs with it from now on, and ca.pem holds the
+    new CA and the old one, so that nodes given it trust both (the old CA
+    waits in ca-previous.pem and ca-previous.key). The output says the next
+    steps; `certs drop-old-ca` is the last.
+    """
+    from .certs import new_ca
+
+    try:
+        done = new_ca(directory, days=days)
+    except ReplicatorError as exc:
+        _fail(exc)
+    names = [path.stem for path in done.unrenewed]
+    click.echo(f"new CA {done.new.subject.rfc4514_string()}, valid until {done.new.not_valid_after_utc:%Y-%m-%d}; "
+               f"{done.ca_file} now holds it and the old CA.\nNext:\n"
+               f"  1. copy {done.ca_file} to every node (each trusts both CAs within a minute, at once on "
+               "SIGHUP);\n"
+               f"  2. renew every certificate under the new CA and put it in place on its node: "
+               + ("; ".join(f"replicator certs renew {name} --dir {directory}" for name in names)
+                  if names else f"replicator certs renew NAME --dir {directory}")
+               + " (and any certificate issued outside this directory);\n"
+               f"  3. replicator certs drop-old-ca --dir {directory}, and copy {done.ca_file} to every node "
+               "again.")
+
+
+@certs.command("drop-old-ca")
+@click.option("--dir", "directory", default="tls", show_default=True,
+              help="Where the cluster's CA is (ca.pem, ca.key) and its certificates.")
+@click.option("--force", is_flag=True, default=False,
+              help="Drop the old CA even though certificates in --dir are still signed by it only.")
+def certs_drop_old_ca(directory, force) -> None:
+    """End a move to a new CA: ca.pem keeps the new CA only.
+
+    Copy the new ca.pem to every node: within a minute (at once on SIGHUP)
+    each trusts the old CA no more and closes its open connections with
+    peers whose certificates the old CA signed. Refused while certificates
+    in --dir are still signed by the old CA only.
+    """
+    from .certs import drop_old_ca
+
+    try:
+        done = drop_old_ca(directory, force=force)
+    except ReplicatorError as exc:
+        _fail(exc)
+    click.echo(f"{done.ca_file} now holds the CA {done.new.subject.rfc4514_string()} only (dropped: "
+               f"{', '.join(c.subject.rfc4514_string() for c in done.old)}); the old CA's key is deleted. "
+               f"Copy {done.ca_file} to every node."
+               + (f" Still signed by the old CA, refused from now on: {', '.join(map(str, done.unrenewed))}."
+                  if done.unrenewed else ""))
+
+
 @certs.command("show")
 @click.argument("cert")
 def certs_show(cert) -> None:

@@ -6,17 +6,20 @@ database away from its clients.  So a node looks at its three TLS files
 every ``CHECK_INTERVAL`` (and at once on SIGHUP, in the processes the CLI
 runs): when their contents changed and form a usable set again (the same
 checks as at start, the certificate's role, and OpenSSL loading them into a
-scratch context), it loads the new certificate and key into every TLS
-context it handed out.  Connections made from then on present the new
-certificate; established ones keep theirs.  A changed set that is not usable
+scratch context), it makes its TLS contexts anew from them.  Connections
+made from then on present the new certificate and trust exactly the CAs of
+the new CA file; established ones keep theirs.  A changed set that is not usable
 (a key that belongs to another certificate, another role's certificate)
 changes nothing: it is looked at again ``SETTLE`` seconds later (the operator
 may be copying the files one by one), then logged with its problems, and
 status shows it until it is fixed.
 
-CA certificates added to the CA file are trusted from then on.  OpenSSL
-cannot take a trusted CA out of a context in use, so one removed from the
-file stays trusted until the process restarts (the log says so).
+A CA taken out of the CA file is trusted no more: new connections need a
+certificate of a CA still in it, and open connections whose peer presented
+a certificate the removed CA signed are closed (``on_trust_narrowed``
+listeners: the node's server and its link upstream), so moving a cluster
+to a new CA (``replicator certs new-ca``) needs no restart, and neither does
+dropping a CA whose key leaked.
 
 Each check also warns, at most once a day, while the node's certificate
 or the CA expires in less than ``EXPIRY_WARNING``; ``/status`` and
@@ -33,12 +36,13 @@ import signal
 import ssl
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .certs import roles_from_uris
+from .certs import issued_by, roles_from_uris
 from .errors import ConfigError
 from .throttle import Throttle
 from .transport import (
@@ -46,7 +50,6 @@ from .transport import (
     check_pems,
     context_from_pems,
     parse_certs,
-    pem_paths,
     read_pems,
     read_tls_files,
 )
@@ -86,7 +89,13 @@ class Credentials:
             raise ConfigError(problems)
         self._pems = pems
         self._digest = _digest(pems)
-        self._contexts: list[ssl.SSLContext] = []
+        #: The TLS contexts made of the files in use, by purpose (made anew at each reload).
+        self._contexts: dict[ssl.Purpose, ssl.SSLContext] = {}
+        #: CAs taken out of the CA file since start, by fingerprint: their certificates' open
+        #: connections are closed.
+        self._dropped: dict[bytes, x509.Certificate] = {}
+        #: Called after a reload that took a CA out of the CA file.
+        self._trust_listeners: list[Callable[[], None]] = []
         #: The digest of a changed set that was not usable, reported once.
         self._refused: bytes | None = None
         #: The digest of a changed set not usable at first sight, looked at again after ``SETTLE``.
@@ -104,17 +113,56 @@ class Credentials:
     # -- contexts --------------------------------------------------------
 
     def server_context(self) -> ssl.SSLContext:
-        """A server context demanding client certificates from the CA; kept current."""
+        """A server context demanding client certificates from the CA, of the files in use now.
+
+        Ask again for each connection: a reload makes new contexts.
+        """
         return self._context(ssl.Purpose.CLIENT_AUTH)
 
     def client_context(self) -> ssl.SSLContext:
-        """A client context checking the server's certificate and host name; kept current."""
+        """A client context checking the server's certificate and host name, of the files in use now.
+
+        Ask again for each connection: a reload makes new contexts.
+        """
         return self._context(ssl.Purpose.SERVER_AUTH)
 
     def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
-        context = context_from_pems(purpose, self._pems, self.paths)
-        self._contexts.append(context)
+        context = self._contexts.get(purpose)
+        if context is None:
+            context = self._contexts[purpose] = context_from_pems(purpose, self._pems, self.paths)
         return context
+
+    # -- trust -----------------------------------------------------------
+
+    def on_trust_narrowed(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after each reload that took a CA out of the CA file.
+
+        It should close its open connections for which ``untrusted`` names a
+        reason.  Returns a function that removes it.
+        """
+        self._trust_listeners.append(listener)
+        return lambda: self._trust_listeners.remove(listener) if listener in self._trust_listeners else None
+
+    def untrusted(self, der: bytes | None) -> str | None:
+        """Why a peer certificate (DER) accepted earlier is no longer trusted, or None.
+
+        No longer trusted: signed by a CA taken out of the CA file, and by
+        none of those still in it.  Only a direct issuer is known here; a
+        certificate signed through an intermediate CA is left alone.
+        """
+        if not der or not self._dropped:
+            return None
+        try:
+            peer = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return None
+        if any(issued_by(peer, ca) for ca in self._cas):
+            return None
+        for ca in self._dropped.values():
+            if issued_by(peer, ca):
+                return (f"its certificate {peer.subject.rfc4514_string()} was signed by the CA "
+                        f"{ca.subject.rfc4514_string()}, which {self.paths[0]} no longer holds")
+        return None
 
     # -- checking --------------------------------------------------------
 
@@ -172,25 +220,40 @@ class Credentials:
         return True
 
     def _load(self, pems: TLSPems) -> None:
-        old_subject, old_not_after = self.subject, self.not_after
-        old_cas = self._ca_keys
-        with pem_paths(*pems) as (ca_path, cert_path, key_path):
-            for context in self._contexts:
-                context.load_cert_chain(cert_path, key_path)
-                context.load_verify_locations(cafile=ca_path)
-        self._pems, self._digest = pems, _digest(pems)
+        old_subject, old_serial, old_not_after = self.subject, self.serial, self.not_after
+        old_cas = {c.fingerprint(_SHA256): c for c in self._cas}
+        contexts = {purpose: context_from_pems(purpose, pems, self.paths) for purpose in self._contexts}
+        self._pems, self._digest, self._contexts = pems, _digest(pems), contexts
         self._refused, self._unsettled, self.reload_error = None, None, None
         self.loaded_at = time.time()
         self.reloads += 1
         self._expiry_log = Throttle(_DAY)  # the new certificate's dates are news
         self._describe()
-        log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
-                 "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
-                 old_subject, _date(old_not_after))
-        dropped = old_cas - self._ca_keys
+        current = {c.fingerprint(_SHA256) for c in self._cas}
+        renewed = (self.subject, self.serial) != (old_subject, old_serial)
+        if renewed:
+            log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
+                     "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
+                     old_subject, _date(old_not_after))
+        if current != set(old_cas):
+            log.info("loaded the changed CA file %s: new connections need certificates signed by %s",
+                     self.paths[0], " or ".join(c.subject.rfc4514_string() for c in self._cas))
+        elif not renewed:
+            log.info("loaded the changed TLS files %s: the same certificate and CAs as before",
+                     ", ".join(map(str, self.paths)))
+        for fingerprint in current:
+            self._dropped.pop(fingerprint, None)  # put back
+        dropped = {f: c for f, c in old_cas.items() if f not in current}
         if dropped:
-            log.warning("%d CA certificate(s) taken out of %s stay trusted until this node restarts",
-                        len(dropped), self.paths[0])
+            self._dropped.update(dropped)
+            log.warning("the CA file %s no longer holds %s: this node trusts it no more, and closes its open "
+                        "connections with peers whose certificates it signed", self.paths[0],
+                        ", ".join(c.subject.rfc4514_string() for c in dropped.values()))
+            for listener in list(self._trust_listeners):
+                try:
+                    listener()
+                except Exception:
+                    log.exception("closing the connections of the CA taken out of %s failed", self.paths[0])
         self._warn_expiry()
 
     def _role_problems(self, pems: TLSPems) -> list[str]:
@@ -225,7 +288,7 @@ class Credentials:
         self.serial = leaf.serial_number
         self.not_after = leaf.not_valid_after_utc.timestamp()
         self.ca_not_after = min(c.not_valid_after_utc.timestamp() for c in cas)
-        self._ca_keys = frozenset(c.fingerprint(_SHA256) for c in cas)
+        self._cas = cas
 
     def _warn_expiry(self) -> None:
         now = time.time()
@@ -235,8 +298,8 @@ class Credentials:
                  "old files: this node loads it within a minute" + (", or at once on SIGHUP" if sighup_checks
                                                                      else "")),
                 ("CA " + str(self.paths[0]), self.ca_not_after,
-                 "make a new CA, add it to every node's CA file beside the old one, then renew the "
-                 "nodes' certificates")):
+                 "move the cluster to a new CA without a restart: `replicator certs new-ca`, whose "
+                 "output says the next steps")):
             left = not_after - now
             if left >= EXPIRY_WARNING.total_seconds():
                 continue

@@ -59,7 +59,9 @@ from .tid import Z64, tid_repr, tid_time
 from .transport import (
     RefusedHandshakes,
     authorize,
+    close_connections,
     host_silence,
+    peer_address,
     peer_identity,
     start_server,
     stop_server,
@@ -89,11 +91,8 @@ INLINE_READ_BYTES = 256 << 10
 def _remote_address(request: web.Request) -> str:
     """``HOST:PORT`` of the client (``[v6]:PORT``): tells apart two connections from one host."""
     transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host = str(peername[0])
-        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-    return str(request.remote)
+    return peer_address(transport.get_extra_info("peername") if transport is not None else None) \
+        or str(request.remote)
 
 
 class SecondaryGoneError(Exception):
@@ -515,6 +514,7 @@ class Primary:
         self.upstream_answer = upstream_answer
         self.credentials = credentials
         self._owns_credentials = False
+        self._forget_trust: Callable[[], None] | None = None
         self.relay = relay
         self.upstream = upstream
         self.role = "secondary" if relay else "primary"
@@ -588,14 +588,17 @@ class Primary:
         app.router.add_get("/status", self._handle_status)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_routes(self.routes)
-        ssl_ctx = None
+        contexts = None
         if cfg.tls is not None and not cfg.insecure:
             if self.credentials is None:
                 self.credentials = Credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
                 self._owns_credentials = True
-            ssl_ctx = self.credentials.server_context()
-        self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, ssl_ctx,
+            # Each connection gets the context of the TLS files in use at that moment.
+            contexts = self.credentials.server_context
+        self._runner, self.port = await start_server(app, cfg.listen.host, cfg.listen.port, contexts,
                                                      refused=self.refused_handshakes)
+        if self.credentials is not None and contexts is not None:
+            self._forget_trust = self.credentials.on_trust_narrowed(self._close_untrusted)
         if self._owns_credentials and self.credentials is not None:
             self._tasks.append(asyncio.create_task(self.credentials.watch(), name="tls-files"))
         self._tasks += [
@@ -608,8 +611,16 @@ class Primary:
             self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
         return self.port
 
+    def _close_untrusted(self) -> None:
+        """A CA was taken out of the CA file: close the connections of the certificates it signed."""
+        if self._runner is not None and self.credentials is not None:
+            close_connections(self._runner, self.credentials.untrusted, "client")
+
     async def stop(self) -> None:
         self._stopping.set()
+        if self._forget_trust is not None:
+            self._forget_trust()
+            self._forget_trust = None
         # Say goodbye first: otherwise the server's cleanup waits out its
         # shutdown timeout for every session handler still streaming.
         for ws, conn in list(self._sockets.values()):

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -301,6 +302,9 @@ class Secondary:
         #: The TLS files, kept current (renewed certificates); shared with the relay.
         self.credentials: Credentials | None = None
         self._credentials_watch: asyncio.Task | None = None
+        self._closing_untrusted: asyncio.Future | None = None
+        #: Why this node closed its link upstream: the primary's certificate's CA was dropped.
+        self._untrusted: str | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -375,11 +379,27 @@ class Secondary:
         url_scheme = "ws" if cfg.insecure else "wss"
         url = f"{url_scheme}://{cfg.primary}/replicate"
         credentials = self._read_credentials()
-        ssl_ctx = None if credentials is None else credentials.client_context()
+        # Each connection gets the context of the TLS files in use at that moment.
+        contexts = None if credentials is None else credentials.client_context
+        forget = None if credentials is None else credentials.on_trust_narrowed(self._close_untrusted)
         try:
-            await self._follow(url, ssl_ctx, backoff)
+            await self._follow(url, contexts, backoff)
         finally:
+            if forget is not None:
+                forget()
             self._stopped.set()
+
+    def _close_untrusted(self) -> None:
+        """A CA was taken out of the CA file: close the link if the primary's certificate is its."""
+        ws = self._ws
+        tls = ws.get_extra_info("ssl_object") if ws is not None and not ws.closed else None
+        if ws is None or tls is None or self.credentials is None:
+            return
+        reason = self.credentials.untrusted(tls.getpeercert(binary_form=True))
+        if reason is not None:
+            log.warning("closing the connection to the primary at %s: %s", self.config.primary, reason)
+            self._untrusted = reason
+            self._closing_untrusted = asyncio.ensure_future(ws.close())
 
     def _read_credentials(self) -> Credentials | None:
         """The TLS files (None: plaintext), read once and then checked for renewal until ``close()``."""
@@ -462,7 +482,7 @@ class Secondary:
             await self._ws.close()
         await asyncio.wait_for(self._stopped.wait(), timeout)
 
-    async def _follow(self, url: str, ssl_ctx, backoff: Backoff) -> None:
+    async def _follow(self, url: str, contexts: Callable[[], ssl.SSLContext] | None, backoff: Backoff) -> None:
         cfg = self.config
         down_since = time.monotonic()
         async with aiohttp.ClientSession() as http:
@@ -471,7 +491,7 @@ class Secondary:
                 logged = False
                 failure: BaseException | None = None
                 try:
-                    await self._session(http, url, ssl_ctx)
+                    await self._session(http, url, None if contexts is None else contexts())
                     message = "primary closed the connection"
                 except RejectedError as exc:
                     if exc.code in FINAL_REJECTS:
@@ -500,7 +520,10 @@ class Secondary:
                 except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"
                     failure = exc
+                    if self._untrusted is not None:  # this node closed it, and said why
+                        message, logged = f"closed by this node: {self._untrusted}", True
                 finally:
+                    self._untrusted = None
                     self.progress.connected = False
                     if self.applier is not None:
                         await blocking(self.applier.abort)
@@ -573,7 +596,7 @@ class Secondary:
 
     # -- one connection --------------------------------------------------
 
-    async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx) -> None:
+    async def _session(self, http: aiohttp.ClientSession, url: str, ssl_ctx: ssl.SSLContext | None) -> None:
         cfg = self.config
         assert self.applier is not None and self.storage is not None
         # The primary takes the last transaction named in the Hello as

@@ -37,7 +37,7 @@ import socket
 import ssl
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +46,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
+from .certs import is_ca, issued_by, roles_from_uris
 from .certs import read_file as _read
-from .certs import roles_from_uris
 from .errors import ConfigError, TLSError, TransportError
 from .throttle import Throttle
 
@@ -62,7 +62,9 @@ __all__ = [
     "start_server",
     "RefusedHandshakes",
     "stop_server",
+    "close_connections",
     "peer_identity",
+    "peer_address",
     "authorize",
     "ROLE_RIGHTS",
     "connect_ws",
@@ -302,7 +304,7 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
                                 "chmod 600 it", key, mode)
     now = datetime.datetime.now(datetime.UTC)
     for ca_cert in ca_certs:
-        if not _is_ca(ca_cert):
+        if not is_ca(ca_cert):
             problems.append(f"CA file {ca}: {ca_cert.subject.rfc4514_string()} is not a CA "
                             "certificate (did you give a node certificate as the CA?)")
         elif ca_cert.not_valid_after_utc < now:
@@ -318,7 +320,7 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
             problems.append(f"key {key} does not match certificate {cert} "
                             "(they were not issued together)")
         # Only a direct issuer is checked; a chain with intermediates is left to OpenSSL.
-        if ca_certs and len(chain) == 1 and not any(_issued_by(leaf, c) for c in ca_certs):
+        if ca_certs and len(chain) == 1 and not any(issued_by(leaf, c) for c in ca_certs):
             problems.append(f"certificate {cert} ({leaf.subject.rfc4514_string()}) is not "
                             f"signed by the CA in {ca}; peers would refuse it")
     return problems
@@ -357,21 +359,6 @@ def _short(error: BaseException) -> str:
 def _spki(public_key: Any) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _warn_insecure(side: str) -> None:
@@ -465,6 +452,8 @@ class _Handshake(asyncio.Protocol):
 
     def __init__(self, handler_factory: Any, context: ssl.SSLContext, refused: RefusedHandshakes,
                  pending: set[asyncio.Task]) -> None:
+        # The context is the server's at the moment of the connection: a reload of the TLS
+        # files (``credentials``) changes it for the connections that come after.
         self._factory, self._context, self._refused, self._pending = handler_factory, context, refused, pending
         self._handler: asyncio.Protocol | None = None
         self._early: list[bytes] = []
@@ -545,23 +534,30 @@ class _Handshake(asyncio.Protocol):
             self._handler.resume_writing()
 
 
+#: A server's TLS context, or what gives the current one for each new connection.
+ContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
+
+
 class _AuditedTLSSite(web.TCPSite):
-    """A ``TCPSite`` that runs each TLS handshake itself (``_Handshake``), so that refusals are told."""
+    """A ``TCPSite`` that runs each TLS handshake itself (``_Handshake``), so that refusals are told,
+    and with the context its source gives at that moment."""
 
-    __slots__ = ("_refused", "_handshakes")
+    __slots__ = ("_refused", "_handshakes", "_source")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ssl.SSLContext,
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ContextSource,
                  refused: RefusedHandshakes) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self._source: Callable[[], ssl.SSLContext] = \
+            ssl_context if callable(ssl_context) else lambda: ssl_context  # type: ignore[assignment,return-value]
+        super().__init__(runner, host, port, ssl_context=self._source())
         self._refused = refused
         self._handshakes: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._runner._reg_site(self)  # what BaseSite.start does
-        server, context = self._runner.server, self._ssl_context
-        assert server is not None and context is not None
+        server, source = self._runner.server, self._source
+        assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Handshake(server, context, self._refused, self._handshakes),
+            lambda: _Handshake(server, source(), self._refused, self._handshakes),
             self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
             reuse_port=self._reuse_port)
         sockets = self._server.sockets
@@ -574,14 +570,16 @@ class _AuditedTLSSite(web.TCPSite):
 
 
 async def start_server(app: web.Application, host: str, port: int,
-                       ssl_context: ssl.SSLContext | None, *,
+                       ssl_context: ContextSource | None, *,
                        shutdown_timeout: float = 5.0,
                        refused: RefusedHandshakes | None = None) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` and return the runner and the bound port.
 
     ``port=0`` picks a free port (tests, and "any port" deployments that
     report it through ``/status``).  ``ssl_context=None`` is the explicit
-    insecure mode and is logged as a warning.  ``shutdown_timeout`` bounds how
+    insecure mode and is logged as a warning; a function instead of a
+    context is asked for the context of each new connection (renewed TLS
+    files).  ``shutdown_timeout`` bounds how
     long ``stop_server`` waits for open connections before cancelling their
     handlers.  Raises ``ConfigError`` if the address cannot be bound.
     ``refused`` counts and logs the TLS handshakes the server refused (a
@@ -611,6 +609,38 @@ async def start_server(app: web.Application, host: str, port: int,
     bound = runner.addresses[0][1]
     log.info("listening on %s:%d (%s)", host, bound, "TLS" if ssl_context else "plaintext")
     return runner, bound
+
+
+def close_connections(runner: web.AppRunner, why: Callable[[bytes | None], str | None], what: str) -> int:
+    """Close every open connection of the server whose client certificate ``why`` names a reason for.
+
+    For a CA taken out of the CA file: a handshake made while it was trusted
+    does not outlive it.  Each is logged as a WARNING (``what`` names the
+    server's side: "secondary", "client"); returns how many were closed.
+    """
+    server = runner.server
+    closed = 0
+    for handler in list(server.connections if server is not None else ()):
+        transport = handler.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if transport is None or tls is None or transport.is_closing():
+            continue
+        reason = why(tls.getpeercert(binary_form=True))
+        if reason is None:
+            continue
+        peername = transport.get_extra_info("peername")
+        log.warning("closing the connection of %s %s: %s", what, peer_address(peername) or peername, reason)
+        transport.abort()
+        closed += 1
+    return closed
+
+
+def peer_address(peername: Any) -> str | None:
+    """``HOST:PORT`` (``[v6]:PORT``) of a socket's ``peername``; None if it is not an IP address."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = str(peername[0])
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+    return None
 
 
 async def stop_server(runner: web.AppRunner) -> None:

@@ -21,7 +21,8 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicator import credentials
-from replicator.certs import describe, issue_node, renew_node
+from replicator.certs import describe, drop_old_ca, issue_node, new_ca, renew_node
+from replicator.errors import ConfigError
 from replicator.metrics import render_metrics
 from replicator.status import render
 from replicator.transport import client_ssl_context
@@ -111,6 +112,88 @@ def test_renewed_certificates_are_presented_without_a_restart(tmp_path, own_tls,
     finally:
         work.close()
         db.close()
+
+
+def test_a_cluster_moves_to_a_new_ca_without_a_restart(tmp_path, own_tls, monkeypatch, caplog):
+    """new-ca, renew, drop-old-ca under running nodes: replication goes on throughout, and at the
+    end the old CA's certificates are refused, open connections included."""
+    monkeypatch.setattr(credentials, "CHECK_INTERVAL", 0.1)
+    db, work = make_source(tmp_path, 5)
+    old_ca = x509.load_pem_x509_certificate((own_tls / "ca.pem").read_bytes())
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary, \
+                running_secondary(tmp_path, own_tls, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary)
+            first_session = set(primary.sessions)
+
+            # 1. A CA file that holds both: loaded, and nothing is closed.
+            new_ca(own_tls)
+            await until(lambda: primary.credentials.reloads == 1 and secondary.credentials.reloads == 1,
+                        timeout=10, what="both nodes load the CA file with both CAs")
+            # 2. Both nodes' certificates renewed under the new CA.
+            renew_node(own_tls, "primary")
+            renew_node(own_tls, "secondary")
+            await until(lambda: primary.credentials.reloads == 2 and secondary.credentials.reloads == 2,
+                        timeout=10, what="both nodes load their renewed certificates")
+            work.commit_random(3)
+            await wait_equal_tid(primary, secondary)
+            assert set(primary.sessions) == first_session  # the session of the old certificates goes on
+            assert not issued_by_ca(await served_certificate(primary.port, own_tls), old_ca)
+
+            # A client of the old CA (tertiary was not renewed) keeps a connection open.
+            old = tls(own_tls, "tertiary")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", primary.port, ssl=client_ssl_context(old.ca, old.cert, old.key))
+            writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+
+            # 3. The old CA dropped (tertiary forced through): connections of its certificates closed.
+            with pytest.raises(ConfigError, match="tertiary.pem is still signed by the old CA"):
+                drop_old_ca(own_tls)
+            assert len(x509.load_pem_x509_certificates((own_tls / "ca.pem").read_bytes())) == 2
+            drop_old_ca(own_tls, force=True)
+            await until(lambda: primary.credentials.reloads == 3 and secondary.credentials.reloads == 3,
+                        timeout=10, what="both nodes load the CA file without the old CA")
+            async with asyncio.timeout(10):
+                while await reader.read(1 << 16):
+                    pass  # the rest of the answer, then the close
+            writer.close()
+            # The secondary's session was made with its old certificate: closed, and made again.
+            await until(lambda: primary.sessions and set(primary.sessions) != first_session,
+                        timeout=20, what="the secondary connects again with its new certificate")
+            work.commit_random(2)
+            await wait_equal_tid(primary, secondary)
+
+            # New connections of the old CA's certificates are refused at the handshake.
+            refused = primary.refused_handshakes.counts["certificate"]
+            context = ssl.create_default_context(cafile=str(own_tls / "ca.pem"))
+            context.load_cert_chain(own_tls / "tertiary.pem", own_tls / "tertiary.key")
+            answer = b""
+            with contextlib.suppress(ssl.SSLError, ConnectionError):  # or an end of file: TLS 1.3
+                reader, writer = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
+                writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                answer = await reader.read()
+            assert answer == b""
+            await until(lambda: primary.refused_handshakes.counts["certificate"] == refused + 1, timeout=5,
+                        what="the refusal counted")
+
+    try:
+        with caplog.at_level(logging.INFO, logger="replicator"):
+            asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+    closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing the connection")]
+    assert any("CN=tertiary was signed by the CA CN=ZODB replication CA" in m for m in closed), closed
+    assert any("of client" in m and "CN=secondary" in m for m in closed), closed
+    assert any("to the primary" in m and "CN=primary" in m for m in closed), closed
+
+
+def issued_by_ca(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    from replicator.certs import issued_by
+
+    return issued_by(cert, ca)
 
 
 def test_unusable_replacements_change_nothing_and_are_reported(tmp_path, own_tls, caplog):

@@ -228,6 +228,40 @@ def test_certs_renew_keeps_hosts_and_role(tmp_path):
     assert ca.returncode == 2 and "is a CA certificate" in ca.stderr, ca.stderr
 
 
+def test_certs_new_ca_then_drop_old_ca(tmp_path):
+    """A move to a new CA: both trusted while certificates are renewed, then the old one dropped."""
+    from cryptography import x509
+
+    from replicator.certs import issued_by
+
+    directory = tmp_path / "tls"
+    assert run("certs", "init", "--dir", str(directory), "--node", "db").returncode == 0
+    old_ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    result = run("certs", "new-ca", "--dir", str(directory))
+    assert result.returncode == 0, result.stderr
+    assert f"replicator certs renew db --dir {directory}" in result.stdout, result.stdout
+    bundle = x509.load_pem_x509_certificates((directory / "ca.pem").read_bytes())
+    assert len(bundle) == 2 and bundle[1] == old_ca and bundle[0].subject != old_ca.subject
+    assert oct((directory / "ca.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((directory / "ca-previous.key").stat().st_mode & 0o777) == "0o600"
+    again = run("certs", "new-ca", "--dir", str(directory))
+    assert again.returncode == 2 and "a move to a new CA is under way" in again.stderr, again.stderr
+
+    early = run("certs", "drop-old-ca", "--dir", str(directory))
+    assert early.returncode == 2 and "db.pem is still signed by the old CA" in early.stderr, early.stderr
+    assert len(x509.load_pem_x509_certificates((directory / "ca.pem").read_bytes())) == 2
+    assert run("certs", "renew", "db", "--dir", str(directory)).returncode == 0
+    db = x509.load_pem_x509_certificate((directory / "db.pem").read_bytes())
+    assert issued_by(db, bundle[0]) and not issued_by(db, old_ca)
+
+    done = run("certs", "drop-old-ca", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    assert x509.load_pem_x509_certificates((directory / "ca.pem").read_bytes()) == [bundle[0]]
+    assert not (directory / "ca-previous.key").exists() and not (directory / "ca-previous.pem").exists()
+    nothing = run("certs", "drop-old-ca", "--dir", str(directory))
+    assert nothing.returncode == 2 and "holds one CA only" in nothing.stderr, nothing.stderr
+
+
 def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     result = run("certs", "init", "--dir", str(tmp_path / "tls"), "--host", "db.example.com")
     assert result.returncode == 0, result.stderr
