@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from . import packlog
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
@@ -558,6 +559,12 @@ class Primary:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._head_tailer: Tailer | None = None
+        #: Recording what a pack dropped (``packlog``), and whether another pack came meanwhile.
+        self._pack_recording: asyncio.Task | None = None
+        self._pack_again = False
+        self._replacements_seen = 0
+        #: Packs whose dropped transactions this process recorded.
+        self.packs_recorded = 0
         self._head_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.bytes_sent = 0
@@ -581,6 +588,7 @@ class Primary:
             self._start_superseded(epochs.history[-1])
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
+        self._note_pack()  # a pack made while no primary was running, if not recorded yet
         await self._refresh_head()
         # Every route checks the client certificate's role first (transport.ROLE_RIGHTS).
         app = web.Application(client_max_size=1 << 16, middlewares=[authorize])
@@ -628,9 +636,10 @@ class Primary:
                 await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye("shutdown", "primary stopping"))), 1.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._pack_recording] if self._pack_recording is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._runner is not None:
@@ -659,11 +668,41 @@ class Primary:
             else:
                 tid, count = await asyncio.to_thread(self._head_tailer.head)
         self.head_tid, self.head_count = tid, count
+        if self._head_tailer.replacements != self._replacements_seen:
+            self._replacements_seen = self._head_tailer.replacements
+            self._note_pack()
         damage = self._head_tailer.damage
         if damage is not None and self.damage_ahead is None:
             # Serve what comes before it; a session that reaches it stops us.
             self.damage_ahead = damage
             log.error("%s; transactions before it are still served", damage)
+
+    def _note_pack(self) -> None:
+        """The file was replaced, by a pack most likely: record what it dropped (``packlog``).
+
+        In a thread, one record at a time; a pack seen meanwhile is recorded next.
+        """
+        if self._pack_recording is None or self._pack_recording.done():
+            self._pack_recording = asyncio.create_task(self._record_pack(), name="pack-record")
+        else:
+            self._pack_again = True
+
+    async def _record_pack(self) -> None:
+        path = self.config.storage
+        while True:
+            self._pack_again = False
+            try:
+                count = await asyncio.to_thread(packlog.record_pack, path)
+            except (OSError, ReplicatorError) as exc:
+                log.warning("cannot record what the pack dropped in %s: %s; a secondary away across this pack "
+                            "and the next will have to start anew", packlog.log_path(path), exc)
+            else:
+                if count is not None:
+                    self.packs_recorded += 1
+                    log.info("recorded the %d transaction(s) the pack dropped in %s: a secondary away across "
+                             "later packs too can resume", count, packlog.log_path(path))
+            if not self._pack_again:
+                break
 
     async def _track_head(self) -> None:
         seen = -1
@@ -1012,18 +1051,19 @@ class Primary:
             return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) accepts no "
                                    f"secondary: {self.stale_reason}; follow the current primary instead")
         last = hello.last_tid
-        dropped = False
+        resume_at = None
         if last != Z64:
             ours = await blocking(tailer.identity, last)
             theirs = TxnIdentity(last, hello.last_status, hello.last_digest or b"",
                                  hello.last_meta_digest or b"")
             if ours is None:
-                if last > self.head_tid or not await blocking(tailer.resumes_across_pack, theirs):
+                across = None if last > self.head_tid else await blocking(tailer.resumes_across_pack, theirs)
+                if across is None:
                     return await self._explain_missing(tailer, last, theirs)
-                # Our last pack dropped it; the file it replaced shows it was ours.
+                # A pack dropped it; the file it replaced, or the record of packs, shows it was ours.
+                resume_at, proof = across
                 log.info("secondary %s resumes after transaction %s, which a pack of this primary dropped "
-                         "(%s.old shows it was ours)", hello.node, tid_repr(last), self.config.storage)
-                dropped = True
+                         "(%s shows it was ours), with %s", hello.node, tid_repr(last), proof, tid_repr(resume_at))
             elif not ours.matches(theirs):
                 return Reject("diverged", f"secondary's transaction {tid_repr(last)} differs from the "
                                           "primary's transaction with the same TID: the histories fork "
@@ -1033,7 +1073,7 @@ class Primary:
                          "both sides" if ours.status == theirs.status == "p" else
                          ("the primary" if ours.status == "p" else "the secondary"))
         try:
-            await blocking(tailer.seek_after, last, dropped_by_pack=dropped)
+            await blocking(tailer.seek_after, last, resume_at=resume_at)
         except DivergenceError as exc:
             return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
         return None
@@ -1068,12 +1108,15 @@ class Primary:
         nxt = await blocking(tailer.successor, last)
         if nxt is not None and nxt[1] == "p":
             return Reject("packed", f"this primary was packed past the secondary's position: its transaction "
-                                    f"{tid_repr(last)} was removed by the pack (all its records were "
+                                    f"{tid_repr(last)} was removed by a pack (all its records were "
                                     f"superseded), and the packed transactions after it, from "
                                     f"{tid_repr(nxt[0])}, cannot be checked against the secondary's "
-                                    f"history ({self.config.storage}.old, the file the pack replaced, is "
-                                    "gone or does not hold it: packed twice, or pack-keep-old is off). "
-                                    "Start the secondary anew from an empty storage")
+                                    f"history: neither {self.config.storage}.old, the file the last pack "
+                                    "replaced, nor the record this primary keeps of what its last "
+                                    f"{packlog.KEEP_PACKS} packs dropped ({packlog.log_path(self.config.storage)}) "
+                                    "holds it (packed more often while the secondary was away, packed while "
+                                    "no primary was running, or pack-keep-old off). Start the secondary anew "
+                                    "from an empty storage")
         return Reject("diverged", f"secondary's last transaction {tid_repr(last)} is not in this primary's "
                                   "history")
 

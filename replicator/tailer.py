@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from ZODB.blob import FilesystemHelper
 
+from . import packlog
 from .errors import (
     ConfigError,
     CorruptedSourceError,
@@ -88,6 +89,8 @@ class Tailer:
         self._error: Exception | None = None
         self._seen: tuple[object, ...] | None = None  # what wait() compares against
         self._stat_hint: os.stat_result | None = None  # a stat of path taken just before read_events
+        #: How many times another file took the place of the one open at ``path`` (packs).
+        self.replacements = 0
 
     # -- life cycle ---------------------------------------------------------
 
@@ -141,25 +144,26 @@ class Tailer:
 
     # -- positions ----------------------------------------------------------
 
-    def seek_after(self, tid: bytes, *, dropped_by_pack: bool = False) -> None:
+    def seek_after(self, tid: bytes, *, resume_at: bytes | None = None) -> None:
         """Position the reader just after committed transaction ``tid`` (``Z64``: start).
 
         Raises ``DivergenceError`` (``fork_tid``: the nearest earlier TID) when
         the file has no such transaction, ``CorruptedSourceError`` on damage.
-        ``dropped_by_pack``: ``resumes_across_pack`` said yes for ``tid``;
-        the reader goes on with the packed transaction after it.
+        ``resume_at``: what ``resumes_across_pack`` answered for ``tid``, a
+        pack dropped it; the reader goes on with that transaction.
         """
         self._drop_txn()
-        self._switch_to(self._path_source(), tid, across_pack=dropped_by_pack)
+        self._switch_to(self._path_source(), tid, resume_at=resume_at)
 
-    def resumes_across_pack(self, theirs: TxnIdentity) -> bool:
-        """Whether a reader whose last transaction is ``theirs`` may go on, though a pack dropped it.
+    def resumes_across_pack(self, theirs: TxnIdentity) -> tuple[bytes, str] | None:
+        """Where a reader whose last transaction is ``theirs`` goes on, though a pack dropped it.
 
-        A pack drops a transaction whose every record was superseded, so a
-        secondary that was away during a pack may name a last transaction
-        the file no longer has.  FileStorage's pack keeps the file it
-        replaced as ``<path>.old`` (and the blob files as ``<blob dir>.old``)
-        unless ``pack-keep-old`` is off.  Yes when:
+        ``(TID of the transaction after it in the file, the file that showed
+        it)``, or None.  A pack drops a transaction whose every record was
+        superseded, so a secondary that was away during a pack may name a
+        last transaction the file no longer has.  FileStorage's pack keeps
+        the file it replaced as ``<path>.old`` (and the blob files as
+        ``<blob dir>.old``) unless ``pack-keep-old`` is off.  Yes when:
 
         - ``.old`` holds that transaction, the same one (``TxnIdentity.matches``;
           the metadata alone when its blob files are gone too); and
@@ -170,26 +174,35 @@ class Tailer:
 
         The reader's history is then ours up to its last transaction, and our
         file from that next transaction on is what a fresh copy of the packed
-        file holds after it.  Anything else, damage in ``.old`` included, is
-        a no (the caller refuses as before).
+        file holds after it.  Else, ``.old`` being gone (packed again since)
+        or not holding it, the record of the last packs (``packlog``) may
+        show it: the metadata of the dropped transaction, and a chain of
+        dropped transactions through later packs that leads to the one our
+        file has after it.  Anything else, damage in ``.old`` included, is a
+        no (the caller refuses as before).
         """
         src = self._path_source()
         if isinstance(src.find(theirs.tid), tuple):
-            return False  # not dropped: the usual handshake applies
+            return None  # not dropped: the usual handshake applies
         nxt = src.successor(theirs.tid)
-        if nxt is None or nxt.status != b"p":
-            return False
-        if not os.path.exists(self.path + ".old"):
-            log.info("%s.old is not there (packed again since, or pack-keep-old is off): nothing shows "
-                     "that the pack dropped transaction %s of this history", self.path, tid_repr(theirs.tid))
-            return False
-        # Without <blob dir>.old, a blob record's file is missing, which says the pack took it.
-        old = Tailer(self.path + ".old", self.blob_dir and self.blob_dir + ".old",
-                     max_record_size=self.max_record_size)
-        # One scan of a given .old at a time: secondaries that come back
-        # together after a pack wait for the first scan and reuse it.
-        with _old_scan_lock(self.path + ".old"):
-            return self._resumes_from(old, nxt, theirs)
+        if nxt is None:
+            return None
+        if nxt.status == b"p" and os.path.exists(self.path + ".old"):
+            # Without <blob dir>.old, a blob record's file is missing, which says the pack took it.
+            old = Tailer(self.path + ".old", self.blob_dir and self.blob_dir + ".old",
+                         max_record_size=self.max_record_size)
+            # One scan of a given .old at a time: secondaries that come back
+            # together after a pack wait for the first scan and reuse it.
+            with _old_scan_lock(self.path + ".old"):
+                if self._resumes_from(old, nxt, theirs):
+                    return nxt.tid, os.path.basename(self.path) + ".old"
+        if packlog.successor_of(self.path, theirs.tid, theirs.meta,
+                                lambda tid: isinstance(src.find(tid), tuple)) == nxt.tid:
+            return nxt.tid, os.path.basename(packlog.log_path(self.path))
+        log.info("neither %s.old (gone when packed again since, or with pack-keep-old off) nor the record "
+                 "of the last packs (%s) shows that a pack dropped transaction %s of this history",
+                 self.path, packlog.log_path(self.path), tid_repr(theirs.tid))
+        return None
 
     def _resumes_from(self, old: Tailer, nxt: TxnHeader, theirs: TxnIdentity) -> bool:
         try:
@@ -456,6 +469,7 @@ class Tailer:
             except FileNotFoundError:
                 return False  # renamed away since the stat: a pack began; look again later
             old, self._src = self._src, new
+            self.replacements += 1
             if old is not self._cur:
                 old.close()
             return True
@@ -465,7 +479,8 @@ class Tailer:
         self._refresh()
         return self._src  # type: ignore[return-value]
 
-    def _switch_to(self, src: SourceFile, tid: bytes, *, across_pack: bool = False) -> None:
+    def _switch_to(self, src: SourceFile, tid: bytes, *, across_pack: bool = False,
+                   resume_at: bytes | None = None) -> None:
         """Make ``src`` the cursor's file, just after ``tid``.
 
         ``across_pack``: the file was replaced while we followed it.  A pack
@@ -480,7 +495,9 @@ class Tailer:
         packed looks the same, and following it would ship new commits on
         top of history the file no longer has; so this is done only when the
         file we followed was renamed to ``<path>.old``, which is what
-        FileStorage's pack does with the file it replaces.
+        FileStorage's pack does with the file it replaces.  ``resume_at``:
+        a transaction after ``tid`` that the handshake showed the file goes
+        on with (``resumes_across_pack``).
         """
         if tid == Z64:
             pos = FIRST_POS
@@ -489,8 +506,8 @@ class Tailer:
             if isinstance(found, tuple):
                 pos = parse_txn_header(src.read(found[0], TRANS_HDR_LEN), found[0]).end
             else:
-                nxt = src.successor(tid) if across_pack else None
-                if nxt is not None and nxt.status == b"p":
+                nxt = src.successor(tid) if across_pack or resume_at is not None else None
+                if nxt is not None and (nxt.tid == resume_at if resume_at is not None else nxt.status == b"p"):
                     pos = nxt.pos
                 elif (across_pack and self._replaced_by_pack()
                       and (last := self._packed_end(src, found)) is not None):

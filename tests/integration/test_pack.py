@@ -16,6 +16,7 @@ from ZODB.blob import Blob, is_blob_record
 from ZODB.FileStorage import FileStorage
 from ZODB.serialize import referencesf
 
+from replicator import packlog
 from replicator import tailer as tailer_module
 from replicator.errors import DivergenceError
 from replicator.tid import tid_repr
@@ -222,16 +223,20 @@ def test_resuming_across_a_pack_checks_the_dropped_blob_too(tmp_path, tls_dir, c
     _offline_across_a_pack(tmp_path, tls_dir, blob=True, caplog=caplog)
 
 
-def test_without_the_replaced_file_the_secondary_is_told_why(tmp_path, tls_dir, caplog):
-    """A second pack, or pack-keep-old off, leaves no Data.fs.old: nothing shows the history was ours."""
+def test_without_the_replaced_file_the_secondary_is_told_why(tmp_path, tls_dir, caplog, monkeypatch):
+    """A second pack, or pack-keep-old off, leaves no Data.fs.old: with no record of the packs either,
+    nothing shows the history was ours."""
+    monkeypatch.setattr(packlog, "KEEP_PACKS", 0)
     _offline_across_a_pack(tmp_path, tls_dir, caplog=caplog,
                            before_reconnect=lambda db: os.remove(str(tmp_path / "src.fs.old")),
                            refused=r"packed past the secondary's position.*src\.fs\.old.*hint: this node's "
                                    r"history cannot be checked past the primary's packs")
 
 
-def test_a_replaced_file_of_another_history_does_not_resume(tmp_path, tls_dir, caplog):
-    """Data.fs.old must hold the secondary's very transaction: one of another history is refused."""
+def test_a_replaced_file_of_another_history_does_not_resume(tmp_path, tls_dir, caplog, monkeypatch):
+    """Data.fs.old must hold the secondary's very transaction: one of another history is refused
+    (with no record of the packs)."""
+    monkeypatch.setattr(packlog, "KEEP_PACKS", 0)
     def other_history(db) -> None:
         old = tmp_path / "src.fs.old"
         os.remove(old)
@@ -242,6 +247,115 @@ def test_a_replaced_file_of_another_history_does_not_resume(tmp_path, tls_dir, c
 
     _offline_across_a_pack(tmp_path, tls_dir, caplog=caplog, before_reconnect=other_history,
                            refused="packed past the secondary's position")
+
+
+def test_a_secondary_away_across_two_packs_resumes_from_the_record_of_packs(tmp_path, tls_dir, caplog):
+    """The second pack replaced the Data.fs.old that showed the secondary's last transaction; the
+    primary's record of what each pack dropped shows it instead, through both packs."""
+    db, work = make_source(tmp_path, 5, seed=15)
+
+    def supersede(n: int) -> None:
+        with db.transaction() as c:
+            c.root()["counter"] = n
+
+    async def pack_and_wait(primary, packs: int) -> None:
+        await asyncio.to_thread(db.pack, time.time() + 1)
+        deadline = time.monotonic() + 20
+        while primary.packs_recorded < packs:
+            assert time.monotonic() < deadline, "the primary did not record the pack"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            supersede(0)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                supersede(1)  # the secondary's last transaction: one record
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                last = secondary.storage.lastTransaction()
+            supersede(2)  # supersedes it: the first pack drops it
+            await asyncio.to_thread(work.commit_random, 3)
+            await pack_and_wait(primary, 1)
+            supersede(3)  # supersedes what followed it: the second pack drops that too
+            await asyncio.to_thread(work.commit_random, 3)
+            await pack_and_wait(primary, 2)
+            old = FileStorage(str(tmp_path / "src.fs.old"), read_only=True)
+            try:
+                assert not list(old.iterator(last, last)), "Data.fs.old still shows it"
+            finally:
+                old.close()
+            await asyncio.to_thread(work.commit_random, 3)
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        asyncio.run(scenario())
+    work.close()
+    db.close()
+    assert "which a pack of this primary dropped (src.fs.dropped shows it was ours)" in caplog.text, caplog.text
+    assert_same_current_state(tmp_path)
+    result = verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                    str(tmp_path / "dst-blobs"))
+    assert result.equal, format_result(result)
+
+
+def test_the_record_of_packs_proves_only_what_a_pack_dropped(tmp_path, caplog):
+    """Metadata must match, the chain must lead to the file's next transaction, a file that is not
+    a pack of Data.fs.old is not recorded, only the newest packs are kept, a cut-short write is
+    cut away."""
+    from replicator.tailer import Tailer
+
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    identities = []
+
+    def commit(n: int) -> None:
+        with db.transaction() as c:
+            c.root()["x"] = n
+        with Tailer(path) as t:
+            identities.append(t.identity(db.lastTransaction(), digest=False))
+
+    for n in range(3):
+        commit(n)
+    first = identities[1]  # superseded: dropped by the first pack
+    db.pack(time.time() + 1)
+    assert packlog.record_pack(path) == 3 and packlog.record_pack(path) is None  # once per pack
+    for n in range(3, 6):
+        commit(n)
+    db.pack(time.time() + 1)
+    assert packlog.record_pack(path) == 3
+    os.remove(path + ".old")
+    with Tailer(path) as t:
+        answer = t.resumes_across_pack(first)
+        assert answer is not None and answer == (t.successor(first.tid)[0], "Data.fs.dropped")
+        t.seek_after(first.tid, resume_at=answer[0])
+        assert t.read_events()[0].tid == answer[0]
+        import dataclasses
+        assert t.resumes_across_pack(dataclasses.replace(first, meta=bytes(32))) is None
+
+    # A cut-short write (no closing line) is ignored, then cut away by the next record.
+    with open(path + ".dropped", "a") as f:
+        f.write(f"T {identities[-1].tid.hex()} {'00' * 32} -\n")
+    assert packlog.successor_of(path, identities[-1].tid, bytes(32), lambda tid: True) is None
+    for n in range(6, 9):
+        commit(n)
+    db.pack(time.time() + 1)
+    assert packlog.record_pack(path, keep=2) == 3
+    text = (tmp_path / "Data.fs.dropped").read_text()
+    assert text.count("\nP ") == 2 and "00" * 32 not in text, text  # the oldest pack gone, the cut line too
+    with Tailer(path) as t:
+        assert t.resumes_across_pack(first) is None  # its pack is no longer kept
+
+    # A file that is not a pack of Data.fs.old (a backup of another history put back): nothing recorded.
+    db.close()
+    other = ZODB.DB(FileStorage(str(tmp_path / "other.fs")))
+    with other.transaction() as c:
+        c.root()["y"] = 1
+    other.close()
+    os.replace(tmp_path / "other.fs", path + ".old")
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        assert packlog.record_pack(path) is None
+    assert "is not a pack of" in caplog.text
+    assert (tmp_path / "Data.fs.dropped").read_text() == text
 
 
 def test_resuming_across_a_pack_compares_the_dropped_transaction_whole(tmp_path):
@@ -365,7 +479,7 @@ def test_secondaries_back_together_after_a_pack_share_one_scan_of_the_replaced_f
         return scan(self)
 
     monkeypatch.setattr(SourceFile, "scan", slow_scan)
-    answers: list[bool] = []
+    answers: list[tuple[bytes, str] | None] = []
 
     def handshake() -> None:
         with Tailer(str(tmp_path / "Data.fs")) as t:
@@ -376,5 +490,5 @@ def test_secondaries_back_together_after_a_pack_share_one_scan_of_the_replaced_f
         th.start()
     for th in threads:
         th.join(30)
-    assert answers == [True, True]
+    assert [answer and answer[1] for answer in answers] == ["Data.fs.old", "Data.fs.old"]
     assert starts.count(4) == 1, starts  # one scan from the file's first transaction, not two
