@@ -773,6 +773,10 @@ class Secondary:
                         events.append(event)
                     elif isinstance(event, Heartbeat):
                         self.progress.head_tid = max(self.progress.head_tid, event.head_tid)
+                        if event.head_tid == self.progress.applied_tid and self._storage_failing is None:
+                            # Caught up over a link that works: whatever broke it is over (the log
+                            # keeps it), though no transaction came since to say so (_make_durable).
+                            self.progress.last_error = None
                     elif isinstance(event, Goodbye) and event.code == "stale":
                         raise RejectedError("stale", event.message)
                     elif isinstance(event, Goodbye):
