@@ -20,7 +20,7 @@ from tests.helpers import free_port
 from tests.integration.test_replication import make_source, running_primary, tls, wait_equal_tid
 
 
-async def scrape(port: int, tls_dir) -> dict[str, list]:
+async def scrape_text(port: int, tls_dir) -> str:
     import aiohttp
 
     t = tls(tls_dir, "secondary")
@@ -29,9 +29,12 @@ async def scrape(port: int, tls_dir) -> dict[str, list]:
                             ssl=client_ssl_context(t.ca, t.cert, t.key)) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
-            text = await resp.text()
+            return await resp.text()
+
+
+async def scrape(port: int, tls_dir) -> dict[str, list]:
     samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(await scrape_text(port, tls_dir)):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
@@ -239,3 +242,89 @@ def test_an_empty_secondary_lag_counts_from_the_primary_first_transaction(tmp_pa
     asyncio.run(scenario())
     work.close()
     db.close()
+
+
+def test_the_example_alert_rules_use_metrics_the_nodes_export(tmp_path, tls_dir):
+    """docs/prometheus-alerts.yml names only metrics (and labels) a primary with synchronous
+    replication and its secondary really export: a renamed metric must not leave a silent alert."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).parents[2] / "docs" / "prometheus-alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert len(exprs) >= 10 and all(rule.get("annotations", {}).get("summary")
+                                    for group in rules["groups"] for rule in group["rules"])
+
+    base = FileStorage(str(tmp_path / "p.fs"))
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p", sync_count=1, sync_timeout=5,
+                           sync_fallback="async")
+    storage = PrimaryStorage(base, config.validate())
+    db = ZODB.DB(storage)
+
+    async def scenario() -> dict[str, dict[str, set]]:
+        secondary = Secondary(SecondaryConfig(
+            storage=str(tmp_path / "dst.fs"), primary=Address("127.0.0.1", storage.port),
+            listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "secondary"), node="dst").validate())
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            await asyncio.to_thread(commit_once, db)  # waits for the secondary's acknowledgement
+            exported: dict[str, dict[str, set]] = {}  # series names -> label -> values
+            for port in (storage.port, secondary.port):
+                for family in text_string_to_metric_families(await scrape_text(port, tls_dir)):
+                    # A counter's series is NAME_total, also while it has no sample yet.
+                    exported.setdefault(family.name + ("_total" if family.type == "counter" else ""), {})
+                    for sample in family.samples:
+                        labels = exported.setdefault(sample.name, {})
+                        for key, val in sample.labels.items():
+                            labels.setdefault(key, set()).add(val)
+            return exported
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await secondary.close()
+
+    try:
+        exported = asyncio.run(scenario())
+    finally:
+        db.close()
+    for expr in exprs:
+        for name, matchers in re.findall(r"\b(replicator_[a-z_]+)(\{[^}]*\})?", expr):
+            assert name in exported, (name, expr, sorted(exported))
+            for key, _, val in re.findall(r'(\w+)\s*(=~|=|!=)\s*"([^"]*)"', matchers):
+                if name == "replicator_info":
+                    assert val in exported[name][key], (name, key, val)
+
+
+def commit_once(db) -> None:
+    with db.transaction() as conn:
+        conn.root()["x"] = conn.root().get("x", 0) + 1
+
+
+def test_a_secondary_back_on_an_idle_primary_reports_no_error(tmp_path, tls_dir):
+    """The error of a lost link ends once the secondary is back and caught up, even if nothing was
+    committed since (an idle night): an alert on replicator_error must not fire for ever."""
+    from replicator.metrics import render_metrics
+    from tests.helpers import until
+    from tests.integration.test_replication import closed_source, running_secondary
+
+    closed_source(tmp_path, 3)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary, \
+                running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary)
+            first = set(primary.sessions)
+            for ws, _ in list(primary._sockets.values()):
+                await ws.close()
+            await until(lambda: secondary.progress.last_error is not None, timeout=10, what="the lost link")
+            await until(lambda: primary.sessions and set(primary.sessions) != first, timeout=10,
+                        what="the reconnection")
+            await until(lambda: secondary.progress.last_error is None, timeout=10,
+                        what="the error cleared by a heartbeat while caught up")
+            assert b"\nreplicator_error 0.0\n" in render_metrics(secondary.status)
+
+    asyncio.run(scenario())
