@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address
+from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
 from .errors import (
     ConfigError,
     CorruptedSourceError,
@@ -231,8 +231,12 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
               metavar="SECONDS",
               help="Exit with status 6 after this long without a usable connection to the primary "
                    "(for a supervisor that should take over). 0: keep retrying for ever.")
+@click.option("--max-rate", default=None, metavar="BYTES/S",
+              help="Take at most this much of the link from the primary, in bytes a second as the link "
+                   "carries them: 500k, 5M, 1.5MiB/s (k, M, G count 1024s). For a WAN link shared with "
+                   "other traffic; a catch-up takes longer. Default: as fast as the link goes.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
-              listen, zeo_addr, compress, give_up_after) -> None:
+              listen, zeo_addr, compress, give_up_after, max_rate) -> None:
     """Follow the primary at --primary and re-commit its transactions into the Data.fs at --storage.
 
     With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
@@ -245,7 +249,8 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
             storage=storage, blob_dir=blob_dir, primary=parse_address(primary_addr, "--primary"),
             listen=parse_address(listen, "--listen") if listen else None,
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, compress=compress,
-            give_up_after=give_up_after, **({"node": node} if node else {}),
+            give_up_after=give_up_after, max_rate=parse_rate(max_rate, "--max-rate"),
+            **({"node": node} if node else {}),
         ).validate()
         zeo = parse_address(zeo_addr, "--zeo") if zeo_addr else None
     except ConfigError as exc:

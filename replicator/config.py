@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -34,6 +35,29 @@ def parse_address(text: str, what: str, *, default_host: str = "127.0.0.1") -> A
     if not 0 <= number <= 65535:
         raise ConfigError(f"{what}: port {number} out of range")
     return Address(host, number)
+
+
+#: Bytes only: a lower-case b (bits) is refused rather than read eight times too large.
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?B)?(?:/s)?\s*")
+
+
+def parse_rate(text: str | float | int | None, what: str) -> float | None:
+    """Bytes a second from ``5M``, ``500k``, ``1.5MiB/s``, ``2000000`` (k, M, G: 1024s); None or 0: no limit.
+
+    Raises ``ConfigError`` naming ``what``.
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _RATE.fullmatch(str(text))
+        if match is None:
+            raise ConfigError(f"{what}: expected bytes a second such as 500k, 5M or 1.5MiB/s, got {text!r}")
+        value = float(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+    if value < 0:
+        raise ConfigError(f"{what}: must not be negative, got {text!r}")
+    return value or None
 
 
 @dataclass(frozen=True)
@@ -146,6 +170,10 @@ class PrimaryConfig:
         return self
 
 
+#: The least ``--max-rate``: heartbeats and acknowledgements must still get through.
+MIN_RATE = 16 << 10
+
+
 @dataclass(frozen=True)
 class SecondaryConfig:
     storage: str
@@ -167,6 +195,9 @@ class SecondaryConfig:
     give_up_after: float = 0.0
     #: Ask the primary to deflate the stream (WebSocket permessage-deflate), for slow links.
     compress: bool = False
+    #: Receive at most this many bytes a second from the primary, as the link carries them
+    #: (encrypted, deflated); None: as fast as they come.
+    max_rate: float | None = None
 
     def validate(self) -> SecondaryConfig:
         problems: list[str] = []
@@ -180,6 +211,9 @@ class SecondaryConfig:
             problems.append("reconnect delays must satisfy 0 < min <= max")
         if self.give_up_after < 0:
             problems.append(f"--give-up-after {self.give_up_after}: must be 0 (never) or more")
+        if self.max_rate is not None and self.max_rate < MIN_RATE:
+            problems.append(f"--max-rate {self.max_rate:g} bytes a second: too little to stream anything "
+                            f"(at least {MIN_RATE // 1024} KiB a second)")
         if problems:
             raise ConfigError(problems)
         return self

@@ -66,7 +66,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_from_hex, tid_repr, tid_time
-from .transport import connect_ws, host_silence, seconds_since_heard
+from .transport import ReceiveLimit, connect_ws, host_silence, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -753,10 +753,15 @@ class Secondary:
                                      "second while it has nothing else to send)") from None
 
     async def _read_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
+        limit = ReceiveLimit(ws, self.config.max_rate) if self.config.max_rate else None
         while True:
             msg = await self._receive(ws)
             if msg.type is WSMsgType.BINARY:
                 size = len(msg.data)
+                if limit is not None and (wait := limit.delay(size)) > 0:
+                    # Read on later: the kernel's buffer fills, the window closes and the
+                    # primary's sending waits (its liveness check sees a host that answers).
+                    await asyncio.sleep(wait)
                 self.progress.bytes_received += size
                 self.progress.last_heard_at = time.time()
                 conn.receive_data(msg.data)
@@ -945,6 +950,7 @@ class Secondary:
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
             "compression": p.compression,
+            "max_rate": self.config.max_rate,
             "last_error": p.last_error,
             "epoch": p.epoch,
             "secondaries": relayed.get("secondaries", []),

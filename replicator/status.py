@@ -217,6 +217,8 @@ def render(results: list[dict], now: float) -> str:
             state = "connected" if r.get("connected") else "DISCONNECTED"
             if r.get("connected") and r.get("compression"):
                 state += ", stream deflated"
+            if r.get("max_rate"):
+                state += f", at most {size_text(r['max_rate'])}/s"
             lines.append(f"  primary       {r.get('primary')} ({r.get('primary_node') or '?'}) {state}")
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
             lines.append(f"  lag           {_secondary_lag(r, now)}   applied {r.get('transactions_applied')} "

@@ -37,6 +37,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ __all__ = [
     "authorize",
     "ROLE_RIGHTS",
     "connect_ws",
+    "ReceiveLimit",
     "request_error",
     "unresolved_host",
     "seconds_since_heard",
@@ -116,6 +118,41 @@ def _bytes_received(sock: socket.socket | None) -> int | None:
     if len(info) < _BYTES_RECEIVED + 8:
         return None
     return int.from_bytes(info[_BYTES_RECEIVED:_BYTES_RECEIVED + 8], sys.byteorder)
+
+
+class ReceiveLimit:
+    """Holds a connection's reading to ``rate`` bytes a second on average (``--max-rate``).
+
+    What counts is what the link carried: the kernel's count of bytes the
+    connection received (TLS records, WebSocket framing, deflated), where
+    Linux gives it; elsewhere the messages' sizes.  A token bucket of one
+    second's worth, so that after a quiet spell the link carries at most a
+    second's worth at full speed.  Reading less makes the kernel's buffer
+    fill and TCP's window close, which holds the sender back.
+    """
+
+    def __init__(self, ws: Any, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._sock = ws.get_extra_info("socket")
+        # From the connection's start: what came in before the first read counts too (and the
+        # few kilobytes of the handshakes with it).
+        self._count = None if _bytes_received(self._sock) is None else 0
+        self._clock = clock
+        self._at = clock()
+        self._tokens = rate
+
+    def delay(self, message_size: int) -> float:
+        """Seconds to wait before reading on, after a message of ``message_size`` bytes."""
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        used = message_size
+        if self._count is not None:
+            count = _bytes_received(self._sock)
+            if count is not None:
+                used, self._count = count - self._count, count
+        self._tokens -= used
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 def _u32(info: bytes, offset: int) -> int:

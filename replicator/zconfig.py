@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ZODB.config import BaseConfig
 
-from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address
+from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
 from .wrappers import PrimaryStorage, SecondaryStorage
 
 __all__ = ["PrimaryStorageConfig", "SecondaryStorageConfig"]
@@ -61,7 +61,8 @@ class SecondaryStorageConfig(BaseConfig):
                 storage=base.getName(), blob_dir=getattr(base, "blob_dir", None) or None,
                 primary=parse_address(section.primary, "primary"),
                 listen=parse_address(section.listen, "listen") if section.listen else None,
-                tls=_tls(section), insecure=section.insecure, compress=section.compress, **_node(section),
+                tls=_tls(section), insecure=section.insecure, compress=section.compress,
+                max_rate=parse_rate(section.max_rate, "max-rate"), **_node(section),
             ).validate()
             return SecondaryStorage(base, config)
         except BaseException:

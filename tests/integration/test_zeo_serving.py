@@ -90,10 +90,10 @@ def test_config_sections_make_wrappers_with_their_base_interfaces(tmp_path, tls_
         db.close()
 
 
-def test_a_replica_section_may_ask_for_a_compressed_stream(tmp_path, tls_dir):
-    db, replica = open_pair(tmp_path, tls_dir, secondary_extra="compress true\n")
+def test_a_replica_section_may_ask_for_a_compressed_and_limited_stream(tmp_path, tls_dir):
+    db, replica = open_pair(tmp_path, tls_dir, secondary_extra="compress true\nmax-rate 2MiB/s\n")
     try:
-        assert replica.config.compress is True
+        assert replica.config.compress is True and replica.config.max_rate == 2 << 20
         replica.start()
         with db.transaction() as conn:
             conn.root()["v"] = "text " * 1000
