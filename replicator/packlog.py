@@ -89,6 +89,8 @@ def record_pack(path: str, keep: int | None = None) -> int | None:
             return _append(log_path(path), ident, lines, keep)
         except _NotAPack as exc:
             log.info("%s is not a pack of %s.old (%s): nothing recorded of what it dropped", path, path, exc)
+            # Noted as a pack that dropped nothing, so that the next start does not walk them again.
+            _append(log_path(path), ident, iter(()), keep)
             return None
         finally:
             old.close()
