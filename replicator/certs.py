@@ -252,13 +252,20 @@ def drop_old_ca(directory: str | os.PathLike[str], *, force: bool = False) -> CA
 
 def _bundle(directory: Path, problems: list[str]) -> list[x509.Certificate]:
     """Every certificate of ``ca.pem``, the signing CA first."""
-    data = read_file(directory / f"{CA_NAME}.pem", "CA certificate", problems)
+    path = directory / f"{CA_NAME}.pem"
+    return load_certs(read_file(path, "CA certificate", problems), path, "CA certificate", problems)
+
+
+def load_certs(data: bytes | None, path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:
+    """The PEM certificates in ``data`` (None: unreadable, reported already); none, with the
+    reason added to ``problems``, if it holds none."""
     if data is None:
         return []
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as e:
-        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')}: not PEM certificates ({e})")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        problems.append(f"{what} {path}: not a PEM certificate ({reason})")
         return []
 
 

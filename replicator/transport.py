@@ -51,7 +51,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
-from .certs import is_ca, issued_by, roles_from_uris
+from .certs import is_ca, issued_by, load_certs, roles_from_uris
 from .certs import read_file as _read
 from .errors import ConfigError, TLSError, TransportError
 from .throttle import Throttle
@@ -322,8 +322,8 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
     operator can act on; the paths only name them."""
     ca_data, cert_data, key_data = pems
     problems: list[str] = []
-    ca_certs = _parse_certs(ca_data, ca, "CA file", problems)
-    chain = _parse_certs(cert_data, cert, "certificate", problems)
+    ca_certs = load_certs(ca_data, ca, "CA file", problems)
+    chain = load_certs(cert_data, cert, "certificate", problems)
     private_key = None
     if key_data is not None:
         try:
@@ -373,20 +373,10 @@ def _check_files(ca: Path, cert: Path, key: Path) -> list[str]:
 def parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     """The PEM certificates in ``data``; ``ConfigError`` if it holds none."""
     problems: list[str] = []
-    certs = _parse_certs(data, path, what, problems)
+    certs = load_certs(data, path, what, problems)
     if problems:
         raise ConfigError(problems)
     return certs
-
-
-def _parse_certs(data: bytes | None, path: Path, what: str, problems: list[str]) -> list[x509.Certificate]:
-    if data is None:
-        return []
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        problems.append(f"{what} {path}: not a PEM certificate ({_short(e)})")
-        return []
 
 
 def _short(error: BaseException) -> str:
