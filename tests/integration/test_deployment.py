@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -72,3 +73,48 @@ def test_certs_script_uses_existing_commands():
     ctx = _parse(args)
     assert ctx.command.name == "init"
     assert set(ctx.params["nodes"]) == {"primary", "secondary"}
+
+
+def _unit(role: str) -> dict[str, str]:
+    """The [Service] settings of ``<role>/replicator-<role>.service``."""
+    settings: dict[str, str] = {}
+    section = None
+    for line in (ROOT / role / f"replicator-{role}.service").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key] = value
+    return settings
+
+
+def test_systemd_units_run_the_real_commands_and_stay_stopped_when_restarting_cannot_help(tmp_path):
+    from replicator.cli import EXIT_CODES
+    from replicator.errors import ConfigError, CorruptedSourceError, RejectedError, StorageInUseError
+
+    codes = {cls: code for cls, code in EXIT_CODES}
+    for role, operator_needed in (("primary", {ConfigError, CorruptedSourceError, RejectedError}),
+                                  ("secondary", {ConfigError, StorageInUseError, RejectedError})):
+        unit = _unit(role)
+        command = unit["ExecStart"].split()
+        assert command[0].endswith("/replicator") and command[1] == role
+        config = tmp_path / f"{role}.toml"
+        config.write_text((ROOT / role / f"{role}.toml").read_text())
+        ctx = _parse([a.replace(f"/etc/zodb-replicator/{role}.toml", str(config)) for a in command[1:]])
+        assert ctx.params["storage"] == "/data/Data.fs"
+        # SIGHUP: the CLI's services load renewed TLS files at once.
+        assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+        assert {int(c) for c in unit["RestartPreventExitStatus"].split()} == {codes[c] for c in operator_needed}
+        assert unit["Restart"] == "on-failure"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_units_are_valid(tmp_path):
+    replicator = shutil.which("replicator") or str(Path(sys.executable).parent / "replicator")
+    for role in ("primary", "secondary"):
+        unit = tmp_path / f"replicator-{role}.service"
+        unit.write_text((ROOT / role / unit.name).read_text().replace("/opt/zodb-replicator/bin/replicator",
+                                                                      replicator))
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
