@@ -77,6 +77,8 @@ class _StatusCollector(Collector):
                 expiry.add_metric([name], float(peer["certificate_not_after"]))
         yield from (lag_s, lag_t, sent, expiry)
         yield _gauge("replicator_secondaries", "Connected secondaries.", len(peers))
+        yield _gauge("replicator_recorded_packs", "Packs whose dropped transactions this primary keeps a "
+                     "record of: a secondary away across them can resume.", s.get("recorded_packs"))
         if "refusals" in s:
             refused = CounterMetricFamily("replicator_refused_secondaries", "Secondaries this primary refused "
                                           "at their handshake, by reason (duplicate: a node name already "

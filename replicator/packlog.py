@@ -41,7 +41,7 @@ from .integrity import meta_digest
 from .storage import fsync_dir
 from .tid import tid_repr
 
-__all__ = ["record_pack", "successor_of", "log_path", "KEEP_PACKS"]
+__all__ = ["record_pack", "recorded_packs", "successor_of", "log_path", "KEEP_PACKS"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,11 @@ def successor_of(path: str, tid: bytes, meta: bytes, present: Callable[[bytes], 
             return nxt
         want, expected = nxt, None  # dropped by a later pack too
     return None
+
+
+def recorded_packs(path: str) -> int:
+    """How many packs of the storage at ``path`` the record holds (a line per pack is read)."""
+    return len(_recorded_packs(log_path(path)))
 
 
 class _NotAPack(Exception):

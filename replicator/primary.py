@@ -563,8 +563,8 @@ class Primary:
         self._pack_recording: asyncio.Task | None = None
         self._pack_again = False
         self._replacements_seen = 0
-        #: Packs whose dropped transactions this process recorded.
-        self.packs_recorded = 0
+        #: Packs the record holds (``packlog``): a secondary away across them can resume.
+        self.recorded_packs: int | None = None
         self._head_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.bytes_sent = 0
@@ -698,9 +698,10 @@ class Primary:
                             "and the next will have to start anew", packlog.log_path(path), exc)
             else:
                 if count is not None:
-                    self.packs_recorded += 1
                     log.info("recorded the %d transaction(s) the pack dropped in %s: a secondary away across "
                              "later packs too can resume", count, packlog.log_path(path))
+            with contextlib.suppress(OSError):
+                self.recorded_packs = await asyncio.to_thread(packlog.recorded_packs, path)
             if not self._pack_again:
                 break
 
@@ -846,6 +847,7 @@ class Primary:
             # Whether the poller sleeps on file events while the file is quiet (sidecar).
             "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
             "file_event_wakeups": self.notifier.event_wakeups,
+            "recorded_packs": self.recorded_packs,
             "error": str(self.fatal or self.damage_ahead or "") or None,
             "refusals": dict(self.refusals),
             "silent_secondaries_dropped": self.silent_dropped,

@@ -206,6 +206,8 @@ def render(results: list[dict], now: float) -> str:
         elif r["role"] == "primary":
             lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
                          f"   bytes streamed {size_text(r.get('bytes_sent'))}")
+            if r.get("recorded_packs"):
+                lines.append(f"  packs         {r['recorded_packs']} recorded: a secondary away across them resumes")
             if r.get("error"):
                 lines.append(f"  ERROR         {r['error']}")
             sync_line = _sync_line(r.get("sync") or {})

@@ -19,6 +19,8 @@ from ZODB.serialize import referencesf
 from replicator import packlog
 from replicator import tailer as tailer_module
 from replicator.errors import DivergenceError
+from replicator.metrics import render_metrics
+from replicator.status import render
 from replicator.tid import tid_repr
 from replicator.verify import format_result, verify
 from tests.integration.test_replication import (
@@ -261,7 +263,7 @@ def test_a_secondary_away_across_two_packs_resumes_from_the_record_of_packs(tmp_
     async def pack_and_wait(primary, packs: int) -> None:
         await asyncio.to_thread(db.pack, time.time() + 1)
         deadline = time.monotonic() + 20
-        while primary.packs_recorded < packs:
+        while (primary.recorded_packs or 0) < packs:
             assert time.monotonic() < deadline, "the primary did not record the pack"
             await asyncio.sleep(0.05)
 
@@ -286,6 +288,10 @@ def test_a_secondary_away_across_two_packs_resumes_from_the_record_of_packs(tmp_
             await asyncio.to_thread(work.commit_random, 3)
             async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            status = primary.served_status()
+            assert status["recorded_packs"] == 2
+            assert "packs         2 recorded" in render([{**status, "url": "p"}], time.time())
+            assert b"\nreplicator_recorded_packs 2.0\n" in render_metrics(primary.served_status)
 
     with caplog.at_level(logging.INFO, logger="replicator"):
         asyncio.run(scenario())
