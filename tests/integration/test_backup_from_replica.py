@@ -13,6 +13,7 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from replicator.verify import format_result, verify
@@ -22,6 +23,9 @@ REPOZO = str(Path(sys.executable).parent / "repozo")
 
 
 def repozo(*args: str) -> None:
+    if "-B" in args:
+        # repozo names its files by the second: a second backup within one would collide.
+        time.sleep(1.05 - time.time() % 1)
     result = subprocess.run([REPOZO, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
