@@ -28,6 +28,7 @@ from .fsformat import (
     parse_txn_header,
     u64,
 )
+from .integrity import meta_digest
 from .tid import Z64
 
 __all__ = ["SourceFile", "WHOLE_TXN", "HEADER_AHEAD", "MARK_EVERY"]
@@ -114,6 +115,12 @@ class SourceFile:
         if want <= max(ahead, WHOLE_TXN):
             self._window, self._wpos = data, pos
         return data[:n]
+
+    def meta_digest(self, h: TxnHeader) -> bytes:
+        """``integrity.meta_digest`` of transaction ``h``: its TID, user, description and extension."""
+        raw = self.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN, HEADER_AHEAD)
+        user, rest = raw[:h.ulen], raw[h.ulen:]
+        return meta_digest(h.tid, user, rest[:h.dlen], rest[h.dlen:])
 
     def committed_header(self, pos: int, prev_tid: bytes, size: int | None = None
                          ) -> TxnHeader | None:

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 
 from .fsfile import HEADER_AHEAD, SourceFile
 from .fsformat import FIRST_POS, TRANS_HDR_LEN, TxnHeader, parse_txn_header
-from .integrity import meta_digest
 from .storage import fsync_dir
 from .tid import tid_repr
 
@@ -142,12 +141,6 @@ def _headers(src: SourceFile) -> Iterator[TxnHeader]:
         pos = h.end
 
 
-def _meta(src: SourceFile, h: TxnHeader) -> bytes:
-    raw = src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN, HEADER_AHEAD)
-    user, rest = raw[:h.ulen], raw[h.ulen:]
-    return meta_digest(h.tid, user, rest[:h.dlen], rest[h.dlen:])
-
-
 def _dropped(old: SourceFile, new: SourceFile) -> Iterator[str]:
     """The record lines of the transactions of ``old`` that ``new`` lacks (a merge by TID)."""
     kept = _headers(new)
@@ -158,7 +151,7 @@ def _dropped(old: SourceFile, new: SourceFile) -> Iterator[str]:
         if nxt is not None and nxt.tid == h.tid:
             nxt = next(kept, None)
             continue
-        yield f"T {h.tid.hex()} {_meta(old, h).hex()} {nxt.tid.hex() if nxt is not None else '-'}\n"
+        yield f"T {h.tid.hex()} {old.meta_digest(h).hex()} {nxt.tid.hex() if nxt is not None else '-'}\n"
 
 
 def _groups(path: str) -> Iterator[tuple[int, str | None]]:

@@ -300,8 +300,7 @@ class Tailer:
         if h is None:  # cannot happen for a scanned transaction; be safe
             return None
         if not digest:
-            head = _txn_begin(h, prev, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
-            return TxnIdentity(tid, head.status, b"", meta_digest(tid, head.user, head.description, head.extension))
+            return TxnIdentity(tid, h.status.decode("latin-1"), b"", src.meta_digest(h))
         begin: TxnBegin | None = None
         for event in self._txn_events(src, h, prev):
             if isinstance(event, TxnBegin):
