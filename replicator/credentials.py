@@ -15,8 +15,8 @@ may be copying the files one by one), then logged with its problems, and
 status shows it until it is fixed.
 
 A CA taken out of the CA file is trusted no more: new connections need a
-certificate of a CA still in it, and open connections whose peer presented
-a certificate the removed CA signed are closed (``on_trust_narrowed``
+certificate of a CA still in it, and open connections whose peer's
+certificate chain went through the removed CA are closed (``on_trust_narrowed``
 listeners: the node's server and its link upstream), so moving a cluster
 to a new CA (``replicator certs new-ca``) needs no restart, and neither does
 dropping a CA whose key leaked.
@@ -36,11 +36,11 @@ import signal
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from .certs import issued_by, roles_from_uris
 from .errors import ConfigError
@@ -143,22 +143,38 @@ class Credentials:
         self._trust_listeners.append(listener)
         return lambda: self._trust_listeners.remove(listener) if listener in self._trust_listeners else None
 
-    def untrusted(self, der: bytes | None) -> str | None:
-        """Why a peer certificate (DER) accepted earlier is no longer trusted, or None.
+    def untrusted(self, chain: Sequence[bytes]) -> str | None:
+        """Why a peer accepted earlier is no longer trusted, or None.
 
-        No longer trusted: signed by a CA taken out of the CA file, and by
-        none of those still in it.  Only a direct issuer is known here; a
-        certificate signed through an intermediate CA is left alone.
+        ``chain``: the peer's certificates (DER), leaf first, as its
+        handshake verified them up to the trust anchor (``peer_chain``); or
+        the leaf alone where the interpreter does not give the chain.  No
+        longer trusted: a CA of that chain was taken out of the CA file, and
+        the file holds no certificate of the same name and key (a CA
+        re-issued with its own key to extend it trusts what it trusted).
+        With the leaf alone only its direct issuer can be judged, so one
+        signed through an intermediate CA is left to its next handshake.
         """
-        if not der or not self._dropped:
+        if not chain or not self._dropped:
             return None
         try:
-            peer = x509.load_der_x509_certificate(der)
+            certs = [x509.load_der_x509_certificate(der) for der in chain]
         except ValueError:
+            return None
+        peer = certs[0]
+        held = {_name_and_key(ca) for ca in self._cas}
+        gone = {_name_and_key(ca): ca for ca in self._dropped.values() if _name_and_key(ca) not in held}
+        if len(certs) > 1:
+            for ca in certs[1:]:
+                dropped = gone.get(_name_and_key(ca))
+                if dropped is not None:
+                    how = "signed by" if ca is certs[1] else "signed through"
+                    return (f"its certificate {peer.subject.rfc4514_string()} was {how} the CA "
+                            f"{dropped.subject.rfc4514_string()}, which {self.paths[0]} no longer holds")
             return None
         if any(issued_by(peer, ca) for ca in self._cas):
             return None
-        for ca in self._dropped.values():
+        for ca in gone.values():
             if issued_by(peer, ca):
                 return (f"its certificate {peer.subject.rfc4514_string()} was signed by the CA "
                         f"{ca.subject.rfc4514_string()}, which {self.paths[0]} no longer holds")
@@ -247,7 +263,8 @@ class Credentials:
         if dropped:
             self._dropped.update(dropped)
             log.warning("the CA file %s no longer holds %s: this node trusts it no more, and closes its open "
-                        "connections with peers whose certificates it signed", self.paths[0],
+                        "connections with peers whose certificates it signed, directly or through an "
+                        "intermediate CA", self.paths[0],
                         ", ".join(c.subject.rfc4514_string() for c in dropped.values()))
             for listener in list(self._trust_listeners):
                 try:
@@ -353,6 +370,12 @@ def _names(cert: x509.Certificate) -> set[str]:
         return set()
     return ({f"DNS:{d.lower()}" for d in san.get_values_for_type(x509.DNSName)}
             | {f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)})
+
+
+def _name_and_key(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """What makes two CA certificates the same CA to a verifier: subject and public key."""
+    return cert.subject.public_bytes(), cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _digest(pems: tuple[bytes | None, ...]) -> bytes:

@@ -66,7 +66,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_from_hex, tid_repr, tid_time
-from .transport import ReceiveLimit, connect_ws, host_silence, seconds_since_heard
+from .transport import ReceiveLimit, connect_ws, host_silence, peer_chain, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -390,12 +390,12 @@ class Secondary:
             self._stopped.set()
 
     def _close_untrusted(self) -> None:
-        """A CA was taken out of the CA file: close the link if the primary's certificate is its."""
+        """A CA was taken out of the CA file: close the link if the primary's certificate chain went through it."""
         ws = self._ws
         tls = ws.get_extra_info("ssl_object") if ws is not None and not ws.closed else None
         if ws is None or tls is None or self.credentials is None:
             return
-        reason = self.credentials.untrusted(tls.getpeercert(binary_form=True))
+        reason = self.credentials.untrusted(peer_chain(tls))
         if reason is not None:
             log.warning("closing the connection to the primary at %s: %s", self.config.primary, reason)
             self._untrusted = reason

@@ -27,6 +27,7 @@ status commands), which nothing retries.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import collections
 import contextlib
@@ -64,6 +65,7 @@ __all__ = [
     "RefusedHandshakes",
     "stop_server",
     "close_connections",
+    "peer_chain",
     "peer_identity",
     "peer_address",
     "authorize",
@@ -638,11 +640,33 @@ async def start_server(app: web.Application, host: str, port: int,
     return runner, bound
 
 
-def close_connections(runner: web.AppRunner, why: Callable[[bytes | None], str | None], what: str) -> int:
+def peer_chain(tls: ssl.SSLObject | None) -> list[bytes]:
+    """The peer's certificates (DER), leaf first, as its handshake verified them up to the trust anchor.
+
+    Python gives the verified chain from 3.13 on, and privately since 3.10;
+    where it does not, this is the leaf alone (or nothing before a handshake).
+    """
+    if tls is None:
+        return []
+    get = getattr(tls, "get_verified_chain", None)  # 3.13+: DER bytes
+    if get is None:
+        get = getattr(getattr(tls, "_sslobj", None), "get_verified_chain", None)  # 3.10-3.12
+    if get is not None:
+        try:
+            chain = get()
+        except (ssl.SSLError, ValueError):
+            chain = None
+        if chain:
+            return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    der = tls.getpeercert(binary_form=True)
+    return [der] if der else []
+
+
+def close_connections(runner: web.AppRunner, why: Callable[[list[bytes]], str | None], what: str) -> int:
     """Close every open connection of the server whose client certificate ``why`` names a reason for.
 
     For a CA taken out of the CA file: a handshake made while it was trusted
-    does not outlive it.  Each is logged as a WARNING (``what`` names the
+    does not outlive it.  ``why`` is given the peer's chain (``peer_chain``).  Each is logged as a WARNING (``what`` names the
     server's side: "secondary", "client"); returns how many were closed.
     """
     server = runner.server
@@ -652,7 +676,7 @@ def close_connections(runner: web.AppRunner, why: Callable[[bytes | None], str |
         tls = transport.get_extra_info("ssl_object") if transport is not None else None
         if transport is None or tls is None or transport.is_closing():
             continue
-        reason = why(tls.getpeercert(binary_form=True))
+        reason = why(peer_chain(tls))
         if reason is None:
             continue
         peername = transport.get_extra_info("peername")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import shutil
 import signal
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicator import credentials
@@ -192,6 +196,103 @@ def test_a_cluster_moves_to_a_new_ca_without_a_restart(tmp_path, own_tls, monkey
     assert any("of client" in m and "CN=tertiary was signed by the CA CN=ZODB replication CA" in m
                for m in closed), closed
     assert any("to the primary" in m and "CN=primary" in m for m in closed), closed
+
+
+def _ca(name: str, key, issuer: x509.Certificate | None = None, issuer_key=None, path_length: int | None = 0,
+        days: int = 30) -> x509.Certificate:
+    """A CA certificate for ``key``: self-signed, or signed by ``issuer`` (an intermediate)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    aki = (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski) if issuer is None else
+           x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()))  # type: ignore[arg-type]
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(subject if issuer is None else issuer.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False).add_extension(aki, critical=False)
+            .sign(key if issuer_key is None else issuer_key, hashes.SHA256()))
+
+
+def _reissued(cert: x509.Certificate, issuer: x509.Certificate, issuer_key) -> x509.Certificate:
+    """``cert`` (its name, key, roles and host names) signed by ``issuer`` instead."""
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(issuer.subject)
+               .public_key(cert.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc))
+    for ext in cert.extensions:
+        if isinstance(ext.value, x509.AuthorityKeyIdentifier):
+            builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                issuer.public_key()), critical=False)  # type: ignore[arg-type]
+        else:
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+async def _status_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """GET /status on an open connection: its status line, the answer read whole (the connection stays)."""
+    writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    line = await reader.readline()
+    length = 0
+    while (header := await reader.readline()) not in (b"\r\n", b""):
+        if header.lower().startswith(b"content-length:"):
+            length = int(header.split(b":")[1])
+    await reader.readexactly(length)
+    return line
+
+
+def test_a_dropped_root_closes_connections_signed_through_an_intermediate(tmp_path, own_tls, monkeypatch, caplog):
+    """A peer whose certificate an intermediate CA signed (its file holds the leaf and the
+    intermediate) loses its open connection when the root above that intermediate leaves the CA
+    file, and keeps it when another CA leaves or its root is re-issued with the same key."""
+    monkeypatch.setattr(credentials, "CHECK_INTERVAL", 3600)
+    closed_source(tmp_path, 1)
+    cluster_ca = (own_tls / "ca.pem").read_bytes()
+    root_key, inter_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _ca("Site root CA", root_key, path_length=1)
+    reissued_root = _ca("Site root CA", root_key, path_length=1, days=60)
+    inter = _ca("Site issuing CA", inter_key, root, root_key)
+    other = _ca("Another CA", other_key)
+    leaf = _reissued(x509.load_pem_x509_certificate((own_tls / "tertiary.pem").read_bytes()), inter, inter_key)
+    chain_file = tmp_path / "tertiary-chain.pem"
+    chain_file.write_bytes(pem(leaf) + pem(inter))
+
+    def trust(*cas: x509.Certificate) -> None:
+        (own_tls / "ca.pem").write_bytes(cluster_ca + b"".join(map(pem, cas)))
+
+    async def scenario() -> None:
+        trust(root, other)
+        async with running_primary(tmp_path, own_tls) as primary:
+            context = ssl.create_default_context(cafile=str(own_tls / "ca.pem"))
+            context.load_cert_chain(chain_file, own_tls / "tertiary.key")
+            reader, writer = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
+            assert (await _status_on(reader, writer)).startswith(b"HTTP/1.1 200")
+            # Another CA taken out, then the root re-issued with its own key: the connection stays.
+            trust(root)
+            assert primary.credentials.check(asked=True)
+            assert (await _status_on(reader, writer)).startswith(b"HTTP/1.1 200")
+            trust(reissued_root)
+            assert primary.credentials.check(asked=True)
+            assert (await _status_on(reader, writer)).startswith(b"HTTP/1.1 200")
+            # The root taken out: the connection made through its intermediate is closed.
+            trust()
+            assert primary.credentials.check(asked=True)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+            writer.close()
+
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        asyncio.run(scenario())
+    closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing the connection")]
+    assert len(closed) == 1, closed
+    assert "CN=tertiary was signed through the CA CN=Site root CA" in closed[0], closed
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def issued_by_ca(cert: x509.Certificate, ca: x509.Certificate) -> bool:
