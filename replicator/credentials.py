@@ -299,18 +299,23 @@ class Credentials:
                 "purpose, restart the node)"]
 
     def _describe(self) -> None:
-        leaf = parse_certs(self._pems[1], self.paths[1], "certificate")[0]
+        chain = parse_certs(self._pems[1], self.paths[1], "certificate")
+        leaf = chain[0]
         cas = parse_certs(self._pems[0], self.paths[0], "CA file")
         self.subject = leaf.subject.rfc4514_string()
         self.serial = leaf.serial_number
-        self.not_after = leaf.not_valid_after_utc.timestamp()
+        # A file that holds intermediate CAs after the certificate works until the first of them expires.
+        first = min(chain, key=lambda c: c.not_valid_after_utc)
+        self.not_after = first.not_valid_after_utc.timestamp()
+        self._cert_what = "certificate " + str(self.paths[1]) + (
+            "" if first is leaf else f" (the intermediate CA {first.subject.rfc4514_string()} in it)")
         self.ca_not_after = min(c.not_valid_after_utc.timestamp() for c in cas)
         self._cas = cas
 
     def _warn_expiry(self) -> None:
         now = time.time()
         for what, not_after, advice in (
-                ("certificate " + str(self.paths[1]), self.not_after,
+                (self._cert_what, self.not_after,
                  "renew it (`replicator certs renew NAME`) and put the new files in place of the "
                  "old files: this node loads it within a minute" + (", or at once on SIGHUP" if sighup_checks
                                                                      else "")),
@@ -333,7 +338,7 @@ class Credentials:
         """What has expired of this node's certificate and CA, if anything: why peers refuse it."""
         now = time.time()
         gone = [f"{what} expired on {_date(when)}" for what, when in
-                (("this node's certificate " + str(self.paths[1]), self.not_after),
+                (("this node's " + self._cert_what, self.not_after),
                  ("the CA " + str(self.paths[0]), self.ca_not_after)) if when <= now]
         if not gone:
             return None

@@ -355,6 +355,10 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
         elif leaf.not_valid_before_utc > now:
             problems.append(f"certificate {cert}: not valid before "
                             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the clock)")
+        for inter in chain[1:]:
+            if inter.not_valid_after_utc < now:
+                problems.append(f"certificate {cert}: the intermediate CA {inter.subject.rfc4514_string()} "
+                                f"in it expired on {inter.not_valid_after_utc:%Y-%m-%d}")
         if private_key is not None and _spki(private_key.public_key()) != _spki(leaf.public_key()):
             problems.append(f"key {key} does not match certificate {cert} "
                             "(they were not issued together)")

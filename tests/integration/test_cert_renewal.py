@@ -29,7 +29,7 @@ from replicator.certs import describe, drop_old_ca, issue_node, new_ca, renew_no
 from replicator.errors import ConfigError
 from replicator.metrics import render_metrics
 from replicator.status import render
-from replicator.transport import client_ssl_context
+from replicator.transport import TLSFiles, client_ssl_context
 from tests.helpers import free_port, start_primary, until, wait_until
 from tests.integration.test_replication import (
     closed_source,
@@ -199,7 +199,7 @@ def test_a_cluster_moves_to_a_new_ca_without_a_restart(tmp_path, own_tls, monkey
 
 
 def _ca(name: str, key, issuer: x509.Certificate | None = None, issuer_key=None, path_length: int | None = 0,
-        days: int = 30) -> x509.Certificate:
+        days: int = 3650) -> x509.Certificate:
     """A CA certificate for ``key``: self-signed, or signed by ``issuer`` (an intermediate)."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -209,7 +209,8 @@ def _ca(name: str, key, issuer: x509.Certificate | None = None, issuer_key=None,
     return (x509.CertificateBuilder().subject_name(subject)
             .issuer_name(subject if issuer is None else issuer.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_before(now - datetime.timedelta(days=max(1, 1 - days)))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -253,7 +254,7 @@ def test_a_dropped_root_closes_connections_signed_through_an_intermediate(tmp_pa
     cluster_ca = (own_tls / "ca.pem").read_bytes()
     root_key, inter_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     root = _ca("Site root CA", root_key, path_length=1)
-    reissued_root = _ca("Site root CA", root_key, path_length=1, days=60)
+    reissued_root = _ca("Site root CA", root_key, path_length=1, days=3660)
     inter = _ca("Site issuing CA", inter_key, root, root_key)
     other = _ca("Another CA", other_key)
     leaf = _reissued(x509.load_pem_x509_certificate((own_tls / "tertiary.pem").read_bytes()), inter, inter_key)
@@ -289,6 +290,52 @@ def test_a_dropped_root_closes_connections_signed_through_an_intermediate(tmp_pa
     closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing the connection")]
     assert len(closed) == 1, closed
     assert "CN=tertiary was signed through the CA CN=Site root CA" in closed[0], closed
+
+
+def test_an_intermediate_ca_close_to_expiry_is_flagged(tmp_path, own_tls, caplog):
+    """A node's certificate file that holds an intermediate CA works until the first of the two
+    expires: that date is the one shown, and the warning names the intermediate."""
+    closed_source(tmp_path, 3)
+    root_key, inter_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    root = _ca("Site root CA", root_key, path_length=1)
+    inter = _ca("Site issuing CA", inter_key, root, root_key, days=10)
+    leaf = _reissued(x509.load_pem_x509_certificate((own_tls / "primary.pem").read_bytes()), inter, inter_key)
+    (own_tls / "primary.pem").write_bytes(pem(leaf) + pem(inter))
+    (own_tls / "ca.pem").write_bytes((own_tls / "ca.pem").read_bytes() + pem(root))
+    assert leaf.not_valid_after_utc > inter.not_valid_after_utc
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, own_tls) as primary:
+            status = primary.served_status()
+            assert status["tls"]["not_after"] == inter.not_valid_after_utc.timestamp()
+            text = render([{**status, "url": "p"}], time.time())
+            assert "this node's certificate expires in 10 days" in text, text
+            # It serves that chain: a client of the root alone accepts it.
+            context = ssl.create_default_context(cadata=pem(root).decode())
+            context.check_hostname = False
+            t = tls(own_tls, "secondary")
+            context.load_cert_chain(t.cert, t.key)
+            reader, writer = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
+            assert (await _status_on(reader, writer)).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="replicator"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "expires on" in r.getMessage()]
+    assert len(warnings) == 1 and "(the intermediate CA CN=Site issuing CA in it)" in warnings[0], warnings
+    assert "in 10 days" in warnings[0], warnings
+
+
+def test_an_expired_intermediate_ca_is_named_at_start(tmp_path, own_tls):
+    closed_source(tmp_path, 1)
+    root_key, inter_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    root = _ca("Site root CA", root_key, path_length=1)
+    inter = _ca("Site issuing CA", inter_key, root, root_key, days=-1)
+    leaf = _reissued(x509.load_pem_x509_certificate((own_tls / "primary.pem").read_bytes()), inter, inter_key)
+    (own_tls / "primary.pem").write_bytes(pem(leaf) + pem(inter))
+    (own_tls / "ca.pem").write_bytes((own_tls / "ca.pem").read_bytes() + pem(root))
+    with pytest.raises(ConfigError, match=r"primary.pem: the intermediate CA CN=Site issuing CA in it expired on"):
+        TLSFiles(own_tls / "ca.pem", own_tls / "primary.pem", own_tls / "primary.key").validate()
 
 
 def pem(cert: x509.Certificate) -> bytes:
