@@ -16,7 +16,6 @@ import collections
 import contextlib
 import logging
 import os
-import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from cryptography import x509
 
 from . import packlog
 from .config import PrimaryConfig
@@ -63,6 +63,7 @@ from .transport import (
     close_connections,
     host_silence,
     peer_address,
+    peer_chain,
     peer_identity,
     start_server,
     stop_server,
@@ -1002,16 +1003,23 @@ class Primary:
         primary's status and metrics are where its certificate's expiry shows.
         """
         transport = request.transport
-        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        chain = peer_chain(transport.get_extra_info("ssl_object") if transport is not None else None)
         try:
-            not_after = ssl.cert_time_to_seconds(peercert["notAfter"]) if peercert else None
-        except (KeyError, ValueError):
+            certs = [x509.load_der_x509_certificate(der) for der in chain]
+        except ValueError:
             return None
-        if not_after is not None and not_after - time.time() < EXPIRY_WARNING.total_seconds():
+        if not certs:
+            return None
+        # The leaf and its intermediates; the trust anchor at the end of a verified chain is our own CA.
+        first = min(certs[:-1] or certs, key=lambda c: c.not_valid_after_utc)
+        not_after = first.not_valid_after_utc.timestamp()
+        if not_after - time.time() < EXPIRY_WARNING.total_seconds():
             if self._expiry_log.due(node) is not None:
-                log.warning("secondary %s presents a certificate that expires on %s, in %.0f days: renew it "
+                what = ("a certificate that" if first is certs[0] else
+                        f"a certificate through the intermediate CA {first.subject.rfc4514_string()}, which")
+                log.warning("secondary %s presents %s expires on %s, in %.0f days: renew it "
                             "(`replicator certs renew NAME`) and put the files in place on that node, which "
-                            "loads them without a restart", node,
+                            "loads them without a restart", node, what,
                             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after)),
                             (not_after - time.time()) / 86400)
         return not_after

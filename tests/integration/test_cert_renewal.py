@@ -299,17 +299,26 @@ def test_an_intermediate_ca_close_to_expiry_is_flagged(tmp_path, own_tls, caplog
     root_key, inter_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
     root = _ca("Site root CA", root_key, path_length=1)
     inter = _ca("Site issuing CA", inter_key, root, root_key, days=10)
-    leaf = _reissued(x509.load_pem_x509_certificate((own_tls / "primary.pem").read_bytes()), inter, inter_key)
-    (own_tls / "primary.pem").write_bytes(pem(leaf) + pem(inter))
+    for node in ("primary", "secondary"):
+        leaf = _reissued(x509.load_pem_x509_certificate((own_tls / f"{node}.pem").read_bytes()), inter, inter_key)
+        (own_tls / f"{node}.pem").write_bytes(pem(leaf) + pem(inter))
+        assert leaf.not_valid_after_utc > inter.not_valid_after_utc
     (own_tls / "ca.pem").write_bytes((own_tls / "ca.pem").read_bytes() + pem(root))
-    assert leaf.not_valid_after_utc > inter.not_valid_after_utc
+    expiry = inter.not_valid_after_utc.timestamp()
 
     async def scenario() -> None:
-        async with running_primary(tmp_path, own_tls) as primary:
+        async with running_primary(tmp_path, own_tls) as primary, \
+                running_secondary(tmp_path, own_tls, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary)
             status = primary.served_status()
-            assert status["tls"]["not_after"] == inter.not_valid_after_utc.timestamp()
+            assert status["tls"]["not_after"] == expiry
+            assert secondary.credentials.not_after == expiry
+            # A secondary without --listen: its primary shows the date of its chain.
+            [peer] = status["secondaries"]
+            assert peer["certificate_not_after"] == expiry
             text = render([{**status, "url": "p"}], time.time())
             assert "this node's certificate expires in 10 days" in text, text
+            assert "the certificate of secondary dst expires in 10 days" in text, text
             # It serves that chain: a client of the root alone accepts it.
             context = ssl.create_default_context(cadata=pem(root).decode())
             context.check_hostname = False
@@ -322,8 +331,12 @@ def test_an_intermediate_ca_close_to_expiry_is_flagged(tmp_path, own_tls, caplog
     with caplog.at_level(logging.WARNING, logger="replicator"):
         asyncio.run(scenario())
     warnings = [r.getMessage() for r in caplog.records if "expires on" in r.getMessage()]
-    assert len(warnings) == 1 and "(the intermediate CA CN=Site issuing CA in it)" in warnings[0], warnings
-    assert "in 10 days" in warnings[0], warnings
+    own = [m for m in warnings if m.startswith("this node's certificate")]
+    assert len(own) == 2 and all("(the intermediate CA CN=Site issuing CA in it)" in m and "in 10 days" in m
+                                 for m in own), warnings  # the primary's and the secondary's
+    [peer] = [m for m in warnings if m.startswith("secondary dst presents")]
+    assert "through the intermediate CA CN=Site issuing CA, which expires on" in peer, peer
+    assert len(warnings) == 3, warnings
 
 
 def test_an_expired_intermediate_ca_is_named_at_start(tmp_path, own_tls):
