@@ -61,3 +61,37 @@ def test_repozo_backs_up_a_replica_while_it_follows(tmp_path, tls_dir):
     result = verify(str(tmp_path / "src.fs"), str(tmp_path / "restored.fs"), str(tmp_path / "src-blobs"),
                     str(tmp_path / "restored-blobs"))
     assert result.equal, format_result(result)
+
+
+def test_a_secondary_seeded_from_a_backup_fetches_only_what_came_after(tmp_path, tls_dir):
+    """The way to start a disaster-recovery site of a big database over a slow link: restore a
+    backup there (shipped on a disk), and the secondary resumes from the backup's last transaction
+    instead of pulling the whole history through the link."""
+    db, work = make_source(tmp_path, 120)
+    repository = tmp_path / "backups"
+    repository.mkdir()
+    repozo("-B", "-F", "-r", str(repository), "-f", str(tmp_path / "src.fs"))
+    shutil.copytree(tmp_path / "src-blobs", tmp_path / "shipped-blobs")  # the blobs travel beside it
+    seeded = db.storage.lastTransaction()
+    work.commit_random(30)  # the primary goes on meanwhile
+    after = [t.tid for t in db.storage.iterator() if t.tid > seeded]
+    assert len(after) >= 20
+    repozo("-R", "-r", str(repository), "-o", str(tmp_path / "dst.fs"))
+    shutil.copytree(tmp_path / "shipped-blobs", tmp_path / "dst-blobs")
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary, \
+                running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+            await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            assert secondary.progress.txns_applied == len(after)
+            [peer] = primary.status()["secondaries"]
+            assert peer["transactions_sent"] == len(after), peer  # nothing of what the backup held
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+    result = verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                    str(tmp_path / "dst-blobs"))
+    assert result.equal, format_result(result)
