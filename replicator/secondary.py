@@ -66,7 +66,7 @@ from .storage import last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_from_hex, tid_repr, tid_time
-from .transport import ReceiveLimit, connect_ws, host_silence, peer_chain, seconds_since_heard
+from .transport import ReadCoalescing, ReceiveLimit, connect_ws, host_silence, peer_chain, seconds_since_heard
 
 __all__ = ["Secondary", "Backoff", "LinkLog"]
 
@@ -303,6 +303,8 @@ class Secondary:
         self.credentials: Credentials | None = None
         self._credentials_watch: asyncio.Task | None = None
         self._closing_untrusted: asyncio.Future | None = None
+        #: The reading of the current connection on slow links (its counters are for tests and curious operators).
+        self.coalescing: ReadCoalescing | None = None
         #: Why this node closed its link upstream: the primary's certificate's CA was dropped.
         self._untrusted: str | None = None
 
@@ -754,10 +756,19 @@ class Secondary:
 
     async def _read_loop(self, ws, conn: Connection, queue: asyncio.Queue) -> None:
         limit = ReceiveLimit(ws, self.config.max_rate) if self.config.max_rate else None
+        coalescing = self.coalescing = ReadCoalescing(ws)
+        try:
+            await self._read_messages(ws, conn, queue, limit, coalescing)
+        finally:
+            coalescing.off()
+
+    async def _read_messages(self, ws, conn: Connection, queue: asyncio.Queue, limit: ReceiveLimit | None,
+                             coalescing: ReadCoalescing) -> None:
         while True:
             msg = await self._receive(ws)
             if msg.type is WSMsgType.BINARY:
                 size = len(msg.data)
+                coalescing.message(size)
                 if limit is not None and (wait := limit.delay(size)) > 0:
                     # Read on later: the kernel's buffer fills, the window closes and the
                     # primary's sending waits (its liveness check sees a host that answers).

@@ -57,6 +57,12 @@ from .certs import read_file as _read
 from .errors import ConfigError, TLSError, TransportError
 from .throttle import Throttle
 
+try:  # Unix: the coalescing of reads on slow links needs FIONREAD
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
+
 __all__ = [
     "TLSFiles",
     "server_ssl_context",
@@ -72,6 +78,7 @@ __all__ = [
     "ROLE_RIGHTS",
     "connect_ws",
     "ReceiveLimit",
+    "ReadCoalescing",
     "request_error",
     "unresolved_host",
     "seconds_since_heard",
@@ -155,6 +162,116 @@ class ReceiveLimit:
                 used, self._count = count - self._count, count
         self._tokens -= used
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+#: While a slow link brings a bulk stream, the socket wakes its reader once this
+#: many bytes wait (``SO_RCVLOWAT``) instead of at every segment.
+COALESCE_BYTES = 64 << 10
+#: A bulk stream: messages of at least this size...
+COALESCE_MESSAGE = 256 << 10
+#: ...arriving at less than this rate (bytes a second); faster links bring
+#: bigger reads anyway, and the loopback's are left exactly as they were.
+COALESCE_RATE = 16 << 20
+#: Seconds over which the link's rate is measured.
+COALESCE_WINDOW = 0.25
+#: How often bytes left waiting under the threshold are looked for; the
+#: sender paused for two looks in a row means they are all there is.
+COALESCE_GUARD = 0.01
+
+
+class ReadCoalescing:
+    """Fewer wake-ups for a secondary catching up over a slow link.
+
+    A link slower than the CPU delivers a catch-up in segments of a few
+    kilobytes, and each woke the event loop, decrypted and parsed what it
+    could: about three times the CPU the same bytes cost over a fast link.
+    While messages are big and the link is what holds them back (it
+    carried less than ``COALESCE_RATE`` over the last ``COALESCE_WINDOW``,
+    and little waits unread: this process keeps up), the socket's ``SO_RCVLOWAT`` makes
+    it readable only once ``COALESCE_BYTES`` wait.  Bytes that stay
+    under that (the end of a burst: a small message, a heartbeat) would
+    wait for ever, so while it is on a timer looks at how many bytes are
+    queued (``FIONREAD``) every ``COALESCE_GUARD`` seconds, and turns it off
+    when that count stopped moving: they come at most two looks late.  A
+    small message, or a fast one, turns it off too.  Linux only; elsewhere
+    this does nothing.
+    """
+
+    def __init__(self, ws: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        sock = ws.get_extra_info("socket")
+        self._sock = sock if (sock is not None and sys.platform == "linux" and fcntl is not None
+                              and hasattr(socket, "SO_RCVLOWAT")) else None
+        self._clock = clock
+        self._received = 0  # message bytes, where the kernel does not count
+        self._window_at = clock()
+        self._window_count = _bytes_received(self._sock) or 0
+        self._slow = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._queued = -1
+        self.on = False
+        #: Times it was turned on, and turned off by the guard (bytes left under the threshold).
+        self.turned_on = 0
+        self.released = 0
+
+    def message(self, size: int) -> None:
+        """A message of ``size`` bytes arrived: a slow bulk stream or not.
+
+        The link's rate is the kernel's count of bytes received over at
+        least ``COALESCE_WINDOW`` seconds: a message's own pace says little,
+        as one may complete from bytes read long before.
+        """
+        if self._sock is None:
+            return
+        now = self._clock()
+        count = _bytes_received(self._sock)
+        self._received += size
+        if count is None:
+            count = self._received
+        if now - self._window_at >= COALESCE_WINDOW:
+            self._slow = count - self._window_count < (now - self._window_at) * COALESCE_RATE
+            self._window_at, self._window_count = now, count
+        if size >= COALESCE_MESSAGE and self._slow and self._queued_bytes() < COALESCE_BYTES:
+            if not self.on and self._set(COALESCE_BYTES):
+                self.on, self._queued = True, -1
+                self.turned_on += 1
+                self._timer = asyncio.get_running_loop().call_later(COALESCE_GUARD, self._guard)
+        elif self.on:
+            self.off()
+
+    def off(self) -> None:
+        """Every byte wakes the reader again (also when the connection ends)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.on:
+            self.on = False
+            self._set(1)
+
+    def _queued_bytes(self) -> int:
+        """Bytes received and not read yet (0 once the socket is closed)."""
+        try:
+            return int.from_bytes(fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, bytes(4)),  # type: ignore[union-attr]
+                                  sys.byteorder, signed=True)
+        except (OSError, ValueError):
+            return 0
+
+    def _guard(self) -> None:
+        self._timer = None
+        queued = self._queued_bytes()
+        if queued > 0 and queued == self._queued:
+            self.released += 1
+            self.off()  # the sender paused under the threshold: what waits is all there is
+            return
+        self._queued = queued
+        self._timer = asyncio.get_running_loop().call_later(COALESCE_GUARD, self._guard)
+
+    def _set(self, lowat: int) -> bool:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            self._sock = None  # closed, or a socket that does not take it: leave it as it is
+            return False
+        return True
 
 
 def _u32(info: bytes, offset: int) -> int:

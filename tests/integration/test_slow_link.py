@@ -7,6 +7,7 @@ The link is a real TCP proxy between a real primary and a real secondary
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import os
 
@@ -24,8 +25,9 @@ RECORD = 400_000  # one record: four times what the link carries in the idle tim
 
 
 @contextlib.asynccontextmanager
-async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = None):
-    """Forward 127.0.0.1:PORT to the target; the target's answers at ``rate`` bytes a second.
+async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = None, chunk: int | None = None):
+    """Forward 127.0.0.1:PORT to the target; the target's answers at ``rate`` bytes a second,
+    in writes of ``chunk`` bytes (a twentieth of the rate by default).
 
     Once ``cut`` is set, nothing more gets through either way, and the
     connections stay open: a link that died without a word.
@@ -50,7 +52,7 @@ async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = No
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
         for task in (asyncio.create_task(pipe(client_r, server_w, None)),
-                     asyncio.create_task(pipe(server_r, client_w, rate // 20))):
+                     asyncio.create_task(pipe(server_r, client_w, chunk or rate // 20))):
             tasks.add(task)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -131,3 +133,61 @@ def test_a_link_that_carries_nothing_is_taken_down_after_the_idle_timeout(tmp_pa
                 await node.close()
 
     asyncio.run(scenario())
+
+
+def test_a_slow_links_trickle_is_read_in_big_reads(tmp_path, tls_dir, monkeypatch):
+    """A catch-up over a link slower than the CPU arrives a few kilobytes at a time; the secondary
+    reads it tens of kilobytes at a time (SO_RCVLOWAT), and the last bytes of the stream, under
+    that threshold, still come (the guard lets them through)."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    for i in range(60):
+        with db.transaction() as conn:
+            conn.root()[i] = PersistentMapping(data=os.urandom(100_000))
+    db.close()
+    reads: dict[int, list[int]] = {}
+    original = asyncio.sslproto.SSLProtocol.buffer_updated
+
+    def counting(self, nbytes: int) -> None:
+        reads.setdefault(id(self), []).append(nbytes)
+        original(self, nbytes)
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "buffer_updated", counting)
+
+    async def scenario() -> Secondary:
+        async with running_primary(tmp_path, tls_dir) as primary, \
+                slow_proxy(primary.port, 3_000_000, chunk=3_000) as port:
+            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                                     node="dst", reconnect_min=0.05, reconnect_max=0.2).validate()
+            node = Secondary(config)
+            await node.open()
+            task = asyncio.create_task(node.run())
+            try:
+                for _ in range(int(60 / 0.05)):
+                    if node.progress.applied_tid == primary.head_tid:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
+                coalescing = node.coalescing
+                assert coalescing is not None and coalescing.turned_on >= 1 and coalescing.released >= 1
+                assert not coalescing.on  # caught up: every byte wakes the reader again
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await node.close()
+            return node
+
+    asyncio.run(scenario())
+    stream = max(reads.values(), key=sum)  # the secondary's side of the link: the 6 MB catch-up
+    assert sum(stream) > 6_000_000
+    # The first message (up to a batch's worth) shows the link slow; from the second on, big reads.
+    total, later = 0, []
+    for nbytes in stream:
+        total += nbytes
+        if total > 2_000_000:
+            later.append(nbytes)
+    assert sum(later) / len(later) > 32_000, (len(stream), len(later), sum(later))
+    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                  str(tmp_path / "dst-blobs")).equal
