@@ -184,17 +184,18 @@ class ReadCoalescing:
 
     A link slower than the CPU delivers a catch-up in segments of a few
     kilobytes, and each woke the event loop, decrypted and parsed what it
-    could: about three times the CPU the same bytes cost over a fast link.
-    While messages are big and the link is what holds them back (it
-    carried less than ``COALESCE_RATE`` over the last ``COALESCE_WINDOW``,
-    and little waits unread: this process keeps up), the socket's ``SO_RCVLOWAT`` makes
-    it readable only once ``COALESCE_BYTES`` wait.  Bytes that stay
+    could: about twice the CPU the same bytes cost over a fast link.  While
+    messages are big and the link is what holds them back (it carried less
+    than ``COALESCE_RATE`` over the last ``COALESCE_WINDOW``, and little
+    waits unread: this process keeps up), the socket's ``SO_RCVLOWAT``
+    makes it readable only once ``COALESCE_BYTES`` wait.  Bytes that stay
     under that (the end of a burst: a small message, a heartbeat) would
     wait for ever, so while it is on a timer looks at how many bytes are
     queued (``FIONREAD``) every ``COALESCE_GUARD`` seconds, and turns it off
-    when that count stopped moving: they come at most two looks late.  A
-    small message, or a fast one, turns it off too.  Linux only; elsewhere
-    this does nothing.
+    when that count stopped moving: they come at most two looks late
+    (lowering the threshold wakes a reader waiting in ``epoll``).  A small
+    message, or a fast one, turns it off too.  Linux only; elsewhere this
+    does nothing.
     """
 
     def __init__(self, ws: Any, clock: Callable[[], float] = time.monotonic) -> None:
