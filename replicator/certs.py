@@ -115,6 +115,10 @@ class CertInfo:
     sha256_fingerprint: str
     #: What its holder may ask of a node (``ROLES``); a CA's is empty.
     roles: tuple[str, ...] = ()
+    #: The intermediate CAs the file holds after it (a PKI of your own), as "subject (until date)".
+    intermediates: tuple[str, ...] = ()
+    #: When the first certificate of the file expires, intermediates included: when it stops working.
+    usable_until: datetime.datetime | None = None
 
     @property
     def sans(self) -> tuple[str, ...]:
@@ -412,6 +416,10 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     except x509.ExtensionNotFound:
         eku = ()
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        chain = x509.load_pem_x509_certificates(path.read_bytes())[1:]
+    except (OSError, ValueError):
+        chain = []
     return CertInfo(
         path=path,
         subject=cert.subject.rfc4514_string(),
@@ -426,6 +434,8 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         extended_key_usage=eku,
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":"),
         roles=() if is_ca(cert) else tuple(sorted(roles_from_uris(uris), key=_role_order)),
+        intermediates=tuple(f"{c.subject.rfc4514_string()} (until {c.not_valid_after_utc:%Y-%m-%d})" for c in chain),
+        usable_until=min([cert.not_valid_after_utc] + [c.not_valid_after_utc for c in chain]),
     )
 
 

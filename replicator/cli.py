@@ -583,9 +583,12 @@ def certs_show(cert) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
+        if key == "intermediates" and not value or key == "usable_until":
+            continue
         click.echo(f"{key}: {value}")
-    left = (info.not_after - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
-    click.echo(f"valid_for: {'EXPIRED' if left <= 0 else f'{left:.0f} more days'}")
+    left = ((info.usable_until or info.not_after) - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
+    until = "" if info.usable_until in (None, info.not_after) else " (an intermediate CA expires first)"
+    click.echo(f"valid_for: {'EXPIRED' if left <= 0 else f'{left:.0f} more days'}{until}")
 
 
 def main() -> None:

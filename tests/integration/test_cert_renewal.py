@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from replicator import credentials
 from replicator.certs import describe, drop_old_ca, issue_node, new_ca, renew_node
+from replicator.cli import cli
 from replicator.errors import ConfigError
 from replicator.metrics import render_metrics
 from replicator.status import render
@@ -305,6 +307,12 @@ def test_an_intermediate_ca_close_to_expiry_is_flagged(tmp_path, own_tls, caplog
         assert leaf.not_valid_after_utc > inter.not_valid_after_utc
     (own_tls / "ca.pem").write_bytes((own_tls / "ca.pem").read_bytes() + pem(root))
     expiry = inter.not_valid_after_utc.timestamp()
+    info = describe(own_tls / "primary.pem")
+    assert info.usable_until == inter.not_valid_after_utc and info.not_after > info.usable_until
+    assert info.intermediates == (f"CN=Site issuing CA (until {inter.not_valid_after_utc:%Y-%m-%d})",)
+    shown = CliRunner().invoke(cli, ["certs", "show", str(own_tls / "primary.pem")])
+    assert shown.exit_code == 0 and "intermediates: ('CN=Site issuing CA" in shown.output, shown.output
+    assert "valid_for: 10 more days (an intermediate CA expires first)" in shown.output, shown.output
 
     async def scenario() -> None:
         async with running_primary(tmp_path, own_tls) as primary, \
