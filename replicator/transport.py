@@ -205,7 +205,7 @@ class ReadCoalescing:
         self._clock = clock
         self._received = 0  # message bytes, where the kernel does not count
         self._window_at = clock()
-        self._window_count = _bytes_received(self._sock) or 0
+        self._window_count = (_bytes_received(self._sock) or 0) if self._sock is not None else 0
         self._slow = False
         self._timer: asyncio.TimerHandle | None = None
         self._queued = -1
@@ -224,11 +224,11 @@ class ReadCoalescing:
         if self._sock is None:
             return
         now = self._clock()
-        count = _bytes_received(self._sock)
         self._received += size
-        if count is None:
-            count = self._received
-        if now - self._window_at >= COALESCE_WINDOW:
+        if now - self._window_at >= COALESCE_WINDOW:  # the kernel is asked a few times a second at most
+            count = _bytes_received(self._sock)
+            if count is None:
+                count = self._received
             self._slow = count - self._window_count < (now - self._window_at) * COALESCE_RATE
             self._window_at, self._window_count = now, count
         if size >= COALESCE_MESSAGE and self._slow and self._queued_bytes() < COALESCE_BYTES:
