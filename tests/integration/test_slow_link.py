@@ -10,6 +10,7 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import os
+import socket
 
 import ZODB
 from persistent.mapping import PersistentMapping
@@ -18,6 +19,7 @@ from ZODB.FileStorage import FileStorage
 from replicator.config import Address, SecondaryConfig
 from replicator.secondary import Secondary
 from replicator.verify import verify
+from tests.helpers import until
 from tests.integration.test_replication import running_primary, tls
 
 RATE = 100_000  # bytes a second, primary to secondary
@@ -191,3 +193,48 @@ def test_a_slow_links_trickle_is_read_in_big_reads(tmp_path, tls_dir, monkeypatc
     assert sum(later) / len(later) > 32_000, (len(stream), len(later), sum(later))
     assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
                   str(tmp_path / "dst-blobs")).equal
+
+
+def test_bytes_left_under_the_read_threshold_are_let_through():
+    """The guard of ReadCoalescing on a real TCP connection: on after a big message of a slow link,
+    off once the few bytes that follow stop growing, and at once on a small message."""
+    from replicator.transport import COALESCE_BYTES, COALESCE_MESSAGE, COALESCE_WINDOW, ReadCoalescing
+
+    class Ws:  # what ReadCoalescing asks of a WebSocket
+        def __init__(self, sock) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str):
+            return self.sock if name == "socket" else None
+
+    async def scenario() -> None:
+        received = asyncio.get_running_loop().create_future()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            received.set_result((reader, writer))
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        _, sender = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        _, writer = await received
+        sock = writer.get_extra_info("socket")
+        now = [0.0]
+        coalescing = ReadCoalescing(Ws(sock), clock=lambda: now[0])
+        lowat = lambda: sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)  # noqa: E731
+        now[0] += COALESCE_WINDOW  # a window in which the link carried next to nothing: slow
+        coalescing.message(COALESCE_MESSAGE)
+        assert coalescing.on and lowat() == COALESCE_BYTES
+        sender.write(b"x" * 100)  # the end of a burst, under the threshold
+        await sender.drain()
+        await until(lambda: not coalescing.on, timeout=2, what="the guard lets the bytes through")
+        assert lowat() == 1 and coalescing.released == 1
+        now[0] += COALESCE_WINDOW
+        coalescing.message(COALESCE_MESSAGE)
+        assert coalescing.on
+        coalescing.message(100)  # a small message: every byte wakes the reader again
+        assert not coalescing.on and lowat() == 1
+        coalescing.off()
+        sender.close()
+        writer.close()
+        server.close()
+
+    asyncio.run(scenario())
