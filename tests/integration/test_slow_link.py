@@ -67,6 +67,30 @@ async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = No
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def caught_up_over(tmp_path, tls_dir, primary, port: int, timeout: float, **overrides):
+    """A secondary following ``primary`` through ``port``, yielded once it applied the primary's head."""
+    config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node="dst",
+                             **{"reconnect_min": 0.05, "reconnect_max": 0.2, **overrides}).validate()
+    node = Secondary(config)
+    await node.open()
+    task = asyncio.create_task(node.run())
+    try:
+        for _ in range(int(timeout / 0.05)):
+            if node.progress.applied_tid == primary.head_tid:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
+        yield node
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await node.close()
+
+
 def test_a_record_slower_than_the_idle_timeout_still_arrives(tmp_path, tls_dir):
     db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
     with db.transaction() as conn:
@@ -76,26 +100,8 @@ def test_a_record_slower_than_the_idle_timeout_still_arrives(tmp_path, tls_dir):
     assert RECORD / RATE > 3 * idle
 
     async def scenario() -> Secondary:
-        async with running_primary(tmp_path, tls_dir) as primary, slow_proxy(primary.port, RATE) as port:
-            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
-                                     node="dst", idle_timeout=idle, reconnect_min=0.05,
-                                     reconnect_max=0.2).validate()
-            node = Secondary(config)
-            await node.open()
-            task = asyncio.create_task(node.run())
-            try:
-                for _ in range(int(30 / 0.05)):
-                    if node.progress.applied_tid == primary.head_tid:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await node.close()
+        async with running_primary(tmp_path, tls_dir) as primary, slow_proxy(primary.port, RATE) as port, \
+                caught_up_over(tmp_path, tls_dir, primary, port, 30, idle_timeout=idle) as node:
             return node
 
     node = asyncio.run(scenario())
@@ -155,31 +161,13 @@ def test_a_slow_links_trickle_is_read_in_big_reads(tmp_path, tls_dir, monkeypatc
 
     monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "buffer_updated", counting)
 
-    async def scenario() -> Secondary:
+    async def scenario() -> None:
         async with running_primary(tmp_path, tls_dir) as primary, \
-                slow_proxy(primary.port, 3_000_000, chunk=3_000) as port:
-            config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                                     primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
-                                     node="dst", reconnect_min=0.05, reconnect_max=0.2).validate()
-            node = Secondary(config)
-            await node.open()
-            task = asyncio.create_task(node.run())
-            try:
-                for _ in range(int(60 / 0.05)):
-                    if node.progress.applied_tid == primary.head_tid:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
-                coalescing = node.coalescing
-                assert coalescing is not None and coalescing.turned_on >= 1 and coalescing.released >= 1
-                assert not coalescing.on  # caught up: every byte wakes the reader again
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await node.close()
-            return node
+                slow_proxy(primary.port, 3_000_000, chunk=3_000) as port, \
+                caught_up_over(tmp_path, tls_dir, primary, port, 60) as node:
+            coalescing = node.coalescing
+            assert coalescing is not None and coalescing.turned_on >= 1 and coalescing.released >= 1
+            assert not coalescing.on  # caught up: every byte wakes the reader again
 
     asyncio.run(scenario())
     stream = max(reads.values(), key=sum)  # the secondary's side of the link: the 6 MB catch-up
