@@ -400,9 +400,10 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     """Read a PEM certificate and summarise it; ``ConfigError`` if missing or not PEM."""
     path = Path(cert_path)
     problems: list[str] = []
-    cert = _load_cert(path, "certificate", problems)
-    if cert is None:
+    certs = load_certs(read_file(path, "certificate", problems), path, "certificate", problems)
+    if not certs:
         raise ConfigError(problems)
+    cert, chain = certs[0], certs[1:]  # chain: intermediate CAs after the certificate
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns_names = tuple(san.get_values_for_type(x509.DNSName))
@@ -416,10 +417,6 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     except x509.ExtensionNotFound:
         eku = ()
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    try:
-        chain = x509.load_pem_x509_certificates(path.read_bytes())[1:]
-    except (OSError, ValueError):
-        chain = []
     return CertInfo(
         path=path,
         subject=cert.subject.rfc4514_string(),

@@ -203,7 +203,6 @@ class ReadCoalescing:
         self._sock = sock if (sock is not None and sys.platform == "linux" and fcntl is not None
                               and hasattr(socket, "SO_RCVLOWAT")) else None
         self._clock = clock
-        self._received = 0  # message bytes, where the kernel does not count
         self._window_at = clock()
         self._window_count = (_bytes_received(self._sock) or 0) if self._sock is not None else 0
         self._slow = False
@@ -224,13 +223,10 @@ class ReadCoalescing:
         if self._sock is None:
             return
         now = self._clock()
-        self._received += size
         if now - self._window_at >= COALESCE_WINDOW:  # the kernel is asked a few times a second at most
             count = _bytes_received(self._sock)
-            if count is None:
-                count = self._received
-            self._slow = count - self._window_count < (now - self._window_at) * COALESCE_RATE
-            self._window_at, self._window_count = now, count
+            self._slow = count is not None and count - self._window_count < (now - self._window_at) * COALESCE_RATE
+            self._window_at, self._window_count = now, count or 0
         if size >= COALESCE_MESSAGE and self._slow and self._queued_bytes() < COALESCE_BYTES:
             if not self.on and self._set(COALESCE_BYTES):
                 self.on, self._queued = True, -1
