@@ -117,6 +117,8 @@ class CertInfo:
     roles: tuple[str, ...] = ()
     #: The intermediate CAs the file holds after it (a PKI of your own), as "subject (until date)".
     intermediates: tuple[str, ...] = ()
+    #: For a CA file: the other CAs it holds (while the cluster moves to a new CA).
+    other_cas: tuple[str, ...] = ()
     #: When the first certificate of the file expires, intermediates included: when it stops working.
     usable_until: datetime.datetime | None = None
 
@@ -403,7 +405,9 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     certs = load_certs(read_file(path, "certificate", problems), path, "certificate", problems)
     if not certs:
         raise ConfigError(problems)
-    cert, chain = certs[0], certs[1:]  # chain: intermediate CAs after the certificate
+    cert = certs[0]
+    # After a node's certificate: its intermediate CAs.  After a CA: other CAs (a CA file mid-move).
+    chain, others = ([], certs[1:]) if is_ca(cert) else (certs[1:], [])
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns_names = tuple(san.get_values_for_type(x509.DNSName))
@@ -431,9 +435,14 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         extended_key_usage=eku,
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":"),
         roles=() if is_ca(cert) else tuple(sorted(roles_from_uris(uris), key=_role_order)),
-        intermediates=tuple(f"{c.subject.rfc4514_string()} (until {c.not_valid_after_utc:%Y-%m-%d})" for c in chain),
+        intermediates=tuple(map(_until, chain)),
+        other_cas=tuple(map(_until, others)),
         usable_until=min([cert.not_valid_after_utc] + [c.not_valid_after_utc for c in chain]),
     )
+
+
+def _until(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (until {cert.not_valid_after_utc:%Y-%m-%d})"
 
 
 def _role_order(role: str) -> tuple[int, str]:

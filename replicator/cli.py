@@ -583,7 +583,7 @@ def certs_show(cert) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
-        if key == "usable_until" or (key == "intermediates" and not value):
+        if key == "usable_until" or (key in ("intermediates", "other_cas") and not value):
             continue
         click.echo(f"{key}: {value}")
     left = ((info.usable_until or info.not_after) - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400

@@ -246,6 +246,9 @@ def test_certs_new_ca_then_drop_old_ca(tmp_path):
     assert oct((directory / "ca-previous.key").stat().st_mode & 0o777) == "0o600"
     again = run("certs", "new-ca", "--dir", str(directory))
     assert again.returncode == 2 and "a move to a new CA is under way" in again.stderr, again.stderr
+    shown = run("certs", "show", str(directory / "ca.pem")).stdout  # the other CA is no intermediate
+    assert "other_cas: ('CN=ZODB replication CA (until" in shown and "intermediates" not in shown, shown
+    assert "valid_for: 3650 more days\n" in shown, shown
 
     early = run("certs", "drop-old-ca", "--dir", str(directory))
     assert early.returncode == 2 and "db.pem is still signed by the old CA" in early.stderr, early.stderr
