@@ -20,7 +20,7 @@ from replicator.config import Address, SecondaryConfig
 from replicator.secondary import Secondary
 from replicator.verify import verify
 from tests.helpers import until
-from tests.integration.test_replication import running_primary, tls
+from tests.integration.test_replication import running_primary, running_secondary, tls
 
 RATE = 100_000  # bytes a second, primary to secondary
 RECORD = 400_000  # one record: four times what the link carries in the idle timeout
@@ -70,13 +70,7 @@ async def slow_proxy(target_port: int, rate: int, cut: asyncio.Event | None = No
 @contextlib.asynccontextmanager
 async def caught_up_over(tmp_path, tls_dir, primary, port: int, timeout: float, **overrides):
     """A secondary following ``primary`` through ``port``, yielded once it applied the primary's head."""
-    config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node="dst",
-                             **{"reconnect_min": 0.05, "reconnect_max": 0.2, **overrides}).validate()
-    node = Secondary(config)
-    await node.open()
-    task = asyncio.create_task(node.run())
-    try:
+    async with running_secondary(tmp_path, tls_dir, port, reconnect_max=0.2, **overrides) as (node, _):
         for _ in range(int(timeout / 0.05)):
             if node.progress.applied_tid == primary.head_tid:
                 break
@@ -84,11 +78,6 @@ async def caught_up_over(tmp_path, tls_dir, primary, port: int, timeout: float, 
         else:
             raise AssertionError(f"not replicated over the slow link: {node.progress.last_error}")
         yield node
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await node.close()
 
 
 def test_a_record_slower_than_the_idle_timeout_still_arrives(tmp_path, tls_dir):
