@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 from ZODB.blob import FilesystemHelper
@@ -91,6 +91,10 @@ class Tailer:
         self._stat_hint: os.stat_result | None = None  # a stat of path taken just before read_events
         #: How many times another file took the place of the one open at ``path`` (packs).
         self.replacements = 0
+        #: Blob bytes the next transaction read leaves out (``skip_blob_bytes``),
+        #: and those the transaction under way left out.
+        self._skip = 0
+        self._txn_skip = 0
 
     # -- life cycle ---------------------------------------------------------
 
@@ -310,6 +314,28 @@ class Tailer:
                                    meta_digest(tid, begin.user, begin.description, begin.extension))
         return None
 
+    def next_tid(self) -> bytes | None:
+        """TID of the committed transaction after the cursor, if there is one yet; the cursor stays."""
+        self._size = None
+        try:
+            h = self._next_header()
+        finally:
+            self._size = None
+        return None if h is None else h.tid
+
+    def skip_blob_bytes(self, count: int) -> None:
+        """Leave out the first ``count`` blob bytes of the next transaction read.
+
+        A secondary that kept them from a broken connection asked so, for the
+        transaction ``next_tid`` named.  Whatever transaction comes first
+        (a pack may have replaced the file since), it leaves them out, as
+        the ``Connection`` of both ends expects; a secondary that kept
+        another refuses it.  Its ``Record`` events are all sent, and the
+        digest still covers every byte: the skipped bytes are read and
+        hashed, not sent.
+        """
+        self._skip = count
+
     def successor(self, tid: bytes) -> tuple[bytes, str] | None:
         """TID and status of the first committed transaction after ``tid``, if any."""
         h = self._path_source().successor(tid)
@@ -345,14 +371,16 @@ class Tailer:
                         if h is None:
                             self.at_end = True
                             break
-                        plain = self._plain_txn(h)
+                        skip, self._skip = self._skip, 0
+                        plain = None if skip else self._plain_txn(h)
                         if plain is not None:
                             events += plain
                             size += h.tlen + EVENT_COST * len(plain)
                             self._pos, self._last_tid = h.end, h.tid
                             done = len(events)
                             continue
-                        self._txn = self._txn_events(self._cur, h, self._last_tid)  # type: ignore[arg-type]
+                        self._txn = self._txn_events(self._cur, h, self._last_tid, skip)  # type: ignore[arg-type]
+                        self._txn_skip = skip
                         self._txn_end, self._txn_tid = h.end, h.tid
                         started_here = True
                     event = next(self._txn)
@@ -378,8 +406,10 @@ class Tailer:
                         f"was being shipped (its blob file {error.blob_path} was removed by the pack); "
                         "the transaction is dropped unfinished and must be read again from the packed file"
                     ) from error
-                # Nothing of it left this call: read on from the packed file.
+                # Nothing of it left this call: read on from the packed file
+                # (and leave out of it what was to be left out of this one).
                 del events[done:]
+                self._skip = self._txn_skip
                 started_here, reread = False, True
                 self._size = None
             except (CorruptedSourceError, DivergenceError, ConfigError) as error:
@@ -639,8 +669,12 @@ class Tailer:
         events.append(TxnEnd(h.tid, digest.digest()))
         return events
 
-    def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes) -> Iterator[Event]:
-        """Check the framing of ``h`` whole, then yield its events one by one."""
+    def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes, skip: int = 0) -> Iterator[Event]:
+        """Check the framing of ``h`` whole, then yield its events one by one.
+
+        ``skip``: blob bytes to leave out, from the first blob on (read and
+        hashed all the same).
+        """
         backs: dict[int, tuple[int, int, bytes | None]] = {}
         # Blob records by position, found before anything is yielded.  Their
         # files are opened up front (the first EAGER_BLOBS of them): a pack
@@ -682,7 +716,7 @@ class Tailer:
                 assert data is not None  # a blob record found by the first pass, which read its data
                 blob_file = blobs.pop(dh.pos) or self._open_blob(dh.oid, h, dh.pos)
                 with blob_file:
-                    yield from self._blob_events(blob_file, dh.oid, data, data_txn, digest)
+                    skip = yield from self._blob_events(blob_file, dh.oid, data, data_txn, digest, skip)
             yield TxnEnd(h.tid, digest.digest())
         finally:
             for f in blobs.values():
@@ -691,8 +725,12 @@ class Tailer:
 
     @staticmethod
     def _blob_events(f: BinaryIO, oid: bytes, data: bytes, data_txn: bytes | None,
-                     digest: TxnDigest) -> Iterator[Event]:
-        """The blob's ``Record`` then the bytes of its file ``f`` in chunks; never all in memory."""
+                     digest: TxnDigest, skip: int = 0) -> Generator[Event, None, int]:
+        """The blob's ``Record`` then the bytes of its file ``f`` in chunks; never all in memory.
+
+        The first ``skip`` bytes are hashed but not sent; returns how many of
+        ``skip`` are left for the next blobs.
+        """
         left = os.fstat(f.fileno()).st_size
         record = Record(oid, data, data_txn, left)
         digest.add_record(record)
@@ -703,9 +741,14 @@ class Tailer:
                 raise CorruptedSourceError(str(f.name), record.blob_size - left,  # type: ignore[operator]
                                            "blob file shrank while being read")
             left -= len(chunk)
-            event = BlobChunk(chunk)
-            digest.add_chunk(event)
-            yield event
+            digest.add_blob_bytes(chunk)
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            if skip:
+                chunk, skip = chunk[skip:], 0
+            yield BlobChunk(chunk)
+        return skip
 
 
 #: Header scans of ``<path>.old`` files, by path: ``(dev, ino, size)`` and the

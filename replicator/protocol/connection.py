@@ -21,7 +21,9 @@ CLOSED         nothing                     nothing
 The primary may send Welcome only after it received Hello.  Inside the stream,
 each ``TxnBegin.prev_tid`` must equal the previous transaction's TID (the
 Welcome's ``start_tid`` for the first), a blob's chunks must add up to its
-``blob_size`` exactly, ``TxnEnd`` names the transaction it ends, and an
+``blob_size`` exactly (in the first transaction, less the ``resume_bytes``
+the Welcome announced, left out from its first blob on), ``TxnEnd`` names the
+transaction it ends, and an
 ``Ack`` may only name a transaction the primary has ended, never going back.
 """
 
@@ -73,13 +75,15 @@ NEED_DATA = _NeedData()
 class _Stream:
     """Position inside the primary-to-secondary transaction stream (both ends keep one)."""
 
-    __slots__ = ("last_tid", "txn", "blob_left", "ended_tid")
+    __slots__ = ("last_tid", "txn", "blob_left", "ended_tid", "skip")
 
     def __init__(self) -> None:
         self.last_tid: bytes | None = None  # set by Welcome.start_tid
         self.txn: TxnBegin | None = None
         self.blob_left = 0
         self.ended_tid: bytes | None = None
+        #: Blob bytes the first transaction leaves out (Welcome.resume_bytes).
+        self.skip = 0
 
     def check(self, event: Event, error: type[ReplicatorError]) -> None:
         """Raise ``error`` if ``event`` may not come next; else advance."""
@@ -90,6 +94,10 @@ class _Stream:
             if self.blob_left:
                 raise error(f"Record while {self.blob_left} blob bytes are still due")
             self.blob_left = event.blob_size or 0  # type: ignore[attr-defined]
+            if self.skip and self.blob_left:
+                left_out = min(self.skip, self.blob_left)
+                self.skip -= left_out
+                self.blob_left -= left_out
         elif kind is TxnBegin:
             if self.txn is not None:
                 raise error(f"TxnBegin {event.tid.hex()} inside transaction {self.txn.tid.hex()}")  # type: ignore[attr-defined]
@@ -106,6 +114,9 @@ class _Stream:
                 raise error(f"TxnEnd while {self.blob_left} blob bytes are still due")
             self.last_tid = self.ended_tid = event.tid  # type: ignore[attr-defined]
             self.txn = None
+            # More left out than the transaction held: the secondary kept
+            # something else, which its applier finds out (ResumeError).
+            self.skip = 0
         elif kind is BlobChunk:
             if self.txn is None or len(event.data) > self.blob_left:  # type: ignore[attr-defined]
                 raise error(f"BlobChunk of {len(event.data)} bytes where {self.blob_left} are due")  # type: ignore[attr-defined]
@@ -287,6 +298,7 @@ class Connection:
     def _start_streaming(self, welcome: Welcome) -> None:
         """The handshake succeeded (either end): transactions after ``start_tid`` follow."""
         self._stream.last_tid = welcome.start_tid
+        self._stream.skip = welcome.resume_bytes
         self.welcome = welcome
         self.state = ConnectionState.STREAMING
 

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -120,6 +120,11 @@ class Hello(Event):
     #: it; the same node name from another instance is a second secondary
     #: under the same name, and is refused (``duplicate``).
     instance: bytes | None = None
+    #: A transaction the secondary was receiving when the link broke, and
+    #: how many of its blob bytes (counted in stream order) it kept: the
+    #: primary may leave those out (``Welcome.resume_bytes``).
+    resume_tid: bytes | None = None
+    resume_bytes: int = 0
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -134,6 +139,14 @@ class Hello(Event):
             _bytes(self.last_meta_digest, "last_meta_digest", exact=DIGEST_LEN)
         if self.instance is not None:
             _bytes(self.instance, "instance", exact=INSTANCE_LEN)
+        _int(self.resume_bytes, "resume_bytes")
+        if self.resume_tid is None:
+            if self.resume_bytes:
+                raise ValueError("resume_bytes without resume_tid")
+        else:
+            check_tid(self.resume_tid, "resume_tid")
+            if self.resume_tid <= self.last_tid:
+                raise ValueError("resume_tid must be greater than last_tid")
 
 
 @dataclass(slots=True)
@@ -142,7 +155,9 @@ class Welcome(Event):
 
     ``ack_delay``: the secondary may hold an acknowledgement back this many
     seconds to cover more transactions with it (0: acknowledge each durable
-    batch at once, which synchronous replication needs).
+    batch at once, which synchronous replication needs).  ``resume_bytes``:
+    the first transaction is ``Hello.resume_tid`` and its first that many
+    blob bytes are left out (0: everything is sent).
     """
 
     TYPE: ClassVar[int] = 2
@@ -152,6 +167,7 @@ class Welcome(Event):
     start_tid: bytes
     head_tid: bytes
     ack_delay: float = 0.0
+    resume_bytes: int = 0
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -160,6 +176,7 @@ class Welcome(Event):
         check_tid(self.start_tid, "start_tid")
         check_tid(self.head_tid, "head_tid")
         _time(self.ack_delay, "ack_delay")
+        _int(self.resume_bytes, "resume_bytes")
         if not 0 <= self.ack_delay <= MAX_ACK_DELAY:
             raise ValueError(f"ack_delay must be between 0 and {MAX_ACK_DELAY} seconds, got {self.ack_delay}")
 

@@ -163,8 +163,14 @@ def test_oversized_frame_is_refused():
         ({"a": 1}, "malformed|not a non-empty array"),
         ([Hello.TYPE, PROTOCOL_VERSION, "s", b"short", None, 0], "last_tid"),
         ([Hello.TYPE, PROTOCOL_VERSION, "s"], "invalid Hello"),
-        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, b"i" * 16, "more"], "invalid Hello"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, b"i" * 16, None, 0, "more"],
+         "invalid Hello"),
         ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, b"short"], "instance"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, None, b"x" * 8, -1], "resume_bytes"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, None, 0, " ", None, None, None, 5], "without resume_tid"),
+        ([Hello.TYPE, PROTOCOL_VERSION, "s", b"\0" * 7 + b"\2", None, 0, " ", None, None, b"\0" * 7 + b"\1", 5],
+         "resume_tid must be greater"),
+        ([Welcome.TYPE, PROTOCOL_VERSION, "p", 0, Z64, Z64, 0.0, -3], "resume_bytes"),
         ([Hello.TYPE, 0, "s", Z64, None, 0, " ", None, None, "more"], "invalid Hello"),
         (7, "not a non-empty array"),
     ],
@@ -178,7 +184,7 @@ def test_malformed_frames(frame, match):
 def test_hello_of_another_version_decodes_for_its_refusal():
     """A newer release's Hello may have more fields: enough of it is read to refuse it by version."""
     conn = Connection(Role.PRIMARY)
-    frame = [Hello.TYPE, PROTOCOL_VERSION + 1, "dr-site", Z64, None, 0, " ", None, b"i" * 16, "new", 5]
+    frame = [Hello.TYPE, PROTOCOL_VERSION + 1, "dr-site", Z64, None, 0, " ", None, b"i" * 16, None, 0, "new", 5]
     conn.receive_data(msgpack.packb(frame, use_bin_type=True))
     hello = conn.next_event()
     assert isinstance(hello, Hello)
