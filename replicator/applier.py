@@ -42,10 +42,25 @@ batches.  One ``Applier`` must be used by one thread at a time.
 Any failure leaves the storage as it was before the transaction in progress:
 the transaction is aborted, its blob files are removed, and the applier is
 ready for the same transaction again (which is what a reconnect sends).
+
+Resuming a transaction: over a slow link that breaks now and then, a
+transaction with big blobs may never arrive whole if each reconnect fetches
+it from its start.  ``abort(keep=True)`` (a broken link, not bad data)
+therefore keeps the blob files received so far, once they reach
+``KEEP_MIN_BYTES``: the storage's transaction is aborted as always, and
+the files wait, under temporary names, outside the storage.
+``resume_offer()`` names them for the next ``Hello``; once the primary
+agreed (``resume(count)``) and sends that transaction again without those
+bytes, each kept file is checked against its ``Record`` (oid and size),
+hashed again from disk into the transaction's digest and completed with
+what follows.  Nothing kept is committed unless the whole transaction's
+digest equals the primary's; any mismatch drops what was kept and the
+transaction is fetched whole.  Kept files live as long as the process.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -67,6 +82,7 @@ from .errors import (
     DivergenceError,
     IntegrityError,
     RemoteProtocolError,
+    ResumeError,
     StorageError,
 )
 from .fsformat import is_blob_data
@@ -96,6 +112,10 @@ _FINISH_FINISH_NAMES = ('_file', 'flush', 'fsync', 'fileno', '_nextpos', '_pos',
 #: transaction's size).
 MEMORY_TEMP = 4 << 20
 
+#: A transaction cut off by a broken link keeps its blob files for the next
+#: connection once they hold this many bytes; less is fetched again.
+KEEP_MIN_BYTES = 1 << 20
+
 #: Called with (tid, oids) inside ``tpc_finish``, before ``lastTransaction`` moves,
 #: so that a serving secondary can invalidate its clients' caches in time.
 Invalidate = Callable[[bytes, frozenset], None]
@@ -112,6 +132,34 @@ class _Blob:
 
 
 @dataclass
+class _KeptBlob:
+    """A blob file of a transaction cut off by a broken link, kept for its resumption."""
+
+    oid: bytes
+    size: int  # the blob's size, as its Record announced it
+    path: str  # a temporary file outside the blob directory
+    have: int  # bytes of it in the file
+
+
+@dataclass
+class _Kept:
+    """What a broken link left of a transaction: its blob files, in stream order."""
+
+    begin: TxnBegin
+    blobs: list[_KeptBlob]
+
+    @property
+    def count(self) -> int:
+        return sum(blob.have for blob in self.blobs)
+
+    def remove(self) -> None:
+        for blob in self.blobs:
+            with contextlib.suppress(OSError):
+                os.remove(blob.path)
+        self.blobs = []
+
+
+@dataclass
 class _Txn:
     """The transaction in progress: everything ``abort`` must undo."""
 
@@ -121,7 +169,10 @@ class _Txn:
     started: bool = False  # tpc_begin succeeded, so tpc_abort is owed
     oids: list[bytes] = field(default_factory=list)
     blob: _Blob | None = None
-    placed: list[str] = field(default_factory=list)  # committed-blob paths written so far
+    placed: list[_KeptBlob] = field(default_factory=list)  # blob files placed so far, at their committed paths
+    #: Kept blob files of a resumed transaction not yet matched with their Record.
+    resume: collections.deque[_KeptBlob] = field(default_factory=collections.deque)
+    resumed: int = 0  # blob bytes taken from kept files
     dirs: set[str] = field(default_factory=set)  # directories whose entries must be fsynced
 
 
@@ -148,6 +199,13 @@ class Applier:
         #: Transactions committed by this applier, durable or not yet.
         self.committed = 0
         self._group = _GroupCommit.install(storage) if group_commit else None
+        #: What a broken link left of a transaction (``abort(keep=True)``),
+        #: and the same once the primary agreed to resume it (``resume``).
+        self._kept: _Kept | None = None
+        self._resuming: _Kept | None = None
+        #: Blob bytes primaries left out because this applier had kept them
+        #: from a broken link (``resume``), over its life.
+        self.resumed_bytes = 0
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
         if self._trace is not None:
@@ -288,6 +346,7 @@ class Applier:
 
     def close(self) -> None:
         """Stop tracing and give the storage its own ``tpc_finish`` back."""
+        self.discard_kept()
         if self._group is not None:
             self._group.uninstall()
             self._group = None
@@ -295,17 +354,114 @@ class Applier:
             self._trace.close()
             self._trace = None
 
-    def abort(self, *, write_failed: bool = False) -> None:
+    # -- keeping a transaction across a broken link ------------------------
+
+    def resume_offer(self) -> tuple[bytes, int] | None:
+        """The kept transaction and how many of its blob bytes are here, for the next ``Hello``.
+
+        None if nothing is kept, or if what is kept no longer follows the
+        storage's last transaction (then it is dropped).
+        """
+        kept = self._kept
+        if kept is None:
+            return None
+        if kept.begin.prev_tid != self.last_tid:
+            self.discard_kept()
+            return None
+        return kept.begin.tid, kept.count
+
+    def resume(self, count: int) -> None:
+        """The primary's answer to ``resume_offer``: it leaves out ``count`` blob bytes (0: none).
+
+        With 0 it sends the transaction whole and the kept files are
+        dropped; any other count than the one offered is a protocol error.
+        """
+        kept, self._kept = self._kept, None
+        if not count:
+            if kept is not None:
+                kept.remove()
+            return
+        if kept is None or count != kept.count:
+            if kept is not None:
+                kept.remove()
+            raise ResumeError(f"the primary leaves out {count} blob bytes of its first transaction, "
+                                      f"but this node kept {kept.count if kept else 0}")
+        self._resuming = kept
+        self.resumed_bytes += count
+
+    def discard_kept(self) -> None:
+        """Remove the files of a kept transaction, if any."""
+        for kept in (self._kept, self._resuming):
+            if kept is not None:
+                kept.remove()
+        self._kept = self._resuming = None
+
+    def _keep(self, txn: _Txn) -> _Kept | None:
+        """Move ``txn``'s blob files out of the way for its resumption, if they are worth it.
+
+        Placed files go back from the blob directory to temporary names (a
+        rename: the storage's own temporary directory is beside it); the
+        file being received is closed where it is.  What is moved no longer
+        belongs to ``txn``, so ``abort`` leaves it alone.
+        """
+        blob = txn.blob
+        count = sum(placed.have for placed in txn.placed) + sum(kept.have for kept in txn.resume)
+        if blob is not None:
+            count += blob.record.blob_size - blob.left  # type: ignore[operator]
+        if count < KEEP_MIN_BYTES:
+            return None
+        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
+        moved: list[_KeptBlob] = []
+        try:
+            for placed in txn.placed:
+                fd, path = tempfile.mkstemp(suffix=".tmp", prefix=BLOB_TEMP_PREFIX, dir=temp_dir)
+                os.close(fd)
+                os.rename(placed.path, path)
+                os.chmod(path, 0o600)  # placed blob files are read-only
+                moved.append(_KeptBlob(placed.oid, placed.size, path, placed.have))
+            txn.placed = []
+            if blob is not None:
+                blob.file.close()
+                moved.append(_KeptBlob(blob.record.oid, blob.record.blob_size,  # type: ignore[arg-type]
+                                       blob.path, os.path.getsize(blob.path)))
+                txn.blob = None
+        except OSError as exc:
+            log.warning("cannot keep the blob files of transaction %s for its resumption, so it will be "
+                        "fetched whole: %s", tid_repr(txn.begin.tid), exc)
+            _Kept(txn.begin, moved).remove()
+            return None
+        moved += txn.resume
+        txn.resume = collections.deque()
+        kept = _Kept(txn.begin, moved)
+        log.info("kept %d bytes of the blobs of transaction %s, received before the link broke",
+                 kept.count, tid_repr(txn.begin.tid))
+        return kept
+
+    def abort(self, *, write_failed: bool = False, keep: bool = False) -> None:
         """Drop the transaction in progress, if any, leaving the storage as it was.
 
         Called on errors and when the connection is lost mid-transaction;
         ``write_failed``: a write to the storage failed (a full disk).
+        ``keep``: the link broke (the data were not at fault), so the blob
+        files received so far are kept for a resumption (``resume_offer``);
+        otherwise whatever was kept is dropped too.
         Raises ``StorageError`` if the storage cannot undo its side.
         """
         txn, self._txn = self._txn, None
+        if self._resuming is not None:  # agreed on, but the transaction did not start again
+            self._kept, self._resuming = self._resuming, None
+        if not keep:
+            self.discard_kept()
         if txn is None:
             return
         failures = []
+        if keep:
+            # Before the storage's abort, which may remove placed blob files.
+            self.discard_kept()
+            self._kept = self._keep(txn)
+        for kept_blob in txn.resume:  # kept files this transaction did not get to
+            with contextlib.suppress(OSError):
+                os.remove(kept_blob.path)
         if txn.blob is not None:
             failures += _discard_temp(txn.blob)
         if txn.started:
@@ -321,12 +477,12 @@ class Applier:
                     failures.append(f"removing what the failed transaction wrote: {exc}")
         # FileStorage removes placed blob files only when the abort follows a
         # vote; before it they would stay behind as orphans.
-        for path in txn.placed:
+        for placed in txn.placed:
             try:
-                if os.path.exists(path):
-                    remove_committed(path)
+                if os.path.exists(placed.path):
+                    remove_committed(placed.path)
             except OSError as exc:
-                failures.append(f"removing {path}: {exc}")
+                failures.append(f"removing {placed.path}: {exc}")
         if failures:
             raise StorageError(f"aborting transaction {tid_repr(txn.begin.tid)} failed: " + "; ".join(failures))
 
@@ -343,6 +499,12 @@ class Applier:
         # header is rewritten byte for byte (no re-encoding, no re-pickling).
         meta = TransactionMetaData(begin.user, begin.description, begin.extension)
         txn = self._txn = _Txn(begin, meta, TxnDigest(begin))
+        resuming, self._resuming = self._resuming, None
+        if resuming is not None:
+            txn.resume.extend(resuming.blobs)  # removed by abort() unless used
+            if begin != resuming.begin:
+                raise ResumeError(f"the primary agreed to resume transaction {tid_repr(resuming.begin.tid)} "
+                                          f"but sent {tid_repr(begin.tid)}")
         self._call("tpc_begin", self._storage.tpc_begin, meta, begin.tid, begin.status)
         txn.started = True
         if self._group is not None:
@@ -381,6 +543,9 @@ class Applier:
         elif not self._blobs:
             raise ConfigError(f"the primary ships blobs (oid {record.oid.hex()} in transaction "
                               f"{tid_repr(txn.begin.tid)}); the secondary needs --blob-dir")
+        elif txn.resume:
+            self._resume_blob(txn, record)
+            return
         txn.digest.add_record(record)
         txn.oids.append(record.oid)
         if self._group is not None and record.data is not None:
@@ -404,6 +569,43 @@ class Applier:
             raise StorageError(f"cannot create a blob file in {temp_dir}: {exc}") from exc
         txn.blob = _Blob(record, path, os.fdopen(fd, "wb"), blob_size)
         if blob_size == 0:
+            self._place_blob(txn)
+
+    def _resume_blob(self, txn: _Txn, record: Record) -> None:
+        """Go on with a blob file kept from a broken link: check it, hash it again, expect the rest."""
+        kept = txn.resume.popleft()
+        try:
+            if (kept.oid, kept.size) != (record.oid, record.blob_size):
+                raise ResumeError(
+                    f"resumed transaction {tid_repr(txn.begin.tid)} differs from what this node kept of it "
+                    f"(a blob of oid {record.oid.hex()}, {record.blob_size} bytes, where it kept one of oid "
+                    f"{kept.oid.hex()}, {kept.size} bytes); it is fetched whole")
+        except ResumeError:
+            with contextlib.suppress(OSError):
+                os.remove(kept.path)
+            raise
+        txn.digest.add_record(record)
+        txn.oids.append(record.oid)
+        if self._group is not None:
+            self._group.room_for(len(record.data))  # type: ignore[arg-type]
+        read = 0
+        try:
+            # Once it is the current blob, abort() removes the file on failure.
+            txn.blob = blob = _Blob(record, kept.path, open(kept.path, "rb+"), kept.size)
+            while chunk := blob.file.read(1 << 20):
+                txn.digest.add_blob_bytes(chunk)
+                read += len(chunk)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(kept.path)
+            raise ResumeError(f"cannot read kept blob file {kept.path} ({exc}); the transaction "
+                                      "is fetched whole") from exc
+        if read != kept.have:
+            raise ResumeError(f"kept blob file {kept.path} holds {read} bytes, not the {kept.have} "
+                                      "it was kept with; the transaction is fetched whole")
+        blob.left -= read
+        txn.resumed += read
+        if blob.left == 0:
             self._place_blob(txn)
 
     def _misplaced(self, record: Record) -> NoReturn:
@@ -437,6 +639,15 @@ class Applier:
             raise RemoteProtocolError(f"TxnEnd {tid_repr(end.tid)} ends transaction {tid_repr(tid)}")
         if txn.blob is not None:
             raise RemoteProtocolError(f"TxnEnd before the blob of {txn.blob.record.oid.hex()} is complete")
+        if txn.resume:
+            raise ResumeError(f"resumed transaction {tid_repr(tid)} ended before the blob of oid "
+                                      f"{txn.resume[0].oid.hex()} this node kept of it; it is fetched whole")
+        if txn.resumed and txn.digest.digest() != end.digest:
+            # The kept files, or what the primary now has under this TID, differ:
+            # not the primary's damage (yet). The abort drops what was kept.
+            raise ResumeError(f"transaction {tid_repr(tid)}, resumed with {txn.resumed} blob bytes "
+                                      "kept from a broken link, does not match the primary's digest; "
+                                      "it is fetched whole")
         if txn.digest.digest() != end.digest:
             raise IntegrityError(f"transaction {tid_repr(tid)}: digest mismatch "
                                  f"(received {txn.digest.digest().hex()}, primary sent {end.digest.hex()})")
@@ -457,6 +668,8 @@ class Applier:
         # The transaction is committed from here on: nothing left to abort.
         self._txn = None
         self.committed += 1
+        if txn.resumed:
+            log.info("transaction %s completed %d blob bytes kept from a broken link", tid_repr(tid), txn.resumed)
         if self._group is not None:
             self._group.temp_on_disk()
         if finished is not None and finished != tid:
@@ -488,7 +701,7 @@ class Applier:
         while not os.path.isdir(parent):
             new_dirs.append(parent)
             parent = os.path.dirname(parent)
-        txn.placed.append(target)
+        txn.placed.append(_KeptBlob(record.oid, record.blob_size, target, record.blob_size))  # type: ignore[arg-type]
         self._restore(record, "restoreBlob", self._storage.restoreBlob, record.oid, txn.begin.tid, record.data,
                       blob.path, record.data_txn, txn.meta)
         txn.blob = None

@@ -27,6 +27,7 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "IntegrityError",
+    "ResumeError",
     "RejectedError",
     "CorruptedSourceError",
     "MissingBlobError",
@@ -74,6 +75,12 @@ class IntegrityError(RemoteProtocolError):
     """A transaction's content did not match the digest the primary sent."""
 
     hint = "the transaction was not applied; the secondary will reconnect and retry"
+
+
+class ResumeError(RemoteProtocolError):
+    """What a broken link left of a transaction could not be used to go on with it."""
+
+    hint = "nothing was applied or lost: what was kept is dropped and the transaction is fetched whole"
 
 
 class RejectedError(ReplicatorError):

@@ -38,6 +38,8 @@ class _StatusCollector(Collector):
                      s.get("transactions"))
         yield _counter("replicator_sent_bytes", "Bytes streamed to secondaries.", s.get("bytes_sent"))
         yield _counter("replicator_received_bytes", "Bytes received from the primary.", s.get("bytes_received"))
+        yield _counter("replicator_resumed_bytes", "Blob bytes kept from a broken link, not fetched again.",
+                       s.get("resumed_bytes"))
         yield _counter("replicator_applied_transactions", "Transactions applied from the primary.",
                        s.get("transactions_applied"))
         yield _gauge("replicator_lag_seconds", "How far this secondary's newest transaction is behind the "

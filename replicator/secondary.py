@@ -370,6 +370,9 @@ class Secondary:
         if self.downstream is not None:
             await self.downstream.stop()
             self.downstream = None
+        if self.applier is not None:
+            # What a broken link left of a transaction: the next process fetches it whole.
+            await asyncio.to_thread(self.applier.discard_kept)
         if self.storage is not None and self._owns_storage:
             await asyncio.to_thread(self.storage.close)
         self.storage = None
@@ -528,7 +531,10 @@ class Secondary:
                     self._untrusted = None
                     self.progress.connected = False
                     if self.applier is not None:
-                        await blocking(self.applier.abort)
+                        # A link that broke mid-transaction leaves its blob
+                        # files kept for the next connection, unless this
+                        # node stops following (or is promoted).
+                        await blocking(self.applier.abort, keep=not self._draining.is_set())
                 if self._draining.is_set():
                     return
                 connected_since = self.progress.connected_since
@@ -612,6 +618,7 @@ class Secondary:
         self.progress.applied_tid = max(self.progress.applied_tid, last_tid)
         self.progress.txns_applied = max(self.progress.txns_applied, self.applier.committed)
         epoch = (await blocking(load_epoch, self.storage.getName())).epoch
+        offer = self.applier.resume_offer()
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
                                          compress=cfg.compress)
@@ -623,9 +630,11 @@ class Secondary:
         try:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
-                identity.status if identity else " ", identity.meta if identity else None, self.instance)))
+                identity.status if identity else " ", identity.meta if identity else None, self.instance,
+                *(offer or (None, 0)))))
             welcome = await self._receive_welcome(ws, conn)
             await self._check_epoch(welcome, epoch)
+            self.applier.resume(welcome.resume_bytes)
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
             self.progress.last_heard_at = time.time()
@@ -634,6 +643,13 @@ class Secondary:
             self.link_log.connected(welcome.node)
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
+            if offer is not None:
+                if welcome.resume_bytes:
+                    log.info("resuming transaction %s: the primary leaves out the %s of its blobs kept here",
+                             tid_repr(offer[0]), size_text(welcome.resume_bytes))
+                else:
+                    log.info("the primary sends transaction %s whole: the %s kept of it are dropped",
+                             tid_repr(offer[0]), size_text(offer[1]))
             queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=cfg.queue_messages)
             reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
@@ -960,6 +976,8 @@ class Secondary:
             **self._lag(p, behind),
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
+            # Blob bytes a broken link had delivered, which the primary then left out.
+            "resumed_bytes": self.applier.resumed_bytes if self.applier is not None else 0,
             "compression": p.compression,
             "max_rate": self.config.max_rate,
             "last_error": p.last_error,

@@ -1,0 +1,385 @@
+"""A transaction cut off by a broken link goes on where it stopped, instead of from its start.
+
+Over a slow link that breaks now and then, a transaction with big blobs
+might never arrive if every connection fetched it from its first byte. The
+secondary keeps the blob bytes it got; the next connection leaves them out.
+Nothing kept is committed unless the whole transaction's digest equals the
+primary's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+
+import pytest
+import transaction
+import ZODB
+from ZODB.blob import Blob
+from ZODB.FileStorage import FileStorage
+
+from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, Applier
+from replicator.errors import ResumeError
+from replicator.metrics import render_metrics
+from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role, Welcome
+from replicator.protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
+from replicator.storage import open_file_storage
+from replicator.tailer import Tailer
+from replicator.verify import verify
+from tests.integration.test_bad_input import raw_client
+from tests.integration.test_replication import running_primary, running_secondary
+
+MB = 1 << 20
+#: The blobs of the big transaction: several, so a cut can fall in any of them.
+BLOB_SIZES = (3 * MB + 12_345, 5 * MB + 777, 2 * MB)
+
+
+def make_source(tmp_path) -> None:
+    """``src.fs``: the root's creation, a transaction with the big blobs, a small one after it."""
+    rng = random.Random(5)
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    try:
+        with db.transaction("big blobs") as conn:
+            for i, size in enumerate(BLOB_SIZES):
+                blob = conn.root()[f"blob{i}"] = Blob()
+                with blob.open("w") as f:
+                    f.write(rng.randbytes(size))
+            conn.root()["n"] = 2
+        with db.transaction() as conn:
+            conn.root()["n"] = 3
+    finally:
+        db.close()
+        transaction.abort()
+
+
+def stream(tmp_path, skip: int = 0) -> list[list[Event]]:
+    """The source's transactions as the primary's tailer ships them, the big one missing ``skip`` bytes."""
+    tailer = Tailer(str(tmp_path / "src.fs"), str(tmp_path / "src-blobs")).open()
+    try:
+        tailer.seek_after(b"\0" * 8)
+        txns: list[list[Event]] = []
+        while True:
+            if len(txns) == 1 and skip:
+                tailer.skip_blob_bytes(skip)
+            events = tailer.read_events(1)  # a transaction at a time, or less
+            if not events:
+                return txns
+            for event in events:
+                if isinstance(event, TxnBegin):
+                    txns.append([])
+                txns[-1].append(event)
+    finally:
+        tailer.close()
+
+
+def blob_bytes(events: list[Event]) -> int:
+    return sum(len(e.data) for e in events if isinstance(e, BlobChunk))
+
+
+def cut_after(events: list[Event], count: int) -> list[Event]:
+    """The events of a transaction until ``count`` of its blob bytes arrived (the last chunk cut
+    short), never its end."""
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, TxnEnd):
+            break
+        if isinstance(event, BlobChunk):
+            if count <= 0:
+                break
+            if len(event.data) > count:
+                event = BlobChunk(event.data[:count])
+            count -= len(event.data)
+        out.append(event)
+    return out
+
+
+def temp_files(storage) -> list[str]:
+    return sorted(name for name in os.listdir(storage.temporaryDirectory()) if name.startswith(BLOB_TEMP_PREFIX))
+
+
+@pytest.fixture
+def replica(tmp_path):
+    make_source(tmp_path)
+    storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "dst-blobs"))
+    applier = Applier(storage)
+    yield storage, applier
+    applier.close()
+    storage.close()
+
+
+def assert_equal(tmp_path, storage) -> None:
+    storage.close()
+    result = verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                    str(tmp_path / "dst-blobs"))
+    assert result.equal, result
+    assert result.transactions == 3
+
+
+def test_the_tailer_leaves_out_the_bytes_asked_and_its_digest_covers_them(tmp_path):
+    make_source(tmp_path)
+    whole = stream(tmp_path)
+    for skip in (1, BLOB_SIZES[0], BLOB_SIZES[0] + 1, sum(BLOB_SIZES) - 1, sum(BLOB_SIZES)):
+        part = stream(tmp_path, skip)
+        assert blob_bytes(part[1]) == sum(BLOB_SIZES) - skip
+        # The same records, in the same order, and the same digest.
+        assert [e for e in part[1] if not isinstance(e, BlobChunk)] == \
+            [e for e in whole[1] if not isinstance(e, BlobChunk)]
+        assert b"".join(e.data for e in part[1] if isinstance(e, BlobChunk)) == \
+            b"".join(e.data for e in whole[1] if isinstance(e, BlobChunk))[skip:]
+        assert part[0] == whole[0] and part[2] == whole[2]  # only that transaction, and only once
+
+
+@pytest.mark.parametrize("cut", [KEEP_MIN_BYTES, BLOB_SIZES[0], BLOB_SIZES[0] + 5 * MB - 1, sum(BLOB_SIZES) - 1])
+def test_a_transaction_cut_off_goes_on_from_what_was_kept(tmp_path, replica, cut):
+    storage, applier = replica
+    first, big, last = stream(tmp_path)
+    applier.apply(first)
+    applier.apply(cut_after(big, cut))
+    applier.abort(keep=True)  # the link broke
+    assert storage.lastTransaction() == first[0].tid
+    assert applier.resume_offer() == (big[0].tid, cut)
+    # A file for each blob whose Record came: the placed ones moved back out of the blob directory.
+    assert len(temp_files(storage)) == sum(1 for start in _starts(big) if start <= cut)
+    applier.resume(cut)
+    rest = stream(tmp_path, cut)[1]
+    assert blob_bytes(rest) == sum(BLOB_SIZES) - cut
+    assert applier.apply(rest + last) == [big[0].tid, last[0].tid]
+    assert applier.resumed_bytes == cut
+    assert temp_files(storage) == []
+    assert_equal(tmp_path, storage)
+
+
+def _starts(events: list[Event]) -> list[int]:
+    """Where each blob begins in the transaction's blob bytes, in stream order."""
+    sizes = [e.blob_size for e in events if isinstance(e, Record) and e.blob_size is not None]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def test_a_resumed_transaction_cut_off_again_keeps_more(tmp_path, replica):
+    storage, applier = replica
+    first, big, last = stream(tmp_path)
+    applier.apply(first)
+    offered = 0
+    for cut in (2 * MB, 4 * MB + 1, 9 * MB):
+        applier.apply(cut_after(stream(tmp_path, offered)[1], cut - offered))
+        applier.abort(keep=True)
+        assert applier.resume_offer() == (big[0].tid, cut)
+        applier.resume(cut)
+        offered = cut
+    applier.apply(stream(tmp_path, offered)[1] + last)
+    assert applier.resumed_bytes == 2 * MB + 4 * MB + 1 + 9 * MB
+    assert temp_files(storage) == []
+    assert_equal(tmp_path, storage)
+
+
+def test_a_kept_file_changed_on_disk_is_never_committed(tmp_path, replica):
+    storage, applier = replica
+    first, big, last = stream(tmp_path)
+    applier.apply(first)
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    # One byte of a kept file changes while the link is down.
+    path = os.path.join(storage.temporaryDirectory(), temp_files(storage)[0])
+    with open(path, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 1]))
+    applier.resume(4 * MB)
+    with pytest.raises(ResumeError, match="does not match the primary's digest; it is fetched whole"):
+        applier.apply(stream(tmp_path, 4 * MB)[1])
+    assert storage.lastTransaction() == first[0].tid
+    assert temp_files(storage) == [] and applier.resume_offer() is None
+    # The next connection fetches it whole.
+    applier.resume(0)
+    applier.apply(big + last)
+    assert applier.resumed_bytes == 4 * MB  # left out once, then fetched all the same
+    assert_equal(tmp_path, storage)
+
+
+def test_a_primary_that_sends_another_blob_or_transaction_is_refused(tmp_path, replica):
+    storage, applier = replica
+    first, big, last = stream(tmp_path)
+    applier.apply(first)
+    # Another blob where the kept one was (the primary's transaction differs under that TID).
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    applier.resume(4 * MB)
+    rest = stream(tmp_path, 4 * MB)[1]
+    index = next(i for i, e in enumerate(rest) if isinstance(e, Record) and e.blob_size)
+    other = Record(b"\0" * 7 + b"\7", rest[index].data, None, rest[index].blob_size)
+    with pytest.raises(ResumeError, match="differs from what this node kept"):
+        applier.apply(rest[:index] + [other])
+    assert temp_files(storage) == [] and storage.lastTransaction() == first[0].tid
+    # A primary that agreed to resume it, then sent something else.
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    applier.resume(4 * MB)
+    with pytest.raises(ResumeError, match="agreed to resume"):
+        applier.apply([TxnBegin(last[0].tid, first[0].tid, " ", b"", b"", b"")])
+    assert temp_files(storage) == []
+    # Leaving out another count than the one kept.
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    with pytest.raises(ResumeError, match="leaves out 5 blob bytes"):
+        applier.resume(5)
+    assert temp_files(storage) == []
+    applier.apply(big + last)
+    assert_equal(tmp_path, storage)
+
+
+def test_little_is_not_kept_and_stopping_drops_what_is(tmp_path, replica):
+    storage, applier = replica
+    first, big, _ = stream(tmp_path)
+    applier.apply(first)
+    applier.apply(cut_after(big, KEEP_MIN_BYTES - 1))
+    applier.abort(keep=True)
+    assert applier.resume_offer() is None and temp_files(storage) == []
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    assert temp_files(storage)
+    applier.abort()  # stopping, or promoted: the node will not resume it
+    assert applier.resume_offer() is None and temp_files(storage) == []
+    # The primary sends it whole after all: what was kept goes.
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    applier.resume(0)
+    assert temp_files(storage) == []
+    # Kept, but the storage moved on meanwhile (it cannot, but be safe): not offered.
+    applier.apply(cut_after(big, 4 * MB))
+    applier.abort(keep=True)
+    applier.apply(big)
+    assert applier.resume_offer() is None and temp_files(storage) == []
+
+
+# -- end to end ----------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def breaking_proxy(target_port: int, budget: int):
+    """Forward 127.0.0.1:PORT to the target, and break each connection once it carried ``budget``
+    bytes from the target: a link that keeps failing long before a big transaction is through."""
+    tasks: set[asyncio.Task] = set()
+    carried: list[int] = []
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+        carried.append(0)
+        index = len(carried) - 1
+
+        async def up() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await client_r.read(65536):
+                    server_w.write(data)
+                    await server_w.drain()
+
+        async def down() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await server_r.read(65536):
+                    data = data[:budget - carried[index]]
+                    client_w.write(data)
+                    carried[index] += len(data)
+                    await client_w.drain()
+                    if carried[index] >= budget:
+                        break
+            for writer in (client_w, server_w):
+                writer.transport.abort()
+
+        for task in (asyncio.create_task(up()), asyncio.create_task(down())):
+            tasks.add(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], carried
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_link_breaking_every_few_megabytes_still_gets_a_big_transaction_through(tmp_path, tls_dir):
+    """Each connection carries 3 MB; the transaction holds 10 MB of blobs. Fetched from its start
+    each time, it would never arrive."""
+    make_source(tmp_path)
+    budget = 3 * MB
+
+    async def scenario():
+        async with running_primary(tmp_path, tls_dir) as primary, breaking_proxy(primary.port, budget) as (
+                port, carried), running_secondary(tmp_path, tls_dir, port, reconnect_max=0.1) as (node, _):
+            for _ in range(int(60 / 0.05)):
+                if node.progress.applied_tid == primary.head_tid:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"not replicated: {node.progress.last_error}")
+            return node, list(carried), node.status()
+
+    node, carried, status = asyncio.run(scenario())
+    total = sum(BLOB_SIZES)
+    assert len(carried) >= total // budget + 1, carried  # it did take several connections
+    assert sum(carried) < 2 * total, carried  # and little was fetched twice
+    assert status["resumed_bytes"] == node.applier.resumed_bytes >= total - budget
+    assert f"replicator_resumed_bytes_total {float(status['resumed_bytes'])}" in \
+        render_metrics(lambda: status).decode()
+    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                  str(tmp_path / "dst-blobs")).equal
+    assert not [name for name in os.listdir(tmp_path / "dst-blobs" / "tmp") if name.startswith(BLOB_TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("ask", ["all-and-more", "not-the-next-one"])
+def test_the_primary_checks_what_a_secondary_asks_to_leave_out(tmp_path, tls_dir, ask):
+    """A secondary asking to leave out more than the transaction holds, or naming another
+    transaction than the next one, cannot stop or confuse the primary."""
+    make_source(tmp_path)
+    first, big, last = stream(tmp_path)
+    resume_tid = big[0].tid if ask == "all-and-more" else last[0].tid
+
+    async def scenario() -> tuple[Welcome, list[Event]]:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                conn = Connection(Role.SECONDARY)
+                await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, "asker", first[0].tid, first[-1].digest,
+                                                    0, " ", None, None, resume_tid, 1 << 40)))
+                got: list[Event] = []
+                while not any(isinstance(e, TxnEnd) and e.tid == last[0].tid for e in got):
+                    msg = await asyncio.wait_for(ws.receive(), 20)
+                    conn.receive_data(msg.data)
+                    got += conn.events()
+            assert primary.fatal is None
+            return conn.welcome, got  # type: ignore[return-value]
+
+    welcome, got = asyncio.run(scenario())
+    if ask == "all-and-more":
+        assert welcome.resume_bytes == 1 << 40
+        assert blob_bytes(got) == 0  # the whole transaction's blob bytes left out, no more
+    else:
+        assert welcome.resume_bytes == 0
+        assert blob_bytes(got) == sum(BLOB_SIZES)
+    # The same records and digests either way.
+    assert [e for e in got if isinstance(e, (TxnBegin, Record, TxnEnd))] == \
+        [e for e in big + last if not isinstance(e, BlobChunk)]
+
+
+def test_a_secondary_stopped_with_a_transaction_kept_leaves_no_file(tmp_path, tls_dir):
+    make_source(tmp_path)
+    kept_dir = tmp_path / "dst-blobs" / "tmp"
+
+    def kept() -> list[str]:
+        return [name for name in os.listdir(kept_dir) if name.startswith(BLOB_TEMP_PREFIX)]
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary, breaking_proxy(primary.port, 3 * MB) as (
+                port, carried), running_secondary(tmp_path, tls_dir, port, reconnect_min=30,
+                                                  reconnect_max=30) as (node, _):
+            for _ in range(int(20 / 0.05)):
+                if carried and not node.progress.connected and kept():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+            assert node.status()["resumed_bytes"] == 0  # nothing resumed yet: it waits to reconnect
+        assert kept() == []
+
+    asyncio.run(scenario())
