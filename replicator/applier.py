@@ -88,6 +88,7 @@ from .errors import (
 from .fsformat import is_blob_data
 from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
+from .status import size_text
 from .storage import fsync_dir, has_blobs
 from .tid import tid_repr
 
@@ -389,6 +390,12 @@ class Applier:
         self._resuming = kept
         self.resumed_bytes += count
 
+    @property
+    def kept_bytes(self) -> int:
+        """Blob bytes kept of a transaction cut off by a broken link (0: none)."""
+        kept = self._kept or self._resuming
+        return kept.count if kept is not None else 0
+
     def discard_kept(self) -> None:
         """Remove the files of a kept transaction, if any."""
         for kept in (self._kept, self._resuming):
@@ -433,8 +440,8 @@ class Applier:
         moved += txn.resume
         txn.resume = collections.deque()
         kept = _Kept(txn.begin, moved)
-        log.info("kept %d bytes of the blobs of transaction %s, received before the link broke",
-                 kept.count, tid_repr(txn.begin.tid))
+        log.info("kept %s of the blobs of transaction %s, received before the link broke",
+                 size_text(kept.count), tid_repr(txn.begin.tid))
         return kept
 
     def abort(self, *, write_failed: bool = False, keep: bool = False) -> None:
@@ -669,7 +676,8 @@ class Applier:
         self._txn = None
         self.committed += 1
         if txn.resumed:
-            log.info("transaction %s completed %d blob bytes kept from a broken link", tid_repr(tid), txn.resumed)
+            log.info("transaction %s committed with %s of its blobs kept from a broken link", tid_repr(tid),
+                     size_text(txn.resumed))
         if self._group is not None:
             self._group.temp_on_disk()
         if finished is not None and finished != tid:

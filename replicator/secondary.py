@@ -493,6 +493,7 @@ class Secondary:
         async with aiohttp.ClientSession() as http:
             while not self._draining.is_set():
                 applied = self.progress.txns_applied
+                kept = self.applier.kept_bytes if self.applier is not None else 0
                 logged = False
                 failure: BaseException | None = None
                 try:
@@ -540,13 +541,14 @@ class Secondary:
                 connected_since = self.progress.connected_since
                 was_connected = connected_since is not None
                 if connected_since is not None:
-                    # A connection that got somewhere (it applied a transaction
-                    # or lasted longer than the longest delay) makes the next
-                    # attempt quick again.  One that failed at once, as each
-                    # does while the disk is full, keeps backing off: otherwise
-                    # it would fetch the same transaction again five times a
-                    # second, and log it.
+                    # A connection that got somewhere (it applied a transaction,
+                    # kept more of a big one cut off, or lasted longer than the
+                    # longest delay) makes the next attempt quick again.  One
+                    # that failed at once, as each does while the disk is full,
+                    # keeps backing off: otherwise it would fetch the same
+                    # transaction again five times a second, and log it.
                     if (self.progress.txns_applied > applied
+                            or (self.applier is not None and self.applier.kept_bytes > kept)
                             or time.monotonic() - connected_since > cfg.reconnect_max):
                         backoff.reset()
                     down_since = time.monotonic()
