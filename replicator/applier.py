@@ -267,6 +267,9 @@ class Applier:
         - ``RemoteProtocolError``: events out of order, a TID gap, or a
           transaction this storage already holds; reconnect and resume.
         - ``IntegrityError``: the content did not match ``TxnEnd.digest``.
+        - ``ResumeError``: a transaction resumed from kept blob files did not
+          go on as kept, or did not match its digest; what was kept is
+          dropped, and the transaction must be fetched whole.
         - ``DivergenceError``: this storage holds a transaction the primary's
           history lacks.
         - ``ConfigError``: blobs are shipped but this storage has no blob
@@ -386,7 +389,7 @@ class Applier:
             if kept is not None:
                 kept.remove()
             raise ResumeError(f"the primary leaves out {count} blob bytes of its first transaction, "
-                                      f"but this node kept {kept.count if kept else 0}")
+                              f"but this node kept {kept.count if kept else 0}")
         self._resuming = kept
         self.resumed_bytes += count
 
@@ -511,7 +514,7 @@ class Applier:
             txn.resume.extend(resuming.blobs)  # removed by abort() unless used
             if begin != resuming.begin:
                 raise ResumeError(f"the primary agreed to resume transaction {tid_repr(resuming.begin.tid)} "
-                                          f"but sent {tid_repr(begin.tid)}")
+                                  f"but sent {tid_repr(begin.tid)}")
         self._call("tpc_begin", self._storage.tpc_begin, meta, begin.tid, begin.status)
         txn.started = True
         if self._group is not None:
@@ -606,10 +609,10 @@ class Applier:
             with contextlib.suppress(OSError):
                 os.remove(kept.path)
             raise ResumeError(f"cannot read kept blob file {kept.path} ({exc}); the transaction "
-                                      "is fetched whole") from exc
+                              "is fetched whole") from exc
         if read != kept.have:
             raise ResumeError(f"kept blob file {kept.path} holds {read} bytes, not the {kept.have} "
-                                      "it was kept with; the transaction is fetched whole")
+                              "it was kept with; the transaction is fetched whole")
         blob.left -= read
         txn.resumed += read
         if blob.left == 0:
@@ -648,13 +651,13 @@ class Applier:
             raise RemoteProtocolError(f"TxnEnd before the blob of {txn.blob.record.oid.hex()} is complete")
         if txn.resume:
             raise ResumeError(f"resumed transaction {tid_repr(tid)} ended before the blob of oid "
-                                      f"{txn.resume[0].oid.hex()} this node kept of it; it is fetched whole")
+                              f"{txn.resume[0].oid.hex()} this node kept of it; it is fetched whole")
         if txn.resumed and txn.digest.digest() != end.digest:
             # The kept files, or what the primary now has under this TID, differ:
             # not the primary's damage (yet). The abort drops what was kept.
             raise ResumeError(f"transaction {tid_repr(tid)}, resumed with {txn.resumed} blob bytes "
-                                      "kept from a broken link, does not match the primary's digest; "
-                                      "it is fetched whole")
+                              "kept from a broken link, does not match the primary's digest; "
+                              "it is fetched whole")
         if txn.digest.digest() != end.digest:
             raise IntegrityError(f"transaction {tid_repr(tid)}: digest mismatch "
                                  f"(received {txn.digest.digest().hex()}, primary sent {end.digest.hex()})")
