@@ -458,16 +458,16 @@ class Applier:
         Raises ``StorageError`` if the storage cannot undo its side.
         """
         txn, self._txn = self._txn, None
-        if self._resuming is not None:  # agreed on, but the transaction did not start again
-            self._kept, self._resuming = self._resuming, None
-        if not keep:
-            self.discard_kept()
         if txn is None:
+            if self._resuming is not None:  # agreed on, but the transaction did not start again
+                self._kept, self._resuming = self._resuming, None
+            if not keep:
+                self.discard_kept()
             return
         failures = []
+        self.discard_kept()  # nothing else is kept while a transaction runs; be sure
         if keep:
             # Before the storage's abort, which may remove placed blob files.
-            self.discard_kept()
             self._kept = self._keep(txn)
         for kept_blob in txn.resume:  # kept files this transaction did not get to
             with contextlib.suppress(OSError):
