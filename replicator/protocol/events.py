@@ -156,8 +156,9 @@ class Welcome(Event):
     ``ack_delay``: the secondary may hold an acknowledgement back this many
     seconds to cover more transactions with it (0: acknowledge each durable
     batch at once, which synchronous replication needs).  ``resume_bytes``:
-    the first transaction is ``Hello.resume_tid`` and its first that many
-    blob bytes are left out (0: everything is sent).
+    the first transaction's first that many blob bytes are left out (0:
+    everything is sent); it is ``Hello.resume_tid``, unless a pack replaced
+    the primary's file meanwhile (the secondary then refuses it).
     """
 
     TYPE: ClassVar[int] = 2
