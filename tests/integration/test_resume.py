@@ -96,6 +96,12 @@ def cut_after(events: list[Event], count: int) -> list[Event]:
     return out
 
 
+def cut_off(applier: Applier, events: list[Event], count: int) -> None:
+    """``events`` arrive until ``count`` of their blob bytes are in, then the link breaks."""
+    applier.apply(cut_after(events, count))
+    applier.abort(keep=True)
+
+
 def temp_files(storage) -> list[str]:
     return sorted(name for name in os.listdir(storage.temporaryDirectory()) if name.startswith(BLOB_TEMP_PREFIX))
 
@@ -137,8 +143,7 @@ def test_a_transaction_cut_off_goes_on_from_what_was_kept(tmp_path, replica, cut
     storage, applier = replica
     first, big, last = stream(tmp_path)
     applier.apply(first)
-    applier.apply(cut_after(big, cut))
-    applier.abort(keep=True)  # the link broke
+    cut_off(applier, big, cut)
     assert storage.lastTransaction() == first[0].tid
     assert applier.resume_offer() == (big[0].tid, cut)
     # A file for each blob whose Record came: the placed ones moved back out of the blob directory.
@@ -164,8 +169,7 @@ def test_a_resumed_transaction_cut_off_again_keeps_more(tmp_path, replica):
     applier.apply(first)
     offered = 0
     for cut in (2 * MB, 4 * MB + 1, 9 * MB):
-        applier.apply(cut_after(stream(tmp_path, offered)[1], cut - offered))
-        applier.abort(keep=True)
+        cut_off(applier, stream(tmp_path, offered)[1], cut - offered)
         assert applier.resume_offer() == (big[0].tid, cut)
         applier.resume(cut)
         offered = cut
@@ -179,8 +183,7 @@ def test_a_kept_file_changed_on_disk_is_never_committed(tmp_path, replica):
     storage, applier = replica
     first, big, last = stream(tmp_path)
     applier.apply(first)
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     # One byte of a kept file changes while the link is down.
     path = os.path.join(storage.temporaryDirectory(), temp_files(storage)[0])
     with open(path, "r+b") as f:
@@ -204,8 +207,7 @@ def test_a_primary_that_sends_another_blob_or_transaction_is_refused(tmp_path, r
     first, big, last = stream(tmp_path)
     applier.apply(first)
     # Another blob where the kept one was (the primary's transaction differs under that TID).
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     applier.resume(4 * MB)
     rest = stream(tmp_path, 4 * MB)[1]
     index = next(i for i, e in enumerate(rest) if isinstance(e, Record) and e.blob_size)
@@ -214,15 +216,13 @@ def test_a_primary_that_sends_another_blob_or_transaction_is_refused(tmp_path, r
         applier.apply(rest[:index] + [other])
     assert temp_files(storage) == [] and storage.lastTransaction() == first[0].tid
     # A primary that agreed to resume it, then sent something else.
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     applier.resume(4 * MB)
     with pytest.raises(ResumeError, match="agreed to resume"):
         applier.apply([TxnBegin(last[0].tid, first[0].tid, " ", b"", b"", b"")])
     assert temp_files(storage) == []
     # Leaving out another count than the one kept.
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     with pytest.raises(ResumeError, match="leaves out 5 blob bytes"):
         applier.resume(5)
     assert temp_files(storage) == []
@@ -234,22 +234,18 @@ def test_little_is_not_kept_and_stopping_drops_what_is(tmp_path, replica):
     storage, applier = replica
     first, big, _ = stream(tmp_path)
     applier.apply(first)
-    applier.apply(cut_after(big, KEEP_MIN_BYTES - 1))
-    applier.abort(keep=True)
+    cut_off(applier, big, KEEP_MIN_BYTES - 1)
     assert applier.resume_offer() is None and temp_files(storage) == []
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     assert temp_files(storage)
     applier.abort()  # stopping, or promoted: the node will not resume it
     assert applier.resume_offer() is None and temp_files(storage) == []
     # The primary sends it whole after all: what was kept goes.
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     applier.resume(0)
     assert temp_files(storage) == []
     # Kept, but the storage moved on meanwhile (it cannot, but be safe): not offered.
-    applier.apply(cut_after(big, 4 * MB))
-    applier.abort(keep=True)
+    cut_off(applier, big, 4 * MB)
     applier.apply(big)
     assert applier.resume_offer() is None and temp_files(storage) == []
 
