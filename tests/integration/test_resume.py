@@ -108,10 +108,13 @@ def temp_files(storage) -> list[str]:
 
 @pytest.fixture
 def replica(tmp_path):
+    """An applier on an empty storage, the source's stream, and its first transaction applied."""
     make_source(tmp_path)
     storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "dst-blobs"))
     applier = Applier(storage)
-    yield storage, applier
+    txns = stream(tmp_path)
+    applier.apply(txns[0])
+    yield storage, applier, txns
     applier.close()
     storage.close()
 
@@ -140,9 +143,7 @@ def test_the_tailer_leaves_out_the_bytes_asked_and_its_digest_covers_them(tmp_pa
 
 @pytest.mark.parametrize("cut", [KEEP_MIN_BYTES, BLOB_SIZES[0], BLOB_SIZES[0] + 5 * MB - 1, sum(BLOB_SIZES) - 1])
 def test_a_transaction_cut_off_goes_on_from_what_was_kept(tmp_path, replica, cut):
-    storage, applier = replica
-    first, big, last = stream(tmp_path)
-    applier.apply(first)
+    storage, applier, (first, big, last) = replica
     cut_off(applier, big, cut)
     assert storage.lastTransaction() == first[0].tid
     assert applier.resume_offer() == (big[0].tid, cut)
@@ -164,9 +165,7 @@ def _starts(events: list[Event]) -> list[int]:
 
 
 def test_a_resumed_transaction_cut_off_again_keeps_more(tmp_path, replica):
-    storage, applier = replica
-    first, big, last = stream(tmp_path)
-    applier.apply(first)
+    storage, applier, (first, big, last) = replica
     offered = 0
     for cut in (2 * MB, 4 * MB + 1, 9 * MB):
         cut_off(applier, stream(tmp_path, offered)[1], cut - offered)
@@ -180,9 +179,7 @@ def test_a_resumed_transaction_cut_off_again_keeps_more(tmp_path, replica):
 
 
 def test_a_kept_file_changed_on_disk_is_never_committed(tmp_path, replica):
-    storage, applier = replica
-    first, big, last = stream(tmp_path)
-    applier.apply(first)
+    storage, applier, (first, big, last) = replica
     cut_off(applier, big, 4 * MB)
     # One byte of a kept file changes while the link is down.
     path = os.path.join(storage.temporaryDirectory(), temp_files(storage)[0])
@@ -203,9 +200,7 @@ def test_a_kept_file_changed_on_disk_is_never_committed(tmp_path, replica):
 
 
 def test_a_primary_that_sends_another_blob_or_transaction_is_refused(tmp_path, replica):
-    storage, applier = replica
-    first, big, last = stream(tmp_path)
-    applier.apply(first)
+    storage, applier, (first, big, last) = replica
     # Another blob where the kept one was (the primary's transaction differs under that TID).
     cut_off(applier, big, 4 * MB)
     applier.resume(4 * MB)
@@ -231,9 +226,7 @@ def test_a_primary_that_sends_another_blob_or_transaction_is_refused(tmp_path, r
 
 
 def test_little_is_not_kept_and_stopping_drops_what_is(tmp_path, replica):
-    storage, applier = replica
-    first, big, _ = stream(tmp_path)
-    applier.apply(first)
+    storage, applier, (_, big, _) = replica
     cut_off(applier, big, KEEP_MIN_BYTES - 1)
     assert applier.resume_offer() is None and temp_files(storage) == []
     cut_off(applier, big, 4 * MB)
