@@ -55,7 +55,9 @@ bytes, each kept file is checked against its ``Record`` (oid and size),
 hashed again from disk into the transaction's digest and completed with
 what follows.  Nothing kept is committed unless the whole transaction's
 digest equals the primary's; any mismatch drops what was kept and the
-transaction is fetched whole.  Kept files live as long as the process.
+transaction is fetched whole.  A stop hands the kept files to the next
+process on the storage (``save_kept`` writes a manifest, which the next
+``Applier`` reads); a crash leaves no manifest, and they are removed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -116,6 +119,10 @@ MEMORY_TEMP = 4 << 20
 #: A transaction cut off by a broken link keeps its blob files for the next
 #: connection once they hold this many bytes; less is fetched again.
 KEEP_MIN_BYTES = 1 << 20
+
+#: Written in the blob temporary directory by a stopping process that kept
+#: blob files, for the next one (``Applier.save_kept``).
+KEPT_MANIFEST = "repl-kept.json"
 
 #: Called with (tid, oids) inside ``tpc_finish``, before ``lastTransaction`` moves,
 #: so that a serving secondary can invalidate its clients' caches in time.
@@ -216,7 +223,11 @@ class Applier:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Delete blob files a killed process left half received: nothing refers to them."""
+        """Delete blob files a killed process left half received: nothing refers to them.
+
+        Those a stopped process kept for a resumption (``save_kept``) are
+        taken over instead, if its manifest still describes them.
+        """
         if not self._blobs and self._temp_dir is None:
             return
         temp_dir = self._temp_dir or self._storage.temporaryDirectory()
@@ -224,10 +235,89 @@ class Applier:
             names = os.listdir(temp_dir)
         except OSError:
             return
+        if KEPT_MANIFEST in names:
+            self._kept = self._load_kept(os.path.join(temp_dir, KEPT_MANIFEST))
+        ours = {blob.path for blob in self._kept.blobs} if self._kept is not None else set()
         for name in names:
-            if name.startswith(BLOB_TEMP_PREFIX) and name.endswith(".tmp"):
+            path = os.path.join(temp_dir, name)
+            if name.startswith(BLOB_TEMP_PREFIX) and name.endswith(".tmp") and path not in ours:
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(temp_dir, name))
+                    os.remove(path)
+
+    def save_kept(self) -> None:
+        """Leave what is kept to the next process on this storage (a stop), or nothing.
+
+        Writes a manifest beside the kept files, which the next ``Applier``
+        reads once (``_remove_leftovers``); without one, as after a crash,
+        they are removed.  The files are not fsynced: whatever a crash did to
+        them, the transaction's digest finds.
+        """
+        kept = self._kept or self._resuming
+        temp_dir = self._temp_dir or (self._storage.temporaryDirectory() if self._blobs else None)
+        if temp_dir is None:
+            return
+        manifest = os.path.join(temp_dir, KEPT_MANIFEST)
+        if kept is None or not kept.blobs:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(manifest)
+            return
+        begin = kept.begin
+        state = {"version": 1, "tid": begin.tid.hex(), "prev_tid": begin.prev_tid.hex(), "status": begin.status,
+                 "user": begin.user.hex(), "description": begin.description.hex(),
+                 "extension": begin.extension.hex(),
+                 "blobs": [{"oid": blob.oid.hex(), "size": blob.size, "file": os.path.basename(blob.path)}
+                           for blob in kept.blobs]}
+        try:
+            with open(manifest + ".new", "w") as f:
+                json.dump(state, f)
+            os.replace(manifest + ".new", manifest)
+        except OSError as exc:
+            log.warning("cannot leave the kept blob files of transaction %s to the next start (%s); it will "
+                        "be fetched whole", tid_repr(begin.tid), exc)
+            return
+        self._kept = self._resuming = None  # the next process's now
+        log.info("left %s of the blobs of transaction %s for the next start to resume", size_text(kept.count),
+                 tid_repr(begin.tid))
+
+    def _load_kept(self, manifest: str) -> _Kept | None:
+        """What a stopped process kept, as its manifest says, or None (its files are then removed).
+
+        The manifest is read once and removed.  Only a prefix of the blobs
+        in stream order counts: whole ones, then at most one in part.
+        """
+        temp_dir = os.path.dirname(manifest)
+        try:
+            try:
+                with open(manifest) as f:
+                    state = json.load(f)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(manifest)
+            if state.get("version") != 1:
+                raise ValueError(f"version {state.get('version')!r}")
+            begin = TxnBegin(bytes.fromhex(state["tid"]), bytes.fromhex(state["prev_tid"]), state["status"],
+                             bytes.fromhex(state["user"]), bytes.fromhex(state["description"]),
+                             bytes.fromhex(state["extension"]))
+            blobs = []
+            for entry in state["blobs"]:
+                name = entry["file"]
+                if os.path.basename(name) != name or not name.startswith(BLOB_TEMP_PREFIX):
+                    raise ValueError(f"file name {name!r}")
+                path = os.path.join(temp_dir, name)
+                have = os.path.getsize(path)
+                if not 0 <= have <= entry["size"]:
+                    raise ValueError(f"{name} holds {have} bytes, more than the blob's {entry['size']}")
+                blobs.append(_KeptBlob(bytes.fromhex(entry["oid"]), entry["size"], path, have))
+                if have < entry["size"]:
+                    break  # what follows a blob in part cannot be resumed
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("cannot take over the blob files a stopped process kept (%s): %s; they are removed",
+                        manifest, exc)
+            return None
+        kept = _Kept(begin, blobs)
+        log.info("found %s of the blobs of transaction %s, kept by the process before this one",
+                 size_text(kept.count), tid_repr(begin.tid))
+        return kept
 
     @property
     def last_tid(self) -> bytes:

@@ -371,8 +371,8 @@ class Secondary:
             await self.downstream.stop()
             self.downstream = None
         if self.applier is not None:
-            # What a broken link left of a transaction: the next process fetches it whole.
-            await asyncio.to_thread(self.applier.discard_kept)
+            # What a broken link left of a transaction: the next start resumes it.
+            await asyncio.to_thread(self.applier.save_kept)
         if self.storage is not None and self._owns_storage:
             await asyncio.to_thread(self.storage.close)
         self.storage = None

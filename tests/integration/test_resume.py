@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 
@@ -20,7 +21,7 @@ import ZODB
 from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
-from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, Applier
+from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, KEPT_MANIFEST, Applier
 from replicator.errors import ResumeError
 from replicator.metrics import render_metrics
 from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role, Welcome
@@ -243,6 +244,70 @@ def test_little_is_not_kept_and_stopping_drops_what_is(tmp_path, replica):
     assert applier.resume_offer() is None and temp_files(storage) == []
 
 
+def reopen(tmp_path, storage, applier, *, saved: bool = False):
+    """The process stops (``save_kept``, unless the test did) and the next one opens the storage."""
+    if not saved:
+        applier.save_kept()
+    applier.close()
+    storage.close()
+    storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "dst-blobs"))
+    return storage, Applier(storage)
+
+
+def test_a_stop_hands_what_was_kept_to_the_next_process(tmp_path, replica):
+    storage, applier, (first, big, last) = replica
+    cut_off(applier, big, 6 * MB)
+    storage, applier = reopen(tmp_path, storage, applier)
+    try:
+        assert applier.resume_offer() == (big[0].tid, 6 * MB)
+        assert KEPT_MANIFEST not in temp_files(storage)  # read once
+        applier.resume(6 * MB)
+        applier.apply(stream(tmp_path, 6 * MB)[1] + last)
+        assert temp_files(storage) == []
+        assert_equal(tmp_path, storage)
+    finally:
+        applier.close()
+
+
+def test_what_a_stopped_process_kept_is_checked_before_it_is_offered(tmp_path, replica):
+    """A short file drops the blobs after it; an unreadable manifest, everything."""
+    storage, applier, (first, big, last) = replica
+    sizes = [e.blob_size for e in big if isinstance(e, Record) and e.blob_size]
+    cut_off(applier, big, sizes[0] + MB)
+    applier.save_kept()
+    files = temp_files(storage)
+    manifest = os.path.join(storage.temporaryDirectory(), KEPT_MANIFEST)
+    with open(manifest) as f:
+        first_file = json.load(f)["blobs"][0]["file"]
+    os.truncate(os.path.join(storage.temporaryDirectory(), first_file), sizes[0] - 10)
+    storage, applier = reopen(tmp_path, storage, applier, saved=True)
+    try:
+        assert applier.resume_offer() == (big[0].tid, sizes[0] - 10)
+        assert temp_files(storage) == [first_file]  # the one after it is gone
+        applier.resume(sizes[0] - 10)
+        applier.apply(stream(tmp_path, sizes[0] - 10)[1] + last)
+        assert_equal(tmp_path, storage)
+    finally:
+        applier.close()
+    assert len(files) == 3  # two blob files and the manifest
+
+
+def test_a_damaged_manifest_leaves_nothing_kept(tmp_path, replica, caplog):
+    storage, applier, (first, big, last) = replica
+    cut_off(applier, big, 4 * MB)
+    applier.save_kept()
+    with open(os.path.join(storage.temporaryDirectory(), KEPT_MANIFEST), "w") as f:
+        f.write("{not json")
+    storage, applier = reopen(tmp_path, storage, applier, saved=True)
+    try:
+        assert applier.resume_offer() is None
+        assert temp_files(storage) == []
+        assert "cannot take over the blob files a stopped process kept" in caplog.text
+    finally:
+        applier.close()
+        storage.close()
+
+
 # -- end to end ----------------------------------------------------------------
 
 @contextlib.asynccontextmanager
@@ -363,24 +428,39 @@ def test_the_primary_checks_what_a_secondary_asks_to_leave_out(tmp_path, tls_dir
         [e for e in big + last if not isinstance(e, BlobChunk)]
 
 
-def test_a_secondary_stopped_with_a_transaction_kept_leaves_no_file(tmp_path, tls_dir):
+def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_again(tmp_path, tls_dir):
+    """A stop (SIGTERM, a restart for an upgrade) hands the kept files to the next process."""
     make_source(tmp_path)
     kept_dir = tmp_path / "dst-blobs" / "tmp"
 
     def kept() -> list[str]:
-        return [name for name in os.listdir(kept_dir) if name.startswith(BLOB_TEMP_PREFIX)]
+        return sorted(name for name in os.listdir(kept_dir) if name.startswith(BLOB_TEMP_PREFIX))
 
-    async def scenario() -> None:
-        async with running_primary(tmp_path, tls_dir) as primary, breaking_proxy(primary.port, 3 * MB) as (
-                port, carried), running_secondary(tmp_path, tls_dir, port, reconnect_min=30,
-                                                  reconnect_max=30) as (node, _):
-            for _ in range(int(20 / 0.05)):
-                if carried and not node.progress.connected and kept():
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
-            assert node.status()["resumed_bytes"] == 0  # nothing resumed yet: it waits to reconnect
-        assert kept() == []
+    async def scenario() -> tuple[int, int]:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with breaking_proxy(primary.port, 3 * MB) as (port, carried), \
+                    running_secondary(tmp_path, tls_dir, port, reconnect_min=30, reconnect_max=30) as (node, _):
+                for _ in range(int(20 / 0.05)):
+                    if carried and not node.progress.connected and kept():
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+                count = node.applier.kept_bytes
+                assert count >= KEEP_MIN_BYTES
+            assert KEPT_MANIFEST in kept()  # stopped: left for the next start
+            # Started again, straight to the primary this time.
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (node, _):
+                for _ in range(int(30 / 0.05)):
+                    if node.progress.applied_tid == primary.head_tid:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"not replicated: {node.progress.last_error}")
+                return count, node.status()["resumed_bytes"]
 
-    asyncio.run(scenario())
+    count, resumed = asyncio.run(scenario())
+    assert resumed == count
+    assert kept() == []
+    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
+                  str(tmp_path / "dst-blobs")).equal
