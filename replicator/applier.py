@@ -533,7 +533,7 @@ class Applier:
         moved += txn.resume
         txn.resume = collections.deque()
         kept = _Kept(txn.begin, moved)
-        log.info("kept %s of the blobs of transaction %s, received before the link broke",
+        log.info("kept %s of the blobs of transaction %s, received before the connection ended",
                  size_text(kept.count), tid_repr(txn.begin.tid))
         return kept
 
@@ -769,7 +769,7 @@ class Applier:
         self._txn = None
         self.committed += 1
         if txn.resumed:
-            log.info("transaction %s committed with %s of its blobs kept from a broken link", tid_repr(tid),
+            log.info("transaction %s committed with %s of its blobs received over earlier connections", tid_repr(tid),
                      size_text(txn.resumed))
         if self._group is not None:
             self._group.temp_on_disk()
