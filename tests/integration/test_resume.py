@@ -31,7 +31,8 @@ from replicator.storage import open_file_storage
 from replicator.tailer import Tailer
 from replicator.verify import verify
 from tests.integration.test_bad_input import raw_client
-from tests.integration.test_replication import running_primary, running_secondary
+from tests.integration.test_replication import assert_equal as assert_replica
+from tests.integration.test_replication import running_primary, running_secondary, wait_equal_tid
 
 MB = 1 << 20
 #: The blobs of the big transaction: several, so a cut can fall in any of them.
@@ -371,12 +372,7 @@ def test_a_link_breaking_every_few_megabytes_still_gets_a_big_transaction_throug
     async def scenario():
         async with running_primary(tmp_path, tls_dir) as primary, breaking_proxy(primary.port, budget) as (
                 port, carried), running_secondary(tmp_path, tls_dir, port, reconnect_max=0.1) as (node, _):
-            for _ in range(int(60 / 0.05)):
-                if node.progress.applied_tid == primary.head_tid:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"not replicated: {node.progress.last_error}")
+            await wait_equal_tid(primary, node)
             return node, list(carried), node.status()
 
     node, carried, status = asyncio.run(scenario())
@@ -388,8 +384,7 @@ def test_a_link_breaking_every_few_megabytes_still_gets_a_big_transaction_throug
     metrics = render_metrics(lambda: status).decode().splitlines()
     assert [float(line.split()[1]) for line in metrics if line.startswith("replicator_resumed_bytes_total ")] \
         == [status["resumed_bytes"]]
-    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
-                  str(tmp_path / "dst-blobs")).equal
+    assert_replica(tmp_path)
     assert not [name for name in os.listdir(tmp_path / "dst-blobs" / "tmp") if name.startswith(BLOB_TEMP_PREFIX)]
 
 
@@ -451,16 +446,10 @@ def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_aga
             assert KEPT_MANIFEST in kept()  # stopped: left for the next start
             # Started again, straight to the primary this time.
             async with running_secondary(tmp_path, tls_dir, primary.port) as (node, _):
-                for _ in range(int(30 / 0.05)):
-                    if node.progress.applied_tid == primary.head_tid:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"not replicated: {node.progress.last_error}")
+                await wait_equal_tid(primary, node)
                 return count, node.status()["resumed_bytes"]
 
     count, resumed = asyncio.run(scenario())
     assert resumed == count
     assert kept() == []
-    assert verify(str(tmp_path / "src.fs"), str(tmp_path / "dst.fs"), str(tmp_path / "src-blobs"),
-                  str(tmp_path / "dst-blobs")).equal
+    assert_replica(tmp_path)
