@@ -70,7 +70,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, NoReturn
 
@@ -161,10 +161,15 @@ class _Kept:
         return sum(blob.have for blob in self.blobs)
 
     def remove(self) -> None:
-        for blob in self.blobs:
-            with contextlib.suppress(OSError):
-                os.remove(blob.path)
+        _remove_files(self.blobs)
         self.blobs = []
+
+
+def _remove_files(blobs: Iterable[_KeptBlob]) -> None:
+    """Remove kept blob files, whatever is left of them."""
+    for blob in blobs:
+        with contextlib.suppress(OSError):
+            os.remove(blob.path)
 
 
 @dataclass
@@ -228,9 +233,9 @@ class Applier:
         Those a stopped process kept for a resumption (``save_kept``) are
         taken over instead, if its manifest still describes them.
         """
-        if not self._blobs and self._temp_dir is None:
+        temp_dir = self._incoming_dir
+        if temp_dir is None:
             return
-        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
         try:
             names = os.listdir(temp_dir)
         except OSError:
@@ -244,6 +249,21 @@ class Applier:
                 with contextlib.suppress(OSError):
                     os.remove(path)
 
+    @property
+    def _incoming_dir(self) -> str | None:
+        """Where incoming blob files are written (None: this storage takes no blobs).
+
+        By default the storage's own blob temporary directory, on the same
+        file system as the blobs, so that placing a blob is a rename.
+        """
+        if self._temp_dir is not None:
+            return self._temp_dir
+        return self._storage.temporaryDirectory() if self._blobs else None
+
+    def _new_blob_file(self) -> tuple[int, str]:
+        """A new, empty incoming blob file, named so that the next start finds it if it is left."""
+        return tempfile.mkstemp(suffix=".tmp", prefix=BLOB_TEMP_PREFIX, dir=self._incoming_dir)
+
     def save_kept(self) -> None:
         """Leave what is kept to the next process on this storage (a stop), or nothing.
 
@@ -253,7 +273,7 @@ class Applier:
         them, the transaction's digest finds.
         """
         kept = self._kept or self._resuming
-        temp_dir = self._temp_dir or (self._storage.temporaryDirectory() if self._blobs else None)
+        temp_dir = self._incoming_dir
         if temp_dir is None:
             return
         manifest = os.path.join(temp_dir, KEPT_MANIFEST)
@@ -510,11 +530,10 @@ class Applier:
             count += blob.record.blob_size - blob.left  # type: ignore[operator]
         if count < KEEP_MIN_BYTES:
             return None
-        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
         moved: list[_KeptBlob] = []
         try:
             for placed in txn.placed:
-                fd, path = tempfile.mkstemp(suffix=".tmp", prefix=BLOB_TEMP_PREFIX, dir=temp_dir)
+                fd, path = self._new_blob_file()
                 os.close(fd)
                 os.rename(placed.path, path)
                 os.chmod(path, 0o600)  # placed blob files are read-only
@@ -559,9 +578,7 @@ class Applier:
         if keep:
             # Before the storage's abort, which may remove placed blob files.
             self._kept = self._keep(txn)
-        for kept_blob in txn.resume:  # kept files this transaction did not get to
-            with contextlib.suppress(OSError):
-                os.remove(kept_blob.path)
+        _remove_files(txn.resume)  # kept files this transaction did not get to
         if txn.blob is not None:
             failures += _discard_temp(txn.blob)
         if txn.started:
@@ -662,11 +679,10 @@ class Applier:
             self._restore(record, "restore", self._storage.restore, record.oid, txn.begin.tid, record.data, "",
                           record.data_txn, txn.meta)
             return
-        temp_dir = self._temp_dir or self._storage.temporaryDirectory()
         try:
-            fd, path = tempfile.mkstemp(suffix=".tmp", prefix=BLOB_TEMP_PREFIX, dir=temp_dir)
+            fd, path = self._new_blob_file()
         except OSError as exc:
-            raise StorageError(f"cannot create a blob file in {temp_dir}: {exc}") from exc
+            raise StorageError(f"cannot create a blob file in {self._incoming_dir}: {exc}") from exc
         txn.blob = _Blob(record, path, os.fdopen(fd, "wb"), blob_size)
         if blob_size == 0:
             self._place_blob(txn)
