@@ -58,6 +58,20 @@ digest equals the primary's; any mismatch drops what was kept and the
 transaction is fetched whole.  A stop hands the kept files to the next
 process on the storage (``save_kept`` writes a manifest, which the next
 ``Applier`` reads); a crash leaves no manifest, and they are removed.
+
+Within one process the applier keeps more: a transaction cut off once it
+received ``KEEP_MIN_BYTES`` (records or blobs) stays open in the storage
+instead (``_suspended``: ``tpc_begin`` done, its records in FileStorage's
+temporary data, its blobs placed, the blob in part open), so that a
+transaction of many records but no blobs resumes too.  ``resume_offer()``
+then names its complete records and the bytes of its blob in part; once
+the primary agreed, its ``TxnBegin`` must be the same, the ``Record`` of a
+blob in part comes again and must be the same, and what follows goes on
+into the same storage transaction and digest.  The storage's commit lock
+stays taken meanwhile, which nothing else on a secondary needs while it
+follows (a pack of it waits); whatever ends the following (a stop, a
+promotion, a refusal) turns it into kept blob files or drops it
+(``release_suspended``).
 """
 
 from __future__ import annotations
@@ -185,7 +199,9 @@ class _Txn:
     placed: list[_KeptBlob] = field(default_factory=list)  # blob files placed so far, at their committed paths
     #: Kept blob files of a resumed transaction not yet matched with their Record.
     resume: collections.deque[_KeptBlob] = field(default_factory=collections.deque)
-    resumed: int = 0  # blob bytes taken from kept files
+    resumed: int = 0  # bytes taken from kept files, or received over earlier connections
+    received: int = 0  # bytes of record data and blobs received so far
+    again: bool = False  # resumed with a blob in part: its Record comes again first
     dirs: set[str] = field(default_factory=set)  # directories whose entries must be fsynced
 
 
@@ -216,8 +232,12 @@ class Applier:
         #: and the same once the primary agreed to resume it (``resume``).
         self._kept: _Kept | None = None
         self._resuming: _Kept | None = None
-        #: Blob bytes primaries left out because this applier had kept them
-        #: from a broken link (``resume``), over its life.
+        #: A transaction cut off by a broken link and kept open in the
+        #: storage, and the same once the primary agreed to resume it.
+        self._suspended: _Txn | None = None
+        self._continuing: _Txn | None = None
+        #: Bytes primaries left out because this applier had kept them from a
+        #: broken link (``resume``), summed over its resumptions and its life.
         self.resumed_bytes = 0
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
@@ -272,6 +292,7 @@ class Applier:
         they are removed.  The files are not fsynced: whatever a crash did to
         them, the transaction's digest finds.
         """
+        self.release_suspended(keep=True)  # a transaction kept open: its blob files, as files
         kept = self._kept or self._resuming
         temp_dir = self._incoming_dir
         if temp_dir is None:
@@ -470,51 +491,94 @@ class Applier:
 
     # -- keeping a transaction across a broken link ------------------------
 
-    def resume_offer(self) -> tuple[bytes, int] | None:
-        """The kept transaction and how many of its blob bytes are here, for the next ``Hello``.
+    def resume_offer(self) -> tuple[bytes, int, int] | None:
+        """What the next ``Hello`` offers to resume: ``(tid, blob bytes, records)``, or None.
 
-        None if nothing is kept, or if what is kept no longer follows the
-        storage's last transaction (then it is dropped).
+        For a transaction kept open: its complete records, and the bytes of
+        its blob in part.  For kept blob files: their bytes, counted in
+        stream order, and no records.  None if nothing is kept, or if what
+        is kept no longer follows the storage's last transaction (then it
+        is dropped).
         """
+        txn = self._suspended
+        if txn is not None:
+            return (txn.begin.tid, *self._offer_of(txn))
         kept = self._kept
         if kept is None:
             return None
         if kept.begin.prev_tid != self.last_tid:
             self.discard_kept()
             return None
-        return kept.begin.tid, kept.count
+        return kept.begin.tid, kept.count, 0
 
-    def resume(self, count: int) -> None:
-        """The primary's answer to ``resume_offer``: it leaves out ``count`` blob bytes (0: none).
+    def resume(self, count: int, records: int = 0) -> None:
+        """The primary's answer to ``resume_offer``: it leaves out ``records``
+        records, then ``count`` blob bytes (0 and 0: none).
 
-        With 0 it sends the transaction whole and the kept files are
-        dropped; any other count than the one offered is a protocol error.
+        With 0 and 0 it sends the transaction whole, and what was kept is
+        dropped; any other answer than the offer is a ``ResumeError``.
         """
+        txn, self._suspended = self._suspended, None
+        if txn is not None:
+            offered = self._offer_of(txn)
+            if (count, records) == offered and any(offered):
+                self._continuing = txn
+                self.resumed_bytes += txn.received
+                return
+            self._abort_txn(txn)
+            if count or records:
+                raise ResumeError(f"the primary leaves out {records} record(s) and {count} blob bytes of its "
+                                  f"first transaction, but this node kept {offered[1]} record(s) and "
+                                  f"{offered[0]} bytes of its blob in part")
+            return
         kept, self._kept = self._kept, None
-        if not count:
+        if not count and not records:
             if kept is not None:
                 kept.remove()
             return
-        if kept is None or count != kept.count:
+        if kept is None or count != kept.count or records:
             if kept is not None:
                 kept.remove()
-            raise ResumeError(f"the primary leaves out {count} blob bytes of its first transaction, "
-                              f"but this node kept {kept.count if kept else 0}")
+            raise ResumeError(f"the primary leaves out {records} record(s) and {count} blob bytes of its "
+                              f"first transaction, but this node kept {kept.count if kept else 0} blob bytes")
         self._resuming = kept
         self.resumed_bytes += count
 
+    @staticmethod
+    def _offer_of(txn: _Txn) -> tuple[int, int]:
+        """(bytes of the blob in part, complete records) of a transaction kept open."""
+        blob = txn.blob
+        if blob is None:
+            return 0, len(txn.oids)
+        return blob.record.blob_size - blob.left, len(txn.oids) - 1  # type: ignore[operator]
+
     @property
     def kept_bytes(self) -> int:
-        """Blob bytes kept of a transaction cut off by a broken link (0: none)."""
+        """Bytes kept of a transaction cut off by a broken link (0: none)."""
+        txn = self._suspended or self._continuing
+        if txn is not None:
+            return txn.received
         kept = self._kept or self._resuming
         return kept.count if kept is not None else 0
 
+    def release_suspended(self, *, keep: bool) -> None:
+        """End a transaction kept open (the node stops following): abort it in the
+        storage, keeping its blob files (``keep``) as a stop leaves them, or not."""
+        txn = self._suspended or self._continuing
+        self._suspended = self._continuing = None
+        if txn is None:
+            return
+        if keep:
+            self._kept = self._keep(txn)
+        self._abort_txn(txn)
+
     def discard_kept(self) -> None:
-        """Remove the files of a kept transaction, if any."""
+        """Drop what is kept: the files of a kept transaction, and a transaction kept open."""
         for kept in (self._kept, self._resuming):
             if kept is not None:
                 kept.remove()
         self._kept = self._resuming = None
+        self.release_suspended(keep=False)
 
     def _keep(self, txn: _Txn) -> _Kept | None:
         """Move ``txn``'s blob files out of the way for its resumption, if they are worth it.
@@ -561,23 +625,42 @@ class Applier:
 
         Called on errors and when the connection is lost mid-transaction;
         ``write_failed``: a write to the storage failed (a full disk).
-        ``keep``: the link broke (the data were not at fault), so the blob
-        files received so far are kept for a resumption (``resume_offer``);
-        otherwise whatever was kept is dropped too.
+        ``keep``: the link broke (the data were not at fault), so what was
+        received so far is kept for a resumption (``resume_offer``): the
+        transaction stays open in the storage once it is worth it, else its
+        blob files are kept; otherwise whatever was kept is dropped too.
         Raises ``StorageError`` if the storage cannot undo its side.
         """
         txn, self._txn = self._txn, None
         if txn is None:
             if self._resuming is not None:  # agreed on, but the transaction did not start again
                 self._kept, self._resuming = self._resuming, None
+            if self._continuing is not None:  # the same, for a transaction kept open
+                self._suspended, self._continuing = self._continuing, None
             if not keep:
                 self.discard_kept()
             return
-        failures = []
         self.discard_kept()  # nothing else is kept while a transaction runs; be sure
+        if keep and self._suspend(txn):
+            return
         if keep:
             # Before the storage's abort, which may remove placed blob files.
             self._kept = self._keep(txn)
+        self._abort_txn(txn, write_failed=write_failed)
+
+    def _suspend(self, txn: _Txn) -> bool:
+        """Keep ``txn`` open in the storage for its resumption, if it is worth it and can be."""
+        if txn.received < KEEP_MIN_BYTES or not txn.started or txn.resume or self._group is None:
+            return False
+        self._suspended = txn
+        _, records = self._offer_of(txn)
+        log.info("kept transaction %s open: %d record(s) and %s received before the connection ended",
+                 tid_repr(txn.begin.tid), records, size_text(txn.received))
+        return True
+
+    def _abort_txn(self, txn: _Txn, *, write_failed: bool = False) -> None:
+        """Undo ``txn`` in the storage and remove its blob files (but those ``_keep`` moved away)."""
+        failures = []
         _remove_files(txn.resume)  # kept files this transaction did not get to
         if txn.blob is not None:
             failures += _discard_temp(txn.blob)
@@ -609,6 +692,15 @@ class Applier:
         if self._txn is not None:
             raise RemoteProtocolError(f"TxnBegin {tid_repr(begin.tid)} inside transaction "
                                       f"{tid_repr(self._txn.begin.tid)}")
+        continuing, self._continuing = self._continuing, None
+        if continuing is not None:
+            self._txn = continuing  # abort() undoes it from here on
+            if begin != continuing.begin:
+                raise ResumeError(f"the primary agreed to resume transaction {tid_repr(continuing.begin.tid)} "
+                                  f"but sent {tid_repr(begin.tid)}")
+            continuing.resumed = continuing.received
+            continuing.again = continuing.blob is not None
+            return
         last = self.last_tid
         if begin.prev_tid != last:
             raise self._position_error(begin, last)
@@ -650,7 +742,12 @@ class Applier:
     def _on_record(self, record: Record) -> None:
         txn = self._txn
         if txn is None or txn.blob is not None:
+            if txn is not None and txn.again:
+                self._record_again(txn, record)
+                return
             self._misplaced(record)
+        if record.data is not None:
+            txn.received += len(record.data)
         blob_size = record.blob_size
         if blob_size is None:
             if self._blobs and is_blob_data(record.data):
@@ -721,8 +818,19 @@ class Applier:
                               "it was kept with; the transaction is fetched whole")
         blob.left -= read
         txn.resumed += read
+        txn.received += read
         if blob.left == 0:
             self._place_blob(txn)
+
+    @staticmethod
+    def _record_again(txn: _Txn, record: Record) -> None:
+        """The ``Record`` of the blob in part of a transaction kept open: the same one, or else."""
+        txn.again = False
+        assert txn.blob is not None
+        if record != txn.blob.record:
+            raise ResumeError(f"resumed transaction {tid_repr(txn.begin.tid)} goes on with a record of oid "
+                              f"{record.oid.hex()} where this node holds the blob of oid "
+                              f"{txn.blob.record.oid.hex()} in part; it is fetched whole")
 
     def _misplaced(self, record: Record) -> NoReturn:
         """Raise why ``record`` may not come now: outside a transaction, or inside a blob."""
@@ -744,6 +852,7 @@ class Applier:
         except OSError as exc:
             raise StorageError(f"cannot write blob file {blob.path}: {exc}") from exc
         txn.digest.add_chunk(chunk)
+        txn.received += len(chunk.data)
         blob.left -= len(chunk.data)
         if blob.left == 0:
             self._place_blob(txn)
@@ -761,7 +870,7 @@ class Applier:
         if txn.resumed and txn.digest.digest() != end.digest:
             # The kept files, or what the primary now has under this TID, differ:
             # not the primary's damage (yet). The abort drops what was kept.
-            raise ResumeError(f"transaction {tid_repr(tid)}, resumed with {txn.resumed} blob bytes "
+            raise ResumeError(f"transaction {tid_repr(tid)}, resumed with {txn.resumed} bytes "
                               "kept from a broken link, does not match the primary's digest; "
                               "it is fetched whole")
         if txn.digest.digest() != end.digest:
@@ -785,7 +894,7 @@ class Applier:
         self._txn = None
         self.committed += 1
         if txn.resumed:
-            log.info("transaction %s committed with %s of its blobs received over earlier connections", tid_repr(tid),
+            log.info("transaction %s committed with %s of it received over earlier connections", tid_repr(tid),
                      size_text(txn.resumed))
         if self._group is not None:
             self._group.temp_on_disk()

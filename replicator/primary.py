@@ -902,11 +902,11 @@ class Primary:
                 self._log_refusal(hello.node, peer, reject)
                 await ws.send_bytes(conn.send(reject))
                 return ws
-            resume_bytes = await self._resume(tailer, hello, peer)
+            resume_records, resume_bytes = await self._resume(tailer, hello, peer)
             # Synchronous commits wait for acknowledgements: then none is held back.
             ack_delay = 0.0 if cfg.sync_count else ACK_DELAY
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
-                                                  self.head_tid, ack_delay, resume_bytes)))
+                                                  self.head_tid, ack_delay, resume_bytes, resume_records)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
             # The secondary holds its last transaction durably (it fsyncs
             # before saying hello): a commit still waiting for it, whose Ack
@@ -1090,25 +1090,29 @@ class Primary:
             return Reject("diverged", exc.message, fork_tid=exc.fork_tid)
         return None
 
-    async def _resume(self, tailer: Tailer, hello: Hello, peer: str) -> int:
-        """How many blob bytes of its first transaction the secondary need not get again (0: all).
+    async def _resume(self, tailer: Tailer, hello: Hello, peer: str) -> tuple[int, int]:
+        """How many records, then blob bytes, of its first transaction the secondary
+        need not get again ((0, 0): all of it).
 
-        A secondary whose link broke while it received a transaction with
-        big blobs keeps what it got, and names it in its ``Hello``.  The
-        bytes are left out only if that transaction is the next one here;
-        its digest still covers them, so the secondary commits nothing it
-        kept that differs from ours.
+        A secondary whose link broke while it received a big transaction
+        keeps what it got, and names it in its ``Hello``.  That is left out
+        only if the transaction is the next one here; its digest still
+        covers every byte, so the secondary commits nothing it kept that
+        differs from ours.
         """
-        if hello.resume_tid is None or not hello.resume_bytes:
-            return 0
+        records, count = hello.resume_records, hello.resume_bytes
+        if hello.resume_tid is None or not (records or count):
+            return 0, 0
+        what = " and ".join(([f"{records} record(s)"] if records else [])
+                            + ([f"{size_text(count)} of blobs"] if count else []))
         if await blocking(tailer.next_tid) != hello.resume_tid:
             log.info("secondary %s (%s) kept %s of transaction %s, which is not the next one here; "
-                     "it is sent whole", hello.node, peer, size_text(hello.resume_bytes), tid_repr(hello.resume_tid))
-            return 0
-        tailer.skip_blob_bytes(hello.resume_bytes)
-        log.info("secondary %s (%s) resumes transaction %s: %s of its blobs it got before are not sent again",
-                 hello.node, peer, tid_repr(hello.resume_tid), size_text(hello.resume_bytes))
-        return hello.resume_bytes
+                     "it is sent whole", hello.node, peer, what, tid_repr(hello.resume_tid))
+            return 0, 0
+        tailer.skip(records, count)
+        log.info("secondary %s (%s) resumes transaction %s: the %s it got before are not sent again",
+                 hello.node, peer, tid_repr(hello.resume_tid), what)
+        return records, count
 
     async def _explain_missing(self, tailer: Tailer, last: bytes, theirs: TxnIdentity) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume.

@@ -392,6 +392,18 @@ class Secondary:
         finally:
             if forget is not None:
                 forget()
+            if self.applier is not None:
+                # A transaction kept open for the next connection holds the
+                # storage's commit lock: a promotion drops it, a stop keeps
+                # its blob files for the next start (close(), save_kept).
+                # Quick (an abort, a few renames): done here even while cancelled.
+                try:
+                    if self._draining.is_set():
+                        self.applier.discard_kept()
+                    else:
+                        self.applier.release_suspended(keep=True)
+                except StorageError as exc:
+                    log.error("%s", exc)
             self._stopped.set()
 
     def _close_untrusted(self) -> None:
@@ -633,10 +645,10 @@ class Secondary:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
                 identity.status if identity else " ", identity.meta if identity else None, self.instance,
-                *(offer or (None, 0)))))
+                *(offer or (None, 0, 0)))))
             welcome = await self._receive_welcome(ws, conn)
             await self._check_epoch(welcome, epoch)
-            self.applier.resume(welcome.resume_bytes)
+            self.applier.resume(welcome.resume_bytes, welcome.resume_records)
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
             self.progress.last_heard_at = time.time()
@@ -646,12 +658,17 @@ class Secondary:
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
             if offer is not None:
-                if welcome.resume_bytes:
+                if welcome.resume_records:
+                    log.info("resuming transaction %s: the primary leaves out the %d record(s) received here "
+                             "before%s", tid_repr(offer[0]), welcome.resume_records,
+                             f", then {size_text(welcome.resume_bytes)} of the blob in part"
+                             if welcome.resume_bytes else "")
+                elif welcome.resume_bytes:
                     log.info("resuming transaction %s: the primary leaves out the %s of its blobs kept here",
                              tid_repr(offer[0]), size_text(welcome.resume_bytes))
                 else:
-                    log.info("the primary sends transaction %s whole: the %s kept of it are dropped",
-                             tid_repr(offer[0]), size_text(offer[1]))
+                    log.info("the primary sends transaction %s whole: what was kept of it is dropped",
+                             tid_repr(offer[0]))
             queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=cfg.queue_messages)
             reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")

@@ -91,10 +91,10 @@ class Tailer:
         self._stat_hint: os.stat_result | None = None  # a stat of path taken just before read_events
         #: How many times another file took the place of the one open at ``path`` (packs).
         self.replacements = 0
-        #: Blob bytes the next transaction read leaves out (``skip_blob_bytes``),
-        #: and those the transaction under way left out.
-        self._skip = 0
-        self._txn_skip = 0
+        #: (records, blob bytes) the next transaction read leaves out, and the same
+        #: for the transaction under way (``skip``).
+        self._skip: tuple[int, int] = (0, 0)
+        self._txn_skip: tuple[int, int] = (0, 0)
 
     # -- life cycle ---------------------------------------------------------
 
@@ -323,18 +323,20 @@ class Tailer:
             self._size = None
         return None if h is None else h.tid
 
-    def skip_blob_bytes(self, count: int) -> None:
-        """Leave out the first ``count`` blob bytes of the next transaction read.
+    def skip(self, records: int, blob_bytes: int) -> None:
+        """Leave out the first ``records`` records of the next transaction read,
+        with their blobs, then the first ``blob_bytes`` bytes of the blobs after them.
 
         A secondary that kept them from a broken connection asked so, for the
         transaction ``next_tid`` named.  Whatever transaction comes first
         (a pack may have replaced the file since), it leaves them out, as
         the ``Connection`` of both ends expects; a secondary that kept
-        another refuses it.  Its ``Record`` events are all sent, and the
-        digest still covers every byte: the skipped bytes are read and
-        hashed, not sent.
+        another refuses it.  The ``TxnBegin``, the ``Record`` of a blob
+        left out in part, and the ``TxnEnd`` are sent, and the digest still
+        covers every byte: what is left out is read and hashed, not sent.
+        Asked for more than the transaction holds, it leaves out all of it.
         """
-        self._skip = count
+        self._skip = (records, blob_bytes)
 
     def successor(self, tid: bytes) -> tuple[bytes, str] | None:
         """TID and status of the first committed transaction after ``tid``, if any."""
@@ -371,8 +373,8 @@ class Tailer:
                         if h is None:
                             self.at_end = True
                             break
-                        skip, self._skip = self._skip, 0
-                        plain = None if skip else self._plain_txn(h)
+                        skip, self._skip = self._skip, (0, 0)
+                        plain = None if any(skip) else self._plain_txn(h)
                         if plain is not None:
                             events += plain
                             size += h.tlen + EVENT_COST * len(plain)
@@ -669,12 +671,14 @@ class Tailer:
         events.append(TxnEnd(h.tid, digest.digest()))
         return events
 
-    def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes, skip: int = 0) -> Iterator[Event]:
+    def _txn_events(self, src: SourceFile, h: TxnHeader, prev_tid: bytes,
+                    skip: tuple[int, int] = (0, 0)) -> Iterator[Event]:
         """Check the framing of ``h`` whole, then yield its events one by one.
 
-        ``skip``: blob bytes to leave out, from the first blob on (read and
-        hashed all the same).
+        ``skip``: records to leave out, with their blobs, then blob bytes to
+        leave out, from the next blob on (``skip()``; read and hashed all the same).
         """
+        skip_records, skip_bytes = skip
         backs: dict[int, tuple[int, int, bytes | None]] = {}
         # Blob records by position, found before anything is yielded.  Their
         # files are opened up front (the first EAGER_BLOBS of them): a pack
@@ -711,12 +715,21 @@ class Tailer:
                 if dh.pos not in blobs:
                     record = Record(dh.oid, data, data_txn)
                     digest.add_record(record)
-                    yield record
+                    if skip_records:
+                        skip_records -= 1
+                    else:
+                        yield record
                     continue
                 assert data is not None  # a blob record found by the first pass, which read its data
                 blob_file = blobs.pop(dh.pos) or self._open_blob(dh.oid, h, dh.pos)
                 with blob_file:
-                    skip = yield from self._blob_events(blob_file, dh.oid, data, data_txn, digest, skip)
+                    if skip_records:
+                        skip_records -= 1
+                        for _ in self._blob_events(blob_file, dh.oid, data, data_txn, digest, 1 << 62):
+                            pass  # read and hashed; none of it is sent, its Record neither
+                        continue
+                    skip_bytes = yield from self._blob_events(blob_file, dh.oid, data, data_txn, digest,
+                                                              skip_bytes)
             yield TxnEnd(h.tid, digest.digest())
         finally:
             for f in blobs.values():

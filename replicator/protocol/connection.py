@@ -22,7 +22,8 @@ The primary may send Welcome only after it received Hello.  Inside the stream,
 each ``TxnBegin.prev_tid`` must equal the previous transaction's TID (the
 Welcome's ``start_tid`` for the first), a blob's chunks must add up to its
 ``blob_size`` exactly (in the first transaction, less the ``resume_bytes``
-the Welcome announced, left out from its first blob on), ``TxnEnd`` names the
+the Welcome announced, left out from its first blob sent on; the
+``resume_records`` it announced are not sent at all), ``TxnEnd`` names the
 transaction it ends, and an
 ``Ack`` may only name a transaction the primary has ended, never going back.
 """

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -121,10 +121,12 @@ class Hello(Event):
     #: under the same name, and is refused (``duplicate``).
     instance: bytes | None = None
     #: A transaction the secondary was receiving when the link broke, and
-    #: how many of its blob bytes (counted in stream order) it kept: the
-    #: primary may leave those out (``Welcome.resume_bytes``).
+    #: what it kept of it: the primary may leave out its first
+    #: ``resume_records`` records, with their blobs, and then
+    #: ``resume_bytes`` blob bytes in stream order (``Welcome``).
     resume_tid: bytes | None = None
     resume_bytes: int = 0
+    resume_records: int = 0
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -140,9 +142,10 @@ class Hello(Event):
         if self.instance is not None:
             _bytes(self.instance, "instance", exact=INSTANCE_LEN)
         _int(self.resume_bytes, "resume_bytes")
+        _int(self.resume_records, "resume_records")
         if self.resume_tid is None:
-            if self.resume_bytes:
-                raise ValueError("resume_bytes without resume_tid")
+            if self.resume_bytes or self.resume_records:
+                raise ValueError("resume_bytes or resume_records without resume_tid")
         else:
             check_tid(self.resume_tid, "resume_tid")
             if self.resume_tid <= self.last_tid:
@@ -155,10 +158,12 @@ class Welcome(Event):
 
     ``ack_delay``: the secondary may hold an acknowledgement back this many
     seconds to cover more transactions with it (0: acknowledge each durable
-    batch at once, which synchronous replication needs).  ``resume_bytes``:
-    the first transaction's first that many blob bytes are left out (0:
-    everything is sent); it is ``Hello.resume_tid``, unless a pack replaced
-    the primary's file meanwhile (the secondary then refuses it).
+    batch at once, which synchronous replication needs).  ``resume_records``
+    and ``resume_bytes``: the first transaction's first that many records
+    are left out, with their blobs, and then that many bytes of the blobs
+    after them (0 and 0: everything is sent); it is ``Hello.resume_tid``,
+    unless a pack replaced the primary's file meanwhile (the secondary then
+    refuses it).
     """
 
     TYPE: ClassVar[int] = 2
@@ -169,6 +174,7 @@ class Welcome(Event):
     head_tid: bytes
     ack_delay: float = 0.0
     resume_bytes: int = 0
+    resume_records: int = 0
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
@@ -178,6 +184,7 @@ class Welcome(Event):
         check_tid(self.head_tid, "head_tid")
         _time(self.ack_delay, "ack_delay")
         _int(self.resume_bytes, "resume_bytes")
+        _int(self.resume_records, "resume_records")
         if not 0 <= self.ack_delay <= MAX_ACK_DELAY:
             raise ValueError(f"ack_delay must be between 0 and {MAX_ACK_DELAY} seconds, got {self.ack_delay}")
 
