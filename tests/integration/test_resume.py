@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import transaction
@@ -149,10 +151,10 @@ def temp_files(storage) -> list[str]:
     return sorted(name for name in os.listdir(storage.temporaryDirectory()) if name.startswith(BLOB_TEMP_PREFIX))
 
 
-@pytest.fixture
-def replica(tmp_path):
-    """An applier on an empty storage, the source's stream, and its first transaction applied."""
-    make_source(tmp_path)
+def replica_of(tmp_path, make: Callable[[Path], None]) -> Iterator[tuple[FileStorage, Applier, list[list[Event]]]]:
+    """An applier on an empty storage, the stream of the source ``make`` wrote, and its first
+    transaction applied."""
+    make(tmp_path)
     storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "dst-blobs"))
     applier = Applier(storage)
     txns = stream(tmp_path)
@@ -160,6 +162,12 @@ def replica(tmp_path):
     yield storage, applier, txns
     applier.close()
     storage.close()
+
+
+@pytest.fixture
+def replica(tmp_path):
+    """``replica_of`` ``make_source``: its big transaction has blobs."""
+    yield from replica_of(tmp_path, make_source)
 
 
 def assert_equal(tmp_path, storage) -> None:
@@ -392,15 +400,8 @@ def test_the_tailer_leaves_out_the_records_asked_and_its_digest_covers_them(tmp_
 
 @pytest.fixture
 def records_replica(tmp_path):
-    """Like ``replica``, with ``make_records_source``'s big transaction."""
-    make_records_source(tmp_path)
-    storage = open_file_storage(str(tmp_path / "dst.fs"), str(tmp_path / "dst-blobs"))
-    applier = Applier(storage)
-    txns = stream(tmp_path)
-    applier.apply(txns[0])
-    yield storage, applier, txns
-    applier.close()
-    storage.close()
+    """``replica_of`` ``make_records_source``: its big transaction is records only."""
+    yield from replica_of(tmp_path, make_records_source)
 
 
 def test_a_transaction_of_records_cut_off_goes_on_from_the_records_received(tmp_path, records_replica):
