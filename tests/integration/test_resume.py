@@ -673,3 +673,27 @@ def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_aga
     assert KEEP_MIN_BYTES <= resumed <= count and count - resumed < 4096
     assert kept() == []
     assert_replica(tmp_path)
+
+
+def test_a_promotion_while_a_transaction_is_kept_open_drops_it_and_frees_the_storage(tmp_path, tls_dir):
+    """Stopping to follow (what a promotion does first) must not leave the storage's commit lock
+    taken by a transaction kept open for a connection that will not come."""
+    make_records_source(tmp_path)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with breaking_proxy(primary.port, 3 * MB) as (port, carried), \
+                    running_secondary(tmp_path, tls_dir, port, reconnect_min=30, reconnect_max=30) as (node, _):
+                for _ in range(int(20 / 0.05)):
+                    if carried and not node.progress.connected and node.applier.kept_bytes:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+                assert not commit_lock_free(node.storage)
+                await node.stop_following(timeout=10)
+                assert commit_lock_free(node.storage)
+                assert node.applier.kept_bytes == 0 and node.applier.resume_offer() is None
+                assert not [n for n in os.listdir(tmp_path / "dst-blobs" / "tmp") if n.startswith(BLOB_TEMP_PREFIX)]
+
+    asyncio.run(scenario())
