@@ -902,7 +902,7 @@ class Primary:
                 self._log_refusal(hello.node, peer, reject)
                 await ws.send_bytes(conn.send(reject))
                 return ws
-            resume_records, resume_bytes = await self._resume(tailer, hello, peer)
+            resume_bytes, resume_records = await self._resume(tailer, hello, peer)
             # Synchronous commits wait for acknowledgements: then none is held back.
             ack_delay = 0.0 if cfg.sync_count else ACK_DELAY
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
@@ -1091,8 +1091,8 @@ class Primary:
         return None
 
     async def _resume(self, tailer: Tailer, hello: Hello, peer: str) -> tuple[int, int]:
-        """How many records, then blob bytes, of its first transaction the secondary
-        need not get again ((0, 0): all of it).
+        """How many blob bytes, after how many records, of its first transaction the
+        secondary need not get again ((0, 0): all of it), as ``Welcome`` orders them.
 
         A secondary whose link broke while it received a big transaction
         keeps what it got, and names it in its ``Hello``.  That is left out
@@ -1112,7 +1112,7 @@ class Primary:
         tailer.skip(records, count)
         log.info("secondary %s (%s) resumes transaction %s: the %s it got before are not sent again",
                  hello.node, peer, tid_repr(hello.resume_tid), what)
-        return records, count
+        return count, records
 
     async def _explain_missing(self, tailer: Tailer, last: bytes, theirs: TxnIdentity) -> Reject:
         """The secondary's last TID is not in our file: say precisely why it cannot resume.

@@ -642,6 +642,15 @@ def test_the_primary_checks_what_a_secondary_asks_to_leave_out(tmp_path, tls_dir
         [e for e in big + last if not isinstance(e, BlobChunk)]
 
 
+async def cut_off_once(node, carried: list[int], timeout: float = 20) -> None:
+    """Wait until the link broke in the middle of the big transaction and the secondary kept it."""
+    for _ in range(int(timeout / 0.05)):
+        if carried and not node.progress.connected and node.applier.kept_bytes:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+
+
 def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_again(tmp_path, tls_dir):
     """A stop (SIGTERM, a restart for an upgrade) hands the kept files to the next process."""
     make_source(tmp_path)
@@ -654,12 +663,7 @@ def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_aga
         async with running_primary(tmp_path, tls_dir) as primary:
             async with breaking_proxy(primary.port, 3 * MB) as (port, carried), \
                     running_secondary(tmp_path, tls_dir, port, reconnect_min=30, reconnect_max=30) as (node, _):
-                for _ in range(int(20 / 0.05)):
-                    if carried and not node.progress.connected and node.applier.kept_bytes:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+                await cut_off_once(node, carried)
                 count = node.applier.kept_bytes
                 assert count >= KEEP_MIN_BYTES
             assert KEPT_MANIFEST in kept()  # stopped: left for the next start
@@ -684,12 +688,7 @@ def test_a_promotion_while_a_transaction_is_kept_open_drops_it_and_frees_the_sto
         async with running_primary(tmp_path, tls_dir) as primary:
             async with breaking_proxy(primary.port, 3 * MB) as (port, carried), \
                     running_secondary(tmp_path, tls_dir, port, reconnect_min=30, reconnect_max=30) as (node, _):
-                for _ in range(int(20 / 0.05)):
-                    if carried and not node.progress.connected and node.applier.kept_bytes:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
+                await cut_off_once(node, carried)
                 assert not commit_lock_free(node.storage)
                 await node.stop_following(timeout=10)
                 assert commit_lock_free(node.storage)
