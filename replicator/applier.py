@@ -519,6 +519,7 @@ class Applier:
         dropped; any other answer than the offer is a ``ResumeError``.
         """
         txn, self._suspended = self._suspended, None
+        kept, self._kept = self._kept, None
         if txn is not None:
             offered = self._offer_of(txn)
             if (count, records) == offered and any(offered):
@@ -526,23 +527,18 @@ class Applier:
                 self.resumed_bytes += txn.received
                 return
             self._abort_txn(txn)
-            if count or records:
-                raise ResumeError(f"the primary leaves out {records} record(s) and {count} blob bytes of its "
-                                  f"first transaction, but this node kept {offered[1]} record(s) and "
-                                  f"{offered[0]} bytes of its blob in part")
-            return
-        kept, self._kept = self._kept, None
-        if not count and not records:
+            held = f"{offered[1]} record(s) and {offered[0]} bytes of its blob in part"
+        else:
+            if kept is not None and count and (count, records) == (kept.count, 0):
+                self._resuming = kept
+                self.resumed_bytes += count
+                return
             if kept is not None:
                 kept.remove()
-            return
-        if kept is None or count != kept.count or records:
-            if kept is not None:
-                kept.remove()
+            held = f"{kept.count if kept else 0} blob bytes"
+        if count or records:
             raise ResumeError(f"the primary leaves out {records} record(s) and {count} blob bytes of its "
-                              f"first transaction, but this node kept {kept.count if kept else 0} blob bytes")
-        self._resuming = kept
-        self.resumed_bytes += count
+                              f"first transaction, but this node kept {held}")
 
     @staticmethod
     def _offer_of(txn: _Txn) -> tuple[int, int]:

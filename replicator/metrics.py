@@ -38,7 +38,7 @@ class _StatusCollector(Collector):
                      s.get("transactions"))
         yield _counter("replicator_sent_bytes", "Bytes streamed to secondaries.", s.get("bytes_sent"))
         yield _counter("replicator_received_bytes", "Bytes received from the primary.", s.get("bytes_received"))
-        yield _counter("replicator_resumed_bytes", "Blob bytes kept from a broken link, not fetched again.",
+        yield _counter("replicator_resumed_bytes", "Bytes of transactions cut off by a broken link that were kept, not fetched again.",
                        s.get("resumed_bytes"))
         yield _counter("replicator_applied_transactions", "Transactions applied from the primary.",
                        s.get("transactions_applied"))

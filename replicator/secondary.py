@@ -544,8 +544,8 @@ class Secondary:
                     self._untrusted = None
                     self.progress.connected = False
                     if self.applier is not None:
-                        # A link that broke mid-transaction leaves its blob
-                        # files kept for the next connection, unless this
+                        # A link that broke mid-transaction leaves what it
+                        # delivered kept for the next connection, unless this
                         # node stops following (or is promoted).
                         await blocking(self.applier.abort, keep=not self._draining.is_set())
                 if self._draining.is_set():
@@ -995,7 +995,7 @@ class Secondary:
             **self._lag(p, behind),
             "transactions_applied": p.txns_applied,
             "bytes_received": p.bytes_received,
-            # Blob bytes a broken link had delivered, which the primary then left out.
+            # Bytes a broken link had delivered, which the primary then left out.
             "resumed_bytes": self.applier.resumed_bytes if self.applier is not None else 0,
             "compression": p.compression,
             "max_rate": self.config.max_rate,
