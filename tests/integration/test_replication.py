@@ -14,7 +14,8 @@ from ZODB.FileStorage import FileStorage
 from replicator.config import Address, PrimaryConfig, SecondaryConfig, TLSPaths
 from replicator.errors import DivergenceError
 from replicator.primary import Primary
-from replicator.secondary import Secondary
+from replicator.protocol.events import Record
+from replicator.secondary import INLINE_APPLY_BYTES, INLINE_BLOBS, Secondary
 from replicator.verify import verify
 from tests.helpers import Workload
 
@@ -128,13 +129,14 @@ def test_initial_sync_then_live_follow_then_resume(tmp_path, tls_dir):
 
 
 def test_small_batches_are_applied_on_the_loop_and_the_rest_in_a_thread(tmp_path, tls_dir, monkeypatch):
-    """Small batches skip the thread hop; blobs and big transactions keep the loop free."""
+    """Small batches skip the thread hop, small blobs too; big blobs, many blobs and big transactions
+    keep the loop free."""
     monkeypatch.setattr("replicator.applier.MEMORY_TEMP", 1 << 20)
     (tmp_path / "src-blobs").mkdir()
     db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
     work = Workload(db, seed=3, blobs=False)
     work.commit_random(30)
-    calls: list[tuple[bool, set[str]]] = []  # (on the loop's thread, kinds of events)
+    calls: list[tuple[bool, set[str], int]] = []  # (on the loop's thread, kinds of events, blob records)
 
     async def scenario() -> None:
         loop_thread = threading.get_ident()
@@ -143,22 +145,32 @@ def test_small_batches_are_applied_on_the_loop_and_the_rest_in_a_thread(tmp_path
                 real = secondary.applier.apply
 
                 def spy(events, **kw):
-                    calls.append((threading.get_ident() == loop_thread, {type(e).__name__ for e in events}))
+                    calls.append((threading.get_ident() == loop_thread, {type(e).__name__ for e in events},
+                                  sum(isinstance(e, Record) and e.blob_size is not None for e in events)))
                     return real(events, **kw)
+
+                async def commit(write) -> list[tuple[bool, set[str], int]]:
+                    before = len(calls)
+                    await asyncio.to_thread(write)
+                    await asyncio.to_thread(work.commit, "blobs")
+                    await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                    return calls[before:]
 
                 secondary.applier.apply = spy
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
-                small = len(calls)
-                await asyncio.to_thread(work.write_blob, "b", 5000)
-                await asyncio.to_thread(work.commit, "a blob")
-                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
-                blob = len(calls)
+                assert calls and all(on_loop for on_loop, _, _ in calls)
+                small = await commit(lambda: work.write_blob("b", 5000))
+                assert [on_loop for on_loop, kinds, _ in small if "BlobChunk" in kinds] == [True]
+                # A blob file bigger than a batch on the loop may take long to fsync once complete.
+                big = await commit(lambda: work.write_blob("big", INLINE_APPLY_BYTES + 1))
+                assert {on_loop for on_loop, kinds, _ in big if "BlobChunk" in kinds} == {False}
+                many = await commit(lambda: [work.write_blob(f"m{i}", 100) for i in range(INLINE_BLOBS + 1)])
+                assert [on_loop for on_loop, _, blobs in many if blobs] == [False]
+                before = len(calls)
                 await asyncio.to_thread(work.big_transaction, 3)  # 6 records of 512 KB: past 1 MB
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
-                assert small and all(on_loop for on_loop, _ in calls[:small])
-                assert [on_loop for on_loop, kinds in calls[small:blob] if "BlobChunk" in kinds] == [False]
                 # The end of the big one (its vote copies 3 MB back from disk) is not applied on the loop.
-                assert [on_loop for on_loop, kinds in calls[blob:] if "TxnEnd" in kinds] == [False]
+                assert [on_loop for on_loop, kinds, _ in calls[before:] if "TxnEnd" in kinds] == [False]
 
     asyncio.run(scenario())
     work.close()
