@@ -209,6 +209,39 @@ class _Txn:
 BLOB_TEMP_PREFIX = "repl-"
 
 
+def _incoming_blob_file(name: str) -> bool:
+    """Whether ``name``, in a blob temporary directory, is one of the files an applier writes."""
+    return name.startswith(BLOB_TEMP_PREFIX) and name.endswith(".tmp")
+
+
+def discard_leftovers(temp_dir: str) -> tuple[int, int]:
+    """Remove what an applier left in the blob temporary directory ``temp_dir``: ``(files, bytes)``.
+
+    For a storage that a primary serves now: blob files a stopped (or killed)
+    secondary kept, or was receiving, for a transaction it will never
+    commit, and their manifest.  Left there, a big blob cut off would take
+    its room on disk for ever.
+    """
+    files = size = 0
+    try:
+        names = os.listdir(temp_dir)
+    except OSError:
+        return 0, 0
+    for name in names:
+        blob = _incoming_blob_file(name)
+        if blob or name == KEPT_MANIFEST:
+            path = os.path.join(temp_dir, name)
+            try:
+                length = os.stat(path).st_size
+                os.remove(path)
+            except OSError:
+                continue
+            if blob:
+                files += 1
+                size += length
+    return files, size
+
+
 class Applier:
     """Applies the transaction stream to ``storage`` (an open, writable FileStorage).
 
@@ -265,7 +298,7 @@ class Applier:
         ours = {blob.path for blob in self._kept.blobs} if self._kept is not None else set()
         for name in names:
             path = os.path.join(temp_dir, name)
-            if name.startswith(BLOB_TEMP_PREFIX) and name.endswith(".tmp") and path not in ours:
+            if _incoming_blob_file(name) and path not in ours:
                 with contextlib.suppress(OSError):
                     os.remove(path)
 

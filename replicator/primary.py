@@ -26,6 +26,7 @@ from aiohttp import WSMsgType, web
 from cryptography import x509
 
 from . import packlog
+from .applier import discard_leftovers
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
@@ -581,6 +582,21 @@ class Primary:
 
     # -- lifecycle -------------------------------------------------------
 
+    def _discard_secondary_leftovers(self, blob_dir: str) -> None:
+        """Remove the blob files a secondary kept on this storage for a transaction it never committed.
+
+        A secondary stopped while a big transaction was cut off leaves its
+        blob files (with a manifest) for its next start, and a killed one
+        leaves the file it was writing.  If the storage is a primary's now
+        (a failover), nothing will take them over.  A relay is a secondary:
+        its storage's files are its own applier's.
+        """
+        temp_dir = os.path.join(blob_dir, "tmp")  # ZODB's blob temporary directory
+        files, size = discard_leftovers(temp_dir)
+        if files:
+            log.warning("removed %d blob file(s) (%s) from %s that a secondary had kept to resume a "
+                        "transaction cut off: this storage is a primary's now", files, size_text(size), temp_dir)
+
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""
         cfg = self.config
@@ -588,6 +604,8 @@ class Primary:
         self.epoch = epochs.epoch
         if not self.relay and epochs.history and epochs.history[-1].node != cfg.node:
             self._start_superseded(epochs.history[-1])
+        if not self.relay and cfg.blob_dir:
+            await asyncio.to_thread(self._discard_secondary_leftovers, cfg.blob_dir)
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         self._note_pack()  # a pack made while no primary was running, if not recorded yet

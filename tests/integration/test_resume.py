@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -27,8 +28,10 @@ from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
 from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, KEPT_MANIFEST, Applier
+from replicator.config import Address, PrimaryConfig
 from replicator.errors import ResumeError
 from replicator.metrics import render_metrics
+from replicator.primary import Primary
 from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role, Welcome
 from replicator.protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from replicator.secondary import Backoff
@@ -37,7 +40,7 @@ from replicator.tailer import Tailer
 from replicator.verify import verify
 from tests.integration.test_bad_input import raw_client
 from tests.integration.test_replication import assert_equal as assert_replica
-from tests.integration.test_replication import running_primary, running_secondary, wait_equal_tid
+from tests.integration.test_replication import running_primary, running_secondary, tls, wait_equal_tid
 
 MB = 1 << 20
 #: The blobs of the big transaction: several, so a cut can fall in any of them.
@@ -463,6 +466,38 @@ def test_a_stop_hands_what_was_kept_to_the_next_process(tmp_path, replica):
         applier.close()
 
 
+def test_a_primary_on_the_storage_removes_what_a_secondary_left_there(tmp_path, tls_dir, replica, caplog):
+    """After a failover the storage is a primary's: nothing would ever take over the blob files a
+    stopped secondary kept, or the one a killed secondary was writing, and a big one keeps its room."""
+    storage, applier, (first, big, last) = replica
+    cut_off(applier, big, 6 * MB)
+    applier.save_kept()
+    applier.close()
+    storage.close()
+    temp = tmp_path / "dst-blobs" / "tmp"
+    kept = sorted(path.name for path in temp.iterdir())
+    assert KEPT_MANIFEST in kept and len(kept) == 3  # the manifest, the first blob and the one in part
+    (temp / f"{BLOB_TEMP_PREFIX}killed.tmp").write_bytes(b"x" * 1000)  # what a killed one was writing
+    (temp / "other.tmp").write_bytes(b"not ours")
+
+    async def scenario() -> None:
+        primary = Primary(PrimaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                        tls=tls(tls_dir, "primary"), node="p",
+                                        listen=Address("127.0.0.1", 0)).validate())
+        await primary.start()
+        await primary.stop()
+
+    with caplog.at_level(logging.WARNING, logger="replicator"):
+        asyncio.run(scenario())
+    assert sorted(path.name for path in temp.iterdir()) == ["other.tmp"]
+    assert f"removed 3 blob file(s) (6.0 MiB) from {temp}" in caplog.text
+    left = FileStorage(str(tmp_path / "dst.fs"), read_only=True)
+    try:
+        assert left.lastTransaction() == first[0].tid  # the storage itself as it was
+    finally:
+        left.close()
+
+
 def test_what_a_stopped_process_kept_is_checked_before_it_is_offered(tmp_path, replica):
     """A short file drops the blobs after it; an unreadable manifest, everything."""
     storage, applier, (first, big, last) = replica
@@ -651,8 +686,11 @@ async def cut_off_once(node, carried: list[int], timeout: float = 20) -> None:
     raise AssertionError(f"nothing kept: {carried}, {node.progress.last_error}")
 
 
-def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_again(tmp_path, tls_dir):
-    """A stop (SIGTERM, a restart for an upgrade) hands the kept files to the next process."""
+@pytest.mark.parametrize("relay", [False, True], ids=["plain", "relay"])
+def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_again(tmp_path, tls_dir, relay,
+                                                                                  caplog):
+    """A stop (SIGTERM, a restart for an upgrade) hands the kept files to the next process (whose
+    relay, a primary of its own storage, leaves them to its applier)."""
     make_source(tmp_path)
     kept_dir = tmp_path / "dst-blobs" / "tmp"
 
@@ -668,13 +706,17 @@ def test_a_secondary_stopped_with_a_transaction_kept_resumes_it_when_started_aga
                 assert count >= KEEP_MIN_BYTES
             assert KEPT_MANIFEST in kept()  # stopped: left for the next start
             # Started again, straight to the primary this time.
-            async with running_secondary(tmp_path, tls_dir, primary.port) as (node, _):
+            downstream = {"listen": Address("127.0.0.1", 0)} if relay else {}
+            async with running_secondary(tmp_path, tls_dir, primary.port, **downstream) as (node, _):
+                assert (node.downstream is not None) is relay
                 await wait_equal_tid(primary, node)
                 return count, node.status()["resumed_bytes"]
 
-    count, resumed = asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        count, resumed = asyncio.run(scenario())
     # Kept open, then its blob bytes kept as files at the stop: all but its records' few bytes.
     assert KEEP_MIN_BYTES <= resumed <= count and count - resumed < 4096
+    assert "fetched whole" not in caplog.text and "received over earlier connections" in caplog.text
     assert kept() == []
     assert_replica(tmp_path)
 
