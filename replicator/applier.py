@@ -107,7 +107,7 @@ from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .status import size_text
 from .storage import fsync_dir, has_blobs
-from .tid import tid_repr
+from .tid import Z64, tid_repr
 
 __all__ = ["Applier", "TRACE_ENV"]
 
@@ -137,6 +137,12 @@ KEEP_MIN_BYTES = 1 << 20
 #: Written in the blob temporary directory by a stopping process that kept
 #: blob files, for the next one (``Applier.save_kept``).
 KEPT_MANIFEST = "repl-kept.json"
+
+#: Written in the blob temporary directory while a transaction is kept open
+#: (``_suspend``, which may last as long as the link is down): the blob files
+#: it placed under their final names.  Should the process be killed, the
+#: next one removes them (``_remove_orphans``); nothing else would.
+OPEN_MANIFEST = "repl-open.json"
 
 #: Called with (tid, oids) inside ``tpc_finish``, before ``lastTransaction`` moves,
 #: so that a serving secondary can invalidate its clients' caches in time.
@@ -203,6 +209,7 @@ class _Txn:
     received: int = 0  # bytes of record data and blobs received so far
     again: bool = False  # resumed with a blob in part: its Record comes again first
     dirs: set[str] = field(default_factory=set)  # directories whose entries must be fsynced
+    journaled: bool = False  # its placed blob files are listed in OPEN_MANIFEST
 
 
 #: Incoming blob files are named so; whatever a crash leaves of them is removed at start.
@@ -240,6 +247,46 @@ def discard_leftovers(temp_dir: str) -> tuple[int, int]:
                 files += 1
                 size += length
     return files, size
+
+
+def remove_orphans(manifest: str, last_tid: bytes, blob_filename: Callable[[bytes, bytes], str]) -> int:
+    """Remove the blob files that ``manifest`` (``OPEN_MANIFEST``) lists, and the manifest.
+
+    They are the files a transaction kept open had placed when its process
+    was killed; they are removed only if that transaction is newer than
+    ``last_tid``, the storage's last one (a process killed between the
+    commit and the removal of the manifest leaves a list of committed files).
+    ``blob_filename(oid, tid)`` is where the storage keeps a blob.  Returns
+    how many files were removed.
+    """
+    try:
+        with open(manifest) as f:
+            data = json.load(f)
+        tid = bytes.fromhex(data["tid"])
+        oids = [bytes.fromhex(oid) for oid in data["oids"]]
+        if len(tid) != 8 or any(len(oid) != 8 for oid in oids):
+            raise ValueError("not 8-byte ids")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("cannot read %s (%s): blob files of a transaction kept open when a process was killed "
+                    "may be left in the blob directory", manifest, exc)
+        tid, oids = Z64, []
+    removed = 0
+    if tid > last_tid:
+        for oid in oids:
+            path = blob_filename(oid, tid)
+            try:
+                if os.path.exists(path):
+                    remove_committed(path)
+                    removed += 1
+            except OSError as exc:
+                log.warning("cannot remove %s, a blob file of transaction %s, which was never committed: %s",
+                            path, tid_repr(tid), exc)
+    if removed:
+        log.warning("removed %d blob file(s) of transaction %s, which a secondary killed while it kept the "
+                    "transaction open had placed; it was never committed", removed, tid_repr(tid))
+    with contextlib.suppress(OSError):
+        os.remove(manifest)
+    return removed
 
 
 class Applier:
@@ -293,6 +340,8 @@ class Applier:
             names = os.listdir(temp_dir)
         except OSError:
             return
+        if OPEN_MANIFEST in names:
+            self._remove_orphans(os.path.join(temp_dir, OPEN_MANIFEST))
         if KEPT_MANIFEST in names:
             self._kept = self._load_kept(os.path.join(temp_dir, KEPT_MANIFEST))
         ours = {blob.path for blob in self._kept.blobs} if self._kept is not None else set()
@@ -301,6 +350,37 @@ class Applier:
             if _incoming_blob_file(name) and path not in ours:
                 with contextlib.suppress(OSError):
                     os.remove(path)
+
+    def _remove_orphans(self, manifest: str) -> None:
+        """Remove the blob files a transaction kept open had placed when its process was killed."""
+        remove_orphans(manifest, self.last_tid, self._storage.fshelper.getBlobFilename)
+
+    def _journal(self, txn: _Txn) -> None:
+        """List the blob files ``txn``, kept open, placed so far in ``OPEN_MANIFEST``."""
+        temp_dir = self._incoming_dir
+        if temp_dir is None or not (txn.placed or txn.journaled):
+            return
+        manifest = os.path.join(temp_dir, OPEN_MANIFEST)
+        try:
+            with open(manifest + ".new", "w") as f:
+                json.dump({"tid": txn.begin.tid.hex(), "oids": [placed.oid.hex() for placed in txn.placed]}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(manifest + ".new", manifest)
+            fsync_dir(temp_dir)
+        except OSError as exc:
+            log.warning("cannot list the blob files of transaction %s, kept open, in %s (%s): should this "
+                        "process be killed before it commits, they stay in %s", tid_repr(txn.begin.tid),
+                        manifest, exc, self._storage.blob_dir)
+            return
+        txn.journaled = True
+
+    def _unjournal(self, txn: _Txn) -> None:
+        """``txn`` is committed or aborted: its ``OPEN_MANIFEST`` goes."""
+        if txn.journaled and self._incoming_dir is not None:
+            txn.journaled = False
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self._incoming_dir, OPEN_MANIFEST))
 
     @property
     def _incoming_dir(self) -> str | None:
@@ -682,6 +762,7 @@ class Applier:
         if txn.received < KEEP_MIN_BYTES or not txn.started or txn.resume or self._group is None:
             return False
         self._suspended = txn
+        self._journal(txn)
         _, records = self._offer_of(txn)
         log.info("kept transaction %s open: %d record(s) and %s received before the connection ended",
                  tid_repr(txn.begin.tid), records, size_text(txn.received))
@@ -712,6 +793,7 @@ class Applier:
                     remove_committed(placed.path)
             except OSError as exc:
                 failures.append(f"removing {placed.path}: {exc}")
+        self._unjournal(txn)
         if failures:
             raise StorageError(f"aborting transaction {tid_repr(txn.begin.tid)} failed: " + "; ".join(failures))
 
@@ -921,6 +1003,7 @@ class Applier:
         finished = self._call("tpc_finish", self._storage.tpc_finish, txn.meta, callback)
         # The transaction is committed from here on: nothing left to abort.
         self._txn = None
+        self._unjournal(txn)
         self.committed += 1
         if txn.resumed:
             log.info("transaction %s committed with %s of it received over earlier connections", tid_repr(tid),
@@ -969,6 +1052,8 @@ class Applier:
             raise StorageError(f"cannot make blob file {target} durable: {exc}") from exc
         txn.dirs.add(os.path.dirname(target))
         txn.dirs.update(os.path.dirname(d) for d in new_dirs)
+        if txn.journaled:  # resumed after it was kept open: the list grows
+            self._journal(txn)
 
     def _restore(self, record: Record, what: str, fn, *args) -> None:
         """``restore``/``restoreBlob``; a back pointer is looked up through the object's history."""

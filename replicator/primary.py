@@ -24,9 +24,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 from cryptography import x509
+from ZODB.blob import FilesystemHelper
 
 from . import packlog
-from .applier import discard_leftovers
+from .applier import OPEN_MANIFEST, discard_leftovers, remove_orphans
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
@@ -588,14 +589,20 @@ class Primary:
         A secondary stopped while a big transaction was cut off leaves its
         blob files (with a manifest) for its next start, and a killed one
         leaves the file it was writing.  If the storage is a primary's now
-        (a failover), nothing will take them over.  A relay is a secondary:
-        its storage's files are its own applier's.
+        (a failover), nothing will take them over; nor the blob files a
+        secondary killed while it kept a transaction open had placed under
+        their final names (unless the file is damaged: its last transaction
+        is then unknown).  A relay is a secondary: its storage's files are
+        its own applier's.
         """
         temp_dir = os.path.join(blob_dir, "tmp")  # ZODB's blob temporary directory
         files, size = discard_leftovers(temp_dir)
         if files:
             log.warning("removed %d blob file(s) (%s) from %s that a secondary had kept to resume a "
                         "transaction cut off: this storage is a primary's now", files, size_text(size), temp_dir)
+        journal = os.path.join(temp_dir, OPEN_MANIFEST)
+        if os.path.exists(journal) and self.damage_ahead is None:
+            remove_orphans(journal, self.head_tid, FilesystemHelper(blob_dir).getBlobFilename)
 
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""
@@ -604,12 +611,12 @@ class Primary:
         self.epoch = epochs.epoch
         if not self.relay and epochs.history and epochs.history[-1].node != cfg.node:
             self._start_superseded(epochs.history[-1])
-        if not self.relay and cfg.blob_dir:
-            await asyncio.to_thread(self._discard_secondary_leftovers, cfg.blob_dir)
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         self._note_pack()  # a pack made while no primary was running, if not recorded yet
         await self._refresh_head()
+        if not self.relay and cfg.blob_dir:
+            await asyncio.to_thread(self._discard_secondary_leftovers, cfg.blob_dir)
         # Every route checks the client certificate's role first (transport.ROLE_RIGHTS).
         app = web.Application(client_max_size=1 << 16, middlewares=[authorize])
         app.router.add_get("/replicate", self._handle_replicate)

@@ -27,7 +27,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
-from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, KEPT_MANIFEST, Applier
+from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, KEPT_MANIFEST, OPEN_MANIFEST, Applier
 from replicator.config import Address, PrimaryConfig
 from replicator.errors import ResumeError
 from replicator.metrics import render_metrics
@@ -246,19 +246,58 @@ def test_a_resumed_transaction_cut_off_again_keeps_more(tmp_path, replica, stop)
     storage, applier, (first, big, last) = replica
     offered: tuple[int, int] = (0, 0)
     done = 0
+    blobs = [e for e in big if isinstance(e, Record) and e.blob_size is not None]
+    ends = [start + blob.blob_size for start, blob in zip(_starts(big), blobs, strict=True)]  # type: ignore[operator]
     for cut in (2 * MB, 4 * MB + 1, 9 * MB):
-        cut_off(applier, stream(tmp_path, *offered)[1], cut - done, stop=stop)
+        applier.apply(cut_after(stream(tmp_path, *offered)[1], cut - done))
+        if cut == 9 * MB and not stop:
+            # Kept open before, then resumed: a blob file placed since is listed at once.
+            assert journaled(storage) == (big[0].tid, [blob.oid for blob in blobs[:2]])
+        applier.abort(keep=True)
+        if stop:
+            applier.release_suspended(keep=True)
+        # Kept open, the blob files it placed are listed, should the process be killed.
+        placed = [blob.oid for blob, end in zip(blobs, ends, strict=True) if end <= cut]
+        assert journaled(storage) == (None if stop or not placed else (big[0].tid, placed))
         expected = (cut, 0) if stop else expected_offer(cut_after(big, cut))
         assert applier.resume_offer() == (big[0].tid, *expected)
         applier.resume(*expected)
         offered, done = expected, cut
     applier.apply(stream(tmp_path, *offered)[1] + last)
+    assert journaled(storage) is None
     if stop:
         assert applier.resumed_bytes == 2 * MB + 4 * MB + 1 + 9 * MB
     else:  # every byte received before each resumption, records included
         assert applier.resumed_bytes > 2 * MB + 4 * MB + 1 + 9 * MB
     assert temp_files(storage) == []
     assert_equal(tmp_path, storage)
+
+
+def journaled(storage) -> tuple[bytes, list[bytes]] | None:
+    """The transaction kept open and the oids of the blob files it placed, as its journal lists them."""
+    try:
+        with open(os.path.join(storage.temporaryDirectory(), OPEN_MANIFEST)) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    return bytes.fromhex(data["tid"]), [bytes.fromhex(oid) for oid in data["oids"]]
+
+
+def test_the_journal_of_a_committed_transaction_leaves_its_blob_files(tmp_path, replica):
+    """A process killed between a commit and the removal of the journal: the files are committed."""
+    storage, applier, (first, big, last) = replica
+    applier.apply(big + last)
+    blobs = sorted((tmp_path / "dst-blobs").rglob("*.blob"))
+    oids = [e.oid.hex() for e in big if isinstance(e, Record) and e.blob_size is not None]
+    with open(os.path.join(storage.temporaryDirectory(), OPEN_MANIFEST), "w") as f:
+        json.dump({"tid": big[0].tid.hex(), "oids": oids}, f)
+    storage, applier = reopen(tmp_path, storage, applier)
+    try:
+        assert journaled(storage) is None
+        assert sorted((tmp_path / "dst-blobs").rglob("*.blob")) == blobs and len(blobs) == len(oids)
+        assert_equal(tmp_path, storage)
+    finally:
+        applier.close()
 
 
 def test_a_kept_file_changed_on_disk_is_never_committed(tmp_path, replica):
@@ -540,13 +579,17 @@ def test_a_damaged_manifest_leaves_nothing_kept(tmp_path, replica, caplog):
 # -- end to end ----------------------------------------------------------------
 
 @contextlib.asynccontextmanager
-async def breaking_proxy(target_port: int, budget: int):
+async def breaking_proxy(target_port: int, budget: int, connections: int | None = None):
     """Forward 127.0.0.1:PORT to the target, and break each connection once it carried ``budget``
-    bytes from the target: a link that keeps failing long before a big transaction is through."""
+    bytes from the target: a link that keeps failing long before a big transaction is through.
+    Past ``connections`` connections, each is closed at once: the link stays down."""
     tasks: set[asyncio.Task] = set()
     carried: list[int] = []
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if connections is not None and len(carried) >= connections:
+            client_w.transport.abort()
+            return
         server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
         carried.append(0)
         index = len(carried) - 1
