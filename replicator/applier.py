@@ -141,7 +141,7 @@ KEPT_MANIFEST = "repl-kept.json"
 #: Written in the blob temporary directory while a transaction is kept open
 #: (``_suspend``, which may last as long as the link is down): the blob files
 #: it placed under their final names.  Should the process be killed, the
-#: next one removes them (``_remove_orphans``); nothing else would.
+#: next one removes them (``remove_orphans``); nothing else would.
 OPEN_MANIFEST = "repl-open.json"
 
 #: Called with (tid, oids) inside ``tpc_finish``, before ``lastTransaction`` moves,
@@ -341,7 +341,8 @@ class Applier:
         except OSError:
             return
         if OPEN_MANIFEST in names:
-            self._remove_orphans(os.path.join(temp_dir, OPEN_MANIFEST))
+            remove_orphans(os.path.join(temp_dir, OPEN_MANIFEST), self.last_tid,
+                           self._storage.fshelper.getBlobFilename)
         if KEPT_MANIFEST in names:
             self._kept = self._load_kept(os.path.join(temp_dir, KEPT_MANIFEST))
         ours = {blob.path for blob in self._kept.blobs} if self._kept is not None else set()
@@ -350,10 +351,6 @@ class Applier:
             if _incoming_blob_file(name) and path not in ours:
                 with contextlib.suppress(OSError):
                     os.remove(path)
-
-    def _remove_orphans(self, manifest: str) -> None:
-        """Remove the blob files a transaction kept open had placed when its process was killed."""
-        remove_orphans(manifest, self.last_tid, self._storage.fshelper.getBlobFilename)
 
     def _journal(self, txn: _Txn) -> None:
         """List the blob files ``txn``, kept open, placed so far in ``OPEN_MANIFEST``."""
@@ -377,10 +374,11 @@ class Applier:
 
     def _unjournal(self, txn: _Txn) -> None:
         """``txn`` is committed or aborted: its ``OPEN_MANIFEST`` goes."""
-        if txn.journaled and self._incoming_dir is not None:
+        temp_dir = self._incoming_dir
+        if txn.journaled and temp_dir is not None:
             txn.journaled = False
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(self._incoming_dir, OPEN_MANIFEST))
+                os.remove(os.path.join(temp_dir, OPEN_MANIFEST))
 
     @property
     def _incoming_dir(self) -> str | None:
@@ -1003,7 +1001,8 @@ class Applier:
         finished = self._call("tpc_finish", self._storage.tpc_finish, txn.meta, callback)
         # The transaction is committed from here on: nothing left to abort.
         self._txn = None
-        self._unjournal(txn)
+        if txn.journaled:
+            self._unjournal(txn)
         self.committed += 1
         if txn.resumed:
             log.info("transaction %s committed with %s of it received over earlier connections", tid_repr(tid),

@@ -595,14 +595,15 @@ class Primary:
         is then unknown).  A relay is a secondary: its storage's files are
         its own applier's.
         """
-        temp_dir = os.path.join(blob_dir, "tmp")  # ZODB's blob temporary directory
-        files, size = discard_leftovers(temp_dir)
+        fshelper = FilesystemHelper(blob_dir)
+        files, size = discard_leftovers(fshelper.temp_dir)
         if files:
             log.warning("removed %d blob file(s) (%s) from %s that a secondary had kept to resume a "
-                        "transaction cut off: this storage is a primary's now", files, size_text(size), temp_dir)
-        journal = os.path.join(temp_dir, OPEN_MANIFEST)
+                        "transaction cut off: this storage is a primary's now", files, size_text(size),
+                        fshelper.temp_dir)
+        journal = os.path.join(fshelper.temp_dir, OPEN_MANIFEST)
         if os.path.exists(journal) and self.damage_ahead is None:
-            remove_orphans(journal, self.head_tid, FilesystemHelper(blob_dir).getBlobFilename)
+            remove_orphans(journal, self.head_tid, fshelper.getBlobFilename)
 
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""

@@ -120,15 +120,18 @@ class _Batch:
         self.blobs += other.blobs
         self.stall = self.stall or other.stall
 
+    @staticmethod
+    def _quick(size: int, blobs: int, stall: bool) -> bool:
+        return size <= INLINE_APPLY_BYTES and blobs <= INLINE_BLOBS and not stall
+
     @property
     def inline(self) -> bool:
         """Whether this batch is quick enough to apply on the event loop."""
-        return self.size <= INLINE_APPLY_BYTES and self.blobs <= INLINE_BLOBS and not self.stall
+        return self._quick(self.size, self.blobs, self.stall)
 
     def inline_with(self, other: _Batch) -> bool:
         """Whether this batch would still be ``inline`` with ``other`` added."""
-        return (self.size + other.size <= INLINE_APPLY_BYTES and self.blobs + other.blobs <= INLINE_BLOBS
-                and not (self.stall or other.stall))
+        return self._quick(self.size + other.size, self.blobs + other.blobs, self.stall or other.stall)
 
 
 class Backoff:
