@@ -505,6 +505,15 @@ def test_a_stop_hands_what_was_kept_to_the_next_process(tmp_path, replica):
         applier.close()
 
 
+async def start_primary_on_replica(tmp_path, tls_dir) -> None:
+    """A primary starts on the secondary's storage (a failover), and stops."""
+    primary = Primary(PrimaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                    tls=tls(tls_dir, "primary"), node="p2",
+                                    listen=Address("127.0.0.1", 0)).validate())
+    await primary.start()
+    await primary.stop()
+
+
 def test_a_primary_on_the_storage_removes_what_a_secondary_left_there(tmp_path, tls_dir, replica, caplog):
     """After a failover the storage is a primary's: nothing would ever take over the blob files a
     stopped secondary kept, or the one a killed secondary was writing, and a big one keeps its room."""
@@ -519,15 +528,8 @@ def test_a_primary_on_the_storage_removes_what_a_secondary_left_there(tmp_path, 
     (temp / f"{BLOB_TEMP_PREFIX}killed.tmp").write_bytes(b"x" * 1000)  # what a killed one was writing
     (temp / "other.tmp").write_bytes(b"not ours")
 
-    async def scenario() -> None:
-        primary = Primary(PrimaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                                        tls=tls(tls_dir, "primary"), node="p",
-                                        listen=Address("127.0.0.1", 0)).validate())
-        await primary.start()
-        await primary.stop()
-
     with caplog.at_level(logging.WARNING, logger="replicator"):
-        asyncio.run(scenario())
+        asyncio.run(start_primary_on_replica(tmp_path, tls_dir))
     assert sorted(path.name for path in temp.iterdir()) == ["other.tmp"]
     assert f"removed 3 blob file(s) (6.0 MiB) from {temp}" in caplog.text
     left = FileStorage(str(tmp_path / "dst.fs"), read_only=True)

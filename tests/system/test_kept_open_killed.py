@@ -18,18 +18,21 @@ from pathlib import Path
 import pytest
 
 from replicator.applier import OPEN_MANIFEST, Applier
-from replicator.config import Address, PrimaryConfig
-from replicator.primary import Primary
 from replicator.storage import open_file_storage
 from tests.helpers import start_secondary, until
 from tests.integration.test_replication import (
     assert_equal,
     running_primary,
     running_secondary,
-    tls,
     wait_equal_tid,
 )
-from tests.integration.test_resume import BLOB_SIZES, MB, breaking_proxy, make_source
+from tests.integration.test_resume import (
+    BLOB_SIZES,
+    MB,
+    breaking_proxy,
+    make_source,
+    start_primary_on_replica,
+)
 
 
 @pytest.mark.parametrize("next_start", ["secondary", "primary"])
@@ -66,11 +69,7 @@ def test_a_secondary_killed_while_a_transaction_is_kept_open_leaves_no_blob_file
                     finally:
                         storage.close()
                 else:
-                    other = Primary(PrimaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(blobs),
-                                                  tls=tls(tls_dir, "primary"), node="p2",
-                                                  listen=Address("127.0.0.1", 0)).validate())
-                    await other.start()
-                    await other.stop()
+                    await start_primary_on_replica(tmp_path, tls_dir)
             assert placed() == [] and not manifest.exists()
             async with running_secondary(tmp_path, tls_dir, primary.port) as (node, _):
                 await wait_equal_tid(primary, node)
