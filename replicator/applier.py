@@ -107,7 +107,7 @@ from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .status import size_text
 from .storage import fsync_dir, has_blobs
-from .tid import Z64, tid_repr
+from .tid import tid_repr
 
 __all__ = ["Applier", "TRACE_ENV"]
 
@@ -249,8 +249,8 @@ def discard_leftovers(temp_dir: str) -> tuple[int, int]:
     return files, size
 
 
-def remove_orphans(manifest: str, last_tid: bytes, blob_filename: Callable[[bytes, bytes], str]) -> int:
-    """Remove the blob files that ``manifest`` (``OPEN_MANIFEST``) lists, and the manifest.
+def remove_orphans(temp_dir: str, last_tid: bytes, blob_filename: Callable[[bytes, bytes], str]) -> int:
+    """Remove the blob files that ``OPEN_MANIFEST`` in ``temp_dir`` lists, if any, and the manifest.
 
     They are the files a transaction kept open had placed when its process
     was killed; they are removed only if that transaction is newer than
@@ -259,6 +259,7 @@ def remove_orphans(manifest: str, last_tid: bytes, blob_filename: Callable[[byte
     ``blob_filename(oid, tid)`` is where the storage keeps a blob.  Returns
     how many files were removed.
     """
+    manifest = os.path.join(temp_dir, OPEN_MANIFEST)
     try:
         with open(manifest) as f:
             data = json.load(f)
@@ -266,12 +267,14 @@ def remove_orphans(manifest: str, last_tid: bytes, blob_filename: Callable[[byte
         oids = [bytes.fromhex(oid) for oid in data["oids"]]
         if len(tid) != 8 or any(len(oid) != 8 for oid in oids):
             raise ValueError("not 8-byte ids")
+    except FileNotFoundError:
+        return 0
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("cannot read %s (%s): blob files of a transaction kept open when a process was killed "
                     "may be left in the blob directory", manifest, exc)
-        tid, oids = Z64, []
+        oids = []
     removed = 0
-    if tid > last_tid:
+    if oids and tid > last_tid:
         for oid in oids:
             path = blob_filename(oid, tid)
             try:
@@ -341,8 +344,7 @@ class Applier:
         except OSError:
             return
         if OPEN_MANIFEST in names:
-            remove_orphans(os.path.join(temp_dir, OPEN_MANIFEST), self.last_tid,
-                           self._storage.fshelper.getBlobFilename)
+            remove_orphans(temp_dir, self.last_tid, self._storage.fshelper.getBlobFilename)
         if KEPT_MANIFEST in names:
             self._kept = self._load_kept(os.path.join(temp_dir, KEPT_MANIFEST))
         ours = {blob.path for blob in self._kept.blobs} if self._kept is not None else set()

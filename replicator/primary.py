@@ -27,7 +27,7 @@ from cryptography import x509
 from ZODB.blob import FilesystemHelper
 
 from . import packlog
-from .applier import OPEN_MANIFEST, discard_leftovers, remove_orphans
+from .applier import discard_leftovers, remove_orphans
 from .config import PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
@@ -601,9 +601,8 @@ class Primary:
             log.warning("removed %d blob file(s) (%s) from %s that a secondary had kept to resume a "
                         "transaction cut off: this storage is a primary's now", files, size_text(size),
                         fshelper.temp_dir)
-        journal = os.path.join(fshelper.temp_dir, OPEN_MANIFEST)
-        if os.path.exists(journal) and self.damage_ahead is None:
-            remove_orphans(journal, self.head_tid, fshelper.getBlobFilename)
+        if self.damage_ahead is None:
+            remove_orphans(fshelper.temp_dir, self.head_tid, fshelper.getBlobFilename)
 
     async def start(self) -> int:
         """Open the source, bind the port; return the port actually bound."""
