@@ -182,8 +182,38 @@ def test_client_certificate_from_another_ca_is_refused(pki, version):
             ctx.load_cert_chain(pki.other.cert, pki.other.key)
             error = await _connect_fails(srv.url, ctx)
             assert isinstance(error, TLSError)
+            if version is ssl.TLSVersion.TLSv1_3:
+                # Refused after the client's side of the handshake: the usual case between our nodes.
+                assert "closed the connection before answering" in str(error)
+                assert "probably refused this node's certificate" in error.hint
+            else:
+                assert "closed before the handshake ended" in str(error)
+                assert "speaks only TLS 1.2, it refused this node's certificate" in error.hint
             assert srv.seen == []
             await _echo(srv.url, pki.client.client_context())
+    _run(main())
+
+
+@pytest.mark.parametrize("reads_first", [False, True])
+def test_a_listener_that_drops_connections_is_not_blamed_on_the_certificate(pki, reads_first):
+    """What accepts and closes at once (a proxy with nowhere to go) is said to, with a cause to check."""
+    async def drop(reader, writer):
+        if reads_first:
+            await reader.read(100)
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            error = await _connect_fails(f"wss://127.0.0.1:{port}/replicate", pki.client.client_context())
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert isinstance(error, TLSError)
+        assert "the connection was closed before the handshake ended" in str(error)
+        assert "probably" not in error.hint
+        assert "a proxy or firewall in between" in error.hint
     _run(main())
 
 
