@@ -106,7 +106,7 @@ from .fsformat import is_blob_data
 from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .status import size_text
-from .storage import fsync_dir, has_blobs
+from .storage import check_restore_support, fsync_dir, has_blobs
 from .tid import tid_repr
 
 __all__ = ["Applier", "TRACE_ENV"]
@@ -303,6 +303,7 @@ class Applier:
 
     def __init__(self, storage, *, temp_dir: str | None = None, invalidate: Invalidate | None = None,
                  group_commit: bool = True, trace_file: str | None = None) -> None:
+        check_restore_support()
         self._storage = storage
         self._blobs = has_blobs(storage)
         self._temp_dir = temp_dir

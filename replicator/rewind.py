@@ -24,7 +24,7 @@ from ZODB.FileStorage import FileStorage
 from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError
 from .fsformat import FIRST_POS, TRANS_HDR_LEN, is_blob_data, parse_txn_header, u64
 from .integrity import TxnIdentity
-from .storage import lock_storage, open_file_storage, txn_identity
+from .storage import check_restore_support, lock_storage, open_file_storage, txn_identity
 from .tid import Z64, tid_repr
 
 __all__ = ["Fork", "local_tids_backwards", "find_fork", "save_orphans", "truncate_after"]
@@ -105,6 +105,7 @@ def _end_of(path: str, pos: int) -> int:
 
 def save_orphans(path: str, blob_dir: str | None, fork: Fork) -> str:
     """Copy the transactions after ``fork.fork_tid`` into a new FileStorage; return its path."""
+    check_restore_support()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = f"{path}.orphans-{fork.fork_tid.hex()}-{stamp}"
     if os.path.exists(target):

@@ -24,8 +24,10 @@ The transaction status is not part of the digest (a pack changes it), but
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -55,7 +57,36 @@ __all__ = [
     "txn_digest",
     "last_state",
     "fsync_dir",
+    "check_restore_support",
+    "RESTORE_SINCE",
 ]
+
+#: The oldest ZODB whose ``FileStorage.restore`` writes what the primary
+#: has.  Before 6.0, restoring an undo whose back pointer names a transaction
+#: that holds two records of the object (one undo of several transactions)
+#: pointed to the first of them, so the replica read another state than the
+#: primary (zopefoundation/ZODB#395); 6.0.0 wrote a copy of the data instead
+#: of every such back pointer (#409), so the replica's transactions no
+#: longer matched the primary's digests.
+RESTORE_SINCE = (6, 0, 1)
+
+
+def check_restore_support(version: str | None = None) -> None:
+    """Refuse to apply a stream with a ZODB (``version``, by default the one
+    installed) whose ``restore`` would make a replica unlike its primary."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("ZODB")
+        except importlib.metadata.PackageNotFoundError:  # not installed as a distribution: cannot tell
+            return
+    found = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    if found is None or tuple(int(part or 0) for part in found.groups()) >= RESTORE_SINCE:
+        return
+    error = ConfigError(f"ZODB {version} cannot apply the stream faithfully: its FileStorage.restore "
+                        "writes some undo records unlike the primary's (zopefoundation/ZODB#395 and "
+                        "#409, fixed in ZODB 6.0.1)")
+    error.hint = "install ZODB 6.0.1 or later: pip install -U 'ZODB>=6.0.1'"
+    raise error
 
 
 def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = False) -> FileStorage:

@@ -659,3 +659,77 @@ def test_group_fsync_in_its_thread_survives_a_pack_swapping_the_file(tmp_path):
         applier.close()
         db.close()
     assert not errors, errors
+
+
+def test_an_undo_into_a_transaction_that_undid_two_keeps_the_right_state(tmp_path, target):
+    """The history of zopefoundation/ZODB#395, shipped by the tailer and applied.
+
+    T3 undoes T2 and T1 at once, so it holds two records of the object,
+    both back pointers (to state 1, then to state 0); T5 undoes T4, and its
+    record points into T3.  FileStorage's ``restore`` before ZODB 6.0.1 took
+    the first of T3's records for the one meant, and the replica read state
+    1 where the primary reads 0 (why pyproject.toml asks for ZODB 6.0.1).
+    """
+    import transaction
+    from persistent.mapping import PersistentMapping
+    from ZODB import DB
+
+    from replicator.tailer import Tailer
+
+    path = str(tmp_path / "source.fs")
+    db = DB(FileStorage(path))
+    tm = transaction.TransactionManager()
+    try:
+        def commit_value(value: int) -> None:
+            conn = db.open(tm)
+            root = conn.root()
+            if value == 0:
+                root["obj"] = PersistentMapping()
+            root["obj"]["v"] = value
+            tm.commit()
+            conn.close()
+
+        def value_now() -> int:
+            conn = db.open(tm)
+            try:
+                return conn.root()["obj"]["v"]
+            finally:
+                tm.abort()
+                conn.close()
+
+        for value in (0, 1, 2):
+            commit_value(value)
+        db.undoMultiple([entry["id"] for entry in db.undoLog(0, 2)], tm.get())  # T3: undo T2 and T1
+        tm.commit()
+        commit_value(3)
+        db.undo(db.undoLog(0, 1)[0]["id"], tm.get())  # T5: undo T4
+        tm.commit()
+        assert value_now() == 0
+    finally:
+        db.close()
+
+    with Tailer(path) as tailer:
+        events = []
+        while more := tailer.read_events():
+            events += more
+    begins = [e for e in events if isinstance(e, TxnBegin)]
+    assert len(begins) == 7  # the root's creation, then T0 to T5
+    t3, t5 = begins[4].tid, begins[6].tid
+    oids_in_t3 = [e.oid for e in events[events.index(begins[4]):events.index(begins[5])] if isinstance(e, Record)]
+    assert len(oids_in_t3) == 2 and oids_in_t3[0] == oids_in_t3[1], "T3 undoes the object twice"
+    obj = oids_in_t3[0]
+    (last,) = [e for e in events[events.index(begins[6]):] if isinstance(e, Record)]
+    assert (last.oid, last.data_txn) == (obj, t3), "T5 ships a back pointer into T3"
+
+    assert target.applier.apply(events) == [b.tid for b in begins]
+    src = FileStorage(path, read_only=True)
+    try:
+        for tid in (t3, t5):
+            assert target.storage.loadSerial(obj, tid) == src.loadSerial(obj, tid)
+        assert target.storage.load(obj) == src.load(obj)
+    finally:
+        src.close()
+    target.storage.close()
+    result = verify(path, target.path)
+    assert result.equal, result
+    target.reopen()
