@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-floors lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory lint
 
+## The unit and integration tests against the oldest release of each dependency
+## that pyproject.toml accepts (pinned in .ci/floors.txt), in a virtualenv of their own.
+FLOORS := .venv-floors
+test-floors: $(FLOORS)/.installed-stamp
+	$(FLOORS)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/integration
+
+$(FLOORS)/.installed-stamp: pyproject.toml .ci/floors.txt
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS)/bin/python -m pip install --quiet -e '.[test]' -c .ci/floors.txt
+	touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check replicator tests demo bench
 	$(BIN)/mypy replicator bench
@@ -32,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf demo-run bench-run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-run bench-run $(FLOORS) .pytest_cache .mypy_cache .ruff_cache

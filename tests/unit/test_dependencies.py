@@ -1,11 +1,36 @@
-"""A ZODB whose restore would make a replica unlike its primary is refused at run time."""
+"""The dependencies' lower bounds: declared, pinned for their test run, and refused below at run time."""
 
 from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from replicator.errors import ConfigError
-from replicator.storage import check_restore_support
+from replicator.storage import RESTORE_SINCE, check_restore_support
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = [int(p) for p in version.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def test_every_lower_bound_is_pinned_for_the_floors_run():
+    declared = {}
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, _, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(>=)\s*([0-9.]+)", spec).groups()  # type: ignore[union-attr]
+        declared[name.lower()] = _release(floor)
+    pinned = {}
+    for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pinned[name.strip().lower()] = _release(version.strip())
+    assert pinned == declared
+    assert declared["zodb"] == RESTORE_SINCE
 
 
 @pytest.mark.parametrize("version", ["5.8.1", "5.6.0", "6.0.0", "6.0", "4"])
