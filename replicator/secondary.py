@@ -79,6 +79,9 @@ FREE_SPACE_STEP = 1 << 20
 FULL_DISK_RETRY = 600.0
 #: Seconds between two looks at the free space meanwhile.
 FREE_SPACE_LOOK = 1.0
+#: After ``idle_timeout`` without a message, the secondary looks this long
+#: more before it calls the primary silent (``_receive``).
+STALL_LOOK = 1.0
 
 log = logging.getLogger("replicator.secondary")
 
@@ -804,11 +807,20 @@ class Secondary:
         batch or blob chunk is up to 1 MiB, a record up to ``max_frame``,
         and the primary's heartbeats queue behind it): while the connection
         still receives data (Linux says when it last did), the wait goes on.
+        A process that was itself stopped for that long takes one more look
+        (``STALL_LOOK``) at what arrived before it blames the primary.
         """
         idle = self.config.idle_timeout
         while True:
             try:
                 return await ws.receive(timeout=idle)
+            except TimeoutError:
+                pass
+            try:
+                # A process stopped or stalled for longer than `idle` (SIGSTOP, a
+                # paused VM) wakes up to this timeout before it reads what came
+                # meanwhile, which may even be received already: one more look.
+                return await ws.receive(timeout=STALL_LOOK)
             except TimeoutError:
                 quiet = seconds_since_heard(ws)
                 if quiet is not None and quiet < idle:

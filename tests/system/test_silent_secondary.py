@@ -206,8 +206,10 @@ def test_a_stopped_secondary_is_kept_while_its_host_answers(tmp_path: Path, tls_
                 # More than its socket buffers hold: its window closes.
                 for i in range(12):
                     await asyncio.to_thread(_commit, db, f"big{i}", 4_000_000)
-                # Five times the primary's limit, far past the probes' growing gaps.
-                await asyncio.sleep(10)
+                # Far past the primary's limit and the probes' growing gaps, and
+                # past the secondary's own 15 s without a message from the primary:
+                # woken, it must read what came before it calls the primary silent.
+                await asyncio.sleep(17)
                 listed = primary.status()["secondaries"]
                 assert [s["connected_at"] for s in listed] == [since], listed
                 assert primary.status()["silent_secondaries_dropped"] == 0
