@@ -1011,7 +1011,19 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
             hint = "check that both nodes use certificates from the same cluster CA"
         return TLSError(address, f"TLS handshake with {address} failed: {text}", hint=hint)
     os_error = error.os_error if isinstance(error, aiohttp.ClientConnectorError) else error
-    if secure and isinstance(os_error, aiohttp.ServerDisconnectedError):
+    connecting = os_error is not error  # it failed while connecting: TCP or the TLS handshake
+    if secure and connecting and isinstance(os_error, ConnectionResetError | ConnectionAbortedError):
+        # Closed before the handshake ended: a TLS 1.2 server refusing our
+        # certificate looks like this, but so does anything that accepts
+        # connections and drops them (a proxy or firewall, a server stopping);
+        # two nodes of this release speak TLS 1.3, which refuses as below.
+        hint = ("if the server speaks only TLS 1.2, it refused this node's certificate (is it signed "
+                "by the cluster CA?); otherwise whatever listens there closes connections unanswered: "
+                "a proxy or firewall in between, or a server on its way down")
+        return TLSError(address, f"TLS handshake with {address} failed: the connection was closed "
+                        "before the handshake ended", hint=hint)
+    if secure and isinstance(os_error, aiohttp.ServerDisconnectedError
+                             | ConnectionResetError | ConnectionAbortedError):
         # TLS 1.3 checks the client's certificate after the client considers
         # the handshake done, and asyncio's TLS server drops a connection it
         # refuses without flushing the alert: the refusal arrives here as a
@@ -1020,16 +1032,6 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
                 "the cluster CA, and does this node present one?")
         return TLSError(address, f"TLS handshake with {address} failed: the server closed "
                         f"the connection before answering {during}", hint=hint)
-    if secure and isinstance(os_error, ConnectionResetError | ConnectionAbortedError):
-        # Closed before the handshake ended: a TLS 1.2 server refusing our
-        # certificate looks like this, but so does anything that accepts
-        # connections and drops them (a proxy or firewall, a server stopping);
-        # two nodes of this release speak TLS 1.3, which refuses as above.
-        hint = ("if the server speaks only TLS 1.2, it refused this node's certificate (is it signed "
-                "by the cluster CA?); otherwise whatever listens there closes connections unanswered: "
-                "a proxy or firewall in between, or a server on its way down")
-        return TLSError(address, f"TLS handshake with {address} failed: the connection was closed "
-                        "before the handshake ended", hint=hint)
     unresolved = unresolved_host(error)
     if unresolved is not None:
         return TransportError(address, f"cannot connect to {address}: {unresolved}", hint=RESOLUTION_HINT)
