@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUN, say  # noqa: E402
+from ZODB.FileStorage import FileStorage  # noqa: E402
 
 from replicator.applier import Applier  # noqa: E402
 from replicator.protocol.framing import FrameDecoder, encode_event  # noqa: E402
@@ -39,8 +40,6 @@ def messages(data: Path) -> list[bytes]:
 
 
 def run(stream: list[bytes], dst: Path) -> tuple[float, float, float]:
-    from ZODB.FileStorage import FileStorage
-
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     storage = FileStorage(str(dst / "Data.fs"), blob_dir=str(dst / "blobs"))

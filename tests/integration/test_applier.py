@@ -10,8 +10,11 @@ import signal
 import tempfile
 
 import pytest
+import transaction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from persistent.mapping import PersistentMapping
+from ZODB import DB
 from ZODB.FileStorage import FileStorage
 
 from replicator.applier import Applier
@@ -25,6 +28,7 @@ from replicator.errors import (
 )
 from replicator.protocol.events import BlobChunk, Heartbeat, Record, TxnBegin, TxnEnd
 from replicator.storage import iter_transactions, last_state, open_file_storage, txn_digest
+from replicator.tailer import Tailer
 from replicator.verify import verify
 
 from .zodb_workload import (
@@ -670,12 +674,6 @@ def test_an_undo_into_a_transaction_that_undid_two_keeps_the_right_state(tmp_pat
     the first of T3's records for the one meant, and the replica read state
     1 where the primary reads 0 (why pyproject.toml asks for ZODB 6.0.1).
     """
-    import transaction
-    from persistent.mapping import PersistentMapping
-    from ZODB import DB
-
-    from replicator.tailer import Tailer
-
     path = str(tmp_path / "source.fs")
     db = DB(FileStorage(path))
     tm = transaction.TransactionManager()
