@@ -62,7 +62,7 @@ from .protocol import (
 )
 from .rewind import explain_divergence, identities_from_json
 from .status import size_text
-from .storage import last_identity, open_file_storage
+from .storage import check_restore_support, last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_from_hex, tid_repr, tid_time
@@ -344,6 +344,7 @@ class Secondary:
     async def open(self) -> None:
         cfg = self.config
         if self.storage is None:
+            check_restore_support()  # before the storage file is created
             self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
         storage: FileStorage = self.storage
         self.applier = Applier(storage, invalidate=self._invalidate)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ZODB.config import BaseConfig
 
 from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
+from .storage import check_restore_support
 from .wrappers import PrimaryStorage, SecondaryStorage
 
 __all__ = ["PrimaryStorageConfig", "SecondaryStorageConfig"]
@@ -55,6 +56,7 @@ class SecondaryStorageConfig(BaseConfig):
 
     def open(self, database_name="unnamed", databases=None):
         section = self.config
+        check_restore_support()  # before the wrapped section creates the storage file
         base = section.base.open()
         try:
             config = SecondaryConfig(

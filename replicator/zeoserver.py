@@ -18,7 +18,7 @@ from ZEO.StorageServer import StorageServer
 
 from .config import Address, SecondaryConfig
 from .errors import ConfigError
-from .storage import open_file_storage
+from .storage import check_restore_support, open_file_storage
 from .wrappers import SecondaryStorage
 
 __all__ = ["serve_replica"]
@@ -36,6 +36,7 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
     ``ConfigError`` if the address cannot be bound, and ``StorageError``/
     ``ConfigError`` from opening the storage.
     """
+    check_restore_support()  # before the storage file is created
     base = await asyncio.to_thread(open_file_storage, config.storage, config.blob_dir)
     storage = SecondaryStorage(base, config, start=False)
     try:
