@@ -105,12 +105,14 @@ class SourceFile:
             return self._window[off:off + n]
         want = max(n, ahead)
         parts, got = [], 0
-        while got < want:  # pread may return less than asked for huge reads
-            part = os.pread(self.fd, min(want - got, 1 << 30), pos + got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
+        while got < want:  # in parts: a single read returns at most about 2 GB
+            ask = min(want - got, 1 << 30)
+            part = os.pread(self.fd, ask, pos + got)
+            if part:
+                parts.append(part)
+                got += len(part)
+            if len(part) < ask:
+                break  # the end of the file: no second read to be told so
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if want <= max(ahead, WHOLE_TXN):
             self._window, self._wpos = data, pos

@@ -133,6 +133,9 @@ class ChangeNotifier:
         self.version = 0
         self._waiters: set[asyncio.Future] = set()
         self._stamp: tuple[int, int, int] | None = None
+        #: The stat of the look that made ``version`` (None if no look did):
+        #: the sessions it wakes read up to its size without a stat of their own.
+        self.looked: tuple[int, os.stat_result] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_scheduled = False  # a wake-up is on its way to the loop
         self._dirty = False  # a commit came since the last wake-up
@@ -271,16 +274,22 @@ class ChangeNotifier:
         """Stat the file; wake the sessions if it changed, a recheck is due, or ``news``."""
         try:
             # A stat of a local file does not block for long: no thread hop.
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            st: os.stat_result | None = os.stat(self.path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # type: ignore[union-attr]
         except OSError:
-            stamp = (0, 0, 0)  # mid-pack rename; the next look sees the new file
+            st, stamp = None, (0, 0, 0)  # mid-pack rename; the next look sees the new file
         if stamp != self._stamp or self._recheck or news:
             self._stamp = stamp
             self._recheck = False
             self.notify()
+            self.looked = (self.version, st) if st is not None else None
             return True
         return False
+
+    def stat_for(self, version: int) -> os.stat_result | None:
+        """The stat of the look that made ``version``, if a look did."""
+        looked = self.looked
+        return looked[1] if looked is not None and looked[0] == version else None
 
 
 #: Looks in a row that found nothing before the sidecar's poller sleeps on file events.
@@ -1227,7 +1236,9 @@ class Primary:
                 # finished): the poller's next look wakes us even if the
                 # file's size and mtime stay the same.
                 self.notifier.recheck()
-            seen = await self.notifier.wait(seen, timeout)
+            before, seen = seen, await self.notifier.wait(seen, timeout)
+            if seen != before:  # woken by a look or a commit, not by the heartbeat's timeout
+                tailer.offer_stat(self.notifier.stat_for(seen))
 
     async def _ack_loop(self, ws: web.WebSocketResponse, conn: Connection, stats: SessionStats) -> None:
         """Take the secondary's acknowledgements until it says goodbye, the

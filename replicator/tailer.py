@@ -252,13 +252,22 @@ class Tailer:
         size = self._size_if_same_file(src)
         return 1 << 62 if size is None else max(0, size - src.scan_pos)
 
+    def offer_stat(self, st: os.stat_result | None) -> None:
+        """A stat of ``path`` just taken by someone else (the primary's poller), for the next read.
+
+        Any stat taken before the bytes are read will do: a newer size is
+        read at the next wake-up.
+        """
+        self._stat_hint = st
+
     def _size_if_same_file(self, src: SourceFile) -> int | None:
         """Size of the file at ``path`` if it is still ``src``'s (None: replaced or gone).
 
-        The ``stat`` is kept for the next ``read_events``, which would
-        otherwise take the same one again right after.
+        The ``stat`` (or the one offered, ``offer_stat``) is kept for the
+        next ``read_events``, which would otherwise take the same one again
+        right after.
         """
-        st = self._stat_hint = self._stat()
+        st = self._stat_hint = self._stat_hint or self._stat()
         return st.st_size if st is not None and (st.st_dev, st.st_ino) == src.ident else None
 
     def _stat(self) -> os.stat_result | None:
@@ -468,14 +477,27 @@ class Tailer:
 
     # -- internals ----------------------------------------------------------
 
-    def _snapshot(self, st: os.stat_result | None = None) -> tuple[object, ...]:
+    def _snapshot(self, st: os.stat_result | None = None, read_up_to: int | None = None) -> tuple[object, ...]:
+        """What ``wait()`` compares: the file's identity, size and mtime, and the status byte at the cursor.
+
+        ``read_up_to``: the cursor's header was just read against this size;
+        the status byte is then the one that read saw (still in the file's
+        window), or none if the file ended before it.  That spares a read per
+        wake-up, and a flip after the header was read still differs.
+        """
         if st is None:
             st = self._stat()
         if st is None:  # a pack renames the old file away first
             return (None,)
         status = b""
-        if self._cur is not None and self._cur.fd >= 0:
-            status = os.pread(self._cur.fd, 1, self._pos + 16)
+        cur = self._cur
+        if cur is not None and cur.fd >= 0:
+            at = self._pos + 16
+            found = cur.view(at, 1) if read_up_to is not None else None
+            if found is not None:
+                status = found[0][found[1]:found[1] + 1]
+            elif read_up_to is None or at < read_up_to:
+                status = os.pread(cur.fd, 1, at)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, status)
 
     def _drop_txn(self) -> None:
@@ -582,13 +604,13 @@ class Tailer:
         """
         if self._size is None:
             # One stat serves the change snapshot, the identity check and the
-            # size (pending_bytes() may just have taken it).
+            # size (pending_bytes() or the poller may just have taken it).
             st, self._stat_hint = self._stat_hint or self._stat(), None
-            self._seen = self._snapshot(st)
             if self._refresh(st) or self._cur is not self._src:
                 self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
             src = self._cur
             if src is None or not src.ready():
+                self._seen = self._snapshot(st)
                 return None
             same = st is not None and (st.st_dev, st.st_ino) == src.ident
             size = st.st_size if same else src.size()  # type: ignore[union-attr]
@@ -596,9 +618,13 @@ class Tailer:
                 src.close()
                 self._src = self._cur = SourceFile(self.path)
                 self._switch_to(self._src, self._last_tid)
+                self._seen = self._snapshot(st)
                 return None
             src.invalidate()
             self._size = size
+            h = src.confirmed_header(self._pos, self._last_tid, size)
+            self._seen = self._snapshot(st, read_up_to=size)
+            return h
         return self._cur.confirmed_header(self._pos, self._last_tid, self._size)  # type: ignore[union-attr]
 
     def _blob_file(self, oid: bytes, tid: bytes) -> str:
