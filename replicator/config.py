@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .fsformat import MAGICS
 
 __all__ = ["Address", "TLSPaths", "PrimaryConfig", "SecondaryConfig", "parse_address"]
 
@@ -152,8 +153,16 @@ class PrimaryConfig:
             problems.append(f"sync-fallback must be 'wait' or 'async', not {self.sync_fallback!r}")
         if self.sync_timeout <= 0:
             problems.append("sync-timeout must be positive")
-        if not os.path.isfile(self.storage):
+        if os.path.isdir(self.storage):
+            problems.append(f"--storage {self.storage} is a directory; give the Data.fs file path")
+        elif not os.path.isfile(self.storage):
             problems.append(f"--storage {self.storage}: no such file (the primary tails an existing Data.fs)")
+        else:
+            magic = _file_start(self.storage, len(MAGICS[0]))
+            if magic is not None and len(magic) == len(MAGICS[0]) and magic not in MAGICS:
+                # A wrong path, not damage: no FileStorage starts this way.
+                problems.append(f"--storage {self.storage} is not a FileStorage file (it begins with {magic!r}, "
+                                f"not {MAGICS[0]!r}); give the Data.fs file path")
         if self.blob_dir is not None and not os.path.isdir(self.blob_dir):
             problems.append(f"--blob-dir {self.blob_dir}: no such directory")
         _check_tls(self.tls, self.insecure, problems)
@@ -217,3 +226,12 @@ class SecondaryConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+
+def _file_start(path: str, n: int) -> bytes | None:
+    """The first ``n`` bytes of ``path`` (fewer if shorter); None if it cannot be read (said elsewhere)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None

@@ -35,6 +35,22 @@ def test_primary_lists_every_configuration_problem_at_once(tmp_path):
     assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
 
 
+@pytest.mark.parametrize("what, problem", [
+    ("directory", "is a directory; give the Data.fs file path"),
+    ("zeo.conf", "is not a FileStorage file (it begins with b'<zeo', not b'FS30'); give the Data.fs file path"),
+])
+def test_a_primary_given_the_wrong_path_is_told_so_not_that_the_file_is_damaged(tmp_path, what, problem):
+    path = tmp_path / what
+    if what == "directory":
+        path.mkdir()
+    else:
+        path.write_text("<zeo>\n  address 8100\n</zeo>\n")
+    result = run("primary", "--storage", str(path), "--insecure", "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert f"--storage {path} {problem}" in result.stderr
+    assert "damaged" not in result.stderr
+
+
 @pytest.mark.parametrize("option, bad, toml, problem", [
     ("poll-interval", "0", "-1.5", "--poll-interval {}: must be positive"),
     ("batch-delay", "2", "-0.5", "batch-delay {}: must be between 0 and 1 second"),
