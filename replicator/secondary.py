@@ -338,6 +338,9 @@ class Secondary:
         self.coalescing: ReadCoalescing | None = None
         #: Why this node closed its link upstream: the primary's certificate's CA was dropped.
         self._untrusted: str | None = None
+        #: The last TLS failure logged at ERROR, and when: the same one repeats
+        #: at ERROR at most every OUTAGE_WARNING_INTERVAL, at INFO between.
+        self._tls_logged: tuple[str, float] | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -565,7 +568,12 @@ class Secondary:
                     # (renewed files are loaded as they come: Credentials).
                     expired = self.credentials.expired() if self.credentials is not None else None
                     message = str(exc) if expired is None else f"{exc}; the likely cause: {expired}"
-                    log.error("%s", message)
+                    now, last = time.monotonic(), self._tls_logged
+                    if last is None or last[0] != message or now - last[1] >= OUTAGE_WARNING_INTERVAL:
+                        log.error("%s", message)
+                        self._tls_logged = (message, now)
+                    else:
+                        log.info("%s", message)
                     logged, failure = True, exc
                 except (TimeoutError, TransportError, RemoteProtocolError, ConnectionError, aiohttp.ClientError) as exc:
                     message = f"{type(exc).__name__}: {exc}"

@@ -171,3 +171,38 @@ def test_a_secondary_whose_certificate_expired_says_so(source, tls_dir, tmp_path
         asyncio.run(scenario())
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("the likely cause: this node's certificate" in m and "expired on" in m for m in errors), errors
+
+
+def test_a_tls_failure_that_lasts_is_an_error_once_a_minute_not_once_a_retry(tmp_path, tls_dir, caplog):
+    """Pointed at a port that speaks no TLS (the ZEO port, say), the secondary retries every
+    0.05-0.2 s: the first failure is an ERROR with its hint, the same one then INFO."""
+    async def scenario() -> None:
+        async def not_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"\x00\x00\x00\x04ZEO5")  # what a ZEO server says first
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+                await reader.read(100)
+            writer.close()
+
+        server = await asyncio.start_server(not_tls, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                                 primary=Address("127.0.0.1", port), node="secondary", reconnect_min=0.05,
+                                 reconnect_max=0.2, tls=tls(tls_dir, "secondary")).validate()
+        secondary = Secondary(config)
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            await until(lambda: secondary.link_log.failures >= 5, timeout=15, what="five failed attempts")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await secondary.close()
+            server.close()
+
+    with caplog.at_level(logging.INFO, logger="replicator.secondary"):
+        asyncio.run(scenario())
+    tls_lines = [(r.levelname, r.getMessage()) for r in caplog.records if "TLS handshake with" in r.getMessage()]
+    assert [level for level, _ in tls_lines].count("ERROR") == 1, tls_lines
+    assert [level for level, _ in tls_lines].count("INFO") >= 4, tls_lines
