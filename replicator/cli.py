@@ -438,16 +438,20 @@ def certs() -> None:
 @click.option("--node", "nodes", multiple=True, default=("primary", "secondary"), show_default=True,
               help="Node certificates to issue (repeat).")
 @click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
-              help="Host names and IP addresses the node certificates are valid for (repeat).")
+              help="Host names and IP addresses every node certificate made here is valid for (repeat); "
+                   "nodes on hosts of their own: one --node here, then `certs issue` for each other node "
+                   "with its own --host.")
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True,
+              help="How long the node certificates are valid (the CA: ten years).")
 @click.option("--force", is_flag=True, default=False, help="Overwrite existing files.")
-def certs_init(directory, nodes, hosts, force) -> None:
+def certs_init(directory, nodes, hosts, days, force) -> None:
     """Create a cluster CA and a certificate for each node."""
     from .certs import init_ca, issue_node
 
     try:
         init_ca(directory, force=force)
         for name in nodes:
-            issue_node(directory, name, hosts=tuple(hosts), force=force)
+            issue_node(directory, name, hosts=tuple(hosts), force=force, days=days)
     except ConfigError as exc:
         _fail(_with_force_option(exc, "; a new CA leaves every certificate the old one signed unusable"))
     except ReplicatorError as exc:
