@@ -671,8 +671,12 @@ class Tailer:
             back = nxt
 
     def _too_big(self, rpos: int, plen: int) -> None:
-        raise ConfigError(f"{self.path}: record at {rpos} has {plen} bytes, more than "
-                          f"max_record_size {self.max_record_size}; raise the limit")
+        error = ConfigError(f"{self.path}: the record at offset {rpos} has {plen} bytes, more than the "
+                            f"{self.max_record_size} a record may have to be replicated (max_record_size: "
+                            "a record travels whole, in one frame)")
+        error.hint = ("store data this big in a ZODB blob, which is streamed in chunks whatever its size; "
+                      "the transactions before this one are served")
+        raise error
 
     def _plain_txn(self, h: TxnHeader) -> list[Event] | None:
         """All events of ``h`` at once if it is small and plain (``plain_records``), else None.
