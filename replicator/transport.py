@@ -584,7 +584,8 @@ def _handshake_failure(error: BaseException, received: int | None = None) -> tup
             return ("refused_by_client", logging.WARNING,
                     "the client closed the connection in the middle of the handshake, most likely "
                     "refusing this node's certificate: does it trust this cluster's CA (is it a node "
-                    "of this cluster), and has this node's certificate expired?")
+                    "of this cluster), does this node's certificate name the host name or address the "
+                    "client dialled (`replicator certs show`), and has it expired?")
         return "closed", logging.DEBUG, f"closed before its handshake began ({_short(error)})"
     return "other", logging.INFO, f"TLS handshake failed ({type(error).__name__}: {_short(error)})"
 
