@@ -147,9 +147,9 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             node.promoted = True
             node.progress.epoch = state.epoch
             if node.downstream is not None:
-                node.downstream.epoch = state.epoch
                 node.downstream.relay = False  # the source of its history now: it may refuse as one
                 node.downstream.unfence()
+                await node.downstream.move_to_epoch(state.epoch, "promoted")
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
             node.promotion_done.set()

@@ -784,6 +784,25 @@ class Primary:
     def writable(self) -> bool:
         return self.fenced is None and not self.stale
 
+    async def move_to_epoch(self, epoch: int, why: str) -> None:
+        """This node's history is in ``epoch`` from now on (``why``: its promotion, or a relay
+        following a newer primary).
+
+        New sessions hear it in their Welcome.  Open ones are closed with a
+        Goodbye, so that their secondaries reconnect at once and join the
+        epoch: a secondary that stayed in the old one would, if promoted
+        itself, begin an epoch number this one already has.
+        """
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        for ws, conn in list(self._sockets.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye(
+                    "epoch", f"{self.config.node} is in epoch {epoch} now ({why}); reconnect to join it"))), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+
     def _become_stale(self, epoch: int, node: str) -> None:
         if not self.stale:
             log.critical("node %s is at epoch %d, this primary at %d: a newer primary was promoted; "

@@ -755,6 +755,8 @@ class Secondary:
             if welcome.epoch > ours:
                 log.info("following primary %s into epoch %d", welcome.node, welcome.epoch)
         self.progress.epoch = welcome.epoch
+        if self.downstream is not None:  # the secondaries this node relays to join it
+            await self.downstream.move_to_epoch(welcome.epoch, f"following primary {welcome.node}")
 
     async def _receive_welcome(self, ws, conn: Connection) -> Welcome:
         """The primary's answer to our Hello: a ``Welcome``, or the refusal raised.

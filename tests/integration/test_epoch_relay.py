@@ -1,0 +1,77 @@
+"""A secondary connected through a relay joins the relay's new epoch without a restart of its own.
+
+A relay (a secondary serving its storage onward) changes epoch when it is
+promoted or when it follows a newer primary.  A secondary that stayed in
+the old epoch would, promoted in its turn, begin an epoch number that
+already exists elsewhere, and fencing by epoch could no longer tell the two
+primaries apart.  Real nodes, real TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+
+from replicator.config import Address, PrimaryConfig
+from replicator.control import call, primary_routes
+from replicator.epoch import begin_epoch, load_epoch
+from replicator.primary import Primary
+from replicator.tailer import Tailer
+from tests.helpers import free_port
+from tests.integration.test_failover import commit_to, primary_on, secondary_on, until
+from tests.integration.test_replication import tls
+
+
+def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_dir):
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 5, seed=1)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                    await until(lambda: c.progress.applied_tid == a.head_tid and c.progress.connected)
+                    promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", tls(tls_dir, "primary"))
+                    assert promoted["epoch"] == 1
+                    await until(lambda: c.progress.epoch == 1 and c.progress.connected, timeout=10)
+                    record = load_epoch(str(tmp_path / "c.fs")).history[-1]
+                    assert (record.epoch, record.node) == (1, "b")
+
+    asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def primary_at(tmp_path, tls_dir, name: str, port: int):
+    fs, blobs = str(tmp_path / f"{name}.fs"), str(tmp_path / f"{name}-blobs")
+    config = PrimaryConfig(storage=fs, blob_dir=blobs, listen=Address("127.0.0.1", port),
+                           tls=tls(tls_dir, "primary"), node=name, heartbeat_interval=0.2).validate()
+    server = Primary(config, routes=primary_routes(lambda: server, lambda: Tailer(fs, blobs).open()))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def test_a_secondary_behind_a_relay_joins_the_epoch_the_relay_follows_into(tmp_path, tls_dir):
+    """The relay's upstream address comes back as a newer epoch's primary (a failover there)."""
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 5, seed=2)
+    # q: a standby of a that was promoted (its copy of a's history, epoch 1 begun on it).
+    shutil.copy(tmp_path / "a.fs", tmp_path / "q.fs")
+    shutil.copytree(tmp_path / "a-blobs", tmp_path / "q-blobs")
+    port = free_port()
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(primary_at(tmp_path, tls_dir, "a", port))
+            b, _ = await stack.enter_async_context(secondary_on(tmp_path, tls_dir, "b", port))
+            c, _ = await stack.enter_async_context(secondary_on(tmp_path, tls_dir, "c", b.port))
+            await until(lambda: c.progress.applied_tid == a.head_tid and c.progress.connected)
+            await a.stop()
+            begin_epoch(str(tmp_path / "q.fs"), a.head_tid, "q")
+            async with primary_at(tmp_path, tls_dir, "q", port):
+                await until(lambda: b.progress.epoch == 1 and b.progress.connected, timeout=15)
+                await until(lambda: c.progress.epoch == 1 and c.progress.connected, timeout=10)
+                assert load_epoch(str(tmp_path / "c.fs")).epoch == 1
+
+    asyncio.run(scenario())
