@@ -347,7 +347,10 @@ class Secondary:
     async def open(self) -> None:
         cfg = self.config
         if self.storage is None:
-            check_restore_support()  # before the storage file is created
+            # What can be found wrong before the storage file is created
+            # (the next start would find an empty replica and its index).
+            check_restore_support()
+            self._read_credentials()
             self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
         storage: FileStorage = self.storage
         self.applier = Applier(storage, invalidate=self._invalidate)

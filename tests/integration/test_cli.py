@@ -399,6 +399,17 @@ def test_a_second_secondary_on_the_same_storage_is_a_usage_error(tmp_path, tls_d
         first.stop()
 
 
+def test_a_secondary_whose_key_does_not_fit_its_certificate_creates_no_storage(tmp_path, tls_dir):
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    result = run("secondary", "--storage", str(replica / "Data.fs"), "--blob-dir", str(replica / "blobs"),
+                 "--primary", "127.0.0.1:1", "--tls-ca", str(tls_dir / "ca.pem"),
+                 "--tls-cert", str(tls_dir / "secondary.pem"), "--tls-key", str(tls_dir / "primary.key"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "key" in result.stderr, result.stderr
+    assert list(replica.iterdir()) == []  # the next start finds no empty replica to take for its own
+
+
 def test_rewind_refuses_a_storage_a_running_node_has_open(tmp_path, tls_dir):
     from tests.helpers import Proc, free_port, tls_args, wait_until
 
