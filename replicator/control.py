@@ -11,8 +11,9 @@ cluster: see ``transport.ROLE_RIGHTS``):
   catch up with the last commits.  ``/fence`` drops the ZEO clients of a
   primary inside a ZEO server, or with ``?clients=keep`` leaves them
   connected (their commits fail with ``ReadOnlyError``) until ``/demote``.
-- ``POST /demote?primary=HOST:PORT`` (a fenced primary inside a ZEO
-  server): become a secondary of that node in place, on the same port.
+- ``POST /demote?primary=HOST:PORT`` (a fenced primary, embedded in a ZEO
+  server or promoted from a secondary): become a secondary of that node in
+  place, on the same port.  A sidecar primary cannot (HTTP 501).
 - ``GET /identities?tids=HEX,HEX,...`` (any node): which of these
   transactions this node has, with their status and digests; a diverged
   node uses it to find where its history forks (``rewind``).
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from .secondary import Secondary
     from .tailer import Tailer
 
-__all__ = ["primary_routes", "secondary_routes", "call", "node_command", "describe_node", "identities_route"]
+__all__ = ["primary_routes", "secondary_routes", "call", "node_command", "describe_node", "identities_route",
+           "Refusal"]
 
 log = logging.getLogger("replicator.control")
 
@@ -75,20 +77,29 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
 
 def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[[], Tailer],
                    demote: Callable[[str], None] | None = None, *, sidecar: bool = False) -> list[web.RouteDef]:
-    """Routes of a primary's port; ``demote(HOST:PORT)`` (embedded primaries) makes it follow another node.
+    """Routes of a primary's port; ``demote(HOST:PORT)`` makes it follow another node, in place.
 
-    ``sidecar``: the commits come from another process (a ZEO server), which
-    this one cannot stop.  Its fence then holds the storage's own lock, as a
-    process that opens the storage for writing does: refused while a writer
-    has it open (stop that first), and while held, no writer can open it,
-    until ``/unfence`` or the end of this process.
+    ``demote`` is called on the route's loop 0.2 s after the answer (it may
+    stop the server that answered); without it ``/demote`` is refused with
+    HTTP 501, saying why.  ``sidecar``: the commits come from another process
+    (a ZEO server), which this one cannot stop.  Its fence then holds the
+    storage's own lock, as a process that opens the storage for writing does:
+    refused while a writer has it open (stop that first), and while held, no
+    writer can open it, until ``/unfence`` or the end of this process.
     """
     async def demote_route(request: web.Request) -> web.Response:
         primary = get_primary()
         upstream = request.query.get("primary", "")
         if demote is None:
-            raise web.HTTPNotImplemented(text="only a primary inside a ZEO server (<replicated-primary>) can "
-                                              "become a secondary in place; restart this node as a secondary")
+            if sidecar:
+                raise web.HTTPNotImplemented(
+                    text="this primary is a sidecar (`replicator primary`), beside a ZEO server it cannot "
+                         "reconfigure: restart this node as a secondary of the new primary (<replicated-secondary> "
+                         "in that server's configuration, or `replicator secondary`)")
+            raise web.HTTPNotImplemented(text="this node cannot become a secondary in place; restart it as a "
+                                              "secondary of the new primary")
+        if primary.relay:
+            raise web.HTTPConflict(text="this node is a secondary, not a primary: there is nothing to demote")
         if primary.writable:
             raise web.HTTPConflict(text="fence this primary first (replicator fence): it still takes writes")
         try:
@@ -160,6 +171,14 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
     return [web.post("/promote", promote)]
 
 
+class Refusal(UsageError):
+    """A node refused a control request (HTTP ``status``: 4xx, or 501 for what it cannot do at all)."""
+
+    def __init__(self, message: str, *, status: int, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
 def _url(target: str, path: str, insecure: bool) -> str:
     base = target if "://" in target else ("http://" if insecure else "https://") + target
     return base.rstrip("/") + path
@@ -173,11 +192,11 @@ def _refusal(target: str, method: str, url: str, status: int, text: str) -> Repl
         return UsageError(f"{target} has no {method} /{route} (HTTP {status}): it is not a node of the "
                           "kind this command is for")
     if status == 403:  # the client certificate's role (transport.authorize)
-        return UsageError(f"{target} refused {method} /{route} (HTTP 403): {text}",
-                          hint="give this command an operator's or a node's certificate (--tls-cert, "
-                               "--tls-key); `replicator certs issue NAME --role operator` makes one")
+        return Refusal(f"{target} refused {method} /{route} (HTTP 403): {text}", status=status,
+                       hint="give this command an operator's or a node's certificate (--tls-cert, "
+                            "--tls-key); `replicator certs issue NAME --role operator` makes one")
     if 400 <= status < 500 or status == 501:
-        return UsageError(f"{target} refused {method} /{route} (HTTP {status}): {text}")
+        return Refusal(f"{target} refused {method} /{route} (HTTP {status}): {text}", status=status)
     return ReplicatorError(f"{method} {url}: HTTP {status}: {text}",
                            hint=f"the node failed; its log at {target} says why")
 

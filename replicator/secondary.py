@@ -22,14 +22,14 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import WSMsgType
 from ZODB.FileStorage import FileStorage
 
 from .applier import Applier, Invalidate
-from .config import PrimaryConfig, SecondaryConfig
+from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import call, primary_routes, secondary_routes
 from .credentials import Credentials
 from .epoch import adopt_epoch, load_epoch
@@ -290,13 +290,20 @@ class Secondary:
 
     def __init__(self, config: SecondaryConfig, *, storage: FileStorage | None = None,
                  invalidate: Invalidate | None = None,
-                 on_promoted: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_promoted: Callable[[], Awaitable[None]] | None = None,
+                 on_demoted: Callable[[Secondary], None] | None = None,
+                 promoted_status: Callable[[], dict] | None = None) -> None:
         """Follow the primary named in ``config``.
 
         ``storage``: an already open FileStorage to apply to (a storage
         wrapper's base, which its owner closes); by default the secondary
         opens ``config.storage`` itself.  ``invalidate(tid, oids)`` is called
         as each transaction finishes, before the storage's last TID moves.
+        ``on_promoted()`` runs once POST /promote made this node the primary;
+        ``on_demoted(successor)`` once POST /demote made it a secondary again,
+        before its stream server closes: ``successor`` follows the new primary
+        from then on (see ``serve``).  ``promoted_status()`` adds to GET
+        /status while this node is the primary.
         """
         self.config = config
         self.progress = _Progress()
@@ -322,6 +329,13 @@ class Secondary:
         #: Set once the promotion's new epoch is recorded (after ``promoted``).
         self.promotion_done = asyncio.Event()
         self._on_promoted = on_promoted
+        self._on_demoted = on_demoted
+        self._promoted_status = promoted_status
+        #: ``serve()`` runs this node: it can hand over to a successor when demoted (POST /demote).
+        self._demotable = False
+        #: Set by POST /demote once promoted: HOST:PORT of the primary to follow instead.
+        self.demoted_to: str | None = None
+        self._demotion = asyncio.Event()
         #: Says when the link to the primary goes down and comes back.
         self.link_log = LinkLog(str(config.primary))
         #: Since when (monotonic) and how many times applying failed in the
@@ -368,7 +382,8 @@ class Secondary:
                 # /fence and /unfence act once promoted (a primary then); /identities always.
                 routes=[*secondary_routes(lambda: self, self._on_promoted),
                         *primary_routes(lambda: self._downstream(),
-                                        lambda: Tailer(storage.getName(), cfg.blob_dir).open())],
+                                        lambda: Tailer(storage.getName(), cfg.blob_dir).open(),
+                                        self._demote if self._demotable else None)],
                 relay=True, upstream=self._upstream, credentials=self.credentials,
                 upstream_answer=self._ask_upstream)
             self.port = await self.downstream.start()
@@ -504,21 +519,61 @@ class Secondary:
         """Open, follow the primary until cancelled (or refused for good), then close.
 
         A node stopped for promotion goes on serving its stream and /status
-        as the primary of its new epoch until cancelled; ``advice`` is logged
-        with that.  ``ready`` is called once the node is open and listening.
+        as the primary of its new epoch until cancelled, or until a
+        switchover demotes it (POST /demote, once fenced).  It then follows
+        the new primary, on the same port and storage, as a new
+        ``Secondary`` (``on_demoted`` is told which), which serves here in
+        turn: a node can be promoted and demoted any number of times.
+        ``advice`` is logged at each promotion.  ``ready`` is called once
+        the node is open and listening.
         """
+        node: Secondary | None = self
+        while node is not None:
+            node = await node._serve_once(ready, advice)
+            ready = None
+
+    async def _serve_once(self, ready: Callable[[], None] | None, advice: str) -> Secondary | None:
+        """``serve()`` as this node; the node that follows on once this one was demoted, if it was."""
+        self._demotable = True
         await self.open()
         try:
             if ready is not None:
                 ready()
             await self.run()
-            if self.stopped_on_request:
-                await self.promotion_done.wait()  # the new epoch is on disk once it is set
-                log.warning("promoted: %s is the primary of epoch %d and serves until stopped. %s",
-                            self.config.storage, self.progress.epoch, advice)
-                await asyncio.Event().wait()
+            if not self.stopped_on_request:
+                return None
+            await self.promotion_done.wait()  # the new epoch is on disk once it is set
+            log.warning("promoted: %s is the primary of epoch %d and serves until stopped. %s",
+                        self.config.storage, self.progress.epoch, advice)
+            await self._demotion.wait()
+            successor = self._successor()
+            log.warning("demoted: %s follows %s now, on the same port", self.config.storage,
+                        successor.config.primary)
+            if self._on_demoted is not None:
+                self._on_demoted(successor)  # while this node's stream server, fenced, still refuses writes
+            return successor
         finally:
             await self.close()
+
+    def _demote(self, upstream: str) -> None:
+        """POST /demote, this node promoted and fenced: follow ``upstream`` (HOST:PORT) instead."""
+        if self.promoted and self.demoted_to is None:
+            self.demoted_to = upstream
+            self._demotion.set()
+
+    def _successor(self) -> Secondary:
+        """A node following ``demoted_to`` on this one's port and storage (which it takes over)."""
+        assert self.demoted_to is not None
+        cfg = self.config
+        listen = cfg.listen
+        if listen is not None and self.port is not None:
+            listen = replace(listen, port=self.port)  # the port bound, if it was 0
+        config = replace(cfg, primary=parse_address(self.demoted_to, "primary"), listen=listen)
+        successor = Secondary(config, storage=self.storage, invalidate=self._invalidate,
+                              on_promoted=self._on_promoted, on_demoted=self._on_demoted,
+                              promoted_status=self._promoted_status)
+        successor._owns_storage, self._owns_storage = self._owns_storage, False
+        return successor
 
     @property
     def stopped_on_request(self) -> bool:
@@ -1005,7 +1060,8 @@ class Secondary:
             return {**self._status(p, False), "last_tid": self.storage.lastTransaction().hex(),
                     "last_tid_time": tid_time(self.storage.lastTransaction()), "connected": False,
                     "fenced": serving.fenced if serving is not None else None,
-                    "stale": serving.stale if serving is not None else False}
+                    "stale": serving.stale if serving is not None else False,
+                    **(self._promoted_status() if self._promoted_status is not None else {})}
         return self._status(p, behind)
 
     def _lag(self, p: _Progress, behind: bool) -> dict:

@@ -3,20 +3,25 @@
 Zero lost transactions: once the primary is fenced no commit can land
 there, every committed transaction is already in its file, and the
 secondary is promoted only after it acknowledged the primary's last one.
+Last, the old primary becomes a secondary of the new one in place; the
+switchover succeeds only once it says it is one, or, for a sidecar primary
+(which cannot, and whose ZEO server is stopped), with the next step to take.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from .config import TLSPaths
-from .control import call, describe_node
+from .control import Refusal, call, describe_node
 from .errors import OperationError, ReplicatorError, UsageError
 from .tid import tid_repr
 
 __all__ = ["run_switchover"]
+
+#: Seconds the old primary may take, once it accepted its demotion, to say it is a secondary.
+DEMOTION_TIMEOUT = 30.0
 
 
 def check_nodes(old: str, new: str, source: dict, target: dict) -> None:
@@ -75,15 +80,50 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
                              f"last transaction {head}: investigate before writing")
     done = (f"switched over: {promoted['node']} is the primary of epoch {promoted['epoch']} from "
             f"{tid_repr(bytes.fromhex(head))}; ")
+    name = fenced["node"]
     try:
         await call(old, "POST", f"/demote?primary={new}", tls, insecure=insecure)
+        await _demotion_done(old, tls, insecure)
     except ReplicatorError as exc:
-        # A sidecar primary cannot turn into a secondary in place.  Whatever
-        # failed, its clients must go: they register again and find the new primary.
-        with contextlib.suppress(ReplicatorError):
+        # Whatever failed, its clients must go: they register again, and
+        # those that list the new primary's server find it taking writes.
+        dropped = True
+        try:
             await call(old, "POST", "/fence?reason=switchover", tls, insecure=insecure)
-        return (done + f"{fenced['node']} is fenced ({exc.message}).\n"
-                f"Next: restart {fenced['node']} as a secondary of {new} (its history is a prefix of the new "
-                "primary's, so it resumes where it stopped).")
-    return done + f"{fenced['node']} now follows it as a secondary."
+        except ReplicatorError:
+            dropped = False
+        restart = (f"Next: restart {name} as a secondary of {new} (its history is a prefix of the new primary's, "
+                   "so it resumes where it stopped).")
+        if isinstance(exc, Refusal) and exc.status == 501 and dropped:
+            # A sidecar primary: it cannot, and its ZEO server was stopped before the fence.
+            return done + f"{name} is fenced ({exc.message}).\n" + restart
+        clients = ("its ZEO clients were dropped (those that list the new primary's server register there)"
+                   if dropped else "its ZEO clients could not be dropped: they stay connected, their commits "
+                   "refused")
+        raise OperationError(done + f"{name} did not become its secondary ({exc.message}); it stays fenced and "
+                             f"{clients}.\n" + restart) from exc
+    return done + f"{name} now follows it as a secondary."
+
+
+async def _demotion_done(old: str, tls: TLSPaths | None, insecure: bool) -> None:
+    """Return once the node at ``old``, told to become a secondary, says it is one.
+
+    It answers /demote before it acts (acting closes the port the request
+    came in on), and its port changes hands meanwhile: no answer for a
+    moment is expected.  Raises ``OperationError`` after ``DEMOTION_TIMEOUT``.
+    """
+    deadline = time.monotonic() + DEMOTION_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        try:
+            status = await call(old, "GET", "/status", tls, insecure=insecure, timeout=5.0)
+        except ReplicatorError as exc:
+            last = f"no answer: {exc.message}"
+            continue
+        if status.get("role") == "secondary":
+            return
+        last = f"it is {describe_node(status)}"
+    raise OperationError(f"{old} took its demotion but did not become a secondary within "
+                         f"{DEMOTION_TIMEOUT:.0f}s ({last}); its log says why")
 

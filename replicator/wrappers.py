@@ -136,18 +136,84 @@ def _blob_dir(base: FileStorage) -> str | None:
 
 
 class _Wrapper:
-    """What both wrappers share: a base FileStorage and a service thread, closed in that order."""
+    """What both wrappers share: a base FileStorage and a service thread, closed in that order,
+    and the roles the node takes in turn.
+
+    Whichever way a node became the primary (it started as one, or a
+    secondary of it was promoted), writes go through the stream server
+    that serves it as the primary, ``_serving``: a fence or a newer epoch
+    stops them there.  A demotion (POST /demote, after a switchover) makes
+    the node a secondary of the new primary on the same port; a promotion
+    makes it the primary again, any number of times.
+    """
 
     _base: FileStorage
     _service: ServiceThread
     _closed: bool
+    _dbs: list
+    #: Follows another node (or did, until promoted): a ``SecondaryStorage``
+    #: always, a ``PrimaryStorage`` once demoted.
+    secondary: Secondary | None
+    #: The stream server of this node while it is the primary (fenced or
+    #: not), and the loop it runs on; None while it follows another node.
+    _serving: Primary | None = None
+    _serving_loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._base)
 
     def _refuse_writes(self) -> None:
         """Raise ``ReadOnlyError`` unless this node takes writes now."""
-        raise NotImplementedError
+        serving = self._serving
+        if serving is None:
+            following = self.secondary.config.primary if self.secondary is not None else "another node"
+            raise ReadOnlyError(f"this node is a secondary: it follows the primary at {following}")
+        if not serving.writable:
+            # Fenced for a switchover, or superseded by a newer epoch.
+            raise ReadOnlyError(f"this primary accepts no writes: {serving.fenced}")
+
+    def isReadOnly(self) -> bool:
+        """What ZEO asks as a client registers: a fenced primary takes read-only clients only,
+        so that one listing several servers finds the one taking writes."""
+        serving = self._serving
+        return self._base.isReadOnly() or serving is None or not serving.writable
+
+    def _serve_as_primary(self, primary: Primary) -> None:
+        """``primary`` (called on its loop) serves this node as the primary from now on: writes
+        go through it, its fences wait for the commit in flight and drop the ZEO clients."""
+        self._settle_fences_of(primary)
+        if self._fenced not in primary.fence_listeners:
+            primary.fence_listeners.append(self._fenced)
+        self._serving_loop = asyncio.get_running_loop()
+        self._serving = primary
+
+    def _fenced(self) -> None:
+        """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
+        _drop_clients(self._dbs)
+
+    async def _promoted(self) -> None:
+        """POST /promote: this node is the primary of a new epoch now, and takes writes.
+
+        Every ZEO client connected to it registered read-only; dropping them
+        closes their connections, and they come back read-write (and
+        validate their caches) on their own.
+        """
+        assert self.secondary is not None and self.secondary.downstream is not None
+        self._serve_as_primary(self.secondary.downstream)
+        _drop_clients(self._dbs)
+        log.warning("%s is writable: promoted to primary", self._base.getName())
+
+    def _demoted(self, successor: Secondary) -> None:
+        """POST /demote: ``successor`` follows the new primary from now on; this node is read-only.
+
+        Called while the old stream server, fenced, still refuses writes.  The
+        clients are dropped so that ZEO registers them again, read-only (or
+        with a server they list that takes writes); invalidations flow from
+        what ``successor`` applies.
+        """
+        self._serving = self._serving_loop = None
+        self.secondary = successor
+        _drop_clients(self._dbs)
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         self._refuse_writes()
@@ -204,7 +270,7 @@ class PrimaryStorage(_Wrapper):
         self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
         self._dbs: list = []
         self._local = threading.local()
-        #: Set once demoted: this node follows another primary and is read-only.
+        #: Set once demoted: this node follows another primary (and may be promoted again).
         self.secondary: Secondary | None = None
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         for name in _HOT_DELEGATES:
@@ -220,11 +286,10 @@ class PrimaryStorage(_Wrapper):
         primary = Primary(cfg, status_provider=self._status,
                           routes=primary_routes(lambda: primary, lambda: Tailer(cfg.storage, cfg.blob_dir).open(),
                                                 self._demote_soon))
-        primary.fence_listeners.append(self._fenced)
         primary.notifier.every_commit_notified = True  # tpc_finish, pack and copyTransactionsFrom
-        self._settle_fences_of(primary)
         await primary.start()
         self.primary = primary
+        self._serve_as_primary(primary)
         try:
             ready()
             await primary.run_until_stopped()
@@ -233,7 +298,9 @@ class PrimaryStorage(_Wrapper):
 
     @property
     def port(self) -> int | None:
-        """The port the primary listens on (useful with port 0)."""
+        """The port the node listens on (useful with port 0), primary or demoted."""
+        if self.secondary is not None:
+            return self.secondary.port
         return self.primary.port if self.primary is not None else None
 
     def status(self) -> dict:
@@ -246,15 +313,17 @@ class PrimaryStorage(_Wrapper):
 
     def _status(self) -> dict:
         assert self.primary is not None
-        status = self.primary.status()
-        status["sync"] = {"count": self.config.sync_count, "names": list(self.config.sync_names),
-                          "fallback": self.config.sync_fallback, **self.sync_stats}
-        return status
+        return {**self.primary.status(), **self._sync_status()}
+
+    def _sync_status(self) -> dict:
+        """Synchronous replication's settings and counters, in GET /status whenever this node is the primary."""
+        return {"sync": {"count": self.config.sync_count, "names": list(self.config.sync_names),
+                         "fallback": self.config.sync_fallback, **self.sync_stats}}
 
     def _notify(self) -> None:
-        serving = self.primary if self.secondary is None else self.secondary.downstream
-        if serving is not None:
-            serving.notifier.notify_threadsafe()
+        streaming = self.primary if self.secondary is None else self.secondary.downstream
+        if streaming is not None:
+            streaming.notifier.notify_threadsafe()
 
     # -- the storage API: everything is base's, commits also wake the sessions
 
@@ -288,11 +357,6 @@ class PrimaryStorage(_Wrapper):
         if register is not None:
             register(db)
 
-    def isReadOnly(self) -> bool:
-        primary = self.primary
-        return (self._base.isReadOnly() or self._demoted_read_only()
-                or (primary is not None and not primary.writable))
-
     def _demote_soon(self, upstream: str) -> None:
         # Called on the primary's own loop, which demote() stops: use a thread.
         threading.Thread(target=self.demote, args=(upstream,), name="demote", daemon=True).start()
@@ -303,17 +367,22 @@ class PrimaryStorage(_Wrapper):
         The primary service stops (its port closes), and a secondary service
         starts on the same port, applying into the same storage, which stays
         read-only to clients; they are dropped so that ZEO registers them
-        again read-only, and invalidations flow from what is applied.
+        again read-only, and invalidations flow from what is applied.  Once
+        promoted again, the secondary service serves this node as the
+        primary, and its own demotions hand over to the next secondary
+        (``Secondary.serve``, ``_demoted``).
         """
         cfg = self.config
         secondary_config = SecondaryConfig(
             storage=cfg.storage, blob_dir=cfg.blob_dir, primary=parse_address(upstream, "primary"),
             listen=cfg.listen if self.port is None else dataclasses.replace(cfg.listen, port=self.port),
             tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame)
+        self._serving = self._serving_loop = None
         self._service.stop()
         self.primary = None
         self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs,
-                                   on_promoted=self._promoted_again)
+                                   on_promoted=self._promoted, on_demoted=self._demoted,
+                                   promoted_status=self._sync_status)
         _drop_clients(self._dbs)
         self._service = ServiceThread(f"replication secondary {cfg.node}", self._follow)
         self._service.start()
@@ -323,31 +392,15 @@ class PrimaryStorage(_Wrapper):
         assert self.secondary is not None
         await self.secondary.serve(ready)
 
-    async def _promoted_again(self) -> None:
-        """A demoted node promoted again (failing back): it takes writes; clients re-register."""
-        self._settle_fences_of(self.secondary.downstream if self.secondary is not None else None)
-        _drop_clients(self._dbs)
-        log.warning("%s is writable again: promoted", self.config.storage)
-
-    def _demoted_read_only(self) -> bool:
-        return self.secondary is not None and not self.secondary.promoted
+    def _serve_as_primary(self, primary: Primary) -> None:
+        super()._serve_as_primary(primary)
+        if primary is not self.primary:  # a promotion: the stream server of a secondary
+            primary.notifier.every_commit_notified = True
+            if self.config.sync_count:
+                primary.notifier.batch_delay = 0.0  # synchronous commits are never held back
 
     def _invalidate_dbs(self, tid: bytes, oids) -> None:
         _invalidate(self._dbs, tid, oids)
-
-    def _fenced(self) -> None:
-        """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
-        _drop_clients(self._dbs)
-
-    def _refuse_writes(self) -> None:
-        primary = self.primary
-        if self._demoted_read_only():
-            raise ReadOnlyError("this node is a secondary now (demoted)")
-        if self.secondary is not None:
-            primary = self.secondary.downstream  # promoted again: its stream server fences it
-        if primary is not None and not primary.writable:
-            # Fenced for a switchover, or superseded by a newer epoch.
-            raise ReadOnlyError(f"this primary accepts no writes: {primary.fenced}")
 
     def tpc_finish(self, transaction, f=None):
         tid = self._base.tpc_finish(transaction, f)
@@ -356,9 +409,11 @@ class PrimaryStorage(_Wrapper):
         if self.config.sync_count:
             future = self._replicated_future(tid)
             pending = getattr(self._local, "pending", None)
-            if pending is not None:
+            if future is None:
+                pass  # no primary serves this node: it could not have taken the commit
+            elif pending is not None:
                 pending.append(future)  # ZEO's server replies once it is done (zeosync)
-            elif future is not None:
+            else:
                 future.result()  # any other caller (a ZODB.DB in this process) waits here
         return tid
 
@@ -378,8 +433,12 @@ class PrimaryStorage(_Wrapper):
             self._local.pending = None
 
     def _replicated_future(self, tid: bytes) -> concurrent.futures.Future | None:
-        primary, loop = self.primary, self._service.loop
-        if primary is None or loop is None:
+        """Done once ``tid`` is replicated, waited for on the loop of the stream server that serves
+        this node as the primary (the first one, or a secondary's once promoted again)."""
+        primary, loop = self._serving, self._serving_loop
+        if primary is None or loop is None or loop.is_closed():
+            log.error("commit %s: no primary serves this node, so nothing waits for its replication",
+                      tid_repr(tid))
             return None
         return asyncio.run_coroutine_threadsafe(self._replicated(primary, tid), loop)
 
@@ -482,11 +541,34 @@ def _drop_clients(dbs: list) -> None:
 
     Used when a node's writability changes: ZEO decides read-only or
     read-write when a client registers, so clients must register again.
+    A ZEO server forgets a client only when its connection ends by itself,
+    not when the server closes it (``invalidateCache``): the server would
+    send every later invalidation to the closed connection (asyncio's
+    ``socket.send() raised exception`` for each transaction a demoted node
+    applies, for ever), and a transaction the client had under way would
+    keep ZEO's commit lock.  So, on the server's loop once the connections
+    are closed, each of those clients is told it is gone, as when it leaves:
+    ZEO aborts what it had under way and forgets it.
     """
     for db in dbs:
         invalidate_cache = getattr(db, "invalidateCache", None)
-        if invalidate_cache is not None:
-            invalidate_cache()
+        if invalidate_cache is None:
+            continue
+        invalidate_cache()
+        # ZEO's StorageServerDB: the clients its server registered for this storage.
+        server = getattr(db, "server", None)
+        clients = getattr(server, "zeo_storages_by_storage_id", {}).get(getattr(db, "storage_id", None))
+        for client in list(clients or ()):
+            # Queued on the server's loop after the close invalidateCache queued there.
+            client.call_soon_threadsafe(_forget_if_closed, client)
+
+
+def _forget_if_closed(client) -> None:
+    """On a ZEO server's loop: if the server closed this client's connection, disconnect the
+    client as ZEO does when one leaves (abort what it had under way, unregister it)."""
+    connection = getattr(client, "connection", None)
+    if client.connected and getattr(connection, "closed", False):
+        client.notify_disconnected()
 
 
 def _writer(name: str):
@@ -524,10 +606,8 @@ class SecondaryStorage(_Wrapper):
             raise ConfigError(f"the replica's storage {base.getName()} is opened read-only; "
                               "the secondary must write to it")
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
-        self.secondary = Secondary(self.config, storage=base, invalidate=self._invalidate,
-                                   on_promoted=self._promoted)
-        #: True once promoted (POST /promote): the storage takes writes.
-        self._writable = False
+        self.secondary: Secondary = Secondary(self.config, storage=base, invalidate=self._invalidate,
+                                              on_promoted=self._promoted, on_demoted=self._demoted)
         self._dbs: list = []
         self._autostart = start
         self._closed = False
@@ -562,30 +642,13 @@ class SecondaryStorage(_Wrapper):
         if self._autostart:
             self._service.start()
 
-    def isReadOnly(self) -> bool:
-        return not self._writable
-
-    async def _promoted(self) -> None:
-        """This node is the primary of a new epoch now: take writes.
-
-        Every ZEO client connected to it registered read-only; invalidating
-        the server's cache closes their connections, and they come back
-        read-write (and validate their caches) on their own.
-        """
-        self._writable = True
-        self._settle_fences_of(self.secondary.downstream)
-        _drop_clients(self._dbs)
-        log.warning("%s is writable: promoted to primary", self._base.getName())
-
-    def _refuse_writes(self) -> None:
-        downstream = self.secondary.downstream
-        if not self._writable:
-            raise ReadOnlyError()
-        if downstream is not None and not downstream.writable:
-            raise ReadOnlyError(f"this primary accepts no writes: {downstream.fenced}")
+    @property
+    def _writable(self) -> bool:
+        """Promoted (POST /promote) and not demoted since: the storage takes writes, unless fenced."""
+        return self._serving is not None
 
     def __getattr__(self, name: str):
-        if name in _READ_METHODS or (name != "_base" and self.__dict__.get("_writable")):
+        if name in _READ_METHODS or (name != "_base" and self.__dict__.get("_serving") is not None):
             return getattr(self._base, name)
         raise AttributeError(name)
 
@@ -605,18 +668,17 @@ class SecondaryStorage(_Wrapper):
     copyTransactionsFrom = _writer("copyTransactionsFrom")
 
     def tpc_finish(self, transaction, f=None):
-        if not self._writable:
+        serving = self._serving
+        if serving is None:
             raise ReadOnlyError()
         tid = self._base.tpc_finish(transaction, f)
-        downstream = self.secondary.downstream
-        if downstream is not None:
-            downstream.notifier.notify_threadsafe()
+        serving.notifier.notify_threadsafe()
         return tid
 
     def tpc_abort(self, transaction) -> None:
-        """Before promotion no transaction can begin here (the applier uses ``base``)."""
-        if self._writable:
-            self._base.tpc_abort(transaction)
+        """Aborts only a transaction begun here (while promoted): ``base`` ignores any other, and the
+        applier's own transactions are never passed here."""
+        self._base.tpc_abort(transaction)
 
     def pack(self, *args, **kwargs):
         return self._base.pack(*args, **kwargs)

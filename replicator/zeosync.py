@@ -60,7 +60,9 @@ if StorageServer is not None:
                 return super().tpc_finish(id)
             with defer() as pending:
                 result = super().tpc_finish(id)
-            if not pending or not isinstance(result, Result):
+            # Nothing to wait for (no commit, or no primary serving the
+            # storage): the reply goes at once, or its client would wait for ever.
+            if not pending or pending[0] is None or not isinstance(result, Result):
                 return result
             return _ReplicatedReply(result, pending[0])
 

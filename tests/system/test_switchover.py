@@ -27,6 +27,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
 
 from tests.helpers import REPLICATOR, RUNZEO, Proc, free_port, tls_args, wait_for_port, wait_until
+from tests.system.sysutil import get_status, try_status
 
 
 def tls_keys(tls_dir: Path, node: str) -> str:
@@ -201,6 +202,84 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir, c
     except BaseException:
         for proc in procs:
             print(f"--- {proc.argv[:3]} ---\n{proc.output()[-4000:]}")
+        raise
+    finally:
+        if writer is not None:
+            writer.stop.set()
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.mark.slow
+def test_switching_over_back_and_forth_with_a_synchronous_standby(tmp_path, tls_dir):
+    """The audit's setup: a runzeo primary with sync-count 1 (the standby named, falling back to
+    asynchronous after 3 s) and a standby run as `replicator secondary --zeo`, switched over four
+    times.  Each switchover exits 0 with the old primary following the new one, whichever way it
+    became the primary; a writer listing both ZEO servers commits on each new primary, its commits
+    acknowledged by the standby, not waiting out sync-timeout nor for ever; and the demoted nodes
+    log no sends on the ZEO connections they dropped."""
+    zeo = {"primary": free_port(), "standby": free_port()}
+    listen = {"primary": free_port(), "standby": free_port()}
+    primary = start_runzeo(
+        tmp_path, "primary", zeo["primary"],
+        f"<replicated-primary>\nlisten 127.0.0.1:{listen['primary']}\nnode primary\n{tls_keys(tls_dir, 'primary')}"
+        "sync-count 1\nsync-names standby\nsync-fallback async\nsync-timeout 3\n"
+        f"<filestorage>\npath {tmp_path / 'primary.fs'}\n</filestorage>\n</replicated-primary>\n")
+    procs = [primary]
+    writer = None
+    try:
+        standby = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "standby.fs"),
+                        "--primary", f"127.0.0.1:{listen['primary']}", "--listen", f"127.0.0.1:{listen['standby']}",
+                        "--zeo", f"127.0.0.1:{zeo['standby']}", "--node", "standby",
+                        *tls_args(tls_dir, "secondary")], tmp_path / "standby.log")
+        procs.append(standby)
+        wait_for_port(zeo["standby"], standby.proc)
+        wait_until(lambda: (try_status(listen["primary"], tls_dir) or {}).get("secondaries"), timeout=30,
+                   what="the standby connected")
+        db = ZODB.DB(ClientStorage(("127.0.0.1", zeo["primary"]), wait_timeout=30))
+        with db.transaction() as conn:
+            conn.root()["seeded"] = True  # the standby's clients must find a root
+        db.close()
+
+        writer = Writer([zeo["primary"], zeo["standby"]], tmp_path / "cache")
+        writer.start()
+        wait_until(lambda: len(writer.returned) > 20 or writer.error, timeout=60, what="load")
+        for old, new in [("primary", "standby"), ("standby", "primary")] * 2:
+            result = subprocess.run([REPLICATOR, "switchover", "--primary", f"127.0.0.1:{listen[old]}",
+                                     "--to", f"127.0.0.1:{listen[new]}", *tls_args(tls_dir, "secondary")],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert f"{old} now follows it as a secondary" in result.stdout, result.stdout
+            status = get_status(listen[old], tls_dir)
+            # Said once the switchover returns: it waits for the demotion to be done.
+            assert (status.get("role"), status.get("primary")) == ("secondary", f"127.0.0.1:{listen[new]}"), status
+            synced = get_status(listen[new], tls_dir)["sync"]["synced_commits"] if new == "primary" else 0
+            before, started = len(writer.returned), time.monotonic()
+            wait_until(lambda b=before: len(writer.returned) > b + 20 or writer.error, timeout=30,
+                       what=f"commits on {new}")
+            assert writer.error is None, writer.error
+            took = time.monotonic() - started
+            assert took < 10, f"20 commits on {new} took {took:.1f}s"
+            if new == "primary":  # the synchronous one: its commits acknowledged, not waited out
+                sync = get_status(listen[new], tls_dir)["sync"]
+                assert not sync["degraded"] and sync["synced_commits"] >= synced + 20, sync
+        writer.stop.set()
+        writer.join(30)
+        assert writer.error is None, writer.error
+        for proc in procs:
+            proc.stop()
+        primary_tids = [t.tid for t in FileStorage(str(tmp_path / "primary.fs"), read_only=True).iterator()]
+        standby_tids = [t.tid for t in FileStorage(str(tmp_path / "standby.fs"), read_only=True).iterator()]
+        assert primary_tids == standby_tids
+        assert not {tid for _, tid in writer.returned} - set(primary_tids), "commits that returned were lost"
+        for proc in procs:
+            log = proc.output()
+            # What the audit found: sends on dropped ZEO connections, and a commit whose reply failed.
+            for problem in ("socket.send() raised exception", "AttributeError", "Processing message"):
+                assert problem not in log, f"{proc.log_path.name} says {problem!r}"
+    except BaseException:
+        for proc in procs:
+            print(f"--- {proc.argv[:3]} ---\n{proc.output()[-6000:]}")
         raise
     finally:
         if writer is not None:
