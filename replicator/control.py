@@ -160,12 +160,14 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             if node.downstream is not None:
                 node.downstream.relay = False  # the source of its history now: it may refuse as one
                 node.downstream.unfence()
-                await node.downstream.move_to_epoch(state.epoch, "promoted")
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
             node.promotion_done.set()
             if on_promoted is not None:
-                await on_promoted()
+                await on_promoted()  # may make the stream server a synchronous primary's
+            if node.downstream is not None:
+                # Its secondaries reconnect into the new epoch, welcomed as the primary's now are.
+                await node.downstream.move_to_epoch(state.epoch, "promoted")
         return web.json_response(node.status())
 
     return [web.post("/promote", promote)]

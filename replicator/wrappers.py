@@ -396,8 +396,14 @@ class PrimaryStorage(_Wrapper):
         super()._serve_as_primary(primary)
         if primary is not self.primary:  # a promotion: the stream server of a secondary
             primary.notifier.every_commit_notified = True
-            if self.config.sync_count:
+            cfg = self.config
+            if cfg.sync_count:
                 primary.notifier.batch_delay = 0.0  # synchronous commits are never held back
+                # Its sessions from now on are welcomed as a synchronous primary's: their
+                # secondaries acknowledge at once, not every quarter second (ACK_DELAY).
+                primary.config = dataclasses.replace(
+                    primary.config, sync_count=cfg.sync_count, sync_names=cfg.sync_names,
+                    sync_timeout=cfg.sync_timeout, sync_fallback=cfg.sync_fallback)
 
     def _invalidate_dbs(self, tid: bytes, oids) -> None:
         _invalidate(self._dbs, tid, oids)
