@@ -257,6 +257,30 @@ def start_secondary(workdir: Path, storage: Path, blob_dir: Path | None, primary
     return proc
 
 
+@contextlib.contextmanager
+def sidecar_pair(workdir: Path, tls_dir: Path, storage: Path):
+    """A sidecar ``replicator primary`` (node ``primary``) on ``storage`` and a ``replicator
+    secondary`` (node ``secondary``, its storage ``workdir/b.fs``) streaming from it.
+
+    Yields ``(port, status_port, primary, secondary)`` once the secondary is connected: the
+    primary's port, the secondary's ``--listen`` port, and their processes (stopped after).
+    """
+    from tests.system.sysutil import try_status
+
+    port, status_port = free_port(), free_port()
+    primary = start_primary(workdir, storage, None, port, tls_dir)
+    try:
+        secondary = start_secondary(workdir, workdir / "b.fs", None, port, tls_dir, status_port=status_port)
+        try:
+            wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=30,
+                       what="the secondary connected")
+            yield port, status_port, primary, secondary
+        finally:
+            secondary.stop()
+    finally:
+        primary.stop()
+
+
 def last_tid_of(path: Path) -> bytes:
     """The last committed TID of a FileStorage, read without locking it."""
     from ZODB.FileStorage import FileStorage

@@ -13,11 +13,8 @@ import asyncio
 import contextlib
 import shutil
 
-from replicator.config import Address, PrimaryConfig
-from replicator.control import call, primary_routes
+from replicator.control import call
 from replicator.epoch import begin_epoch, load_epoch
-from replicator.primary import Primary
-from replicator.tailer import Tailer
 from tests.helpers import free_port
 from tests.integration.test_failover import commit_to, primary_on, secondary_on, until
 from tests.integration.test_replication import tls
@@ -40,19 +37,6 @@ def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_d
     asyncio.run(scenario())
 
 
-@contextlib.asynccontextmanager
-async def primary_at(tmp_path, tls_dir, name: str, port: int):
-    fs, blobs = str(tmp_path / f"{name}.fs"), str(tmp_path / f"{name}-blobs")
-    config = PrimaryConfig(storage=fs, blob_dir=blobs, listen=Address("127.0.0.1", port),
-                           tls=tls(tls_dir, "primary"), node=name, heartbeat_interval=0.2).validate()
-    server = Primary(config, routes=primary_routes(lambda: server, lambda: Tailer(fs, blobs).open()))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 def test_a_secondary_behind_a_relay_joins_the_epoch_the_relay_follows_into(tmp_path, tls_dir):
     """The relay's upstream address comes back as a newer epoch's primary (a failover there)."""
     commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 5, seed=2)
@@ -63,13 +47,13 @@ def test_a_secondary_behind_a_relay_joins_the_epoch_the_relay_follows_into(tmp_p
 
     async def scenario() -> None:
         async with contextlib.AsyncExitStack() as stack:
-            a = await stack.enter_async_context(primary_at(tmp_path, tls_dir, "a", port))
+            a = await stack.enter_async_context(primary_on(tmp_path, tls_dir, "a", port))
             b, _ = await stack.enter_async_context(secondary_on(tmp_path, tls_dir, "b", port))
             c, _ = await stack.enter_async_context(secondary_on(tmp_path, tls_dir, "c", b.port))
             await until(lambda: c.progress.applied_tid == a.head_tid and c.progress.connected)
             await a.stop()
             begin_epoch(str(tmp_path / "q.fs"), a.head_tid, "q")
-            async with primary_at(tmp_path, tls_dir, "q", port):
+            async with primary_on(tmp_path, tls_dir, "q", port):
                 await until(lambda: b.progress.epoch == 1 and b.progress.connected, timeout=15)
                 await until(lambda: c.progress.epoch == 1 and c.progress.connected, timeout=10)
                 assert load_epoch(str(tmp_path / "c.fs")).epoch == 1

@@ -30,9 +30,9 @@ Z64 = b"\0" * 8
 
 
 @contextlib.asynccontextmanager
-async def primary_on(tmp_path: Path, tls_dir: Path, name: str):
+async def primary_on(tmp_path: Path, tls_dir: Path, name: str, port: int = 0):
     fs, blobs = str(tmp_path / f"{name}.fs"), str(tmp_path / f"{name}-blobs")
-    config = PrimaryConfig(storage=fs, blob_dir=blobs, listen=Address("127.0.0.1", 0),
+    config = PrimaryConfig(storage=fs, blob_dir=blobs, listen=Address("127.0.0.1", port),
                            tls=tls(tls_dir, "primary"), node=name, heartbeat_interval=0.2).validate()
     server = Primary(config, routes=primary_routes(lambda: server, lambda: Tailer(fs, blobs).open()))
     await server.start()

@@ -141,6 +141,25 @@ def test_refused_connections_are_logged_counted_and_shown(source, tls_dir, forei
     assert any(level == "DEBUG" and "closed before its handshake began" in m for level, m in lines), lines
 
 
+@contextlib.asynccontextmanager
+async def following(tmp_path: Path, port: int, node: str, tls_dir: Path):
+    """A secondary ``node`` (its certificate from ``tls_dir``) following 127.0.0.1:``port``,
+    retrying every 0.05-0.2 s, until the block ends."""
+    config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
+                             primary=Address("127.0.0.1", port), node=node, reconnect_min=0.05,
+                             reconnect_max=0.2, tls=tls(tls_dir, node)).validate()
+    secondary = Secondary(config)
+    await secondary.open()
+    task = asyncio.create_task(secondary.run())
+    try:
+        yield secondary
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await secondary.close()
+
+
 def test_a_secondary_whose_certificate_expired_says_so(source, tls_dir, tmp_path, caplog):
     own = Path(shutil.copytree(tls_dir, tmp_path / "tls"))
     short_lived(own, "brief", datetime.timedelta(seconds=3))
@@ -149,23 +168,12 @@ def test_a_secondary_whose_certificate_expired_says_so(source, tls_dir, tmp_path
         async with running_primary(source, own) as primary:
             port = primary.port
         # The primary is gone; the secondary starts with a certificate valid a few seconds more.
-        config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                                 primary=Address("127.0.0.1", port), node="brief", reconnect_min=0.05,
-                                 reconnect_max=0.2, tls=tls(own, "brief")).validate()
-        secondary = Secondary(config)
-        await secondary.open()
-        task = asyncio.create_task(secondary.run())
-        try:
+        async with following(tmp_path, port, "brief", own) as secondary:
             await asyncio.sleep(max(0.0, secondary.credentials.not_after - time.time() + 0.5))
             async with running_primary(source, own, listen=Address("127.0.0.1", port)) as primary:
                 await until(lambda: "the likely cause" in (secondary.progress.last_error or ""), timeout=15,
                             what="the secondary's diagnosis")
                 assert primary.refused_handshakes.counts["certificate"] >= 1
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await secondary.close()
 
     with caplog.at_level(logging.ERROR, logger="replicator.secondary"):
         asyncio.run(scenario())
@@ -185,20 +193,10 @@ def test_a_tls_failure_that_lasts_is_an_error_once_a_minute_not_once_a_retry(tmp
             writer.close()
 
         server = await asyncio.start_server(not_tls, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        config = SecondaryConfig(storage=str(tmp_path / "dst.fs"), blob_dir=str(tmp_path / "dst-blobs"),
-                                 primary=Address("127.0.0.1", port), node="secondary", reconnect_min=0.05,
-                                 reconnect_max=0.2, tls=tls(tls_dir, "secondary")).validate()
-        secondary = Secondary(config)
-        await secondary.open()
-        task = asyncio.create_task(secondary.run())
         try:
-            await until(lambda: secondary.link_log.failures >= 5, timeout=15, what="five failed attempts")
+            async with following(tmp_path, server.sockets[0].getsockname()[1], "secondary", tls_dir) as secondary:
+                await until(lambda: secondary.link_log.failures >= 5, timeout=15, what="five failed attempts")
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await secondary.close()
             server.close()
 
     with caplog.at_level(logging.INFO, logger="replicator.secondary"):

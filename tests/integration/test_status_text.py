@@ -11,10 +11,14 @@ from ZODB.FileStorage import FileStorage
 from replicator.config import Address, PrimaryConfig
 from replicator.status import render
 from replicator.wrappers import PrimaryStorage
-from tests.helpers import REPLICATOR, free_port, start_primary, start_secondary, tls_args, wait_until
+from tests.helpers import (
+    REPLICATOR,
+    sidecar_pair,
+    tls_args,
+)
 from tests.integration.test_cli import make_fs
 from tests.integration.test_replication import tls
-from tests.system.sysutil import get_status, try_status
+from tests.system.sysutil import get_status
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -55,12 +59,7 @@ def test_an_embedded_primary_shows_fenced_and_sync_degraded(tmp_path, tls_dir):
 
 def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_dir):
     make_fs(tmp_path / "a.fs", [1, 2])
-    port, status_port = free_port(), free_port()
-    primary = start_primary(tmp_path, tmp_path / "a.fs", None, port, tls_dir)
-    secondary = start_secondary(tmp_path, tmp_path / "b.fs", None, port, tls_dir, status_port=status_port)
-    try:
-        wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=30,
-                   what="the secondary connected")
+    with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, _, _):
         assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
         shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
         assert shown.returncode == 0, shown.stderr
@@ -76,9 +75,6 @@ def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_
         shown = run("status", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary")).stdout
         assert f"127.0.0.1:{status_port}/status: primary secondary [FENCED]  storage" in shown
         assert "  promoted      primary of epoch 1" in shown
-    finally:
-        secondary.stop()
-        primary.stop()
 
 
 def test_a_stale_primary_says_so_first():

@@ -37,10 +37,14 @@ from replicator.control import call
 from replicator.errors import ReplicatorError
 from replicator.switchover import run_switchover
 from replicator.wrappers import PrimaryStorage, SecondaryStorage
-from tests.helpers import REPLICATOR, free_port, start_primary, start_secondary, tls_args, wait_until
+from tests.helpers import (
+    REPLICATOR,
+    sidecar_pair,
+    tls_args,
+    wait_until,
+)
 from tests.integration.test_cli import make_fs
 from tests.integration.test_replication import tls
-from tests.system.sysutil import try_status
 
 
 class Pair:
@@ -78,7 +82,8 @@ class Pair:
         return asyncio.run(call(self.addr[name], "GET", "/status", self.tls))
 
     def following(self, old: str, new: str) -> None:
-        """Wait until ``old`` says it is a secondary of ``new`` (its port changes hands meanwhile)."""
+        """Wait until ``old`` says it is a secondary of ``new``, connected (its port changes hands
+        meanwhile, and it reconnects into the new epoch)."""
         seen: list[dict] = [{}]
 
         def follows() -> bool:
@@ -86,7 +91,8 @@ class Pair:
                 seen[0] = self.status(old)
             except ReplicatorError:
                 return False
-            return (seen[0].get("role"), seen[0].get("primary")) == ("secondary", self.addr[new])
+            return ((seen[0].get("role"), seen[0].get("primary"), seen[0].get("connected"))
+                    == ("secondary", self.addr[new], True))
         try:
             wait_until(follows, timeout=10, interval=0.1)
         except TimeoutError:
@@ -172,6 +178,7 @@ def test_a_synchronous_primary_switched_away_and_back_answers_its_commits(make_p
     pair.switchover("p", "standby")
     pair.following("p", "standby")
     pair.switchover("standby", "p")
+    pair.following("standby", "p")  # with sync-fallback async, a commit before that would not wait
     client = Client(pair.servers["p"].addr)
     synced = p.sync_stats["synced_commits"]
     outcome: list = []
@@ -277,12 +284,7 @@ def test_a_switchover_from_a_sidecar_primary_stops_at_the_demotion_and_says_why(
     secondary in place: the switchover promotes the standby, exits 0 and names the next step, as
     the README's failover runbook says, and the reason it gives is the sidecar's."""
     make_fs(tmp_path / "a.fs", [1, 2])
-    port, status_port = free_port(), free_port()
-    primary = start_primary(tmp_path, tmp_path / "a.fs", None, port, tls_dir)
-    secondary = start_secondary(tmp_path, tmp_path / "b.fs", None, port, tls_dir, status_port=status_port)
-    try:
-        wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=30,
-                   what="the secondary connected")
+    with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, _, _):
         result = subprocess.run([REPLICATOR, "switchover", "--primary", f"127.0.0.1:{port}",
                                  "--to", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary")],
                                 capture_output=True, text=True, timeout=120)
@@ -291,6 +293,3 @@ def test_a_switchover_from_a_sidecar_primary_stops_at_the_demotion_and_says_why(
         assert out.startswith("switched over: secondary is the primary of epoch 1"), out
         assert "primary is fenced (" in out and "this primary is a sidecar (`replicator primary`)" in out, out
         assert f"Next: restart primary as a secondary of 127.0.0.1:{status_port}" in out, out
-    finally:
-        secondary.stop()
-        primary.stop()

@@ -16,14 +16,13 @@ from replicator.switchover import check_nodes
 from tests.helpers import (
     REPLICATOR,
     free_port,
+    sidecar_pair,
     start_primary,
-    start_secondary,
     start_zeo,
     tls_args,
-    wait_until,
 )
 from tests.integration.test_cli import make_fs
-from tests.system.sysutil import get_status, try_status
+from tests.system.sysutil import get_status
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -35,16 +34,8 @@ def pair(tmp_path_factory, tls_dir):
     """A sidecar primary ``primary`` and a secondary ``secondary`` streaming from it, with their ports."""
     tmp_path = tmp_path_factory.mktemp("pair")
     make_fs(tmp_path / "a.fs", [1, 2])
-    port, status_port = free_port(), free_port()
-    primary = start_primary(tmp_path, tmp_path / "a.fs", None, port, tls_dir)
-    secondary = start_secondary(tmp_path, tmp_path / "b.fs", None, port, tls_dir, status_port=status_port)
-    try:
-        wait_until(lambda: (try_status(status_port, tls_dir) or {}).get("connected"), timeout=30,
-                   what="the secondary connected")
+    with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, primary, secondary):
         yield port, status_port
-    finally:
-        secondary.stop()
-        primary.stop()
     assert primary.proc.returncode == 0 and secondary.proc.returncode == 0
 
 

@@ -12,6 +12,7 @@ lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import subprocess
 import threading
@@ -33,6 +34,23 @@ from tests.system.sysutil import get_status, try_status
 def tls_keys(tls_dir: Path, node: str) -> str:
     return (f"tls-ca {tls_dir / 'ca.pem'}\ntls-cert {tls_dir / f'{node}.pem'}\n"
             f"tls-key {tls_dir / f'{node}.key'}\n")
+
+
+@contextlib.contextmanager
+def stopped_after(procs: list[Proc], writers: list[Writer]):
+    """Stop ``writers`` and then ``procs`` (both may grow inside) at the end; on a failure print
+    the end of each process's log first."""
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            print(f"--- {proc.argv[:3]} ---\n{proc.output()[-6000:]}")
+        raise
+    finally:
+        for writer in writers:
+            writer.stop.set()
+        for proc in procs:
+            proc.stop()
 
 
 def start_runzeo(tmp_path: Path, name: str, zeo_port: int, storage_section: str) -> Proc:
@@ -117,8 +135,8 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir, c
                        f"<filestorage>\npath {tmp_path / 'old.fs'}\nblob-dir {tmp_path / 'old-blobs'}\n</filestorage>\n"
                        "</replicated-primary>\n")
     procs = [old]
-    writer = None
-    try:
+    writers: list[Writer] = []
+    with stopped_after(procs, writers):
         # Seed the primary so the standby's ZODB.DB finds a root to open.
         db = ZODB.DB(ClientStorage(("127.0.0.1", old_zeo), wait_timeout=30))
         with db.transaction() as conn:
@@ -132,6 +150,7 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir, c
         wait_for_port(new_listen, new.proc)
 
         writer = Writer([old_zeo, new_zeo] if clients == "both-servers" else [old_zeo], tmp_path / "cache")
+        writers.append(writer)
         writer.start()
         wait_until(lambda: len(writer.returned) > 200 or writer.error, timeout=60, what="load")
         assert writer.error is None, writer.error
@@ -199,15 +218,6 @@ def test_switchover_under_load_loses_and_duplicates_nothing(tmp_path, tls_dir, c
         print(f"commits returned: {len(writer.returned)}, refused while fenced: {writer.refused}, "
               f"on the new primary: {len(new_tids)} transactions; longest pause in the writes "
               f"from the switchover on: {pause:.2f}s")
-    except BaseException:
-        for proc in procs:
-            print(f"--- {proc.argv[:3]} ---\n{proc.output()[-4000:]}")
-        raise
-    finally:
-        if writer is not None:
-            writer.stop.set()
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.mark.slow
@@ -226,8 +236,8 @@ def test_switching_over_back_and_forth_with_a_synchronous_standby(tmp_path, tls_
         "sync-count 1\nsync-names standby\nsync-fallback async\nsync-timeout 3\n"
         f"<filestorage>\npath {tmp_path / 'primary.fs'}\n</filestorage>\n</replicated-primary>\n")
     procs = [primary]
-    writer = None
-    try:
+    writers: list[Writer] = []
+    with stopped_after(procs, writers):
         standby = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "standby.fs"),
                         "--primary", f"127.0.0.1:{listen['primary']}", "--listen", f"127.0.0.1:{listen['standby']}",
                         "--zeo", f"127.0.0.1:{zeo['standby']}", "--node", "standby",
@@ -242,6 +252,7 @@ def test_switching_over_back_and_forth_with_a_synchronous_standby(tmp_path, tls_
         db.close()
 
         writer = Writer([zeo["primary"], zeo["standby"]], tmp_path / "cache")
+        writers.append(writer)
         writer.start()
         wait_until(lambda: len(writer.returned) > 20 or writer.error, timeout=60, what="load")
         for old, new in [("primary", "standby"), ("standby", "primary")] * 2:
@@ -277,12 +288,3 @@ def test_switching_over_back_and_forth_with_a_synchronous_standby(tmp_path, tls_
             # What the audit found: sends on dropped ZEO connections, and a commit whose reply failed.
             for problem in ("socket.send() raised exception", "AttributeError", "Processing message"):
                 assert problem not in log, f"{proc.log_path.name} says {problem!r}"
-    except BaseException:
-        for proc in procs:
-            print(f"--- {proc.argv[:3]} ---\n{proc.output()[-6000:]}")
-        raise
-    finally:
-        if writer is not None:
-            writer.stop.set()
-        for proc in procs:
-            proc.stop()
