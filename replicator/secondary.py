@@ -626,8 +626,9 @@ class Secondary:
                     # (renewed files are loaded as they come: Credentials).
                     expired = self.credentials.expired() if self.credentials is not None else None
                     message = str(exc) if expired is None else f"{exc}; the likely cause: {expired}"
-                    now, last = time.monotonic(), self._tls_logged
-                    if last is None or last[0] != message or now - last[1] >= OUTAGE_WARNING_INTERVAL:
+                    now, logged_before = time.monotonic(), self._tls_logged
+                    if (logged_before is None or logged_before[0] != message
+                            or now - logged_before[1] >= OUTAGE_WARNING_INTERVAL):
                         log.error("%s", message)
                         self._tls_logged = (message, now)
                     else:
