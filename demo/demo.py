@@ -27,9 +27,21 @@ import sys
 import time
 from pathlib import Path
 
+import transaction
+import ZODB
+from BTrees.OOBTree import OOBTree
+from ZEO.ClientStorage import ClientStorage
+from ZODB.blob import Blob
+
 HERE = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 REPLICATOR = str(BIN / "replicator")
+sys.path.insert(0, str(HERE))
+# Imported here, in one thread: importing ZODB from the workload's thread while
+# the progress display imported in the main one could meet ZODB's circular
+# imports half done ("partially initialized module 'ZODB.blob'").
+from replicator.config import TLSPaths  # noqa: E402
+from replicator.status import fetch_all  # noqa: E402
 
 
 def free_port() -> int:
@@ -56,12 +68,6 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.
 
 def write_workload(zeo_port: int, transactions: int, blob_every: int) -> None:
     """Commit ``transactions`` transactions through ZEO: objects, blobs and one undo."""
-    import transaction
-    import ZODB
-    from BTrees.OOBTree import OOBTree
-    from ZEO.ClientStorage import ClientStorage
-    from ZODB.blob import Blob
-
     rng = random.Random(42)
     blob_cache = HERE / "demo-run" / "client-blob-cache"
     storage = ClientStorage(("127.0.0.1", zeo_port), blob_dir=str(blob_cache), wait_timeout=30)
@@ -98,10 +104,6 @@ def write_workload(zeo_port: int, transactions: int, blob_every: int) -> None:
 
 
 async def show_progress(tls: Path, primary_port: int, secondary_port: int, until: asyncio.Event) -> None:
-    sys.path.insert(0, str(HERE))
-    from replicator.config import TLSPaths
-    from replicator.status import fetch_all
-
     paths = TLSPaths(str(tls / "ca.pem"), str(tls / "secondary.pem"), str(tls / "secondary.key"))
     while True:
         prim, sec = await fetch_all([f"127.0.0.1:{primary_port}", f"127.0.0.1:{secondary_port}"], paths, False)

@@ -8,7 +8,6 @@ import socket
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .fsformat import MAGICS
 
 __all__ = ["Address", "TLSPaths", "PrimaryConfig", "SecondaryConfig", "parse_address"]
 
@@ -158,6 +157,8 @@ class PrimaryConfig:
         elif not os.path.isfile(self.storage):
             problems.append(f"--storage {self.storage}: no such file (the primary tails an existing Data.fs)")
         else:
+            from .fsformat import MAGICS  # here: importing ZODB is not for every command's start
+
             magic = _file_start(self.storage, len(MAGICS[0]))
             if magic is not None and len(magic) == len(MAGICS[0]) and magic not in MAGICS:
                 # A wrong path, not damage: no FileStorage starts this way.
