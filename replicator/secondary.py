@@ -360,17 +360,16 @@ class Secondary:
 
     async def open(self) -> None:
         cfg = self.config
+        # What can be found wrong before the storage file is created (the
+        # next start would find an empty replica and its index).
+        self._read_credentials()
         if self.storage is None:
-            # What can be found wrong before the storage file is created
-            # (the next start would find an empty replica and its index).
             check_restore_support()
-            self._read_credentials()
             self.storage = await asyncio.to_thread(open_file_storage, cfg.storage, cfg.blob_dir)
         storage: FileStorage = self.storage
         self.applier = Applier(storage, invalidate=self._invalidate)
         self.progress.applied_tid = self.applier.last_tid
         self.progress.epoch = (await blocking(load_epoch, storage.getName())).epoch
-        self._read_credentials()
         if cfg.listen is not None:
             # Our own storage is a FileStorage file like any other: serve it
             # onward with the primary's machinery, woken on every apply.
