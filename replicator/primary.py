@@ -538,8 +538,9 @@ class Primary:
         self.epoch = 0
         #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
         self.fenced: str | None = None
-        #: Called once a fence takes the clients away (a storage wrapper drops its
-        #: ZEO clients, which register again and find out who takes writes now).
+        #: Called once a fence takes the clients away, and when a fence is undone (a
+        #: storage wrapper drops its ZEO clients, which register again and find out
+        #: who takes writes now).
         self.fence_listeners: list[Callable[[], None]] = []
         self._clients_dropped = False
         #: Awaited by ``settle()``: an embedding storage waits for the commit in flight.
@@ -777,8 +778,16 @@ class Primary:
         await self._refresh_head()
 
     def unfence(self) -> None:
+        """Take writes again.  The fence listeners drop the ZEO clients once more: ZEO decides
+        read-only or read-write only as a client registers, so a client that came back
+        read-only while this node was fenced (``read_only_fallback``) would stay read-only."""
+        was_fenced = self.fenced is not None
         self.fenced = None
         self._clients_dropped = False
+        if was_fenced:
+            log.warning("fence undone: this node takes writes again")
+            for listener in self.fence_listeners:
+                listener()
 
     @property
     def writable(self) -> bool:

@@ -188,7 +188,8 @@ class _Wrapper:
         self._serving = primary
 
     def _fenced(self) -> None:
-        """Fenced: drop the ZEO clients, which come back read-only (or find the new primary)."""
+        """Fenced, or the fence undone: drop the ZEO clients, which register again, read-only
+        while fenced (or with the new primary they list), read-write once it is undone."""
         _drop_clients(self._dbs)
 
     async def _promoted(self) -> None:

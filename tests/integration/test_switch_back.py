@@ -237,7 +237,8 @@ def test_a_demoted_primary_forgets_the_zeo_clients_it_dropped(make_pair, caplog)
 def test_a_fenced_promoted_replica_drops_its_clients_and_takes_them_back_read_only(make_pair, tmp_path):
     """A replica promoted by a switchover is a primary like the first: a plain fence drops its ZEO
     clients, and they come back read-only, instead of registering read-write and meeting
-    ReadOnlyError on every commit."""
+    ReadOnlyError on every commit.  Undoing the fence drops them again, so that they register
+    read-write and can commit, instead of staying read-only until they happen to reconnect."""
     pair = make_pair()
     pair.switchover("p", "standby")
     standby = pair.storages["standby"]
@@ -248,6 +249,13 @@ def test_a_fenced_promoted_replica_drops_its_clients_and_takes_them_back_read_on
         assert standby.isReadOnly(), "a fenced primary told ZEO it takes read-write clients"
         wait_until(lambda: client.is_connected() and client.isReadOnly(), timeout=15,
                    what="the client dropped by the fence, back read-only")
+        asyncio.run(call(pair.addr["standby"], "POST", "/unfence", pair.tls))
+        wait_until(lambda: client.is_connected() and not client.isReadOnly(), timeout=15,
+                   what="the client, read-only while the node was fenced, back read-write after the undo")
+        db = ZODB.DB(client)
+        with db.transaction() as conn:
+            conn.root()["n"] = 42
+        assert pair.status("standby")["last_tid"] == client.lastTransaction().hex()
     finally:
         client.close()
 
