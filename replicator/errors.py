@@ -37,6 +37,7 @@ __all__ = [
     "UsageError",
     "StorageError",
     "StorageInUseError",
+    "EmptyReplicaError",
     "TransportError",
     "TLSError",
 ]
@@ -187,6 +188,18 @@ class StorageInUseError(StorageError):
                          "another replicator, a ZEO server (runzeo) or a Zope instance with this storage open")
         self.path = path
         self.lock_path = lock_path
+
+
+class EmptyReplicaError(ReplicatorError):
+    """A database was opened on a replica that holds no transaction, and none came in time.
+
+    ``ZODB.DB`` creates the root object of an empty storage, which a replica
+    must not do (the root is the primary's): the database waits for the
+    primary's first transaction instead, and this says why it came to nothing.
+    """
+
+    hint = ("start the primary, or let `replicator secondary` copy the primary's history into this "
+            "storage first; a replica that holds the primary's first transaction opens at once")
 
 
 class TransportError(ReplicatorError):

@@ -34,11 +34,13 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import zope.interface
 from ZODB.FileStorage import FileStorage
+from ZODB.mvccadapter import MVCCAdapter
 from ZODB.POSException import POSError, ReadOnlyError
+from ZODB.utils import z64
 
 from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import primary_routes
-from .errors import ConfigError, ReplicatorError
+from .errors import ConfigError, EmptyReplicaError, ReplicatorError
 from .primary import Primary
 from .secondary import Secondary
 from .storage import has_blobs
@@ -55,6 +57,9 @@ STOP_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
 #: How long a fence waits for a transaction in flight before it aborts it as abandoned.
 SETTLE_TIMEOUT = 10.0
+#: How long a database opened on an empty replica waits for the primary's first
+#: transaction while nothing arrives (the wait goes on as long as bytes do).
+FIRST_TRANSACTION_WAIT = 60.0
 
 
 class ServiceThread:
@@ -648,6 +653,44 @@ class SecondaryStorage(_Wrapper):
         self._dbs.append(db)
         if self._autostart:
             self._service.start()
+            if isinstance(db, MVCCAdapter) and self._base.lastTransaction() == z64:
+                self._await_first_transaction()
+
+    def _await_first_transaction(self) -> None:
+        """A ``ZODB.DB`` registers (through its MVCC adapter) and is about to look for the root
+        object, which it creates in a storage that has none: on an empty replica, wait until
+        the primary's first transaction (the root's) is applied, or say why it does not come.
+
+        ZEO's server creates no root, so its registration does not wait.
+        """
+        progress = self.secondary.progress
+        name = self._base.getName()
+        log.warning("the replica %s holds no transaction yet: the database waits for the primary's "
+                    "first one (a replica creates no root object of its own)", name)
+        received = progress.bytes_received
+        deadline = time.monotonic() + FIRST_TRANSACTION_WAIT
+        while self._base.lastTransaction() == z64:
+            failure = None
+            if self._service.error is not None:
+                failure = (f"the replica {name} holds no transaction, and its secondary stopped: "
+                           f"{self._service.error}")
+            elif progress.bytes_received != received:
+                received, deadline = progress.bytes_received, time.monotonic() + FIRST_TRANSACTION_WAIT
+            elif time.monotonic() > deadline:
+                if progress.connected:
+                    why = "connected, but the primary sent no transaction: does it hold any?"
+                else:
+                    why = f"not connected to the primary at {self.config.primary}: {progress.last_error}"
+                failure = (f"the replica {name} holds no transaction after {FIRST_TRANSACTION_WAIT:.0f}s, "
+                           f"so a database cannot open on it yet ({why})")
+            if failure is not None:
+                # The database will not open, and nothing else holds this storage: close it
+                # (and its lock), so that the application may try again.
+                self.close()
+                raise EmptyReplicaError(failure)
+            time.sleep(0.05)
+        log.info("the replica %s holds the primary's first transaction: the database opens",
+                 self._base.getName())
 
     @property
     def _writable(self) -> bool:

@@ -24,10 +24,11 @@ from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import ReadOnlyError
 from ZODB.serialize import referencesf
 
+from replicator import wrappers
 from replicator.config import Address, PrimaryConfig, SecondaryConfig, TLSPaths
-from replicator.errors import ConfigError
+from replicator.errors import ConfigError, EmptyReplicaError
 from replicator.wrappers import PrimaryStorage, SecondaryStorage
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 
 
 def tls_keys(tls_dir: Path, node: str) -> str:
@@ -132,6 +133,49 @@ def test_replica_database_sees_commits_and_is_invalidated_before_last_tid_moves(
     finally:
         replica.close()
         db.close()
+
+
+def test_a_database_opened_on_an_empty_replica_waits_for_the_primarys_root(tmp_path, tls_dir):
+    """``ZODB.DB`` creates the root object of an empty storage, which a replica refuses: a
+    ``<zodb>`` configuration on a new replica waits for the primary's first transaction instead
+    of failing with ReadOnlyError, then follows live."""
+    primary = ZODB.config.databaseFromString(
+        f"%import replicator\n<zodb>\n{primary_section(tmp_path, tls_dir)}</zodb>\n")
+    try:
+        with primary.transaction() as conn:
+            conn.root()["v"] = "from the primary"
+        rdb = ZODB.config.databaseFromString(
+            "%import replicator\n<zodb>\n" + secondary_section(tmp_path, tls_dir, primary.storage.port)
+            + "</zodb>\n")
+        try:
+            assert rdb.storage.lastTransaction() != b"\0" * 8
+            with rdb.transaction() as conn:
+                assert conn.root()["v"] == "from the primary"
+            with primary.transaction() as conn:
+                conn.root()["v"] = "later"
+            tm = transaction.TransactionManager()
+            conn = rdb.open(tm)
+            wait_until(lambda: (tm.begin(), conn.root()["v"])[1] == "later", timeout=10)
+            conn.close()
+        finally:
+            rdb.close()
+    finally:
+        primary.close()
+
+
+def test_a_database_on_an_empty_replica_whose_primary_is_away_fails_with_the_reason(
+        tmp_path, tls_dir, monkeypatch):
+    """No primary to copy the root from: the database does not open, with an error naming the
+    replica and why nothing came, and the replica's storage is closed (its lock released), so
+    that the application can try again."""
+    monkeypatch.setattr(wrappers, "FIRST_TRANSACTION_WAIT", 1.0)
+    conf = "%import replicator\n<zodb>\n" + secondary_section(tmp_path, tls_dir, free_port()) + "</zodb>\n"
+    with pytest.raises(EmptyReplicaError) as caught:
+        ZODB.config.databaseFromString(conf)
+    message = str(caught.value)
+    assert f"the replica {tmp_path / 's' / 'Data.fs'} holds no transaction after 1s" in message, message
+    assert "not connected to the primary at 127.0.0.1:" in message and "Connection refused" in message, message
+    FileStorage(str(tmp_path / "s" / "Data.fs")).close()  # not locked any more
 
 
 def test_writes_to_a_replica_raise_read_only_and_change_nothing(tmp_path, tls_dir):
