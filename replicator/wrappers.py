@@ -674,13 +674,16 @@ class SecondaryStorage(_Wrapper):
             if self._service.error is not None:
                 failure = (f"the replica {name} holds no transaction, and its secondary stopped: "
                            f"{self._service.error}")
-            elif progress.bytes_received != received:
+            elif progress.bytes_received != received and progress.head_tid != z64:
+                # Bytes of a primary that has transactions (heartbeats of an empty one do not count).
                 received, deadline = progress.bytes_received, time.monotonic() + FIRST_TRANSACTION_WAIT
             elif time.monotonic() > deadline:
-                if progress.connected:
-                    why = "connected, but the primary sent no transaction: does it hold any?"
-                else:
+                if not progress.connected:
                     why = f"not connected to the primary at {self.config.primary}: {progress.last_error}"
+                elif progress.head_tid == z64:
+                    why = f"the primary at {self.config.primary} holds no transaction either"
+                else:
+                    why = f"connected to the primary at {self.config.primary}, but nothing arrived"
                 failure = (f"the replica {name} holds no transaction after {FIRST_TRANSACTION_WAIT:.0f}s, "
                            f"so a database cannot open on it yet ({why})")
             if failure is not None:

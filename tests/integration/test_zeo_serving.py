@@ -178,6 +178,21 @@ def test_a_database_on_an_empty_replica_whose_primary_is_away_fails_with_the_rea
     FileStorage(str(tmp_path / "s" / "Data.fs")).close()  # not locked any more
 
 
+def test_a_database_on_an_empty_replica_of_an_empty_primary_says_so(tmp_path, tls_dir, monkeypatch):
+    """Connected, but the primary has no root to send either: its heartbeats do not keep the
+    database waiting, and the error says what is missing."""
+    monkeypatch.setattr(wrappers, "FIRST_TRANSACTION_WAIT", 2.0)
+    primary = ZODB.config.storageFromString("%import replicator\n" + primary_section(tmp_path, tls_dir))
+    try:
+        conf = ("%import replicator\n<zodb>\n" + secondary_section(tmp_path, tls_dir, primary.port)
+                + "</zodb>\n")
+        with pytest.raises(EmptyReplicaError, match="the primary at 127.0.0.1:[0-9]+ holds no transaction "
+                                                    "either"):
+            ZODB.config.databaseFromString(conf)
+    finally:
+        primary.close()
+
+
 def test_writes_to_a_replica_raise_read_only_and_change_nothing(tmp_path, tls_dir):
     db, replica = open_pair(tmp_path, tls_dir)
     try:
