@@ -568,13 +568,21 @@ def report() -> str:
     if "cost" in results:
         c = results["cost"]
         row("ZEO commits/s, 2 writers, closed loop, without replication", fmt(c["throughput"]["off"], 0))
+        def floor(mode: str) -> bool:
+            """The mode whose "sidecar" only looks at the file (bench/poller.py)."""
+            return "poller" in COST_MODES.get(mode, {})
+
+        names = {"zeo": "ZEO server", "sidecar": "sidecar", "writers": "the 2 clients"}
+
+        def named(mode: str, name: str) -> str:
+            return "the looking process" if name == "sidecar" and floor(mode) else names[name]
+
         for mode, ratios in c["ratio"].items():
-            floor = "poller" in COST_MODES.get(mode, {})
-            asynchronous = "synchronous" not in mode and not floor
+            asynchronous = "synchronous" not in mode and not floor(mode)
             target = ">= 0.95" if asynchronous else ""
             ok = median_range(ratios)[0] >= 0.95 if asynchronous else None
             what = ("without replication, a process beside the server that only looks at Data.fs every "
-                    f"{POLL_INTERVAL * 1000:.0f} ms, the floor of the sidecar's poll ({mode})" if floor
+                    f"{POLL_INTERVAL * 1000:.0f} ms, the floor of the sidecar's poll ({mode})" if floor(mode)
                     else f"with replication ({mode})")
             row(f"{what}: commits/s; ratio to without", f"{fmt(c['throughput'][mode], 0)}; {fmt(ratios, 3)}",
                 target, ok)
@@ -582,20 +590,17 @@ def report() -> str:
                 row(f"... the same from CPU per commit on the primary's core ({mode})",
                     fmt(c["cpu_ratio"][mode], 3))
             if mode in c.get("own_cpu_ratio", {}):
-                whose = "that process's" if floor else "replication's"
+                whose = "that process's" if floor(mode) else "replication's"
                 row(f"... the same from {whose} own CPU alone ({mode}): 1 - its share of the core's "
                     "CPU per commit", fmt(c["own_cpu_ratio"][mode], 3))
             if c.get("batched_per_s", {}).get(mode):
                 row(f"... wake-ups a second put off under CPU saturation ({mode})",
                     fmt(c["batched_per_s"][mode], 0))
-        names = {"zeo": "ZEO server", "sidecar": "sidecar", "writers": "the 2 clients"}
         for mode, sides in c.get("cpu_us_per_commit", {}).items():
-            named = {**names, "sidecar": "the looking process"} if "poller" in COST_MODES.get(mode, {}) else names
-            parts = [f"{named[name]} {fmt(values, 0)} us" for name, values in sides.items() if values]
+            parts = [f"{named(mode, name)} {fmt(values, 0)} us" for name, values in sides.items() if values]
             row(f"CPU per commit, primary's core ({mode})", "; ".join(parts))
         for mode, sides in c.get("idle_share", {}).items():
-            named = {**names, "sidecar": "the looking process"} if "poller" in COST_MODES.get(mode, {}) else names
-            parts = [f"{named[name]} {fmt(values, 2, 100)}%" for name, values in sides.items()]
+            parts = [f"{named(mode, name)} {fmt(values, 2, 100)}%" for name, values in sides.items()]
             row(f"CPU with no commits for {IDLE_SECONDS} s, share of a core ({mode})", "; ".join(parts))
         lat = c["latency_200"]
         for mode, values in lat.items():

@@ -692,8 +692,7 @@ class SecondaryStorage(_Wrapper):
                 self.close()
                 raise EmptyReplicaError(failure)
             time.sleep(0.05)
-        log.info("the replica %s holds the primary's first transaction: the database opens",
-                 self._base.getName())
+        log.info("the replica %s holds the primary's first transaction: the database opens", name)
 
     @property
     def _writable(self) -> bool:
