@@ -975,6 +975,11 @@ class Secondary:
         carried: _Batch | None = None  # taken from the queue, but too much to merge into the batch before
         try:
             while not last:
+                if applier.index_save_due and not applier.in_transaction:
+                    if syncing is not None:
+                        await syncing  # the index saved must not name anything not yet durable
+                        syncing = None
+                    await blocking(applier.save_index)
                 if carried is not None:
                     batch, carried = carried, None
                 else:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import ZODB
 from ZODB.FileStorage import FileStorage
+from ZODB.fsIndex import fsIndex
 
+from replicator import applier as applier_module
 from replicator.config import Address, PrimaryConfig, SecondaryConfig, TLSPaths
 from replicator.errors import DivergenceError
 from replicator.primary import Primary
@@ -294,3 +297,38 @@ def test_acknowledgements_are_held_back_only_when_nobody_waits(tmp_path, tls_dir
         assert count > held_back_bound, (count, elapsed)
     else:
         assert count <= held_back_bound, (count, elapsed)
+
+
+def test_a_secondary_saves_its_index_as_it_goes_so_a_crash_does_not_cost_a_rescan(tmp_path, tls_dir,
+                                                                                   monkeypatch, caplog):
+    """FileStorage saves its index only when it closes; opened after a crash it reads again
+    everything applied since.  The secondary saves it every so many bytes applied, with
+    everything durable, so that a copy of its files taken while it runs (what a crash leaves)
+    opens from an index that covers nearly all of it, and holds the primary's transactions."""
+    monkeypatch.setattr(applier_module, "INDEX_SAVE_BYTES", 64 << 10)
+    monkeypatch.setattr(applier_module, "INDEX_SAVE_RATIO", 0)  # every 64 KiB, whatever the index's size
+    closed_source(tmp_path, 150)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+
+    async def scenario() -> int:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
+                await asyncio.sleep(0.2)  # the last batch's fsync, and the save after it if due
+                # What a kill -9 would leave: the files as they are, never closed.
+                for name in ("dst.fs", "dst.fs.index"):
+                    shutil.copyfile(tmp_path / name, crashed / name)
+                shutil.copytree(tmp_path / "dst-blobs", crashed / "dst-blobs")
+                return (crashed / "dst.fs").stat().st_size
+
+    size = asyncio.run(scenario())
+    assert size > 4 * (64 << 10), f"the source is too small to test saves every 64 KiB ({size} bytes)"
+    saved_up_to = fsIndex.load(str(crashed / "dst.fs.index"))["pos"]
+    assert size - saved_up_to < 64 << 10, (saved_up_to, size)
+    caplog.clear()
+    FileStorage(str(crashed / "dst.fs"), blob_dir=str(crashed / "dst-blobs")).close()
+    assert not [r for r in caplog.records if "Ignoring index" in r.getMessage()], caplog.text
+    result = verify(str(tmp_path / "src.fs"), str(crashed / "dst.fs"), str(tmp_path / "src-blobs"),
+                    str(crashed / "dst-blobs"))
+    assert result.equal, result
