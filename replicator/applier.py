@@ -612,7 +612,14 @@ class Applier:
             return
         with storage._lock:  # what FileStorage's pack holds around the same call
             pos = storage._pos
-            storage._save_index()
+            try:
+                storage._save_index()
+            except OSError as exc:
+                # A full disk, say: nothing is lost but the quick start after a crash.
+                log.warning("cannot save the index of %s (%s); opened after a crash, it would read the "
+                            "file again from its last saved index", storage.getName(), exc)
+                self._index_pos = pos  # try again only once as much more was applied
+                return
         self._index_pos = pos
         with contextlib.suppress(OSError):
             self._index_size = os.path.getsize(storage.__name__ + ".index")

@@ -731,3 +731,20 @@ def test_an_undo_into_a_transaction_that_undid_two_keeps_the_right_state(tmp_pat
     result = verify(path, target.path)
     assert result.equal, result
     target.reopen()
+
+
+def test_an_index_that_cannot_be_saved_costs_only_the_quick_start(source, target, monkeypatch, caplog):
+    """Saving the storage's index (``save_index``) on a full disk warns and goes on: what was
+    applied stays, and the next try waits until as much more was applied."""
+    target.applier.apply(flatten(source.txns))
+    monkeypatch.setattr("replicator.applier.INDEX_SAVE_BYTES", 1)
+    monkeypatch.setattr("replicator.applier.INDEX_SAVE_RATIO", 0)
+    assert target.applier.index_save_due
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(target.storage, "_save_index", full_disk)
+    target.applier.save_index()
+    assert "cannot save the index of" in caplog.text and "No space left on device" in caplog.text
+    assert not target.applier.index_save_due
+    assert_replica(source, target)
