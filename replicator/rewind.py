@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ZODB.FileStorage import FileStorage
 
-from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError
+from .errors import ConfigError, DivergenceError, ReplicatorError, StorageError, UsageError
 from .fsformat import FIRST_POS, TRANS_HDR_LEN, is_blob_data, parse_txn_header, u64
 from .integrity import TxnIdentity
 from .storage import check_restore_support, lock_storage, open_file_storage, txn_identity
@@ -172,9 +172,30 @@ async def remote_identities(primary: str, tls, insecure: bool, tids: list[bytes]
     return identities_from_json(await call(primary, "GET", f"/identities?tids={query}", tls, insecure=insecure))
 
 
+async def check_is_primary(primary: str, tls, insecure: bool) -> None:
+    """``UsageError`` unless the node at ``primary`` is a primary (a promoted secondary is one).
+
+    Against a secondary the fork would be found in a copy that may lack the
+    primary's newest transactions, and this node's copies of those would be
+    taken for orphans; against a secondary of this very node, no fork at all.
+    """
+    from .control import call, describe_node
+
+    status = await call(primary, "GET", "/status", tls, insecure=insecure)
+    if status.get("role") != "primary":
+        following = status.get("primary")
+        raise UsageError(f"{primary} is not a primary: it is {describe_node(status)}; rewind takes the "
+                         "address of the primary this node is to follow",
+                         hint=f"give --primary {following}, the node it follows, if that is the new primary"
+                         if following else "")
+
+
 async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecure: bool, *,
                       dry_run: bool = False) -> str:
-    """Find the fork against ``primary``; unless ``dry_run``, save the orphans and truncate."""
+    """Find the fork against ``primary``; unless ``dry_run``, save the orphans and truncate.
+
+    ``UsageError`` if ``primary`` is not a primary (see ``check_is_primary``).
+    """
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -184,8 +205,12 @@ async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecu
 
     # Truncating a file a running node writes would wreck it: hold the
     # storage's lock throughout, as its own processes do (a dry run only reads).
+    # This node's own problems (no such file, in use) first: they need no network.
+    if dry_run and not os.path.exists(path):
+        raise ConfigError(f"{path}: no such file")
     lock = None if dry_run else await asyncio.to_thread(lock_storage, path)
     try:
+        await check_is_primary(primary, tls, insecure)
         fork = await asyncio.to_thread(find_fork, path, blob_dir, ask)
         if not fork.orphans or dry_run:
             return fork.describe()

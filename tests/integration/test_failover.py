@@ -16,7 +16,7 @@ from ZODB.POSException import ReadOnlyError
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call, primary_routes
 from replicator.epoch import adopt_epoch, begin_epoch, load_epoch
-from replicator.errors import DivergenceError
+from replicator.errors import DivergenceError, UsageError
 from replicator.primary import Primary
 from replicator.rewind import rewind_node
 from replicator.secondary import Secondary
@@ -127,6 +127,16 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
             assert "histories fork after" in str(info.value)
             assert "this node has 7 transaction(s)" in str(info.value)
             assert "replicator rewind" in str(info.value)
+            # Aimed at a secondary of b, rewind refuses before it reads or changes anything.
+            async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                await until(lambda: c.progress.applied_tid == b.head_tid)
+                for dry_run in (True, False):
+                    with pytest.raises(UsageError, match="is not a primary: it is a secondary c following") as no:
+                        await rewind_node(str(tmp_path / "a.fs"), str(tmp_path / "a-blobs"), f"127.0.0.1:{c.port}",
+                                          t, False, dry_run=dry_run)
+                    assert no.value.hint == f"give --primary 127.0.0.1:{b.port}, the node it follows, if that is " \
+                                            "the new primary"
+            assert [t.tid for t in FileStorage(str(tmp_path / "a.fs"), read_only=True).iterator()] == a_before
             # Rewind: saves the 7 orphans, truncates a, which then follows b and ends equal.
             report = await rewind_node(str(tmp_path / "a.fs"), str(tmp_path / "a-blobs"), f"127.0.0.1:{b.port}",
                                        t, False)
