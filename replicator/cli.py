@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
+from .config import Address, PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
 from .errors import (
     ConfigError,
     CorruptedSourceError,
@@ -116,6 +116,37 @@ def _tls(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> TLSPa
     return TLSPaths(tls_ca or "", tls_cert or "", tls_key or "")
 
 
+class _Problems:
+    """Parses a command's values, gathering every ``ConfigError`` so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def address(self, text: str, what: str) -> Address:
+        try:
+            return parse_address(text, what)
+        except ConfigError as exc:
+            self.problems += exc.problems
+            return Address("127.0.0.1", 0)  # a stand-in, so the other values are still checked
+
+    def rate(self, text: str | None, what: str) -> float | None:
+        try:
+            return parse_rate(text, what)
+        except ConfigError as exc:
+            self.problems += exc.problems
+            return None
+
+    def validate(self, config):
+        """``config.validate()``; ``ConfigError`` with its problems and those gathered before."""
+        try:
+            config = config.validate()
+        except ConfigError as exc:
+            self.problems += exc.problems
+        if self.problems:
+            raise ConfigError(self.problems)
+        return config
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -192,12 +223,13 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
     _setup_logging(log_level)
     from .primary import Primary
 
+    found = _Problems()
     try:
-        config = PrimaryConfig(
-            storage=storage, blob_dir=blob_dir, listen=parse_address(listen, "--listen"),
+        config = found.validate(PrimaryConfig(
+            storage=storage, blob_dir=blob_dir, listen=found.address(listen, "--listen"),
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, poll_interval=poll_interval,
             batch_delay=batch_delay, file_events=file_events, **({"node": node} if node else {}),
-        ).validate()
+        ))
     except ConfigError as exc:
         _fail(exc)
     if insecure:
@@ -244,15 +276,17 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
     _setup_logging(log_level)
     from .secondary import Secondary
 
+    found = _Problems()
     try:
-        config = SecondaryConfig(
-            storage=storage, blob_dir=blob_dir, primary=parse_address(primary_addr, "--primary"),
-            listen=parse_address(listen, "--listen") if listen else None,
+        unchecked = SecondaryConfig(
+            storage=storage, blob_dir=blob_dir, primary=found.address(primary_addr, "--primary"),
+            listen=found.address(listen, "--listen") if listen else None,
             tls=_tls(tls_ca, tls_cert, tls_key), insecure=insecure, compress=compress,
-            give_up_after=give_up_after, max_rate=parse_rate(max_rate, "--max-rate"),
+            give_up_after=give_up_after, max_rate=found.rate(max_rate, "--max-rate"),
             **({"node": node} if node else {}),
-        ).validate()
-        zeo = parse_address(zeo_addr, "--zeo") if zeo_addr else None
+        )
+        zeo = found.address(zeo_addr, "--zeo") if zeo_addr else None
+        config = found.validate(unchecked)
     except ConfigError as exc:
         _fail(exc)
 

@@ -35,6 +35,21 @@ def test_primary_lists_every_configuration_problem_at_once(tmp_path):
     assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
 
 
+def test_malformed_addresses_are_listed_with_the_other_problems(tmp_path):
+    primary = run("primary", "--storage", str(tmp_path / "missing.fs"), "--listen", "8100", "--insecure")
+    assert primary.returncode == 2
+    assert "--listen: expected HOST:PORT, got '8100'" in primary.stderr
+    assert "missing.fs: no such file" in primary.stderr
+    secondary = run("secondary", "--storage", str(tmp_path / "nowhere" / "Data.fs"), "--primary", "host:port",
+                    "--listen", ":70000", "--zeo", "localhost", "--max-rate", "5b")
+    assert secondary.returncode == 2
+    err = secondary.stderr
+    for problem in ("--primary: port 'port' is not a number", "--listen: port 70000 out of range",
+                    "--zeo: expected HOST:PORT, got 'localhost'", "--max-rate: expected bytes a second",
+                    f"directory {tmp_path / 'nowhere'} does not exist", "TLS files are required"):
+        assert problem in err, err
+
+
 @pytest.mark.parametrize("what, problem", [
     ("directory", "is a directory; give the Data.fs file path"),
     ("zeo.conf", "is not a FileStorage file (it begins with b'<zeo', not b'FS30'); give the Data.fs file path"),
