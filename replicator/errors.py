@@ -97,8 +97,9 @@ class RejectedError(ReplicatorError):
 class CorruptedSourceError(ReplicatorError):
     """The source ``Data.fs`` is damaged at ``offset``; nothing from there on is shipped."""
 
-    hint = ("run fstest/fsrefresh on a copy of the file; the secondaries keep "
-            "every transaction before the damage")
+    hint = ("check a copy of the file with `python -m ZODB.scripts.fstest COPY` (ZODB's `python -m "
+            "ZODB.fsrecover` can salvage one), or promote a secondary: the secondaries keep every "
+            "transaction before the damage")
 
     def __init__(self, path: str, offset: int, reason: str) -> None:
         super().__init__(f"{path}: damaged at offset {offset}: {reason}")

@@ -104,6 +104,9 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
         problems.append(f"{path} is a directory; give the Data.fs file path")
     elif read_only and not os.path.isfile(path):
         problems.append(f"{path}: no such file")
+    elif read_only and os.path.getsize(path) == 0:
+        # FileStorage writes its 4-byte header when it creates a file: this one it never wrote.
+        problems.append(f"{path} is empty (0 bytes), not a FileStorage file")
     if blob_dir is not None:
         if os.path.exists(blob_dir) and not os.path.isdir(blob_dir):
             problems.append(f"blob directory {blob_dir} is not a directory")
@@ -125,6 +128,14 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
         raise StorageInUseError(path, f"{path}.lock", _lock_holder(f"{path}.lock")) from exc
     except (OSError, POSError) as exc:
         raise StorageError(f"cannot open {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (what FileStorage raises reading a damaged file is not typed)
+        # ZODB's scan of the file's end meets bytes it cannot parse and fails
+        # with whatever its parsing raised (a UnicodeDecodeError on a bad
+        # status byte, a struct or value error on a bad length).
+        raise StorageError(f"cannot open {path}: the file is damaged: FileStorage failed reading it "
+                           f"({type(exc).__name__}: {exc})",
+                           hint=f"check it with `python -m ZODB.scripts.fstest {path}`; a damaged replica can be "
+                                "kept aside and started anew from an empty storage") from exc
     _correct_last_tid(storage)
     return storage
 

@@ -174,6 +174,27 @@ def test_verify_exit_status_and_first_difference(tmp_path):
     assert result.returncode == 2
 
 
+def test_a_file_filestorage_cannot_read_is_named_damaged_not_a_crash(tmp_path):
+    """Bytes at the end that ZODB's scan cannot parse (here a bad status byte) make FileStorage
+    raise whatever its parser raised; each command names the damage instead (exit 7)."""
+    import struct
+
+    make_fs(tmp_path / "a.fs", [1, 2])
+    good = (tmp_path / "a.fs").read_bytes()
+    damaged = tmp_path / "damaged.fs"
+    damaged.write_bytes(good + b"\xff" * 8 + struct.pack(">Q", 256) + b"\xc5" + bytes(306))
+    for args in (("verify", str(tmp_path / "a.fs"), str(damaged)),
+                 ("secondary", "--storage", str(damaged), "--primary", "127.0.0.1:9", "--insecure")):
+        result = run(*args)
+        assert result.returncode == 7, result.stderr
+        assert f"cannot open {damaged}: the file is damaged: FileStorage failed reading it" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert damaged.read_bytes()[:len(good)] == good
+    (tmp_path / "empty.fs").write_bytes(b"")
+    result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "empty.fs"))
+    assert result.returncode == 2 and "empty.fs is empty (0 bytes), not a FileStorage file" in result.stderr
+
+
 def test_verify_without_blob_dirs_does_not_pass_storages_with_blobs(tmp_path):
     """A replica whose blob was overwritten must not be called equal when its blobs were not read."""
     import shutil
