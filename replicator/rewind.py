@@ -172,14 +172,18 @@ async def remote_identities(primary: str, tls, insecure: bool, tids: list[bytes]
     return identities_from_json(await call(primary, "GET", f"/identities?tids={query}", tls, insecure=insecure))
 
 
-async def check_is_primary(primary: str, tls, insecure: bool) -> None:
-    """``UsageError`` unless the node at ``primary`` is a primary (a promoted secondary is one).
+async def check_is_primary(primary: str, tls, insecure: bool, path: str) -> None:
+    """``UsageError`` unless the node at ``primary`` is a primary (a promoted secondary is one)
+    of an epoch no older than that of the storage at ``path``.
 
     Against a secondary the fork would be found in a copy that may lack the
     primary's newest transactions, and this node's copies of those would be
     taken for orphans; against a secondary of this very node, no fork at all.
+    Against a superseded primary (an older epoch), this node's history of
+    the newer epochs would be cut away as orphans.
     """
     from .control import call, describe_node
+    from .epoch import load_epoch
 
     status = await call(primary, "GET", "/status", tls, insecure=insecure)
     if status.get("role") != "primary":
@@ -188,13 +192,35 @@ async def check_is_primary(primary: str, tls, insecure: bool) -> None:
                          "address of the primary this node is to follow",
                          hint=f"give --primary {following}, the node it follows, if that is the new primary"
                          if following else "")
+    ours = load_epoch(path).epoch
+    theirs = status.get("epoch")
+    if isinstance(theirs, int) and theirs < ours:
+        raise UsageError(f"{primary} is {describe_node(status)}, but this node's storage is at epoch {ours}: "
+                         f"that primary was superseded, and rewinding to it would cut away this node's "
+                         f"history of epoch {theirs + 1}{f' to {ours}' if ours > theirs + 1 else ''}",
+                         hint="give --primary the address of the current primary (`replicator status` "
+                              "shows each node's epoch)")
+
+
+def orphan_blob_records(path: str, fork: Fork) -> int:
+    """How many records of the transactions after the fork are blob records."""
+    storage = open_file_storage(path, None, read_only=True)
+    try:
+        start = None if fork.fork_tid == Z64 else fork.fork_tid
+        return sum(1 for txn in storage.iterator(start) if txn.tid > fork.fork_tid
+                   for record in txn if record.data is not None and is_blob_data(record.data))
+    finally:
+        storage.close()
 
 
 async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecure: bool, *,
                       dry_run: bool = False) -> str:
     """Find the fork against ``primary``; unless ``dry_run``, save the orphans and truncate.
 
-    ``UsageError`` if ``primary`` is not a primary (see ``check_is_primary``).
+    Refuses what the real run would refuse, dry or not: ``UsageError`` if
+    ``primary`` is not a current primary (see ``check_is_primary``),
+    ``DivergenceError`` if the histories share nothing, ``ConfigError`` if
+    orphans have blobs and no ``blob_dir`` was given (they would be lost).
     """
     import asyncio
 
@@ -210,11 +236,20 @@ async def rewind_node(path: str, blob_dir: str | None, primary: str, tls, insecu
         raise ConfigError(f"{path}: no such file")
     lock = None if dry_run else await asyncio.to_thread(lock_storage, path)
     try:
-        await check_is_primary(primary, tls, insecure)
+        await check_is_primary(primary, tls, insecure, path)
         fork = await asyncio.to_thread(find_fork, path, blob_dir, ask)
-        if not fork.orphans or dry_run:
+        if not fork.orphans:
             return fork.describe()
         check_fork(fork)
+        if not blob_dir:
+            blobs = await asyncio.to_thread(orphan_blob_records, path, fork)
+            if blobs:
+                raise ConfigError(f"{fork.describe()}, with {blobs} blob record(s): give --blob-dir, so that "
+                                  "their blob files are saved with them (without it they would be lost)")
+        if dry_run:
+            return (f"{fork.describe()}.\nWithout --dry-run they would be saved to "
+                    f"{path}.orphans-{fork.fork_tid.hex()}-<time>" + (" (with their blobs)" if blob_dir else "")
+                    + f", and {path} truncated after {tid_repr(fork.fork_tid)}.")
         orphan_tids = [tid for tid, _ in local_tids_backwards(path)][:fork.orphans]
         saved = await asyncio.to_thread(save_orphans, path, blob_dir, fork)
         await asyncio.to_thread(truncate_after, path, blob_dir, fork, orphan_tids)

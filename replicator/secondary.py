@@ -503,8 +503,16 @@ class Secondary:
                 fork_tid = fork.fork_tid
                 message += f"; {fork.describe()}"
                 blobs = f" --blob-dir {cfg.blob_dir}" if cfg.blob_dir else ""
-                hint = (f"if {cfg.primary} is the right primary, stop this node and run `replicator rewind "
-                        f"--storage {self.storage.getName()}{blobs} --primary {cfg.primary}` with the same "
+                # rewind takes a primary: past a relay (a secondary this node follows), its primary.
+                target, relayed = str(cfg.primary), ""
+                with contextlib.suppress(ReplicatorError, TypeError, ValueError):
+                    status = await call(target, "GET", "/status", cfg.tls, insecure=cfg.insecure,
+                                        timeout=UPSTREAM_QUESTION_TIMEOUT)
+                    if status.get("role") == "secondary" and status.get("primary"):
+                        target = str(status["primary"])
+                        relayed = f", the primary of the relay {cfg.primary} this node follows,"
+                hint = (f"if {cfg.primary} is the right upstream, stop this node and run `replicator rewind "
+                        f"--storage {self.storage.getName()}{blobs} --primary {target}`{relayed} with the same "
                         f"--tls-* options (it saves the {fork.orphans} orphaned transaction(s) to a separate "
                         "file first), then start this node again")
         return DivergenceError(message, fork_tid=fork_tid, hint=hint)

@@ -139,7 +139,9 @@ def test_a_secondary_ahead_of_the_whole_chain_is_told_so_by_the_relay(tmp_path, 
                     error = task.exception()
                     assert isinstance(error, DivergenceError), error
                     assert "(ahead)" in str(error) and "the source of this chain" in str(error), error
-                    assert "rewind" in (error.hint or ""), error.hint
+                    # rewind takes a primary: the advice names the relay's, which the node does not follow.
+                    assert f"--primary 127.0.0.1:{p.port}`, the primary of the relay 127.0.0.1:{s1.port}" \
+                        in (error.hint or ""), error.hint
                 assert s1.status()["refusals"] == {"ahead": 1}
                 assert p.refusals == {}  # p was only asked, over HTTPS; s3 never reached it
 

@@ -16,7 +16,7 @@ from ZODB.POSException import ReadOnlyError
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call, primary_routes
 from replicator.epoch import adopt_epoch, begin_epoch, load_epoch
-from replicator.errors import DivergenceError, UsageError
+from replicator.errors import ConfigError, DivergenceError, UsageError
 from replicator.primary import Primary
 from replicator.rewind import rewind_node
 from replicator.secondary import Secondary
@@ -68,6 +68,17 @@ async def until(predicate, timeout: float = 30.0) -> None:
     raise TimeoutError("condition not reached")
 
 
+def commit_blob_to(path: Path, blobs: Path) -> None:
+    from ZODB.blob import Blob
+
+    db = ZODB.DB(FileStorage(str(path), blob_dir=str(blobs)))
+    with db.transaction() as conn:
+        conn.root()["orphan blob"] = blob = Blob()
+        with blob.open("w") as f:
+            f.write(b"kept with the orphans")
+    db.close()
+
+
 def commit_to(path: Path, blobs: Path, n: int, seed: int) -> None:
     db = ZODB.DB(FileStorage(str(path), blob_dir=str(blobs)))
     work = Workload(db, seed=seed)
@@ -113,7 +124,8 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
     asyncio.run(scenario())
 
     # Meanwhile a had committed transactions b never got (orphans), and b, the new primary, went on.
-    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 7, seed=22)
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 6, seed=22)
+    commit_blob_to(tmp_path / "a.fs", tmp_path / "a-blobs")  # so that one orphan surely has a blob
     commit_to(tmp_path / "b.fs", tmp_path / "b-blobs", 9, seed=23)
     a_before = [t.tid for t in FileStorage(str(tmp_path / "a.fs"), read_only=True).iterator()]
 
@@ -136,6 +148,15 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
                                           t, False, dry_run=dry_run)
                     assert no.value.hint == f"give --primary 127.0.0.1:{b.port}, the node it follows, if that is " \
                                             "the new primary"
+            assert [t.tid for t in FileStorage(str(tmp_path / "a.fs"), read_only=True).iterator()] == a_before
+            # Without the blob directory the orphans' blobs would be lost: refused, dry or not.
+            for dry_run in (True, False):
+                with pytest.raises(ConfigError, match=r"with [1-9]\d* blob record\(s\): give --blob-dir"):
+                    await rewind_node(str(tmp_path / "a.fs"), None, f"127.0.0.1:{b.port}", t, False,
+                                      dry_run=dry_run)
+            dry = await rewind_node(str(tmp_path / "a.fs"), str(tmp_path / "a-blobs"), f"127.0.0.1:{b.port}",
+                                    t, False, dry_run=True)
+            assert "this node has 7 transaction(s)" in dry and "Without --dry-run they would be saved to" in dry
             assert [t.tid for t in FileStorage(str(tmp_path / "a.fs"), read_only=True).iterator()] == a_before
             # Rewind: saves the 7 orphans, truncates a, which then follows b and ends equal.
             report = await rewind_node(str(tmp_path / "a.fs"), str(tmp_path / "a-blobs"), f"127.0.0.1:{b.port}",
@@ -242,3 +263,25 @@ def test_a_renamed_primary_is_told_the_name_it_began_its_epoch_under(tmp_path, t
 
     asyncio.run(scenario())
     assert "give it its old name again ('old-name')" in caplog.text
+
+
+def test_rewind_refuses_a_primary_of_an_older_epoch(tmp_path, tls_dir):
+    """Aimed by mistake at a superseded primary (it came back, say, at epoch 0), rewind would cut
+    away the newer epochs this node holds: refused, the storage untouched."""
+    commit_to(tmp_path / "old.fs", tmp_path / "old-blobs", 3, seed=41)
+    commit_to(tmp_path / "node.fs", tmp_path / "node-blobs", 5, seed=42)
+    adopt_epoch(str(tmp_path / "node.fs"), 2, "current")
+    before = (tmp_path / "node.fs").read_bytes()
+    t = tls(tls_dir, "secondary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "old") as old:
+            assert old.epoch == 0
+            for dry_run in (True, False):
+                with pytest.raises(UsageError, match="at epoch 2: that primary was superseded, and rewinding to "
+                                                     "it would cut away this node's history of epoch 1 to 2"):
+                    await rewind_node(str(tmp_path / "node.fs"), str(tmp_path / "node-blobs"),
+                                      f"127.0.0.1:{old.port}", t, False, dry_run=dry_run)
+
+    asyncio.run(scenario())
+    assert (tmp_path / "node.fs").read_bytes() == before
