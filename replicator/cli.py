@@ -241,7 +241,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
 
         server = Primary(config, routes=primary_routes(lambda: server,
                                                        lambda: Tailer(config.storage, config.blob_dir).open(),
-                                                       sidecar=True))
+                                                       sidecar=True), sidecar=True)
         await server.start()
         try:
             await server.run_until_stopped()
@@ -385,15 +385,20 @@ def _control(target: str, method: str, path: str, tls_ca, tls_cert, tls_key, ins
 
 @cli.command()
 @click.argument("node")
+@click.option("--force", is_flag=True, default=False,
+              help="Promote even while NODE is connected to a primary that still takes writes (one about "
+                   "to be shut down): for a while both take commits.")
 @_tls_options
-def promote(node, tls_ca, tls_cert, tls_key, insecure) -> None:
+def promote(node, force, tls_ca, tls_cert, tls_key, insecure) -> None:
     """Make the secondary at NODE (HOST:PORT of its --listen) the primary of a new epoch.
 
     It first applies everything it received from its primary, then stops
-    following it. Do this only when the old primary is gone or fenced.
+    following it. Do this only when the old primary is gone or fenced:
+    while NODE is connected to a primary that takes writes, it refuses
+    (exit status 2) unless --force.
     """
-    result = _control(node, "POST", "/promote", tls_ca, tls_cert, tls_key, insecure, role="secondary",
-                      what="`replicator promote`")
+    result = _control(node, "POST", "/promote?force=1" if force else "/promote", tls_ca, tls_cert, tls_key,
+                      insecure, role="secondary", what="`replicator promote`")
     click.echo(f"{result['node']} is the primary of epoch {result['epoch']} from transaction {result['last_tid']}")
 
 

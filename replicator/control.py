@@ -140,6 +140,43 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
             identities_route(tailer_factory)]
 
 
+#: How long ``/promote`` waits for the answer of the primary it is connected to.
+PRIMARY_QUESTION_TIMEOUT = 5.0
+
+
+async def _refuse_beside_a_writable_primary(node: Secondary) -> None:
+    """HTTP 409 if ``node`` is connected to a primary that still takes writes: promoting it
+    would make two primaries, each taking commits the other never gets.
+
+    Asked only while connected: a primary that is gone (the failover this is
+    for) cannot be asked, and is not.  A primary that does not answer in time
+    is taken for gone too.  A sidecar primary takes writes while a ZEO server
+    has its storage open; a fenced or stale one takes none.
+    """
+    if not node.progress.connected:
+        return
+    upstream = str(node.config.primary)
+    try:
+        status = await call(upstream, "GET", "/status", node.config.tls, insecure=node.config.insecure,
+                            timeout=PRIMARY_QUESTION_TIMEOUT)
+    except ReplicatorError as exc:
+        log.warning("promoting without an answer from the primary %s: %s", upstream, exc)
+        return
+    if status.get("role") != "primary":
+        return  # a relay: its own primary is not this node's to judge
+    takes = status.get("takes_writes")
+    if takes is None:  # a node that does not say: its fence says
+        takes = not status.get("fenced") and not status.get("stale")
+    if not takes:
+        return
+    writer = f", written by {status['writer']}," if status.get("writer") else ""
+    raise web.HTTPConflict(text=(
+        f"not promoted: this node is connected to {describe_node(status)} at {upstream}{writer} which still "
+        "takes writes; promoting this node would make two primaries, each taking commits the other never "
+        f"gets. Fence it first (`replicator fence {upstream}`, or stop its ZEO server if it is a sidecar), "
+        "or run `replicator switchover`, which does both; if it is going away anyway, promote with --force"))
+
+
 def secondary_routes(get_secondary: Callable[[], Secondary],
                      on_promoted: Callable[[], Awaitable[None]] | None = None) -> list[web.RouteDef]:
     """Routes of a secondary's port; ``on_promoted`` runs after the epoch began (make storage writable)."""
@@ -147,9 +184,12 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
 
     async def promote(request: web.Request) -> web.Response:
         node = get_secondary()
+        force = request.query.get("force", "") in ("1", "true", "yes")
         async with lock:
             if node.promoted:
                 return web.json_response(node.status())
+            if not force:
+                await _refuse_beside_a_writable_primary(node)
             await node.stop_following()
             if node.storage is None:
                 raise web.HTTPConflict(text="the secondary's storage is closed")

@@ -56,6 +56,7 @@ from .protocol import (
     Welcome,
 )
 from .status import size_text
+from .storage import storage_writer
 from .tailer import Tailer
 from .threads import blocking
 from .throttle import Throttle
@@ -515,7 +516,8 @@ class Primary:
     def __init__(self, config: PrimaryConfig, *, status_provider: Callable[[], dict] | None = None,
                  routes: Iterable[web.RouteDef] = (), relay: bool = False,
                  upstream: Callable[[], str] | None = None, credentials: Credentials | None = None,
-                 upstream_answer: Callable[[bytes], Awaitable[UpstreamAnswer | None]] | None = None) -> None:
+                 upstream_answer: Callable[[bytes], Awaitable[UpstreamAnswer | None]] | None = None,
+                 sidecar: bool = False) -> None:
         """``status_provider`` replaces ``status()`` for GET /status (a cascading secondary's);
         ``routes`` are more handlers on the same port (the control API).  ``relay``: this
         serves a secondary's storage onward (and its /status), in the epoch of the primary
@@ -523,8 +525,10 @@ class Primary:
         primary it follows, for its refusals.  ``credentials``: the TLS files, already
         read by an owner who keeps them current (a relay's secondary); by default the
         primary reads ``config.tls`` and checks for renewed files itself.  ``upstream_answer``:
-        a relay's question to the primary it follows about a TID (``relay_verdict``)."""
+        a relay's question to the primary it follows about a TID (``relay_verdict``).
+        ``sidecar``: the commits come from another process (a ZEO server beside this one)."""
         self.config = config
+        self.sidecar = sidecar
         self.upstream_answer = upstream_answer
         self.credentials = credentials
         self._owns_credentials = False
@@ -907,6 +911,7 @@ class Primary:
             "epoch": self.epoch,
             "fenced": self.fenced,
             "stale": self.stale,
+            **self._writes_status(),
             "batched_wakeups": self.notifier.batched_wakeups,
             # Whether the poller sleeps on file events while the file is quiet (sidecar).
             "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
@@ -916,6 +921,14 @@ class Primary:
             "refusals": dict(self.refusals),
             "silent_secondaries_dropped": self.silent_dropped,
         }
+
+    def _writes_status(self) -> dict:
+        """Whether this node takes writes: an embedding server's do while it is not fenced; a
+        sidecar's, while another process (the ZEO server) has the storage open for writing."""
+        if not self.sidecar:
+            return {"sidecar": False, "takes_writes": self.writable and not self.relay}
+        writer = None if self.storage_lock is not None else storage_writer(self.config.storage)
+        return {"sidecar": True, "writer": writer, "takes_writes": self.writable and writer is not None}
 
     def served_status(self) -> dict:
         """What GET /status returns: the node's status (its provider's), and its certificate's."""

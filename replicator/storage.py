@@ -169,6 +169,11 @@ def _lock_holder(lock_path: str) -> str:
             pid = int(f.read(32).split()[0])
     except (OSError, ValueError, IndexError):
         return ""
+    return _describe_process(pid)
+
+
+def _describe_process(pid: int) -> str:
+    """``process 1234 (runzeo -C zeo.conf)``, or ``process 1234`` where its command line is unknown."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -180,6 +185,33 @@ def _lock_holder(lock_path: str) -> str:
     if len(command) > 120:
         command = command[:117] + "..."
     return f"process {pid} ({command})" if command else f"process {pid}"
+
+
+def storage_writer(path: str, locks: str = "/proc/locks") -> str | None:
+    """``process 1234 (runzeo ...)``: another process of this machine holding the FileStorage at
+    ``path`` open for writing (its lock), or None: none, or it cannot be told (no ``/proc/locks``).
+
+    Read from the kernel's table of file locks, which takes no lock itself:
+    trying the lock would make a ZEO server starting at that moment fail.
+    """
+    try:
+        st = os.stat(f"{path}.lock")
+        with open(locks, encoding="ascii") as fh:
+            table = fh.read()
+    except (OSError, ValueError):
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (blocked waiters are marked "->")
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            try:
+                pid = int(fields[4])
+            except ValueError:
+                continue
+            if pid != os.getpid():
+                return _describe_process(pid)
+    return None
 
 
 def _correct_last_tid(storage: FileStorage) -> None:

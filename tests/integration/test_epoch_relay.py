@@ -28,6 +28,7 @@ def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_d
             async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
                 async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
                     await until(lambda: c.progress.applied_tid == a.head_tid and c.progress.connected)
+                    a.fence("this test's failover")  # b, still connected to a, is promoted only once a is fenced
                     promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", tls(tls_dir, "primary"))
                     assert promoted["epoch"] == 1
                     await until(lambda: c.progress.epoch == 1 and c.progress.connected, timeout=10)

@@ -14,7 +14,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
 
 from replicator.config import Address, PrimaryConfig, SecondaryConfig
-from replicator.control import call, primary_routes
+from replicator.control import Refusal, call, primary_routes
 from replicator.epoch import adopt_epoch, begin_epoch, load_epoch
 from replicator.errors import ConfigError, DivergenceError, UsageError
 from replicator.primary import Primary
@@ -103,7 +103,15 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
         async with primary_on(tmp_path, tls_dir, "a") as a:
             async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, b_task):
                 await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
-                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                # a still takes writes, and b is connected to it: promoting b would make two primaries.
+                with pytest.raises(Refusal, match=r"HTTP 409\): not promoted: this node is connected to the "
+                                                  r"primary a \(epoch 0\) at 127.0.0.1:\d+ which still takes "
+                                                  "writes") as refused:
+                    await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                assert "promote with --force" in str(refused.value)
+                assert not b.promoted and b.progress.connected
+                # Unless forced (a is about to go away, say).
+                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote?force=1", t)
                 assert promoted["role"] == "primary" and promoted["epoch"] == 1
                 assert promoted["last_tid"] == a.head_tid.hex()
                 await asyncio.wait_for(b_task, 10)  # it stopped following

@@ -135,3 +135,26 @@ def test_a_sidecar_fence_needs_its_zeo_server_stopped_and_then_keeps_it_out(tmp_
         primary.stop()
         zeo.stop()
     assert primary.proc.returncode == 0
+
+
+def test_promote_refuses_while_a_zeo_server_writes_beside_the_sidecar_primary(tmp_path, tls_dir):
+    """The secondary is connected to a sidecar primary whose ZEO server still runs: promoting it
+    would make two primaries.  Refused (exit 2, naming the writer) until the server stops."""
+    make_fs(tmp_path / "a.fs", [1, 2])
+    with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, _, _):
+        zeo = start_zeo(tmp_path, tmp_path / "a.fs", None, free_port())
+        try:
+            status = get_status(port, tls_dir)
+            assert status["takes_writes"] and status["writer"].startswith(f"process {zeo.pid} (runzeo"), status
+            result = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
+            assert result.returncode == 2, result.stderr
+            assert f"written by process {zeo.pid} (runzeo" in result.stderr, result.stderr
+            assert "would make two primaries" in result.stderr and "promote with --force" in result.stderr
+            assert get_status(status_port, tls_dir)["role"] == "secondary"
+        finally:
+            zeo.stop()
+        status = get_status(port, tls_dir)
+        assert status["writer"] is None and status["takes_writes"] is False
+        result = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
+        assert result.returncode == 0, result.stderr
+        assert "is the primary of epoch 1" in result.stdout
