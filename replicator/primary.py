@@ -529,6 +529,8 @@ class Primary:
         ``sidecar``: the commits come from another process (a ZEO server beside this one)."""
         self.config = config
         self.sidecar = sidecar
+        #: A relay's: ``Hello.instance`` of the secondary process that owns it, refused as a peer.
+        self.own_instance: bytes | None = None
         self.upstream_answer = upstream_answer
         self.credentials = credentials
         self._owns_credentials = False
@@ -965,6 +967,12 @@ class Primary:
             stats.certificate_not_after = self._peer_certificate_expiry(request, hello.node)
             transport = request.transport
             stats.abort = transport.abort if transport is not None else None
+            if self.own_instance is not None and hello.instance == self.own_instance:
+                # A secondary whose --primary is its own --listen port: it would "follow" itself,
+                # caught up for ever, while the real primary moves on.
+                await ws.send_bytes(conn.send(Reject("self", f"this is {hello.node}'s own port: a node cannot "
+                                                             "follow itself")))
+                return ws
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:
                 self._log_refusal(hello.node, peer, duplicate)

@@ -385,6 +385,7 @@ class Secondary:
                                         self._demote if self._demotable else None)],
                 relay=True, upstream=self._upstream, credentials=self.credentials,
                 upstream_answer=self._ask_upstream)
+            self.downstream.own_instance = self.instance
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
 
@@ -612,6 +613,9 @@ class Secondary:
                     await self._session(http, url, None if contexts is None else contexts())
                     message = "primary closed the connection"
                 except RejectedError as exc:
+                    if exc.code == "self":
+                        raise ConfigError(f"--primary {cfg.primary} is this node's own --listen port: it would "
+                                          "follow itself; give the address of the primary's port") from None
                     if exc.code in FINAL_REJECTS:
                         self.progress.last_error = str(exc)
                         if exc.code == "version":

@@ -482,3 +482,17 @@ def test_insecure_primary_warns(tmp_path):
     finally:
         proc.stop()
     assert "WARNING" in proc.output() and "plaintext" in proc.output()
+
+
+def test_a_secondary_given_its_own_listen_port_as_primary_stops(tmp_path, tls_dir):
+    """--primary naming the node's own --listen port (localhost for 127.0.0.1, say) made it
+    "follow" itself: connected, lag 0, for ever, while the real primary moved on."""
+    from tests.helpers import free_port, tls_args
+
+    make_fs(tmp_path / "b.fs", [1])
+    port = free_port()
+    result = run("secondary", "--storage", str(tmp_path / "b.fs"), "--primary", f"localhost:{port}",
+                 "--listen", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"--primary localhost:{port} is this node's own --listen port: it would follow itself" \
+        in result.stderr
