@@ -628,6 +628,8 @@ def certs_show(cert) -> None:
     for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
         if key == "usable_until" or (key in ("intermediates", "other_cas") and not value):
             continue
+        if isinstance(value, (tuple, list)):
+            value = ", ".join(str(v) for v in value) or "(none)"
         click.echo(f"{key}: {value}")
     left = ((info.usable_until or info.not_after) - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
     until = "" if info.usable_until in (None, info.not_after) else " (an intermediate CA expires first)"

@@ -221,7 +221,16 @@ class Refusal(UsageError):
         self.status = status
 
 
+def check_scheme(target: str, insecure: bool) -> None:
+    """``UsageError`` for an ``http://`` address without ``--insecure``: nodes speak TLS."""
+    if target.lower().startswith("http://") and not insecure:
+        raise UsageError(f"{target} is a plaintext (http://) address, and nodes speak TLS",
+                         hint="give HOST:PORT (or https://HOST:PORT) with the cluster certificates; --insecure "
+                              "only for a node started with --insecure")
+
+
 def _url(target: str, path: str, insecure: bool) -> str:
+    check_scheme(target, insecure)
     base = target if "://" in target else ("http://" if insecure else "https://") + target
     return base.rstrip("/") + path
 

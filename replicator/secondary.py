@@ -89,6 +89,17 @@ log = logging.getLogger("replicator.secondary")
 FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale"}
 
 
+#: What to do about a primary's Goodbye, by its code (others: ``TransportError``'s own hint).
+GOODBYE_HINTS = {
+    "shutdown": "the primary is stopping or restarting; this node reconnects and resumes",
+    "corrupted": "the primary's file is damaged (its log names where); this node keeps everything before "
+                 "it and resumes once the primary's file is repaired",
+    "error": "the primary stopped on that error (its log says more); this node reconnects and resumes "
+             "once the primary runs again",
+    "packed": "nothing to do: this node reconnects and resumes from the packed file",
+}
+
+
 #: A batch of at most this many bytes is applied on the event loop itself.
 #: A worker thread would keep the loop free, but while receiving and
 #: applying run in two threads they pass the interpreter lock to and fro,
@@ -955,7 +966,8 @@ class Secondary:
                         raise RejectedError("stale", event.message)
                     elif isinstance(event, Goodbye):
                         raise TransportError(str(self.config.primary),
-                                             f"primary said goodbye ({event.code}): {event.message}")
+                                             f"primary said goodbye ({event.code}): {event.message}",
+                                             hint=GOODBYE_HINTS.get(event.code, ""))
                     else:
                         if isinstance(event, TxnBegin):
                             self.progress.head_tid = max(self.progress.head_tid, event.tid)

@@ -18,6 +18,9 @@ __all__ = ["fetch_all", "render", "size_text"]
 
 
 def _url(text: str, insecure: bool) -> str:
+    from .control import check_scheme
+
+    check_scheme(text, insecure)
     if "://" in text:
         base = text
     else:

@@ -299,7 +299,7 @@ def test_certs_new_ca_then_drop_old_ca(tmp_path):
     again = run("certs", "new-ca", "--dir", str(directory))
     assert again.returncode == 2 and "a move to a new CA is under way" in again.stderr, again.stderr
     shown = run("certs", "show", str(directory / "ca.pem")).stdout  # the other CA is no intermediate
-    assert "other_cas: ('CN=ZODB replication CA (until" in shown and "intermediates" not in shown, shown
+    assert "other_cas: CN=ZODB replication CA (until" in shown and "intermediates" not in shown, shown
     assert "valid_for: 3650 more days\n" in shown, shown
 
     early = run("certs", "drop-old-ca", "--dir", str(directory))
@@ -332,10 +332,10 @@ def test_certs_init_then_show_and_refuse_overwrite(tmp_path):
     assert "give --force" in issued.stderr and "force=True" not in issued.stderr
     assert run("certs", "issue", "primary", "--dir", str(tmp_path / "tls"), "--force").returncode == 0
     # Roles: chosen when issuing, printed by show; a node is the default.
-    assert "roles: ('node',)" in run("certs", "show", str(tmp_path / "tls" / "primary.pem")).stdout
+    assert "roles: node\n" in run("certs", "show", str(tmp_path / "tls" / "primary.pem")).stdout
     monitor = run("certs", "issue", "prometheus", "--role", "monitor", "--dir", str(tmp_path / "tls"))
     assert monitor.returncode == 0 and "(role monitor)" in monitor.stdout, monitor.stderr
-    assert "roles: ('monitor',)" in run("certs", "show", str(tmp_path / "tls" / "prometheus.pem")).stdout
+    assert "roles: monitor\n" in run("certs", "show", str(tmp_path / "tls" / "prometheus.pem")).stdout
     bad = run("certs", "issue", "x", "--role", "admin", "--dir", str(tmp_path / "tls"))
     assert bad.returncode == 2 and "admin" in bad.stderr
 
@@ -496,3 +496,14 @@ def test_a_secondary_given_its_own_listen_port_as_primary_stops(tmp_path, tls_di
     assert result.returncode == 2, result.stderr
     assert f"--primary localhost:{port} is this node's own --listen port: it would follow itself" \
         in result.stderr
+
+
+def test_an_http_address_without_insecure_is_named_plaintext(tls_dir):
+    """Nodes speak TLS: an explicit http:// address is the mistake, not a node that "may require TLS"."""
+    from tests.helpers import tls_args
+
+    for command in (("status",), ("promote",), ("fence",)):
+        result = run(*command, "http://127.0.0.1:9", *tls_args(tls_dir, "secondary"))
+        assert result.returncode == 2, result.stderr
+        assert "http://127.0.0.1:9 is a plaintext (http://) address, and nodes speak TLS" in result.stderr
+        assert "leave out --insecure" not in result.stderr
