@@ -108,6 +108,22 @@ class CorruptedSourceError(ReplicatorError):
         self.reason = reason
 
 
+class SourceRewrittenError(CorruptedSourceError):
+    """The file lost a transaction this process had read from it: truncated, or replaced by a
+    file of another history (a restored backup), while it was followed."""
+
+    hint = ("if the file was truncated or restored from a backup, the secondaries that received what it "
+            "lost hold the more complete history: promote one of them (`replicator promote`) rather than "
+            "restart this primary on this file; nothing was shipped that the file did not hold")
+
+    def __init__(self, path: str, tid: str, nearest: str, offset: int, *, fork_tid: bytes | None = None) -> None:
+        super().__init__(path, offset, f"transaction {tid}, read from this file before, is no longer in it "
+                                       f"(the newest one before it is {nearest}): the file was truncated or "
+                                       "replaced behind this process's back")
+        #: The newest transaction before the lost one that the file still holds.
+        self.fork_tid = fork_tid
+
+
 class MissingBlobError(CorruptedSourceError):
     """A committed blob record's file is absent from the blob directory."""
 

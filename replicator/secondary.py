@@ -527,6 +527,9 @@ class Secondary:
                         f"--storage {self.storage.getName()}{blobs} --primary {target}`{relayed} with the same "
                         f"--tls-* options (it saves the {fork.orphans} orphaned transaction(s) to a separate "
                         "file first), then start this node again")
+                if exc.code == "ahead":
+                    hint += (". But if the primary lost them instead (its Data.fs truncated or restored from a "
+                             "backup), this node holds the more complete history: promote it rather than rewind")
         return DivergenceError(message, fork_tid=fork_tid, hint=hint)
 
     def _downstream(self) -> Primary:
@@ -965,9 +968,12 @@ class Secondary:
                     elif isinstance(event, Goodbye) and event.code == "stale":
                         raise RejectedError("stale", event.message)
                     elif isinstance(event, Goodbye):
-                        raise TransportError(str(self.config.primary),
-                                             f"primary said goodbye ({event.code}): {event.message}",
-                                             hint=GOODBYE_HINTS.get(event.code, ""))
+                        goodbye = TransportError(str(self.config.primary),
+                                                 f"primary said goodbye ({event.code}): {event.message}",
+                                                 hint=GOODBYE_HINTS.get(event.code, ""))
+                        if "(hint: " in event.message:
+                            goodbye.hint = ""  # the primary's own advice is the better one
+                        raise goodbye
                     else:
                         if isinstance(event, TxnBegin):
                             self.progress.head_tid = max(self.progress.head_tid, event.tid)

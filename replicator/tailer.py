@@ -35,6 +35,7 @@ from .errors import (
     MissingBlobError,
     ReplicatorError,
     SourceReplacedError,
+    SourceRewrittenError,
 )
 from .fsfile import HEADER_AHEAD, WHOLE_TXN, SourceFile
 from .fsformat import (
@@ -573,6 +574,16 @@ class Tailer:
             self._cur.close()
         self._cur, self._pos, self._last_tid = src, pos, tid
 
+    def _follow_rewritten(self, src: SourceFile, *, across_pack: bool) -> None:
+        """``_switch_to`` the file that changed under the cursor; ``SourceRewrittenError`` if it
+        no longer holds the last transaction read (that is the file's damage, not a secondary's
+        divergence: the secondaries may hold what the file lost)."""
+        try:
+            self._switch_to(src, self._last_tid, across_pack=across_pack)
+        except DivergenceError as exc:
+            raise SourceRewrittenError(src.path, tid_repr(self._last_tid), tid_repr(exc.fork_tid or Z64),
+                                       self._pos, fork_tid=exc.fork_tid) from None
+
     def _replaced_by_pack(self) -> bool:
         """Whether the file we followed is now ``<path>.old``, as FileStorage's pack leaves it."""
         if self._cur is None:
@@ -607,7 +618,7 @@ class Tailer:
             # size (pending_bytes() or the poller may just have taken it).
             st, self._stat_hint = self._stat_hint or self._stat(), None
             if self._refresh(st) or self._cur is not self._src:
-                self._switch_to(self._src, self._last_tid, across_pack=True)  # type: ignore[arg-type]
+                self._follow_rewritten(self._src, across_pack=True)  # type: ignore[arg-type]
             src = self._cur
             if src is None or not src.ready():
                 self._seen = self._snapshot(st)
@@ -617,7 +628,7 @@ class Tailer:
             if size < self._pos:  # truncated below us: whatever we shipped may be gone
                 src.close()
                 self._src = self._cur = SourceFile(self.path)
-                self._switch_to(self._src, self._last_tid)
+                self._follow_rewritten(self._src, across_pack=False)
                 self._seen = self._snapshot(st)
                 return None
             src.invalidate()

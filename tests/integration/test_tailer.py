@@ -35,6 +35,7 @@ from replicator.errors import (
     DivergenceError,
     MissingBlobError,
     SourceReplacedError,
+    SourceRewrittenError,
 )
 from replicator.integrity import TxnDigest
 from replicator.protocol.events import MAX_BLOB_CHUNK, BlobChunk, Record, TxnBegin, TxnEnd
@@ -449,8 +450,9 @@ def test_pack_up_to_now_dropping_our_newest_continues_after_it(tmp_path):
         db.close()
 
 
-def test_restored_packed_backup_without_our_position_is_divergence(tmp_path):
-    """A packed backup put in place of the file looks like such a pack, but FileStorage did not pack it."""
+def test_restored_packed_backup_without_our_position_is_damage(tmp_path):
+    """A packed backup put in place of the file looks like such a pack, but FileStorage did not pack it:
+    the file lost what was read from it (damage of the source, not a secondary's divergence)."""
     path, backup = str(tmp_path / "Data.fs"), str(tmp_path / "backup.fs")
     db = ZODB.DB(FileStorage(path))
     conn = db.open()
@@ -465,12 +467,12 @@ def test_restored_packed_backup_without_our_position_is_divergence(tmp_path):
         tailer.seek_after(ours)
         os.rename(path, path + ".broken")
         os.rename(backup, path)
-        with pytest.raises(DivergenceError) as info:
+        with pytest.raises(SourceRewrittenError, match="read from this file before, is no longer in it") as info:
             tailer.read_events()
         assert info.value.fork_tid == kept
 
 
-def test_replaced_file_without_our_position_is_divergence(tmp_path):
+def test_replaced_file_without_our_position_is_damage(tmp_path):
     """A file replaced by another history (not a pack) is refused, naming the nearest earlier TID."""
     path, fork = str(tmp_path / "Data.fs"), str(tmp_path / "fork.fs")
     db = ZODB.DB(FileStorage(path))
@@ -490,7 +492,7 @@ def test_replaced_file_without_our_position_is_divergence(tmp_path):
     with Tailer(path) as tailer:
         tailer.seek_after(ours)
         os.rename(fork, path)
-        with pytest.raises(DivergenceError) as info:
+        with pytest.raises(SourceRewrittenError) as info:
             tailer.read_events()
         assert info.value.fork_tid == kept
 
@@ -869,3 +871,24 @@ def test_copy_of_history_keeps_digests(history, tmp_path):
     with Tailer(path, blobs) as a, Tailer(str(copy / "Data.fs"), str(copy / "blobs")) as b:
         tid = a.head()[0]
         assert a.digest_of(tid) == b.digest_of(tid) is not None
+
+
+def test_a_file_truncated_below_what_was_read_is_damage(tmp_path):
+    """Cut below the last transaction read (and perhaps shipped): the secondaries may hold what
+    the file lost, so this is the source's damage, with the advice to promote, not a divergence."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    commit(conn.root(), "a", 1)
+    kept = db.lastTransaction()
+    commit(conn.root(), "b", 2)
+    ours = db.lastTransaction()
+    conn.close()
+    db.close()
+    with Tailer(path) as tailer:
+        tailer.seek_after(ours)
+        os.truncate(path, os.path.getsize(path) - 10)
+        with pytest.raises(SourceRewrittenError) as info:
+            tailer.read_events()
+        assert info.value.fork_tid == kept
+        assert isinstance(info.value, CorruptedSourceError) and "promote one of them" in str(info.value)
