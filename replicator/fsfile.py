@@ -59,6 +59,8 @@ class SourceFile:
         self._window, self._wpos = b"", 0
         self.marks: list[tuple[bytes, int, bytes]] = []  # (tid, pos, prev_tid)
         self.scan_pos, self.scan_tid, self.count = FIRST_POS, Z64, 0
+        #: Where the newest transaction scanned begins (0: none yet).
+        self.scan_last = 0
         #: Damage the scan ran into; the scan stops there and the transactions
         #: before it stay usable (a reader that gets there raises it itself).
         self.damage: CorruptedSourceError | None = None
@@ -185,6 +187,7 @@ class SourceFile:
                 if self.count % MARK_EVERY == 0:
                     self.marks.append((h.tid, h.pos, self.scan_tid))
                 self.scan_pos, self.scan_tid, self.count = h.end, h.tid, self.count + 1
+                self.scan_last = h.pos
         except CorruptedSourceError as exc:
             self.damage = exc
         self.invalidate()

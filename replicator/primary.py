@@ -38,6 +38,7 @@ from .errors import (
     RemoteProtocolError,
     ReplicatorError,
     SourceReplacedError,
+    SourceRewrittenError,
 )
 from .fswatch import FileWatch
 from .integrity import TxnIdentity
@@ -575,6 +576,8 @@ class Primary:
         self.fatal: ReplicatorError | None = None
         #: Damage found ahead by the head scan; fatal once a session reaches it.
         self.damage_ahead: CorruptedSourceError | None = None
+        #: Damage a session met behind the newest transaction (``_damage_is_behind``), the last one.
+        self.damage_behind: CorruptedSourceError | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -719,6 +722,21 @@ class Primary:
             # Serve what comes before it; a session that reaches it stops us.
             self.damage_ahead = damage
             log.error("%s; transactions before it are still served", damage)
+
+    def _damage_is_behind(self, exc: CorruptedSourceError) -> bool:
+        """Damage in a transaction older than the newest (a missing blob file of an old
+        revision, a damaged old record): the secondaries past it may go on receiving new
+        commits; only those that still have to read it cannot.  Not a file that lost what was
+        read from it, which makes every position in it doubtful."""
+        return (not isinstance(exc, SourceRewrittenError) and self._head_tailer is not None
+                and 0 < exc.offset < self._head_tailer.head_pos())
+
+    def _note_damage_behind(self, exc: CorruptedSourceError, node: str | None) -> None:
+        if self.damage_behind is None or self.damage_behind.offset != exc.offset:
+            log.critical("%s; secondary %s cannot get past it and is refused until the file is repaired, "
+                         "while the others go on receiving new commits", exc, node)
+        self.damage_behind = exc
+        self.refusals["corrupted"] = self.refusals.get("corrupted", 0) + 1
 
     def _note_pack(self) -> None:
         """The file was replaced, by a pack most likely: record what it dropped (``packlog``).
@@ -919,7 +937,7 @@ class Primary:
             "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
             "file_event_wakeups": self.notifier.event_wakeups,
             "recorded_packs": self.recorded_packs,
-            "error": str(self.fatal or self.damage_ahead or "") or None,
+            "error": str(self.fatal or self.damage_ahead or self.damage_behind or "") or None,
             "refusals": dict(self.refusals),
             "silent_secondaries_dropped": self.silent_dropped,
         }
@@ -1012,7 +1030,10 @@ class Primary:
             exc = _leaf(group_exc)
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("corrupted", str(exc))))
-            self._fail(exc)
+            if isinstance(exc, CorruptedSourceError) and self._damage_is_behind(exc):
+                self._note_damage_behind(exc, stats.node)
+            else:
+                self._fail(exc)
         except* SecondaryGoneError as group_exc:
             log.warning("%s", _leaf(group_exc))
             self.silent_dropped += 1

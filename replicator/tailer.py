@@ -241,6 +241,10 @@ class Tailer:
         src.scan()
         return src.scan_tid, src.count
 
+    def head_pos(self) -> int:
+        """Where the newest transaction ``head()`` found begins (0: none yet)."""
+        return self._src.scan_last if self._src is not None else 0
+
     def unscanned_bytes(self) -> int:
         """Bytes past what ``head()`` scanned so far.
 
