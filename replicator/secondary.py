@@ -333,6 +333,8 @@ class Secondary:
         self._stopped = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._told_uncompressed = False
+        #: Why it stopped following for good, while ``serve(hold=True)`` keeps its port open.
+        self.stopped: ReplicatorError | None = None
         #: Set once POST /promote made this node the primary of a new epoch.
         self.promoted = False
         #: The epoch record says this node follows a primary (``adopt_epoch``), checked once.
@@ -527,6 +529,9 @@ class Secondary:
                         f"--storage {self.storage.getName()}{blobs} --primary {target}`{relayed} with the same "
                         f"--tls-* options (it saves the {fork.orphans} orphaned transaction(s) to a separate "
                         "file first), then start this node again")
+                if fork_tid == Z64:  # nothing to rewind to (rewind refuses): only a fresh start
+                    hint = (f"this node shares no transaction with {cfg.primary}: if that is the right "
+                            "upstream, keep this node's Data.fs aside and start it anew from an empty storage")
                 if exc.code == "ahead":
                     hint += (". But if the primary lost them instead (its Data.fs truncated or restored from a "
                              "backup), this node holds the more complete history: promote it rather than rewind")
@@ -537,7 +542,8 @@ class Secondary:
             raise ConfigError("this secondary has no --listen")
         return self.downstream
 
-    async def serve(self, ready: Callable[[], None] | None = None, *, advice: str = "") -> None:
+    async def serve(self, ready: Callable[[], None] | None = None, *, advice: str = "",
+                    hold: bool = False) -> None:
         """Open, follow the primary until cancelled (or refused for good), then close.
 
         A node stopped for promotion goes on serving its stream and /status
@@ -547,21 +553,35 @@ class Secondary:
         ``Secondary`` (``on_demoted`` is told which), which serves here in
         turn: a node can be promoted and demoted any number of times.
         ``advice`` is logged at each promotion.  ``ready`` is called once
-        the node is open and listening.
+        the node is open and listening.  ``hold``: refused for good (a
+        diverged history, a stale primary, ...), keep serving /status (its
+        ``error`` says why) until cancelled, instead of raising: inside a ZEO
+        server, which goes on serving the replica as it is, the port is how
+        the stop is seen (``replicator status``, ``replicator_error``).
         """
         node: Secondary | None = self
         while node is not None:
-            node = await node._serve_once(ready, advice)
+            node = await node._serve_once(ready, advice, hold)
             ready = None
 
-    async def _serve_once(self, ready: Callable[[], None] | None, advice: str) -> Secondary | None:
+    async def _serve_once(self, ready: Callable[[], None] | None, advice: str,
+                          hold: bool = False) -> Secondary | None:
         """``serve()`` as this node; the node that follows on once this one was demoted, if it was."""
         self._demotable = True
         await self.open()
         try:
             if ready is not None:
                 ready()
-            await self.run()
+            try:
+                await self.run()
+            except (DivergenceError, RejectedError, ConfigError) as exc:
+                if not hold:
+                    raise
+                self.stopped = exc
+                self.progress.last_error = str(exc)
+                log.critical("replication stopped for good: %s. The replica stays as it is, and this node's "
+                             "status port (if any) says so, until it is reconfigured and restarted", exc)
+                await asyncio.Event().wait()  # until cancelled
             if not self.stopped_on_request:
                 return None
             await self.promotion_done.wait()  # the new epoch is on disk once it is set
@@ -1153,6 +1173,8 @@ class Secondary:
             "compression": p.compression,
             "max_rate": self.config.max_rate,
             "last_error": p.last_error,
+            # Refused for good and holding (``serve(hold=True)``): why.
+            "error": None if self.stopped is None else str(self.stopped),
             "epoch": p.epoch,
             "secondaries": relayed.get("secondaries", []),
             **({key: relayed[key] for key in ("refusals", "silent_secondaries_dropped")} if relayed else {}),

@@ -199,16 +199,12 @@ def render(results: list[dict], now: float) -> str:
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
         lines.extend(f"  {flag:<13} {text}" for flag, text in alarms)
         lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")
-        if r["role"] == "primary" and r.get("promoted"):
-            lines.append(f"  promoted      primary of epoch {r.get('epoch')} (was following {r.get('primary')})")
-            peers = r.get("secondaries", [])
-            lines.append(f"  secondaries   {len(peers)} connected")
-            for s in peers:
-                lines.append(f"    - {s['node']} from {s['peer']}: acked {s['acked_tid']} "
-                             f"lag {_peer_lag(s)}")
-        elif r["role"] == "primary":
-            lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
-                         f"   bytes streamed {size_text(r.get('bytes_sent'))}")
+        if r["role"] == "primary":
+            if r.get("promoted"):
+                lines.append(f"  promoted      primary of epoch {r.get('epoch')} (was following {r.get('primary')})")
+            if r.get("transactions") is not None or not r.get("promoted"):
+                lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
+                             f"   bytes streamed {size_text(r.get('bytes_sent'))}")
             if r.get("recorded_packs"):
                 lines.append(f"  packs         {r['recorded_packs']} recorded: a secondary away across them resumes")
             if r.get("error"):
@@ -228,7 +224,9 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
             lines.append(f"  lag           {_secondary_lag(r, now)}   applied {r.get('transactions_applied')} "
                          f"txns, received {size_text(r.get('bytes_received'))}")
-            if r.get("last_error"):
+            if r.get("error"):  # refused for good, holding its port open to say so (inside a ZEO server)
+                lines.append(f"  STOPPED       {r['error']}")
+            elif r.get("last_error"):
                 lines.append(f"  last error    {r['last_error']}")
             if r.get("secondaries"):  # a relay: secondaries follow this one
                 lines.extend(_followers(r["secondaries"]))

@@ -631,7 +631,9 @@ class SecondaryStorage(_Wrapper):
         self._service.start()
 
     async def _follow(self, ready: Callable[[], None]) -> None:
-        await self.secondary.serve(ready)
+        # Refused for good, it keeps its status port open to say so: the ZEO server around it
+        # goes on serving the replica as it is (read-only), and would otherwise look healthy.
+        await self.secondary.serve(ready, hold=True)
 
     @property
     def error(self) -> BaseException | None:
@@ -671,9 +673,9 @@ class SecondaryStorage(_Wrapper):
         deadline = time.monotonic() + FIRST_TRANSACTION_WAIT
         while self._base.lastTransaction() == z64:
             failure = None
-            if self._service.error is not None:
-                failure = (f"the replica {name} holds no transaction, and its secondary stopped: "
-                           f"{self._service.error}")
+            stopped = self._service.error or self.secondary.stopped
+            if stopped is not None:
+                failure = f"the replica {name} holds no transaction, and its secondary stopped: {stopped}"
             elif progress.bytes_received != received and progress.head_tid != z64:
                 # Bytes of a primary that has transactions (heartbeats of an empty one do not count).
                 received, deadline = progress.bytes_received, time.monotonic() + FIRST_TRANSACTION_WAIT

@@ -36,3 +36,39 @@ def test_a_missing_old_blob_refuses_only_the_secondaries_that_must_read_it(tmp_p
                     assert b.progress.connected
 
     asyncio.run(scenario())
+
+
+def test_an_embedded_secondary_refused_for_good_keeps_its_status_port_to_say_so(tmp_path, tls_dir):
+    """Inside a ZEO server the replica goes on being served as it is; the refusal must stay
+    visible on the node's port (it used to close, and the node looked merely unreachable)."""
+    from ZEO.StorageServer import StorageServer
+    from ZODB.FileStorage import FileStorage
+
+    from replicator.config import Address, SecondaryConfig
+    from replicator.control import call
+    from replicator.wrappers import SecondaryStorage
+    from tests.integration.test_replication import tls
+
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 2, seed=61)
+    commit_to(tmp_path / "b.fs", tmp_path / "b-blobs", 3, seed=62)  # another history: diverged or ahead
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            replica = SecondaryStorage(FileStorage(str(tmp_path / "b.fs"), blob_dir=str(tmp_path / "b-blobs")),
+                                       SecondaryConfig(storage=str(tmp_path / "b.fs"),
+                                                       blob_dir=str(tmp_path / "b-blobs"),
+                                                       primary=Address("127.0.0.1", a.port),
+                                                       listen=Address("127.0.0.1", 0),
+                                                       tls=tls(tls_dir, "secondary"), node="b").validate())
+            server = await asyncio.to_thread(StorageServer, ("127.0.0.1", 0), {"1": replica})
+            server.start_thread()
+            try:
+                await until(lambda: replica.secondary.stopped is not None, timeout=20)
+                await asyncio.sleep(0.3)
+                status = await call(f"127.0.0.1:{replica.secondary.port}", "GET", "/status", tls(tls_dir, "secondary"))
+                assert "primary refused this secondary" in (status["error"] or ""), status
+                assert replica.error is None  # the service holds instead of ending
+            finally:
+                await asyncio.to_thread(server.close)
+
+    asyncio.run(scenario())
