@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import Address, PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
+from .config import PrimaryConfig, Problems, SecondaryConfig, TLSPaths
 from .errors import (
     ConfigError,
     CorruptedSourceError,
@@ -116,37 +116,6 @@ def _tls(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> TLSPa
     return TLSPaths(tls_ca or "", tls_cert or "", tls_key or "")
 
 
-class _Problems:
-    """Parses a command's values, gathering every ``ConfigError`` so that all are reported at once."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def address(self, text: str, what: str) -> Address:
-        try:
-            return parse_address(text, what)
-        except ConfigError as exc:
-            self.problems += exc.problems
-            return Address("127.0.0.1", 0)  # a stand-in, so the other values are still checked
-
-    def rate(self, text: str | None, what: str) -> float | None:
-        try:
-            return parse_rate(text, what)
-        except ConfigError as exc:
-            self.problems += exc.problems
-            return None
-
-    def validate(self, config):
-        """``config.validate()``; ``ConfigError`` with its problems and those gathered before."""
-        try:
-            config = config.validate()
-        except ConfigError as exc:
-            self.problems += exc.problems
-        if self.problems:
-            raise ConfigError(self.problems)
-        return config
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -223,7 +192,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
     _setup_logging(log_level)
     from .primary import Primary
 
-    found = _Problems()
+    found = Problems()
     try:
         config = found.validate(PrimaryConfig(
             storage=storage, blob_dir=blob_dir, listen=found.address(listen, "--listen"),
@@ -276,7 +245,7 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
     _setup_logging(log_level)
     from .secondary import Secondary
 
-    found = _Problems()
+    found = Problems()
     try:
         unchecked = SecondaryConfig(
             storage=storage, blob_dir=blob_dir, primary=found.address(primary_addr, "--primary"),

@@ -236,3 +236,35 @@ def _file_start(path: str, n: int) -> bytes | None:
             return f.read(n)
     except OSError:
         return None
+
+
+class Problems:
+    """Parses a command's (or a configuration section's) values, gathering every ``ConfigError``
+    so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def address(self, text: str, what: str) -> Address:
+        try:
+            return parse_address(text, what)
+        except ConfigError as exc:
+            self.problems += exc.problems
+            return Address("127.0.0.1", 0)  # a stand-in, so the other values are still checked
+
+    def rate(self, text: str | None, what: str) -> float | None:
+        try:
+            return parse_rate(text, what)
+        except ConfigError as exc:
+            self.problems += exc.problems
+            return None
+
+    def validate(self, config):
+        """``config.validate()``; ``ConfigError`` with its problems and those gathered before."""
+        try:
+            config = config.validate()
+        except ConfigError as exc:
+            self.problems += exc.problems
+        if self.problems:
+            raise ConfigError(self.problems)
+        return config

@@ -9,13 +9,48 @@ wraps one ``<filestorage>`` section; the other keys are the options of the
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
+
 from ZODB.config import BaseConfig
 
-from .config import PrimaryConfig, SecondaryConfig, TLSPaths, parse_address, parse_rate
+from .config import PrimaryConfig, Problems, SecondaryConfig, TLSPaths
+from .errors import ConfigError, ReplicatorError
 from .storage import check_restore_support
 from .wrappers import PrimaryStorage, SecondaryStorage
 
 __all__ = ["PrimaryStorageConfig", "SecondaryStorageConfig"]
+
+
+log = logging.getLogger("replicator.zconfig")
+
+
+def _under_runzeo() -> bool:
+    """Whether this process is ZEO's ``runzeo`` (its script, or ``python -m ZEO.runzeo``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", "") == "ZEO.runzeo" or os.path.basename(sys.argv[0] or "").startswith("runzeo")
+
+
+def _failed(section: str, exc: ReplicatorError) -> ReplicatorError:
+    """``exc`` in the configuration file's terms (``tls-ca``, not ``--tls-ca``), logged CRITICAL.
+
+    Under ``runzeo``, which would print a traceback and exit with status 1
+    (a bug, by the exit statuses of the README), the process exits with the
+    status the ``replicator`` command gives the same error instead.
+    """
+    if isinstance(exc, ConfigError):
+        problems = [re.sub(r"(?<![\w-])--(?=[a-z])", "", p) for p in exc.problems]
+        exc = ConfigError(problems)
+        exc.hint = f"fix the <{section}> section; the README's \"Inside a ZEO server\" lists its keys"
+    log.critical("<%s>: %s", section, exc)
+    if _under_runzeo():
+        from .cli import EXIT_CODES
+
+        raise SystemExit(next((code for cls, code in EXIT_CODES if isinstance(exc, cls)), 1))
+    return exc
 
 
 def _tls(section) -> TLSPaths | None:
@@ -37,15 +72,19 @@ class PrimaryStorageConfig(BaseConfig):
         try:
             # storage and blob_dir are the wrapped storage's own; the
             # wrapper fills them in, but validate() wants them right too.
-            config = PrimaryConfig(
+            found = Problems()
+            config = found.validate(PrimaryConfig(
                 storage=base.getName(), blob_dir=getattr(base, "blob_dir", None) or None,
-                listen=parse_address(section.listen, "listen"), tls=_tls(section),
+                listen=found.address(section.listen, "listen"), tls=_tls(section),
                 insecure=section.insecure, poll_interval=section.poll_interval,
                 batch_delay=section.batch_delay, **_node(section),
                 sync_count=section.sync_count, sync_names=tuple((section.sync_names or "").split()),
                 sync_timeout=section.sync_timeout, sync_fallback=section.sync_fallback,
-            ).validate()
+            ))
             return PrimaryStorage(base, config)
+        except ReplicatorError as exc:
+            base.close()
+            raise _failed("replicated-primary", exc) from None
         except BaseException:
             base.close()
             raise
@@ -56,17 +95,24 @@ class SecondaryStorageConfig(BaseConfig):
 
     def open(self, database_name="unnamed", databases=None):
         section = self.config
-        check_restore_support()  # before the wrapped section creates the storage file
+        try:
+            check_restore_support()  # before the wrapped section creates the storage file
+        except ReplicatorError as exc:
+            raise _failed("replicated-secondary", exc) from None
         base = section.base.open()
         try:
-            config = SecondaryConfig(
+            found = Problems()
+            config = found.validate(SecondaryConfig(
                 storage=base.getName(), blob_dir=getattr(base, "blob_dir", None) or None,
-                primary=parse_address(section.primary, "primary"),
-                listen=parse_address(section.listen, "listen") if section.listen else None,
+                primary=found.address(section.primary, "primary"),
+                listen=found.address(section.listen, "listen") if section.listen else None,
                 tls=_tls(section), insecure=section.insecure, compress=section.compress,
-                max_rate=parse_rate(section.max_rate, "max-rate"), **_node(section),
-            ).validate()
+                max_rate=found.rate(section.max_rate, "max-rate"), **_node(section),
+            ))
             return SecondaryStorage(base, config)
+        except ReplicatorError as exc:
+            base.close()
+            raise _failed("replicated-secondary", exc) from None
         except BaseException:
             base.close()
             raise

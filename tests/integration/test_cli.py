@@ -507,3 +507,22 @@ def test_an_http_address_without_insecure_is_named_plaintext(tls_dir):
         assert result.returncode == 2, result.stderr
         assert "http://127.0.0.1:9 is a plaintext (http://) address, and nodes speak TLS" in result.stderr
         assert "leave out --insecure" not in result.stderr
+
+
+def test_runzeo_with_a_bad_replicated_section_exits_2_listing_every_problem(tmp_path, tls_dir):
+    """Under runzeo a configuration error used to end in a traceback and exit status 1 (a bug, by
+    the README's table), naming command-line options the file does not have."""
+    from tests.helpers import RUNZEO, free_port
+
+    conf = tmp_path / "zeo.conf"
+    conf.write_text(f"%import replicator\n<zeo>\n  address 127.0.0.1:{free_port()}\n</zeo>\n"
+                    f"<replicated-primary>\n  listen 127.0.0.1:81x\n  tls-ca {tls_dir / 'ca.pem'}\n"
+                    f"  tls-cert {tls_dir / 'primary.pem'}\n  tls-key {tmp_path / 'missing.key'}\n"
+                    f"  <filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>\n</replicated-primary>\n")
+    result = subprocess.run([RUNZEO, "-C", str(conf)], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    assert "<replicated-primary>: invalid configuration: listen: port '81x' is not a number; " \
+           f"tls-key {tmp_path / 'missing.key'}: no such file" in output, output
