@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -81,6 +82,10 @@ class VerifyResult:
     missing: int = 0
     #: Blob records met whose files were not compared (no blob directories given).
     blobs_not_compared: int = 0
+    #: Bytes past each side's last committed transaction, which FileStorage ignores: a commit
+    #: cut short by a crash, or damage.  Not compared, but reported.
+    tail_a: int = 0
+    tail_b: int = 0
 
     @property
     def equal(self) -> bool:
@@ -108,7 +113,18 @@ def verify(path_a: str, path_b: str, blob_dir_a: str | None = None, blob_dir_b: 
         stack.callback(a.close)
         b = open_file_storage(path_b, blob_dir_b, read_only=True)
         stack.callback(b.close)
-        return compare_storages(a, b)
+        return dataclasses.replace(compare_storages(a, b), tail_a=_tail(path_a, a), tail_b=_tail(path_b, b))
+
+
+def _tail(path: str, storage) -> int:
+    """Bytes of ``path`` after the end of ``storage``'s last committed transaction."""
+    end = getattr(storage, "_pos", None)
+    if not isinstance(end, int):
+        return 0
+    try:
+        return max(0, os.path.getsize(path) - end)
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -322,12 +338,16 @@ def format_result(result: VerifyResult) -> str:
         summary += (f" ({result.packed} of the transactions packed on a side, compared by TID, user, "
                     f"description, extension and the records both kept; dropped by a pack: {result.dropped_a} in A, "
                     f"{result.dropped_b} in B)")
+    tails = "".join(f"\n  note: {side} has {size} byte(s) after its last committed transaction, which "
+                    "FileStorage ignores: a commit cut short by a crash, or damage (`python -m "
+                    "ZODB.scripts.fstest` tells)" for side, size in (("A", result.tail_a), ("B", result.tail_b))
+                    if size)
     if result.complete:
-        return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}"
+        return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}{tails}"
     if result.equal:
         return (f"INCOMPLETE: the records are equal, but {result.blobs_not_compared} blob file(s) were not "
                 f"compared: give --blob-dir-a and --blob-dir-b\n"
-                f"  {summary}, up to {tid_repr(result.last_common_tid)}")
+                f"  {summary}, up to {tid_repr(result.last_common_tid)}{tails}")
     lines = [f"DIFFERENT: {result.detail}"]
     if result.kind != MISSING:
         where = f"transaction {tid_repr(result.tid)}"
@@ -335,4 +355,4 @@ def format_result(result: VerifyResult) -> str:
             where += f", oid {result.oid.hex()}"
         lines.append(f"  first difference in {where} ({result.field})")
     lines.append(f"  equal before it: {summary}; last common transaction {tid_repr(result.last_common_tid)}")
-    return "\n".join(lines)
+    return "\n".join(lines) + tails

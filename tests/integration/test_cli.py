@@ -190,6 +190,12 @@ def test_a_file_filestorage_cannot_read_is_named_damaged_not_a_crash(tmp_path):
         assert f"cannot open {damaged}: the file is damaged: FileStorage failed reading it" in result.stderr
         assert "Traceback" not in result.stderr
     assert damaged.read_bytes()[:len(good)] == good
+    # Bytes FileStorage can skip (here NULs) are no transaction: equal, but said.
+    tailed = tmp_path / "tailed.fs"
+    tailed.write_bytes(good + bytes(100))
+    result = run("verify", str(tmp_path / "a.fs"), str(tailed))
+    assert result.returncode == 0, result.stderr
+    assert "note: B has 100 byte(s) after its last committed transaction" in result.stdout
     (tmp_path / "empty.fs").write_bytes(b"")
     result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "empty.fs"))
     assert result.returncode == 2 and "empty.fs is empty (0 bytes), not a FileStorage file" in result.stderr
