@@ -43,8 +43,12 @@ def _failed(section: str, exc: ReplicatorError) -> ReplicatorError:
     """
     if isinstance(exc, ConfigError):
         problems = [re.sub(r"(?<![\w-])--(?=[a-z])", "", p) for p in exc.problems]
+        hint = exc.hint
         exc = ConfigError(problems)
-        exc.hint = f"fix the <{section}> section; the README's \"Inside a ZEO server\" lists its keys"
+        if hint == ConfigError.hint:  # the command line's; a specific one (an upgrade, say) stays
+            exc.hint = f"fix the <{section}> section; the README's \"Inside a ZEO server\" lists its keys"
+        else:
+            exc.hint = hint
     log.critical("<%s>: %s", section, exc)
     if _under_runzeo():
         from .cli import EXIT_CODES
