@@ -5,12 +5,15 @@ the role ``node`` or ``operator``, ``/identities`` any certificate of the
 cluster: see ``transport.ROLE_RIGHTS``):
 
 - ``POST /promote`` (secondary): stop following after applying everything
-  received, start a new epoch, become the primary of that epoch.
+  received, start a new epoch, become the primary of that epoch (a fence
+  recorded on its storage, from its days as a primary, is removed).
 - ``POST /fence`` and ``POST /unfence`` (primary): stop / resume accepting
   writes, for a planned switchover; streaming goes on, so secondaries can
   catch up with the last commits.  ``/fence`` drops the ZEO clients of a
   primary inside a ZEO server, or with ``?clients=keep`` leaves them
   connected (their commits fail with ``ReadOnlyError``) until ``/demote``.
+  Both answer once the fence is recorded beside the storage, or its record
+  removed (``fencing``): a restart keeps the node as it was.
 - ``POST /demote?primary=HOST:PORT`` (a fenced primary, embedded in a ZEO
   server or promoted from a secondary): become a secondary of that node in
   place, on the same port.  A sidecar primary cannot (HTTP 501).
@@ -33,6 +36,7 @@ from yarl import URL
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
 from .errors import ConfigError, ReplicatorError, StorageInUseError, UsageError
+from .fencing import clear_fence, fence_path
 from .storage import lock_storage
 from .threads import blocking
 from .tid import tid_from_hex, tid_repr
@@ -124,7 +128,15 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
                                             "process and cannot stop its commits: stop it (the ZEO server), "
                                             "then fence; the fence then keeps it from opening the storage "
                                             "again") from None
-        primary.fence(request.query.get("reason", "fenced by an operator"), keep_clients=clients == "keep")
+        reason = request.query.get("reason", "fenced by an operator")
+        try:
+            await primary.fence_durably(reason, keep_clients=clients == "keep")
+        except OSError as exc:
+            log.error("fenced, but the fence could not be recorded in %s: %s", fence_path(primary.config.storage),
+                      exc)
+            raise web.HTTPInternalServerError(
+                text=f"fenced, but the fence could not be recorded in {fence_path(primary.config.storage)} "
+                     f"({exc}): it holds only until this node's process stops") from None
         await primary.settle()  # the commit in flight, if any, has landed: the head is final
         return web.json_response(primary.status())
 
@@ -132,7 +144,12 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         primary = get_primary()
         if primary.stale:
             raise web.HTTPConflict(text="this node was superseded by a newer epoch; it cannot take writes again")
-        primary.unfence()
+        try:
+            await primary.unfence_durably()
+        except OSError as exc:
+            raise web.HTTPInternalServerError(
+                text=f"still fenced: cannot remove the fence record {fence_path(primary.config.storage)}: "
+                     f"{exc}") from None
         primary.release_storage_lock()
         return web.json_response(primary.status())
 
@@ -193,6 +210,12 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             await node.stop_following()
             if node.storage is None:
                 raise web.HTTPConflict(text="the secondary's storage is closed")
+            # Promotion is the operator's choice of this node: a fence it kept from its days as a
+            # primary (demoted by a switchover) must not keep it from taking writes.
+            removed = await blocking(clear_fence, node.storage.getName())
+            if removed is not None:
+                log.warning("removed the fence record %s (fenced since %s: %s): this node is promoted",
+                            fence_path(node.storage.getName()), removed.since, removed.reason)
             state = await blocking(begin_epoch, node.storage.getName(), node.progress.applied_tid,
                                    node.config.node)
             node.promoted = True

@@ -28,7 +28,7 @@ from ZODB.blob import FilesystemHelper
 
 from . import packlog
 from .applier import discard_leftovers, remove_orphans
-from .config import PrimaryConfig
+from .config import Address, PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
 from .epoch import EpochRecord, load_epoch
@@ -40,6 +40,7 @@ from .errors import (
     SourceReplacedError,
     SourceRewrittenError,
 )
+from .fencing import FenceRecord, clear_fence, fence_path, load_fence, save_fence
 from .fswatch import FileWatch
 from .integrity import TxnIdentity
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -545,6 +546,10 @@ class Primary:
         self.epoch = 0
         #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
         self.fenced: str | None = None
+        #: Since when (Unix time) it is fenced; a fence recorded before a restart keeps its time.
+        self.fenced_at: float | None = None
+        #: One write or removal of the fence record (``fencing``) at a time.
+        self._fence_io = asyncio.Lock()
         #: Called once a fence takes the clients away, and when a fence is undone (a
         #: storage wrapper drops its ZEO clients, which register again and find out
         #: who takes writes now).
@@ -630,6 +635,19 @@ class Primary:
         self.epoch = epochs.epoch
         if not self.relay and epochs.history and epochs.history[-1].node != cfg.node:
             self._start_superseded(epochs.history[-1])
+        # A relay serves a secondary's storage: a fence recorded there (a demoted
+        # primary's) is for the day it is started as a primary again.
+        recorded = None if self.relay else await asyncio.to_thread(load_fence, cfg.storage)
+        if recorded is not None:
+            self._start_fenced(recorded)
+        await self._start_serving()
+        if recorded is not None:
+            self._log_started_fenced(recorded)
+        assert self.port is not None
+        return self.port
+
+    async def _start_serving(self) -> None:
+        cfg = self.config
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
         self._note_pack()  # a pack made while no primary was running, if not recorded yet
@@ -663,7 +681,39 @@ class Primary:
         logging.getLogger(f"replicator.{self.role}").info(
             "%s %s serving %s on %s:%s (%s); head %s", self.role, cfg.node, cfg.storage, cfg.listen.host,
             self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
-        return self.port
+
+    def _start_fenced(self, record: FenceRecord) -> None:
+        """Started on a storage whose fence was recorded (``fencing``): fenced from the start."""
+        if record.stale and not self.stale:
+            self.stale, self.stale_reason = True, record.reason
+        if self.fenced is None:
+            self.fenced = record.reason
+        self.fenced_at = record.at
+
+    def _log_started_fenced(self, record: FenceRecord) -> None:
+        storage, path = self.config.storage, fence_path(self.config.storage)
+        if record.stale:
+            log.critical("%s: this primary was superseded by a newer epoch (%s; since %s) and stays so across "
+                         "this restart, as %s records: it accepts no writes and streams to nobody. Configure it "
+                         "as a secondary of the current primary. To make it the primary on purpose, run it as a "
+                         "secondary and `replicator promote` it, which begins an epoch of its own and removes "
+                         "that record", storage, record.reason, record.since, path)
+            return
+        log.critical("%s: this primary has been fenced since %s (%s) and stays fenced across this restart, as "
+                     "%s records: it accepts no writes. Another node may be the primary now. Only if none is "
+                     "and this one is to take writes again: `%s`", storage, record.since, record.reason, path,
+                     self.undo_command())
+
+    def undo_command(self) -> str:
+        """The command that undoes this node's fence, with this node's own TLS files."""
+        cfg = self.config
+        host = cfg.listen.host if cfg.listen.host not in ("", "0.0.0.0", "::") else "THIS-HOST"
+        address = Address(host, self.port or cfg.listen.port)
+        if cfg.tls is None or cfg.insecure:
+            options = "--insecure"
+        else:
+            options = f"--tls-ca {cfg.tls.ca} --tls-cert {cfg.tls.cert} --tls-key {cfg.tls.key}"
+        return f"replicator fence --undo {address} {options}"
 
     def _close_untrusted(self) -> None:
         """A CA was taken out of the CA file: close the connections of the certificates it signed."""
@@ -789,11 +839,40 @@ class Primary:
         first = self.fenced is None
         self.fenced = reason
         if first:
+            self.fenced_at = time.time()
             log.warning("fenced: no more writes on this node: %s", reason)
         if not keep_clients and not self._clients_dropped:
             self._clients_dropped = True
             for listener in self.fence_listeners:
                 listener()
+
+    async def fence_durably(self, reason: str, *, keep_clients: bool = False) -> None:
+        """``fence()``, then record the fence beside the storage (``fencing``), so that this node
+        starts fenced if it is restarted.  ``OSError`` if the record cannot be written: the
+        fence then holds only until this process ends."""
+        self.fence(reason, keep_clients=keep_clients)
+        await self._record_fence()
+
+    async def _record_fence(self) -> None:
+        """Write the fence as it is now (a relay's is not recorded: its storage is a secondary's)."""
+        if self.relay:
+            return
+        async with self._fence_io:
+            if self.fenced is None:
+                return  # undone meanwhile
+            record = FenceRecord(self.fenced, self.fenced_at or time.time(), self.config.node, self.epoch,
+                                 self.stale)
+            await blocking(save_fence, self.config.storage, record)
+
+    async def unfence_durably(self) -> None:
+        """Remove the fence record, then ``unfence()``.  ``OSError`` if it cannot be removed:
+        the node then stays fenced."""
+        async with self._fence_io:
+            if not self.relay:
+                removed = await blocking(clear_fence, self.config.storage)
+                if removed is not None:
+                    log.info("removed the fence record %s", fence_path(self.config.storage))
+            self.unfence()
 
     async def settle(self) -> None:
         """After ``fence()``: return once no commit can land any more, with the head up to date."""
@@ -806,7 +885,7 @@ class Primary:
         read-only or read-write only as a client registers, so a client that came back
         read-only while this node was fenced (``read_only_fallback``) would stay read-only."""
         was_fenced = self.fenced is not None
-        self.fenced = None
+        self.fenced = self.fenced_at = None
         self._clients_dropped = False
         if was_fenced:
             log.warning("fence undone: this node takes writes again")
@@ -836,13 +915,23 @@ class Primary:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
 
-    def _become_stale(self, epoch: int, node: str) -> None:
-        if not self.stale:
+    async def _become_stale(self, epoch: int, node: str) -> None:
+        """A newer epoch exists: fenced for good, and recorded so that a restart does not forget it
+        (a node stale already has its record, or an epoch record that makes it stale at each start)."""
+        first = not self.stale
+        if first:
             log.critical("node %s is at epoch %d, this primary at %d: a newer primary was promoted; "
                          "this node accepts no more writes and streams to nobody", node, epoch, self.epoch)
         self.stale = True
         self.stale_reason = f"superseded by epoch {epoch} (seen from {node})"
         self.fence(self.stale_reason)
+        if not first:
+            return
+        try:
+            await self._record_fence()
+        except OSError as exc:
+            log.error("cannot record the fence in %s: %s; this node would take writes again after a restart",
+                      fence_path(self.config.storage), exc)
 
     def _start_superseded(self, record: EpochRecord) -> None:
         """Started as a primary on a storage that followed another node's epoch: stale from the start.
@@ -930,6 +1019,7 @@ class Primary:
             "secondaries": secondaries,
             "epoch": self.epoch,
             "fenced": self.fenced,
+            "fenced_since": self.fenced_at if self.fenced is not None else None,
             "stale": self.stale,
             **self._writes_status(),
             "batched_wakeups": self.notifier.batched_wakeups,
@@ -1162,7 +1252,7 @@ class Primary:
             return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
                                      f"this primary speaks {PROTOCOL_VERSION}")
         if hello.epoch > self.epoch:
-            self._become_stale(hello.epoch, hello.node)
+            await self._become_stale(hello.epoch, hello.node)
         if self.stale:
             return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) accepts no "
                                    f"secondary: {self.stale_reason}; follow the current primary instead")

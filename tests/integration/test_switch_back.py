@@ -170,6 +170,26 @@ def test_each_node_is_demoted_in_place_however_it_became_the_primary(make_pair):
     assert [t.tid for t in p.iterator()] == [t.tid for t in standby.iterator()]
 
 
+def test_a_demoted_primary_keeps_its_fence_record_and_a_promotion_removes_it(make_pair, tmp_path):
+    """The fence of a switchover is recorded beside the old primary's storage and stays there once
+    it is demoted, so that, restarted with its old primary configuration, it would start fenced;
+    switched back to, it is promoted, which removes the record, and it takes writes."""
+    pair = make_pair()
+    p_fence, standby_fence = Path(f"{tmp_path / 'p.fs'}.fence"), Path(f"{tmp_path / 'standby.fs'}.fence")
+    pair.switchover("p", "standby")
+    pair.following("p", "standby")
+    assert p_fence.exists() and not standby_fence.exists()
+    pair.switchover("standby", "p")
+    pair.following("standby", "p")
+    assert standby_fence.exists() and not p_fence.exists()
+    client = Client(pair.servers["p"].addr)
+    try:
+        tid = client.commit(5)
+        assert pair.storages["p"].lastTransaction() == tid
+    finally:
+        client.close()
+
+
 def test_a_synchronous_primary_switched_away_and_back_answers_its_commits(make_pair):
     """With sync-count 1 and the standby named, a commit on the node promoted back returns at once,
     acknowledged by the standby (which follows it again), not after sync-timeout nor never."""

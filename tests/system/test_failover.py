@@ -561,3 +561,44 @@ def test_a_commit_waiting_for_acknowledgements_does_not_freeze_the_zeo_server(tm
         if writer is not None:
             writer.close()
         server.stop()
+
+
+def test_a_fenced_primary_restarted_with_its_configuration_stays_fenced(tmp_path, tls_dir):
+    """The runbook's fence, then an emergency promotion of the standby, then the old primary's ZEO
+    server restarted with its unchanged configuration (a reboot): it must come back fenced, not as
+    a second writable primary whose commits its own secondaries would follow."""
+    site = Site(tmp_path, tls_dir, "")
+    client = None
+    try:
+        site.start_a()
+        site.start_b()
+        writer = Client(site.zeo_port, tmp_path / "writer-blobs")
+        head = writer.commit("w1", 1)
+        writer.close()
+        wait_until(lambda: (s := try_status(site.b_listen, tls_dir)) and s["last_tid"] == head.hex(), timeout=30,
+                   what="the standby caught up")
+        old, standby = f"127.0.0.1:{site.repl_port}", f"127.0.0.1:{site.b_listen}"
+        fenced = cli(tls_dir, "fence", old)
+        assert fenced.returncode == 0 and "fenced (fenced by an operator)" in fenced.stdout, fenced.stdout + fenced.stderr
+        promoted = cli(tls_dir, "promote", standby)
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        assert site.a.stop() == 0, site.a.output()[-3000:]
+
+        a = site.start_a()  # the same runzeo configuration, as after a reboot
+        status = get_status(site.repl_port, tls_dir)
+        assert status["role"] == "primary" and status["fenced"] == "fenced by an operator", status
+        assert "stays fenced across this restart" in a.output() and "fence --undo" in a.output()
+        client = Client(site.zeo_port, tmp_path / "client-blobs", wait_timeout=10, read_only_fallback=True)
+        assert client.storage.isReadOnly()
+        with pytest.raises(ReadOnlyError):
+            client.commit("after the restart", 2)
+        client.tm.abort()
+        assert storage_tids(site.a_dir / "Data.fs")[-1] == head
+        assert get_status(site.b_listen, tls_dir)["role"] == "primary"
+    except BaseException:
+        dump_logs(tmp_path)
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        site.stop_all()
