@@ -15,7 +15,8 @@ by its message.  Every error carries the fields an operator needs and a
 - ``UsageError``: a command the node it was aimed at cannot carry out (it is
   not the role the command is for, or the arguments contradict each other).
 - ``StorageError``: the secondary's storage refused a write (full disk, ...);
-  ``StorageInUseError``, its subclass, when another process holds the storage's lock.
+  ``StorageInUseError``, its subclass, when another process holds the storage's lock
+  (``FencedStorageInUseError`` when a fenced sidecar primary therefore cannot keep its fence).
 - ``TransportError``: a peer could not be reached (refused, reset, timed out);
   ``TLSError``, its subclass, when the TLS handshake itself failed (certificates).
 """
@@ -37,6 +38,7 @@ __all__ = [
     "UsageError",
     "StorageError",
     "StorageInUseError",
+    "FencedStorageInUseError",
     "EmptyReplicaError",
     "TransportError",
     "TLSError",
@@ -205,6 +207,31 @@ class StorageInUseError(StorageError):
                          "another replicator, a ZEO server (runzeo) or a Zope instance with this storage open")
         self.path = path
         self.lock_path = lock_path
+        self.holder = holder
+
+
+class FencedStorageInUseError(StorageInUseError):
+    """A sidecar primary that must start fenced cannot: another process has its storage open for writing.
+
+    A sidecar keeps its fence by holding the storage's lock, so that no ZEO
+    server can open the storage and take writes; with the lock taken by
+    another process, the fence would be a fence in name only.
+    """
+
+    def __init__(self, path: str, lock_path: str, holder: str, *, fenced: str, fence_record: str,
+                 undo: str) -> None:
+        held = holder or "another process"
+        StorageError.__init__(
+            self, f"{path}: this primary was fenced ({fenced}) and must start fenced, holding the storage's "
+                  f"lock so that nothing takes writes on it; but {held} holds that lock ({lock_path}): it has "
+                  "the storage open for writing, and could take writes this primary cannot stop",
+            hint=f"stop {held}: this node must not take writes (another node may be the primary now). Then "
+                 "start this primary again: it holds the lock while fenced. Only if this node is to take writes "
+                 f"again, undo the fence (`{undo}`) and start the ZEO server after; the fence is recorded in "
+                 f"{fence_record}")
+        self.path = path
+        self.lock_path = lock_path
+        self.holder = holder
 
 
 class EmptyReplicaError(ReplicatorError):

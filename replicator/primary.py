@@ -35,10 +35,12 @@ from .epoch import EpochRecord, load_epoch
 from .errors import (
     CorruptedSourceError,
     DivergenceError,
+    FencedStorageInUseError,
     RemoteProtocolError,
     ReplicatorError,
     SourceReplacedError,
     SourceRewrittenError,
+    StorageInUseError,
 )
 from .fencing import FenceRecord, clear_fence, fence_path, load_fence, save_fence
 from .fswatch import FileWatch
@@ -58,7 +60,7 @@ from .protocol import (
     Welcome,
 )
 from .status import size_text
-from .storage import storage_writer
+from .storage import lock_storage, storage_writer
 from .tailer import Tailer
 from .threads import blocking
 from .throttle import Throttle
@@ -528,7 +530,8 @@ class Primary:
         read by an owner who keeps them current (a relay's secondary); by default the
         primary reads ``config.tls`` and checks for renewed files itself.  ``upstream_answer``:
         a relay's question to the primary it follows about a TID (``relay_verdict``).
-        ``sidecar``: the commits come from another process (a ZEO server beside this one)."""
+        ``sidecar``: the commits come from another process (a ZEO server beside this one), so
+        a fence holds the storage's lock (``storage_lock``), also when it starts fenced."""
         self.config = config
         self.sidecar = sidecar
         #: A relay's: ``Hello.instance`` of the secondary process that owns it, refused as a peer.
@@ -640,7 +643,11 @@ class Primary:
         recorded = None if self.relay else await asyncio.to_thread(load_fence, cfg.storage)
         if recorded is not None:
             self._start_fenced(recorded)
-        await self._start_serving()
+        try:
+            await self._start_serving()
+        except BaseException:
+            self.release_storage_lock()
+            raise
         if recorded is not None:
             self._log_started_fenced(recorded)
         assert self.port is not None
@@ -683,12 +690,25 @@ class Primary:
             self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
 
     def _start_fenced(self, record: FenceRecord) -> None:
-        """Started on a storage whose fence was recorded (``fencing``): fenced from the start."""
+        """Started on a storage whose fence was recorded (``fencing``): fenced from the start.
+
+        A sidecar takes the storage's lock, as its live fence does, so that no
+        ZEO server opens the storage for writing; a process that already has
+        it open could take writes this one cannot stop, so it refuses to start
+        (``FencedStorageInUseError``).
+        """
         if record.stale and not self.stale:
             self.stale, self.stale_reason = True, record.reason
         if self.fenced is None:
             self.fenced = record.reason
         self.fenced_at = record.at
+        if self.sidecar and self.storage_lock is None:
+            try:
+                self.storage_lock = lock_storage(self.config.storage)
+            except StorageInUseError as exc:
+                raise FencedStorageInUseError(
+                    exc.path, exc.lock_path, exc.holder, fenced=f"since {record.since}: {record.reason}",
+                    fence_record=fence_path(self.config.storage), undo=self.undo_command()) from None
 
     def _log_started_fenced(self, record: FenceRecord) -> None:
         storage, path = self.config.storage, fence_path(self.config.storage)
@@ -699,10 +719,12 @@ class Primary:
                          "secondary and `replicator promote` it, which begins an epoch of its own and removes "
                          "that record", storage, record.reason, record.since, path)
             return
+        held = ("; it holds the storage's lock, so that no ZEO server can open the storage for writing"
+                if self.storage_lock is not None else "")
         log.critical("%s: this primary has been fenced since %s (%s) and stays fenced across this restart, as "
-                     "%s records: it accepts no writes. Another node may be the primary now. Only if none is "
+                     "%s records: it accepts no writes%s. Another node may be the primary now. Only if none is "
                      "and this one is to take writes again: `%s`", storage, record.since, record.reason, path,
-                     self.undo_command())
+                     held, self.undo_command())
 
     def undo_command(self) -> str:
         """The command that undoes this node's fence, with this node's own TLS files."""

@@ -4,7 +4,8 @@ Without the record, a fenced old primary restarted with its configuration
 unchanged (a reboot with its services enabled) came back writable beside the
 node promoted in its place.  Real parts throughout: FileStorage files, mutual
 TLS on loopback, the embedded primary (``PrimaryStorage``, what
-``<replicated-primary>`` makes) in this process.
+``<replicated-primary>`` makes) in this process, and the sidecar
+``replicator primary`` and ``runzeo`` as processes of their own.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import asyncio
 import json
 import logging
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import zc.lockfile
 import ZODB
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ReadOnlyError
@@ -26,9 +29,15 @@ from replicator.control import Refusal, call
 from replicator.epoch import adopt_epoch
 from replicator.errors import DivergenceError
 from replicator.wrappers import PrimaryStorage
+from tests.helpers import REPLICATOR, Proc, free_port, start_primary, start_zeo, tls_args, wait_until
 from tests.integration.test_cli import make_fs
 from tests.integration.test_failover import commit_to, primary_on, secondary_on
 from tests.integration.test_replication import tls
+from tests.system.sysutil import get_status
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([REPLICATOR, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def commit(db: ZODB.DB, value: int) -> None:
@@ -119,3 +128,63 @@ def test_a_stale_primary_restarted_is_still_stale_and_cannot_be_unfenced(tmp_pat
             assert a_fence.exists()
 
     asyncio.run(scenario())
+
+
+def test_a_sidecar_primary_restarted_fenced_holds_the_storage_lock(tmp_path, tls_dir):
+    fs = tmp_path / "a.fs"
+    make_fs(fs, [1, 2])
+    port = free_port()
+    node = f"127.0.0.1:{port}"
+    primary = start_primary(tmp_path, fs, None, port, tls_dir)
+    try:
+        fenced = run("fence", node, *tls_args(tls_dir, "operator"))
+        assert fenced.returncode == 0, fenced.stdout + fenced.stderr
+    finally:
+        assert primary.stop() == 0, primary.output()[-3000:]
+    assert Path(f"{fs}.fence").exists()
+
+    primary = start_primary(tmp_path, fs, None, port, tls_dir)
+    try:
+        status = get_status(port, tls_dir)
+        assert status["fenced"] == "fenced by an operator", status
+        log = primary.output()
+        assert "CRITICAL" in log and "stays fenced across this restart" in log, log[-3000:]
+        assert "it holds the storage's lock" in log and f"replicator fence --undo {node} --tls-ca " in log
+        # The lock is held: nothing (a ZEO server, here FileStorage itself) opens the storage for writing.
+        with pytest.raises(zc.lockfile.LockError):
+            FileStorage(str(fs))
+
+        undone = run("fence", "--undo", node, *tls_args(tls_dir, "operator"))
+        assert undone.returncode == 0, undone.stdout + undone.stderr
+        assert not Path(f"{fs}.fence").exists()
+        FileStorage(str(fs)).close()  # the lock is free again
+    finally:
+        assert primary.stop() == 0, primary.output()[-3000:]
+
+
+def test_a_fenced_sidecar_will_not_start_beside_a_process_that_has_its_storage_open(tmp_path, tls_dir):
+    """It could not stop that process's writes: exit status 2, naming it and what to do."""
+    fs = tmp_path / "a.fs"
+    make_fs(fs, [1])
+    # As a switchover's fence of this sidecar recorded it before the sidecar was stopped.
+    Path(f"{fs}.fence").write_text(json.dumps({"reason": "switchover", "at": "2026-11-30T21:00:00Z",
+                                               "node": "primary", "epoch": 0, "stale": False}))
+    zeo = start_zeo(tmp_path, fs, None, free_port())
+    sidecar = None
+    try:
+        port = free_port()
+        sidecar = Proc([REPLICATOR, "primary", "--storage", str(fs), "--listen", f"127.0.0.1:{port}",
+                        "--node", "primary", *tls_args(tls_dir, "primary")], tmp_path / "sidecar.log")
+        wait_until(lambda: not sidecar.alive(), timeout=15, what="the sidecar exited")
+        assert sidecar.stop() == 2, sidecar.output()[-3000:]
+        said = sidecar.output()
+        assert (f"replicator: error: {fs}: this primary was fenced (since 2026-11-30 21:00:00 UTC: "
+                "switchover) and must start fenced" in said), said
+        assert f"but process {zeo.pid} (runzeo -C " in said and "it has the storage open for writing" in said, said
+        assert f"stop process {zeo.pid} (runzeo" in said and "this node must not take writes" in said, said
+        assert f"replicator fence --undo 127.0.0.1:{port} --tls-ca " in said, said
+        assert Path(f"{fs}.fence").exists()
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        zeo.stop()
