@@ -46,6 +46,10 @@ TORN_WARNING = 30.0
 
 log = logging.getLogger("replicator.tailer")
 
+#: (path, offset) of torn commits warned about in this process: each reader of the file (every
+#: session and the primary's head) meets the same one, and one warning says it.
+_TORN_WARNED: set[tuple[str, int]] = set()
+
 
 class SourceFile:
     """One opened ``Data.fs`` inode: a window reader and an incremental header scan."""
@@ -172,6 +176,9 @@ class SourceFile:
             self._torn = (pos, now, False)
         elif not self._torn[2] and now - self._torn[1] > TORN_WARNING:
             self._torn = (pos, self._torn[1], True)
+            if (self.path, pos) in _TORN_WARNED:
+                return  # another reader of the file (a session, the head) said it already
+            _TORN_WARNED.add((self.path, pos))
             log.warning("%s: the committed transaction at offset %d (%d bytes) has been cut short for "
                         "%.0f s (torn tail?); nothing of it is shipped. FileStorage truncates such a "
                         "tail when it next opens the file", self.path, pos, tlen, now - self._torn[1])

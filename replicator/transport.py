@@ -546,7 +546,10 @@ class RefusedHandshakes:
         reason, level, text = _handshake_failure(error, received)
         self.counts[reason] += 1
         host = str(peer[0]) if isinstance(peer, tuple) and peer else "an unknown address"
-        unsaid = self._throttle.due((host, reason), HANDSHAKE_LOG_INTERVAL)
+        # A refused certificate's cause (expired, another CA, ...) asks for its own action: each
+        # cause gets its own line, not only the first one met in five minutes.
+        unsaid = self._throttle.due((host, reason, text if reason == "certificate" else ""),
+                                    HANDSHAKE_LOG_INTERVAL)
         if unsaid is None:
             return
         where = f"{host}:{peer[1]}" if isinstance(peer, tuple) and len(peer) > 1 else host

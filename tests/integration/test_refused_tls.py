@@ -204,3 +204,25 @@ def test_a_tls_failure_that_lasts_is_an_error_once_a_minute_not_once_a_retry(tmp
     tls_lines = [(r.levelname, r.getMessage()) for r in caplog.records if "TLS handshake with" in r.getMessage()]
     assert [level for level, _ in tls_lines].count("ERROR") == 1, tls_lines
     assert [level for level, _ in tls_lines].count("INFO") >= 4, tls_lines
+
+
+def test_each_cause_of_a_refused_certificate_gets_its_own_line(caplog):
+    """Another cluster's certificate, then an expired one, from the same host within the
+    interval: each asks for another action, so the second is not swallowed by the first."""
+    import ssl
+
+    refused = transport.RefusedHandshakes()
+
+    def cert_error(message: str) -> ssl.SSLCertVerificationError:
+        error = ssl.SSLCertVerificationError(1, f"certificate verify failed: {message}")
+        error.verify_message = message
+        return error
+
+    with caplog.at_level(logging.WARNING, logger="replicator.transport"):
+        refused.add(("10.0.0.9", 5000), cert_error("unable to get local issuer certificate"))
+        refused.add(("10.0.0.9", 5001), cert_error("certificate has expired"))
+        refused.add(("10.0.0.9", 5002), cert_error("certificate has expired"))  # the same again: throttled
+    lines = [r.getMessage() for r in caplog.records if "refused a TLS connection" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "signed by this cluster's CA" in lines[0] and "renew it" in lines[1], lines
+    assert refused.counts["certificate"] == 3

@@ -8,6 +8,7 @@ what FileStorage has not committed, whatever the writer is doing meanwhile.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import struct
@@ -892,3 +893,23 @@ def test_a_file_truncated_below_what_was_read_is_damage(tmp_path):
             tailer.read_events()
         assert info.value.fork_tid == kept
         assert isinstance(info.value, CorruptedSourceError) and "promote one of them" in str(info.value)
+
+
+def test_a_torn_tail_that_lasts_is_warned_about_once_per_process(ten, monkeypatch, caplog):
+    """Every reader of the file (each session, the primary's head) meets the same torn commit:
+    one warning says it, not one per reader."""
+    from replicator import fsfile
+
+    path, spans = ten
+    _, pos, tlen = spans[-1]
+    os.truncate(path, pos + tlen // 2)
+    monkeypatch.setattr(fsfile, "TORN_WARNING", 0.0)
+    monkeypatch.setattr(fsfile, "_TORN_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="replicator.tailer"):
+        for _ in range(3):  # three readers, each looking twice
+            with Tailer(path) as tailer:
+                drain(tailer)
+                time.sleep(0.01)
+                drain(tailer)
+    warned = [r for r in caplog.records if "has been cut short" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
