@@ -204,7 +204,12 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
         force = request.query.get("force", "") in ("1", "true", "yes")
         async with lock:
             if node.promoted:
-                return web.json_response(node.status())
+                status = node.status()
+                if status.get("fenced"):  # promoting it again would not make it take writes
+                    raise web.HTTPConflict(text=f"already the primary of epoch {status.get('epoch')}, and fenced "
+                                                f"({status['fenced']}): `replicator fence --undo` makes it take "
+                                                "writes again, if no other node does")
+                return web.json_response(status)
             if not force:
                 await _refuse_beside_a_writable_primary(node)
             await node.stop_following()

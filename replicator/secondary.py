@@ -1116,6 +1116,9 @@ class Secondary:
                     "last_tid_time": tid_time(self.storage.lastTransaction()), "connected": False,
                     "fenced": serving.fenced if serving is not None else None,
                     "stale": serving.stale if serving is not None else False,
+                    # Whether a ZEO server serves its storage (a node embedded in one, or --zeo):
+                    # a plain `replicator secondary` promoted takes no writes by itself.
+                    "serves_zeo": self._on_promoted is not None,
                     **(self._promoted_status() if self._promoted_status is not None else {})}
         return self._status(p, behind)
 

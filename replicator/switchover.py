@@ -52,9 +52,25 @@ def check_nodes(old: str, new: str, source: dict, target: dict) -> None:
                          "secondary connected to the primary")
 
 
+#: What to do once a node that no ZEO server serves (a plain ``replicator secondary``) is promoted.
+NO_ZEO_NEXT = ("Next: {node} takes writes only through a ZEO server, and none serves its storage (it runs as a "
+               "plain `replicator secondary`): stop it and start a ZEO server on its storage with "
+               "<replicated-primary> (or run it as `replicator secondary --zeo` next time, which promotes in "
+               "place).")
+
+
+def next_step_after_promotion(promoted: dict) -> str:
+    """The line to add when the promoted node cannot take writes by itself; empty otherwise."""
+    if promoted.get("serves_zeo") is False:
+        return "\n" + NO_ZEO_NEXT.format(node=promoted.get("node"))
+    return ""
+
+
 async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: bool, timeout: float) -> str:
-    source, target = await asyncio.gather(call(old, "GET", "/status", tls, insecure=insecure),
-                                          call(new, "GET", "/status", tls, insecure=insecure))
+    # Nothing is fenced before both answer, within the switchover's own time (a hung node
+    # would otherwise hold it for the TLS handshake's minute).
+    source, target = await asyncio.gather(call(old, "GET", "/status", tls, insecure=insecure, timeout=timeout),
+                                          call(new, "GET", "/status", tls, insecure=insecure, timeout=timeout))
     check_nodes(old, new, source, target)
     # Its ZEO clients stay connected (their commits are refused) until the
     # demotion below drops them: they then register again at once, and those
@@ -72,7 +88,8 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
             raise OperationError(f"{new} did not catch up with {head} within {timeout:.0f}s; "
                                  f"{old} stays fenced, its ZEO clients connected but refused: unfence it "
                                  f"with `replicator fence --undo {old}`, or drop them with "
-                                 f"`replicator fence {old}` if you promote another node by hand")
+                                 f"`replicator fence {old}` if you promote another node by hand (each with "
+                                 "this command's --tls-* options)")
         await asyncio.sleep(0.05)
     promoted = await call(new, "POST", "/promote", tls, insecure=insecure)
     if promoted.get("last_tid") != head:
@@ -80,6 +97,7 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
                              f"last transaction {head}: investigate before writing")
     done = (f"switched over: {promoted['node']} is the primary of epoch {promoted['epoch']} from "
             f"{tid_repr(bytes.fromhex(head))}; ")
+    after = next_step_after_promotion(promoted)
     name = fenced["node"]
     try:
         await call(old, "POST", f"/demote?primary={new}", tls, insecure=insecure)
@@ -96,13 +114,13 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
                    "so it resumes where it stopped).")
         if isinstance(exc, Refusal) and exc.status == 501 and dropped:
             # A sidecar primary: it cannot, and its ZEO server was stopped before the fence.
-            return done + f"{name} is fenced ({exc.message}).\n" + restart
+            return done + f"{name} is fenced ({exc.message}).\n" + restart + after
         clients = ("its ZEO clients were dropped (those that list the new primary's server register there)"
                    if dropped else "its ZEO clients could not be dropped: they stay connected, their commits "
                    "refused")
         raise OperationError(done + f"{name} did not become its secondary ({exc.message}); it stays fenced and "
-                             f"{clients}.\n" + restart) from exc
-    return done + f"{name} now follows it as a secondary."
+                             f"{clients}.\n" + restart + after) from exc
+    return done + f"{name} now follows it as a secondary." + after
 
 
 async def _demotion_done(old: str, tls: TLSPaths | None, insecure: bool) -> None:

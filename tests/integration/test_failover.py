@@ -115,6 +115,12 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
                 assert promoted["role"] == "primary" and promoted["epoch"] == 1
                 assert promoted["last_tid"] == a.head_tid.hex()
                 await asyncio.wait_for(b_task, 10)  # it stopped following
+                # Promoting it again is harmless, but says so when fenced (it would not take writes).
+                assert (await call(f"127.0.0.1:{b.port}", "POST", "/promote", t))["epoch"] == 1
+                b.downstream.fence("this test")
+                with pytest.raises(Refusal, match="already the primary of epoch 1, and fenced"):
+                    await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                b.downstream.unfence()
                 assert load_epoch(str(tmp_path / "b.fs")).epoch == 1
 
                 # c follows the new primary b and joins epoch 1 ...

@@ -158,3 +158,6 @@ def test_promote_refuses_while_a_zeo_server_writes_beside_the_sidecar_primary(tm
         result = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
         assert result.returncode == 0, result.stderr
         assert "is the primary of epoch 1" in result.stdout
+        # A plain `replicator secondary`: nothing serves its storage to ZEO clients, which it says.
+        assert "Next: secondary takes writes only through a ZEO server, and none serves its storage" \
+            in result.stdout, result.stdout
