@@ -62,7 +62,7 @@ from .protocol import (
 )
 from .rewind import explain_divergence, identities_from_json
 from .status import size_text
-from .storage import check_restore_support, last_identity, open_file_storage
+from .storage import check_restore_support, close_storage, last_identity, open_file_storage
 from .tailer import Tailer
 from .threads import blocking
 from .tid import Z64, tid_from_hex, tid_repr, tid_time
@@ -440,7 +440,7 @@ class Secondary:
             # What a broken link left of a transaction: the next start resumes it.
             await asyncio.to_thread(self.applier.save_kept)
         if self.storage is not None and self._owns_storage:
-            await asyncio.to_thread(self.storage.close)
+            await asyncio.to_thread(close_storage, self.storage)
         self.storage = None
 
     async def run(self) -> None:

@@ -140,6 +140,43 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
     return storage
 
 
+class _IndexSaveFailure(logging.Filter):
+    """Catches FileStorage's "Error saving index on close()" record of an ``OSError``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: OSError | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and record.getMessage() == "Error saving index on close()":
+            self.error = exc
+            return False
+        return True
+
+
+def close_storage(storage: FileStorage) -> None:
+    """``storage.close()``; a failure to save its index then (a full disk) is one warning line,
+    not ZODB's traceback, and its partial index file is removed.
+
+    Nothing is lost: the index only speeds up the next start, which reads the
+    file from where the last saved index ends.
+    """
+    zodb_log = logging.getLogger("ZODB.FileStorage")
+    catcher = _IndexSaveFailure()
+    zodb_log.addFilter(catcher)
+    try:
+        storage.close()
+    finally:
+        zodb_log.removeFilter(catcher)
+    if catcher.error is not None:
+        name = getattr(storage, "_file_name", "") or ""
+        with contextlib.suppress(OSError):
+            os.remove(f"{name}.index.index_tmp")
+        log.warning("%s: could not save its index on close (%s); the next start reads the file from the last "
+                    "saved index instead", name, catcher.error)
+
+
 def lock_storage(path: str) -> zc.lockfile.LockFile:
     """Take the FileStorage's own lock, as a process that opens it for writing does.
 

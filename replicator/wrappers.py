@@ -43,7 +43,7 @@ from .control import primary_routes
 from .errors import ConfigError, EmptyReplicaError, ReplicatorError
 from .primary import Primary
 from .secondary import Secondary
-from .storage import has_blobs
+from .storage import close_storage, has_blobs
 from .tailer import Tailer
 from .tid import tid_repr
 from .zeosync import install_deferred_replies
@@ -248,7 +248,7 @@ class _Wrapper:
             return
         self._closed = True
         self._service.stop()
-        self._base.close()
+        close_storage(self._base)
 
 
 #: Methods of the base that ZEO's server calls for every commit or load.

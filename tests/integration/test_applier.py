@@ -748,3 +748,29 @@ def test_an_index_that_cannot_be_saved_costs_only_the_quick_start(source, target
     assert "cannot save the index of" in caplog.text and "No space left on device" in caplog.text
     assert not target.applier.index_save_due
     assert_replica(source, target)
+
+
+def test_an_index_that_cannot_be_saved_on_close_is_one_warning_not_a_traceback(tmp_path, caplog):
+    """A secondary stopped on a full disk: FileStorage's close logged its failure to save the
+    index with a traceback, and left a partial index file behind."""
+    import errno
+    import logging
+
+    from replicator.storage import close_storage
+
+    path = tmp_path / "Data.fs"
+    storage = FileStorage(str(path))
+
+    def full(*args, **kwargs):
+        with open(f"{path}.index.index_tmp", "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    storage._index.save = full
+    with caplog.at_level(logging.WARNING):
+        close_storage(storage)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert any("could not save its index on close ([Errno 28] No space left on device)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not (tmp_path / "Data.fs.index.index_tmp").exists()
+    FileStorage(str(path), read_only=True).close()  # the file itself opens as before
