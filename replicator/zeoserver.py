@@ -7,11 +7,21 @@ replicator's signals and exit codes stay as they are.  The server is created
 before the secondary applies anything: ZEO seeds its invalidation queue from
 ``lastTransaction`` and then registers for invalidations, and nothing may be
 applied in between.
+
+On an empty replica the server is created (its port bound, so a port in use
+is said at once) but answers no client until the primary's first
+transaction is applied: a ZEO client's ``ZODB.DB`` creates the root object
+of a storage that has none, which a read-only replica refuses
+(``ReadOnlyError``), so clients started with the replica would fail.  Their
+connections wait in the listening socket's queue meanwhile, as for a server
+still starting.  A promotion of the empty replica starts answering too (the
+first client creates the root, as on any new primary).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from ZEO.StorageServer import StorageServer
@@ -19,11 +29,15 @@ from ZEO.StorageServer import StorageServer
 from .config import Address, SecondaryConfig
 from .errors import ConfigError
 from .storage import check_restore_support, open_file_storage
+from .tid import Z64 as z64
 from .wrappers import SecondaryStorage
 
 __all__ = ["serve_replica"]
 
 log = logging.getLogger("replicator.zeo")
+
+#: How often an empty replica looks whether the primary's first transaction arrived.
+FIRST_TRANSACTION_POLL = 0.1
 
 #: The name ZEO clients ask for by default (``ClientStorage(storage='1')``).
 STORAGE_NAME = "1"
@@ -47,11 +61,32 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
     except OSError as exc:
         await asyncio.to_thread(storage.close)
         raise ConfigError(f"--zeo {address}: cannot serve ZEO there: {exc}") from exc
-    server.start_thread()
     host, port = server.addr[:2]
-    log.info("serving the replica to read-only ZEO clients on %s:%s", host, port)
+    started = False
+
+    def start() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            server.start_thread()
+
+    follow = asyncio.create_task(storage.secondary.serve(advice="ZEO clients may write to it now."))
     try:
-        await storage.secondary.serve(advice="ZEO clients may write to it now.")
+        if base.lastTransaction() == z64:
+            log.warning("the replica %s holds no transaction yet: ZEO clients on %s:%s are answered once it "
+                        "holds the primary's first one (a client's database would create a root object of "
+                        "its own, which a replica refuses)", config.storage, host, port)
+            while (base.lastTransaction() == z64 and not storage.secondary.promoted
+                   and not follow.done()):
+                await asyncio.wait([follow], timeout=FIRST_TRANSACTION_POLL)
+        if not follow.done():
+            start()
+            log.info("serving the replica to read-only ZEO clients on %s:%s", host, port)
+        await follow
     finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await follow
+        start()  # a server whose loop never ran closes only once it runs
         # Closes the storage too, after the secondary has let go of it.
         await asyncio.to_thread(server.close)

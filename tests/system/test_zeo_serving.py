@@ -321,3 +321,46 @@ def test_replicator_secondary_serves_zeo_clients(cluster, tmp_path, tls_dir):
         raise
     finally:
         proc.stop()
+
+
+def test_zeo_clients_of_an_empty_replica_wait_for_the_primarys_first_transaction(tmp_path, tls_dir):
+    """Replica, its clients and primary started together (a whole stack brought up at once): a
+    client's database used to fail at once with ReadOnlyError, trying to create a root object
+    in the empty replica.  Now the replica answers clients once the primary's root is there."""
+    import threading
+
+    from tests.helpers import start_primary
+    from tests.integration.test_cli import make_fs
+
+    make_fs(tmp_path / "a.fs", [1, 2, 3])  # the primary's root holds v = 3
+    (tmp_path / "r").mkdir()
+    repl_port, zeo_port = free_port(), free_port()
+    replica = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "r" / "Data.fs"), "--primary",
+                    f"127.0.0.1:{repl_port}", "--node", "replica", "--zeo", f"127.0.0.1:{zeo_port}",
+                    *tls_args(tls_dir, "secondary")], tmp_path / "replica.log")
+    primary = None
+    opened: list = []
+
+    def open_database() -> None:
+        try:
+            db = ZODB.DB(ClientStorage(("127.0.0.1", zeo_port), read_only=True, wait_timeout=60))
+            with db.transaction() as conn:
+                opened.append(conn.root()["v"])
+            db.close()
+        except BaseException as exc:  # noqa: BLE001  (said by the assertion below)
+            opened.append(exc)
+
+    try:
+        wait_for_port(zeo_port, replica.proc)  # bound at once, so a port in use is said at start
+        client = threading.Thread(target=open_database)
+        client.start()
+        time.sleep(1.0)  # the client connects to an empty replica, whose primary is not up yet
+        assert not opened, opened
+        primary = start_primary(tmp_path, tmp_path / "a.fs", None, repl_port, tls_dir)
+        client.join(60)
+        assert opened == [3], (opened, replica.output()[-3000:])
+        assert "ZEO clients on 127.0.0.1" in replica.output()
+    finally:
+        assert replica.stop() == 0, replica.output()[-3000:]
+        if primary is not None:
+            primary.stop()
