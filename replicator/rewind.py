@@ -92,9 +92,19 @@ def find_fork(path: str, blob_dir: str | None, remote_identities) -> Fork:
                     ours = txn_identity(storage, tid)
                     if ours is not None and ours.matches(other):
                         return Fork(tid, orphans, _end_of(path, pos))
+                    if blob_dir is None and _has_blob_records(storage, tid):
+                        # Its blob files are part of its identity: without them the same
+                        # transaction looks different, and the fork would be put too early.
+                        raise ConfigError(f"transaction {tid_repr(tid)} has blob records: give --blob-dir, "
+                                          "whose files are part of each transaction's identity")
                 orphans += 1
     finally:
         storage.close()
+
+
+def _has_blob_records(storage: FileStorage, tid: bytes) -> bool:
+    return any(record.data is not None and is_blob_data(record.data)
+               for txn in storage.iterator(tid, tid) for record in txn)
 
 
 def _end_of(path: str, pos: int) -> int:
