@@ -129,8 +129,13 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
                                             "then fence; the fence then keeps it from opening the storage "
                                             "again") from None
         reason = request.query.get("reason", "fenced by an operator")
+        superseded = request.query.get("epoch", "")
         try:
-            await primary.fence_durably(reason, keep_clients=clients == "keep")
+            if superseded.isdigit() and int(superseded) > primary.epoch:
+                # A node of a newer epoch, promoted while connected here: fenced for good.
+                await primary.become_stale(int(superseded), request.query.get("node", "?")[:200])
+            else:
+                await primary.fence_durably(reason, keep_clients=clients == "keep")
         except OSError as exc:
             log.error("fenced, but the fence could not be recorded in %s: %s", fence_path(primary.config.storage),
                       exc)
@@ -161,37 +166,83 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
 PRIMARY_QUESTION_TIMEOUT = 5.0
 
 
-async def _refuse_beside_a_writable_primary(node: Secondary) -> None:
-    """HTTP 409 if ``node`` is connected to a primary that still takes writes: promoting it
-    would make two primaries, each taking commits the other never gets.
+#: Most relays walked up to find the primary at the top of a chain.
+MAX_CHAIN = 8
+
+
+async def _primary_above(node: Secondary) -> tuple[str, dict] | None:
+    """The primary at the top of the chain ``node`` is connected to (through relays, if it
+    follows one): its address and status; None if one of them cannot be asked now."""
+    if not node.progress.connected:
+        return None
+    address = str(node.config.primary)
+    for _ in range(MAX_CHAIN):
+        try:
+            status = await call(address, "GET", "/status", node.config.tls, insecure=node.config.insecure,
+                                timeout=PRIMARY_QUESTION_TIMEOUT)
+        except ReplicatorError as exc:
+            log.warning("could not ask %s, above this node, whether it takes writes: %s", address, exc)
+            return None
+        if status.get("role") == "primary":
+            return address, status
+        above = status.get("primary")
+        if status.get("role") != "secondary" or not above:
+            return None
+        address = str(above)
+    return None
+
+
+def _takes_writes(status: dict) -> bool:
+    takes = status.get("takes_writes")
+    if takes is None:  # a node that does not say: its fence says
+        takes = not status.get("fenced") and not status.get("stale")
+    return bool(takes)
+
+
+async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict] | None:
+    """HTTP 409 if ``node`` is connected (directly, or through relays) to a primary that still
+    takes writes: promoting it would make two primaries, each taking commits the other never
+    gets.  Otherwise that primary, if it could be asked (``_primary_above``).
 
     Asked only while connected: a primary that is gone (the failover this is
     for) cannot be asked, and is not.  A primary that does not answer in time
     is taken for gone too.  A sidecar primary takes writes while a ZEO server
     has its storage open; a fenced or stale one takes none.
     """
-    if not node.progress.connected:
-        return
-    upstream = str(node.config.primary)
-    try:
-        status = await call(upstream, "GET", "/status", node.config.tls, insecure=node.config.insecure,
-                            timeout=PRIMARY_QUESTION_TIMEOUT)
-    except ReplicatorError as exc:
-        log.warning("promoting without an answer from the primary %s: %s", upstream, exc)
-        return
-    if status.get("role") != "primary":
-        return  # a relay: its own primary is not this node's to judge
-    takes = status.get("takes_writes")
-    if takes is None:  # a node that does not say: its fence says
-        takes = not status.get("fenced") and not status.get("stale")
-    if not takes:
-        return
+    found = await _primary_above(node)
+    if found is None or not _takes_writes(found[1]):
+        return found
+    address, status = found
+    through = "" if address == str(node.config.primary) else f" (through {node.config.primary})"
     writer = f", written by {status['writer']}," if status.get("writer") else ""
     raise web.HTTPConflict(text=(
-        f"not promoted: this node is connected to {describe_node(status)} at {upstream}{writer} which still "
-        "takes writes; promoting this node would make two primaries, each taking commits the other never "
-        f"gets. Fence it first (`replicator fence {upstream}`, or stop its ZEO server if it is a sidecar), "
-        "or run `replicator switchover`, which does both; if it is going away anyway, promote with --force"))
+        f"not promoted: this node is connected{through} to {describe_node(status)} at {address}{writer} which "
+        "still takes writes; promoting this node would make two primaries, each taking commits the other "
+        f"never gets. Fence it first (`replicator fence {address}`; for a sidecar, stop its ZEO server), or "
+        "run `replicator switchover` to fence and promote in one step; if it is going away anyway, promote "
+        "with --force"))
+
+
+async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int) -> None:
+    """Tell the primary above ``node`` (``found``), now that ``node`` began ``epoch``, that it was
+    superseded: it fences itself for good, durably (a sidecar also takes its storage's lock),
+    so that neither a restart nor ``fence --undo`` lets it take writes beside this node.
+
+    Best effort: a primary that is gone is told when a node of the new epoch next meets it.
+    """
+    if found is None or found[1].get("fenced"):
+        # Fenced already (a switchover, or an operator first): it takes no writes, and a
+        # switchover's other secondaries keep following it until it is demoted.
+        return
+    address, _ = found
+    query = f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}"
+    try:
+        await call(address, "POST", query, node.config.tls, insecure=node.config.insecure,
+                   timeout=PRIMARY_QUESTION_TIMEOUT)
+        log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
+    except ReplicatorError as exc:
+        log.warning("could not tell the former primary at %s of epoch %d (%s): fence it, or stop it, before "
+                    "it takes writes again", address, epoch, exc)
 
 
 def secondary_routes(get_secondary: Callable[[], Secondary],
@@ -210,8 +261,7 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
                                                 f"({status['fenced']}): `replicator fence --undo` makes it take "
                                                 "writes again, if no other node does")
                 return web.json_response(status)
-            if not force:
-                await _refuse_beside_a_writable_primary(node)
+            above = await _primary_above(node) if force else await _refuse_beside_a_writable_primary(node)
             await node.stop_following()
             if node.storage is None:
                 raise web.HTTPConflict(text="the secondary's storage is closed")
@@ -231,6 +281,7 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
             node.promotion_done.set()
+            await _supersede(node, above, state.epoch)
             if on_promoted is not None:
                 await on_promoted()  # may make the stream server a synchronous primary's
             if node.downstream is not None:

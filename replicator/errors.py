@@ -118,10 +118,11 @@ class SourceRewrittenError(CorruptedSourceError):
             "lost hold the more complete history: promote one of them (`replicator promote`) rather than "
             "restart this primary on this file; nothing was shipped that the file did not hold")
 
-    def __init__(self, path: str, tid: str, nearest: str, offset: int, *, fork_tid: bytes | None = None) -> None:
-        super().__init__(path, offset, f"transaction {tid}, read from this file before, is no longer in it "
-                                       f"(the newest one before it is {nearest}): the file was truncated or "
-                                       "replaced behind this process's back")
+    def __init__(self, path: str, tid: str, nearest: str | None, offset: int, *,
+                 fork_tid: bytes | None = None) -> None:
+        before = f" (the newest one before it is {nearest})" if nearest else ""
+        super().__init__(path, offset, f"transaction {tid}, read from this file before, is no longer in it"
+                                       f"{before}: the file was truncated or replaced behind this process's back")
         #: The newest transaction before the lost one that the file still holds.
         self.fork_tid = fork_tid
 

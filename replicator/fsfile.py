@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from .errors import CorruptedSourceError
+from .errors import CorruptedSourceError, SourceRewrittenError
 from .fsformat import (
     CHECKPOINT,
     FIRST_POS,
@@ -29,7 +29,7 @@ from .fsformat import (
     u64,
 )
 from .integrity import meta_digest
-from .tid import Z64
+from .tid import Z64, tid_repr
 
 __all__ = ["SourceFile", "WHOLE_TXN", "HEADER_AHEAD", "MARK_EVERY"]
 
@@ -189,6 +189,10 @@ class SourceFile:
             return
         self.invalidate()
         size = self.size()
+        if size < self.scan_pos:
+            # Shorter than what was read of it: committed transactions are gone (FileStorage
+            # itself only ever cuts what no commit finished).  Damage, and for good.
+            raise SourceRewrittenError(self.path, tid_repr(self.scan_tid), None, size)
         try:
             while (h := self.confirmed_header(self.scan_pos, self.scan_tid, size)) is not None:
                 if self.count % MARK_EVERY == 0:

@@ -781,10 +781,15 @@ class Primary:
     async def _refresh_head(self) -> None:
         assert self._head_tailer is not None
         async with self._head_lock:  # one user of the head tailer at a time (it may be in a thread)
-            if self._head_tailer.unscanned_bytes() <= INLINE_READ_BYTES:
-                tid, count = self._head_tailer.head()  # a few new headers: no thread hop
-            else:
-                tid, count = await asyncio.to_thread(self._head_tailer.head)
+            try:
+                if self._head_tailer.unscanned_bytes() <= INLINE_READ_BYTES:
+                    tid, count = self._head_tailer.head()  # a few new headers: no thread hop
+                else:
+                    tid, count = await asyncio.to_thread(self._head_tailer.head)
+            except SourceRewrittenError as exc:
+                # Cut below what was read, with no session there to meet it: stop all the same.
+                self._fail(exc)
+                return
         self.head_tid, self.head_count = tid, count
         if self._head_tailer.replacements != self._replacements_seen:
             self._replacements_seen = self._head_tailer.replacements
@@ -937,7 +942,7 @@ class Primary:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
 
-    async def _become_stale(self, epoch: int, node: str) -> None:
+    async def become_stale(self, epoch: int, node: str) -> None:
         """A newer epoch exists: fenced for good, and recorded so that a restart does not forget it
         (a node stale already has its record, or an epoch record that makes it stale at each start)."""
         first = not self.stale
@@ -1274,7 +1279,7 @@ class Primary:
             return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
                                      f"this primary speaks {PROTOCOL_VERSION}")
         if hello.epoch > self.epoch:
-            await self._become_stale(hello.epoch, hello.node)
+            await self.become_stale(hello.epoch, hello.node)
         if self.stale:
             return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) accepts no "
                                    f"secondary: {self.stale_reason}; follow the current primary instead")

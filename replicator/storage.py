@@ -337,6 +337,11 @@ def iter_transactions(storage: FileStorage, start: bytes | None = None, stop: by
         it = storage.iterator(start, stop)
     except (OSError, POSError, CorruptedError, ValueError) as exc:
         raise StorageError(f"cannot iterate {getattr(storage, '_file_name', storage)}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (ZODB's iterator fails untyped on some damaged tails)
+        raise StorageError(f"cannot iterate {getattr(storage, '_file_name', storage)}: the file is probably "
+                           f"damaged: FileStorage failed reading it ({type(exc).__name__}: {exc})",
+                           hint="check it with `python -m ZODB.scripts.fstest FILE`; a damaged replica can be "
+                                "kept aside and started anew from an empty storage") from exc
     prev: bytes | None = Z64 if start is None else None
     try:
         while True:

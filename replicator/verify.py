@@ -339,8 +339,8 @@ def format_result(result: VerifyResult) -> str:
                     f"description, extension and the records both kept; dropped by a pack: {result.dropped_a} in A, "
                     f"{result.dropped_b} in B)")
     tails = "".join(f"\n  note: {side} has {size} byte(s) after its last committed transaction, which "
-                    "FileStorage ignores: a commit cut short by a crash, or damage (`python -m "
-                    "ZODB.scripts.fstest` tells)" for side, size in (("A", result.tail_a), ("B", result.tail_b))
+                    "are no committed transaction and were not compared: a commit cut short by a crash, or "
+                    "damage (`python -m ZODB.scripts.fstest` tells)" for side, size in (("A", result.tail_a), ("B", result.tail_b))
                     if size)
     if result.complete:
         return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}{tails}"

@@ -72,3 +72,21 @@ def test_an_embedded_secondary_refused_for_good_keeps_its_status_port_to_say_so(
                 await asyncio.to_thread(server.close)
 
     asyncio.run(scenario())
+
+
+def test_a_primary_with_no_secondary_stops_when_its_file_loses_committed_transactions(tmp_path, tls_dir):
+    """Truncated below what it had read, with nobody connected to meet it: exit status 3's error,
+    not a head naming a transaction the file no longer has."""
+    import os
+
+    from replicator.errors import SourceRewrittenError
+
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 4, seed=91)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            os.truncate(tmp_path / "a.fs", os.path.getsize(tmp_path / "a.fs") - 10)
+            await until(lambda: a.fatal is not None, timeout=10)
+            assert isinstance(a.fatal, SourceRewrittenError), a.fatal
+
+    asyncio.run(scenario())

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import shutil
 
+import pytest
+
 from replicator.control import call
 from replicator.epoch import begin_epoch, load_epoch
 from tests.helpers import free_port
@@ -58,5 +60,25 @@ def test_a_secondary_behind_a_relay_joins_the_epoch_the_relay_follows_into(tmp_p
                 await until(lambda: b.progress.epoch == 1 and b.progress.connected, timeout=15)
                 await until(lambda: c.progress.epoch == 1 and c.progress.connected, timeout=10)
                 assert load_epoch(str(tmp_path / "c.fs")).epoch == 1
+
+    asyncio.run(scenario())
+
+
+def test_promoting_a_node_behind_a_relay_is_refused_while_the_chain_top_takes_writes(tmp_path, tls_dir):
+    """c follows the relay b, which follows the primary a: a still takes writes, so promoting c
+    would make two primaries, though c's own upstream (b) is no primary."""
+    from replicator.control import Refusal
+
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 3, seed=81)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                    await until(lambda: c.progress.applied_tid == a.head_tid and c.progress.connected)
+                    with pytest.raises(Refusal, match=rf"connected \(through 127.0.0.1:{b.port}\) to the primary a "
+                                                      rf"\(epoch 0\) at 127.0.0.1:{a.port} which still takes writes"):
+                        await call(f"127.0.0.1:{c.port}", "POST", "/promote", tls(tls_dir, "secondary"))
+                    assert not c.promoted
 
     asyncio.run(scenario())

@@ -913,3 +913,20 @@ def test_a_torn_tail_that_lasts_is_warned_about_once_per_process(ten, monkeypatc
                 drain(tailer)
     warned = [r for r in caplog.records if "has been cut short" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
+def test_the_head_of_a_file_cut_below_what_was_scanned_is_damage(tmp_path):
+    """The primary's head, with no session reading: it too must see committed transactions gone."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    for i in range(3):
+        commit(conn.root(), f"k{i}", i)
+    newest = db.lastTransaction()
+    conn.close()
+    db.close()
+    with Tailer(path) as tailer:
+        assert tailer.head()[0] == newest
+        os.truncate(path, os.path.getsize(path) - 10)
+        with pytest.raises(SourceRewrittenError, match="read from this file before, is no longer in it"):
+            tailer.head()

@@ -161,3 +161,11 @@ def test_promote_refuses_while_a_zeo_server_writes_beside_the_sidecar_primary(tm
         # A plain `replicator secondary`: nothing serves its storage to ZEO clients, which it says.
         assert "Next: secondary takes writes only through a ZEO server, and none serves its storage" \
             in result.stdout, result.stdout
+        # The old primary was told of the new epoch: superseded for good, and as a sidecar it holds
+        # its storage's lock, so its ZEO server cannot be started again beside the new primary.
+        status = get_status(port, tls_dir)
+        assert status["stale"] is True and status["fenced"], status
+        with pytest.raises(zc.lockfile.LockError):
+            FileStorage(str(tmp_path / "a.fs"))
+        undo = run("fence", "--undo", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+        assert undo.returncode == 2 and "superseded by a newer epoch" in undo.stderr, undo.stderr
