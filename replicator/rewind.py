@@ -102,9 +102,13 @@ def find_fork(path: str, blob_dir: str | None, remote_identities) -> Fork:
         storage.close()
 
 
+def _blob_records(txns) -> int:
+    """How many records of the transactions ``txns`` (a storage's iterator) are blob records."""
+    return sum(1 for txn in txns for record in txn if record.data is not None and is_blob_data(record.data))
+
+
 def _has_blob_records(storage: FileStorage, tid: bytes) -> bool:
-    return any(record.data is not None and is_blob_data(record.data)
-               for txn in storage.iterator(tid, tid) for record in txn)
+    return _blob_records(storage.iterator(tid, tid)) > 0
 
 
 def _end_of(path: str, pos: int) -> int:
@@ -217,8 +221,7 @@ def orphan_blob_records(path: str, fork: Fork) -> int:
     storage = open_file_storage(path, None, read_only=True)
     try:
         start = None if fork.fork_tid == Z64 else fork.fork_tid
-        return sum(1 for txn in storage.iterator(start) if txn.tid > fork.fork_tid
-                   for record in txn if record.data is not None and is_blob_data(record.data))
+        return _blob_records(txn for txn in storage.iterator(start) if txn.tid > fork.fork_tid)
     finally:
         storage.close()
 
