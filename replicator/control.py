@@ -132,8 +132,14 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         superseded = request.query.get("epoch", "")
         try:
             if superseded.isdigit() and int(superseded) > primary.epoch:
-                # A node of a newer epoch, promoted while connected here: fenced for good.
-                await primary.become_stale(int(superseded), request.query.get("node", "?")[:200])
+                newer = request.query.get("node", "?")[:200]
+                if primary.fenced is not None and not primary.stale:
+                    # Fenced before that node was promoted (by hand, or a switchover): its fence
+                    # stays for good, and it goes on streaming to the secondaries that follow it.
+                    await primary.note_superseded(int(superseded), newer)
+                else:
+                    # A node of a newer epoch, promoted while connected here: fenced for good.
+                    await primary.become_stale(int(superseded), newer)
             else:
                 await primary.fence_durably(reason, keep_clients=clients == "keep")
         except OSError as exc:
@@ -149,6 +155,11 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
         primary = get_primary()
         if primary.stale:
             raise web.HTTPConflict(text="this node was superseded by a newer epoch; it cannot take writes again")
+        if primary.superseded:
+            raise web.HTTPConflict(text=(
+                f"this node was superseded {primary.superseded} while it was fenced: another node is the "
+                "primary now, and undoing this fence would make two primaries, each taking commits the other "
+                "never gets. Make this node a secondary of the current primary instead"))
         try:
             await primary.unfence_durably()
         except OSError as exc:
@@ -210,10 +221,18 @@ async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict]
     has its storage open; a fenced or stale one takes none.
     """
     found = await _primary_above(node)
-    if found is None or not _takes_writes(found[1]):
+    if found is None:
         return found
     address, status = found
     through = "" if address == str(node.config.primary) else f" (through {node.config.primary})"
+    if status.get("superseded"):
+        raise web.HTTPConflict(text=(
+            f"not promoted: this node follows{through} {describe_node(status)} at {address}, which was superseded "
+            f"{status['superseded']}: another node is the primary now, and promoting this one would begin a "
+            "second history beside it, each taking commits the other never gets. Make this node a secondary of "
+            "the current primary instead; if that primary is lost too, promote with --force"))
+    if not _takes_writes(status):
+        return found
     writer = f", written by {status['writer']}," if status.get("writer") else ""
     raise web.HTTPConflict(text=(
         f"not promoted: this node is connected{through} to {describe_node(status)} at {address}{writer} which "
@@ -230,10 +249,10 @@ async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int
 
     Best effort: a primary that is gone is told when a node of the new epoch next meets it.
     """
-    if found is None or found[1].get("fenced"):
-        # Fenced already (a switchover, or an operator first): it takes no writes, and a
-        # switchover's other secondaries keep following it until it is demoted.
+    if found is None or found[1].get("stale"):
         return
+    # Fenced already (a switchover, or an operator first), it is told all the same, so that its
+    # fence cannot be undone; it keeps streaming to the secondaries that still follow it.
     address, _ = found
     query = f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}"
     try:

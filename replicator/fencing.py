@@ -5,8 +5,11 @@ process, and a fenced old primary restarted with its configuration unchanged
 (a reboot with its services enabled) would take writes again beside the node
 promoted in its place.  So while a primary is fenced, ``<Data.fs>.fence``
 (JSON) says so: why, since when (UTC), on which node and in which epoch, and
-whether a newer epoch superseded it (``stale``, which no ``/unfence`` undoes).
-A primary that starts on a storage with this record starts fenced.
+whether a newer epoch superseded it (``stale``, which no ``/unfence`` undoes;
+or ``superseded``, for a primary fenced before a node was promoted in its
+place: it goes on streaming to its secondaries, but no ``/unfence`` undoes
+its fence either).  A primary that starts on a storage with this record
+starts fenced.
 
 The record is written when a primary is fenced (an operator's ``/fence``, a
 switchover's, a newer epoch heard of) and removed by ``/unfence`` and by a
@@ -38,6 +41,9 @@ class FenceRecord:
     epoch: int
     #: A newer epoch superseded it: it must neither write nor stream, and ``/unfence`` refuses.
     stale: bool = False
+    #: Fenced first, then superseded (``by epoch 2 (seen from b)``): it still streams what it
+    #: has to its secondaries, but ``/unfence`` refuses.  Empty if no newer epoch was heard of.
+    superseded: str = ""
 
     @property
     def since(self) -> str:
@@ -47,7 +53,7 @@ class FenceRecord:
     def as_dict(self) -> dict:
         at = datetime.datetime.fromtimestamp(self.at, tz=datetime.UTC).isoformat(timespec="seconds")
         return {"reason": self.reason, "at": at.replace("+00:00", "Z"), "node": self.node, "epoch": self.epoch,
-                "stale": self.stale}
+                "stale": self.stale, "superseded": self.superseded}
 
 
 def fence_path(storage_path: str) -> str:
@@ -75,7 +81,7 @@ def load_fence(storage_path: str) -> FenceRecord | None:
         if at.tzinfo is None:
             at = at.replace(tzinfo=datetime.UTC)
         return FenceRecord(str(data["reason"]), at.timestamp(), str(data["node"]), int(data["epoch"]),
-                           data.get("stale") is True)
+                           data.get("stale") is True, str(data.get("superseded") or ""))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         return _unreadable(path, f"{type(exc).__name__}: {exc}")
 

@@ -564,6 +564,9 @@ class Primary:
         self.stale = False
         #: Why it is stale (shown to the secondaries it refuses).
         self.stale_reason = ""
+        #: Fenced, then superseded by a node promoted in its place (``by epoch 2 (seen from b)``):
+        #: it still streams to its secondaries, but its fence cannot be undone.
+        self.superseded = ""
         #: A sidecar's fence holds the storage's lock (``zc.lockfile.LockFile``), so that no writer opens it.
         self.storage_lock: Any = None
         #: Newest TID each secondary node acknowledged, across its sessions.
@@ -699,6 +702,8 @@ class Primary:
         """
         if record.stale and not self.stale:
             self.stale, self.stale_reason = True, record.reason
+        if record.superseded and not self.superseded:
+            self.superseded = record.superseded
         if self.fenced is None:
             self.fenced = record.reason
         self.fenced_at = record.at
@@ -721,6 +726,12 @@ class Primary:
             return
         held = ("; it holds the storage's lock, so that no ZEO server can open the storage for writing"
                 if self.storage_lock is not None else "")
+        if record.superseded:
+            log.critical("%s: this primary has been fenced since %s (%s), then superseded %s, and stays so "
+                         "across this restart, as %s records: it accepts no writes%s, and streams what it has to "
+                         "its secondaries. Configure it as a secondary of the current primary", storage,
+                         record.since, record.reason, record.superseded, path, held)
+            return
         log.critical("%s: this primary has been fenced since %s (%s) and stays fenced across this restart, as "
                      "%s records: it accepts no writes%s. Another node may be the primary now. Only if none is "
                      "and this one is to take writes again: `%s`", storage, record.since, record.reason, path,
@@ -888,7 +899,7 @@ class Primary:
             if self.fenced is None:
                 return  # undone meanwhile
             record = FenceRecord(self.fenced, self.fenced_at or time.time(), self.config.node, self.epoch,
-                                 self.stale)
+                                 self.stale, self.superseded)
             await blocking(save_fence, self.config.storage, record)
 
     async def unfence_durably(self) -> None:
@@ -941,6 +952,18 @@ class Primary:
                     "epoch", f"{self.config.node} is in epoch {epoch} now ({why}); reconnect to join it"))), 1.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
+
+    async def note_superseded(self, epoch: int, node: str) -> None:
+        """A node promoted in this fenced primary's place began ``epoch``: the fence stays for good,
+        recorded, but this node goes on streaming what it has to its secondaries (a switchover's
+        other secondaries follow it until it is demoted).  ``OSError`` if the record cannot be written."""
+        assert self.fenced is not None
+        if not self.superseded:
+            log.critical("node %s was promoted to epoch %d in place of this fenced primary (epoch %d): this "
+                         "node's fence cannot be undone; it streams what it has and takes no writes", node, epoch,
+                         self.epoch)
+        self.superseded = f"by epoch {epoch} (seen from {node})"
+        await self._record_fence()
 
     async def become_stale(self, epoch: int, node: str) -> None:
         """A newer epoch exists: fenced for good, and recorded so that a restart does not forget it
@@ -1048,6 +1071,7 @@ class Primary:
             "fenced": self.fenced,
             "fenced_since": self.fenced_at if self.fenced is not None else None,
             "stale": self.stale,
+            "superseded": self.superseded or None,
             **self._writes_status(),
             "batched_wakeups": self.notifier.batched_wakeups,
             # Whether the poller sleeps on file events while the file is quiet (sidecar).

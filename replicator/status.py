@@ -72,6 +72,9 @@ def _alarms(r: dict, now: float) -> list[tuple[str, str]]:
     if r.get("stale"):
         alarms.append(("STALE", "takes no writes and streams to nobody: "
                                 f"{r.get('fenced') or 'a newer epoch exists'}"))
+    elif r.get("fenced") and r.get("superseded"):
+        alarms.append(("SUPERSEDED", f"takes no writes for good: {r['fenced']}; then superseded "
+                                     f"{r['superseded']}, so its fence cannot be undone"))
     elif r.get("fenced"):
         alarms.append(("FENCED", f"takes no writes: {r['fenced']}"))
     sync = r.get("sync") or {}

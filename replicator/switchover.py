@@ -40,7 +40,7 @@ def check_nodes(old: str, new: str, source: dict, target: dict) -> None:
     if source.get("role") != "primary":
         raise UsageError(f"--primary {old} is not a primary: it is {describe_node(source)}",
                          hint="--primary takes the --listen address of the current primary")
-    if source.get("stale"):
+    if source.get("stale") or source.get("superseded"):
         raise UsageError(f"--primary {old} is {describe_node(source)}, superseded by a newer epoch: it is "
                          "not the primary any more", hint="replicator status shows which node is")
     streaming = {s.get("node") for s in source.get("secondaries", [])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 
 import pytest
@@ -18,11 +19,13 @@ from tests.helpers import (
     free_port,
     sidecar_pair,
     start_primary,
+    start_secondary,
     start_zeo,
     tls_args,
+    wait_until,
 )
 from tests.integration.test_cli import make_fs
-from tests.system.sysutil import get_status
+from tests.system.sysutil import get_status, try_status
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -169,3 +172,60 @@ def test_promote_refuses_while_a_zeo_server_writes_beside_the_sidecar_primary(tm
             FileStorage(str(tmp_path / "a.fs"))
         undo = run("fence", "--undo", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
         assert undo.returncode == 2 and "superseded by a newer epoch" in undo.stderr, undo.stderr
+
+
+def test_a_primary_fenced_before_a_promotion_in_its_place_cannot_be_unfenced(tmp_path, tls_dir):
+    """An operator fences the primary, then promotes its standby by hand.  The old primary is told
+    of the new epoch: its fence can no longer be undone, even after a restart, so `fence --undo`
+    cannot make two primaries.  It goes on streaming to a secondary still following it, which
+    is refused `promote`: that would begin a second history beside the new primary."""
+    fs = tmp_path / "a.fs"
+    make_fs(fs, [1, 2])
+    with sidecar_pair(tmp_path, tls_dir, fs) as (port, status_port, primary, _):
+        other_port = free_port()
+        other = start_secondary(tmp_path, tmp_path / "c.fs", None, port, tls_dir, name="other",
+                                status_port=other_port)
+        try:
+            wait_until(lambda: (try_status(other_port, tls_dir) or {}).get("connected"), timeout=30,
+                       what="the other secondary connected")
+            assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
+            promoted = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
+            assert promoted.returncode == 0, promoted.stderr
+
+            undo = run("fence", "--undo", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+            assert undo.returncode == 2, undo.stderr
+            assert "superseded by epoch 1 (seen from secondary) while it was fenced" in undo.stderr, undo.stderr
+            assert "would make two primaries" in undo.stderr
+            status = get_status(port, tls_dir)
+            assert status["fenced"] and status["stale"] is False, status
+            assert status.get("superseded") == "by epoch 1 (seen from secondary)", status
+            record = json.loads((tmp_path / "a.fs.fence").read_text())
+            assert record.get("superseded") == "by epoch 1 (seen from secondary)", record
+            with pytest.raises(zc.lockfile.LockError):  # the sidecar still holds its storage's lock
+                FileStorage(str(fs))
+
+            # Still streaming: the other secondary stays connected to it ...
+            assert get_status(other_port, tls_dir)["connected"]
+            # ... and may not become a second primary beside the promoted one.
+            refused = run("promote", f"127.0.0.1:{other_port}", *tls_args(tls_dir, "secondary"))
+            assert refused.returncode == 2, refused.stderr
+            assert "which was superseded by epoch 1 (seen from secondary)" in refused.stderr, refused.stderr
+            assert "promote with --force" in refused.stderr
+            assert get_status(other_port, tls_dir)["role"] == "secondary"
+            text = run("status", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+            assert "SUPERSEDED" in text.stdout and "its fence cannot be undone" in text.stdout, text.stdout
+        finally:
+            other.stop()
+
+        # Restarted with its configuration unchanged (a reboot), it is still superseded.
+        primary.stop()
+        restarted = start_primary(tmp_path, fs, None, port, tls_dir)
+        try:
+            status = get_status(port, tls_dir)
+            assert status["fenced"] and status["superseded"] == "by epoch 1 (seen from secondary)", status
+            undo = run("fence", "--undo", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+            assert undo.returncode == 2 and "would make two primaries" in undo.stderr, undo.stderr
+            assert "then superseded by epoch 1 (seen from secondary)" in restarted.output()
+        finally:
+            restarted.stop()
+        assert restarted.proc.returncode == 0

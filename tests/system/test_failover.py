@@ -587,7 +587,12 @@ def test_a_fenced_primary_restarted_with_its_configuration_stays_fenced(tmp_path
         a = site.start_a()  # the same runzeo configuration, as after a reboot
         status = get_status(site.repl_port, tls_dir)
         assert status["role"] == "primary" and status["fenced"] == "fenced by an operator", status
-        assert "stays fenced across this restart" in a.output() and "fence --undo" in a.output()
+        # The promotion told it of the new epoch: no `fence --undo` offered, none accepted.
+        assert status["superseded"] == "by epoch 1 (seen from b)", status
+        assert "then superseded by epoch 1 (seen from b), and stays so across this restart" in a.output()
+        assert "fence --undo" not in a.output()
+        undo = cli(tls_dir, "fence", "--undo", old)
+        assert undo.returncode == 2 and "would make two primaries" in undo.stderr, undo.stdout + undo.stderr
         client = Client(site.zeo_port, tmp_path / "client-blobs", wait_timeout=10, read_only_fallback=True)
         assert client.storage.isReadOnly()
         with pytest.raises(ReadOnlyError):

@@ -19,7 +19,8 @@ def test_a_record_survives_reloading_and_reads_as_json(tmp_path):
     save_fence(fs, record)
     assert load_fence(fs) == record
     assert json.loads(open(fence_path(fs)).read()) == {"reason": "switchover", "at": "2025-12-01T04:29:00Z",
-                                                       "node": "a", "epoch": 2, "stale": False}
+                                                       "node": "a", "epoch": 2, "stale": False,
+                                                       "superseded": ""}
     assert record.since == "2025-12-01 04:29:00 UTC"
     assert not (tmp_path / "Data.fs.fence.tmp").exists()
     assert clear_fence(fs) == record
@@ -30,6 +31,16 @@ def test_a_stale_record_stays_stale(tmp_path):
     fs = str(tmp_path / "Data.fs")
     save_fence(fs, FenceRecord("superseded by epoch 1 (seen from c)", 0.0, "a", 0, stale=True))
     assert load_fence(fs).stale  # type: ignore[union-attr]
+
+
+def test_a_superseded_record_stays_superseded_and_older_records_read_as_not(tmp_path):
+    fs = str(tmp_path / "Data.fs")
+    save_fence(fs, FenceRecord("fenced by an operator", 0.0, "a", 0, superseded="by epoch 1 (seen from b)"))
+    record = load_fence(fs)
+    assert record is not None and record.superseded == "by epoch 1 (seen from b)" and not record.stale
+    with open(fence_path(fs), "w") as fh:  # written before the field existed
+        fh.write('{"reason": "switchover", "at": "2025-12-01T04:29:00Z", "node": "a", "epoch": 0, "stale": false}')
+    assert load_fence(fs) == FenceRecord("switchover", 1_764_563_340.0, "a", 0)
 
 
 def test_a_damaged_record_is_still_a_fence(tmp_path):
