@@ -222,6 +222,11 @@ class _Txn:
     journaled: bool = False  # its placed blob files are listed in OPEN_MANIFEST
 
 
+def _blob_placed(txn: _Txn, oid: bytes) -> bool:
+    """Whether an earlier record of ``txn`` placed the blob file of ``oid`` (a few blobs a transaction)."""
+    return any(placed.oid == oid for placed in txn.placed)
+
+
 #: Incoming blob files are named so; whatever a crash leaves of them is removed at start.
 BLOB_TEMP_PREFIX = "repl-"
 
@@ -911,8 +916,10 @@ class Applier:
             txn.received += len(record.data)
         blob_size = record.blob_size
         if blob_size is None:
-            if self._blobs and is_blob_data(record.data):
-                # Committing it would leave a blob record without its file.
+            if self._blobs and is_blob_data(record.data) and not _blob_placed(txn, record.oid):
+                # Committing it would leave a blob record without its file.  (One that follows a
+                # blob record of the same oid names the file that record placed: the file of
+                # (oid, tid), shipped once.)
                 raise ConfigError(f"the primary ships blob records without their files (oid "
                                   f"{record.oid.hex()}); give the primary --blob-dir too, or none to either")
         elif not self._blobs:

@@ -405,10 +405,17 @@ def txn_digest(storage: FileStorage, tid: bytes) -> bytes | None:
             if stored.tid != tid:
                 return None
             digest = stored.digest_start()
+            blob_oids: set[bytes] = set()
             for rec in records:
+                if rec.is_blob and rec.oid in blob_oids:
+                    # Its file is the one the oid's first blob record named: shipped once (tailer).
+                    digest.add_record(Record(rec.oid, rec.data, rec.data_txn))
+                    continue
                 if rec.is_blob and rec.blob_file is None:
                     raise StorageError(f"blob of oid {rec.oid.hex()} in transaction {tid_repr(tid)} "
                                        f"is missing from {storage.blob_dir}")
+                if rec.is_blob:
+                    blob_oids.add(rec.oid)
                 digest.add_record(rec.event())
                 if rec.blob_file is not None and rec.blob_size is not None:
                     for chunk in read_blob(rec.blob_file, rec.blob_size):

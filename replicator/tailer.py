@@ -730,6 +730,10 @@ class Tailer:
         # may remove a dropped revision's file while the transaction is
         # shipped, and an open file still reads whole.
         blobs: dict[int, BinaryIO | None] = {}
+        # A blob file is named by (oid, tid): a second blob record of an oid in one transaction
+        # (ZEO's server stores each blob it receives so) names the file the first one shipped,
+        # and goes as a plain Record, with no blob bytes (docs/protocol.md, version 7).
+        blob_oids: set[bytes] = set()
         try:
             for dh, back in walk_data_headers(lambda p, n: src.read(p, n, HEADER_AHEAD), h, self.path):
                 if dh.plen > self.max_record_size:
@@ -739,7 +743,8 @@ class Tailer:
                     resolved = self._resolve_back(src, dh.oid, back, dh.pos) if back else (0, 0, None)
                     backs[dh.pos] = resolved
                     data_pos, plen = resolved[0], resolved[1]
-                if data_pos and is_blob_data(src.read(data_pos, min(plen, BLOB_SNIFF))):
+                if data_pos and dh.oid not in blob_oids and is_blob_data(src.read(data_pos, min(plen, BLOB_SNIFF))):
+                    blob_oids.add(dh.oid)
                     opened = self._open_blob(dh.oid, h, dh.pos)  # it must exist, opened early or not
                     if len(blobs) < EAGER_BLOBS:
                         blobs[dh.pos] = opened

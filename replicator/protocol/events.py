@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20

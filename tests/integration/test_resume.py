@@ -29,7 +29,7 @@ from ZODB.FileStorage import FileStorage
 
 from replicator.applier import BLOB_TEMP_PREFIX, KEEP_MIN_BYTES, KEPT_MANIFEST, OPEN_MANIFEST, Applier
 from replicator.config import Address, PrimaryConfig
-from replicator.errors import ResumeError
+from replicator.errors import ConfigError, ResumeError
 from replicator.metrics import render_metrics
 from replicator.primary import Primary
 from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role, Welcome
@@ -38,6 +38,7 @@ from replicator.secondary import Backoff
 from replicator.storage import open_file_storage
 from replicator.tailer import Tailer
 from replicator.verify import verify
+from tests.helpers import free_port, start_zeo, zeo_db
 from tests.integration.test_bad_input import raw_client
 from tests.integration.test_replication import assert_equal as assert_replica
 from tests.integration.test_replication import running_primary, running_secondary, tls, wait_equal_tid
@@ -233,6 +234,76 @@ def test_a_transaction_cut_off_then_stopped_goes_on_from_its_kept_files(tmp_path
     assert applier.resumed_bytes == cut
     assert temp_files(storage) == []
     assert_equal(tmp_path, storage)
+
+
+def make_zeo_source(tmp_path) -> None:
+    """``make_source``'s history committed through a ZEO server, which stores each blob as two
+    records of its oid in the transaction (both naming one file, shipped once)."""
+    (tmp_path / "src-blobs").mkdir()
+    zeo = start_zeo(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs", port := free_port())
+    try:
+        db = zeo_db(port, tmp_path / "client-blobs")
+        rng = random.Random(5)
+        try:
+            with db.transaction("big blobs") as conn:
+                for i, size in enumerate(BLOB_SIZES):
+                    blob = conn.root()[f"blob{i}"] = Blob()
+                    with blob.open("w") as f:
+                        f.write(rng.randbytes(size))
+                conn.root()["n"] = 2
+            with db.transaction() as conn:
+                conn.root()["n"] = 3
+        finally:
+            db.close()
+            transaction.abort()
+    finally:
+        zeo.stop()
+
+
+@pytest.fixture
+def zeo_replica(tmp_path):
+    """``replica_of`` ``make_zeo_source``: its big transaction has each blob record twice."""
+    yield from replica_of(tmp_path, make_zeo_source)
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["open", "files"])
+@pytest.mark.parametrize("cut", [BLOB_SIZES[0] + 1, BLOB_SIZES[0] + 5 * MB - 1])
+def test_a_transaction_with_blobs_stored_twice_cut_off_goes_on(tmp_path, zeo_replica, cut, stop):
+    """Cut off after a blob whose second record is still to come, or in the blob after it: the
+    second record finds the file its first one placed (or the kept file put back), and is not
+    taken for a blob record without its file."""
+    storage, applier, (first, big, last) = zeo_replica
+    records = [e for e in big if isinstance(e, Record)]
+    blob_oids = [e.oid for e in records if e.blob_size is not None]
+    assert len(blob_oids) == len(BLOB_SIZES)  # each file once ...
+    assert sum(e.oid in blob_oids for e in records) == 2 * len(BLOB_SIZES)  # ... for two records each
+    assert blob_bytes(big) == sum(BLOB_SIZES)
+    cut_off(applier, big, cut, stop=stop)
+    partial, done = (cut, 0) if stop else expected_offer(cut_after(big, cut))
+    assert applier.resume_offer() == (big[0].tid, partial, done)
+    applier.resume(partial, done)
+    rest = stream(tmp_path, partial, done)[1]
+    assert applier.apply(rest + last) == [big[0].tid, last[0].tid]
+    assert temp_files(storage) == []
+    assert_equal(tmp_path, storage)
+
+
+def test_a_repeated_blob_record_without_its_first_is_refused(tmp_path, zeo_replica):
+    """A blob record without its file is taken only after the record that placed that file."""
+    storage, applier, (first, big, _) = zeo_replica
+    oid = next(e.oid for e in big if isinstance(e, Record) and e.blob_size is not None)
+    without: list[Event] = []
+    dropping = False
+    for event in big:  # the stream without the blob record of oid that carries the file
+        if isinstance(event, Record):
+            dropping = event.oid == oid and event.blob_size is not None
+        if not dropping:
+            without.append(event)
+    with pytest.raises(ConfigError, match=f"blob records without their files \\(oid {oid.hex()}\\)"):
+        applier.apply(without)
+    applier.abort()
+    assert storage.lastTransaction() == first[0].tid and commit_lock_free(storage)
+    assert temp_files(storage) == []
 
 
 def _starts(events: list[Event]) -> list[int]:
