@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
 
 from .errors import ConfigError
@@ -140,14 +140,26 @@ class _Counts:
     dropped_a: int = 0
     dropped_b: int = 0
     compare_blobs: bool = True
+    #: The transaction whose blob files were counted last, and their oids: a blob file is
+    #: named by (oid, tid), and ZEO's server writes two records of each blob it stores.
+    blob_files: tuple[bytes, set[bytes]] = field(default_factory=lambda: (b"", set()))
 
     def blob(self, tid: bytes, a: StoredRecord, b: StoredRecord) -> None:
-        """Compare the blob files of two records with equal data, or count them as not compared."""
+        """Compare the blob files of two records with equal data, or count them as not compared
+        (each file once, however many records of its transaction name it)."""
+        if not (a.is_blob or b.is_blob or is_blob_data(b.data)):
+            return
+        if self.blob_files[0] != tid:
+            self.blob_files = (tid, set())
+        if a.oid in self.blob_files[1]:
+            return
         if not self.compare_blobs:
             if is_blob_data(b.data):  # b's data: in a packed transaction a's is only a digest here
+                self.blob_files[1].add(a.oid)
                 self.blobs_not_compared += 1
         elif a.is_blob or b.is_blob:
             _compare_blobs(tid, a, b)
+            self.blob_files[1].add(a.oid)
             self.blobs += 1
 
     def result(self, kind: str, last: bytes, *, tid: bytes | None = None, oid: bytes | None = None,

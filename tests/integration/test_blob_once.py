@@ -70,8 +70,9 @@ def test_a_blob_stored_twice_in_one_transaction_crosses_the_link_once(tmp_path, 
     # Three blob files of 1 MiB, and some small records: once each, not twice.
     assert 3 * MiB <= sent < 3 * MiB + 64 * 1024, sent
     assert 3 * MiB <= received < 3 * MiB + 64 * 1024, received
-    assert_equal(tmp_path)
+    result = assert_equal(tmp_path)
     assert repeated_oids(tmp_path / "dst.fs")[-2:] == [2, 1]
+    assert result.blobs == 3  # blob files compared, each once (not one per record naming it)
 
     async def reconnect() -> dict:
         # The secondary's Hello names its last transaction by a digest of its own copy, which
