@@ -235,7 +235,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
 @click.option("--max-rate", default=None, metavar="BYTES/S",
               help="Take at most this much of the link from the primary, in bytes a second as the link "
                    "carries them: 500k, 5M, 1.5MiB/s (k, M, G count 1024s). For a WAN link shared with "
-                   "other traffic; a catch-up takes longer. Default: as fast as the link goes.")
+                   "other traffic; a catch-up takes longer. Default (or 0): as fast as the link goes.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
               listen, zeo_addr, compress, give_up_after, max_rate) -> None:
     """Follow the primary at --primary and re-commit its transactions into the Data.fs at --storage.

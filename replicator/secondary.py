@@ -203,6 +203,60 @@ def _duration(seconds: float) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
+#: While a secondary catches up, a line at most this often says how it goes (seconds).
+CATCH_UP_REPORT_INTERVAL = 60.0
+#: A catch-up that took at least this long ends with a line saying so (seconds).
+CATCH_UP_REPORTED_AFTER = 5.0
+
+
+class CatchUpLog:
+    """Tells the operator how a catch-up goes: a line a minute while this node is behind the
+    primary, and one once it caught up, with what it took.
+
+    An initial sync over a slow link runs for hours; without these lines the
+    log says nothing between "following primary" and the next outage, and a
+    slow link looks like a stuck one.  Catch-ups shorter than
+    ``CATCH_UP_REPORTED_AFTER`` (a secondary that is a few commits behind) log nothing.
+    """
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+        self.started: tuple[float, int, int] | None = None  # when, transactions and bytes then
+        self.last: tuple[float, int, int] = (0.0, 0, 0)  # the same at the last line
+
+    def following(self, now: float) -> None:
+        """Connected: a catch-up starts now if the primary is ahead (one under way goes on)."""
+        p = self.progress
+        if self.started is None and p.applied_tid < p.head_tid:
+            self.started = self.last = (now, p.txns_applied, p.bytes_received)
+
+    def applied(self, now: float) -> None:
+        """Transactions were made durable: report if a line is due."""
+        p = self.progress
+        here = (now, p.txns_applied, p.bytes_received)
+        behind = p.applied_tid < p.head_tid
+        if self.started is None:
+            if behind:
+                self.started = self.last = here
+            return
+        if behind:
+            if now - self.last[0] >= CATCH_UP_REPORT_INTERVAL:
+                took, txns, size = now - self.last[0], here[1] - self.last[1], here[2] - self.last[2]
+                log.info("catching up with primary %s: %d transaction(s) and %s received in the last %s "
+                         "(%s/s); applied up to %s, the primary at %s", p.primary_node, txns, size_text(size),
+                         _duration(took), size_text(int(size / max(took, 1e-3))), tid_repr(p.applied_tid),
+                         tid_repr(p.head_tid))
+                self.last = here
+            return
+        start, self.started = self.started, None
+        took = now - start[0]
+        if took >= CATCH_UP_REPORTED_AFTER:
+            size = here[2] - start[2]
+            log.info("caught up with primary %s at %s: %d transaction(s) and %s received in %s (%s/s)",
+                     p.primary_node, tid_repr(p.applied_tid), here[1] - start[1], size_text(size), _duration(took),
+                     size_text(int(size / max(took, 1e-3))))
+
+
 class LinkLog:
     """Tells the operator when the link to the primary goes down, stays down and comes back.
 
@@ -318,6 +372,7 @@ class Secondary:
         """
         self.config = config
         self.progress = _Progress()
+        self.catch_up = CatchUpLog(self.progress)
         self.storage: FileStorage | None = storage
         self._owns_storage = storage is None
         self._invalidate = invalidate
@@ -801,6 +856,7 @@ class Secondary:
             self.link_log.connected(welcome.node)
             log.info("following primary %s from %s (primary at %s)", welcome.node, tid_repr(last_tid),
                      tid_repr(welcome.head_tid))
+            self.catch_up.following(time.monotonic())
             if offer is not None:
                 if welcome.resume_records:
                     log.info("resuming transaction %s: the primary leaves out the %d record(s) received here "
@@ -1070,6 +1126,7 @@ class Secondary:
         self.progress.applied_at = time.time()
         self.progress.txns_applied += len(tids)
         self.progress.last_error = None  # whatever it was, transactions are applied again
+        self.catch_up.applied(time.monotonic())
         if self._storage_failing is not None:
             since, attempts = self._storage_failing
             self._storage_failing = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -19,6 +21,8 @@ from replicator.errors import DivergenceError
 from replicator.primary import Primary
 from replicator.protocol.events import Record
 from replicator.secondary import INLINE_APPLY_BYTES, INLINE_BLOBS, Secondary
+from replicator.status import size_text
+from replicator.tid import tid_repr
 from replicator.verify import verify
 from tests.helpers import Workload
 
@@ -332,3 +336,42 @@ def test_a_secondary_saves_its_index_as_it_goes_so_a_crash_does_not_cost_a_resca
     result = verify(str(tmp_path / "src.fs"), str(crashed / "dst.fs"), str(tmp_path / "src-blobs"),
                     str(crashed / "dst-blobs"))
     assert result.equal, result
+
+
+def test_a_catch_up_says_how_it_goes_and_when_it_is_over(tmp_path, tls_dir, monkeypatch, caplog):
+    """An initial sync logs its progress (here after every durable batch) and, once caught up,
+    what it took; a node that then only follows new commits logs neither."""
+    import replicator.secondary as secondary_module
+
+    db, work = make_source(tmp_path, 300)
+    last = db.storage.lastTransaction()
+    count = sum(1 for _ in db.storage.iterator())
+    monkeypatch.setattr(secondary_module, "CATCH_UP_REPORT_INTERVAL", 0.0)
+    monkeypatch.setattr(secondary_module, "CATCH_UP_REPORTED_AFTER", 0.0)
+    caplog.set_level(logging.INFO, logger="replicator.secondary")
+
+    def lines(start: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=last)
+                caught = lines("caught up")
+                assert len(caught) == 1, caplog.text
+                assert re.fullmatch(
+                    rf"caught up with primary p at {re.escape(tid_repr(last))}: {count} transaction\(s\) and "
+                    rf"{re.escape(size_text(secondary.progress.bytes_received))} received in \S+ \(\S+ \S+/s\)",
+                    caught[0]), caught[0]
+                for line in lines("catching up"):  # one per durable batch before the last
+                    assert re.fullmatch(r"catching up with primary p: \d+ transaction\(s\) and .* received in the "
+                                        r"last \S+ \(.*/s\); applied up to .*, the primary at .*", line), line
+                caplog.clear()
+                work.commit_random(3)
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+                assert not lines("caught up") and not lines("catching up"), caplog.text
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.close()
