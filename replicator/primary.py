@@ -1405,7 +1405,7 @@ class Primary:
                          stats: SessionStats) -> None:
         cfg = self.config
         seen = -1
-        last_sent = time.monotonic()
+        last_sent = last_beat = time.monotonic()
         while True:
             if self.stale:
                 await ws.send_bytes(conn.send(Goodbye("stale", f"primary {cfg.node} was superseded by a "
@@ -1435,12 +1435,17 @@ class Primary:
                 self.bytes_sent += len(data)
                 last_sent = time.monotonic()
                 if not tailer.at_end:
+                    if last_sent - last_beat >= cfg.heartbeat_interval and type(events[-1]) is TxnEnd:
+                        # Catching up: the secondary learns the head from heartbeats, or it would
+                        # take the last transaction it received for the head and report no lag.
+                        await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
+                        last_beat = last_sent
                     continue
                 # That was all there is: wait for the next commit instead of looking again.
             now = time.monotonic()
             if now - last_sent >= cfg.heartbeat_interval:
                 await ws.send_bytes(conn.send(Heartbeat(self.head_tid, time.time())))
-                last_sent = now
+                last_sent = last_beat = now
             timeout = max(0.0, cfg.heartbeat_interval - (now - last_sent))
             if tailer.commit_under_way and not self.notifier.every_commit_notified:
                 # A commit is under way past the cursor (voted, not

@@ -375,3 +375,33 @@ def test_a_catch_up_says_how_it_goes_and_when_it_is_over(tmp_path, tls_dir, monk
         asyncio.run(scenario())
     finally:
         db.close()
+
+
+def test_a_catching_up_secondary_knows_the_primary_head_from_heartbeats(tmp_path, tls_dir):
+    """While a secondary catches up, the primary's new commits show in its head (and so in its
+    lag) at once, not only once it received them: heartbeats go out during the stream too."""
+    db, work = make_source(tmp_path, 300)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            # Slowed down, so that the catch-up lasts some heartbeat intervals (0.2 s here).
+            async with running_secondary(tmp_path, tls_dir, primary.port, max_rate=4 << 20) as (secondary, _):
+                old_head = db.storage.lastTransaction()
+                await asyncio.wait_for(until(lambda: secondary.progress.connected), 10)
+                await asyncio.to_thread(work.commit_random, 1)
+                new_head = db.storage.lastTransaction()
+                await asyncio.wait_for(until(lambda: secondary.progress.head_tid == new_head), 30)
+                # Known while it still catches up (about 24 MB at 4 MiB/s), not only once it got there.
+                assert secondary.progress.applied_tid < old_head, "the new head showed only at the end of the catch-up"
+                assert secondary.status()["lag_seconds"] > 0
+                await wait_equal_tid(primary, secondary, target=new_head)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.close()
+
+
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
