@@ -596,6 +596,7 @@ class Primary:
         #: Recording what a pack dropped (``packlog``), and whether another pack came meanwhile.
         self._pack_recording: asyncio.Task | None = None
         self._pack_again = False
+        self._pack_seen = False  # a replacement of the file was seen since the last record
         self._replacements_seen = 0
         #: Packs the record holds (``packlog``): a secondary away across them can resume.
         self.recorded_packs: int | None = None
@@ -660,7 +661,7 @@ class Primary:
         cfg = self.config
         self._head_tailer = Tailer(cfg.storage, cfg.blob_dir)
         await asyncio.to_thread(self._head_tailer.open)
-        self._note_pack()  # a pack made while no primary was running, if not recorded yet
+        self._note_pack(seen=False)  # a pack made while no primary was running, if not recorded yet
         await self._refresh_head()
         if not self.relay and cfg.blob_dir:
             await asyncio.to_thread(self._discard_secondary_leftovers, cfg.blob_dir)
@@ -826,11 +827,13 @@ class Primary:
         self.damage_behind = exc
         self.refusals["corrupted"] = self.refusals.get("corrupted", 0) + 1
 
-    def _note_pack(self) -> None:
+    def _note_pack(self, *, seen: bool = True) -> None:
         """The file was replaced, by a pack most likely: record what it dropped (``packlog``).
 
         In a thread, one record at a time; a pack seen meanwhile is recorded next.
+        ``seen``: the file was seen replaced (not the look at start for a pack made meanwhile).
         """
+        self._pack_seen = self._pack_seen or seen
         if self._pack_recording is None or self._pack_recording.done():
             self._pack_recording = asyncio.create_task(self._record_pack(), name="pack-record")
         else:
@@ -840,6 +843,7 @@ class Primary:
         path = self.config.storage
         while True:
             self._pack_again = False
+            seen, self._pack_seen = self._pack_seen, False
             try:
                 count = await asyncio.to_thread(packlog.record_pack, path)
             except (OSError, ReplicatorError) as exc:
@@ -849,6 +853,12 @@ class Primary:
                 if count is not None:
                     log.info("recorded the %d transaction(s) the pack dropped in %s: a secondary away across "
                              "later packs too can resume", count, packlog.log_path(path))
+                elif seen and not os.path.exists(path + ".old"):
+                    log.warning("%s was replaced (by a pack, most likely) and no %s.old is left beside it (ZODB's "
+                                "pack-keep-old false removes it): what the pack dropped cannot be recorded, so a "
+                                "secondary that was away across this pack must start anew from an empty "
+                                "storage. Keep pack-keep-old true (ZODB's default) in the <filestorage> section",
+                                path, path)
             with contextlib.suppress(OSError):
                 self.recorded_packs = await asyncio.to_thread(packlog.recorded_packs, path)
             if not self._pack_again:

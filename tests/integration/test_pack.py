@@ -500,3 +500,33 @@ def test_secondaries_back_together_after_a_pack_share_one_scan_of_the_replaced_f
         th.join(30)
     assert [answer and answer[1] for answer in answers] == ["Data.fs.old", "Data.fs.old"]
     assert starts.count(4) == 1, starts  # one scan from the file's first transaction, not two
+
+
+def test_a_pack_that_leaves_no_replaced_file_is_reported(tmp_path, tls_dir, caplog):
+    """With pack-keep-old false, ZODB removes Data.fs.old as the pack ends: the primary cannot
+    record what the pack dropped, and says so, with what it means for a secondary away."""
+    caplog.set_level(logging.INFO, logger="replicator.primary")
+    (tmp_path / "src-blobs").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"), pack_keep_old=False))
+    try:
+        for n in range(3):
+            with db.transaction() as c:
+                c.root()["counter"] = n  # each supersedes the one before: a pack drops them
+
+        async def scenario() -> None:
+            async with running_primary(tmp_path, tls_dir) as primary:
+                await asyncio.to_thread(db.pack, time.time() + 1)
+                deadline = time.monotonic() + 20
+                while "no " + str(tmp_path / "src.fs") + ".old is left" not in caplog.text:
+                    assert time.monotonic() < deadline, caplog.text
+                    await asyncio.sleep(0.05)
+                assert not primary.recorded_packs
+
+        asyncio.run(scenario())
+    finally:
+        db.close()
+    assert not (tmp_path / "src.fs.old").exists()
+    warning = next(r for r in caplog.records if ".old is left" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "a secondary that was away across this pack must start anew" in warning.getMessage()
+    assert "pack-keep-old true" in warning.getMessage()
