@@ -253,6 +253,33 @@ class SourceFile:
             pos = h.end
         return None
 
+    def counts_up_to(self, tids: list[bytes]) -> list[int]:
+        """For each of the ascending ``tids``, how many committed transactions the file has with a
+        TID up to it (a TID the file lacks, one a pack dropped, counts those before it).
+
+        One walk over the headers from the mark before the first, however many TIDs.
+        """
+        self.scan()
+        out: list[int] = []
+        if not tids:
+            return out
+        i = bisect.bisect_right(self.marks, tids[0], key=lambda m: m[0]) - 1
+        count, pos = (i * MARK_EVERY, self.marks[i][1]) if i >= 0 else (0, FIRST_POS)
+        want = iter(tids)
+        tid = next(want)
+        while pos < self.scan_pos:
+            h = parse_txn_header(self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD), pos)
+            while h.tid > tid:
+                out.append(count)
+                nxt = next(want, None)
+                if nxt is None:
+                    return out
+                tid = nxt
+            count += 1
+            pos = h.end
+        out += [count] * (len(tids) - len(out))
+        return out
+
     def confirmed_header(self, pos: int, prev_tid: bytes, size: int | None = None
                          ) -> TxnHeader | None:
         """``committed_header``, believing a damage verdict only if a second look agrees.

@@ -806,11 +806,49 @@ class Primary:
         if self._head_tailer.replacements != self._replacements_seen:
             self._replacements_seen = self._head_tailer.replacements
             self._note_pack()
+            await self._rebase_ordinals()
         damage = self._head_tailer.damage
         if damage is not None and self.damage_ahead is None:
             # Serve what comes before it; a session that reaches it stops us.
             self.damage_ahead = damage
             log.error("%s; transactions before it are still served", damage)
+
+    async def _rebase_ordinals(self) -> None:
+        """The file was replaced (a pack): count each session's transactions in the new one.
+
+        A session counts the transactions it sent and that were acknowledged
+        by their position in the file (``lag_transactions`` is the head's
+        count minus the acknowledged one); a pack that dropped transactions
+        before them moves every position, and drops some of them perhaps.
+        The acknowledged and in-flight transactions of each session are
+        counted again in the new file (in a thread: one walk over the
+        headers from the first of them).  What was acknowledged or sent
+        meanwhile keeps its old count, and is exact again at the next pack
+        or reconnection.
+        """
+        assert self._head_tailer is not None
+        head = self._head_tailer
+        sessions = [(stats, [stats.acked_tid, *(tid for tid, _ in stats.in_flight)])
+                    for stats in list(self.sessions.values())]
+        if not sessions:
+            return
+        async with self._head_lock:
+            try:
+                found = await asyncio.to_thread(lambda: [head.counts_up_to(tids) for _, tids in sessions])
+            except (OSError, ReplicatorError) as exc:
+                log.info("cannot count the secondaries' positions in the packed file (%s); their "
+                         "lag_transactions is exact again once they reconnect", exc)
+                return
+        for (stats, tids), counts in zip(sessions, found, strict=True):
+            if stats.acked_tid != tids[0]:
+                continue  # acknowledged more meanwhile: left for the next count
+            count = dict(zip(tids, counts, strict=True))
+            stats.acked_ordinal = count[tids[0]]
+            stats.in_flight = deque((tid, count.get(tid, ordinal)) for tid, ordinal in stats.in_flight)
+            if stats.in_flight and stats.sent_tid == stats.in_flight[-1][0]:
+                stats.sent_ordinal = stats.in_flight[-1][1]
+            elif not stats.in_flight and stats.sent_tid == stats.acked_tid:
+                stats.sent_ordinal = stats.acked_ordinal
 
     def _damage_is_behind(self, exc: CorruptedSourceError) -> bool:
         """Damage in a transaction older than the newest (a missing blob file of an old

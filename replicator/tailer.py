@@ -299,6 +299,10 @@ class Tailer:
             ordinal = src.count if following is None else following - 1
         return ordinal
 
+    def counts_up_to(self, tids: list[bytes]) -> list[int]:
+        """``SourceFile.counts_up_to`` in the file now at the path (ascending ``tids``)."""
+        return self._path_source().counts_up_to(tids)
+
     def digest_of(self, tid: bytes) -> bytes | None:
         """Digest of committed transaction ``tid`` in the file, None if it has none."""
         identity = self.identity(tid)

@@ -20,9 +20,12 @@ from replicator import packlog
 from replicator import tailer as tailer_module
 from replicator.errors import DivergenceError
 from replicator.metrics import render_metrics
+from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role
+from replicator.protocol.events import Ack, TxnEnd
 from replicator.status import render
-from replicator.tid import tid_repr
+from replicator.tid import Z64, tid_repr
 from replicator.verify import format_result, verify
+from tests.integration.test_bad_input import raw_client
 from tests.integration.test_replication import (
     assert_equal,
     make_source,
@@ -530,3 +533,64 @@ def test_a_pack_that_leaves_no_replaced_file_is_reported(tmp_path, tls_dir, capl
     assert warning.levelno == logging.WARNING
     assert "a secondary that was away across this pack must start anew" in warning.getMessage()
     assert "pack-keep-old true" in warning.getMessage()
+
+
+def test_lag_in_transactions_stays_right_across_a_pack(tmp_path, tls_dir):
+    """A secondary that acknowledged a transaction in the middle, then a pack that dropped it and
+    most others: the primary's lag_transactions counts what follows it in the packed file, not
+    positions of the file before the pack (which made it 0)."""
+    (tmp_path / "src-blobs").mkdir()
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+
+    def commit(n: int) -> bytes:
+        with db.transaction() as c:
+            c.root()["counter"] = n  # supersedes the one before: a pack drops it
+        return db.storage.lastTransaction()
+
+    tids = [commit(n) for n in range(30)]
+
+    async def lag(primary) -> int:
+        await primary._refresh_head()
+        return primary.status()["secondaries"][0]["lag_transactions"]
+
+    async def scenario() -> tuple[int, int, int]:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                conn = Connection(Role.SECONDARY)
+                await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, "lagging", Z64, None)))
+                got: list[bytes] = []
+                while tids[-1] not in got:
+                    msg = await asyncio.wait_for(ws.receive(), 20)
+                    conn.receive_data(msg.data)
+                    got += [e.tid for e in conn.events() if isinstance(e, TxnEnd)]
+                await ws.send_bytes(conn.send(Ack(tids[19])))  # 21 of the 31 (the root's creation first)
+                deadline = time.monotonic() + 10
+                while primary.status()["secondaries"][0]["acked_tid"] != tids[19].hex():
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                before = await lag(primary)
+                await asyncio.to_thread(db.pack, time.time() + 1)  # keeps only the last
+                await asyncio.to_thread(commit, 30)
+                await asyncio.to_thread(commit, 31)
+                deadline = time.monotonic() + 10
+                while primary.head_count != 3:
+                    assert time.monotonic() < deadline, primary.head_count
+                    await asyncio.sleep(0.02)
+                after = await lag(primary)
+                await ws.send_bytes(conn.send(Ack(tids[-1])))  # what was in flight across the pack
+                deadline = time.monotonic() + 10
+                while primary.status()["secondaries"][0]["acked_tid"] != tids[-1].hex():
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                return before, after, await lag(primary)
+
+    try:
+        before, after, acked_more = asyncio.run(scenario())
+    finally:
+        db.close()
+    assert before == 10  # 31 transactions, 21 acknowledged
+    # The packed file: the last counter (each commit rewrote the root) and two new commits. The
+    # acknowledged transaction was dropped, and none before it is left: all three are to come.
+    assert after == 3
+    assert acked_more == 2  # the last counter acknowledged: the two new commits are left
