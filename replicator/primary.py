@@ -790,6 +790,26 @@ class Primary:
         if self.fatal is not None:
             raise self.fatal
 
+    async def hold(self) -> None:
+        """Stopped for good (``fatal``), go on answering until cancelled: ``/status`` and
+        ``/metrics`` show the error, and every secondary is refused with it.
+
+        For a primary inside a ZEO server, which goes on taking writes that no
+        secondary receives: a closed port would make the node look merely
+        unreachable (a sidecar exits instead, with status 3).
+        """
+        assert self.fatal is not None
+        for ws, conn in list(self._sockets.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.send_bytes(conn.send(self._stopped_goodbye())), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+        await asyncio.Event().wait()
+
+    def _stopped_goodbye(self) -> Goodbye:
+        code = "corrupted" if isinstance(self.fatal, CorruptedSourceError) else "error"
+        return Goodbye(code, f"primary {self.config.node} stopped replicating: {self.fatal}")
+
     async def _refresh_head(self) -> None:
         assert self._head_tailer is not None
         async with self._head_lock:  # one user of the head tailer at a time (it may be in a thread)
@@ -1179,6 +1199,12 @@ class Primary:
                 # caught up for ever, while the real primary moves on.
                 await ws.send_bytes(conn.send(Reject("self", f"this is {hello.node}'s own port: a node cannot "
                                                              "follow itself")))
+                return ws
+            if self.fatal is not None:  # stopped for good, held open to say so (``hold``)
+                goodbye = self._stopped_goodbye()
+                refusal = Reject(goodbye.code, goodbye.message)
+                self._log_refusal(hello.node, peer, refusal)
+                await ws.send_bytes(conn.send(refusal))
                 return ws
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:

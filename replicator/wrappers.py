@@ -298,7 +298,13 @@ class PrimaryStorage(_Wrapper):
         self._serve_as_primary(primary)
         try:
             ready()
-            await primary.run_until_stopped()
+            try:
+                await primary.run_until_stopped()
+            except ReplicatorError as exc:
+                log.critical("replication of %s stopped for good: %s. The ZEO server goes on taking writes, which no "
+                             "secondary receives; this node's port stays open to say so (`replicator status` shows "
+                             "the error, replicator_error is 1) until the server is restarted", cfg.storage, exc)
+                await primary.hold()
         finally:
             await primary.stop()
 

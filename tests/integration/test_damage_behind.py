@@ -90,3 +90,50 @@ def test_a_primary_with_no_secondary_stops_when_its_file_loses_committed_transac
             assert isinstance(a.fatal, SourceRewrittenError), a.fatal
 
     asyncio.run(scenario())
+
+
+def test_an_embedded_primary_stopped_by_damage_keeps_its_port_to_say_so(tmp_path, tls_dir):
+    """A primary inside a ZEO server stopped by damage cannot exit, and its server goes on taking
+    writes that no secondary receives: its port stays open, its status shows the error, and
+    secondaries are refused with it (the port used to close, and the node looked unreachable)."""
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    from replicator.config import Address, PrimaryConfig
+    from replicator.control import call
+    from replicator.wrappers import PrimaryStorage
+    from tests.integration.test_replication import tls
+
+    a_fs, a_blobs = tmp_path / "a.fs", tmp_path / "a-blobs"
+    commit_to(a_fs, a_blobs, 2, seed=71)
+    commit_blob_to(a_fs, a_blobs)  # the newest transaction has a blob ...
+    for path in a_blobs.rglob("*.blob"):
+        path.unlink()  # ... whose file is lost before any secondary read it
+    storage = PrimaryStorage(FileStorage(str(a_fs), blob_dir=str(a_blobs)),
+                             PrimaryConfig(storage=str(a_fs), listen=Address("127.0.0.1", 0),
+                                           tls=tls(tls_dir, "primary"), node="a").validate())
+    db = ZODB.DB(storage)
+
+    async def scenario() -> None:
+        address = f"127.0.0.1:{storage.port}"
+        async with secondary_on(tmp_path, tls_dir, "b", storage.port) as (b, task):
+            await until(lambda: storage.primary is not None and storage.primary.fatal is not None, timeout=20)
+            await asyncio.sleep(0.3)
+            status = await call(address, "GET", "/status", tls(tls_dir, "secondary"))
+            assert status["role"] == "primary" and "is missing" in (status["error"] or ""), status
+            # The secondary keeps what it has and retries, told why each time.
+            await until(lambda: "stopped replicating" in (b.progress.last_error or ""), timeout=20)
+            assert "is missing" in b.progress.last_error and not task.done()
+            status = await call(address, "GET", "/status", tls(tls_dir, "secondary"))
+            assert status["refusals"].get("corrupted", 0) >= 1, status
+        # The server takes writes all the same (nothing stops it), and the port still answers.
+        with db.transaction() as conn:
+            conn.root()["after"] = 1
+        status = await call(address, "GET", "/status", tls(tls_dir, "secondary"))
+        assert "is missing" in (status["error"] or "")
+        assert storage._service.error is None  # the service holds instead of ending
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.close()
