@@ -269,7 +269,8 @@ def _correct_last_tid(storage: FileStorage) -> None:
         f.seek(pos - 8 - tlen)
         tid = f.read(8)
     if len(tid) == 8 and tid != storage._ltid:
-        log.warning("%s: the last transaction is %s, not %s (a commit cut short by a crash, or damage after the last transaction)",
+        log.warning("%s: the last transaction is %s, not %s (a commit under way, if the storage is in use; "
+                    "else a commit cut short by a crash, or damage after the last transaction)",
                     storage._file_name, tid_repr(tid), tid_repr(storage._ltid))
         storage._ltid = tid
 

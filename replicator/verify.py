@@ -351,8 +351,9 @@ def format_result(result: VerifyResult) -> str:
                     f"description, extension and the records both kept; dropped by a pack: {result.dropped_a} in A, "
                     f"{result.dropped_b} in B)")
     tails = "".join(f"\n  note: {side} has {size} byte(s) after its last committed transaction, which "
-                    "are no committed transaction and were not compared: a commit cut short by a crash, or "
-                    "damage (`python -m ZODB.scripts.fstest` tells)" for side, size in (("A", result.tail_a), ("B", result.tail_b))
+                    "are no committed transaction and were not compared: a commit under way if the storage is "
+                    "in use, else a commit cut short by a crash, or damage (`python -m ZODB.scripts.fstest` "
+                    "tells)" for side, size in (("A", result.tail_a), ("B", result.tail_b))
                     if size)
     if result.complete:
         return f"equal: {summary}, up to {tid_repr(result.last_common_tid)}{tails}"
@@ -367,4 +368,8 @@ def format_result(result: VerifyResult) -> str:
             where += f", oid {result.oid.hex()}"
         lines.append(f"  first difference in {where} ({result.field})")
     lines.append(f"  equal before it: {summary}; last common transaction {tid_repr(result.last_common_tid)}")
+    if result.kind == MISSING:
+        lines.append(f"  ({result.missing_in} holds the same history so far: if it is a replica still catching up, "
+                     "or the other side took commits while this ran, run it again once the replica has "
+                     "caught up with writes stopped)")
     return "\n".join(lines) + tails
