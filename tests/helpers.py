@@ -218,6 +218,21 @@ def start_zeo(workdir: Path, data_fs: Path, blob_dir: Path | None, port: int) ->
     return proc
 
 
+@contextlib.contextmanager
+def zeo_server_db(workdir: Path, data_fs: Path, blob_dir: Path):
+    """A ``runzeo`` on ``data_fs`` (``blob_dir`` created), and a ``ZODB.DB`` of it; both closed after."""
+    blob_dir.mkdir(exist_ok=True)
+    zeo = start_zeo(workdir, data_fs, blob_dir, port := free_port())
+    try:
+        db = zeo_db(port, workdir / f"client-blobs-{port}")
+        try:
+            yield db
+        finally:
+            db.close()
+    finally:
+        zeo.stop()
+
+
 def zeo_db(port: int, blob_cache: Path | None) -> ZODB.DB:
     from ZEO.ClientStorage import ClientStorage
 

@@ -17,7 +17,7 @@ from collections import Counter
 from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
-from tests.helpers import free_port, start_zeo, zeo_db
+from tests.helpers import zeo_server_db
 from tests.integration.test_replication import (
     assert_equal,
     running_primary,
@@ -38,25 +38,17 @@ def repeated_oids(path) -> list[int]:
 
 
 def test_a_blob_stored_twice_in_one_transaction_crosses_the_link_once(tmp_path, tls_dir):
-    (tmp_path / "src-blobs").mkdir()
-    zeo = start_zeo(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs", port := free_port())
-    try:
-        db = zeo_db(port, tmp_path / "client-blobs")
-        rng = random.Random(7)
-        try:
-            with db.transaction() as conn:  # two new blobs
-                for name in ("a", "b"):
-                    blob = conn.root()[name] = Blob()
-                    with blob.open("w") as fh:
-                        fh.write(rng.randbytes(MiB))
-            with db.transaction() as conn:  # one of them rewritten
-                with conn.root()["a"].open("w") as fh:
+    rng = random.Random(7)
+    with zeo_server_db(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs") as db:
+        with db.transaction() as conn:  # two new blobs
+            for name in ("a", "b"):
+                blob = conn.root()[name] = Blob()
+                with blob.open("w") as fh:
                     fh.write(rng.randbytes(MiB))
-            last = db.storage.lastTransaction()
-        finally:
-            db.close()
-    finally:
-        zeo.stop()
+        with db.transaction() as conn:  # one of them rewritten
+            with conn.root()["a"].open("w") as fh:
+                fh.write(rng.randbytes(MiB))
+        last = db.storage.lastTransaction()
     # What this test is about: ZEO stored each blob's oid twice in its transaction.
     assert repeated_oids(tmp_path / "src.fs")[-2:] == [2, 1]
 

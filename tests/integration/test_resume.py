@@ -38,7 +38,7 @@ from replicator.secondary import Backoff
 from replicator.storage import open_file_storage
 from replicator.tailer import Tailer
 from replicator.verify import verify
-from tests.helpers import free_port, start_zeo, zeo_db
+from tests.helpers import zeo_server_db
 from tests.integration.test_bad_input import raw_client
 from tests.integration.test_replication import assert_equal as assert_replica
 from tests.integration.test_replication import running_primary, running_secondary, tls, wait_equal_tid
@@ -50,10 +50,9 @@ BLOB_SIZES = (3 * MB + 12_345, 5 * MB + 777, 2 * MB)
 RECORDS, RECORD_SIZE = 600, 20_000
 
 
-def make_source(tmp_path) -> None:
-    """``src.fs``: the root's creation, a transaction with the big blobs, a small one after it."""
+def write_big_blobs(db: ZODB.DB) -> None:
+    """After the root's creation, a transaction with the big blobs, a small one after it."""
     rng = random.Random(5)
-    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
     try:
         with db.transaction("big blobs") as conn:
             for i, size in enumerate(BLOB_SIZES):
@@ -64,8 +63,16 @@ def make_source(tmp_path) -> None:
         with db.transaction() as conn:
             conn.root()["n"] = 3
     finally:
-        db.close()
         transaction.abort()
+
+
+def make_source(tmp_path) -> None:
+    """``src.fs``: the root's creation, a transaction with the big blobs, a small one after it."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")))
+    try:
+        write_big_blobs(db)
+    finally:
+        db.close()
 
 
 def make_records_source(tmp_path) -> None:
@@ -239,25 +246,8 @@ def test_a_transaction_cut_off_then_stopped_goes_on_from_its_kept_files(tmp_path
 def make_zeo_source(tmp_path) -> None:
     """``make_source``'s history committed through a ZEO server, which stores each blob as two
     records of its oid in the transaction (both naming one file, shipped once)."""
-    (tmp_path / "src-blobs").mkdir()
-    zeo = start_zeo(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs", port := free_port())
-    try:
-        db = zeo_db(port, tmp_path / "client-blobs")
-        rng = random.Random(5)
-        try:
-            with db.transaction("big blobs") as conn:
-                for i, size in enumerate(BLOB_SIZES):
-                    blob = conn.root()[f"blob{i}"] = Blob()
-                    with blob.open("w") as f:
-                        f.write(rng.randbytes(size))
-                conn.root()["n"] = 2
-            with db.transaction() as conn:
-                conn.root()["n"] = 3
-        finally:
-            db.close()
-            transaction.abort()
-    finally:
-        zeo.stop()
+    with zeo_server_db(tmp_path, tmp_path / "src.fs", tmp_path / "src-blobs") as db:
+        write_big_blobs(db)
 
 
 @pytest.fixture
