@@ -56,6 +56,7 @@ __all__ = [
     "read_blob",
     "txn_digest",
     "last_state",
+    "correct_last_tid",
     "fsync_dir",
     "check_restore_support",
     "RESTORE_SINCE",
@@ -136,7 +137,7 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
                            f"({type(exc).__name__}: {exc})",
                            hint=f"check it with `python -m ZODB.scripts.fstest {path}`; a damaged replica can be "
                                 "kept aside and started anew from an empty storage") from exc
-    _correct_last_tid(storage)
+    correct_last_tid(storage)
     return storage
 
 
@@ -251,7 +252,7 @@ def storage_writer(path: str, locks: str = "/proc/locks") -> str | None:
     return None
 
 
-def _correct_last_tid(storage: FileStorage) -> None:
+def correct_last_tid(storage: FileStorage) -> None:
     """Undo a ZODB quirk: after a crash mid-commit, ``lastTransaction()`` names the lost transaction.
 
     FileStorage's index reader takes the TID of a transaction still marked

@@ -43,7 +43,7 @@ from .control import primary_routes
 from .errors import ConfigError, EmptyReplicaError, ReplicatorError
 from .primary import Primary
 from .secondary import Secondary
-from .storage import close_storage, has_blobs
+from .storage import close_storage, correct_last_tid, has_blobs
 from .tailer import Tailer
 from .tid import tid_repr
 from .zeosync import install_deferred_replies
@@ -623,6 +623,9 @@ class SecondaryStorage(_Wrapper):
         if base.isReadOnly():
             raise ConfigError(f"the replica's storage {base.getName()} is opened read-only; "
                               "the secondary must write to it")
+        # Opened by its configuration's own section, not by us: a vote that a crash left
+        # unfinished would otherwise name the last transaction, and the replica resume from it.
+        correct_last_tid(base)
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
         self.secondary: Secondary = Secondary(self.config, storage=base, invalidate=self._invalidate,
                                               on_promoted=self._promoted, on_demoted=self._demoted)

@@ -137,3 +137,55 @@ def test_an_embedded_primary_stopped_by_damage_keeps_its_port_to_say_so(tmp_path
         asyncio.run(scenario())
     finally:
         db.close()
+
+
+def test_an_embedded_secondary_resumes_after_a_crash_mid_commit(tmp_path, tls_dir):
+    """A replica killed between a vote and its finish: ZODB then names the unfinished transaction
+    as the last one.  Opened by a ZEO server's <replicated-secondary> (not by the replicator), it
+    used to resume from that phantom and be refused for ever ("transaction already covered")."""
+    import shutil
+
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.FileStorage import FileStorage
+
+    from replicator.config import Address, SecondaryConfig
+    from replicator.wrappers import SecondaryStorage
+    from tests.integration.test_replication import tls
+
+    a_fs, b_fs, b_blobs = tmp_path / "a.fs", tmp_path / "b.fs", tmp_path / "b-blobs"
+    commit_to(a_fs, tmp_path / "a-blobs", 3, seed=81)
+
+    async def sync_b() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid)
+
+    asyncio.run(sync_b())
+    storage = FileStorage(str(b_fs), blob_dir=str(b_blobs))
+    last = storage.lastTransaction()
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    data, serial = storage.load(b"\0" * 8)
+    storage.store(b"\0" * 8, serial, data, "", txn)
+    storage.tpc_vote(txn)  # on disk with status 'c', as a kill -9 leaves it
+    shutil.copyfile(b_fs, tmp_path / "crashed.fs")
+    storage.tpc_abort(txn)
+    storage.close()
+    shutil.move(tmp_path / "crashed.fs", b_fs)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            replica = SecondaryStorage(FileStorage(str(b_fs), blob_dir=str(b_blobs)),
+                                       SecondaryConfig(storage=str(b_fs), blob_dir=str(b_blobs),
+                                                       primary=Address("127.0.0.1", a.port),
+                                                       tls=tls(tls_dir, "secondary"), node="b").validate())
+            try:
+                assert replica.lastTransaction() == last  # not the unfinished one
+                replica.start()
+                await asyncio.to_thread(commit_to, a_fs, tmp_path / "a-blobs", 2, 82)
+                await until(lambda: replica.secondary.progress.applied_tid == a.head_tid, timeout=20)
+                assert replica.secondary.stopped is None and replica.secondary.progress.last_error is None
+            finally:
+                await asyncio.to_thread(replica.close)
+
+    asyncio.run(scenario())
