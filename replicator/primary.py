@@ -536,6 +536,9 @@ class Primary:
         self.sidecar = sidecar
         #: A relay's: ``Hello.instance`` of the secondary process that owns it, refused as a peer.
         self.own_instance: bytes | None = None
+        #: A relay's: the node name of the primary it follows (None until known), refused as a
+        #: peer: each would follow the other, and neither take writes.
+        self.upstream_node: Callable[[], str | None] | None = None
         self.upstream_answer = upstream_answer
         self.credentials = credentials
         self._owns_credentials = False
@@ -1199,6 +1202,15 @@ class Primary:
                 # caught up for ever, while the real primary moves on.
                 await ws.send_bytes(conn.send(Reject("self", f"this is {hello.node}'s own port: a node cannot "
                                                              "follow itself")))
+                return ws
+            above = self.upstream_node() if self.upstream_node is not None else None
+            if self.relay and above is not None and hello.node == above:
+                refusal = Reject("loop", f"{hello.node} is the node this one ({cfg.node}) follows: each would "
+                                         "follow the other, with no primary, and neither would take writes; point "
+                                         "one of them at the primary (a node restarted with its configuration "
+                                         "from before a promotion, say)")
+                self._log_refusal(hello.node, peer, refusal)
+                await ws.send_bytes(conn.send(refusal))
                 return ws
             if self.fatal is not None:  # stopped for good, held open to say so (``hold``)
                 goodbye = self._stopped_goodbye()

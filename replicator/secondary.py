@@ -454,8 +454,19 @@ class Secondary:
                 relay=True, upstream=self._upstream, credentials=self.credentials,
                 upstream_answer=self._ask_upstream)
             self.downstream.own_instance = self.instance
+            self.downstream.upstream_node = lambda: self.progress.primary_node
             self.port = await self.downstream.start()
         log.info("secondary %s opened %s at %s", cfg.node, cfg.storage, tid_repr(self.progress.applied_tid))
+
+    def _check_loop(self, welcome: Welcome) -> None:
+        """``TransportError`` (retried) if the node that welcomed us follows this one: a loop."""
+        followers = {s.node for s in list(self.downstream.sessions.values())} if self.downstream else set()
+        if welcome.node in followers:
+            raise TransportError(str(self.config.primary), (
+                f"{welcome.node}, which this node ({self.config.node}) follows, follows this node too: each "
+                "follows the other, with no primary, and neither takes writes"),
+                hint="point one of them at the primary (a node restarted with its configuration from before "
+                     "a promotion, say)")
 
     async def _ask_upstream(self, tid: bytes) -> UpstreamAnswer | None:
         """What the primary this node follows says of ``tid`` (for its relay's refusals); None if
@@ -846,6 +857,7 @@ class Secondary:
                 identity.status if identity else " ", identity.meta if identity else None, self.instance,
                 *(offer or (None, 0, 0)))))
             welcome = await self._receive_welcome(ws, conn)
+            self._check_loop(welcome)
             await self._check_epoch(welcome, epoch)
             self.applier.resume(welcome.resume_bytes, welcome.resume_records)
             self.progress.connected = True

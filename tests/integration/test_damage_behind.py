@@ -189,3 +189,52 @@ def test_an_embedded_secondary_resumes_after_a_crash_mid_commit(tmp_path, tls_di
                 await asyncio.to_thread(replica.close)
 
     asyncio.run(scenario())
+
+
+def test_two_secondaries_following_each_other_are_told_it_is_a_loop(tmp_path, tls_dir):
+    """A promoted node restarted with its configuration from before the promotion follows the old
+    primary, which now follows it: no primary, no writes, and both looked connected and caught
+    up.  One of them refuses the other, and says why."""
+    import contextlib
+
+    from replicator.config import Address, SecondaryConfig
+    from replicator.secondary import Secondary
+    from tests.helpers import free_port
+    from tests.integration.test_replication import tls
+
+    ports = {"b": free_port(), "c": free_port()}
+
+    @contextlib.asynccontextmanager
+    async def node(name: str, follows: str):
+        config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
+                                 primary=Address("127.0.0.1", ports[follows]),
+                                 listen=Address("127.0.0.1", ports[name]), tls=tls(tls_dir, "secondary"),
+                                 node=name, reconnect_min=0.05, reconnect_max=0.3).validate()
+        secondary = Secondary(config)
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            yield secondary
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await secondary.close()
+
+    def told(n) -> bool:
+        error = n.progress.last_error or ""
+        return "follows the other" in error or "would follow the other" in error
+
+    async def scenario() -> None:
+        async with node("b", "c") as b, node("c", "b") as c:
+            try:
+                await until(lambda: told(b) or told(c), timeout=20)
+            except TimeoutError:
+                raise AssertionError((b.progress, c.progress)) from None
+            refused = b if told(b) else c
+            assert not refused.progress.connected
+            await asyncio.sleep(1.0)  # it retries, and is told again: never both connected
+            assert not (b.progress.connected and c.progress.connected)
+            assert told(refused)
+
+    asyncio.run(scenario())
