@@ -1030,7 +1030,9 @@ class Primary:
         other secondaries follow it until it is demoted).  ``OSError`` if the record cannot be written."""
         assert self.fenced is not None
         if not self.superseded:
-            log.critical("node %s was promoted to epoch %d in place of this fenced primary (epoch %d): this "
+            # A switchover does this on purpose: WARNING, not CRITICAL (an emergency's alerts come
+            # from the fence before it, and from the secondaries' refusals after).
+            log.warning("node %s was promoted to epoch %d in place of this fenced primary (epoch %d): this "
                          "node's fence cannot be undone; it streams what it has and takes no writes", node, epoch,
                          self.epoch)
         self.superseded = f"by epoch {epoch} (seen from {node})"

@@ -593,7 +593,8 @@ def _writer(name: str):
     """A write method of the replica: ``ReadOnlyError`` until it is promoted."""
     def method(self, *args, **kwargs):
         if not self._writable:
-            raise ReadOnlyError()
+            self._refuse_writes()  # says why: a secondary, or a fenced primary
+            raise ReadOnlyError("this node takes no writes")
         return getattr(self._base, name)(*args, **kwargs)
     method.__name__ = name
     return method
@@ -733,7 +734,8 @@ class SecondaryStorage(_Wrapper):
     def tpc_finish(self, transaction, f=None):
         serving = self._serving
         if serving is None:
-            raise ReadOnlyError()
+            self._refuse_writes()
+            raise ReadOnlyError("this node takes no writes")
         tid = self._base.tpc_finish(transaction, f)
         serving.notifier.notify_threadsafe()
         return tid

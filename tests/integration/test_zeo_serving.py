@@ -209,7 +209,7 @@ def test_writes_to_a_replica_raise_read_only_and_change_nothing(tmp_path, tls_di
                      lambda: replica.undo(before, meta), replica.new_oid,
                      lambda: replica.deleteObject(b"\0" * 8, before, meta),
                      lambda: replica.tpc_vote(meta), lambda: replica.tpc_finish(meta)):
-            with pytest.raises(ReadOnlyError):
+            with pytest.raises(ReadOnlyError, match="this node is a secondary: it follows the primary at 127.0.0.1:"):
                 call()
         replica.tpc_abort(meta)
         assert replica.lastTransaction() == before and replica.getSize() == size
