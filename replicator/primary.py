@@ -802,16 +802,18 @@ class Primary:
         unreachable (a sidecar exits instead, with status 3).
         """
         assert self.fatal is not None
+        code, why = self._stopped_for_good()
         for ws, conn in list(self._sockets.values()):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.send_bytes(conn.send(self._stopped_goodbye())), 1.0)
+                await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye(code, why))), 1.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
         await asyncio.Event().wait()
 
-    def _stopped_goodbye(self) -> Goodbye:
+    def _stopped_for_good(self) -> tuple[str, str]:
+        """The code and message a held primary (``hold``) gives its secondaries."""
         code = "corrupted" if isinstance(self.fatal, CorruptedSourceError) else "error"
-        return Goodbye(code, f"primary {self.config.node} stopped replicating: {self.fatal}")
+        return code, f"primary {self.config.node} stopped replicating: {self.fatal}"
 
     async def _refresh_head(self) -> None:
         assert self._head_tailer is not None
@@ -1033,8 +1035,8 @@ class Primary:
             # A switchover does this on purpose: WARNING, not CRITICAL (an emergency's alerts come
             # from the fence before it, and from the secondaries' refusals after).
             log.warning("node %s was promoted to epoch %d in place of this fenced primary (epoch %d): this "
-                         "node's fence cannot be undone; it streams what it has and takes no writes", node, epoch,
-                         self.epoch)
+                        "node's fence cannot be undone; it streams what it has and takes no writes", node, epoch,
+                        self.epoch)
         self.superseded = f"by epoch {epoch} (seen from {node})"
         await self._record_fence()
 
@@ -1215,8 +1217,7 @@ class Primary:
                 await ws.send_bytes(conn.send(refusal))
                 return ws
             if self.fatal is not None:  # stopped for good, held open to say so (``hold``)
-                goodbye = self._stopped_goodbye()
-                refusal = Reject(goodbye.code, goodbye.message)
+                refusal = Reject(*self._stopped_for_good())
                 self._log_refusal(hello.node, peer, refusal)
                 await ws.send_bytes(conn.send(refusal))
                 return ws
