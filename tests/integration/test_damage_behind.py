@@ -195,38 +195,22 @@ def test_two_secondaries_following_each_other_are_told_it_is_a_loop(tmp_path, tl
     """A promoted node restarted with its configuration from before the promotion follows the old
     primary, which now follows it: no primary, no writes, and both looked connected and caught
     up.  One of them refuses the other, and says why."""
-    import contextlib
-
-    from replicator.config import Address, SecondaryConfig
-    from replicator.secondary import Secondary
+    from replicator.config import Address
     from tests.helpers import free_port
-    from tests.integration.test_replication import tls
+    from tests.integration.test_replication import running_secondary
 
     ports = {"b": free_port(), "c": free_port()}
 
-    @contextlib.asynccontextmanager
-    async def node(name: str, follows: str):
-        config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
-                                 primary=Address("127.0.0.1", ports[follows]),
-                                 listen=Address("127.0.0.1", ports[name]), tls=tls(tls_dir, "secondary"),
-                                 node=name, reconnect_min=0.05, reconnect_max=0.3).validate()
-        secondary = Secondary(config)
-        await secondary.open()
-        task = asyncio.create_task(secondary.run())
-        try:
-            yield secondary
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await secondary.close()
+    def node(name: str, follows: str):
+        return running_secondary(tmp_path, tls_dir, ports[follows], name,
+                                 listen=Address("127.0.0.1", ports[name]), reconnect_max=0.3)
 
     def told(n) -> bool:
         error = n.progress.last_error or ""
         return "follows the other" in error or "would follow the other" in error
 
     async def scenario() -> None:
-        async with node("b", "c") as b, node("c", "b") as c:
+        async with node("b", "c") as (b, _), node("c", "b") as (c, _):
             try:
                 await until(lambda: told(b) or told(c), timeout=20)
             except TimeoutError:
