@@ -212,8 +212,9 @@ def _takes_writes(status: dict) -> bool:
 
 async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict] | None:
     """HTTP 409 if ``node`` is connected (directly, or through relays) to a primary that still
-    takes writes: promoting it would make two primaries, each taking commits the other never
-    gets.  Otherwise that primary, if it could be asked (``_primary_above``).
+    takes writes, or to one a promoted node superseded: promoting it would make two primaries,
+    each taking commits the other never gets.  Otherwise that primary, if it could be asked
+    (``_primary_above``).
 
     Asked only while connected: a primary that is gone (the failover this is
     for) cannot be asked, and is not.  A primary that does not answer in time

@@ -231,28 +231,6 @@ class SourceFile:
             pos = h.end
         return None
 
-    def ordinal(self, tid: bytes) -> int | None:
-        """How many committed transactions the file has up to and including ``tid``.
-
-        ``0`` for ``Z64``; ``None`` when ``tid`` is not a transaction of the file.
-        """
-        if tid == Z64:
-            return 0
-        self.scan()
-        i = bisect.bisect_right(self.marks, tid, key=lambda m: m[0]) - 1
-        if i < 0:
-            return None
-        count, pos = i * MARK_EVERY, self.marks[i][1]
-        while pos < self.scan_pos:
-            h = parse_txn_header(self.read(pos, TRANS_HDR_LEN, HEADER_AHEAD), pos)
-            count += 1
-            if h.tid == tid:
-                return count
-            if h.tid > tid:
-                break
-            pos = h.end
-        return None
-
     def counts_up_to(self, tids: list[bytes]) -> list[int]:
         """For each of the ascending ``tids``, how many committed transactions the file has with a
         TID up to it (a TID the file lacks, one a pack dropped, counts those before it).

@@ -764,11 +764,7 @@ class Primary:
             self._forget_trust = None
         # Say goodbye first: otherwise the server's cleanup waits out its
         # shutdown timeout for every session handler still streaming.
-        for ws, conn in list(self._sockets.values()):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye("shutdown", "primary stopping"))), 1.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2.0)
+        await self._end_sessions(Goodbye("shutdown", "primary stopping"))
         tasks = [*self._tasks, *([self._pack_recording] if self._pack_recording is not None else [])]
         for task in tasks:
             task.cancel()
@@ -802,13 +798,16 @@ class Primary:
         unreachable (a sidecar exits instead, with status 3).
         """
         assert self.fatal is not None
-        code, why = self._stopped_for_good()
+        await self._end_sessions(Goodbye(*self._stopped_for_good()))
+        await asyncio.Event().wait()
+
+    async def _end_sessions(self, goodbye: Goodbye) -> None:
+        """Send every session ``goodbye`` and close it (a second or two each at most)."""
         for ws, conn in list(self._sockets.values()):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.send_bytes(conn.send(Goodbye(code, why))), 1.0)
+                await asyncio.wait_for(ws.send_bytes(conn.send(goodbye)), 1.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
-        await asyncio.Event().wait()
 
     def _stopped_for_good(self) -> tuple[str, str]:
         """The code and message a held primary (``hold``) gives its secondaries."""
@@ -1244,8 +1243,8 @@ class Primary:
             # the connection lost, need not wait for the next batch.
             self._note_ack(hello.node, hello.last_tid)
             # Its last transaction may be one a pack dropped (the handshake checked).
-            ordinal = await blocking(tailer.ordinal_of, hello.last_tid, dropped=True)
-            stats.sent_ordinal = stats.acked_ordinal = ordinal or 0
+            (ordinal,) = await blocking(tailer.counts_up_to, [hello.last_tid])
+            stats.sent_ordinal = stats.acked_ordinal = ordinal
             self.sessions[key] = stats
             self._sockets[key] = (ws, conn)
             log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))

@@ -286,19 +286,6 @@ class Tailer:
         """Damage the head scan of the file now at ``path`` ran into, if any."""
         return self._src.damage if self._src is not None else None
 
-    def ordinal_of(self, tid: bytes, *, dropped: bool = False) -> int | None:
-        """Number of committed transactions up to and including ``tid`` (None if absent).
-
-        ``dropped``: ``tid`` may be one a pack dropped; then the number before it.
-        """
-        src = self._path_source()
-        ordinal = src.ordinal(tid)
-        if ordinal is None and dropped:
-            nxt = src.successor(tid)
-            following = src.ordinal(nxt.tid) if nxt is not None else None
-            ordinal = src.count if following is None else following - 1
-        return ordinal
-
     def counts_up_to(self, tids: list[bytes]) -> list[int]:
         """``SourceFile.counts_up_to`` in the file now at the path (ascending ``tids``)."""
         return self._path_source().counts_up_to(tids)

@@ -147,20 +147,23 @@ class _Counts:
     def blob(self, tid: bytes, a: StoredRecord, b: StoredRecord) -> None:
         """Compare the blob files of two records with equal data, or count them as not compared
         (each file once, however many records of its transaction name it)."""
-        if not (a.is_blob or b.is_blob or is_blob_data(b.data)):
-            return
+        if not self.compare_blobs:
+            # b's data: in a packed transaction a's is only a digest here
+            if is_blob_data(b.data) and self._first_record_of_file(tid, a.oid):
+                self.blobs_not_compared += 1
+        elif (a.is_blob or b.is_blob) and self._first_record_of_file(tid, a.oid):
+            _compare_blobs(tid, a, b)
+            self.blobs += 1
+
+    def _first_record_of_file(self, tid: bytes, oid: bytes) -> bool:
+        """Whether no earlier record of transaction ``tid`` named the blob file of ``oid``."""
         if self.blob_files[0] != tid:
             self.blob_files = (tid, set())
-        if a.oid in self.blob_files[1]:
-            return
-        if not self.compare_blobs:
-            if is_blob_data(b.data):  # b's data: in a packed transaction a's is only a digest here
-                self.blob_files[1].add(a.oid)
-                self.blobs_not_compared += 1
-        elif a.is_blob or b.is_blob:
-            _compare_blobs(tid, a, b)
-            self.blob_files[1].add(a.oid)
-            self.blobs += 1
+        seen = self.blob_files[1]
+        if oid in seen:
+            return False
+        seen.add(oid)
+        return True
 
     def result(self, kind: str, last: bytes, *, tid: bytes | None = None, oid: bytes | None = None,
                field: str | None = None, detail: str = "", missing_in: str | None = None,
