@@ -249,13 +249,22 @@ def test_both_sides_pack_and_replication_goes_on(tmp_path, tls_dir):
 
 
 def test_embedded_primary_ships_each_commit_at_once(tmp_path, tls_dir):
-    """With the file poller slowed to 5 s, only the tpc_finish wake-up can make the delay short."""
+    """Each commit's tpc_finish wakes the streaming session itself.
+
+    With the file poller slowed to 5 s, a commit would otherwise wait for the
+    session's next heartbeat (1 s): the replica would still get every commit,
+    about a second late, which no check of the replica alone can tell from a
+    slow machine.  So the wake-ups are counted: the notifier's version moves
+    once per wake-up, and with the poller asleep only ``tpc_finish`` moves it.
+    """
     db, replica = open_pair(tmp_path, tls_dir, primary_extra="poll-interval 5.0\n")
     try:
         replica.start()
         with db.transaction() as conn:
             conn.root()["v"] = -1
         wait_until(lambda: replica.lastTransaction() == db.lastTransaction(), timeout=20)
+        notifier = db.storage.primary.notifier
+        woken_before = notifier.version
         delays = []
         for i in range(200):
             with db.transaction() as conn:
@@ -264,13 +273,17 @@ def test_embedded_primary_ships_each_commit_at_once(tmp_path, tls_dir):
             start = time.perf_counter()
             wait_until(lambda tid=tid: replica.lastTransaction() >= tid, timeout=10, interval=0.0002)
             delays.append(time.perf_counter() - start)
+        woken = notifier.version - woken_before
     finally:
         replica.close()
         db.close()
     median = statistics.median(delays)
     print(f"\nembedded primary, commit -> applied: median {median * 1000:.2f} ms, "
-          f"max {max(delays) * 1000:.2f} ms over 200 commits (file poller at 5 s)")
-    assert median < 1.0
+          f"max {max(delays) * 1000:.2f} ms over 200 commits (file poller at 5 s), {woken} wake-ups")
+    # One wake-up per commit (each waited for before the next); the poller may
+    # add a look or two, and batching under CPU pressure still wakes once per commit
+    # here, since the next commit waits for this one.
+    assert woken >= 200
 
 
 def test_configuration_problems_are_reported(tmp_path, tls_dir):
