@@ -206,6 +206,31 @@ def test_diverged_secondary_is_refused_and_left_untouched(tmp_path, tls_dir):
     assert (tmp_path / "dst.fs").read_bytes() == before
 
 
+def test_secondary_with_another_transaction_under_the_same_tid_is_refused(tmp_path, tls_dir):
+    """The fork sits in the secondary's newest transaction itself: same TID, other content."""
+    db, work = make_source(tmp_path, 20)
+    with db.transaction() as conn:
+        conn.root()["marker"] = "AAAA-the-primary's"
+    work.close()
+    db.close()
+    # The secondary holds the primary's history, but its copy of the last
+    # transaction says something else (same length, same TID).
+    data = (tmp_path / "src.fs").read_bytes()
+    assert data.count(b"AAAA-the-primary's") == 1
+    (tmp_path / "dst.fs").write_bytes(data.replace(b"AAAA-the-primary's", b"BBBB-the-primary's"))
+    shutil.copytree(tmp_path / "src-blobs", tmp_path / "dst-blobs")
+    before = (tmp_path / "dst.fs").read_bytes()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
+                with pytest.raises(DivergenceError, match="differs from the primary's transaction with the same TID"):
+                    await asyncio.wait_for(task, 20)
+
+    asyncio.run(scenario())
+    assert (tmp_path / "dst.fs").read_bytes() == before
+
+
 def test_stalled_secondary_does_not_grow_primary_memory(tmp_path, tls_dir):
     """A secondary that stops reading: the primary's session blocks in send, reading no further."""
     import aiohttp
