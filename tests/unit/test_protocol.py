@@ -248,6 +248,20 @@ def test_secondary_may_not_stream_and_primary_may_not_ack():
         Connection(Role.PRIMARY).send(Welcome(1, "p", 0, Z64, Z64))
 
 
+def test_primary_refuses_stream_events_and_secondary_refuses_acks_received():
+    """The receiving side keeps the same rule: a peer that breaks it is refused, not followed."""
+    primary, secondary = handshake()
+    with pytest.raises(RemoteProtocolError, match="may not receive TxnBegin"):
+        primary.receive_data(encode_event(TxnBegin(tid(1), Z64, " ", b"", b"", b"")))
+    assert primary.state is ConnectionState.ERROR
+    primary, secondary = handshake()
+    with pytest.raises(RemoteProtocolError, match="may not receive Record"):
+        primary.receive_data(encode_event(Record(b"\0" * 8, b"d", None)))
+    primary, secondary = handshake()
+    with pytest.raises(RemoteProtocolError, match="may not receive Ack"):
+        secondary.receive_data(encode_event(Ack(Z64)))
+
+
 def test_acks_must_name_ended_transactions_and_never_go_back():
     primary, secondary = handshake()
     secondary.receive_data(stream_bytes(primary, txn_events(1, 0) + txn_events(2, 1)))
