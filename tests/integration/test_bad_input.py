@@ -82,6 +82,31 @@ def test_primary_closes_on_malformed_frames_and_keeps_serving(source, tls_dir, p
     asyncio.run(scenario())
 
 
+def test_primary_closes_on_a_secondary_that_streams_after_its_hello(source, tls_dir, caplog):
+    """Past the handshake (where the case above is refused for coming before the Hello)."""
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION, "streamer", Z64, None)))
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type is aiohttp.WSMsgType.BINARY  # the Welcome, then the stream
+                await ws.send_bytes(encode_event(TxnBegin(b"\0" * 7 + b"\2", Z64, " ", b"", b"", b"")))
+
+                async def closed() -> aiohttp.WSMessage:
+                    while (msg := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                        pass  # transactions and heartbeats already on their way
+                    return msg
+
+                msg = await asyncio.wait_for(closed(), 10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code == 1002
+            assert primary.fatal is None
+
+    asyncio.run(scenario())
+    assert any("may not receive TxnBegin" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_oversized_message_is_refused(source, tls_dir, caplog):
     async def scenario() -> None:
         async with running_primary(source, tls_dir, max_frame=1 << 16) as primary:
