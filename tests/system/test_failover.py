@@ -549,8 +549,12 @@ def test_a_commit_waiting_for_acknowledgements_does_not_freeze_the_zeo_server(tm
         asked = time.monotonic()
         reader.history(b"\0" * 8)  # a round trip to the server, nothing to do with the commit
         answered = time.monotonic()
+        # The read came back while the commit was still held: it did not wait for it.
+        assert committing.is_alive(), "the commit returned before sync-timeout, with no secondary to acknowledge it"
         committing.join(10)
-        print(f"commit held {time.monotonic() - started:.2f}s; a read asked meanwhile took {answered - asked:.2f}s")
+        held = time.monotonic() - started
+        print(f"commit held {held:.2f}s; a read asked meanwhile took {answered - asked:.2f}s")
+        assert held >= 1.8, f"the commit returned after {held:.2f}s, before sync-timeout (2 s)"
         assert answered - asked < 1.0, f"a read waited {answered - asked:.2f}s for another client's commit"
     except BaseException:
         dump_logs(tmp_path)
