@@ -12,7 +12,7 @@ from replicator.applier import Applier
 from replicator.errors import ConfigError
 from replicator.protocol.events import BlobChunk, Record
 from replicator.storage import open_file_storage
-from replicator.tid import tid_time
+from replicator.tid import tid_repr, tid_time
 from replicator.verify import format_result, verify
 
 from .zodb_workload import build_source, flatten, reference_stream, replace_txn, tids_of
@@ -94,6 +94,20 @@ def test_altered_blob_bytes(source, tmp_path):
     result = compare(source, replica(tmp_path, replace_txn(txns, i, change)))
     assert (result.kind, result.field, result.tid, result.oid) == ("record", "blob", txns[i][0].tid, oid)
     assert "offset 5" in result.detail
+
+
+def test_a_record_that_lost_its_back_pointer(source, tmp_path):
+    """An undo's record written as plain data on one side: the same bytes, another history."""
+    txns = source[2]
+    i, j = first_record(txns, lambda r: r.data_txn is not None and r.data is not None and r.blob_size is None)
+    rec = txns[i][j]
+
+    def change(events):
+        events[j] = dataclasses.replace(rec, data_txn=None)
+        return events
+    result = compare(source, replica(tmp_path, replace_txn(txns, i, change)))
+    assert (result.kind, result.field, result.tid, result.oid) == ("record", "data_txn", txns[i][0].tid, rec.oid)
+    assert result.detail == f"A points to {tid_repr(rec.data_txn)}, B to {tid_repr(None)}"
 
 
 def test_missing_transactions(source, tmp_path):
