@@ -101,7 +101,9 @@ class FrameDecoder:
                 events.append(decode_frame(frame))
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
             # msgpack reports over-limit lengths as ValueError.
-            raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            # msgpack's FormatError (a byte no msgpack value starts with) says nothing itself.
+            raise RemoteProtocolError(f"malformed frame: {str(exc) or 'bytes that are not msgpack'} "
+                                      f"({type(exc).__name__})") from None
 
 
 def decode_frame(frame: object) -> Event:
