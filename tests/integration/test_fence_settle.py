@@ -84,6 +84,38 @@ def test_fence_aborts_a_transaction_its_client_abandoned(primary, tls_dir, monke
     assert primary.lastTransaction() == before
 
 
+def test_a_transaction_waiting_for_the_commit_lock_at_the_fence_is_refused(primary, tls_dir):
+    """It passed the check at its tpc_begin before the fence, then waited for the lock behind a
+    voted commit; once it gets the lock the node is fenced, so it must not commit."""
+    first = vote_one(primary)
+    outcome: list = []
+
+    def begin_second() -> None:
+        txn = TransactionMetaData()
+        try:
+            primary.tpc_begin(txn)  # blocks on the commit lock the voted transaction holds
+        except ReadOnlyError as exc:
+            outcome.append(exc)
+            return
+        outcome.append(txn)
+        primary.tpc_abort(txn)
+    second = threading.Thread(target=begin_second)
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive() and not outcome, "tpc_begin did not wait for the commit lock"
+    answer: dict = {}
+    fencing = threading.Thread(target=lambda: answer.update(fence(primary, tls_dir)))
+    fencing.start()
+    wait_until(lambda: primary._serving is not None and not primary._serving.writable, timeout=10)
+    tid = primary.tpc_finish(first)
+    second.join(10)
+    fencing.join(10)
+    assert outcome and isinstance(outcome[0], ReadOnlyError), f"began a transaction on a fenced primary: {outcome}"
+    assert answer["last_tid"] == tid.hex() and primary.lastTransaction() == tid
+    assert primary._base._commit_lock.acquire(blocking=False), "the refused transaction kept the commit lock"
+    primary._base._commit_lock.release()
+
+
 def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(primary, tls_dir):
     server = StorageServer(("127.0.0.1", 0), {"1": primary})
     server.start_thread()
