@@ -91,7 +91,9 @@ def test_config_sections_make_wrappers_with_their_base_interfaces(tmp_path, tls_
         db.close()
 
 
-def test_a_replica_section_may_ask_for_a_compressed_and_limited_stream(tmp_path, tls_dir):
+def test_a_replica_section_passes_compress_and_max_rate_on_to_its_secondary(tmp_path, tls_dir):
+    """The section's keys reach the secondary, which negotiates compression with the primary.
+    (That the stream is then deflated on the wire, and the rate held: test_compression, test_max_rate.)"""
     db, replica = open_pair(tmp_path, tls_dir, secondary_extra="compress true\nmax-rate 2MiB/s\n")
     try:
         assert replica.config.compress is True and replica.config.max_rate == 2 << 20
