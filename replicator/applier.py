@@ -648,8 +648,17 @@ class Applier:
                 raise StorageError(f"cannot make {what} durable: {exc}") from exc
 
     def close(self) -> None:
-        """Stop tracing and give the storage its own ``tpc_finish`` back."""
+        """Drop what is kept, stop tracing and give the storage its own methods back."""
         self.discard_kept()
+        self.detach()
+
+    def detach(self) -> None:
+        """Stop tracing and give the storage its own methods back; what ``save_kept`` left stays.
+
+        The storage may outlive this applier: a node promoted and then demoted
+        again follows the new primary with a new applier on the same storage,
+        which can hook it for group commit only once these hooks are gone.
+        """
         if self._group is not None:
             self._group.uninstall()
             self._group = None
@@ -1201,8 +1210,12 @@ class _GroupCommit:
                 or getattr(code, "co_names", None) != _FINISH_FINISH_NAMES
                 or getattr(cls_, "_txn_find", None) is not FileStorage._txn_find
                 or {"_finish_finish", "_txn_find"} & set(vars(storage))):
-            log.info("group commit off: %r does not finish transactions the way this ZODB's "
-                     "FileStorage does; every transaction is fsynced on its own", storage)
+            if {"_finish_finish", "_txn_find"} & set(vars(storage)):
+                why = "another applier's hooks are still on it"
+            else:
+                why = "it does not finish transactions the way this ZODB's FileStorage does"
+            log.warning("group commit off for %s: %s; every transaction is fsynced on its own",
+                        _storage_name(storage), why)
             return None
         return cls(storage)
 
@@ -1309,6 +1322,13 @@ class _GroupCommit:
         self.temp_on_disk()
         vars(self.storage).pop("_finish_finish", None)
         vars(self.storage).pop("_txn_find", None)
+
+
+def _storage_name(storage) -> str:
+    try:
+        return str(storage.getName())
+    except Exception:
+        return repr(storage)
 
 
 def _discard_temp(blob: _Blob) -> list[str]:

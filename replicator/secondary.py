@@ -505,6 +505,8 @@ class Secondary:
         if self.applier is not None:
             # What a broken link left of a transaction: the next start resumes it.
             await asyncio.to_thread(self.applier.save_kept)
+            # The storage may go on without this node's applier (demoted again, a new one follows).
+            self.applier.detach()
         if self.storage is not None and self._owns_storage:
             await asyncio.to_thread(close_storage, self.storage)
         self.storage = None

@@ -160,6 +160,9 @@ def test_each_node_is_demoted_in_place_however_it_became_the_primary(make_pair):
             assert "now follows it as a secondary" in report, f"switchover {old} -> {new}: {report}"
             pair.following(old, new)
             assert pair.storages[old].isReadOnly() and not pair.storages[new].isReadOnly()
+            # However often it was a secondary before, its applier hooks the storage for group
+            # commit again (the hooks of its last spell as a secondary went with that spell).
+            assert pair.storages[old].secondary.applier._group is not None, f"round {round}: group commit off"
             tid = writer.commit(round)
             assert pair.storages[new].lastTransaction() == tid, f"round {round}: the commit missed {new}"
             wait_until(lambda old=old, tid=tid: pair.storages[old].lastTransaction() == tid, timeout=20,
