@@ -86,7 +86,7 @@ class _StatusCollector(Collector):
                                           "at their handshake, by reason (duplicate: a node name already "
                                           "connected; diverged, ahead, packed, version, stale, behind, "
                                           "corrupted: see docs/protocol.md).", labels=["code"])
-            for code, count in sorted((s.get("refusals") or {}).items()):
+            for code, count in sorted(_with_zeros(s.get("refusals"), REFUSAL_CODES).items()):
                 refused.add_metric([str(code)], float(count))
             yield refused
         yield _counter("replicator_silent_secondaries_dropped", "Sessions dropped because the secondary's "
@@ -97,7 +97,7 @@ class _StatusCollector(Collector):
                                               "certificate failed the check; no_certificate; refused_by_client: "
                                               "the client refused this node's; not_tls; closed; timeout; other).",
                                               labels=["reason"])
-            for reason, count in sorted((s.get("refused_tls_connections") or {}).items()):
+            for reason, count in sorted(_with_zeros(s.get("refused_tls_connections"), TLS_REFUSAL_REASONS).items()):
                 refused_tls.add_metric([str(reason)], float(count))
             yield refused_tls
         tls = s.get("tls")
@@ -124,6 +124,19 @@ class _StatusCollector(Collector):
             yield commits
             yield _counter("replicator_sync_timeouts", "Waits for acknowledgements that timed out.",
                            sync.get("timeouts"))
+
+
+#: Every code a primary refuses a secondary with, and every reason a node refuses a TLS
+#: connection for: each is exported from the start, at 0, so that an alert on
+#: ``increase(...)`` sees the first refusal (a series born at 1 has no increase).
+REFUSAL_CODES = ("duplicate", "diverged", "ahead", "behind", "packed", "version", "stale", "corrupted",
+                 "loop", "self")
+TLS_REFUSAL_REASONS = ("certificate", "no_certificate", "refused_by_client", "not_tls", "closed", "timeout",
+                       "other")
+
+
+def _with_zeros(counts: dict | None, known: tuple[str, ...]) -> dict:
+    return {**dict.fromkeys(known, 0), **(counts or {})}
 
 
 def _gauge(name: str, documentation: str, value: object) -> Metric:
