@@ -1,10 +1,17 @@
 #!/bin/sh
-# Create the cluster CA and node certificates once, in the shared volume.
+# Create the cluster CA and node certificates once: the CA (and its key) in
+# the first directory, which only this job mounts; the nodes' files, and the
+# CA's certificate without its key, copied into the shared volume.
 set -e
-dir=${1:-/tls}
-if [ -f "$dir/ca.pem" ]; then
-  echo "certificates already in $dir"
+ca=${1:-/ca}
+shared=${2:-/tls}
+if [ -f "$shared/ca.pem" ]; then
+  echo "certificates already in $shared"
   exit 0
 fi
-exec replicator certs init --dir "$dir" --node primary --node secondary \
+replicator certs init --dir "$ca" --node primary --node secondary \
   --host primary --host secondary --host localhost --host 127.0.0.1
+for f in ca.pem primary.pem primary.key secondary.pem secondary.key; do
+  cp -p "$ca/$f" "$shared/$f"
+done
+echo "certificates in $shared; the CA key stays in $ca"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -69,10 +70,29 @@ def test_role_config_files_only_use_known_options():
 def test_certs_script_uses_existing_commands():
     script = (ROOT / "primary" / "make-certs.sh").read_text().replace("\\\n", " ")
     line = next(line for line in script.splitlines() if "replicator certs" in line)
-    args = line.split("replicator", 1)[1].replace('"$dir"', "/tmp/x").split()
+    args = line.split("replicator", 1)[1].replace('"$ca"', "/tmp/x").split()
     ctx = _parse(args)
     assert ctx.command.name == "init"
     assert set(ctx.params["nodes"]) == {"primary", "secondary"}
+
+
+def test_the_certs_job_keeps_the_ca_key_off_the_shared_volume(tmp_path):
+    ca, shared = tmp_path / "ca", tmp_path / "tls"
+    shared.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for _ in range(2):  # the second run finds the certificates there and changes nothing
+        result = subprocess.run(["sh", str(ROOT / "primary" / "make-certs.sh"), str(ca), str(shared)],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in shared.iterdir()) == ["ca.pem", "primary.key", "primary.pem",
+                                                          "secondary.key", "secondary.pem"]
+    assert (ca / "ca.key").exists()
+    assert oct((shared / "primary.key").stat().st_mode & 0o777) == "0o600"
+    services = compose()["services"]
+    mounts = {name: service.get("volumes", []) for name, service in services.items()}
+    assert [name for name, volumes in mounts.items() if any(v.startswith("ca:") for v in volumes)] == ["certs"]
+    # The primary writes beside Data.fs (what packs dropped, a fence): not a read-only volume.
+    assert "primary-data:/data" in mounts["primary"], mounts["primary"]
 
 
 def _unit(role: str) -> dict[str, str]:
@@ -101,7 +121,7 @@ def test_systemd_units_run_the_real_commands_and_stay_stopped_when_restarting_ca
         assert command[0].endswith("/replicator") and command[1] == role
         config = tmp_path / f"{role}.toml"
         config.write_text((ROOT / role / f"{role}.toml").read_text())
-        ctx = _parse([a.replace(f"/etc/zodb-replicator/{role}.toml", str(config)) for a in command[1:]])
+        ctx = _parse([a.replace(f"/etc/replicator/{role}.toml", str(config)) for a in command[1:]])
         assert ctx.params["storage"] == "/data/Data.fs"
         # SIGHUP: the CLI's services load renewed TLS files at once.
         assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
