@@ -488,11 +488,13 @@ class PrimaryStorage(_Wrapper):
                 self.sync_stats["degraded"] = True
                 self.sync_stats["async_commits"] += 1
                 log.error("synchronous replication DEGRADED to asynchronous: commit %s not acknowledged by %d "
-                          "secondaries within %.1fs; it returns unreplicated", tid_repr(tid), cfg.sync_count,
-                          waited)
+                          "secondaries within %.1fs (%s); it returns unreplicated", tid_repr(tid), cfg.sync_count,
+                          waited, _connected_text(primary, names))
                 return
-            log.error("commit %s still waits for %d secondaries to acknowledge it (%.0fs); its client waits",
-                      tid_repr(tid), cfg.sync_count, waited)
+            log.error("commit %s still waits for %d %s to acknowledge it (%.0fs; %s); its client waits, "
+                      "unless it gave up", tid_repr(tid), cfg.sync_count,
+                      f"of the secondaries in sync-names ({', '.join(sorted(names))})" if names else "secondaries",
+                      waited, _connected_text(primary, names))
 
     def pack(self, *args, **kwargs):
         result = self._base.pack(*args, **kwargs)
@@ -525,6 +527,18 @@ def _invalidate(dbs: list, tid: bytes, oids) -> None:
     changed = list(oids)
     for db in dbs:
         db.invalidate(tid, changed)
+
+
+def _connected_text(primary: Primary, names: frozenset[str]) -> str:
+    """Which secondaries are connected, and which of them sync-names leaves out (a typo shows)."""
+    connected = sorted({s.node for s in list(primary.sessions.values())})
+    if not connected:
+        return "no secondary connected"
+    outside = [n for n in connected if names and n not in names]
+    text = "connected: " + ", ".join(connected)
+    if outside:
+        text += f"; not in sync-names, so not waited for: {', '.join(outside)}"
+    return text
 
 
 def _wait_for_commit_in_flight(base) -> None:

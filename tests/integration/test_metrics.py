@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import ZODB
@@ -108,6 +109,37 @@ def test_synchronous_replication_is_visible_in_metrics(tmp_path, tls_dir):
         assert status["sync"]["degraded"] is True
     finally:
         db.close()
+
+
+def test_a_secondary_left_out_of_sync_names_is_named_when_commits_are_not_acknowledged(
+        tmp_path, tls_dir, caplog):
+    """sync-names with a typo: the connected standby is not waited for, and the log says so."""
+    base = FileStorage(str(tmp_path / "p.fs"))
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p", sync_count=1, sync_timeout=0.5,
+                           sync_fallback="async", sync_names=("stanby",))
+    storage = PrimaryStorage(base, config.validate())
+
+    async def scenario() -> None:
+        secondary = Secondary(SecondaryConfig(storage=str(tmp_path / "dst.fs"),
+                                              primary=Address("127.0.0.1", storage.port),
+                                              tls=tls(tls_dir, "secondary"), node="standby").validate())
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            while not storage.primary.sessions:
+                await asyncio.sleep(0.02)
+            db = await asyncio.to_thread(ZODB.DB, storage)  # its first commit times out and degrades
+            await asyncio.to_thread(db.close)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await secondary.close()
+
+    with caplog.at_level(logging.ERROR, logger="replicator"):
+        asyncio.run(scenario())
+    degraded = [r.getMessage() for r in caplog.records if "DEGRADED" in r.getMessage()]
+    assert degraded and "not in sync-names, so not waited for: standby" in degraded[0], caplog.text
 
 
 def test_a_disconnected_secondary_does_not_claim_to_be_current(tmp_path, tls_dir):
