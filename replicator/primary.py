@@ -1365,7 +1365,7 @@ class Primary:
         self.refusals[reject.code] += 1
         unsaid = self._refusal_log.due((node, reject.code))
         if unsaid is not None:
-            log.warning("refusing secondary %s: %s%s", peer, reject.message,
+            log.warning("refusing secondary %r from %s: %s%s", node, peer, reject.message,
                         Throttle.since(unsaid, f"of {node!r} for this reason"))
 
     async def _receive_hello(self, ws: web.WebSocketResponse, conn: Connection) -> Hello:

@@ -80,6 +80,8 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
     # Each attempt is counted; the log says it once (then every few minutes at most).
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing secondary")]
     assert len(refused) == 1, refused
+    # It names the node as it named itself, and the certificate it came with.
+    assert re.match(r"refusing secondary 'dst' from 127\.0\.0\.1:\d+ \(secondary\): ", refused[0]), refused
 
 
 def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path, tls_dir, caplog):
