@@ -122,8 +122,10 @@ class _StatusCollector(Collector):
             commits.add_metric(["synchronous"], float(sync.get("synced_commits", 0)))
             commits.add_metric(["asynchronous"], float(sync.get("async_commits", 0)))
             yield commits
-            yield _counter("replicator_sync_timeouts", "Waits for acknowledgements that timed out.",
-                           sync.get("timeouts"))
+            yield _counter("replicator_sync_timeouts", "Commits whose wait for acknowledgements went past "
+                           "sync-timeout (each counted once).", sync.get("timeouts"))
+            yield _gauge("replicator_sync_waiting", "Commits waiting past sync-timeout now (sync-fallback "
+                         "wait): their clients are held.", sync.get("waiting"))
 
 
 #: Every code a primary refuses a secondary with, and every reason a node refuses a TLS

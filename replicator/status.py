@@ -82,7 +82,12 @@ def _alarms(r: dict, now: float) -> list[tuple[str, str]]:
         alarms.append(("SYNC DEGRADED", "commits return unreplicated (asynchronous) until enough secondaries are "
                                         f"connected again (needs {_sync_quorum(sync)}): "
                                         f"{sync.get('async_commits', 0)} commits so far, "
-                                        f"{sync.get('timeouts', 0)} timeouts"))
+                                        f"{sync.get('timeouts', 0)} timed out"))
+    if sync.get("count") and sync.get("waiting"):
+        alarms.append(("SYNC WAITING", f"{sync['waiting']} commit(s) wait past sync-timeout for acknowledgements "
+                                       f"(needs {_sync_quorum(sync)}; fallback wait): their clients are held, and "
+                                       "new commits queue behind them, until enough secondaries connect and "
+                                       "acknowledge"))
     alarms.extend(("CERTIFICATE", text) for text in _certificate_alarms(r.get("tls") or {}, now))
     for peer in r.get("secondaries") or []:
         not_after = peer.get("certificate_not_after")
@@ -136,7 +141,7 @@ def _sync_line(sync: dict) -> str | None:
         return None
     return (f"  sync          each commit waits for secondaries' acknowledgements (needs {_sync_quorum(sync)}; "
             f"fallback {sync.get('fallback')}): {sync.get('synced_commits', 0)} synchronous, "
-            f"{sync.get('async_commits', 0)} not, {sync.get('timeouts', 0)} timeouts")
+            f"{sync.get('async_commits', 0)} not, {sync.get('timeouts', 0)} timed out")
 
 
 def _secondary_lag(r: dict, now: float) -> str:

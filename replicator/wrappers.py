@@ -273,7 +273,10 @@ class PrimaryStorage(_Wrapper):
         self.primary: Primary | None = None
         self._closed = False
         #: Synchronous replication's counters, shown in GET /status.
-        self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0}
+        #: timeouts: commits that waited past sync-timeout (each once); waiting: those still
+        #: waiting now (sync-fallback wait), whose clients are held.
+        self.sync_stats = {"degraded": False, "synced_commits": 0, "async_commits": 0, "timeouts": 0,
+                           "waiting": 0}
         self._dbs: list = []
         self._local = threading.local()
         #: Set once demoted: this node follows another primary (and may be promoted again).
@@ -478,23 +481,32 @@ class PrimaryStorage(_Wrapper):
             self.sync_stats["degraded"] = False
             log.warning("synchronous replication resumed: %d secondaries connected", len(connected))
         started = time.monotonic()
-        while True:
-            if await primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout):
-                self.sync_stats["synced_commits"] += 1
-                return
-            self.sync_stats["timeouts"] += 1
-            waited = time.monotonic() - started
-            if cfg.sync_fallback == "async":
-                self.sync_stats["degraded"] = True
-                self.sync_stats["async_commits"] += 1
-                log.error("synchronous replication DEGRADED to asynchronous: commit %s not acknowledged by %d "
-                          "secondaries within %.1fs (%s); it returns unreplicated", tid_repr(tid), cfg.sync_count,
-                          waited, _connected_text(primary, names))
-                return
-            log.error("commit %s still waits for %d %s to acknowledge it (%.0fs; %s); its client waits, "
-                      "unless it gave up", tid_repr(tid), cfg.sync_count,
-                      f"of the secondaries in sync-names ({', '.join(sorted(names))})" if names else "secondaries",
-                      waited, _connected_text(primary, names))
+        held = False  # counted among the commits waiting past sync-timeout
+        try:
+            while True:
+                if await primary.wait_replicated(tid, cfg.sync_count, names, cfg.sync_timeout):
+                    self.sync_stats["synced_commits"] += 1
+                    return
+                if not held:
+                    self.sync_stats["timeouts"] += 1
+                waited = time.monotonic() - started
+                if cfg.sync_fallback == "async":
+                    self.sync_stats["degraded"] = True
+                    self.sync_stats["async_commits"] += 1
+                    log.error("synchronous replication DEGRADED to asynchronous: commit %s not acknowledged by "
+                              "%d secondaries within %.1fs (%s); it returns unreplicated", tid_repr(tid),
+                              cfg.sync_count, waited, _connected_text(primary, names))
+                    return
+                if not held:
+                    held = True
+                    self.sync_stats["waiting"] += 1
+                log.error("commit %s still waits for %d %s to acknowledge it (%.0fs; %s); its client waits, "
+                          "unless it gave up", tid_repr(tid), cfg.sync_count,
+                          f"of the secondaries in sync-names ({', '.join(sorted(names))})" if names
+                          else "secondaries", waited, _connected_text(primary, names))
+        finally:
+            if held:
+                self.sync_stats["waiting"] -= 1
 
     def pack(self, *args, **kwargs):
         result = self._base.pack(*args, **kwargs)

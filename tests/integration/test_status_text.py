@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import threading
 import time
 
 import ZODB
+from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 
 from replicator.config import Address, PrimaryConfig
@@ -17,6 +20,7 @@ from tests.helpers import (
     tls_args,
 )
 from tests.integration.test_cli import make_fs
+from tests.integration.test_metrics import scrape, value
 from tests.integration.test_replication import tls
 from tests.system.sysutil import get_status
 
@@ -40,7 +44,7 @@ def test_an_embedded_primary_shows_fenced_and_sync_degraded(tmp_path, tls_dir):
         assert lines[0] == f"https://{node}/status: primary p [SYNC DEGRADED]  storage {tmp_path / 'p.fs'}"
         assert lines[1].startswith("  SYNC DEGRADED commits return unreplicated (asynchronous) until enough "
                                    "secondaries are connected again (needs 1 of standby): 1 commits so far, "
-                                   "1 timeouts"), shown.stdout
+                                   "1 timed out"), shown.stdout
         assert "FENCED" not in shown.stdout
 
         fenced = run("fence", node, *tls_args(tls_dir, "secondary"))
@@ -55,6 +59,49 @@ def test_an_embedded_primary_shows_fenced_and_sync_degraded(tmp_path, tls_dir):
         assert "FENCED" not in shown and "[SYNC DEGRADED]" in shown
     finally:
         db.close()
+
+
+def test_an_embedded_primary_shows_commits_held_past_sync_timeout(tmp_path, tls_dir):
+    """sync-fallback wait, no secondary: the commit is held; status and metrics say so, and count
+    it as one timed-out commit however many times its wait timed out."""
+    base = FileStorage(str(tmp_path / "p.fs"))
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p", sync_count=1, sync_timeout=0.2,
+                           sync_fallback="wait")
+    storage = PrimaryStorage(base, config.validate())
+    t = TransactionMetaData()
+    storage.tpc_begin(t)
+    storage.tpc_vote(t)
+    ended: list = []
+
+    def finish() -> None:
+        try:
+            ended.append(storage.tpc_finish(t))
+        except BaseException as exc:  # closing the storage ends the wait: the waiter is told so
+            ended.append(exc)
+    committing = threading.Thread(target=finish, daemon=True)
+    committing.start()
+    try:
+        node = f"127.0.0.1:{storage.port}"
+        deadline = time.monotonic() + 10
+        while storage.sync_stats["waiting"] != 1:
+            assert time.monotonic() < deadline, storage.sync_stats
+            time.sleep(0.05)
+        time.sleep(0.5)  # the wait times out again, twice or so
+        shown = run("status", node, *tls_args(tls_dir, "secondary"))
+        lines = shown.stdout.splitlines()
+        assert "[SYNC WAITING]" in lines[0], shown.stdout
+        assert ("  SYNC WAITING  1 commit(s) wait past sync-timeout for acknowledgements (needs 1, any; fallback wait)"
+                in shown.stdout), shown.stdout
+        assert "0 synchronous, 0 not, 1 timed out" in shown.stdout, shown.stdout
+        samples = asyncio.run(scrape(storage.port, tls_dir))
+        assert value(samples, "replicator_sync_waiting") == 1
+        assert value(samples, "replicator_sync_timeouts_total") == 1
+        assert committing.is_alive()
+    finally:
+        storage.close()  # ends the wait
+        committing.join(10)
+    assert storage.sync_stats["waiting"] == 0
 
 
 def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_dir):
