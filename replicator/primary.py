@@ -605,6 +605,8 @@ class Primary:
         self.recorded_packs: int | None = None
         self._head_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        #: What ``stop()`` tells the secondaries (a demotion says where this node goes).
+        self.goodbye = Goodbye("shutdown", "primary stopping")
         self.bytes_sent = 0
         #: Secondaries refused at their Hello, by ``Reject`` code (/status, /metrics).
         self.refusals: collections.Counter[str] = collections.Counter()
@@ -764,7 +766,7 @@ class Primary:
             self._forget_trust = None
         # Say goodbye first: otherwise the server's cleanup waits out its
         # shutdown timeout for every session handler still streaming.
-        await self._end_sessions(Goodbye("shutdown", "primary stopping"))
+        await self._end_sessions(self.goodbye)
         tasks = [*self._tasks, *([self._pack_recording] if self._pack_recording is not None else [])]
         for task in tasks:
             task.cancel()
@@ -800,6 +802,12 @@ class Primary:
         assert self.fatal is not None
         await self._end_sessions(Goodbye(*self._stopped_for_good()))
         await asyncio.Event().wait()
+
+    def demoting(self, upstream: str) -> None:
+        """This node is being demoted to follow ``upstream``: the goodbye of ``stop()`` says so."""
+        self.goodbye = Goodbye("shutdown", f"{self.config.node} is demoted by a switchover: it follows "
+                                           f"{upstream} from now on, and serves on at once on the same port "
+                                           "(this node reconnects and resumes)")
 
     async def _end_sessions(self, goodbye: Goodbye) -> None:
         """Send every session ``goodbye`` and close it (a second or two each at most)."""

@@ -500,6 +500,8 @@ class Secondary:
             self._credentials_watch.cancel()
             self._credentials_watch = None
         if self.downstream is not None:
+            if self.demoted_to is not None:
+                self.downstream.demoting(self.demoted_to)
             await self.downstream.stop()
             self.downstream = None
         if self.applier is not None:

@@ -393,6 +393,8 @@ class PrimaryStorage(_Wrapper):
             listen=cfg.listen if self.port is None else dataclasses.replace(cfg.listen, port=self.port),
             tls=cfg.tls, insecure=cfg.insecure, node=cfg.node, max_frame=cfg.max_frame)
         self._serving = self._serving_loop = None
+        if self.primary is not None:
+            self.primary.demoting(upstream)  # its goodbye tells its secondaries where it goes
         self._service.stop()
         self.primary = None
         self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs,

@@ -11,6 +11,7 @@ ZEO clients connected; a plain one drops them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -26,9 +27,10 @@ from ZODB.POSException import ReadOnlyError
 from ZODB.utils import z64
 
 from replicator import wrappers
-from replicator.config import Address, PrimaryConfig
+from replicator.config import Address, PrimaryConfig, SecondaryConfig
 from replicator.control import call
 from replicator.errors import ReplicatorError
+from replicator.secondary import Secondary
 from replicator.wrappers import PrimaryStorage
 from tests.helpers import wait_until
 from tests.integration.test_replication import tls
@@ -152,3 +154,33 @@ def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(p
         if db is not None:
             db.close()
         server.close()
+
+
+def test_a_demoted_primary_tells_its_secondaries_where_it_goes(primary, tls_dir, tmp_path, caplog):
+    """Not 'primary stopping': it serves on at once, on the same port, following the new primary."""
+    commit = vote_one(primary)
+    primary.tpc_finish(commit)
+
+    async def scenario() -> None:
+        secondary = Secondary(SecondaryConfig(storage=str(tmp_path / "dst.fs"),
+                                              primary=Address("127.0.0.1", primary.port),
+                                              tls=tls(tls_dir, "secondary"), node="dst",
+                                              reconnect_min=0.05, reconnect_max=0.2).validate())
+        await secondary.open()
+        task = asyncio.create_task(secondary.run())
+        try:
+            while secondary.progress.applied_tid != primary.lastTransaction():
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(primary.demote, "127.0.0.1:9")  # a new primary nobody runs here
+            while not any("is demoted" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await secondary.close()
+
+    with caplog.at_level(logging.INFO, logger="replicator.secondary"):
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    said = next(r.getMessage() for r in caplog.records if "is demoted" in r.getMessage())
+    assert ("primary said goodbye (shutdown): p is demoted by a switchover: it follows 127.0.0.1:9 from now on, "
+            "and serves on at once on the same port") in said, said
