@@ -236,7 +236,7 @@ class Credentials:
         return True
 
     def _load(self, pems: TLSPems) -> None:
-        old_subject, old_serial, old_not_after = self.subject, self.serial, self.not_after
+        old_subject, old_serial, old_not_after, old_issuer = self.subject, self.serial, self.not_after, self.issuer
         old_cas = {c.fingerprint(_SHA256): c for c in self._cas}
         contexts = {purpose: context_from_pems(purpose, pems, self.paths) for purpose in self._contexts}
         self._pems, self._digest, self._contexts = pems, _digest(pems), contexts
@@ -248,8 +248,9 @@ class Credentials:
         current = {c.fingerprint(_SHA256) for c in self._cas}
         renewed = (self.subject, self.serial) != (old_subject, old_serial)
         if renewed:
-            log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s "
+            log.info("loaded the renewed TLS files: this node's certificate is now %s, valid until %s%s "
                      "(was %s, until %s); new connections use it", self.subject, _date(self.not_after),
+                     f", issued by {self.issuer} (a new CA)" if self.issuer != old_issuer else "",
                      old_subject, _date(old_not_after))
         if current != set(old_cas):
             log.info("loaded the changed CA file %s: new connections need certificates signed by %s",
@@ -303,6 +304,7 @@ class Credentials:
         leaf = chain[0]
         cas = parse_certs(self._pems[0], self.paths[0], "CA file")
         self.subject = leaf.subject.rfc4514_string()
+        self.issuer = leaf.issuer.rfc4514_string()
         self.serial = leaf.serial_number
         # A file that holds intermediate CAs after the certificate works until the first of them expires.
         first = min(chain, key=lambda c: c.not_valid_after_utc)

@@ -198,6 +198,9 @@ def test_a_cluster_moves_to_a_new_ca_without_a_restart(tmp_path, own_tls, monkey
     assert any("of client" in m and "CN=tertiary was signed by the CA CN=ZODB replication CA" in m
                for m in closed), closed
     assert any("to the primary" in m and "CN=primary" in m for m in closed), closed
+    # The renewal under the new CA says so: nothing else shows which CA a node's certificate is from.
+    renewed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded the renewed TLS files")]
+    assert renewed and all(", issued by CN=" in m and "(a new CA)" in m for m in renewed), renewed
 
 
 def _ca(name: str, key, issuer: x509.Certificate | None = None, issuer_key=None, path_length: int | None = 0,
