@@ -210,6 +210,12 @@ def render(results: list[dict], now: float) -> str:
         if r["role"] == "primary":
             if r.get("promoted"):
                 lines.append(f"  promoted      primary of epoch {r.get('epoch')} (was following {r.get('primary')})")
+                if r.get("serves_zeo") and not (r.get("sync") or {}).get("count"):
+                    # A standby's section has no sync-* options: say so, since it may replace a
+                    # primary that had them.
+                    lines.append("  sync          none: commits return without waiting for any secondary "
+                                 "(sync-count belongs to a <replicated-primary> section; a standby promoted "
+                                 "from <replicated-secondary> or `secondary --zeo` has none)")
             if r.get("transactions") is not None or not r.get("promoted"):
                 lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
                              f"   bytes streamed {size_text(r.get('bytes_sent'))}")

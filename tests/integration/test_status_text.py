@@ -124,6 +124,20 @@ def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_
         assert "  promoted      primary of epoch 1" in shown
 
 
+def test_a_standby_promoted_into_a_zeo_server_says_it_replicates_asynchronously():
+    """It may replace a primary with sync-count: nothing else in its status would say it has none."""
+    base = {"url": "https://standby:8101/status", "role": "primary", "node": "standby", "storage": "/d/Data.fs",
+            "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "promoted": True, "epoch": 1,
+            "primary": "old:8100"}
+    shown = render([{**base, "serves_zeo": True}], now=time.time())
+    assert "  sync          none: commits return without waiting for any secondary" in shown, shown
+    # Not for a plain `replicator secondary` promoted (it serves no ZEO clients), nor with sync-* options.
+    assert "  sync  " not in render([{**base, "serves_zeo": False}], now=time.time())
+    synced = render([{**base, "serves_zeo": True, "sync": {"count": 1, "names": [], "fallback": "wait",
+                                                            "synced_commits": 3}}], now=time.time())
+    assert "sync          none" not in synced and "each commit waits" in synced, synced
+
+
 def test_a_stale_primary_says_so_first():
     status = {"url": "https://old:8100/status", "role": "primary", "node": "old", "storage": "/d/Data.fs",
               "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "stale": True,
