@@ -169,7 +169,12 @@ def test_verify_exit_status_and_first_difference(tmp_path):
     make_fs(tmp_path / "b.fs", [1, 2])
     result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "b.fs"))
     assert result.returncode == 5
-    assert result.stdout.strip()
+    # Two histories of their own: they fork at the first transaction, which it names.
+    fs = FileStorage(str(tmp_path / "a.fs"), read_only=True)
+    first = next(iter(fs.iterator())).tid
+    fs.close()
+    assert result.stdout.startswith(f"DIFFERENT: after 0000000000000000 (empty) A has {first.hex()} "), result.stdout
+    assert "the histories fork" in result.stdout and f"first difference in transaction {first.hex()}" in result.stdout
     result = run("verify", str(tmp_path / "a.fs"), str(tmp_path / "nothing.fs"))
     assert result.returncode == 2
 

@@ -289,6 +289,9 @@ def test_kill9_primary_and_secondary_during_live_workload(tmp_path, tls_dir):
               f"{cluster.secondary_kills} secondary and {cluster.primary_kills} primary kills")
         assert cluster.secondary.alive() and cluster.primary.alive()
         assert cluster.secondary.stop() == 0
+        # What the killed secondaries left half-received was removed at their restarts.
+        leftovers = sorted(p.name for p in Path(cluster.sec_blobs, "tmp").glob("repl-*.tmp"))
+        assert not leftovers, f"blob files a killed secondary was receiving are still there: {leftovers}"
         assert cluster.primary.stop() == 0
         db.close()
         db = None

@@ -253,7 +253,8 @@ def damage_redundant_length(fs: Path, raw: bytes, txns: list[TxnPos]) -> set[int
 
 
 class KnownBug(AssertionError):
-    """The checks that fail because of the bugs the xfail reasons describe (other failures stay failures)."""
+    """A check that once failed because of a bug since fixed (its message says which behaviour):
+    a failure like any other, named so that a return of the bug reads as one."""
 
 
 @pytest.mark.parametrize("damage", [
@@ -340,9 +341,14 @@ def test_uncommitted_tail_waits_then_ships_the_finished_commit(tmp_path, tls_dir
         assert pstatus["last_tid"] == tids[-2].hex() and pstatus["transactions"] == N_TXNS - 1, pstatus
         assert sc.secondary_tid() == tids[-2].hex()
 
-        # The writer finishes: the rest of the transaction, then the status flip.
+        # The writer finishes: the rest of the transaction (voted, status 'c': still not to be
+        # shipped, whole as it is), then the status flip.
         with open(fs, "ab") as fh:
             fh.write(staged[offset:])
+        time.sleep(1.0)
+        pstatus = try_status(sc.port, tls_dir)
+        assert pstatus["last_tid"] == tids[-2].hex(), pstatus
+        assert sc.secondary_tid() == tids[-2].hex(), "a voted, unfinished transaction was shipped"
         pwrite(fs, last.pos + 16, b" ")
         assert fs.read_bytes() == sc.raw
         wait_until(lambda: sc.secondary_tid() == tids[-1].hex(), timeout=20,
