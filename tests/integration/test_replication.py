@@ -194,12 +194,17 @@ def test_diverged_secondary_is_refused_and_left_untouched(tmp_path, tls_dir):
     with other.transaction() as conn:
         conn.root()["mine"] = 1
     other.close()
+    assert_refused_and_untouched(tmp_path, tls_dir, "not in this primary's history|newer")
+
+
+def assert_refused_and_untouched(tmp_path: Path, tls_dir: Path, match: str) -> None:
+    """The secondary on dst.fs is refused as diverged (``match``), and dst.fs is left as it was."""
     before = (tmp_path / "dst.fs").read_bytes()
 
     async def scenario() -> None:
         async with running_primary(tmp_path, tls_dir) as primary:
             async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
-                with pytest.raises(DivergenceError, match="not in this primary's history|newer"):
+                with pytest.raises(DivergenceError, match=match):
                     await asyncio.wait_for(task, 20)
 
     asyncio.run(scenario())
@@ -219,16 +224,7 @@ def test_secondary_with_another_transaction_under_the_same_tid_is_refused(tmp_pa
     assert data.count(b"AAAA-the-primary's") == 1
     (tmp_path / "dst.fs").write_bytes(data.replace(b"AAAA-the-primary's", b"BBBB-the-primary's"))
     shutil.copytree(tmp_path / "src-blobs", tmp_path / "dst-blobs")
-    before = (tmp_path / "dst.fs").read_bytes()
-
-    async def scenario() -> None:
-        async with running_primary(tmp_path, tls_dir) as primary:
-            async with running_secondary(tmp_path, tls_dir, primary.port, expect_failure=True) as (_, task):
-                with pytest.raises(DivergenceError, match="differs from the primary's transaction with the same TID"):
-                    await asyncio.wait_for(task, 20)
-
-    asyncio.run(scenario())
-    assert (tmp_path / "dst.fs").read_bytes() == before
+    assert_refused_and_untouched(tmp_path, tls_dir, "differs from the primary's transaction with the same TID")
 
 
 def test_stalled_secondary_does_not_grow_primary_memory(tmp_path, tls_dir):
