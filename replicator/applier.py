@@ -1205,15 +1205,14 @@ class _GroupCommit:
         """The hooks for ``storage``, or None when it is not a FileStorage we know how to hook."""
         cls_ = type(storage)
         code = getattr(FileStorage._finish_finish, "__code__", None)
+        hooked = {"_finish_finish", "_txn_find"} & set(vars(storage))
         if (not isinstance(storage, FileStorage)
                 or getattr(cls_, "_finish_finish", None) is not FileStorage._finish_finish
                 or getattr(code, "co_names", None) != _FINISH_FINISH_NAMES
                 or getattr(cls_, "_txn_find", None) is not FileStorage._txn_find
-                or {"_finish_finish", "_txn_find"} & set(vars(storage))):
-            if {"_finish_finish", "_txn_find"} & set(vars(storage)):
-                why = "another applier's hooks are still on it"
-            else:
-                why = "it does not finish transactions the way this ZODB's FileStorage does"
+                or hooked):
+            why = ("another applier's hooks are still on it" if hooked
+                   else "it does not finish transactions the way this ZODB's FileStorage does")
             log.warning("group commit off for %s: %s; every transaction is fsynced on its own",
                         _storage_name(storage), why)
             return None
