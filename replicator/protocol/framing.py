@@ -101,9 +101,12 @@ class FrameDecoder:
                 events.append(decode_frame(frame))
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
             # msgpack reports over-limit lengths as ValueError.
-            # msgpack's FormatError (a byte no msgpack value starts with) says nothing itself.
-            raise RemoteProtocolError(f"malformed frame: {str(exc) or 'bytes that are not msgpack'} "
-                                      f"({type(exc).__name__})") from None
+            # msgpack's FormatError (a byte no msgpack value starts with) says little or nothing
+            # itself, depending on msgpack's version.
+            reason = str(exc)
+            if isinstance(exc, msgpack.exceptions.FormatError):
+                reason = "bytes that are not msgpack" + (f": {reason}" if reason else "")
+            raise RemoteProtocolError(f"malformed frame: {reason or 'undecodable'} ({type(exc).__name__})") from None
 
 
 def decode_frame(frame: object) -> Event:
