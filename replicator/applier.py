@@ -1214,7 +1214,7 @@ class _GroupCommit:
             why = ("another applier's hooks are still on it" if hooked
                    else "it does not finish transactions the way this ZODB's FileStorage does")
             log.warning("group commit off for %s: %s; every transaction is fsynced on its own",
-                        _storage_name(storage), why)
+                        storage.getName(), why)
             return None
         return cls(storage)
 
@@ -1321,13 +1321,6 @@ class _GroupCommit:
         self.temp_on_disk()
         vars(self.storage).pop("_finish_finish", None)
         vars(self.storage).pop("_txn_find", None)
-
-
-def _storage_name(storage) -> str:
-    try:
-        return str(storage.getName())
-    except Exception:
-        return repr(storage)
 
 
 def _discard_temp(blob: _Blob) -> list[str]:
