@@ -28,9 +28,11 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import NoReturn
 
 import zope.interface
 from ZODB.FileStorage import FileStorage
@@ -140,6 +142,78 @@ def _blob_dir(base: FileStorage) -> str | None:
     return str(base.blob_dir) if has_blobs(base) else None
 
 
+def _refuse(reason: str) -> NoReturn:
+    """Refuse a write on purpose (a secondary, or a fenced primary): ``ReadOnlyError`` to the caller.
+
+    A ZEO client gets the plain ``ReadOnlyError``; ZEO's server would also
+    log it twice with a traceback at ERROR, which ``_QuietRefusals`` turns
+    into one line.
+    """
+    raise ReadOnlyError(reason)
+
+
+def _expected_refusal(exc: BaseException | None) -> str | None:
+    """What a ``ReadOnlyError`` refused that this node refuses on purpose; None for anything else.
+
+    ``"commit"``: raised by ``_refuse``.  ``"register"``: ZEO's server
+    refused a read-write client because a storage of ours is read-only now
+    (a secondary, or a fenced primary), which is how a client listing several
+    servers finds the one taking writes.  ``""``: ZEO's server refused a
+    read-only client's ``tpc_abort`` for the same reason, nothing to say.
+    """
+    if not isinstance(exc, ReadOnlyError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _refuse.__code__:
+            return "commit"
+        if frame.f_code.co_filename.endswith(os.path.join("ZEO", "StorageServer.py")):
+            if frame.f_code.co_name == "register" and isinstance(frame.f_locals.get("storage"), _Wrapper):
+                return "register"
+            if (frame.f_code.co_name == "_check_tid"
+                    and isinstance(getattr(frame.f_locals.get("self"), "storage", None), _Wrapper)):
+                return ""
+        tb = tb.tb_next
+    return None
+
+
+class _QuietRefusals(logging.Filter):
+    """On ZEO's server loggers: what this node refuses on purpose is expected, not an error.
+
+    ZEO's server logs every exception of a vote but conflicts at ERROR with
+    a traceback, twice (``While voting`` and ``'vote' raised exception``),
+    and a read-write client's registration on a read-only storage once, so
+    a switchover (the commits its fence catches, the clients that register
+    again) filled the old primary's log with tracebacks.  Each becomes at
+    most one INFO line of ours; any other error keeps ZEO's lines.
+    """
+
+    def __init__(self, say: set[str]) -> None:
+        super().__init__()
+        self.say = say  # the refusals whose record on this logger is the one to put in our own words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        what = _expected_refusal(record.exc_info[1] if record.exc_info else None)
+        if what is None:
+            return True
+        if what in self.say:
+            if what == "commit":
+                log.info("refused a commit (its client gets ReadOnlyError): %s", record.exc_info[1])  # type: ignore[index]
+            else:
+                log.info("refused a ZEO client's read-write registration: this node takes no writes now "
+                         "(a client that lists other servers tries them)")
+        return False
+
+
+def _quiet_zeo_refusals() -> None:
+    """Install ``_QuietRefusals`` on ZEO's server loggers, once per process."""
+    for name, say in (("ZEO.StorageServer", {"commit"}), ("ZEO.asyncio.server", {"register"})):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietRefusals) for f in logger.filters):
+            logger.addFilter(_QuietRefusals(say))
+
+
 class _Wrapper:
     """What both wrappers share: a base FileStorage and a service thread, closed in that order,
     and the roles the node takes in turn.
@@ -172,10 +246,10 @@ class _Wrapper:
         serving = self._serving
         if serving is None:
             following = self.secondary.config.primary if self.secondary is not None else "another node"
-            raise ReadOnlyError(f"this node is a secondary: it follows the primary at {following}")
+            _refuse(f"this node is a secondary: it follows the primary at {following}")
         if not serving.writable:
             # Fenced for a switchover, or superseded by a newer epoch.
-            raise ReadOnlyError(f"this primary accepts no writes: {serving.fenced}")
+            _refuse(f"this primary accepts no writes: {serving.fenced}")
 
     def isReadOnly(self) -> bool:
         """What ZEO asks as a client registers: a fenced primary takes read-only clients only,
@@ -268,6 +342,7 @@ class PrimaryStorage(_Wrapper):
     """
 
     def __init__(self, base: FileStorage, config: PrimaryConfig) -> None:
+        _quiet_zeo_refusals()
         self._base = _require_file_storage(base, "a replicated primary")
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
         self.primary: Primary | None = None
@@ -622,7 +697,7 @@ def _writer(name: str):
     def method(self, *args, **kwargs):
         if not self._writable:
             self._refuse_writes()  # says why: a secondary, or a fenced primary
-            raise ReadOnlyError("this node takes no writes")
+            _refuse("this node takes no writes")
         return getattr(self._base, name)(*args, **kwargs)
     method.__name__ = name
     return method
@@ -648,6 +723,7 @@ class SecondaryStorage(_Wrapper):
     """
 
     def __init__(self, base: FileStorage, config: SecondaryConfig, *, start: bool = True) -> None:
+        _quiet_zeo_refusals()
         self._base = _require_file_storage(base, "a replicated secondary")
         if base.isReadOnly():
             raise ConfigError(f"the replica's storage {base.getName()} is opened read-only; "
@@ -763,7 +839,7 @@ class SecondaryStorage(_Wrapper):
         serving = self._serving
         if serving is None:
             self._refuse_writes()
-            raise ReadOnlyError("this node takes no writes")
+            _refuse("this node takes no writes")
         tid = self._base.tpc_finish(transaction, f)
         serving.notifier.notify_threadsafe()
         return tid

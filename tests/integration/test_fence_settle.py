@@ -118,7 +118,7 @@ def test_a_transaction_waiting_for_the_commit_lock_at_the_fence_is_refused(prima
     primary._base._commit_lock.release()
 
 
-def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(primary, tls_dir):
+def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(primary, tls_dir, caplog):
     server = StorageServer(("127.0.0.1", 0), {"1": primary})
     server.start_thread()
     db = None
@@ -138,10 +138,20 @@ def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(p
         # Still connected: the commit reaches the server, which refuses it
         # (a dropped client would meet ClientDisconnected after wait_timeout).
         conn.root()["n"] = 2
-        with pytest.raises(ReadOnlyError):
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        with pytest.raises(ReadOnlyError, match="this primary accepts no writes: test"):
             tm.commit()
         tm.abort()
         assert client.is_connected()
+        # An expected refusal: one line of ours, not ZEO's two ERROR tracebacks.
+        # (The client's own side logs what it got, at ERROR: ZEO.asyncio.client.)
+        zeo_errors = [r for r in caplog.records if r.name in ("ZEO.StorageServer", "ZEO.asyncio.server")
+                      and r.levelno >= logging.ERROR]
+        assert not zeo_errors, f"ZEO's server logged the refused commit as an error: {[r.getMessage() for r in zeo_errors]}"
+        said = [r.getMessage() for r in caplog.records if r.name == "replicator.wrappers"]
+        assert said == ["refused a commit (its client gets ReadOnlyError): this primary accepts no writes: "
+                        "test"], said
 
         fence(primary, tls_dir)
         # Dropped; a fenced primary is read-only, so it cannot register read-write again.
@@ -150,6 +160,12 @@ def test_a_switchover_fence_keeps_the_zeo_clients_and_a_plain_fence_drops_them(p
             conn.root()["n"] = 3
             tm.commit()
         tm.abort()
+        # ZEO's server refuses it read-write while fenced: expected, one line again.
+        wait_until(lambda: any("read-write registration" in r.getMessage() for r in caplog.records),
+                   timeout=10, what="the client's refused registration")
+        zeo_errors = [r for r in caplog.records if r.name in ("ZEO.StorageServer", "ZEO.asyncio.server")
+                      and r.levelno >= logging.ERROR]
+        assert not zeo_errors, f"ZEO's server logged a refusal as an error: {[r.getMessage() for r in zeo_errors]}"
     finally:
         if db is not None:
             db.close()
@@ -184,3 +200,57 @@ def test_a_demoted_primary_tells_its_secondaries_where_it_goes(primary, tls_dir,
     said = next(r.getMessage() for r in caplog.records if "is demoted" in r.getMessage())
     assert ("primary said goodbye (shutdown): p is demoted by a switchover: it follows 127.0.0.1:9 from now on, "
             "and serves on at once on the same port") in said, said
+
+
+def test_zeo_keeps_its_tracebacks_for_other_errors():
+    """Only a refusal of ours is quietened: ZEO's own errors, ReadOnlyError included, keep their lines."""
+    loggers = [logging.getLogger("ZEO.StorageServer"), logging.getLogger("ZEO.asyncio.server")]
+    wrappers._quiet_zeo_refusals()
+    wrappers._quiet_zeo_refusals()
+    for logger in loggers:
+        assert sum(isinstance(f, wrappers._QuietRefusals) for f in logger.filters) == 1, "installed twice"
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+            return logging.LogRecord("ZEO.StorageServer", logging.ERROR, __file__, 1, "While voting", (),
+                                     sys.exc_info())
+
+    def refused() -> logging.LogRecord:
+        try:
+            wrappers._refuse("this node takes no writes")
+        except ReadOnlyError:
+            import sys
+            return logging.LogRecord("ZEO.StorageServer", logging.ERROR, __file__, 1, "While voting", (),
+                                     sys.exc_info())
+        raise AssertionError("not refused")
+
+    for logger in loggers:
+        assert logger.filter(record(ReadOnlyError("the storage itself is read-only")))
+        assert logger.filter(record(OSError("disk full")))
+        assert logger.filter(logging.LogRecord("ZEO.StorageServer", logging.ERROR, __file__, 1, "x", (), None))
+        assert not logger.filter(refused())
+
+
+def test_a_plain_read_only_storage_keeps_zeos_registration_error(tmp_path, caplog):
+    """The same refusal by ZEO for a storage that is not ours is left as ZEO logs it."""
+    FileStorage(str(tmp_path / "plain.fs")).close()
+    wrappers._quiet_zeo_refusals()
+    caplog.set_level(logging.INFO)
+    server = StorageServer(("127.0.0.1", 0), {"1": FileStorage(str(tmp_path / "plain.fs"), read_only=True)})
+    server.start_thread()
+    client = None
+    try:
+        client = ClientStorage(server.addr, wait=False)
+
+        def zeo_error() -> bool:
+            return any(r.name == "ZEO.asyncio.server" and r.levelno >= logging.ERROR and r.exc_info
+                       and isinstance(r.exc_info[1], ReadOnlyError) for r in caplog.records)
+        wait_until(zeo_error, timeout=10, what="ZEO's own error for the refused registration")
+        assert not any("read-write registration" in r.getMessage() for r in caplog.records)
+    finally:
+        if client is not None:
+            client.close()
+        server.close()
