@@ -324,8 +324,8 @@ class LinkLog:
             return
         down = _duration(self.clock() - since)
         log.log(logging.WARNING if self._warned else logging.INFO,
-                "connected to the primary %s (%s) again after %s without a connection (%d failed attempts)",
-                self.primary, node, down, self.failures)
+                "connected to the primary %s (%s) again after %s without a connection (%d failed attempt%s)",
+                self.primary, node, down, self.failures, "" if self.failures == 1 else "s")
         self.down_since, self.failures, self._warned = None, 0, False
 
 

@@ -78,6 +78,10 @@ def test_a_flapping_link_warns_at_most_once_a_minute(caplog):
     link.failed("closed", 1.0, was_connected=True)
     [(level, text)] = _lines(caplog)
     assert level == logging.WARNING and text.startswith("lost the connection to the primary; reconnecting")
+    clock.now += 1
+    link.connected("p")
+    [(level, text)] = _lines(caplog)
+    assert text.endswith("without a connection (1 failed attempt)"), text
 
 
 def test_a_failure_already_logged_at_error_is_not_warned_again(caplog):
