@@ -368,10 +368,10 @@ def promote(node, force, tls_ca, tls_cert, tls_key, insecure) -> None:
     """
     result = _control(node, "POST", "/promote?force=1" if force else "/promote", tls_ca, tls_cert, tls_key,
                       insecure, role="secondary", what="`replicator promote`")
-    from .switchover import next_step_after_promotion
+    from .switchover import former_primary_line, next_step_after_promotion
 
     click.echo(f"{result['node']} is the primary of epoch {result['epoch']} from transaction {result['last_tid']}"
-               + next_step_after_promotion(result))
+               + former_primary_line(result) + next_step_after_promotion(result))
 
 
 @cli.command()

@@ -181,10 +181,14 @@ PRIMARY_QUESTION_TIMEOUT = 5.0
 MAX_CHAIN = 8
 
 
-async def _primary_above(node: Secondary) -> tuple[str, dict] | None:
+async def _primary_above(node: Secondary, *, connected: bool = True) -> tuple[str, dict] | None:
     """The primary at the top of the chain ``node`` is connected to (through relays, if it
-    follows one): its address and status; None if one of them cannot be asked now."""
-    if not node.progress.connected:
+    follows one): its address and status; None if one of them cannot be asked now.
+
+    ``connected=False``: asked even while ``node`` is not connected to it (after the promotion,
+    to tell a former primary that is still reachable of the new epoch).
+    """
+    if connected and not node.progress.connected:
         return None
     address = str(node.config.primary)
     for _ in range(MAX_CHAIN):
@@ -243,26 +247,36 @@ async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict]
         "with --force"))
 
 
-async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int) -> None:
+async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int) -> dict:
     """Tell the primary above ``node`` (``found``), now that ``node`` began ``epoch``, that it was
     superseded: it fences itself for good, durably (a sidecar also takes its storage's lock),
     so that neither a restart nor ``fence --undo`` lets it take writes beside this node.
 
     Best effort: a primary that is gone is told when a node of the new epoch next meets it.
+    Not connected to it (the failover this is for), ``node`` still tries the address it
+    followed, which may answer.  Returns what happened, for ``promote``'s answer:
+    ``{"address", "told", "detail"}``.
     """
-    if found is None or found[1].get("stale"):
-        return
+    if found is None:
+        found = await _primary_above(node, connected=False)
+    if found is None:
+        return {"address": str(node.config.primary), "told": False,
+                "detail": "it did not answer as a primary (gone, unreachable, or not the top of the chain)"}
+    address, status = found
+    if status.get("stale"):
+        return {"address": address, "told": True, "detail": "it knew of a newer epoch already"}
     # Fenced already (a switchover, or an operator first), it is told all the same, so that its
     # fence cannot be undone; it keeps streaming to the secondaries that still follow it.
-    address, _ = found
     query = f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}"
     try:
         await call(address, "POST", query, node.config.tls, insecure=node.config.insecure,
                    timeout=PRIMARY_QUESTION_TIMEOUT)
-        log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
     except ReplicatorError as exc:
         log.warning("could not tell the former primary at %s of epoch %d (%s): fence it, or stop it, before "
                     "it takes writes again", address, epoch, exc)
+        return {"address": address, "told": False, "detail": str(exc)}
+    log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
+    return {"address": address, "told": True, "detail": "it takes no writes any more"}
 
 
 def secondary_routes(get_secondary: Callable[[], Secondary],
@@ -301,13 +315,18 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             log.warning("PROMOTED: %s is the primary of epoch %d from %s", node.config.node, state.epoch,
                         tid_repr(node.progress.applied_tid))
             node.promotion_done.set()
-            await _supersede(node, above, state.epoch)
+            former = await _supersede(node, above, state.epoch)
+            if not former["told"]:
+                log.warning("the former primary at %s was not told of epoch %d (%s): if it, or a ZEO server on "
+                            "its storage, still runs, stop it: until a node of this epoch reaches it, it may "
+                            "take commits this history never gets", former["address"], state.epoch,
+                            former["detail"])
             if on_promoted is not None:
                 await on_promoted()  # may make the stream server a synchronous primary's
             if node.downstream is not None:
                 # Its secondaries reconnect into the new epoch, welcomed as the primary's now are.
                 await node.downstream.move_to_epoch(state.epoch, "promoted")
-        return web.json_response(node.status())
+        return web.json_response(dict(node.status(), former_primary=former))
 
     return [web.post("/promote", promote)]
 

@@ -59,6 +59,25 @@ NO_ZEO_NEXT = ("Next: {node} takes writes only through a ZEO server, and none se
                "place).")
 
 
+def former_primary_line(promoted: dict) -> str:
+    """What ``promote`` could tell the former primary: a warning line when it could not.
+
+    A former primary that was not told of the new epoch, and still runs (a
+    sidecar's ZEO server, say), takes commits the new history never gets
+    until a node of the new epoch reaches it.
+    """
+    former = promoted.get("former_primary")
+    if not former:
+        return ""
+    if former.get("told"):
+        return f"\nthe former primary at {former['address']} was told of epoch {promoted.get('epoch')}: " \
+               f"{former.get('detail')}"
+    return (f"\nWARNING: the former primary at {former['address']} was not told of epoch {promoted.get('epoch')} "
+            f"({former.get('detail')}). If it, or a ZEO server on its storage, still runs, stop it now: it may "
+            "take commits this history never gets. Before it serves again, make it a secondary of this node "
+            "(see Emergency promotion in the README).")
+
+
 def next_step_after_promotion(promoted: dict) -> str:
     """The line to add when the promoted node cannot take writes by itself; empty otherwise."""
     if promoted.get("serves_zeo") is False:

@@ -190,6 +190,46 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
     assert orphans == a_before[-7:]
 
 
+def test_promotion_tells_a_former_primary_it_can_reach_or_says_it_could_not(tmp_path, tls_dir):
+    """Not connected to its primary when promoted (the failover promote is for), a node still tries
+    to tell it of the new epoch; when it cannot, the answer says so, for promote to warn."""
+    db, work = make_source(tmp_path, 5, seed=31)
+    work.close()
+    db.close()
+    for suffix in ("fs", "fs.index"):
+        (tmp_path / f"src.{suffix}").rename(tmp_path / f"a.{suffix}")
+    (tmp_path / "src-blobs").rename(tmp_path / "a-blobs")
+    t = tls(tls_dir, "secondary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+                await b.stop_following()  # a link that broke: a is still there, b no longer connected
+                assert not b.progress.connected
+                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                assert promoted["epoch"] == 1
+                assert promoted["former_primary"] == {"address": f"127.0.0.1:{a.port}", "told": True,
+                                                      "detail": "it takes no writes any more"}
+                assert a.stale and not a.writable
+            port = a.port
+        # a gone: c, which followed it, is promoted all the same, and says a was not told.
+        async with primary_on(tmp_path, tls_dir, "b") as b:
+            async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                await until(lambda: c.progress.applied_tid == b.head_tid and c.progress.epoch == 1)
+                b_port = b.port
+                await b.stop()
+                await until(lambda: not c.progress.connected)
+                promoted = await call(f"127.0.0.1:{c.port}", "POST", "/promote", t)
+                assert promoted["epoch"] == 2
+                former = promoted["former_primary"]
+                assert former["address"] == f"127.0.0.1:{b_port}" and former["told"] is False, former
+                assert "did not answer as a primary" in former["detail"], former
+        assert port != b_port
+
+    asyncio.run(scenario())
+
+
 def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tmp_path, tls_dir):
     """After a switchover the old primary follows the standby's epoch; restarted as a primary
     by mistake (its configuration unchanged), it must not take writes: that would fork the

@@ -304,6 +304,9 @@ def fail_over(site: Site, rng: random.Random, keep_standby: bool = False) -> Out
     assert done.returncode == 0, done.stdout + done.stderr
     match = re.search(r"is the primary of epoch 1 from transaction ([0-9a-f]{16})", done.stdout)
     assert match, done.stdout
+    # The old primary is gone: promote says it could not be told, and what to do about it.
+    assert f"WARNING: the former primary at 127.0.0.1:{site.repl_port} was not told of epoch 1" in done.stdout, \
+        done.stdout
     status = get_status(site.b_listen, site.tls)
     assert status["role"] == "primary" and status["epoch"] == 1 and status["promoted"], status
     assert b.alive(), "the promoted standby stopped:\n" + b.output()[-3000:]
