@@ -90,6 +90,45 @@ def check_restore_support(version: str | None = None) -> None:
     raise error
 
 
+#: Files of a blob directory that ZODB writes before any blob: its layout marker.
+_BLOB_DIR_MARKERS = {".layout"}
+
+
+def check_new_storage_blob_dir(path: str, blob_dir: str | None) -> None:
+    """``ConfigError`` if creating the FileStorage at ``path`` would delete files in ``blob_dir``.
+
+    ZODB's FileStorage, when its file does not exist yet, creates it and
+    empties an existing blob directory, whatever it holds: a wrong path (the
+    primary's own blob directory on a shared host, a backup) would lose its
+    files without a word.  A new storage gets a new or empty blob directory;
+    the operator removes old files, if they are not needed, by hand.
+    """
+    if not blob_dir or os.path.exists(path) or not os.path.isdir(blob_dir):
+        return
+    found: list[str] = []
+    count = 0
+    for top, _dirs, files in os.walk(blob_dir):
+        for name in files:
+            if top == blob_dir and name in _BLOB_DIR_MARKERS:
+                continue
+            count += 1
+            if len(found) < 3:
+                found.append(os.path.relpath(os.path.join(top, name), blob_dir))
+        if count > 100:
+            break
+    if count:
+        more = f" and more (over {count - len(found)})" if count > 100 else (
+            f" and {count - len(found)} more" if count > len(found) else "")
+        error = ConfigError(
+            f"the storage {path} does not exist yet, but its blob directory {blob_dir} holds files "
+            f"({', '.join(found)}{more}): creating the storage would delete them (ZODB's FileStorage empties "
+            "the blob directory of a storage it creates)")
+        error.hint = ("give a new or empty blob directory (is it another storage's, the primary's on this "
+                      "host, say?); if these files are the leftovers of a replica started again from scratch, "
+                      "delete them yourself first")
+        raise error
+
+
 def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = False) -> FileStorage:
     """Open (or, unless ``read_only``, create) the FileStorage at ``path``.
 
@@ -117,6 +156,8 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
             problems.append(f"blob directory {blob_dir} does not exist")
     if problems:
         raise ConfigError(problems)
+    if not read_only:
+        check_new_storage_blob_dir(path, blob_dir)
     try:
         if not read_only:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -537,3 +537,62 @@ def test_runzeo_with_a_bad_replicated_section_exits_2_listing_every_problem(tmp_
     assert "Traceback" not in output, output
     assert "<replicated-primary>: invalid configuration: listen: port '81x' is not a number; " \
            f"tls-key {tmp_path / 'missing.key'}: no such file" in output, output
+
+
+def _blob_dir_with_files(path: Path) -> list[Path]:
+    (path / "0x00").mkdir(parents=True)
+    files = [path / "NOTES.txt", path / "0x00" / "0x01.blob"]
+    for f in files:
+        f.write_text("keep")
+    (path / ".layout").write_text("bushy")
+    return files
+
+
+def test_a_new_secondary_refuses_a_blob_dir_with_files_zodb_would_delete(tmp_path, tls_dir):
+    """FileStorage, creating its file, empties the blob directory: given the primary's own
+    (one host, a copied command line), a new secondary deleted its blobs."""
+    from tests.helpers import tls_args
+
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    files = _blob_dir_with_files(tmp_path / "theirs")
+    result = run("secondary", "--storage", str(replica / "Data.fs"), "--blob-dir", str(tmp_path / "theirs"),
+                 "--primary", "127.0.0.1:1", *tls_args(tls_dir, "secondary"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (f"the storage {replica / 'Data.fs'} does not exist yet, but its blob directory {tmp_path / 'theirs'} "
+            "holds files (") in result.stderr, result.stderr
+    assert "creating the storage would delete them" in result.stderr and "new or empty blob directory" in \
+        result.stderr
+    assert all(f.read_text() == "keep" for f in files)
+    assert list(replica.iterdir()) == []
+
+
+def test_a_replicated_section_refuses_a_blob_dir_with_files_zodb_would_delete(tmp_path, tls_dir):
+    import ZODB.config
+
+    from replicator.errors import ConfigError
+
+    from tests.helpers import free_port
+
+    files = _blob_dir_with_files(tmp_path / "blobs")
+    for section, key in (("replicated-primary", f"listen 127.0.0.1:{free_port()}"),
+                         ("replicated-secondary", "primary 127.0.0.1:1")):
+        conf = (f"%import replicator\n<{section}>\n  {key}\n  tls-ca {tls_dir / 'ca.pem'}\n"
+                f"  tls-cert {tls_dir / 'primary.pem'}\n  tls-key {tls_dir / 'primary.key'}\n"
+                f"  <filestorage>\n    path {tmp_path / 'Data.fs'}\n    blob-dir {tmp_path / 'blobs'}\n"
+                f"  </filestorage>\n</{section}>\n")
+        with pytest.raises(ConfigError, match="creating the storage would delete them"):
+            ZODB.config.storageFromString(conf)
+        assert all(f.read_text() == "keep" for f in files), section
+        assert not (tmp_path / "Data.fs").exists()
+    # An empty one (ZODB's marker and tmp directory only) is taken, and the file created
+    # (by the secondary's section, which starts following only once a server takes it).
+    for f in files:
+        f.unlink()
+    (tmp_path / "blobs" / "tmp").mkdir()
+    storage = ZODB.config.storageFromString(conf)
+    try:
+        assert (tmp_path / "Data.fs").exists()
+    finally:
+        storage.close()
