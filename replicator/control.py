@@ -295,6 +295,10 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
                                                 f"({status['fenced']}): `replicator fence --undo` makes it take "
                                                 "writes again, if no other node does")
                 return web.json_response(status)
+            blocked = node.promotion_blocker() if node.promotion_blocker is not None else None
+            if blocked and not force:
+                raise web.HTTPConflict(text=f"not promoted: {blocked}; promote with --force to begin the "
+                                            "epoch all the same")
             above = await _primary_above(node) if force else await _refuse_beside_a_writable_primary(node)
             await node.stop_following()
             if node.storage is None:

@@ -357,7 +357,8 @@ class Secondary:
                  invalidate: Invalidate | None = None,
                  on_promoted: Callable[[], Awaitable[None]] | None = None,
                  on_demoted: Callable[[Secondary], None] | None = None,
-                 promoted_status: Callable[[], dict] | None = None) -> None:
+                 promoted_status: Callable[[], dict] | None = None,
+                 promotion_blocker: Callable[[], str | None] | None = None) -> None:
         """Follow the primary named in ``config``.
 
         ``storage``: an already open FileStorage to apply to (a storage
@@ -368,7 +369,9 @@ class Secondary:
         ``on_demoted(successor)`` once POST /demote made it a secondary again,
         before its stream server closes: ``successor`` follows the new primary
         from then on (see ``serve``).  ``promoted_status()`` adds to GET
-        /status while this node is the primary.
+        /status while this node is the primary.  ``promotion_blocker()``
+        says why a promotion would leave no writable server (a read-only
+        ZEO server), or None: POST /promote then refuses unless forced.
         """
         self.config = config
         self.progress = _Progress()
@@ -399,6 +402,7 @@ class Secondary:
         self._on_promoted = on_promoted
         self._on_demoted = on_demoted
         self._promoted_status = promoted_status
+        self.promotion_blocker = promotion_blocker
         #: ``serve()`` runs this node: it can hand over to a successor when demoted (POST /demote).
         self._demotable = False
         #: Set by POST /demote once promoted: HOST:PORT of the primary to follow instead.
@@ -683,7 +687,7 @@ class Secondary:
         config = replace(cfg, primary=parse_address(self.demoted_to, "primary"), listen=listen)
         successor = Secondary(config, storage=self.storage, invalidate=self._invalidate,
                               on_promoted=self._on_promoted, on_demoted=self._on_demoted,
-                              promoted_status=self._promoted_status)
+                              promoted_status=self._promoted_status, promotion_blocker=self.promotion_blocker)
         successor._owns_storage, self._owns_storage = self._owns_storage, False
         return successor
 

@@ -238,8 +238,28 @@ class _Wrapper:
     _serving: Primary | None = None
     _serving_loop: asyncio.AbstractEventLoop | None = None
 
+    #: ZEO's server serving this storage was started read-only (``read-only true`` in ``<zeo>``).
+    _zeo_read_only = False
+
     def __len__(self) -> int:
         return len(self._base)
+
+    def _note_server(self, db) -> None:
+        """``registerDB``: a read-only ZEO server lets no client write, promoted or not; say so."""
+        if getattr(getattr(db, "server", None), "read_only", False) and not self._zeo_read_only:
+            self._zeo_read_only = True
+            log.warning("the ZEO server serving %s is read-only (read-only true in its <zeo> section): its "
+                        "clients can read, but none can write to it, even once this node is the primary; "
+                        "leave read-only out for a primary or a standby (a replica refuses writes by itself "
+                        "until it is promoted)", self._base.getName())
+
+    def _promotion_blocker(self) -> str | None:
+        """Why a promotion would leave this node taking no writes (see ``Secondary``)."""
+        if self._zeo_read_only:
+            return (f"the ZEO server serving {self._base.getName()} is read-only (read-only true in its <zeo> "
+                    "section), so no client could write to it as the primary: remove read-only and restart "
+                    "that server first (this node stays a secondary across the restart)")
+        return None
 
     def _refuse_writes(self) -> None:
         """Raise ``ReadOnlyError`` unless this node takes writes now."""
@@ -281,7 +301,11 @@ class _Wrapper:
         assert self.secondary is not None and self.secondary.downstream is not None
         self._serve_as_primary(self.secondary.downstream)
         _drop_clients(self._dbs)
-        log.warning("%s is writable: promoted to primary", self._base.getName())
+        if self._zeo_read_only:
+            log.warning("%s is promoted to primary, but its ZEO server is read-only: no client can write to "
+                        "it until that server is restarted without read-only", self._base.getName())
+        else:
+            log.warning("%s is writable: promoted to primary", self._base.getName())
 
     def _demoted(self, successor: Secondary) -> None:
         """POST /demote: ``successor`` follows the new primary from now on; this node is read-only.
@@ -440,6 +464,7 @@ class PrimaryStorage(_Wrapper):
 
     def registerDB(self, db) -> None:
         self._dbs.append(db)
+        self._note_server(db)
         if self.config.sync_count:
             # Under ZEO, wait for acknowledgements without blocking its server.
             install_deferred_replies(getattr(db, "server", None))
@@ -474,7 +499,7 @@ class PrimaryStorage(_Wrapper):
         self.primary = None
         self.secondary = Secondary(secondary_config, storage=self._base, invalidate=self._invalidate_dbs,
                                    on_promoted=self._promoted, on_demoted=self._demoted,
-                                   promoted_status=self._sync_status)
+                                   promoted_status=self._sync_status, promotion_blocker=self._promotion_blocker)
         _drop_clients(self._dbs)
         self._service = ServiceThread(f"replication secondary {cfg.node}", self._follow)
         self._service.start()
@@ -733,7 +758,8 @@ class SecondaryStorage(_Wrapper):
         correct_last_tid(base)
         self.config = dataclasses.replace(config, storage=base.getName(), blob_dir=_blob_dir(base))
         self.secondary: Secondary = Secondary(self.config, storage=base, invalidate=self._invalidate,
-                                              on_promoted=self._promoted, on_demoted=self._demoted)
+                                              on_promoted=self._promoted, on_demoted=self._demoted,
+                                              promotion_blocker=self._promotion_blocker)
         self._dbs: list = []
         self._autostart = start
         self._closed = False
@@ -767,6 +793,7 @@ class SecondaryStorage(_Wrapper):
 
     def registerDB(self, db) -> None:
         self._dbs.append(db)
+        self._note_server(db)
         if self._autostart:
             self._service.start()
             if isinstance(db, MVCCAdapter) and self._base.lastTransaction() == z64:

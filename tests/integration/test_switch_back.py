@@ -50,7 +50,7 @@ from tests.integration.test_replication import tls
 class Pair:
     """The embedded primary ``p`` and the replica ``standby``, each behind a ZEO server of its own."""
 
-    def __init__(self, tmp_path: Path, tls_dir: Path, **primary_options) -> None:
+    def __init__(self, tmp_path: Path, tls_dir: Path, standby_read_only: bool = False, **primary_options) -> None:
         self.tls = tls(tls_dir, "secondary")  # a node's certificate, as the commands are given
         base = FileStorage(str(tmp_path / "p.fs"))
         config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
@@ -68,7 +68,8 @@ class Pair:
             storage=str(tmp_path / "standby.fs"), primary=Address("127.0.0.1", self.storages["p"].port),
             listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "secondary"), node="standby").validate())
         self.storages["standby"] = replica
-        self.servers["standby"] = StorageServer(("127.0.0.1", 0), {"1": replica})  # starts the secondary
+        # Registering the replica starts its secondary.
+        self.servers["standby"] = StorageServer(("127.0.0.1", 0), {"1": replica}, read_only=standby_read_only)
         self.servers["standby"].start_thread()
         wait_until(lambda: replica.secondary.port, timeout=10, what="the replica listening")
         self.addr["standby"] = f"127.0.0.1:{replica.secondary.port}"
@@ -107,8 +108,8 @@ class Pair:
 def make_pair(tmp_path, tls_dir):
     pairs: list[Pair] = []
 
-    def make(**primary_options) -> Pair:
-        pairs.append(Pair(tmp_path, tls_dir, **primary_options))
+    def make(standby_read_only: bool = False, **primary_options) -> Pair:
+        pairs.append(Pair(tmp_path, tls_dir, standby_read_only, **primary_options))
         return pairs[-1]
     yield make
     for pair in pairs:
@@ -336,3 +337,21 @@ def test_a_switchover_from_a_sidecar_primary_stops_at_the_demotion_and_says_why(
         assert out.startswith("switched over: secondary is the primary of epoch 1"), out
         assert "primary is fenced (" in out and "this primary is a sidecar (`replicator primary`)" in out, out
         assert f"Next: restart primary as a secondary of 127.0.0.1:{status_port}" in out, out
+
+
+def test_a_standby_behind_a_read_only_zeo_server_is_promoted_only_when_forced(make_pair, caplog):
+    """Promoted, it would take no writes: its ZEO server lets no client write (in a trial, a
+    failover ended with no writable primary and no error)."""
+    caplog.set_level(logging.INFO, logger="replicator")
+    pair = make_pair(standby_read_only=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "read-only (read-only true"
+              in r.getMessage()]
+    assert len(warned) == 1 and "standby.fs" in warned[0], warned
+    with pytest.raises(ReplicatorError, match=r"HTTP 409\): not promoted: the ZEO server serving .*standby.fs is "
+                                              r"read-only .* remove read-only and restart that server first"):
+        asyncio.run(call(pair.addr["standby"], "POST", "/promote", pair.tls))
+    assert pair.status("standby")["role"] == "secondary"
+    promoted = asyncio.run(call(pair.addr["standby"], "POST", "/promote?force=1", pair.tls))
+    assert promoted["role"] == "primary" and promoted["epoch"] == 1
+    assert any("promoted to primary, but its ZEO server is read-only" in r.getMessage() for r in caplog.records)
+    assert not any(r.getMessage().endswith("is writable: promoted to primary") for r in caplog.records)
