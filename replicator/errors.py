@@ -220,16 +220,23 @@ class FencedStorageInUseError(StorageInUseError):
     """
 
     def __init__(self, path: str, lock_path: str, holder: str, *, fenced: str, fence_record: str,
-                 undo: str) -> None:
+                 undo: str, final: bool = False) -> None:
         held = holder or "another process"
+        if final:
+            # Superseded by a newer epoch: no undo, another node is the primary.
+            then = ("another node is the primary now, and this node cannot take writes again: configure it "
+                    "as a secondary of that primary (`replicator rewind` first if it took commits meanwhile: "
+                    f"see the README's Emergency promotion); the record is {fence_record}")
+        else:
+            then = ("then start this primary again, while that process stays stopped: it holds the lock while "
+                    "fenced. Only if this node is to take writes again, start this primary, undo the fence "
+                    f"from another shell (`{undo}`), and start the ZEO server after; the fence is recorded in "
+                    f"{fence_record}")
         StorageError.__init__(
             self, f"{path}: this primary was fenced ({fenced}) and must start fenced, holding the storage's "
                   f"lock so that nothing takes writes on it; but {held} holds that lock ({lock_path}): it has "
                   "the storage open for writing, and could take writes this primary cannot stop",
-            hint=f"stop {held}: this node must not take writes (another node may be the primary now). Then "
-                 "start this primary again: it holds the lock while fenced. Only if this node is to take writes "
-                 f"again, undo the fence (`{undo}`) and start the ZEO server after; the fence is recorded in "
-                 f"{fence_record}")
+            hint=f"stop {held}: this node must not take writes (another node may be the primary now); {then}")
         self.path = path
         self.lock_path = lock_path
         self.holder = holder

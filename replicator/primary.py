@@ -719,7 +719,8 @@ class Primary:
             except StorageInUseError as exc:
                 raise FencedStorageInUseError(
                     exc.path, exc.lock_path, exc.holder, fenced=f"since {record.since}: {record.reason}",
-                    fence_record=fence_path(self.config.storage), undo=self.undo_command()) from None
+                    fence_record=fence_path(self.config.storage), undo=self.undo_command(),
+                    final=record.stale or bool(record.superseded)) from None
 
     def _log_started_fenced(self, record: FenceRecord) -> None:
         storage, path = self.config.storage, fence_path(self.config.storage)

@@ -572,7 +572,6 @@ def test_a_replicated_section_refuses_a_blob_dir_with_files_zodb_would_delete(tm
     import ZODB.config
 
     from replicator.errors import ConfigError
-
     from tests.helpers import free_port
 
     files = _blob_dir_with_files(tmp_path / "blobs")

@@ -162,13 +162,17 @@ def test_a_sidecar_primary_restarted_fenced_holds_the_storage_lock(tmp_path, tls
         assert primary.stop() == 0, primary.output()[-3000:]
 
 
-def test_a_fenced_sidecar_will_not_start_beside_a_process_that_has_its_storage_open(tmp_path, tls_dir):
-    """It could not stop that process's writes: exit status 2, naming it and what to do."""
+@pytest.mark.parametrize("stale", [False, True], ids=["fenced", "superseded"])
+def test_a_fenced_sidecar_will_not_start_beside_a_process_that_has_its_storage_open(tmp_path, tls_dir, stale):
+    """It could not stop that process's writes: exit status 2, naming it and what to do (for a
+    node superseded by a newer epoch, not an undo it would refuse)."""
     fs = tmp_path / "a.fs"
     make_fs(fs, [1])
-    # As a switchover's fence of this sidecar recorded it before the sidecar was stopped.
-    Path(f"{fs}.fence").write_text(json.dumps({"reason": "switchover", "at": "2026-11-30T21:00:00Z",
-                                               "node": "primary", "epoch": 0, "stale": False}))
+    # As a switchover's fence of this sidecar recorded it before the sidecar was stopped,
+    # or a promotion elsewhere told it of a newer epoch.
+    reason = "superseded by epoch 3 (seen from b)" if stale else "switchover"
+    Path(f"{fs}.fence").write_text(json.dumps({"reason": reason, "at": "2026-11-30T21:00:00Z",
+                                               "node": "primary", "epoch": 0, "stale": stale}))
     zeo = start_zeo(tmp_path, fs, None, free_port())
     sidecar = None
     try:
@@ -179,10 +183,14 @@ def test_a_fenced_sidecar_will_not_start_beside_a_process_that_has_its_storage_o
         assert sidecar.stop() == 2, sidecar.output()[-3000:]
         said = sidecar.output()
         assert (f"replicator: error: {fs}: this primary was fenced (since 2026-11-30 21:00:00 UTC: "
-                "switchover) and must start fenced" in said), said
+                f"{reason}) and must start fenced" in said), said
         assert f"but process {zeo.pid} (runzeo -C " in said and "it has the storage open for writing" in said, said
         assert f"stop process {zeo.pid} (runzeo" in said and "this node must not take writes" in said, said
-        assert f"replicator fence --undo 127.0.0.1:{port} --tls-ca " in said, said
+        if stale:
+            assert "fence --undo" not in said, said
+            assert "this node cannot take writes again: configure it as a secondary of that primary" in said, said
+        else:
+            assert f"replicator fence --undo 127.0.0.1:{port} --tls-ca " in said, said
         assert Path(f"{fs}.fence").exists()
     finally:
         if sidecar is not None:
