@@ -124,9 +124,11 @@ def primary_routes(get_primary: Callable[[], Primary], tailer_factory: Callable[
             try:
                 primary.storage_lock = await blocking(lock_storage, primary.config.storage)
             except StorageInUseError as exc:
+                again = ("run the switchover again" if request.query.get("reason") == "switchover"
+                         else "fence")
                 raise web.HTTPConflict(text=f"not fenced: {exc.message}. This primary runs beside that "
                                             "process and cannot stop its commits: stop it (the ZEO server), "
-                                            "then fence; the fence then keeps it from opening the storage "
+                                            f"then {again}; the fence then keeps it from opening the storage "
                                             "again") from None
         reason = request.query.get("reason", "fenced by an operator")
         superseded = request.query.get("epoch", "")

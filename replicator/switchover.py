@@ -133,7 +133,11 @@ async def run_switchover(old: str, new: str, tls: TLSPaths | None, insecure: boo
                    "so it resumes where it stopped).")
         if isinstance(exc, Refusal) and exc.status == 501 and dropped:
             # A sidecar primary: it cannot, and its ZEO server was stopped before the fence.
-            return done + f"{name} is fenced ({exc.message}).\n" + restart + after
+            return (done + f"{name} is fenced, and stays so: it runs as a sidecar (`replicator primary`), which "
+                    "cannot become a secondary in place.\n"
+                    f"Next: stop {name}'s `replicator primary`, keep its ZEO server stopped, and start "
+                    f"`replicator secondary --primary {new}` on its storage (with --zeo to serve its readers): "
+                    "its history is a prefix of the new primary's, so it resumes where it stopped." + after)
         clients = ("its ZEO clients were dropped (those that list the new primary's server register there)"
                    if dropped else "its ZEO clients could not be dropped: they stay connected, their commits "
                    "refused")

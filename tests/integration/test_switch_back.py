@@ -335,8 +335,10 @@ def test_a_switchover_from_a_sidecar_primary_stops_at_the_demotion_and_says_why(
         assert result.returncode == 0, result.stdout + result.stderr
         out = result.stdout
         assert out.startswith("switched over: secondary is the primary of epoch 1"), out
-        assert "primary is fenced (" in out and "this primary is a sidecar (`replicator primary`)" in out, out
-        assert f"Next: restart primary as a secondary of 127.0.0.1:{status_port}" in out, out
+        assert "primary is fenced, and stays so: it runs as a sidecar (`replicator primary`)" in out, out
+        assert "HTTP 501" not in out, out
+        assert (f"Next: stop primary's `replicator primary`, keep its ZEO server stopped, and start `replicator "
+                f"secondary --primary 127.0.0.1:{status_port}` on its storage") in out, out
 
 
 def test_a_standby_behind_a_read_only_zeo_server_is_promoted_only_when_forced(make_pair, caplog):

@@ -11,7 +11,7 @@ import zc.lockfile
 from ZODB.FileStorage import FileStorage
 
 from replicator.config import TLSPaths
-from replicator.control import call
+from replicator.control import Refusal, call
 from replicator.errors import UsageError
 from replicator.switchover import check_nodes
 from tests.helpers import (
@@ -121,6 +121,12 @@ def test_a_sidecar_fence_needs_its_zeo_server_stopped_and_then_keeps_it_out(tmp_
         assert refused.returncode == 2, refused.stderr
         assert "not fenced" in refused.stderr and "runzeo" in refused.stderr, refused.stderr
         assert "stop it (the ZEO server), then fence" in refused.stderr
+        # The switchover's fence says to run the switchover again, not to fence by hand.
+        from tests.integration.test_replication import tls
+
+        with pytest.raises(Refusal, match=r"stop it \(the ZEO server\), then run the switchover again"):
+            asyncio.run(call(f"127.0.0.1:{port}", "POST", "/fence?reason=switchover&clients=keep",
+                             tls(tls_dir, "secondary")))
         assert get_status(port, tls_dir)["fenced"] is None
 
         zeo.stop()
