@@ -520,6 +520,9 @@ def _load_cert(path: Path, what: str, problems: list[str]) -> x509.Certificate |
 
 def read_file(path: Path, what: str, problems: list[str]) -> bytes | None:
     """The file's bytes, or None with the reason added to ``problems`` (all are reported at once)."""
+    if str(path) in ("", "."):  # an option left out: Path("") is the current directory
+        problems.append(f"no {what} given")
+        return None
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -157,7 +157,13 @@ def _run(coro_factory: Callable[[], Any]) -> None:
 def _fail(exc: BaseException) -> None:
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
-            click.echo(f"replicator: error: {exc}", err=True)
+            text = str(exc)
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.parent is not None:
+                # The errors' generic hint names no command; here it is known.
+                command = " ".join(["replicator", *ctx.command_path.split()[1:]])
+                text = text.replace("`replicator COMMAND --help`", f"`{command} --help`")
+            click.echo(f"replicator: error: {text}", err=True)
             sys.exit(code)
     raise exc
 

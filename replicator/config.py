@@ -166,6 +166,14 @@ class PrimaryConfig:
                                 f"not {MAGICS[0]!r}); give the Data.fs file path")
         if self.blob_dir is not None and not os.path.isdir(self.blob_dir):
             problems.append(f"--blob-dir {self.blob_dir}: no such directory")
+        elif (self.blob_dir is not None and not os.path.isfile(os.path.join(self.blob_dir, ".layout"))
+              and any(os.scandir(self.blob_dir))):
+            # A wrong directory (the one above it, say) would otherwise show as damage: blob files
+            # missing from the storage, once a secondary asks for the first one.  (An empty one
+            # is what a server that has not opened it yet leaves.)
+            problems.append(f"--blob-dir {self.blob_dir} is not a ZODB blob directory (ZODB writes a .layout "
+                            "file in every blob directory a storage uses, and this one holds other files "
+                            "but none): give the blob-dir of the storage's <filestorage>")
         _check_tls(self.tls, self.insecure, problems)
         if self.poll_interval <= 0:
             problems.append(f"--poll-interval {self.poll_interval}: must be positive")

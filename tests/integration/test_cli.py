@@ -66,6 +66,19 @@ def test_a_primary_given_the_wrong_path_is_told_so_not_that_the_file_is_damaged(
     assert "damaged" not in result.stderr
 
 
+def test_a_primary_given_a_directory_that_is_no_blob_directory_is_told_so_not_of_damage(tmp_path):
+    """The directory above the blob directory, say: its blob files would be missing, which the
+    primary would report as damage to its storage once a secondary asked for the first one."""
+    make_fs(tmp_path / "Data.fs", [1])
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ".layout").write_text("bushy")
+    result = run("primary", "--storage", str(tmp_path / "Data.fs"), "--blob-dir", str(tmp_path), "--insecure",
+                 "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert f"--blob-dir {tmp_path} is not a ZODB blob directory" in result.stderr, result.stderr
+    assert "`replicator primary --help`" in result.stderr and "COMMAND" not in result.stderr
+
+
 @pytest.mark.parametrize("option, bad, toml, problem", [
     ("poll-interval", "0", "-1.5", "--poll-interval {}: must be positive"),
     ("batch-delay", "2", "-0.5", "batch-delay {}: must be between 0 and 1 second"),
@@ -595,3 +608,10 @@ def test_a_replicated_section_refuses_a_blob_dir_with_files_zodb_would_delete(tm
         assert (tmp_path / "Data.fs").exists()
     finally:
         storage.close()
+
+
+def test_a_command_given_only_the_ca_names_the_options_left_out(tmp_path, tls_dir):
+    result = run("status", "127.0.0.1:1", "--tls-ca", str(tls_dir / "ca.pem"))
+    assert result.returncode == 2, result.stderr
+    assert "no certificate given; no key given" in result.stderr, result.stderr
+    assert "is a directory" not in result.stderr and "`replicator status --help`" in result.stderr
