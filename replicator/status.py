@@ -217,8 +217,14 @@ def render(results: list[dict], now: float) -> str:
                                  "(sync-count belongs to a <replicated-primary> section; a standby promoted "
                                  "from <replicated-secondary> or `secondary --zeo` has none)")
             if r.get("transactions") is not None or not r.get("promoted"):
+                epoch = "" if r.get("promoted") or r.get("epoch") is None else f"   epoch {r['epoch']}"
                 lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
-                             f"   bytes streamed {size_text(r.get('bytes_sent'))}")
+                             f"   bytes streamed {size_text(r.get('bytes_sent'))}{epoch}")
+            if r.get("sidecar") and not r.get("fenced") and not r.get("stale"):
+                # A sidecar takes writes through the ZEO server beside it, if one runs.
+                writer = (f"by {r['writer']}" if r.get("writer") else
+                          "none: no process has the storage open for writing (its ZEO server is stopped)")
+                lines.append(f"  writes        {writer}")
             if r.get("recorded_packs"):
                 lines.append(f"  packs         {r['recorded_packs']} recorded: a secondary away across them resumes")
             if r.get("error"):

@@ -107,11 +107,17 @@ def test_an_embedded_primary_shows_commits_held_past_sync_timeout(tmp_path, tls_
 def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_dir):
     make_fs(tmp_path / "a.fs", [1, 2])
     with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, _, _):
+        # No ZEO server beside it: the text says it takes no writes, which only --json said.
+        shown = run("status", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).stdout
+        assert "  writes        none: no process has the storage open for writing (its ZEO server is " \
+               "stopped)\n" in shown, shown
+        assert "   epoch 0\n" in shown, shown
         assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
         shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
         assert shown.returncode == 0, shown.stderr
         assert f"127.0.0.1:{port}/status: primary primary [FENCED]  storage" in shown.stdout
         assert "  FENCED        takes no writes: fenced by an operator\n" in shown.stdout
+        assert "  writes  " not in shown.stdout  # the fence says it
         assert f"127.0.0.1:{status_port}/status: secondary secondary  storage" in shown.stdout
 
         promoted = run("promote", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
@@ -146,3 +152,15 @@ def test_a_stale_primary_says_so_first():
     assert lines[0] == "https://old:8100/status: primary old [STALE]  storage /d/Data.fs"
     assert lines[1] == "  STALE         takes no writes and streams to nobody: superseded by epoch 2 (seen from new)"
     assert "FENCED" not in "\n".join(lines)
+
+
+def test_a_sidecar_primary_names_the_process_that_takes_its_writes():
+    status = {"url": "https://p:8100/status", "role": "primary", "node": "p", "storage": "/d/Data.fs",
+              "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "epoch": 3, "transactions": 5,
+              "sidecar": True, "writer": "process 42 (runzeo -C zeo.conf)", "takes_writes": True}
+    shown = render([status], now=time.time())
+    assert "  writes        by process 42 (runzeo -C zeo.conf)\n" in shown, shown
+    assert "  transactions  5   bytes streamed " in shown and shown.split("transactions  5")[1].split("\n")[0]. \
+        endswith("   epoch 3"), shown
+    # An embedded primary takes its own writes: no such line.
+    assert "  writes  " not in render([{**status, "sidecar": False, "writer": None}], now=time.time())
