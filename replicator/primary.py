@@ -1198,7 +1198,11 @@ class Primary:
         # A secondary that asks for compression (a slow link) gets it; the others do not.
         ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=True, autoping=True)
         await ws.prepare(request)
-        peer = f"{_remote_address(request)} ({peer_identity(request)})"
+        identity = peer_identity(request)
+        # "(certificate NAME)": the name on its certificate, which is not its role.
+        peer = (f"{_remote_address(request)} ({identity})" if request.transport is None
+                or not request.transport.get_extra_info("peercert")
+                else f"{_remote_address(request)} (certificate {identity})")
         stats = SessionStats(peer=peer, compression=bool(ws.compress))
         conn = Connection(Role.PRIMARY, max_frame=cfg.max_frame)
         tailer = Tailer(cfg.storage, cfg.blob_dir)

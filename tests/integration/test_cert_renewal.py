@@ -108,7 +108,7 @@ def test_renewed_certificates_are_presented_without_a_restart(tmp_path, own_tls,
             for ws, _ in list(primary._sockets.values()):
                 await ws.close()
             await until(lambda: [s["peer"].split()[-1] for s in primary.status()["secondaries"]]
-                        == ["(standby-renewed)"],
+                        == ["standby-renewed)"],
                         timeout=20, what="the secondary reconnects with its renewed certificate")
             work.commit_random(2)
             await wait_equal_tid(primary, secondary)

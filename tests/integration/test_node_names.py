@@ -46,7 +46,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     assert "node name of its own" in error
                     # Which connection holds the name: its address and port, and certificate.
                     held_by = primary.status()["secondaries"][0]["peer"]
-                    assert re.fullmatch(r"127\.0\.0\.1:\d+ \(secondary\)", held_by), held_by
+                    assert re.fullmatch(r"127\.0\.0\.1:\d+ \(certificate secondary\)", held_by), held_by
                     assert f"(from {held_by})" in error
                     # Counted, for alerting on it.
                     assert primary.status()["refusals"]["duplicate"] >= 1
@@ -81,7 +81,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing secondary")]
     assert len(refused) == 1, refused
     # It names the node as it named itself, and the certificate it came with.
-    assert re.match(r"refusing secondary 'dst' from 127\.0\.0\.1:\d+ \(secondary\): ", refused[0]), refused
+    assert re.match(r"refusing secondary 'dst' from 127\.0\.0\.1:\d+ \(certificate secondary\): ", refused[0]), refused
 
 
 def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path, tls_dir, caplog):
