@@ -97,6 +97,7 @@ GOODBYE_HINTS = {
     "error": "the primary stopped on that error (its log says more); this node reconnects and resumes "
              "once the primary runs again",
     "packed": "nothing to do: this node reconnects and resumes from the packed file",
+    "epoch": "nothing to do: this node reconnects at once and follows into the new epoch",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 
 import pytest
@@ -22,7 +23,8 @@ from tests.integration.test_failover import commit_to, primary_on, secondary_on,
 from tests.integration.test_replication import tls
 
 
-def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_dir):
+def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_dir, caplog):
+    caplog.set_level(logging.INFO, logger="replicator.secondary")
     commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 5, seed=1)
 
     async def scenario() -> None:
@@ -38,6 +40,9 @@ def test_a_secondary_behind_a_promoted_relay_joins_the_new_epoch(tmp_path, tls_d
                     assert (record.epoch, record.node) == (1, "b")
 
     asyncio.run(scenario())
+    # c was told why its link closed, and that there is nothing to do.
+    said = [r.getMessage() for r in caplog.records if "said goodbye (epoch)" in r.getMessage()]
+    assert said and all("follows into the new epoch" in m and "check that the peer" not in m for m in said), said
 
 
 def test_a_secondary_behind_a_relay_joins_the_epoch_the_relay_follows_into(tmp_path, tls_dir):
