@@ -13,6 +13,7 @@ can follow the new primary.  The node's own processes must be stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -144,6 +145,12 @@ def save_orphans(path: str, blob_dir: str | None, fork: Fork) -> str:
     finally:
         dest.close()
         source.close()
+        # FileStorage leaves its lock file and its scratch file (each transaction's records
+        # before its vote, all in the file once closed) behind: the saved orphans are the
+        # file itself, its index and its blob directory.
+        for leftover in (f"{target}.lock", f"{target}.tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
     return target
 
 
