@@ -241,12 +241,14 @@ async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict]
     if not _takes_writes(status):
         return found
     writer = f", written by {status['writer']}," if status.get("writer") else ""
+    first = (f"Stop that ZEO server first (a sidecar cannot refuse its commits; `replicator fence {address}` "
+             "then keeps it from opening the storage again)" if status.get("sidecar")
+             else f"Fence it first (`replicator fence {address}`)")
     raise web.HTTPConflict(text=(
         f"not promoted: this node is connected{through} to {describe_node(status)} at {address}{writer} which "
         "still takes writes; promoting this node would make two primaries, each taking commits the other "
-        f"never gets. Fence it first (`replicator fence {address}`; for a sidecar, stop its ZEO server), or "
-        "run `replicator switchover` to fence and promote in one step; if it is going away anyway, promote "
-        "with --force"))
+        f"never gets. {first}, or run `replicator switchover` to fence and promote in one step; if it is "
+        "going away anyway, promote with --force"))
 
 
 async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int) -> dict:

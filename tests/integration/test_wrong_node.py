@@ -159,6 +159,8 @@ def test_promote_refuses_while_a_zeo_server_writes_beside_the_sidecar_primary(tm
             assert result.returncode == 2, result.stderr
             assert f"written by process {zeo.pid} (runzeo" in result.stderr, result.stderr
             assert "would make two primaries" in result.stderr and "promote with --force" in result.stderr
+            # Not "fence it first": a sidecar's fence is refused while that server runs.
+            assert "Stop that ZEO server first" in result.stderr and "Fence it first" not in result.stderr
             assert get_status(status_port, tls_dir)["role"] == "secondary"
         finally:
             zeo.stop()
