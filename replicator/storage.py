@@ -24,6 +24,7 @@ The transaction status is not part of the digest (a pack changes it), but
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import logging
 import os
@@ -169,6 +170,10 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
     except zc.lockfile.LockError as exc:
         raise StorageInUseError(path, f"{path}.lock", _lock_holder(f"{path}.lock")) from exc
     except (OSError, POSError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            # A mount, not the machine failing: the operator's to fix, as a permission is.
+            raise ConfigError(f"{exc.filename or path}: read-only file system (this storage must be "
+                              "written to)") from exc
         raise StorageError(f"cannot open {path}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001  (what FileStorage raises reading a damaged file is not typed)
         # ZODB's scan of the file's end meets bytes it cannot parse and fails
