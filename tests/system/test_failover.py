@@ -339,7 +339,7 @@ def report(mode: str, n: int, out: Outcome) -> str:
 #: The standby reads at most this fast (``--max-rate``), well under what the writer commits,
 #: so that it lags behind the primary: what asynchronous mode then loses at the kill,
 #: synchronous mode must not.  On loopback it would otherwise never be behind.
-STANDBY_RATE = ("--max-rate", "32k")
+STANDBY_RATE = ("--max-rate", "16k")
 
 
 def run_rounds(tmp_path: Path, tls_dir: Path, mode: str, sync: str) -> list[Outcome]:
