@@ -87,9 +87,9 @@ def commit_to(path: Path, blobs: Path, n: int, seed: int) -> None:
     db.close()
 
 
-def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
-    """A primary "a" and its secondary "b"; b is promoted; a comes back with orphans and is rewound."""
-    db, work = make_source(tmp_path, 40, seed=21)  # src.fs is node a's storage
+def make_a(tmp_path: Path, transactions: int, seed: int) -> None:
+    """Node a's storage (``a.fs``, ``a-blobs``) with ``transactions`` generated ones."""
+    db, work = make_source(tmp_path, transactions, seed=seed)
     work.close()
     db.close()
     for suffix in ("fs", "fs.index"):
@@ -97,6 +97,11 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
         if src.exists():
             src.rename(tmp_path / f"a.{suffix}")
     (tmp_path / "src-blobs").rename(tmp_path / "a-blobs")
+
+
+def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
+    """A primary "a" and its secondary "b"; b is promoted; a comes back with orphans and is rewound."""
+    make_a(tmp_path, 40, seed=21)
     t = tls(tls_dir, "secondary")
 
     async def scenario() -> None:
@@ -193,12 +198,7 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
 def test_promotion_tells_a_former_primary_it_can_reach_or_says_it_could_not(tmp_path, tls_dir):
     """Not connected to its primary when promoted (the failover promote is for), a node still tries
     to tell it of the new epoch; when it cannot, the answer says so, for promote to warn."""
-    db, work = make_source(tmp_path, 5, seed=31)
-    work.close()
-    db.close()
-    for suffix in ("fs", "fs.index"):
-        (tmp_path / f"src.{suffix}").rename(tmp_path / f"a.{suffix}")
-    (tmp_path / "src-blobs").rename(tmp_path / "a-blobs")
+    make_a(tmp_path, 5, seed=31)
     t = tls(tls_dir, "secondary")
 
     async def scenario() -> None:
