@@ -100,6 +100,11 @@ def _check_node_role(path: str, problems: list[str]) -> None:
                         "(`replicator certs issue NAME`)")
 
 
+def _holds_anything(directory: str) -> bool:
+    with os.scandir(directory) as entries:
+        return any(True for _ in entries)
+
+
 def _default_node() -> str:
     return socket.gethostname() or "node"
 
@@ -167,7 +172,7 @@ class PrimaryConfig:
         if self.blob_dir is not None and not os.path.isdir(self.blob_dir):
             problems.append(f"--blob-dir {self.blob_dir}: no such directory")
         elif (self.blob_dir is not None and not os.path.isfile(os.path.join(self.blob_dir, ".layout"))
-              and any(os.scandir(self.blob_dir))):
+              and _holds_anything(self.blob_dir)):
             # A wrong directory (the one above it, say) would otherwise show as damage: blob files
             # missing from the storage, once a secondary asks for the first one.  (An empty one
             # is what a server that has not opened it yet leaves.)
