@@ -275,9 +275,7 @@ async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int
     try:
         await call(address, "POST", query, node.config.tls, insecure=node.config.insecure,
                    timeout=PRIMARY_QUESTION_TIMEOUT)
-    except ReplicatorError as exc:
-        log.warning("could not tell the former primary at %s of epoch %d (%s): fence it, or stop it, before "
-                    "it takes writes again", address, epoch, exc)
+    except ReplicatorError as exc:  # the promotion logs it, as it logs every former primary not told
         return {"address": address, "told": False, "detail": str(exc)}
     log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
     return {"address": address, "told": True, "detail": "it takes no writes any more"}
