@@ -13,6 +13,16 @@ was promoted.  The stream carries the epoch both ways, so that:
 A missing file means epoch 0 on a node that never followed another (a
 primary that was never part of a failover); a secondary records the primary
 it follows, epoch 0 included.
+
+The record also names the **database** the history belongs to: the TID of
+the first transaction a primary found in its file when it first served a
+secondary, recorded then and never changed by a later pack.  Secondaries
+take their primary's on each accepted handshake and carry it through a
+promotion, so every node of one replication group names the same one.  A
+secondary whose history the primary cannot place in its own and that names
+another database is a replica of something else (pointed at another
+storage's port, say): the primary refuses it as ``foreign`` and does not
+take its epoch for a sign that it was replaced.
 Writes are atomic (temporary file, fsync, rename, fsync of the directory),
 so a crash leaves either the old or the new record, never half of one.
 """
@@ -28,7 +38,7 @@ from .errors import ConfigError
 from .tid import tid_from_hex
 
 __all__ = ["EpochRecord", "EpochState", "epoch_path", "load_epoch", "save_epoch", "begin_epoch",
-           "adopt_epoch"]
+           "adopt_epoch", "record_database"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class EpochRecord:
 @dataclass(frozen=True)
 class EpochState:
     history: tuple[EpochRecord, ...] = ()
+    #: The first TID of the database this history belongs to, once known (see above).
+    database: bytes | None = None
 
     @property
     def epoch(self) -> int:
@@ -58,7 +70,8 @@ class EpochState:
         return {"epoch": self.epoch,
                 "history": [{"epoch": r.epoch, "start_tid": None if r.start_tid is None else r.start_tid.hex(),
                              "node": r.node, "at": r.at}
-                            for r in self.history]}
+                            for r in self.history],
+                "database": None if self.database is None else self.database.hex()}
 
 
 def epoch_path(storage_path: str) -> str:
@@ -78,11 +91,13 @@ def load_epoch(storage_path: str) -> EpochState:
     try:
         records = tuple(EpochRecord(int(r["epoch"]), None if r["start_tid"] is None else tid_from_hex(r["start_tid"]),
                                     str(r["node"]), float(r["at"])) for r in data["history"])
-    except (KeyError, TypeError, ValueError) as exc:
+        database = data.get("database")
+        database = None if database is None else tid_from_hex(database)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{path}: malformed epoch record: {exc}") from None
     if any(b.epoch <= a.epoch for a, b in zip(records, records[1:], strict=False)):
         raise ConfigError(f"{path}: epochs do not increase")
-    return EpochState(records)
+    return EpochState(records, database)
 
 
 def save_epoch(storage_path: str, state: EpochState) -> None:
@@ -104,7 +119,7 @@ def save_epoch(storage_path: str, state: EpochState) -> None:
 def begin_epoch(storage_path: str, start_tid: bytes, node: str) -> EpochState:
     """Promotion: start the epoch after the current one, from ``start_tid``."""
     state = load_epoch(storage_path)
-    new = EpochState(state.history + (EpochRecord(state.epoch + 1, start_tid, node, time.time()),))
+    new = EpochState(state.history + (EpochRecord(state.epoch + 1, start_tid, node, time.time()),), state.database)
     save_epoch(storage_path, new)
     return new
 
@@ -120,6 +135,16 @@ def adopt_epoch(storage_path: str, epoch: int, node: str, start_tid: bytes | Non
     state = load_epoch(storage_path)
     if epoch < state.epoch or (epoch == state.epoch and state.history):
         return state
-    new = EpochState(state.history + (EpochRecord(epoch, start_tid, node, time.time()),))
+    new = EpochState(state.history + (EpochRecord(epoch, start_tid, node, time.time()),), state.database)
+    save_epoch(storage_path, new)
+    return new
+
+
+def record_database(storage_path: str, database: bytes) -> EpochState:
+    """Name the database this storage's history belongs to (a primary's first TID), durably."""
+    state = load_epoch(storage_path)
+    if state.database == database:
+        return state
+    new = EpochState(state.history, database)
     save_epoch(storage_path, new)
     return new

@@ -31,7 +31,7 @@ from .applier import discard_leftovers, remove_orphans
 from .config import Address, PrimaryConfig
 from .cpuload import CpuPressure
 from .credentials import EXPIRY_WARNING, Credentials
-from .epoch import EpochRecord, load_epoch
+from .epoch import EpochRecord, load_epoch, record_database
 from .errors import (
     CorruptedSourceError,
     DivergenceError,
@@ -1233,12 +1233,19 @@ class Primary:
                 self._log_refusal(hello.node, peer, refusal)
                 await ws.send_bytes(conn.send(refusal))
                 return ws
+            await asyncio.to_thread(tailer.open)
+            # Before the name is claimed and the epoch heard: a replica of another
+            # database is told so, not that its name is taken or that this node was replaced.
+            database, foreign = await self._foreign(tailer, hello)
+            if foreign is not None:
+                self._log_refusal(hello.node, peer, foreign)
+                await ws.send_bytes(conn.send(foreign))
+                return ws
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:
                 self._log_refusal(hello.node, peer, duplicate)
                 await ws.send_bytes(conn.send(duplicate))
                 return ws
-            await asyncio.to_thread(tailer.open)
             await self._refresh_head()  # the Welcome and any refusal name the newest TID
             reject = await self._position(tailer, hello)
             if reject is not None:
@@ -1249,7 +1256,8 @@ class Primary:
             # Synchronous commits wait for acknowledgements: then none is held back.
             ack_delay = 0.0 if cfg.sync_count else ACK_DELAY
             await ws.send_bytes(conn.send(Welcome(PROTOCOL_VERSION, cfg.node, self.epoch, hello.last_tid,
-                                                  self.head_tid, ack_delay, resume_bytes, resume_records)))
+                                                  self.head_tid, ack_delay, resume_bytes, resume_records,
+                                                  database)))
             stats.sent_tid = stats.acked_tid = hello.last_tid
             # The secondary holds its last transaction durably (it fsyncs
             # before saying hello): a commit still waiting for it, whose Ack
@@ -1392,6 +1400,48 @@ class Primary:
         if not isinstance(event, Hello):
             raise RemoteProtocolError(f"expected Hello, got {event!r:.80}")
         return event
+
+    def _database_of(self, tailer: Tailer) -> bytes | None:
+        """The database this node's history belongs to (``epoch.py``): the one its epoch record
+        names, or on a primary that has named none yet, its first transaction's TID, recorded now
+        (a relay names the one its own primary told it)."""
+        storage = self.config.storage
+        state = load_epoch(storage)
+        if state.database is not None or self.relay:
+            return state.database
+        first = tailer.successor(Z64)
+        if first is None:
+            return None
+        try:
+            return record_database(storage, first[0]).database
+        except OSError as exc:  # the check it serves is one more safeguard: not worth a session
+            log.warning("could not record which database %s holds in %s.epoch: %s", storage, storage, exc)
+            return first[0]
+
+    async def _foreign(self, tailer: Tailer, hello: Hello) -> tuple[bytes | None, Reject | None]:
+        """This node's database, and a refusal if the secondary holds a replica of another one.
+
+        Another database named is not enough: a node of this group may have
+        recorded another name (one began its record after an upgrade, before
+        it ever followed this one).  So the secondary is refused as foreign only
+        if, besides, its last transaction is not one of ours, and then before
+        its epoch is heard: a newer epoch of another database says nothing of
+        this one, and must not fence it.
+        """
+        ours = await blocking(self._database_of, tailer)
+        theirs, last = hello.database, hello.last_tid
+        if ours is None or theirs is None or theirs == ours or last == Z64:
+            return ours, None
+        mine = await blocking(tailer.identity, last)
+        if mine is not None and mine.matches(TxnIdentity(last, hello.last_status, hello.last_digest or b"",
+                                                         hello.last_meta_digest or b"")):
+            return ours, None
+        return ours, Reject("foreign", f"secondary {hello.node} holds a replica of another database than this "
+                                       f"primary's {self.config.storage}: its history began with transaction "
+                                       f"{tid_repr(theirs)}, this one's with {tid_repr(ours)}, and its last "
+                                       f"transaction {tid_repr(last)} is not in this primary's history. Nothing "
+                                       "was changed on either node; check the secondary's --primary (the port "
+                                       "of another storage's primary?)")
 
     async def _position(self, tailer: Tailer, hello: Hello) -> Reject | None:
         """Check the secondary's history against ours; seek after its last TID or say why not.

@@ -32,7 +32,7 @@ from .applier import Applier, Invalidate
 from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import call, primary_routes, secondary_routes
 from .credentials import Credentials
-from .epoch import adopt_epoch, load_epoch
+from .epoch import adopt_epoch, load_epoch, record_database
 from .errors import (
     ConfigError,
     DivergenceError,
@@ -86,7 +86,7 @@ STALL_LOOK = 1.0
 log = logging.getLogger("replicator.secondary")
 
 #: Reject codes after which retrying cannot help: an operator must act.
-FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale"}
+FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign"}
 
 
 #: What to do about a primary's Goodbye, by its code (others: ``TransportError``'s own hint).
@@ -580,6 +580,10 @@ class Secondary:
                 epochs = await blocking(load_epoch, self.storage.getName())
                 if epochs.history and epochs.history[-1].node != self.config.node:
                     hint += f" (this node last followed {epochs.history[-1].node!r}, in epoch {epochs.epoch})"
+        elif exc.code == "foreign":
+            hint = (f"this node's storage is intact and stays as it is: point --primary (or `primary` in its "
+                    f"configuration) at the primary of the database it replicates; {self.config.primary} "
+                    "serves another one")
         elif exc.code == "packed":
             hint = ("this node's history cannot be checked past the primary's packs; keep its Data.fs aside "
                     "and start it anew from an empty storage (keeping the primary's Data.fs.old, ZODB's "
@@ -850,7 +854,8 @@ class Secondary:
         # before the failure without reporting it: status shows it from here.
         self.progress.applied_tid = max(self.progress.applied_tid, last_tid)
         self.progress.txns_applied = max(self.progress.txns_applied, self.applier.committed)
-        epoch = (await blocking(load_epoch, self.storage.getName())).epoch
+        epochs = await blocking(load_epoch, self.storage.getName())
+        epoch = epochs.epoch
         offer = self.applier.resume_offer()
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
@@ -860,14 +865,18 @@ class Secondary:
             self._told_uncompressed = True
             log.warning("the primary at %s did not agree to compress the stream; it comes uncompressed",
                         cfg.primary)
+        resume_tid, resume_bytes, resume_records = offer or (None, 0, 0)
         try:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
                 identity.status if identity else " ", identity.meta if identity else None, self.instance,
-                *(offer or (None, 0, 0)))))
+                resume_tid, resume_bytes, resume_records, epochs.database)))
             welcome = await self._receive_welcome(ws, conn)
             self._check_loop(welcome)
             await self._check_epoch(welcome, epoch)
+            if welcome.database is not None and welcome.database != epochs.database:
+                # The primary placed this node's history in its own: its database is this one's.
+                await blocking(record_database, self.storage.getName(), welcome.database)
             self.applier.resume(welcome.resume_bytes, welcome.resume_records)
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()

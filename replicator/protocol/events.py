@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -127,11 +127,16 @@ class Hello(Event):
     resume_tid: bytes | None = None
     resume_bytes: int = 0
     resume_records: int = 0
+    #: The database the secondary's history belongs to, as its epoch record
+    #: names it (``epoch.py``); None when it has not been told one yet.
+    database: bytes | None = None
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
         _str(self.node, "node", max_len=256)
         check_tid(self.last_tid, "last_tid")
+        if self.database is not None:
+            check_tid(self.database, "database")
         if self.last_digest is not None:
             _bytes(self.last_digest, "last_digest", exact=DIGEST_LEN)
         _int(self.epoch, "epoch")
@@ -175,12 +180,17 @@ class Welcome(Event):
     ack_delay: float = 0.0
     resume_bytes: int = 0
     resume_records: int = 0
+    #: The database this primary's history belongs to (``epoch.py``), which
+    #: the secondary records; None while the primary holds no transaction.
+    database: bytes | None = None
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
         _str(self.node, "node", max_len=256)
         _int(self.epoch, "epoch")
         check_tid(self.start_tid, "start_tid")
+        if self.database is not None:
+            check_tid(self.database, "database")
         check_tid(self.head_tid, "head_tid")
         _time(self.ack_delay, "ack_delay")
         _int(self.resume_bytes, "resume_bytes")
@@ -193,8 +203,8 @@ class Welcome(Event):
 class Reject(Event):
     """Primary -> secondary: refused, with a machine code and a message for people.
 
-    Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale`` (final for the
-    secondary), ``corrupted``, ``behind``, ``duplicate`` (retried; see docs/protocol.md), ``self``
+    Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale``, ``foreign`` (final for
+    the secondary), ``corrupted``, ``behind``, ``duplicate`` (retried; see docs/protocol.md), ``self``
     (a relay's own secondary: a configuration error).
     ``fork_tid`` is the last transaction both histories share, when known.
     """

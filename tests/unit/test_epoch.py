@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from replicator.epoch import adopt_epoch, begin_epoch, epoch_path, load_epoch
@@ -56,3 +58,23 @@ def test_following_in_epoch_0_is_recorded_once_and_a_promotion_is_kept(tmp_path)
     assert adopt_epoch(fs, 1, "other").history[-1].node == "me"  # its own epoch: still its own
     assert [(r.epoch, r.node) for r in adopt_epoch(fs, 2, "other").history] == [(0, "p"), (1, "me"),
                                                                                 (2, "other")]
+
+
+def test_the_database_is_recorded_kept_through_epochs_and_optional_in_older_records(tmp_path):
+    from replicator.epoch import record_database
+
+    fs = str(tmp_path / "Data.fs")
+    adopt_epoch(fs, 0, "p")  # a record from before the database was named
+    raw = json.loads(open(epoch_path(fs)).read())
+    del raw["database"]
+    open(epoch_path(fs), "w").write(json.dumps(raw))
+    assert load_epoch(fs).database is None
+    record_database(fs, b"\0" * 7 + b"\7")
+    begin_epoch(fs, b"\0" * 8, "me")
+    adopt_epoch(fs, 5, "q")
+    state = load_epoch(fs)
+    assert (state.epoch, state.database) == (5, b"\0" * 7 + b"\7")
+    raw = json.loads(open(epoch_path(fs)).read())
+    open(epoch_path(fs), "w").write(json.dumps({**raw, "database": "zz"}))
+    with pytest.raises(ConfigError, match="malformed"):
+        load_epoch(fs)

@@ -1,0 +1,117 @@
+"""A replica of another database, pointed at a primary by mistake, is refused as such.
+
+One ZEO server often serves several storages, each with a replication port
+of its own; a secondary given the wrong port holds a replica of another
+database.  Its newer epoch (its own storage was failed over more often)
+used to make the primary fence itself for good, and a node name that
+another secondary of the primary also has got it told that its name was
+taken.  The primary now knows which database each node's history belongs
+to (``epoch.py``) and refuses such a secondary as ``foreign``, leaving both
+storages as they were.  Real nodes, real TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from replicator.config import Address, SecondaryConfig
+from replicator.control import call
+from replicator.epoch import begin_epoch, load_epoch, record_database
+from replicator.errors import DivergenceError
+from replicator.secondary import Secondary
+from replicator.tid import Z64
+from tests.integration.test_failover import commit_to, primary_on, secondary_on, until
+from tests.integration.test_replication import tls
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def follower(tmp_path: Path, tls_dir: Path, storage: str, node: str, port: int):
+    """A secondary on ``storage``.fs under the node name ``node``, and its task."""
+    config = SecondaryConfig(storage=str(tmp_path / f"{storage}.fs"), blob_dir=str(tmp_path / f"{storage}-blobs"),
+                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node=node,
+                             reconnect_min=0.05, reconnect_max=0.3).validate()
+    node_ = Secondary(config)
+    await node_.open()
+    task = asyncio.create_task(node_.run())
+    try:
+        yield node_, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await node_.close()
+
+
+def test_a_replica_of_another_database_is_refused_and_fences_nothing(tmp_path, tls_dir):
+    commit_to(tmp_path / "x.fs", tmp_path / "x-blobs", 4, seed=91)  # the storage "catalog", say
+    commit_to(tmp_path / "y.fs", tmp_path / "y-blobs", 6, seed=92)  # the storage "1"
+
+    async def replicate_y() -> None:
+        async with primary_on(tmp_path, tls_dir, "y") as y:
+            async with follower(tmp_path, tls_dir, "ry", "standby", y.port) as (ry, _):
+                await until(lambda: ry.progress.applied_tid == y.head_tid and ry.progress.connected)
+
+    asyncio.run(replicate_y())
+    y_database = load_epoch(str(tmp_path / "y.fs")).database
+    assert y_database is not None and load_epoch(str(tmp_path / "ry.fs")).database == y_database
+    # y's standby was promoted since (epoch 1), as storage "1" was failed over and x never was.
+    ry_last = load_epoch(str(tmp_path / "ry.fs"))
+    begin_epoch(str(tmp_path / "ry.fs"), Z64, "standby")
+    before = {name: digest(tmp_path / f"{name}.fs") for name in ("x", "ry")}
+    assert ry_last.epoch == 0
+
+    async def wrong_port() -> None:
+        async with primary_on(tmp_path, tls_dir, "x") as x:
+            # x's own standby, under the name the examples give every standby.
+            async with follower(tmp_path, tls_dir, "rx", "standby", x.port) as (rx, _):
+                await until(lambda: rx.progress.applied_tid == x.head_tid and rx.progress.connected)
+                async with follower(tmp_path, tls_dir, "ry", "standby", x.port) as (_, task):
+                    with pytest.raises(DivergenceError) as info:
+                        await asyncio.wait_for(task, 10)
+                message = str(info.value)
+                assert "(foreign)" in message and "another database" in message, message
+                assert "another secondary named" not in message  # not a name clash: the wrong port
+                assert "serves another one" in info.value.hint
+                # x goes on as it was: writable, in its epoch, its standby still following.
+                assert x.writable and not x.stale and x.epoch == 0
+                status = await call(f"127.0.0.1:{x.port}", "GET", "/status", tls(tls_dir, "secondary"))
+                assert not status.get("stale") and not status.get("fenced")
+                assert rx.progress.connected
+                assert status["refusals"]["foreign"] == 1, status["refusals"]
+        assert not (tmp_path / "x.fs.fence").exists()
+
+    asyncio.run(wrong_port())
+    before_after = {name: digest(tmp_path / f"{name}.fs") for name in ("x", "ry")}
+    assert before_after == before
+    assert load_epoch(str(tmp_path / "x.fs")).epoch == 0
+    assert load_epoch(str(tmp_path / "ry.fs")).database == y_database
+
+
+def test_a_node_of_the_group_that_names_another_database_still_resumes_and_takes_its_primarys(tmp_path, tls_dir):
+    """Another name alone is no proof (a node may have begun its record on its own after an
+    upgrade): a secondary whose last transaction is the primary's resumes, and records its name."""
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 5, seed=93)
+
+    async def scenario(more: bool) -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, task):
+                await until(lambda: b.progress.applied_tid == a.head_tid and b.progress.connected)
+                assert not task.done()
+
+    asyncio.run(scenario(False))
+    a_database = load_epoch(str(tmp_path / "a.fs")).database
+    assert a_database is not None
+    record_database(str(tmp_path / "b.fs"), b"\x03" * 8)  # a name of its own
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 3, seed=94)
+    asyncio.run(scenario(True))
+    assert load_epoch(str(tmp_path / "b.fs")).database == a_database
+
