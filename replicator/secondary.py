@@ -1262,9 +1262,10 @@ class Secondary:
             "resumed_bytes": self.applier.resumed_bytes if self.applier is not None else 0,
             "compression": p.compression,
             "max_rate": self.config.max_rate,
-            "last_error": p.last_error,
+            # What stopped the following; once promoted there is none to report (a stale alert).
+            "last_error": None if self.promoted else p.last_error,
             # Refused for good and holding (``serve(hold=True)``): why.
-            "error": None if self.stopped is None else str(self.stopped),
+            "error": None if self.stopped is None or self.promoted else str(self.stopped),
             "epoch": p.epoch,
             "secondaries": relayed.get("secondaries", []),
             **({key: relayed[key] for key in ("refusals", "silent_secondaries_dropped")} if relayed else {}),

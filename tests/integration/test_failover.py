@@ -359,3 +359,44 @@ def test_rewind_without_blob_dir_does_not_take_a_node_in_step_for_a_diverged_one
             assert report.startswith("no fork"), report
 
     asyncio.run(scenario())
+
+
+def test_a_node_promoted_after_a_refusal_reports_no_error(tmp_path, tls_dir):
+    """Inside a ZEO server a refused replica holds, saying why; promoted then, that reason is
+    over: its status and metrics must not go on reporting an error (an alert that never clears)."""
+    import shutil
+
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 3, seed=95)
+    shutil.copy(tmp_path / "a.fs", tmp_path / "b.fs")
+    shutil.copytree(tmp_path / "a-blobs", tmp_path / "b-blobs")
+    commit_to(tmp_path / "b.fs", tmp_path / "b-blobs", 2, seed=96)  # b holds what a never had
+    operator = tls(tls_dir, "primary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            a.fence("this test's failover")
+            config = SecondaryConfig(storage=str(tmp_path / "b.fs"), blob_dir=str(tmp_path / "b-blobs"),
+                                     primary=Address("127.0.0.1", a.port), listen=Address("127.0.0.1", 0),
+                                     tls=tls(tls_dir, "secondary"), node="b", reconnect_min=0.05,
+                                     reconnect_max=0.3).validate()
+            b = Secondary(config)
+            task = asyncio.create_task(b.serve(hold=True))
+            try:
+                await until(lambda: b.stopped is not None)
+                address = f"127.0.0.1:{b.port}"
+                held = await call(address, "GET", "/status", operator)
+                assert "ahead" in held["error"] and held["last_error"]
+                await call(address, "POST", "/promote", operator)
+                status = await call(address, "GET", "/status", operator)
+                assert status["role"] == "primary"
+                assert status["error"] is None and status["last_error"] is None, status
+                from tests.integration.test_metrics import scrape, value
+
+                assert value(await scrape(b.port, tls_dir), "replicator_error") == 0
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                await b.close()
+
+    asyncio.run(scenario())
