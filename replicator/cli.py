@@ -232,6 +232,9 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
 @click.option("--listen", default=None, help="HOST:PORT to answer GET /status on (optional).")
 @click.option("--zeo", "zeo_addr", default=None,
               help="HOST:PORT to serve the replica to read-only ZEO clients on (optional).")
+@click.option("--zeo-storage", "zeo_storage", default="1", show_default=True, metavar="NAME",
+              help="The storage name --zeo serves the replica under (a client's `storage=`, a "
+                   "<zeoclient>'s `storage`): the name the primary's ZEO server gives the storage.")
 @click.option("--compress/--no-compress", default=False, show_default=True,
               help="Ask the primary to deflate the stream: for a slow link (a WAN); costs CPU on both ends.")
 @click.option("--give-up-after", type=float, default=SecondaryConfig.give_up_after, show_default=True,
@@ -243,7 +246,7 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
                    "carries them: 500k, 5M, 1.5MiB/s (k, M, G count 1024s). For a WAN link shared with "
                    "other traffic; a catch-up takes longer. Default (or 0): as fast as the link goes.")
 def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_level, primary_addr,
-              listen, zeo_addr, compress, give_up_after, max_rate) -> None:
+              listen, zeo_addr, zeo_storage, compress, give_up_after, max_rate) -> None:
     """Follow the primary at --primary and re-commit its transactions into the Data.fs at --storage.
 
     With --zeo, ZEO clients can read the replica as it follows (writes raise ReadOnlyError).
@@ -261,6 +264,8 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
             **({"node": node} if node else {}),
         )
         zeo = found.address(zeo_addr, "--zeo") if zeo_addr else None
+        if not zeo_storage.strip():
+            found.problems.append("--zeo-storage: give a storage name (ZEO clients ask for '1' unless told otherwise)")
         config = found.validate(unchecked)
     except ConfigError as exc:
         _fail(exc)
@@ -269,7 +274,7 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
         if zeo is not None:
             from .zeoserver import serve_replica
 
-            await serve_replica(config, zeo)
+            await serve_replica(config, zeo, zeo_storage)
             return
         await Secondary(config).serve(advice=(
             "To take writes, stop it and start a ZEO server on the file with <replicated-primary> "

@@ -43,8 +43,9 @@ FIRST_TRANSACTION_POLL = 0.1
 STORAGE_NAME = "1"
 
 
-async def serve_replica(config: SecondaryConfig, address: Address) -> None:
-    """Follow the primary and serve the replica to read-only ZEO clients at ``address`` until cancelled.
+async def serve_replica(config: SecondaryConfig, address: Address, name: str = STORAGE_NAME) -> None:
+    """Follow the primary and serve the replica to read-only ZEO clients at ``address``, under the
+    storage name ``name``, until cancelled.
 
     Raises what ``Secondary.run`` raises (a refusal retrying cannot cure),
     ``ConfigError`` if the address cannot be bound, and ``StorageError``/
@@ -57,7 +58,7 @@ async def serve_replica(config: SecondaryConfig, address: Address) -> None:
         # The storage itself refuses writes (and read-write clients) until a
         # promotion makes it the primary; then clients reconnect read-write.
         server = await asyncio.to_thread(StorageServer, (address.host, address.port),
-                                         {STORAGE_NAME: storage}, read_only=False)
+                                         {name: storage}, read_only=False)
     except OSError as exc:
         await asyncio.to_thread(storage.close)
         raise ConfigError(f"--zeo {address}: cannot serve ZEO there: {exc}") from exc

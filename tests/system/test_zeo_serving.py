@@ -323,6 +323,37 @@ def test_replicator_secondary_serves_zeo_clients(cluster, tmp_path, tls_dir):
         proc.stop()
 
 
+def test_replicator_secondary_serves_its_replica_under_the_storage_name_given(cluster, tmp_path, tls_dir):
+    """A server of several storages names them ("1", "catalog", ...): clients of the replica of
+    "catalog" ask for that name, whichever server they reach."""
+    writer = cluster.writer
+    writer.root["named"] = "catalog"
+    writer.tm.commit()
+    zeo_port = free_port()
+    argv = [REPLICATOR, "secondary", "--storage", str(tmp_path / "Data.fs"), "--blob-dir",
+            str(tmp_path / "blobs"), "--primary", f"127.0.0.1:{cluster.repl_port}", "--node", "named",
+            "--zeo", f"127.0.0.1:{zeo_port}", "--zeo-storage", "catalog", *tls_args(tls_dir, "secondary")]
+    proc = Proc(argv, tmp_path / "named.log")
+    try:
+        wait_for_port(zeo_port, proc.proc)
+        storage = ClientStorage(("127.0.0.1", zeo_port), storage="catalog", read_only=True, wait_timeout=30)
+        try:
+            wait_until(lambda: storage.lastTransaction() >= last_tid(writer), timeout=30, what="replica caught up")
+            db = ZODB.DB(storage)
+            try:
+                assert db.open().root()["named"] == "catalog"
+            finally:
+                db.close()
+        finally:
+            storage.close()
+        assert proc.stop() == 0
+    except BaseException:
+        print(proc.output()[-4000:])
+        raise
+    finally:
+        proc.stop()
+
+
 def test_zeo_clients_of_an_empty_replica_wait_for_the_primarys_first_transaction(tmp_path, tls_dir):
     """Replica, its clients and primary started together (a whole stack brought up at once): a
     client's database used to fail at once with ReadOnlyError, trying to create a root object
