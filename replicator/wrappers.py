@@ -386,7 +386,7 @@ class PrimaryStorage(_Wrapper):
             # __getattr__ first fails an ordinary lookup, a few us apiece.
             if not hasattr(type(self), name) and hasattr(base, name):
                 self.__dict__[name] = getattr(base, name)
-        self._service = ServiceThread(f"replication primary {self.config.node}", self._serve)
+        self._service = ServiceThread(f"replication of {self.config.storage} (primary node {self.config.node})", self._serve)
         self._service.start()
 
     async def _serve(self, ready: Callable[[], None]) -> None:
@@ -501,7 +501,7 @@ class PrimaryStorage(_Wrapper):
                                    on_promoted=self._promoted, on_demoted=self._demoted,
                                    promoted_status=self._sync_status, promotion_blocker=self._promotion_blocker)
         _drop_clients(self._dbs)
-        self._service = ServiceThread(f"replication secondary {cfg.node}", self._follow)
+        self._service = ServiceThread(f"replication of {cfg.storage} (secondary node {cfg.node})", self._follow)
         self._service.start()
         log.warning("demoted: %s now follows %s", cfg.storage, upstream)
 
@@ -764,7 +764,7 @@ class SecondaryStorage(_Wrapper):
         self._autostart = start
         self._closed = False
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
-        self._service = ServiceThread(f"replication secondary {self.config.node}", self._follow)
+        self._service = ServiceThread(f"replication of {self.config.storage} (secondary node {self.config.node})", self._follow)
 
     def start(self) -> None:
         """Start following the primary, if not yet started (``registerDB`` does it too)."""
