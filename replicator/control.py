@@ -182,6 +182,10 @@ PRIMARY_QUESTION_TIMEOUT = 5.0
 #: Most relays walked up to find the primary at the top of a chain.
 MAX_CHAIN = 8
 
+#: Longest wait between two tries to tell a former primary that could not be reached of the
+#: new epoch (``_keep_telling``); the first comes after 1 s, each next one after twice as long.
+TELL_RETRY_MAX = 30.0
+
 
 async def _primary_above(node: Secondary, *, connected: bool = True) -> tuple[str, dict] | None:
     """The primary at the top of the chain ``node`` is connected to (through relays, if it
@@ -256,7 +260,8 @@ async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int
     superseded: it fences itself for good, durably (a sidecar also takes its storage's lock),
     so that neither a restart nor ``fence --undo`` lets it take writes beside this node.
 
-    Best effort: a primary that is gone is told when a node of the new epoch next meets it.
+    Best effort: a primary that is gone is told when a node of the new epoch next meets it,
+    or when it answers again at its address (``_keep_telling``, which ``promote`` starts).
     Not connected to it (the failover this is for), ``node`` still tries the address it
     followed, which may answer.  Returns what happened, for ``promote``'s answer:
     ``{"address", "told", "detail"}``.
@@ -279,6 +284,40 @@ async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int
         return {"address": address, "told": False, "detail": str(exc)}
     log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
     return {"address": address, "told": True, "detail": "it takes no writes any more"}
+
+
+async def _keep_telling(node: Secondary, address: str, epoch: int) -> None:
+    """Promoted while its former primary could not be told (the failover promote is for), tell
+    it once it answers again at ``address``: restarted there with its old configuration, it
+    would take commits beside this node, none of which this history ever gets.
+
+    Ends once it is told, once it answers as anything but a primary of an older epoch (it came
+    back as a secondary, say: nothing to tell), or once this node is demoted or closed.
+    """
+    delay = 1.0
+    while node.promoted and node.demoted_to is None and node.progress.epoch == epoch:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, TELL_RETRY_MAX)
+        try:
+            status = await call(address, "GET", "/status", node.config.tls, insecure=node.config.insecure,
+                                timeout=PRIMARY_QUESTION_TIMEOUT)
+        except ReplicatorError:
+            continue  # still gone
+        if (status.get("role") != "primary" or status.get("stale") or status.get("node") == node.config.node
+                or int(status.get("epoch") or 0) >= epoch):
+            log.info("the former primary's address %s answers again, as %s %s in epoch %s: nothing to tell it "
+                     "of epoch %d", address, status.get("role"), status.get("node"), status.get("epoch"), epoch)
+            return
+        try:
+            await call(address, "POST", f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}",
+                       node.config.tls, insecure=node.config.insecure, timeout=PRIMARY_QUESTION_TIMEOUT)
+        except ReplicatorError as exc:
+            log.warning("the former primary at %s is back but could not be told of epoch %d: %s; trying again",
+                        address, epoch, exc)
+            continue
+        log.warning("the former primary at %s came back and was told of epoch %d: it takes no writes any more",
+                    address, epoch)
+        return
 
 
 def secondary_routes(get_secondary: Callable[[], Secondary],
@@ -325,8 +364,9 @@ def secondary_routes(get_secondary: Callable[[], Secondary],
             if not former["told"]:
                 log.warning("the former primary at %s was not told of epoch %d (%s): if it, or a ZEO server on "
                             "its storage, still runs, stop it: until a node of this epoch reaches it, it may "
-                            "take commits this history never gets", former["address"], state.epoch,
-                            former["detail"])
+                            "take commits this history never gets. This node keeps trying to tell it",
+                            former["address"], state.epoch, former["detail"])
+                node.keep_telling(_keep_telling(node, former["address"], state.epoch))
             if on_promoted is not None:
                 await on_promoted()  # may make the stream server a synchronous primary's
             if node.downstream is not None:

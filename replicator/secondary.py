@@ -21,8 +21,9 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType
@@ -408,6 +409,8 @@ class Secondary:
         self._demotable = False
         #: Set by POST /demote once promoted: HOST:PORT of the primary to follow instead.
         self.demoted_to: str | None = None
+        #: Promoted while its former primary could not be told of the epoch: tells it when it is back.
+        self._telling: asyncio.Task | None = None
         self._demotion = asyncio.Event()
         #: Says when the link to the primary goes down and comes back.
         self.link_log = LinkLog(str(config.primary))
@@ -500,7 +503,16 @@ class Secondary:
             return f"{name}, to which it is not connected now"
         return f"{name}, which last reported its newest transaction as {tid_repr(p.head_tid)}"
 
+    def keep_telling(self, tell: Coroutine[Any, Any, None]) -> None:
+        """Run ``tell`` (``control._keep_telling``) until it ends or this node closes."""
+        if self._telling is not None:
+            self._telling.cancel()
+        self._telling = asyncio.create_task(tell, name="tell-former-primary")
+
     async def close(self) -> None:
+        if self._telling is not None:
+            self._telling.cancel()
+            self._telling = None
         if self._credentials_watch is not None:
             self._credentials_watch.cancel()
             self._credentials_watch = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,33 @@ def test_a_node_promoted_after_a_refusal_reports_no_error(tmp_path, tls_dir):
                 await b.close()
 
     asyncio.run(scenario())
+
+
+def test_a_former_primary_that_comes_back_after_the_promotion_is_told_then(tmp_path, tls_dir, caplog):
+    """Promoted while its former primary was down, a node keeps trying its address: restarted
+    there with its old configuration, the former primary is fenced for good within seconds,
+    instead of taking commits beside the new one until someone notices."""
+    caplog.set_level(logging.INFO, logger="replicator.control")
+    make_a(tmp_path, 4, seed=33)
+    t = tls(tls_dir, "secondary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            port = a.port
+            async with secondary_on(tmp_path, tls_dir, "b", port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+                await a.stop()
+                await until(lambda: not b.progress.connected)
+                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                assert promoted["former_primary"]["told"] is False
+                await asyncio.sleep(1.5)  # a try or two while it is down
+                async with primary_on(tmp_path, tls_dir, "a", port) as again:
+                    assert again.writable and not again.stale  # its old configuration, at epoch 0
+                    await until(lambda: again.stale, timeout=20)
+                    assert not again.writable
+                status = await call(f"127.0.0.1:{b.port}", "GET", "/status", t)
+                assert status["role"] == "primary" and status["epoch"] == 1
+
+    asyncio.run(scenario())
+    told = [r.getMessage() for r in caplog.records if "came back and was told of epoch 1" in r.getMessage()]
+    assert len(told) == 1, told
