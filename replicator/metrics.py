@@ -134,7 +134,7 @@ class _StatusCollector(Collector):
 REFUSAL_CODES = ("duplicate", "diverged", "ahead", "behind", "packed", "version", "stale", "corrupted",
                  "loop", "self", "foreign")
 TLS_REFUSAL_REASONS = ("certificate", "no_certificate", "refused_by_client", "not_tls", "closed", "timeout",
-                       "other")
+                       "busy", "other")
 
 
 def _with_zeros(counts: dict | None, known: tuple[str, ...]) -> dict:

@@ -519,8 +519,15 @@ def _warn_insecure(side: str) -> None:
 
 # -- server ------------------------------------------------------------------
 
-#: Seconds a client has to complete its TLS handshake (asyncio's default).
-HANDSHAKE_TIMEOUT = 60.0
+#: Seconds a client has to complete its TLS handshake (a third of asyncio's default: a few
+#: round trips, which even a slow WAN link makes in a few seconds).
+HANDSHAKE_TIMEOUT = 20.0
+#: Connections at most in their TLS handshake at once, in all and from one host; beyond them
+#: a new connection is closed at once.  Each holds two descriptors (its socket and the probe
+#: below) until its handshake ends: without a bound, anyone who can reach the port could use
+#: up the process's descriptors, and inside a ZEO server its clients could not connect either.
+MAX_HANDSHAKES = 128
+MAX_HANDSHAKES_PER_HOST = 16
 #: Seconds between two log lines about TLS connections refused from one host for one reason.
 HANDSHAKE_LOG_INTERVAL = 300.0
 
@@ -557,8 +564,15 @@ class RefusedHandshakes:
                 Throttle.since(unsaid, f"from {host} for this reason"))
 
 
+class TooManyHandshakes(Exception):
+    """A connection closed at once: ``MAX_HANDSHAKES`` (or as many from its host) were under way."""
+
+
 def _handshake_failure(error: BaseException, received: int | None = None) -> tuple[str, int, str]:
     """(reason for the counts, log level, words) of a failed server-side handshake."""
+    if isinstance(error, TooManyHandshakes):
+        return ("busy", logging.WARNING, f"closed at once: {error} connections were in their TLS handshake "
+                "already (a flood of connections that never complete one?)")
     if isinstance(error, ssl.SSLCertVerificationError):
         message = error.verify_message or _short(error)
         advice = ("renew it (`replicator certs renew NAME`)" if "expired" in message
@@ -602,19 +616,37 @@ class _Handshake(asyncio.Protocol):
     """
 
     def __init__(self, handler_factory: Any, context: ssl.SSLContext, refused: RefusedHandshakes,
-                 pending: set[asyncio.Task]) -> None:
+                 pending: set[asyncio.Task], hosts: collections.Counter[str]) -> None:
         # The context is the server's at the moment of the connection: a reload of the TLS
         # files (``credentials``) changes it for the connections that come after.
         self._factory, self._context, self._refused, self._pending = handler_factory, context, refused, pending
+        #: Handshakes under way by host, shared by the server's connections (``MAX_HANDSHAKES_PER_HOST``).
+        self._hosts = hosts
         self._handler: asyncio.Protocol | None = None
         self._early: list[bytes] = []
         self._eof = False
         self._lost: tuple[Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        hosts = self._hosts
+        if len(self._pending) >= MAX_HANDSHAKES or hosts[host] >= MAX_HANDSHAKES_PER_HOST:
+            busy = (f"{hosts[host]} from {host}" if hosts[host] >= MAX_HANDSHAKES_PER_HOST
+                    else f"{len(self._pending)} in all")
+            transport.abort()  # type: ignore[attr-defined]
+            self._refused.add(peer, TooManyHandshakes(busy))
+            return
+        hosts[host] += 1
         task = asyncio.get_running_loop().create_task(self._handshake(transport))  # type: ignore[arg-type]
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+
+        def done(task: asyncio.Task) -> None:
+            self._pending.discard(task)
+            hosts[host] -= 1
+            if hosts[host] <= 0:
+                del hosts[host]
+        task.add_done_callback(done)
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
@@ -693,7 +725,7 @@ class _AuditedTLSSite(web.TCPSite):
     """A ``TCPSite`` that runs each TLS handshake itself (``_Handshake``), so that refusals are told,
     and with the context its source gives at that moment."""
 
-    __slots__ = ("_refused", "_handshakes", "_source")
+    __slots__ = ("_refused", "_handshakes", "_hosts", "_source")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ContextSource,
                  refused: RefusedHandshakes) -> None:
@@ -702,13 +734,14 @@ class _AuditedTLSSite(web.TCPSite):
         super().__init__(runner, host, port, ssl_context=self._source())
         self._refused = refused
         self._handshakes: set[asyncio.Task] = set()
+        self._hosts: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
         self._runner._reg_site(self)  # what BaseSite.start does
         server, source = self._runner.server, self._source
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Handshake(server, source(), self._refused, self._handshakes),
+            lambda: _Handshake(server, source(), self._refused, self._handshakes, self._hosts),
             self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
             reuse_port=self._reuse_port)
         sockets = self._server.sockets

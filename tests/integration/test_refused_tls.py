@@ -226,3 +226,39 @@ def test_each_cause_of_a_refused_certificate_gets_its_own_line(caplog):
     assert len(lines) == 2, lines
     assert "signed by this cluster's CA" in lines[0] and "renew it" in lines[1], lines
     assert refused.counts["certificate"] == 3
+
+
+def test_connections_that_never_begin_tls_are_bounded_and_do_not_keep_a_secondary_out(source, tls_dir, tmp_path,
+                                                                                        caplog):
+    """A flood of connections that never complete a handshake (a scan, a broken client, or
+    worse) used to hold two descriptors each for a minute: 600 of them used up a ZEO server's
+    1024 and its clients could not connect.  Past the bound from one host, a connection is
+    closed at once and counted as ``busy``; a secondary from another host still gets in."""
+    caplog.set_level(logging.WARNING, logger="replicator.transport")
+    extra = 10
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            flood = [await asyncio.open_connection("127.0.0.1", primary.port, local_addr=("127.0.0.2", 0))
+                     for _ in range(transport.MAX_HANDSHAKES_PER_HOST + extra)]
+            try:
+                ended = 0
+                for reader, _ in flood:
+                    with contextlib.suppress(TimeoutError):
+                        try:
+                            if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                                ended += 1
+                        except ConnectionError:
+                            ended += 1
+                assert ended == extra
+                assert primary.served_status()["refused_tls_connections"]["busy"] == extra
+                async with following(tmp_path, primary.port, "secondary", tls_dir) as secondary:
+                    await until(lambda: secondary.progress.applied_tid == primary.head_tid, timeout=20)
+            finally:
+                for _, writer in flood:
+                    writer.close()
+
+    asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if "were in their TLS handshake already" in r.getMessage()]
+    assert said and "from 127.0.0.2" in said[0], said
+    assert len(said) == 1, said  # once per host in five minutes, not once per connection
