@@ -44,10 +44,12 @@ async def primary_on(tmp_path: Path, tls_dir: Path, name: str, port: int = 0):
 
 
 @contextlib.asynccontextmanager
-async def secondary_on(tmp_path: Path, tls_dir: Path, name: str, port: int, expect_failure: bool = False):
+async def secondary_on(tmp_path: Path, tls_dir: Path, name: str, port: int, expect_failure: bool = False,
+                       node: str | None = None):
+    """A secondary on ``name``.fs, named ``node`` (default ``name``), following 127.0.0.1:``port``."""
     config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
                              primary=Address("127.0.0.1", port), listen=Address("127.0.0.1", 0),
-                             tls=tls(tls_dir, "secondary"), node=name, reconnect_min=0.05,
+                             tls=tls(tls_dir, "secondary"), node=node or name, reconnect_min=0.05,
                              reconnect_max=0.3).validate()
     node = Secondary(config)
     await node.open()

@@ -13,17 +13,14 @@ storages as they were.  Real nodes, real TLS on loopback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from pathlib import Path
 
 import pytest
 
-from replicator.config import Address, SecondaryConfig
 from replicator.control import call
 from replicator.epoch import begin_epoch, load_epoch, record_database
 from replicator.errors import DivergenceError
-from replicator.secondary import Secondary
 from replicator.tid import Z64
 from tests.integration.test_failover import commit_to, primary_on, secondary_on, until
 from tests.integration.test_replication import tls
@@ -33,31 +30,13 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@contextlib.asynccontextmanager
-async def follower(tmp_path: Path, tls_dir: Path, storage: str, node: str, port: int):
-    """A secondary on ``storage``.fs under the node name ``node``, and its task."""
-    config = SecondaryConfig(storage=str(tmp_path / f"{storage}.fs"), blob_dir=str(tmp_path / f"{storage}-blobs"),
-                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"), node=node,
-                             reconnect_min=0.05, reconnect_max=0.3).validate()
-    node_ = Secondary(config)
-    await node_.open()
-    task = asyncio.create_task(node_.run())
-    try:
-        yield node_, task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await node_.close()
-
-
 def test_a_replica_of_another_database_is_refused_and_fences_nothing(tmp_path, tls_dir):
     commit_to(tmp_path / "x.fs", tmp_path / "x-blobs", 4, seed=91)  # the storage "catalog", say
     commit_to(tmp_path / "y.fs", tmp_path / "y-blobs", 6, seed=92)  # the storage "1"
 
     async def replicate_y() -> None:
         async with primary_on(tmp_path, tls_dir, "y") as y:
-            async with follower(tmp_path, tls_dir, "ry", "standby", y.port) as (ry, _):
+            async with secondary_on(tmp_path, tls_dir, "ry", y.port, node="standby") as (ry, _):
                 await until(lambda: ry.progress.applied_tid == y.head_tid and ry.progress.connected)
 
     asyncio.run(replicate_y())
@@ -72,9 +51,9 @@ def test_a_replica_of_another_database_is_refused_and_fences_nothing(tmp_path, t
     async def wrong_port() -> None:
         async with primary_on(tmp_path, tls_dir, "x") as x:
             # x's own standby, under the name the examples give every standby.
-            async with follower(tmp_path, tls_dir, "rx", "standby", x.port) as (rx, _):
+            async with secondary_on(tmp_path, tls_dir, "rx", x.port, node="standby") as (rx, _):
                 await until(lambda: rx.progress.applied_tid == x.head_tid and rx.progress.connected)
-                async with follower(tmp_path, tls_dir, "ry", "standby", x.port) as (_, task):
+                async with secondary_on(tmp_path, tls_dir, "ry", x.port, node="standby") as (_, task):
                     with pytest.raises(DivergenceError) as info:
                         await asyncio.wait_for(task, 10)
                 message = str(info.value)

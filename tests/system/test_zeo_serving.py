@@ -10,6 +10,7 @@ ReadOnlyError for writes; correct caches after a disconnection; blobs.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -289,16 +290,30 @@ def test_clients_survive_a_replica_server_restart(cluster, tmp_path):
         reader.close()
 
 
+@contextlib.contextmanager
+def cli_replica(cluster: Cluster, tmp_path: Path, tls_dir: Path, node: str, *options: str):
+    """``replicator secondary --zeo`` following the cluster's primary; yields its ZEO port, and
+    checks that it stops cleanly (its output printed if anything failed)."""
+    zeo_port = free_port()
+    argv = [REPLICATOR, "secondary", "--storage", str(tmp_path / "Data.fs"), "--blob-dir",
+            str(tmp_path / "blobs"), "--primary", f"127.0.0.1:{cluster.repl_port}", "--node", node,
+            "--zeo", f"127.0.0.1:{zeo_port}", *options, *tls_args(tls_dir, "secondary")]
+    proc = Proc(argv, tmp_path / f"{node}.log")
+    try:
+        wait_for_port(zeo_port, proc.proc)
+        yield zeo_port
+        assert proc.stop() == 0
+    except BaseException:
+        print(proc.output()[-4000:])
+        raise
+    finally:
+        proc.stop()
+
+
 def test_replicator_secondary_serves_zeo_clients(cluster, tmp_path, tls_dir):
     """``replicator secondary --zeo``: the same serving, from the command line, next to the other replica."""
     writer = cluster.writer
-    zeo_port = free_port()
-    argv = [REPLICATOR, "secondary", "--storage", str(tmp_path / "Data.fs"), "--blob-dir",
-            str(tmp_path / "blobs"), "--primary", f"127.0.0.1:{cluster.repl_port}", "--node", "cli",
-            "--zeo", f"127.0.0.1:{zeo_port}", *tls_args(tls_dir, "secondary")]
-    proc = Proc(argv, tmp_path / "cli.log")
-    try:
-        wait_for_port(zeo_port, proc.proc)
+    with cli_replica(cluster, tmp_path, tls_dir, "cli") as zeo_port:
         reader = replica_client(zeo_port, tmp_path / "cli-blobs", last_tid(writer))
         try:
             delays = []
@@ -315,12 +330,6 @@ def test_replicator_secondary_serves_zeo_clients(cluster, tmp_path, tls_dir):
             reader.tm.abort()
         finally:
             reader.close()
-        assert proc.stop() == 0
-    except BaseException:
-        print(proc.output()[-4000:])
-        raise
-    finally:
-        proc.stop()
 
 
 def test_replicator_secondary_serves_its_replica_under_the_storage_name_given(cluster, tmp_path, tls_dir):
@@ -329,13 +338,7 @@ def test_replicator_secondary_serves_its_replica_under_the_storage_name_given(cl
     writer = cluster.writer
     writer.root["named"] = "catalog"
     writer.tm.commit()
-    zeo_port = free_port()
-    argv = [REPLICATOR, "secondary", "--storage", str(tmp_path / "Data.fs"), "--blob-dir",
-            str(tmp_path / "blobs"), "--primary", f"127.0.0.1:{cluster.repl_port}", "--node", "named",
-            "--zeo", f"127.0.0.1:{zeo_port}", "--zeo-storage", "catalog", *tls_args(tls_dir, "secondary")]
-    proc = Proc(argv, tmp_path / "named.log")
-    try:
-        wait_for_port(zeo_port, proc.proc)
+    with cli_replica(cluster, tmp_path, tls_dir, "named", "--zeo-storage", "catalog") as zeo_port:
         storage = ClientStorage(("127.0.0.1", zeo_port), storage="catalog", read_only=True, wait_timeout=30)
         try:
             wait_until(lambda: storage.lastTransaction() >= last_tid(writer), timeout=30, what="replica caught up")
@@ -346,12 +349,6 @@ def test_replicator_secondary_serves_its_replica_under_the_storage_name_given(cl
                 db.close()
         finally:
             storage.close()
-        assert proc.stop() == 0
-    except BaseException:
-        print(proc.output()[-4000:])
-        raise
-    finally:
-        proc.stop()
 
 
 def test_zeo_clients_of_an_empty_replica_wait_for_the_primarys_first_transaction(tmp_path, tls_dir):
