@@ -276,14 +276,18 @@ async def _supersede(node: Secondary, found: tuple[str, dict] | None, epoch: int
         return {"address": address, "told": True, "detail": "it knew of a newer epoch already"}
     # Fenced already (a switchover, or an operator first), it is told all the same, so that its
     # fence cannot be undone; it keeps streaming to the secondaries that still follow it.
-    query = f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}"
     try:
-        await call(address, "POST", query, node.config.tls, insecure=node.config.insecure,
-                   timeout=PRIMARY_QUESTION_TIMEOUT)
+        await _tell(node, address, epoch)
     except ReplicatorError as exc:  # the promotion logs it, as it logs every former primary not told
         return {"address": address, "told": False, "detail": str(exc)}
     log.warning("the former primary at %s was told of epoch %d: it takes no writes any more", address, epoch)
     return {"address": address, "told": True, "detail": "it takes no writes any more"}
+
+
+async def _tell(node: Secondary, address: str, epoch: int) -> None:
+    """Tell the primary at ``address`` that ``node`` began ``epoch``: it fences itself for good."""
+    await call(address, "POST", f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}",
+               node.config.tls, insecure=node.config.insecure, timeout=PRIMARY_QUESTION_TIMEOUT)
 
 
 async def _keep_telling(node: Secondary, address: str, epoch: int) -> None:
@@ -309,8 +313,7 @@ async def _keep_telling(node: Secondary, address: str, epoch: int) -> None:
                      "of epoch %d", address, status.get("role"), status.get("node"), status.get("epoch"), epoch)
             return
         try:
-            await call(address, "POST", f"/fence?reason=superseded&epoch={epoch}&node={node.config.node}",
-                       node.config.tls, insecure=node.config.insecure, timeout=PRIMARY_QUESTION_TIMEOUT)
+            await _tell(node, address, epoch)
         except ReplicatorError as exc:
             log.warning("the former primary at %s is back but could not be told of epoch %d: %s; trying again",
                         address, epoch, exc)

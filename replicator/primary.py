@@ -109,6 +109,11 @@ class SecondaryGoneError(Exception):
     """A secondary's host stopped answering; the message says which and for how long."""
 
 
+def _last_identity(hello: Hello) -> TxnIdentity:
+    """The identity of the secondary's last transaction, as its ``Hello`` gives it."""
+    return TxnIdentity(hello.last_tid, hello.last_status, hello.last_digest or b"", hello.last_meta_digest or b"")
+
+
 def _leaf(error: BaseException) -> BaseException:
     """The first real exception inside (nested) exception groups."""
     while isinstance(error, BaseExceptionGroup):
@@ -1433,8 +1438,7 @@ class Primary:
         if ours is None or theirs is None or theirs == ours or last == Z64:
             return ours, None
         mine = await blocking(tailer.identity, last)
-        if mine is not None and mine.matches(TxnIdentity(last, hello.last_status, hello.last_digest or b"",
-                                                         hello.last_meta_digest or b"")):
+        if mine is not None and mine.matches(_last_identity(hello)):
             return ours, None
         return ours, Reject("foreign", f"secondary {hello.node} holds a replica of another database than this "
                                        f"primary's {self.config.storage}: its history began with transaction "
@@ -1462,8 +1466,7 @@ class Primary:
         resume_at = None
         if last != Z64:
             ours = await blocking(tailer.identity, last)
-            theirs = TxnIdentity(last, hello.last_status, hello.last_digest or b"",
-                                 hello.last_meta_digest or b"")
+            theirs = _last_identity(hello)
             if ours is None:
                 across = None if last > self.head_tid else await blocking(tailer.resumes_across_pack, theirs)
                 if across is None:
