@@ -408,7 +408,12 @@ def test_stale_primary_is_fenced_then_rewound_to_follow_the_new_primary(tmp_path
         check_clean_prefix(out)  # (no-loss is the first test's: here a commit may degrade after 1.5 s)
         promoted = out.replica_tids
 
-        # -- the old primary comes back with the same configuration: epoch 0, writable.
+        # -- the old primary comes back with the same configuration, epoch 0 and writable, where the
+        # promoted node cannot reach it: it keeps trying the address it followed and would fence it
+        # within seconds.  So on another replication port (a moved host, or a partition).
+        site.repl_port = free_port()
+        site.conf = write_primary_conf(site.workdir / "a-zeo.conf", site.a_dir, site.tls, site.zeo_port,
+                                       site.repl_port, "a", site.sync)
         site.start_a()
         status = get_status(site.repl_port, site.tls)
         assert status["epoch"] == 0 and not status["stale"] and status["fenced"] is None, status
