@@ -1271,6 +1271,11 @@ class Primary:
             # Its last transaction may be one a pack dropped (the handshake checked).
             (ordinal,) = await blocking(tailer.counts_up_to, [hello.last_tid])
             stats.sent_ordinal = stats.acked_ordinal = ordinal
+            if self._stopping.is_set():
+                # ``stop()`` has said goodbye to the sessions it knew while this one was in its
+                # handshake: served, it would hold the server's close for its whole timeout.
+                await ws.send_bytes(conn.send(self.goodbye))
+                return ws
             self.sessions[key] = stats
             self._sockets[key] = (ws, conn)
             log.info("secondary %s (%s) connected at %s", hello.node, peer, tid_repr(hello.last_tid))

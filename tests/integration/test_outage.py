@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from replicator.config import Address, PrimaryConfig
@@ -138,3 +139,45 @@ def test_a_real_secondary_warns_while_its_primary_is_away_and_when_it_is_back(tm
         asyncio.run(scenario())
     work.close()
     db.close()
+
+
+def test_a_secondary_that_arrives_while_its_primary_stops_is_told_so_and_does_not_hold_the_stop(
+        tmp_path, tls_dir, monkeypatch):
+    """``stop()`` says goodbye to the sessions it knows, then closes the server: one that was
+    still in its handshake then used to be served, and the server's clean-up waited out its
+    timeout for it (a stop of ten seconds).  It is told the primary is stopping instead."""
+    from tests.integration.test_failover import secondary_on, until
+
+    db, work = make_source(tmp_path, 3)
+    work.close()
+    db.close()
+    timings: dict[str, float] = {}
+
+    async def scenario() -> None:
+        primary = Primary(PrimaryConfig(storage=str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"),
+                                        listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "primary"),
+                                        node="p").validate())
+        await primary.start()
+        said_goodbye = primary._end_sessions
+
+        async def then_a_secondary_arrives(goodbye) -> None:
+            await said_goodbye(goodbye)
+            # The secondary connects in the moment between the goodbyes and the server's close,
+            # and stays until the stop is over.
+            late, _ = await stack.enter_async_context(secondary_on(tmp_path, tls_dir, "late", primary.port))
+            await until(lambda: late.progress.last_error is not None or late.progress.connected, 20)
+            timings["error"] = late.progress.last_error  # type: ignore[assignment]
+            timings["served"] = primary.sessions != {}  # type: ignore[assignment]
+
+        monkeypatch.setattr(primary, "_end_sessions", then_a_secondary_arrives)
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            began = loop.time()
+            await primary.stop()
+            timings["stop"] = loop.time() - began
+
+    asyncio.run(scenario())
+    assert "primary said goodbye (shutdown)" in str(timings["error"]), timings
+    assert timings["served"] is False, timings
+    # No timeout waited out: the secondary's own start and stop take well under one.
+    assert timings["stop"] < 4.0, timings
