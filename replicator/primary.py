@@ -1315,13 +1315,14 @@ class Primary:
                 await ws.send_bytes(conn.send(Goodbye("error", str(exc))))
             self._fail(exc)
         finally:
-            self.sessions.pop(key, None)
+            served = self.sessions.pop(key, None) is not None
             self._sockets.pop(key, None)
             self._claims.pop(key, None)
             await asyncio.to_thread(tailer.close)
             if not ws.closed:
                 await ws.close()
-            log.info("session with %s ended at acked %s", peer, tid_repr(stats.acked_tid))
+            if served:  # a refusal was logged as such (and not again at every retry)
+                log.info("session with %s ended at acked %s", peer, tid_repr(stats.acked_tid))
         return ws
 
     def _claim(self, key: int, stats: SessionStats, hello: Hello) -> Reject | None:

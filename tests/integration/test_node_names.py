@@ -71,7 +71,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     assert [s["node"] for s in primary.status()["secondaries"]] == ["dst"]
 
     try:
-        with caplog.at_level(logging.WARNING, logger="replicator.primary"):
+        with caplog.at_level(logging.INFO, logger="replicator.primary"):
             asyncio.run(scenario())
     finally:
         work.close()
@@ -80,6 +80,9 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
     # Each attempt is counted; the log says it once (then every few minutes at most).
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing secondary")]
     assert len(refused) == 1, refused
+    # Nor does a line per attempt say its session ended: only the two sessions served end.
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session with")]
+    assert len(ended) == 2, ended
     # It names the node as it named itself, and the certificate it came with.
     assert re.match(r"refusing secondary 'dst' from 127\.0\.0\.1:\d+ \(certificate secondary\): ", refused[0]), refused
 
