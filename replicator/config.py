@@ -105,6 +105,19 @@ def _holds_anything(directory: str) -> bool:
         return any(True for _ in entries)
 
 
+def _check_node(node: str, problems: list[str]) -> None:
+    """A node name goes into every peer's log lines and status: printable, and not too long."""
+    from .protocol.events import unprintable
+
+    bad = unprintable(node)
+    if not node.strip():
+        problems.append("--node: give this node a name (it names it in its peers' logs and status)")
+    elif bad is not None:
+        problems.append(f"--node {node!r}: a node name holds no control character ({bad!r})")
+    elif len(node) > 256:
+        problems.append(f"--node: at most 256 characters, not {len(node)}")
+
+
 def _default_node() -> str:
     return socket.gethostname() or "node"
 
@@ -149,6 +162,7 @@ class PrimaryConfig:
 
     def validate(self) -> PrimaryConfig:
         problems: list[str] = []
+        _check_node(self.node, problems)
         if self.sync_count < 0:
             problems.append("sync-count must be 0 (asynchronous) or more")
         if self.sync_names and len(self.sync_names) < self.sync_count:
@@ -224,6 +238,7 @@ class SecondaryConfig:
 
     def validate(self) -> SecondaryConfig:
         problems: list[str] = []
+        _check_node(self.node, problems)
         parent = os.path.dirname(os.path.abspath(self.storage))
         if os.path.isdir(self.storage):
             problems.append(f"--storage {self.storage} is a directory; give the Data.fs file path")

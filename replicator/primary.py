@@ -82,6 +82,11 @@ __all__ = ["Primary", "ChangeNotifier"]
 log = logging.getLogger("replicator.primary")
 
 HELLO_TIMEOUT = 10.0
+#: Largest message a secondary may send: a Hello (under a kilobyte) or its
+#: acknowledgements (a dozen bytes each).  The stream's own limit would let
+#: one deflated message of 127 KB hold 64 MiB of acknowledgements, decoded
+#: on the event loop for tens of seconds.
+MAX_FROM_SECONDARY = 64 << 10
 #: Seconds between two log lines refusing one secondary node for one reason.
 REFUSAL_LOG_INTERVAL = 300.0
 #: Least time between two background refreshes of the head TID (one scan covers
@@ -1201,7 +1206,7 @@ class Primary:
     async def _handle_replicate(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
         # A secondary that asks for compression (a slow link) gets it; the others do not.
-        ws = web.WebSocketResponse(max_msg_size=cfg.max_frame + (1 << 20), compress=True, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=MAX_FROM_SECONDARY, compress=True, autoping=True)
         await ws.prepare(request)
         identity = peer_identity(request)
         # "(certificate NAME)": the name on its certificate, which is not its role.
@@ -1252,7 +1257,7 @@ class Primary:
                 await ws.send_bytes(conn.send(duplicate))
                 return ws
             await self._refresh_head()  # the Welcome and any refusal name the newest TID
-            reject = await self._position(tailer, hello)
+            reject = await self._position(tailer, hello, database)
             if reject is not None:
                 self._log_refusal(hello.node, peer, reject)
                 await ws.send_bytes(conn.send(reject))
@@ -1453,17 +1458,33 @@ class Primary:
                                        "was changed on either node; check the secondary's --primary (the port "
                                        "of another storage's primary?)")
 
-    async def _position(self, tailer: Tailer, hello: Hello) -> Reject | None:
+    async def _position(self, tailer: Tailer, hello: Hello, database: bytes | None) -> Reject | None:
         """Check the secondary's history against ours; seek after its last TID or say why not.
 
         The secondary's last transaction must be ours too: equal digests, or,
         when either side packed it (status ``p``), equal metadata, since a pack
-        rewrites records but never a transaction's identity.
+        rewrites records but never a transaction's identity.  A newer epoch
+        fences this primary for good, so it is taken only from a node that
+        names this primary's ``database``: every node of the group learns it
+        from its first Welcome, and one that names none (or another) is not
+        of this group, unless its last transaction is ours.
         """
         if hello.protocol_version != PROTOCOL_VERSION:
             return Reject("version", f"secondary speaks protocol {hello.protocol_version}, "
                                      f"this primary speaks {PROTOCOL_VERSION}")
         if hello.epoch > self.epoch:
+            if database is not None and hello.database != database and not (
+                    # Its record names none yet (kept from before protocol 8), but it holds our history.
+                    hello.database is None and hello.last_tid != Z64
+                    and (mine := await blocking(tailer.identity, hello.last_tid)) is not None
+                    and mine.matches(_last_identity(hello))):
+                named = "names no database" if hello.database is None else \
+                    f"names another database (one that began with {tid_repr(hello.database)})"
+                return Reject("foreign", f"secondary {hello.node} says epoch {hello.epoch} began, newer than this "
+                                         f"primary's {self.epoch}, but {named}: every node of this primary's "
+                                         f"group names its database (which began with {tid_repr(database)}), so "
+                                         "the claim is not taken, and this primary goes on as it was. Check the "
+                                         "secondary's --primary and its storage")
             await self.become_stale(hello.epoch, hello.node)
         if self.stale:
             return Reject("stale", f"this primary ({self.config.node}, epoch {self.epoch}) accepts no "

@@ -55,6 +55,7 @@ from yarl import URL
 from .certs import is_ca, issued_by, load_certs, roles_from_uris
 from .certs import read_file as _read
 from .errors import ConfigError, TLSError, TransportError
+from .protocol.events import printable
 from .throttle import Throttle
 
 try:  # Unix: the coalescing of reads on slow links needs FIONREAD
@@ -906,10 +907,11 @@ async def authorize(request: web.Request, handler):
     right = _right(request)
     if roles is not None and not any(right in ROLE_RIGHTS.get(role, ()) for role in roles):
         needed = " or ".join(role for role, rights in ROLE_RIGHTS.items() if right in rights)
+        # The path and method are the client's words: escaped, they cannot forge a log line.
+        asked = printable(f"{request.method} {request.path}")
         text = (f"the certificate {peer_identity(request)!r} has the role {', '.join(sorted(roles))}, which may "
-                f"not {_RIGHT_WORDS[right]} ({request.method} {request.path}); that takes a certificate of "
-                f"the role {needed}")
-        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, text)
+                f"not {_RIGHT_WORDS[right]} ({asked}); that takes a certificate of the role {needed}")
+        log.warning("refused %s from %s: %s", asked, request.remote, text)
         raise web.HTTPForbidden(text=text)
     return await handler(request)
 

@@ -23,6 +23,7 @@ events (``Record``, ``BlobChunk``) are written out for the same reason.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -81,9 +82,42 @@ def _str(value: object, what: str, *, max_len: int = 4096) -> None:
         raise ValueError(f"{what} is longer than {max_len} characters")
 
 
-def _int(value: object, what: str, *, minimum: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r:.40}")
+def _name(value: object, what: str) -> None:
+    """A name that ends up in log lines, ``/status`` and terminals: no control characters
+    (a line break would forge a log line, an escape sequence drive a terminal)."""
+    _str(value, what, max_len=256)
+    bad = unprintable(value)  # type: ignore[arg-type]
+    if bad is not None:
+        raise ValueError(f"{what} holds the control character {bad!r}")
+
+
+def unprintable(text: str) -> str | None:
+    """The first control or format character of ``text`` (line breaks, escapes), if any."""
+    for char in text:
+        category = unicodedata.category(char)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            return char
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``), for a log line."""
+    if unprintable(text) is None:
+        return text
+    return "".join(char.encode("unicode_escape").decode("ascii")
+                   if unprintable(char) is not None else char for char in text)
+
+
+#: Largest integer a field takes (msgpack's signed 64 bits).
+MAX_INT = (1 << 63) - 1
+#: Largest epoch: a failover a second for 68 years.  A bigger one is no epoch
+#: a node began, and would overflow where it is incremented.
+MAX_EPOCH = (1 << 31) - 1
+
+
+def _int(value: object, what: str, *, minimum: int = 0, maximum: int = MAX_INT) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise ValueError(f"{what} must be an integer from {minimum} to {maximum}, got {value!r:.40}")
 
 
 def _time(value: object, what: str) -> None:
@@ -133,13 +167,13 @@ class Hello(Event):
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
-        _str(self.node, "node", max_len=256)
+        _name(self.node, "node")
         check_tid(self.last_tid, "last_tid")
         if self.database is not None:
             check_tid(self.database, "database")
         if self.last_digest is not None:
             _bytes(self.last_digest, "last_digest", exact=DIGEST_LEN)
-        _int(self.epoch, "epoch")
+        _int(self.epoch, "epoch", maximum=MAX_EPOCH)
         if self.last_status not in TXN_STATUSES:
             raise ValueError(f"invalid last_status {self.last_status!r}")
         if self.last_meta_digest is not None:
@@ -186,8 +220,8 @@ class Welcome(Event):
 
     def __post_init__(self) -> None:
         _int(self.protocol_version, "protocol_version", minimum=1)
-        _str(self.node, "node", max_len=256)
-        _int(self.epoch, "epoch")
+        _name(self.node, "node")
+        _int(self.epoch, "epoch", maximum=MAX_EPOCH)
         check_tid(self.start_tid, "start_tid")
         if self.database is not None:
             check_tid(self.database, "database")
@@ -217,6 +251,7 @@ class Reject(Event):
     def __post_init__(self) -> None:
         _str(self.code, "code", max_len=64)
         _str(self.message, "message")
+        self.message = printable(self.message)  # the other side's words, for this side's log
         if self.fork_tid is not None:
             check_tid(self.fork_tid, "fork_tid")
 
@@ -340,6 +375,7 @@ class Goodbye(Event):
     def __post_init__(self) -> None:
         _str(self.code, "code", max_len=64)
         _str(self.message, "message")
+        self.message = printable(self.message)  # the other side's words, for this side's log
 
 
 EVENT_TYPES: dict[int, type[Event]] = {

@@ -22,7 +22,7 @@ from aiohttp import web
 from replicator.config import Address, SecondaryConfig
 from replicator.errors import TLSError, TransportError
 from replicator.integrity import TxnDigest
-from replicator.protocol import PROTOCOL_VERSION, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
+from replicator.protocol import PROTOCOL_VERSION, Ack, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
 from replicator.protocol.framing import DEFAULT_MAX_FRAME, decode_frame, encode_event
 from replicator.secondary import Secondary
 from replicator.transport import client_ssl_context, server_ssl_context, start_server, stop_server
@@ -62,8 +62,11 @@ def source(tmp_path):
         msgpack.packb([Hello.TYPE, PROTOCOL_VERSION, "x", b"short", None, 0]),  # a TID of the wrong size
         msgpack.packb({"type": "Hello"}),  # maps are refused
         encode_event(TxnBegin(b"\0" * 7 + b"\2", Z64, " ", b"", b"", b"")),  # secondaries may not stream
+        # A node name that would forge a line of the primary's log.
+        msgpack.packb([Hello.TYPE, PROTOCOL_VERSION, "evil\n2026-12-02 CRITICAL fake", Z64, None, 0]),
+        msgpack.packb([Hello.TYPE, PROTOCOL_VERSION, "x", Z64, None, 1 << 63]),  # no such epoch
     ],
-    ids=["garbage", "unknown-type", "bad-tid", "map", "wrong-direction"],
+    ids=["garbage", "unknown-type", "bad-tid", "map", "wrong-direction", "control-character", "epoch-2**63"],
 )
 def test_primary_closes_on_malformed_frames_and_keeps_serving(source, tls_dir, payload):
     async def scenario() -> None:
@@ -117,6 +120,33 @@ def test_oversized_message_is_refused(source, tls_dir, caplog):
                 assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
                 assert ws.close_code in (1002, 1006, 1009)
             assert primary.fatal is None
+
+    asyncio.run(scenario())
+    assert any("exceeds limit" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_secondary_may_send_only_small_messages(source, tls_dir, caplog):
+    """It sends a Hello and acknowledgements: a message of many acknowledgements (one deflated
+    message could hold millions, decoded on the primary's event loop) is refused unread."""
+    async def scenario() -> None:
+        async with running_primary(source, tls_dir) as primary:
+            http, ws = await raw_client(primary.port, tls_dir)
+            async with http:
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION, "flooder", Z64, None)))
+                assert (await asyncio.wait_for(ws.receive(), 10)).type is aiohttp.WSMsgType.BINARY  # Welcome
+                await ws.send_bytes(encode_event(Ack(Z64)) * 20_000)  # 240 KB of acknowledgements
+
+                async def closed() -> aiohttp.WSMessage:
+                    while (msg := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                        pass  # transactions and heartbeats already on their way
+                    return msg
+
+                msg = await asyncio.wait_for(closed(), 10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code in (1002, 1006, 1009)
+            assert primary.fatal is None
+            async with running_secondary(source, tls_dir, primary.port) as (secondary, _):
+                await wait_equal_tid(primary, secondary)
 
     asyncio.run(scenario())
     assert any("exceeds limit" in r.getMessage() for r in caplog.records), caplog.text

@@ -35,6 +35,14 @@ def test_primary_lists_every_configuration_problem_at_once(tmp_path):
     assert "ca.pem: no such file" in err and "c.pem: no such file" in err and "k.pem: no such file" in err
 
 
+@pytest.mark.parametrize("node", ["standby\n2026-12-02 CRITICAL forged", " ", "x" * 257])
+def test_a_node_name_that_would_garble_its_peers_logs_is_refused(tmp_path, node):
+    for role, more in (("primary", []), ("secondary", ["--primary", "127.0.0.1:8100"])):
+        result = run(role, "--storage", str(tmp_path / "Data.fs"), "--insecure", "--node", node, *more)
+        assert result.returncode == 2, result.stderr
+        assert "--node" in result.stderr, result.stderr
+
+
 def test_malformed_addresses_are_listed_with_the_other_problems(tmp_path):
     primary = run("primary", "--storage", str(tmp_path / "missing.fs"), "--listen", "8100", "--insecure")
     assert primary.returncode == 2

@@ -16,12 +16,17 @@ import asyncio
 import hashlib
 from pathlib import Path
 
+import aiohttp
+import msgpack
 import pytest
 
 from replicator.control import call
 from replicator.epoch import begin_epoch, load_epoch, record_database
 from replicator.errors import DivergenceError
+from replicator.protocol import PROTOCOL_VERSION, Hello, Reject
+from replicator.protocol.framing import decode_frame, encode_event
 from replicator.tid import Z64
+from tests.integration.test_bad_input import raw_client
 from tests.integration.test_failover import commit_to, primary_on, secondary_on, until
 from tests.integration.test_replication import tls
 
@@ -94,3 +99,35 @@ def test_a_node_of_the_group_that_names_another_database_still_resumes_and_takes
     asyncio.run(scenario(True))
     assert load_epoch(str(tmp_path / "b.fs")).database == a_database
 
+
+
+@pytest.mark.parametrize("database", [None, b"\0" * 7 + b"\1"], ids=["no-database", "another-database"])
+def test_a_newer_epoch_from_a_node_that_does_not_name_the_database_fences_nothing(tmp_path, tls_dir, database):
+    """A newer epoch fences a primary for good: it is taken only from a node of the group, which
+    names the primary's database (a buggy or misdirected peer's Hello with any epoch did it)."""
+    commit_to(tmp_path / "x.fs", tmp_path / "x-blobs", 3, seed=93)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "x") as x:
+            http, ws = await raw_client(x.port, tls_dir)
+            async with http:
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION, "claimant", Z64, None, epoch=1000,
+                                                       database=database)))
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type is aiohttp.WSMsgType.BINARY
+                event = decode_frame(msgpack.unpackb(msg.data, raw=False))
+                assert isinstance(event, Reject) and event.code == "foreign", event
+                assert "epoch 1000" in event.message and "the claim is not taken" in event.message
+            assert x.writable and not x.stale and x.epoch == 0
+            # A node of the group is still heard: the same claim naming the database fences it.
+            http, ws = await raw_client(x.port, tls_dir)
+            async with http:
+                await ws.send_bytes(encode_event(Hello(PROTOCOL_VERSION, "claimant", Z64, None, epoch=1,
+                                                       database=load_epoch(str(tmp_path / "x.fs")).database)))
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                event = decode_frame(msgpack.unpackb(msg.data, raw=False))
+                assert isinstance(event, Reject) and event.code == "stale", event
+            assert x.stale
+
+    asyncio.run(scenario())
+    assert load_epoch(str(tmp_path / "x.fs")).epoch == 0

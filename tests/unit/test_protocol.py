@@ -25,6 +25,7 @@ from replicator.protocol import (
     TxnEnd,
     Welcome,
 )
+from replicator.protocol.events import MAX_EPOCH
 from replicator.protocol.framing import FrameDecoder, encode_event
 
 Z64 = b"\0" * 8
@@ -309,6 +310,34 @@ def test_event_validation():
         with pytest.raises(ValueError, match="ack_delay"):
             Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64, delay)
     assert Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64).ack_delay == 0  # none held back unless asked
+
+
+@pytest.mark.parametrize("name", ["evil\nCRITICAL forged", "x\x1b[2J", "tab\there", "nul\x00", "ls\u2028"])
+def test_node_names_hold_no_control_character(name):
+    """A node name goes into the other side's log lines and terminals."""
+    with pytest.raises(ValueError, match="control character"):
+        Hello(PROTOCOL_VERSION, name, Z64, None)
+    with pytest.raises(ValueError, match="control character"):
+        Welcome(PROTOCOL_VERSION, name, 0, Z64, Z64)
+    assert Hello(PROTOCOL_VERSION, "dr-site.example.org", Z64, None).node == "dr-site.example.org"
+    assert Hello(PROTOCOL_VERSION, "Zürich standby", Z64, None).node == "Zürich standby"
+
+
+def test_epochs_are_bounded():
+    """A node would increment it, and msgpack carries at most 64 bits."""
+    assert Hello(PROTOCOL_VERSION, "n", Z64, None, epoch=MAX_EPOCH).epoch == MAX_EPOCH
+    for epoch in (MAX_EPOCH + 1, (1 << 64) - 1, -1):
+        with pytest.raises(ValueError, match="epoch"):
+            Hello(PROTOCOL_VERSION, "n", Z64, None, epoch=epoch)
+        with pytest.raises(ValueError, match="epoch"):
+            Welcome(PROTOCOL_VERSION, "p", epoch, Z64, Z64)
+
+
+def test_the_other_sides_words_are_escaped_for_the_log():
+    reject = Reject("diverged", "line one\n2026-12-02 CRITICAL forged\x1b[2J")
+    assert reject.message == "line one\\n2026-12-02 CRITICAL forged\\x1b[2J"
+    assert Goodbye("shutdown", "primary\r\nstopping").message == "primary\\r\\nstopping"
+    assert Goodbye("shutdown", "primary stopping").message == "primary stopping"
 
 
 def test_decoder_alone_handles_many_frames_in_one_feed():
