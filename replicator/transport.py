@@ -523,8 +523,8 @@ def _warn_insecure(side: str) -> None:
 #: Seconds a client has to complete its TLS handshake (a third of asyncio's default: a few
 #: round trips, which even a slow WAN link makes in a few seconds).
 HANDSHAKE_TIMEOUT = 20.0
-#: Connections at most in their TLS handshake at once, in all and from one host; beyond them
-#: a new connection is closed at once.  Each holds two descriptors (its socket and the probe
+#: Connections at most in their TLS handshake at once, in all and from one host.  Beyond
+#: the first, the oldest is closed to make room; beyond the second, the new one.  Each holds two descriptors (its socket and the probe
 #: below) until its handshake ends: without a bound, anyone who can reach the port could use
 #: up the process's descriptors, and inside a ZEO server its clients could not connect either.
 MAX_HANDSHAKES = 128
@@ -572,8 +572,8 @@ class TooManyHandshakes(Exception):
 def _handshake_failure(error: BaseException, received: int | None = None) -> tuple[str, int, str]:
     """(reason for the counts, log level, words) of a failed server-side handshake."""
     if isinstance(error, TooManyHandshakes):
-        return ("busy", logging.WARNING, f"closed at once: {error} connections were in their TLS handshake "
-                "already (a flood of connections that never complete one?)")
+        return ("busy", logging.WARNING, f"closed before its handshake ended: {error} connections were in "
+                "their TLS handshake (a flood of connections that never complete one?)")
     if isinstance(error, ssl.SSLCertVerificationError):
         message = error.verify_message or _short(error)
         advice = ("renew it (`replicator certs renew NAME`)" if "expired" in message
@@ -617,7 +617,7 @@ class _Handshake(asyncio.Protocol):
     """
 
     def __init__(self, handler_factory: Any, context: ssl.SSLContext, refused: RefusedHandshakes,
-                 pending: set[asyncio.Task], hosts: collections.Counter[str]) -> None:
+                 pending: dict[asyncio.Task, Any], hosts: collections.Counter[str]) -> None:
         # The context is the server's at the moment of the connection: a reload of the TLS
         # files (``credentials``) changes it for the connections that come after.
         self._factory, self._context, self._refused, self._pending = handler_factory, context, refused, pending
@@ -632,18 +632,24 @@ class _Handshake(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         hosts = self._hosts
-        if len(self._pending) >= MAX_HANDSHAKES or hosts[host] >= MAX_HANDSHAKES_PER_HOST:
-            busy = (f"{hosts[host]} from {host}" if hosts[host] >= MAX_HANDSHAKES_PER_HOST
-                    else f"{len(self._pending)} in all")
+        if hosts[host] >= MAX_HANDSHAKES_PER_HOST:
             transport.abort()  # type: ignore[attr-defined]
-            self._refused.add(peer, TooManyHandshakes(busy))
+            self._refused.add(peer, TooManyHandshakes(f"{hosts[host]} from {host}"))
             return
+        if len(self._pending) >= MAX_HANDSHAKES:
+            # Make room by closing the oldest: a real client ends its handshake in a few round
+            # trips, so the oldest is most likely one that never will (a flood from many hosts),
+            # and refusing the newest instead would let such a flood keep every client out.
+            oldest, oldest_peer = next(iter(self._pending.items()))
+            del self._pending[oldest]
+            oldest.cancel()
+            self._refused.add(oldest_peer, TooManyHandshakes(f"{MAX_HANDSHAKES} in all, this one the oldest,"))
         hosts[host] += 1
         task = asyncio.get_running_loop().create_task(self._handshake(transport))  # type: ignore[arg-type]
-        self._pending.add(task)
+        self._pending[task] = peer
 
         def done(task: asyncio.Task) -> None:
-            self._pending.discard(task)
+            self._pending.pop(task, None)
             hosts[host] -= 1
             if hosts[host] <= 0:
                 del hosts[host]
@@ -734,7 +740,8 @@ class _AuditedTLSSite(web.TCPSite):
             ssl_context if callable(ssl_context) else lambda: ssl_context  # type: ignore[assignment,return-value]
         super().__init__(runner, host, port, ssl_context=self._source())
         self._refused = refused
-        self._handshakes: set[asyncio.Task] = set()
+        #: Handshakes under way, oldest first, with their peers' addresses.
+        self._handshakes: dict[asyncio.Task, Any] = {}
         self._hosts: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -1058,7 +1065,8 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
         # two nodes of this release speak TLS 1.3, which refuses as below.
         hint = ("if the server speaks only TLS 1.2, it refused this node's certificate (is it signed "
                 "by the cluster CA?); otherwise whatever listens there closes connections unanswered: "
-                "a proxy or firewall in between, or a server on its way down")
+                "a proxy or firewall in between, a server on its way down, or one flooded with "
+                "connections (its log then says so)")
         return TLSError(address, f"TLS handshake with {address} failed: the connection was closed "
                         "before the handshake ended", hint=hint)
     if secure and isinstance(os_error, aiohttp.ServerDisconnectedError

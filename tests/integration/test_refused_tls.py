@@ -259,6 +259,42 @@ def test_connections_that_never_begin_tls_are_bounded_and_do_not_keep_a_secondar
                     writer.close()
 
     asyncio.run(scenario())
-    said = [r.getMessage() for r in caplog.records if "were in their TLS handshake already" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "were in their TLS handshake" in r.getMessage()]
     assert said and "from 127.0.0.2" in said[0], said
     assert len(said) == 1, said  # once per host in five minutes, not once per connection
+
+
+def test_a_flood_from_many_hosts_makes_room_by_closing_its_oldest_connections(source, tls_dir, tmp_path, caplog):
+    """Past the bound in all (a flood from more hosts than the bound per host keeps out), the
+    oldest connection in its handshake is closed to make room, not the new one: a secondary
+    whose handshake takes a few round trips still gets in."""
+    caplog.set_level(logging.WARNING, logger="replicator.transport")
+    per_host = transport.MAX_HANDSHAKES_PER_HOST
+    hosts = transport.MAX_HANDSHAKES // per_host + 1  # one host more than the bound in all holds
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            flood = [await asyncio.open_connection("127.0.0.1", primary.port, local_addr=(f"127.0.0.{2 + h}", 0))
+                     for h in range(hosts) for _ in range(per_host)]
+            try:
+                async def closed(reader) -> bool:
+                    try:
+                        return await asyncio.wait_for(reader.read(1), 0.2) == b""
+                    except ConnectionError:
+                        return True
+                    except TimeoutError:
+                        return False
+
+                ended = list(await asyncio.gather(*(closed(reader) for reader, _ in flood)))
+                # The first host's, the oldest, made room for the last one's.
+                assert ended == [True] * per_host + [False] * (len(flood) - per_host)
+                assert primary.served_status()["refused_tls_connections"]["busy"] == per_host
+                async with following(tmp_path, primary.port, "secondary", tls_dir) as secondary:
+                    await until(lambda: secondary.progress.applied_tid == primary.head_tid, timeout=20)
+            finally:
+                for _, writer in flood:
+                    writer.close()
+
+    asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if "were in their TLS handshake" in r.getMessage()]
+    assert said and "this one the oldest" in said[0] and "from 127.0.0.2" in said[0], said

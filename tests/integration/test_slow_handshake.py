@@ -30,10 +30,10 @@ class SlowToPlace(Primary):
     delay = 3.0
     placed = 0
 
-    async def _position(self, tailer, hello):
+    async def _position(self, tailer, hello, database):
         await asyncio.sleep(self.delay)
         self.placed += 1
-        return await super()._position(tailer, hello)
+        return await super()._position(tailer, hello, database)
 
 
 def test_a_primary_slow_to_answer_the_hello_is_waited_for(tmp_path, tls_dir, caplog):
