@@ -529,6 +529,11 @@ HANDSHAKE_TIMEOUT = 20.0
 #: up the process's descriptors, and inside a ZEO server its clients could not connect either.
 MAX_HANDSHAKES = 128
 MAX_HANDSHAKES_PER_HOST = 16
+#: Seconds a connection may stay open without a request under way: from its handshake to its
+#: first request's headers, and between requests.  aiohttp's own default is an hour, which let
+#: any certificate of the cluster (a monitor's) hold a thousand idle connections, and the
+#: process's file descriptors with them.  A replication session is one long request.
+IDLE_CONNECTION_TIMEOUT = 20.0
 #: Seconds between two log lines about TLS connections refused from one host for one reason.
 HANDSHAKE_LOG_INTERVAL = 300.0
 
@@ -782,7 +787,7 @@ async def start_server(app: web.Application, host: str, port: int,
     # No access log: /status may be polled every second and each replication
     # session is logged with its peer identity by the orchestration.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=shutdown_timeout)
+                           shutdown_timeout=shutdown_timeout, keepalive_timeout=IDLE_CONNECTION_TIMEOUT)
     await runner.setup()
     try:
         site: web.TCPSite

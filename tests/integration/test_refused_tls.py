@@ -298,3 +298,34 @@ def test_a_flood_from_many_hosts_makes_room_by_closing_its_oldest_connections(so
     asyncio.run(scenario())
     said = [r.getMessage() for r in caplog.records if "were in their TLS handshake" in r.getMessage()]
     assert said and "this one the oldest" in said[0] and "from 127.0.0.2" in said[0], said
+
+
+def test_a_connection_that_sends_no_request_is_closed(source, tls_dir, tmp_path, monkeypatch):
+    """Past its handshake a connection is the web server's, which (aiohttp's default) waited an
+    hour for a request: any certificate of the cluster, a monitor's, could hold a thousand idle
+    connections, and the process's descriptors with them.  Idle or dribbling a header a byte at
+    a time, it is closed after ``IDLE_CONNECTION_TIMEOUT``; a replication session (one long
+    request) is not."""
+    monkeypatch.setattr(transport, "IDLE_CONNECTION_TIMEOUT", 1.0)
+    t = tls(tls_dir, "monitor")
+    context = transport.client_ssl_context(t.ca, t.cert, t.key)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir, heartbeat_interval=0.2) as primary:
+            async with following(tmp_path, primary.port, "secondary", tls_dir) as secondary:
+                idle = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
+                dribbling = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
+                began = time.monotonic()
+                for part in (b"GET /sta", b"tus HTTP/1.1\r\n", b"Host: x\r\n"):
+                    dribbling[1].write(part)
+                    await asyncio.sleep(0.4)
+                for reader, _ in (idle, dribbling):
+                    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+                assert time.monotonic() - began < 8
+                await asyncio.sleep(1.5)  # the session outlives the timeout
+                assert secondary.progress.connected
+                assert [s["node"] for s in primary.status()["secondaries"]] == ["secondary"]
+                for _, writer in (idle, dribbling):
+                    writer.close()
+
+    asyncio.run(scenario())
