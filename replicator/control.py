@@ -57,10 +57,15 @@ MAX_IDENTITIES = 1024
 
 
 def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
+    # One look-up at a time: each reads and hashes whole transactions, blobs included, in a
+    # worker thread, and the worker threads are also what a secondary's handshake waits for.
+    one_at_a_time = asyncio.Semaphore(1)
+
     async def identities(request: web.Request) -> web.Response:
         raw = request.query.get("tids", "")
         try:
-            tids = [tid_from_hex(t) for t in raw.split(",") if t]
+            # Each once: the same big transaction named hundreds of times was hashed as often.
+            tids = list(dict.fromkeys(tid_from_hex(t) for t in raw.split(",") if t))
         except ValueError:
             raise web.HTTPBadRequest(text="tids must be comma-separated 16-digit hex TIDs") from None
         if len(tids) > MAX_IDENTITIES:
@@ -75,7 +80,9 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
                         found[tid.hex()] = {"status": ident.status, "digest": ident.digest.hex(),
                                             "meta": ident.meta.hex()}
                 return found
-        return web.json_response({"identities": await blocking(look_up)})
+        async with one_at_a_time:
+            found = await blocking(look_up)
+        return web.json_response({"identities": found})
     return web.get("/identities", identities)
 
 

@@ -375,3 +375,31 @@ def test_transactions_before_a_bad_one_in_the_same_message_are_counted(source, t
                 await secondary.close()
 
     asyncio.run(scenario())
+
+
+def test_identities_looks_each_transaction_up_once(tmp_path, tls_dir, monkeypatch):
+    """``GET /identities`` reads and hashes whole transactions: the same big one named hundreds of
+    times in one request was hashed as often (3.5 GiB for 8 KB of URL), on the worker threads a
+    secondary's handshake also waits for."""
+    from replicator.control import call
+    from replicator.tailer import Tailer
+    from tests.integration.test_failover import commit_to, primary_on
+
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 3, seed=5)
+    looked_up: list[bytes] = []
+    identity = Tailer.identity
+
+    def counted(self, tid, *args, **kwargs):
+        looked_up.append(tid)
+        return identity(self, tid, *args, **kwargs)
+
+    async def scenario() -> dict:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            monkeypatch.setattr(Tailer, "identity", counted)
+            tid = a.head_tid.hex()
+            return await call(f"127.0.0.1:{a.port}", "GET", f"/identities?tids={','.join([tid] * 400)}",
+                              tls(tls_dir, "monitor"))
+
+    found = asyncio.run(scenario())
+    assert list(found["identities"]) == [looked_up[0].hex()]
+    assert len(looked_up) == 1, len(looked_up)
