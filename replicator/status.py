@@ -12,6 +12,7 @@ import datetime
 import aiohttp
 
 from .config import TLSPaths
+from .protocol.events import printable
 from .transport import client_ssl_context, request_error
 
 __all__ = ["fetch_all", "render", "size_text"]
@@ -255,4 +256,5 @@ def render(results: list[dict], now: float) -> str:
         if certificate:
             lines.append(certificate)
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    # What a node says of itself goes to a terminal: no escape sequence of its gets through.
+    return "\n".join(printable(line) for line in lines).rstrip() + "\n"

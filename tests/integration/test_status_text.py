@@ -154,6 +154,15 @@ def test_a_stale_primary_says_so_first():
     assert "FENCED" not in "\n".join(lines)
 
 
+def test_what_a_node_says_of_itself_cannot_drive_the_terminal():
+    status = {"url": "https://old:8100/status", "role": "primary", "node": "old\x1b[2J\x1b[32mALL HEALTHY",
+              "storage": "/d/Data.fs\rforged", "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [],
+              "epoch": 1}
+    shown = render([status], now=time.time())
+    assert "\x1b" not in shown and "\r" not in shown, shown
+    assert "primary old\\x1b[2J\\x1b[32mALL HEALTHY  storage /d/Data.fs\\rforged" in shown, shown
+
+
 def test_a_sidecar_primary_names_the_process_that_takes_its_writes():
     status = {"url": "https://p:8100/status", "role": "primary", "node": "p", "storage": "/d/Data.fs",
               "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "epoch": 3, "transactions": 5,
