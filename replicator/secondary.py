@@ -580,6 +580,20 @@ class Secondary:
             self._credentials_watch = asyncio.create_task(self.credentials.watch(), name="tls-files")
         return self.credentials
 
+    async def _began_newest_epoch(self) -> str | None:
+        """If this node began the newest epoch it knows (it was promoted, and is restarted with a
+        secondary's configuration), words that say so, and what to do; else None."""
+        if self.storage is None:
+            return None
+        epochs = await blocking(load_epoch, self.storage.getName())
+        if not epochs.history or epochs.history[-1].node != self.config.node or epochs.epoch == 0:
+            return None
+        return (f"this node ({self.config.node}) began epoch {epochs.epoch} itself ({self.config.storage}.epoch "
+                "says so): it was promoted, and is the primary, but was started again with a secondary's "
+                "configuration, so no node takes writes. Start it as the primary: a ZEO server with "
+                "<replicated-primary> on this storage, or runzeo and `replicator primary` beside it (the "
+                "README's failover runbook); if another node was promoted since, point this one at it")
+
     async def _divergence(self, exc: RejectedError) -> DivergenceError:
         """The refusal, with where the histories fork and how many transactions are orphaned."""
         message = f"primary refused this secondary ({exc.code}): {exc.reason}"
@@ -592,6 +606,9 @@ class Secondary:
                 epochs = await blocking(load_epoch, self.storage.getName())
                 if epochs.history and epochs.history[-1].node != self.config.node:
                     hint += f" (this node last followed {epochs.history[-1].node!r}, in epoch {epochs.epoch})"
+            began = await self._began_newest_epoch()
+            if began is not None:
+                hint = began
         elif exc.code == "foreign":
             hint = (f"this node's storage is intact and stays as it is: point --primary (or `primary` in its "
                     f"configuration) at the primary of the database it replicates; {self.config.primary} "
@@ -748,6 +765,10 @@ class Secondary:
                                                 "the primary and its secondaries; see Upgrading in the README") from None
                         raise await self._divergence(exc) from exc
                     message = str(exc)
+                    if exc.code == "loop":  # what it follows follows it: is it the primary itself?
+                        began = await self._began_newest_epoch()
+                        if began is not None:
+                            message += f"; {began}"
                 except StorageError as exc:
                     # A full disk may be freed; keep what is committed and retry.
                     # Not a link outage: the link worked, and the line that

@@ -773,7 +773,10 @@ class SecondaryStorage(_Wrapper):
     async def _follow(self, ready: Callable[[], None]) -> None:
         # Refused for good, it keeps its status port open to say so: the ZEO server around it
         # goes on serving the replica as it is (read-only), and would otherwise look healthy.
-        await self.secondary.serve(ready, hold=True)
+        await self.secondary.serve(ready, hold=True, advice=(
+            "ZEO clients may write to it now. Make it lasting before this server next restarts: in its "
+            "configuration, replace <replicated-secondary> by <replicated-primary> (keep listen and the TLS "
+            f"files; drop primary). Restarted as configured now, it would follow {self.config.primary} again"))
 
     @property
     def error(self) -> BaseException | None:

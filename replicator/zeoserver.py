@@ -71,7 +71,10 @@ async def serve_replica(config: SecondaryConfig, address: Address, name: str = S
             started = True
             server.start_thread()
 
-    follow = asyncio.create_task(storage.secondary.serve(advice="ZEO clients may write to it now."))
+    follow = asyncio.create_task(storage.secondary.serve(advice=(
+        "ZEO clients may write to it now. Make it lasting before this process next stops: run the "
+        "storage in a ZEO server with <replicated-primary> (or runzeo and `replicator primary` beside it). "
+        f"Restarted with the same arguments, it would follow {config.primary} again")))
     try:
         if base.lastTransaction() == z64:
             log.warning("the replica %s holds no transaction yet: ZEO clients on %s:%s are answered once it "

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,52 @@ def test_a_node_that_followed_another_nodes_epoch_does_not_start_as_a_primary(tm
         db.close()
     finally:
         storage.close()
+
+
+def test_a_promoted_node_restarted_as_a_secondary_is_told_it_is_the_primary(tmp_path, tls_dir):
+    """After a promotion the roles must be made lasting in the configurations; a promoted node
+    restarted with its old one follows the old primary again, and nothing took writes.  The
+    refusal now says that this node is the primary, not only to follow the current one."""
+    commit_to(tmp_path / "a.fs", tmp_path / "a-blobs", 4, seed=47)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid and b.progress.connected)
+            begin_epoch(str(tmp_path / "b.fs"), a.head_tid, "b")  # b was promoted, then stopped
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, task):
+                with pytest.raises(DivergenceError) as info:
+                    await asyncio.wait_for(task, 10)
+        assert "(stale)" in str(info.value)
+        assert "this node (b) began epoch 1 itself" in info.value.hint, info.value.hint
+        assert "Start it as the primary" in info.value.hint
+
+    asyncio.run(scenario())
+
+
+def test_a_promoted_node_restarted_to_follow_a_node_that_follows_it_is_told_it_is_the_primary(
+        tmp_path, tls_dir, caplog):
+    """The same after a switchover: the old primary follows the promoted node now, so the promoted
+    node, restarted with its old configuration, is refused as a loop, and retries for ever."""
+    commit_to(tmp_path / "b.fs", tmp_path / "b-blobs", 4, seed=48)
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "b") as b:  # b, promoted, was the primary
+            # a, the old primary, follows b (and serves its own port, as a relay).
+            async with secondary_on(tmp_path, tls_dir, "a", b.port) as (a, _):
+                await until(lambda: a.progress.applied_tid == b.head_tid and a.progress.connected)
+                shutil.copy(tmp_path / "b.fs", tmp_path / "b2.fs")
+                shutil.copytree(tmp_path / "b-blobs", tmp_path / "b2-blobs")
+                begin_epoch(str(tmp_path / "b2.fs"), b.head_tid, "b")
+                # b, restarted with its configuration from before the switchover, follows a.
+                async with secondary_on(tmp_path, tls_dir, "b2", a.port, node="b") as (b2, task):
+                    await until(lambda: b2.progress.last_error is not None)
+                    error = b2.progress.last_error
+                    assert not task.done()  # refused, retrying: someone may fix the other node
+        assert "(loop)" in error and "this node (b) began epoch 1 itself" in error, error
+
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        asyncio.run(scenario())
 
 
 def test_a_secondary_of_epoch_0_started_as_a_primary_takes_no_writes(tmp_path, tls_dir, caplog):

@@ -174,15 +174,19 @@ def test_each_node_is_demoted_in_place_however_it_became_the_primary(make_pair):
     assert [t.tid for t in p.iterator()] == [t.tid for t in standby.iterator()]
 
 
-def test_a_demoted_primary_keeps_its_fence_record_and_a_promotion_removes_it(make_pair, tmp_path):
+def test_a_demoted_primary_keeps_its_fence_record_and_a_promotion_removes_it(make_pair, tmp_path, caplog):
     """The fence of a switchover is recorded beside the old primary's storage and stays there once
     it is demoted, so that, restarted with its old primary configuration, it would start fenced;
     switched back to, it is promoted, which removes the record, and it takes writes."""
+    caplog.set_level(logging.WARNING, logger="replicator.secondary")
     pair = make_pair()
     p_fence, standby_fence = Path(f"{tmp_path / 'p.fs'}.fence"), Path(f"{tmp_path / 'standby.fs'}.fence")
     pair.switchover("p", "standby")
     pair.following("p", "standby")
     assert p_fence.exists() and not standby_fence.exists()
+    # The promoted standby says how to make its new role last across a restart of its server.
+    promoted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("promoted: ")]
+    assert promoted and "replace <replicated-secondary> by <replicated-primary>" in promoted[0], promoted
     pair.switchover("standby", "p")
     pair.following("standby", "p")
     assert standby_fence.exists() and not p_fence.exists()
