@@ -126,7 +126,8 @@ class ServiceThread:
             pass
         except ReplicatorError as exc:
             self.error = exc
-            log.critical("%s stopped: %s", self.name, exc)
+            if self._ready.is_set():  # before, ``start()`` raises it to its caller, who says it
+                log.critical("%s stopped: %s", self.name, exc)
         except Exception as exc:  # a bug: keep it for status; the thread must not die silently
             self.error = exc
             log.exception("%s failed", self.name)
@@ -798,7 +799,14 @@ class SecondaryStorage(_Wrapper):
         self._dbs.append(db)
         self._note_server(db)
         if self._autostart:
-            self._service.start()
+            try:
+                self._service.start()
+            except ReplicatorError as exc:
+                # Said once, in the configuration's terms; under runzeo, the command's exit status
+                # instead of ZEO's traceback (status 1).
+                from .zconfig import section_failed
+
+                raise section_failed("replicated-secondary", exc) from None
             if isinstance(db, MVCCAdapter) and self._base.lastTransaction() == z64:
                 self._await_first_transaction()
 

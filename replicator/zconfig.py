@@ -34,7 +34,7 @@ def _under_runzeo() -> bool:
     return getattr(spec, "name", "") == "ZEO.runzeo" or os.path.basename(sys.argv[0] or "").startswith("runzeo")
 
 
-def _failed(section: str, exc: ReplicatorError) -> ReplicatorError:
+def section_failed(section: str, exc: ReplicatorError) -> ReplicatorError:
     """``exc`` in the configuration file's terms (``tls-ca``, not ``--tls-ca``), logged CRITICAL.
 
     Under ``runzeo``, which would print a traceback and exit with status 1
@@ -76,7 +76,7 @@ def _check_blob_dir(section, name: str) -> None:
         try:
             check_new_storage_blob_dir(path, blob_dir)
         except ReplicatorError as exc:
-            raise _failed(name, exc) from None
+            raise section_failed(name, exc) from None
 
 
 class PrimaryStorageConfig(BaseConfig):
@@ -101,7 +101,7 @@ class PrimaryStorageConfig(BaseConfig):
             return PrimaryStorage(base, config)
         except ReplicatorError as exc:
             base.close()
-            raise _failed("replicated-primary", exc) from None
+            raise section_failed("replicated-primary", exc) from None
         except BaseException:
             base.close()
             raise
@@ -115,7 +115,7 @@ class SecondaryStorageConfig(BaseConfig):
         try:
             check_restore_support()  # before the wrapped section creates the storage file
         except ReplicatorError as exc:
-            raise _failed("replicated-secondary", exc) from None
+            raise section_failed("replicated-secondary", exc) from None
         _check_blob_dir(section, "replicated-secondary")
         base = section.base.open()
         try:
@@ -130,7 +130,7 @@ class SecondaryStorageConfig(BaseConfig):
             return SecondaryStorage(base, config)
         except ReplicatorError as exc:
             base.close()
-            raise _failed("replicated-secondary", exc) from None
+            raise section_failed("replicated-secondary", exc) from None
         except BaseException:
             base.close()
             raise

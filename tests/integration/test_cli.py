@@ -560,6 +560,29 @@ def test_runzeo_with_a_bad_replicated_section_exits_2_listing_every_problem(tmp_
            f"tls-key {tmp_path / 'missing.key'}: no such file" in output, output
 
 
+@pytest.mark.parametrize("section", ["replicated-primary", "replicated-secondary"])
+def test_runzeo_with_a_certificate_of_another_ca_exits_2_saying_it_once(tmp_path, tls_dir, foreign_tls_dir, section):
+    """Found when the section starts, not while the file is read: the secondary's section ended
+    in ZEO's traceback and exit status 1, the primary's said it twice, once with the command
+    line's hint."""
+    from tests.helpers import RUNZEO, free_port
+
+    upstream = f"  primary 127.0.0.1:{free_port()}\n" if section == "replicated-secondary" else ""
+    conf = tmp_path / "zeo.conf"
+    conf.write_text(f"%import replicator\n<zeo>\n  address 127.0.0.1:{free_port()}\n</zeo>\n"
+                    f"<{section}>\n{upstream}  listen 127.0.0.1:{free_port()}\n  tls-ca {tls_dir / 'ca.pem'}\n"
+                    f"  tls-cert {foreign_tls_dir / 'secondary.pem'}\n  tls-key {foreign_tls_dir / 'secondary.key'}\n"
+                    f"  <filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>\n</{section}>\n")
+    result = subprocess.run([RUNZEO, "-C", str(conf)], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    said = [line for line in output.splitlines() if "is not signed by the CA" in line]
+    assert len(said) == 1 and f"<{section}>: invalid configuration: certificate " in said[0], output
+    assert f"fix the <{section}> section" in said[0] and "COMMAND --help" not in said[0], said
+
+
 def _blob_dir_with_files(path: Path) -> list[Path]:
     (path / "0x00").mkdir(parents=True)
     files = [path / "NOTES.txt", path / "0x00" / "0x01.blob"]
