@@ -532,7 +532,8 @@ MAX_HANDSHAKES_PER_HOST = 16
 #: Seconds a connection may stay open without a request under way: from its handshake to its
 #: first request's headers, and between requests.  aiohttp's own default is an hour, which let
 #: any certificate of the cluster (a monitor's) hold a thousand idle connections, and the
-#: process's file descriptors with them.  A replication session is one long request.
+#: process's file descriptors with them.  A replication session is one long request.  (Before
+#: the first request only aiohttp 3.14.5 and later apply it: hence the bound in pyproject.toml.)
 IDLE_CONNECTION_TIMEOUT = 20.0
 #: Seconds between two log lines about TLS connections refused from one host for one reason.
 HANDSHAKE_LOG_INTERVAL = 300.0
