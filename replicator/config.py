@@ -37,6 +37,11 @@ def parse_address(text: str, what: str, *, default_host: str = "127.0.0.1") -> A
     return Address(host, number)
 
 
+#: The most ``PrimaryConfig.batch_bytes``: at 64 bytes per event (``tailer.EVENT_COST``) plus one
+#: small transaction of up to 1 MiB read whole, a message then holds at most about 57,000 frames,
+#: under the ``MAX_MESSAGE_FRAMES`` a secondary takes.
+MAX_BATCH_BYTES = 2 << 20
+
 #: Bytes only: a lower-case b (bits) is refused rather than read eight times too large.
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?B)?(?:/s)?\s*")
 
@@ -130,7 +135,8 @@ class PrimaryConfig:
     tls: TLSPaths | None = None
     insecure: bool = False
     node: str = field(default_factory=_default_node)
-    #: Payload bytes gathered into one WebSocket message while a secondary is behind.
+    #: Payload bytes gathered into one WebSocket message while a secondary is behind
+    #: (at most ``MAX_BATCH_BYTES``).
     batch_bytes: int = 1 << 20
     heartbeat_interval: float = 1.0
     #: A secondary whose host acknowledged nothing for this long (seconds;
@@ -198,6 +204,9 @@ class PrimaryConfig:
             problems.append(f"--poll-interval {self.poll_interval}: must be positive")
         if not 0 <= self.batch_delay <= 1:
             problems.append(f"batch-delay {self.batch_delay}: must be between 0 and 1 second")
+        if not 1 <= self.batch_bytes <= MAX_BATCH_BYTES:
+            # More would let a message of small records hold more frames than a secondary takes.
+            problems.append(f"batch-bytes {self.batch_bytes}: must be between 1 and {MAX_BATCH_BYTES}")
         if self.heartbeat_interval <= 0:
             problems.append(f"heartbeat interval {self.heartbeat_interval}: must be positive")
         if self.peer_timeout <= 0:
@@ -221,8 +230,9 @@ class SecondaryConfig:
     node: str = field(default_factory=_default_node)
     #: Optional HTTPS port answering GET /status.
     listen: Address | None = None
-    #: Messages received but not yet applied; bounds the secondary's memory.
-    queue_messages: int = 8
+    #: Received but not yet applied: bytes, each event counted with what it takes decoded
+    #: (``secondary._BatchQueue``); bounds the secondary's memory.
+    queue_bytes: int = 16 << 20
     reconnect_min: float = 0.2
     reconnect_max: float = 30.0
     max_frame: int = 64 << 20

@@ -1,9 +1,9 @@
 """The secondary: follows a primary and re-commits its transactions locally.
 
 One reader task receives WebSocket messages, runs them through the sans-IO
-``Connection`` and puts each message's stream events on a bounded queue; when
-the queue is full the reader stops reading and TCP pushes back on the
-primary.  One applier task hands each batch to the ``Applier`` (on the event
+``Connection`` and puts each message's stream events on a queue bounded by
+the memory they take (``_BatchQueue``); when the queue is full the reader
+stops reading and TCP pushes back on the primary.  One applier task hands each batch to the ``Applier`` (on the event
 loop when the batch is small, else in a worker thread) and acknowledges the
 last TID it made durable.  On any disconnect the
 open transaction is aborted and the secondary reconnects with capped,
@@ -119,6 +119,11 @@ INLINE_APPLY_BYTES = 4 << 20
 INLINE_BLOBS = 16
 
 
+#: Memory a decoded event takes besides its bytes fields (a ``Record`` about 150 bytes, a
+#: ``BlobChunk`` 90): what the apply queue counts for it (``_BatchQueue``).
+EVENT_MEMORY = 160
+
+
 @dataclass(slots=True)
 class _Batch:
     """The stream events of one or more messages, waiting to be applied."""
@@ -129,6 +134,8 @@ class _Batch:
     #: Applying them may block for long: they carry bytes of a blob bigger
     #: than ``INLINE_APPLY_BYTES``, whose file is fsynced once complete.
     stall: bool = False
+    #: What ``_BatchQueue`` counted for it while queued.
+    weight: int = 0
 
     def add(self, other: _Batch) -> None:
         self.events.extend(other.events)
@@ -148,6 +155,38 @@ class _Batch:
     def inline_with(self, other: _Batch) -> bool:
         """Whether this batch would still be ``inline`` with ``other`` added."""
         return self._quick(self.size + other.size, self.blobs + other.blobs, self.stall or other.stall)
+
+
+class _BatchQueue(asyncio.Queue):
+    """Batches received and not yet applied, bounded by the memory they take.
+
+    A count of messages bounded nothing: a message may hold one 64 MiB
+    record, or 65,536 one-byte blob chunks that take 6 MiB once decoded.
+    Each batch counts its bytes plus ``EVENT_MEMORY`` per event; ``put``
+    waits while the queue holds ``max_bytes`` or more, so an empty queue
+    takes any batch, however big, and a full one holds at most ``max_bytes``
+    plus one batch.  (``None``, the end, counts nothing.)
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def _put(self, item: _Batch | None) -> None:
+        if item is not None:
+            item.weight = item.size + EVENT_MEMORY * len(item.events)
+            self.bytes += item.weight
+        super()._put(item)
+
+    def _get(self) -> _Batch | None:
+        item = super()._get()
+        if item is not None:
+            self.bytes -= item.weight
+        return item
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
 
 
 class Backoff:
@@ -932,7 +971,7 @@ class Secondary:
                 else:
                     log.info("the primary sends transaction %s whole: what was kept of it is dropped",
                              tid_repr(offer[0]))
-            queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=cfg.queue_messages)
+            queue = _BatchQueue(cfg.queue_bytes)
             reader = asyncio.create_task(self._read_loop(ws, conn, queue), name="secondary-reader")
             applier = asyncio.create_task(self._apply_loop(ws, conn, queue), name="secondary-applier")
             self._ack_due.clear()

@@ -688,8 +688,13 @@ class Tailer:
         """All events of ``h`` at once if it is small and plain (``plain_records``), else None.
 
         The common commit, shipped without the generator and the per-record
-        reads of ``_txn_events``; the same events and digest.
+        reads of ``_txn_events``; the same events and digest.  Small: at most
+        ``WHOLE_TXN`` bytes, so that its events (one per 43 bytes at most) fit in
+        one message (``MAX_MESSAGE_FRAMES``); a bigger one is read event by event,
+        each counted against the message's budget.
         """
+        if h.tlen > WHOLE_TXN:
+            return None
         found = self._cur.view(h.pos, h.end - h.pos)  # type: ignore[union-attr]
         if found is None:
             return None

@@ -48,7 +48,7 @@ from .events import (
     TxnEnd,
     Welcome,
 )
-from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_event, new_packer
+from .framing import DEFAULT_MAX_FRAME, MAX_MESSAGE_FRAMES, FrameDecoder, encode_event, new_packer
 
 __all__ = ["Connection", "ConnectionState", "Role", "NEED_DATA"]
 
@@ -141,7 +141,9 @@ class Connection:
         self.role = role
         self.state = ConnectionState.HANDSHAKE
         self.max_frame = max_frame
-        self._decoder = FrameDecoder(max_frame=max_frame)
+        # Each message a secondary receives is fed whole: its frames are bounded.
+        self._decoder = FrameDecoder(max_frame=max_frame,
+                                     max_events=MAX_MESSAGE_FRAMES if role is Role.SECONDARY else None)
         self._pending: deque[Event] = deque()
         self._stream = _Stream()
         self._hello_sent = False
@@ -174,6 +176,9 @@ class Connection:
             return b"".join([self.send(event) for event in events])
         check, packer, room = self._stream.check, self._packer, self.max_frame - _FRAME_OVERHEAD
         try:
+            if len(events) > MAX_MESSAGE_FRAMES:
+                raise LocalProtocolError(f"{len(events)} events for one message; a secondary takes at most "
+                                         f"{MAX_MESSAGE_FRAMES}")
             for event in events:
                 kind = type(event)
                 check(event, LocalProtocolError)

@@ -18,12 +18,17 @@ import msgpack
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import EVENT_TYPES, PROTOCOL_VERSION, Event, Hello
 
-__all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME"]
+__all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME", "MAX_MESSAGE_FRAMES"]
 
 #: Largest frame accepted.  A frame holds at most one record's data, so this
 #: bounds the largest single object revision; blobs travel in 1 MiB chunks and
 #: are not limited by it.
 DEFAULT_MAX_FRAME = 64 << 20
+#: Frames one message of the stream may hold.  A decoded frame costs about 100-150 bytes of
+#: memory besides its data, so a primary could otherwise make a 64 MiB message of 1-byte blob
+#: chunks weigh gigabytes on its secondary.  A primary's messages hold at most about 41,000
+#: (``Tailer.read_events``: a 1 MiB budget at 64 bytes per event, plus one small transaction).
+MAX_MESSAGE_FRAMES = 1 << 16
 
 # Feeding the unpacker in slices keeps its buffer near one frame, whatever
 # the size of the message the bytes came in.
@@ -65,8 +70,10 @@ def encode_event(event: Event, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
 class FrameDecoder:
     """Turns bytes, split anyhow, into events; raises ``RemoteProtocolError`` on bad input."""
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, max_events: int | None = None) -> None:
         self.max_frame = max_frame
+        #: Events one ``feed`` may return at most (one message's), if bounded.
+        self.max_events = max_events
         self._unpacker = msgpack.Unpacker(
             raw=False,
             use_list=True,
@@ -95,10 +102,14 @@ class FrameDecoder:
         return events
 
     def _drain(self, events: list[Event]) -> None:
+        limit = self.max_events
         try:
             # Iterating stops quietly at the end of the buffered bytes.
             for frame in self._unpacker:
                 events.append(decode_frame(frame))
+                if limit is not None and len(events) > limit:
+                    raise RemoteProtocolError(f"a message of more than {limit} frames (the limit: each costs "
+                                              "memory besides its bytes)")
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
             # msgpack reports over-limit lengths as ValueError.
             # msgpack's FormatError (a byte no msgpack value starts with) says little or nothing

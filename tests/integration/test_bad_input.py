@@ -22,7 +22,17 @@ from aiohttp import web
 from replicator.config import Address, SecondaryConfig
 from replicator.errors import TLSError, TransportError
 from replicator.integrity import TxnDigest
-from replicator.protocol import PROTOCOL_VERSION, Ack, Hello, Record, Reject, TxnBegin, TxnEnd, Welcome
+from replicator.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    BlobChunk,
+    Hello,
+    Record,
+    Reject,
+    TxnBegin,
+    TxnEnd,
+    Welcome,
+)
 from replicator.protocol.framing import DEFAULT_MAX_FRAME, decode_frame, encode_event
 from replicator.secondary import Secondary
 from replicator.transport import client_ssl_context, server_ssl_context, start_server, stop_server
@@ -288,15 +298,29 @@ async def _deflate_bomb(ws, hello):
 _deflate_bomb.compress = True  # type: ignore[attr-defined]
 
 
+async def _tiny_chunks(ws, hello):
+    """A blob in one-byte chunks, more to a message than a primary ever sends: decoded, each
+    would take ~90 bytes, and a 64 MiB message of them gigabytes."""
+    from replicator.protocol.framing import MAX_MESSAGE_FRAMES
+
+    tid = (int.from_bytes(hello.last_tid, "big") + 1000).to_bytes(8, "big")
+    await ws.send_bytes(encode_event(TxnBegin(tid, hello.last_tid, " ", b"u", b"d", b"")) + encode_event(
+        Record(b"\0" * 7 + b"\1", b"blobpickle", None, blob_size=1 << 30)))
+    await ws.send_bytes(encode_event(BlobChunk(b"x")) * (MAX_MESSAGE_FRAMES + 1))
+
+
 _bad_digest.refused_for = "digest mismatch"  # type: ignore[attr-defined]
 _garbage.refused_for = "RemoteProtocolError: malformed frame: bytes that are not msgpack"  # type: ignore[attr-defined]
 _broken_chain.refused_for = "RemoteProtocolError: TxnBegin 00000000000003ed follows 0000000000000005"  # type: ignore[attr-defined]
 _cut_mid_transaction.refused_for = "TransportError: primary closed the connection"  # type: ignore[attr-defined]
 _deflate_bomb.refused_for = "RemoteProtocolError: the primary sent a message over the"  # type: ignore[attr-defined]
+_tiny_chunks.refused_for = "RemoteProtocolError: a message of more than 65536 frames"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("script", [_bad_digest, _garbage, _broken_chain, _cut_mid_transaction, _deflate_bomb],
-                         ids=["bad-digest", "garbage", "broken-chain", "cut-mid-transaction", "deflate-bomb"])
+@pytest.mark.parametrize("script", [_bad_digest, _garbage, _broken_chain, _cut_mid_transaction, _deflate_bomb,
+                                    _tiny_chunks],
+                         ids=["bad-digest", "garbage", "broken-chain", "cut-mid-transaction", "deflate-bomb",
+                              "tiny-chunks"])
 def test_secondary_survives_a_hostile_primary_with_data_unchanged(source, tls_dir, script):
     """First replicate for real, then point the secondary at a hostile primary."""
     async def scenario() -> None:

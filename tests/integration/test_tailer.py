@@ -930,3 +930,51 @@ def test_the_head_of_a_file_cut_below_what_was_scanned_is_damage(tmp_path):
         os.truncate(path, os.path.getsize(path) - 10)
         with pytest.raises(SourceRewrittenError, match="read from this file before, is no longer in it"):
             tailer.head()
+
+
+def test_no_message_holds_more_frames_than_a_secondary_takes(tmp_path):
+    """Transactions of many one-byte records, read with the largest budget a primary may have:
+    each batch fits in one message a secondary accepts (MAX_MESSAGE_FRAMES), the transaction
+    of ~1 MiB read whole included, and every record arrives."""
+    from replicator.config import MAX_BATCH_BYTES
+    from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Role, Welcome
+    from replicator.protocol.framing import MAX_MESSAGE_FRAMES
+
+    path = str(tmp_path / "Data.fs")
+    fs = FileStorage(path)
+    sizes = [100_000, 24_000, 3]  # 4.3 MB; just under 1 MiB (WHOLE_TXN): plain, read whole; tiny
+    for n in sizes:
+        t = TransactionMetaData()
+        fs.tpc_begin(t)
+        for _ in range(n):
+            fs.store(fs.new_oid(), z64, b"x", "", t)
+        fs.tpc_vote(t)
+        fs.tpc_finish(t)
+    fs.close()
+    primary, secondary = Connection(Role.PRIMARY), Connection(Role.SECONDARY)
+    primary.receive_data(secondary.send(Hello(PROTOCOL_VERSION, "s", Z64, None)))
+    secondary.receive_data(primary.send(Welcome(PROTOCOL_VERSION, "p", 0, Z64, Z64)))
+    counts, records = [], 0
+    with Tailer(path) as tailer:
+        while events := tailer.read_events(MAX_BATCH_BYTES):
+            counts.append(len(events))
+            secondary.receive_data(primary.send_stream(events))
+            records += sum(type(e) is Record for e in secondary.events())
+    assert records == sum(sizes)
+    assert max(counts) <= MAX_MESSAGE_FRAMES, counts
+    assert len(counts) > 3, counts  # the big one came in several messages
+
+
+def test_a_primary_gathers_at_most_max_batch_bytes_per_message(tmp_path):
+    from replicator.config import MAX_BATCH_BYTES, Address, PrimaryConfig
+    from replicator.errors import ConfigError
+
+    path = tmp_path / "Data.fs"
+    FileStorage(str(path)).close()
+    def config(batch_bytes: int) -> PrimaryConfig:
+        return PrimaryConfig(storage=str(path), listen=Address("127.0.0.1", 0), insecure=True,
+                             batch_bytes=batch_bytes)
+
+    config(MAX_BATCH_BYTES).validate()
+    with pytest.raises(ConfigError, match=f"batch-bytes {MAX_BATCH_BYTES + 1}: must be between 1 and"):
+        config(MAX_BATCH_BYTES + 1).validate()

@@ -344,3 +344,29 @@ def test_decoder_alone_handles_many_frames_in_one_feed():
     dec = FrameDecoder()
     frames = [Heartbeat(tid(i), float(i)) for i in range(1000)]
     assert list(dec.feed(b"".join(encode_event(f) for f in frames))) == frames
+
+
+def test_a_message_of_more_frames_than_a_secondary_takes_is_refused():
+    """One-byte blob chunks cost ~90 bytes of memory each once decoded: a 64 MiB message of
+    them would take gigabytes.  A secondary refuses a message of more than MAX_MESSAGE_FRAMES
+    frames before decoding the rest, and a primary never sends one."""
+    from replicator.protocol.framing import MAX_MESSAGE_FRAMES
+
+    primary, secondary = handshake()
+    begin = TxnBegin(tid(1), Z64, " ", b"", b"", b"")
+    blob = Record(b"\0" * 7 + b"\1", b"blobpickle", None, blob_size=10 * MAX_MESSAGE_FRAMES)
+    secondary.receive_data(primary.send_stream([begin, blob]))
+    chunks = [BlobChunk(b"x")] * MAX_MESSAGE_FRAMES
+    secondary.receive_data(b"".join(encode_event(c) for c in chunks))  # the limit itself is fine
+    assert len(secondary.events()) == 2 + MAX_MESSAGE_FRAMES
+    with pytest.raises(RemoteProtocolError, match=f"more than {MAX_MESSAGE_FRAMES} frames"):
+        secondary.receive_data(b"".join(encode_event(c) for c in chunks + chunks))
+    assert secondary.state is ConnectionState.ERROR
+    with pytest.raises(LocalProtocolError, match=f"at most {MAX_MESSAGE_FRAMES}"):
+        primary.send_stream(chunks + [BlobChunk(b"x")])
+    # Only a message is bounded, not a stream: the same frames fed one message at a time pass.
+    primary, secondary = handshake()
+    secondary.receive_data(primary.send_stream([begin, blob]))
+    for _ in range(3):
+        secondary.receive_data(primary.send_stream(chunks[:MAX_MESSAGE_FRAMES // 2]))
+    assert len(secondary.events()) == 2 + 3 * (MAX_MESSAGE_FRAMES // 2)
