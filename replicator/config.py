@@ -232,7 +232,7 @@ class SecondaryConfig:
     listen: Address | None = None
     #: Received but not yet applied: bytes, each event counted with what it takes decoded
     #: (``secondary._BatchQueue``); bounds the secondary's memory.
-    queue_bytes: int = 16 << 20
+    queue_bytes: int = 8 << 20
     reconnect_min: float = 0.2
     reconnect_max: float = 30.0
     max_frame: int = 64 << 20
