@@ -289,10 +289,20 @@ def secondary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_
 @click.option("--tls-cert", default=None, help="A certificate of the cluster to present.")
 @click.option("--tls-key", default=None, help="Its private key.")
 @click.option("--insecure", is_flag=True, default=False, help="Plain http.")
-@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
-def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json) -> None:
-    """Show the status of the nodes at URLS (HOST:PORT or https://HOST:PORT)."""
-    from .status import fetch_all, render
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print JSON: each node's own status, with the alarms found in it.")
+@click.option("--max-lag", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Flag as lagging a secondary more than this many seconds behind its primary.")
+def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json, max_lag) -> None:
+    """Show the status of the nodes at URLS (HOST:PORT or https://HOST:PORT).
+
+    Exits 0 when every node answered and none shows an alarm, 6 when a node
+    could not be reached, and 8 when one shows an alarm (flagged in brackets
+    on its first line: fenced, stale, synchronous replication degraded, a
+    secondary stopped or disconnected, a primary that no secondary follows,
+    a lag past --max-lag, a certificate close to expiry).
+    """
+    from .status import alarms, fetch_all, render
 
     tls = None if insecure else _tls(tls_ca, tls_cert, tls_key)
     if tls is None and not insecure:
@@ -301,12 +311,18 @@ def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json) -> None:
         results = asyncio.run(fetch_all(list(urls), tls, insecure))
     except ReplicatorError as exc:
         _fail(exc)
+    now = time.time()
+    found = [[] if r.get("unreachable") else alarms(r, now, max_lag) for r in results]
     if as_json:
-        click.echo(json.dumps(results, indent=2, sort_keys=True))
+        shown = [r if r.get("unreachable") else {**r, "alarms": [{"flag": flag, "text": text} for flag, text in a]}
+                 for r, a in zip(results, found, strict=True)]
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
     else:
-        click.echo(render(results, now=time.time()))
+        click.echo(render(results, now=now, max_lag=max_lag))
     if any("error" in r and r.get("unreachable") for r in results):
         sys.exit(6)
+    if any(found):
+        sys.exit(8)
 
 
 @cli.command()

@@ -15,7 +15,7 @@ from .config import TLSPaths
 from .protocol.events import printable
 from .transport import client_ssl_context, request_error
 
-__all__ = ["fetch_all", "render", "size_text"]
+__all__ = ["alarms", "fetch_all", "render", "size_text"]
 
 
 def _url(text: str, insecure: bool) -> str:
@@ -66,39 +66,59 @@ def size_text(n: int | None) -> str:
     return f"{n} B"
 
 
-def _alarms(r: dict, now: float) -> list[tuple[str, str]]:
+def alarms(r: dict, now: float, max_lag: float | None = None) -> list[tuple[str, str]]:
     """The states an operator must not miss, as (flag, line): no writes, no synchronous commits,
-    a certificate about to expire."""
-    alarms = []
+    nothing replicated (a secondary stopped or disconnected, a primary nobody follows), a lag past
+    ``max_lag`` seconds, a certificate about to expire. ``replicator status`` exits 8 on any."""
+    found: list[tuple[str, str]] = []
     if r.get("stale"):
-        alarms.append(("STALE", "takes no writes and streams to nobody: "
+        found.append(("STALE", "takes no writes and streams to nobody: "
                                 f"{r.get('fenced') or 'a newer epoch exists'}"))
     elif r.get("fenced") and r.get("superseded"):
-        alarms.append(("SUPERSEDED", f"takes no writes for good: {r['fenced']}; then superseded "
+        found.append(("SUPERSEDED", f"takes no writes for good: {r['fenced']}; then superseded "
                                      f"{r['superseded']}, so its fence cannot be undone"))
     elif r.get("fenced"):
-        alarms.append(("FENCED", f"takes no writes: {r['fenced']}"))
+        found.append(("FENCED", f"takes no writes: {r['fenced']}"))
     sync = r.get("sync") or {}
     if sync.get("count") and sync.get("degraded"):
-        alarms.append(("SYNC DEGRADED", "commits return unreplicated (asynchronous) until enough secondaries are "
+        found.append(("SYNC DEGRADED", "commits return unreplicated (asynchronous) until enough secondaries are "
                                         f"connected again (needs {_sync_quorum(sync)}): "
                                         f"{sync.get('async_commits', 0)} commits so far, "
                                         f"{sync.get('timeouts', 0)} timed out"))
     if sync.get("count") and sync.get("waiting"):
-        alarms.append(("SYNC WAITING", f"{sync['waiting']} commit(s) wait past sync-timeout for acknowledgements "
+        found.append(("SYNC WAITING", f"{sync['waiting']} commit(s) wait past sync-timeout for acknowledgements "
                                        f"(needs {_sync_quorum(sync)}; fallback wait): their clients are held, and "
                                        "new commits queue behind them, until enough secondaries connect and "
                                        "acknowledge"))
-    alarms.extend(("CERTIFICATE", text) for text in _certificate_alarms(r.get("tls") or {}, now))
+    if r.get("role") == "secondary":
+        if r.get("error"):
+            found.append(("STOPPED", f"follows no primary until an operator acts: {r['error']}"))
+        elif not r.get("connected"):
+            why = r.get("last_error") or "no connection yet"
+            found.append(("DISCONNECTED", f"not connected to its primary {r.get('primary')}, so nothing new is "
+                                           f"replicated here: {why}"))
+        lag = r.get("lag_seconds")
+        if max_lag is not None and lag is not None and lag > max_lag:
+            found.append(("LAGGING", f"{lag:.1f}s behind its primary (more than --max-lag {max_lag:g})"))
+    elif r.get("role") == "primary" and not r.get("fenced") and not r.get("stale"):
+        peers = r.get("secondaries") or []
+        if not peers:
+            found.append(("NO SECONDARY", "no secondary is connected: its commits are replicated nowhere"))
+        for peer in peers:
+            lag = peer.get("lag_seconds")
+            if max_lag is not None and lag is not None and lag > max_lag:
+                found.append(("LAGGING", f"secondary {peer.get('node')} is {lag:.1f}s behind "
+                                          f"(more than --max-lag {max_lag:g})"))
+    found.extend(("CERTIFICATE", text) for text in _certificate_alarms(r.get("tls") or {}, now))
     for peer in r.get("secondaries") or []:
         not_after = peer.get("certificate_not_after")
         if not_after is not None and (not_after - now) / 86400 < CERTIFICATE_ALARM_DAYS:
             days = (not_after - now) / 86400
             when = f"expired on {_day(not_after)}" if days <= 0 else \
                 f"expires in {days:.0f} days ({_day(not_after)})"
-            alarms.append(("CERTIFICATE", f"the certificate of secondary {peer.get('node')} {when}: renew it "
+            found.append(("CERTIFICATE", f"the certificate of secondary {peer.get('node')} {when}: renew it "
                                           "on that node"))
-    return alarms
+    return found
 
 
 #: ``replicator status`` flags a certificate or CA expiring sooner than this.
@@ -195,7 +215,7 @@ def _refused(r: dict) -> list[str]:
     return lines
 
 
-def render(results: list[dict], now: float) -> str:
+def render(results: list[dict], now: float, max_lag: float | None = None) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
     for r in results:
@@ -203,10 +223,10 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
             lines.append("")
             continue
-        alarms = _alarms(r, now)
-        flags = "".join(f" [{flag}]" for flag in dict.fromkeys(flag for flag, _ in alarms))
+        found = alarms(r, now, max_lag)
+        flags = "".join(f" [{flag}]" for flag in dict.fromkeys(flag for flag, _ in found))
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
-        lines.extend(f"  {flag:<13} {text}" for flag, text in alarms)
+        lines.extend(f"  {flag:<13} {text}" for flag, text in found)
         lines.append(f"  last tid      {r['last_tid']}  committed {_when(r.get('last_tid_time'))}")
         if r["role"] == "primary":
             if r.get("promoted"):
@@ -245,9 +265,9 @@ def render(results: list[dict], now: float) -> str:
             lines.append(f"  primary tid   {r.get('primary_last_tid')}")
             lines.append(f"  lag           {_secondary_lag(r, now)}   applied {r.get('transactions_applied')} "
                          f"txns, received {size_text(r.get('bytes_received'))}")
-            if r.get("error"):  # refused for good, holding its port open to say so (inside a ZEO server)
-                lines.append(f"  STOPPED       {r['error']}")
-            elif r.get("last_error"):
+            # Refused for good (holding its port open to say so, inside a ZEO server), it is flagged
+            # [STOPPED] above with its error.
+            if not r.get("error") and r.get("last_error"):
                 lines.append(f"  last error    {r['last_error']}")
             if r.get("secondaries"):  # a relay: secondaries follow this one
                 lines.extend(_followers(r["secondaries"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -12,7 +13,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 
 from replicator.config import Address, PrimaryConfig
-from replicator.status import render
+from replicator.status import alarms, render
 from replicator.wrappers import PrimaryStorage
 from tests.helpers import (
     REPLICATOR,
@@ -39,9 +40,10 @@ def test_an_embedded_primary_shows_fenced_and_sync_degraded(tmp_path, tls_dir):
     try:
         node = f"127.0.0.1:{storage.port}"
         shown = run("status", node, *tls_args(tls_dir, "secondary"))
-        assert shown.returncode == 0, shown.stderr
+        assert shown.returncode == 8, shown.stderr  # alarms: a monitoring check needs no parsing
         lines = shown.stdout.splitlines()
-        assert lines[0] == f"https://{node}/status: primary p [SYNC DEGRADED]  storage {tmp_path / 'p.fs'}"
+        assert lines[0] == (f"https://{node}/status: primary p [SYNC DEGRADED] [NO SECONDARY]  "
+                            f"storage {tmp_path / 'p.fs'}")
         assert lines[1].startswith("  SYNC DEGRADED commits return unreplicated (asynchronous) until enough "
                                    "secondaries are connected again (needs 1 of standby): 1 commits so far, "
                                    "1 timed out"), shown.stdout
@@ -114,8 +116,13 @@ def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_
         assert "   epoch 0\n" in shown, shown
         assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
         shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
-        assert shown.returncode == 0, shown.stderr
+        assert shown.returncode == 8, shown.stderr  # an alarm
         assert f"127.0.0.1:{port}/status: primary primary [FENCED]  storage" in shown.stdout
+        as_json = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", "--json",
+                      *tls_args(tls_dir, "secondary"))
+        assert as_json.returncode == 8, as_json.stderr
+        assert [node["alarms"] for node in json.loads(as_json.stdout)] == [
+            [{"flag": "FENCED", "text": "takes no writes: fenced by an operator"}], []]
         assert "  FENCED        takes no writes: fenced by an operator\n" in shown.stdout
         assert "  writes  " not in shown.stdout  # the fence says it
         assert f"127.0.0.1:{status_port}/status: secondary secondary  storage" in shown.stdout
@@ -160,7 +167,7 @@ def test_what_a_node_says_of_itself_cannot_drive_the_terminal():
               "epoch": 1}
     shown = render([status], now=time.time())
     assert "\x1b" not in shown and "\r" not in shown, shown
-    assert "primary old\\x1b[2J\\x1b[32mALL HEALTHY  storage /d/Data.fs\\rforged" in shown, shown
+    assert "primary old\\x1b[2J\\x1b[32mALL HEALTHY [NO SECONDARY]  storage /d/Data.fs\\rforged" in shown, shown
 
 
 def test_a_sidecar_primary_names_the_process_that_takes_its_writes():
@@ -173,3 +180,35 @@ def test_a_sidecar_primary_names_the_process_that_takes_its_writes():
         endswith("   epoch 3"), shown
     # An embedded primary takes its own writes: no such line.
     assert "  writes  " not in render([{**status, "sidecar": False, "writer": None}], now=time.time())
+
+
+def test_a_node_that_replicates_nothing_is_flagged():
+    """Stopped or disconnected secondaries, a primary nobody follows and, past --max-lag, a lag:
+    the first line flags each, a line says why, and ``replicator status`` exits 8."""
+    now = time.time()
+    secondary = {"url": "https://s:8101/status", "role": "secondary", "node": "s", "storage": "/d/Data.fs",
+                 "last_tid": "00" * 8, "last_tid_time": 0.0, "primary": "p:8100", "connected": True,
+                 "lag_seconds": 12.5}
+    assert alarms(secondary, now) == []
+    assert alarms(secondary, now, max_lag=20) == []
+    assert alarms(secondary, now, max_lag=10) == [("LAGGING", "12.5s behind its primary (more than --max-lag 10)")]
+    away = {**secondary, "connected": False, "last_error": "TransportError: connection refused"}
+    lines = render([away], now).splitlines()
+    assert lines[0] == "https://s:8101/status: secondary s [DISCONNECTED]  storage /d/Data.fs", lines
+    assert lines[1] == ("  DISCONNECTED  not connected to its primary p:8100, so nothing new is replicated here: "
+                        "TransportError: connection refused"), lines
+    stopped = {**away, "error": "diverged: the primary's history differs"}
+    lines = render([stopped], now).splitlines()
+    assert lines[0].endswith(" [STOPPED]  storage /d/Data.fs"), lines
+    assert lines[1] == "  STOPPED       follows no primary until an operator acts: diverged: the primary's history differs"
+    assert sum("diverged" in line for line in lines) == 1, lines  # said once
+
+    primary = {"url": "https://p:8100/status", "role": "primary", "node": "p", "storage": "/d/Data.fs",
+               "last_tid": "00" * 8, "last_tid_time": 0.0, "secondaries": [], "epoch": 0}
+    assert alarms(primary, now) == [("NO SECONDARY", "no secondary is connected: its commits are replicated nowhere")]
+    # A fenced primary streams to secondaries only to hand over: having none is no news.
+    assert [flag for flag, _ in alarms({**primary, "fenced": "fenced by an operator"}, now)] == ["FENCED"]
+    followed = {**primary, "secondaries": [{"node": "s", "peer": "10.0.0.2:4000", "acked_tid": "00" * 8,
+                                            "lag_seconds": 3.0, "lag_transactions": 9}]}
+    assert alarms(followed, now) == [] and alarms(followed, now, max_lag=5) == []
+    assert alarms(followed, now, max_lag=2) == [("LAGGING", "secondary s is 3.0s behind (more than --max-lag 2)")]
