@@ -453,6 +453,10 @@ class SessionStats:
     abort: Callable[[], None] | None = None
     #: Set when a newer connection of the same secondary replaced this one.
     replaced: bool = False
+    #: Why the session ended, for its last log line; ``quiet`` when it ended as planned (a
+    #: goodbye, this primary stopping), which is no warning.
+    ended: str = "the connection closed"
+    quiet: bool = False
     #: When the certificate it presented expires (Unix time), with TLS.
     certificate_not_after: float | None = None
 
@@ -1289,7 +1293,7 @@ class Primary:
                 await self._ack_loop(ws, conn, stats)
                 sender.cancel()
         except* RemoteProtocolError as group_exc:
-            log.warning("secondary %s broke the protocol: %s", peer, _leaf(group_exc))
+            stats.ended = f"it broke the protocol: {_leaf(group_exc)}"
             await ws.close(code=1002, message=b"protocol error")
         except* CorruptedSourceError as group_exc:
             exc = _leaf(group_exc)
@@ -1300,16 +1304,16 @@ class Primary:
             else:
                 self._fail(exc)
         except* SecondaryGoneError as group_exc:
-            log.warning("%s", _leaf(group_exc))
+            stats.ended = str(_leaf(group_exc))
             self.silent_dropped += 1
         except* (TimeoutError, ConnectionError) as group_exc:
-            log.info("secondary %s disconnected: %s", peer, _leaf(group_exc))
+            stats.ended = f"the connection broke: {_leaf(group_exc) or type(_leaf(group_exc)).__name__}"
         except* SourceReplacedError as group_exc:
             # A routine pack, not damage: the secondary drops the transaction
             # under way and reconnects, and the handshake finds its place in
             # the packed file.
             reason = getattr(_leaf(group_exc), "message", "the storage was packed")
-            log.info("ending the stream to %s: %s", peer, reason)
+            stats.ended, stats.quiet = f"ending the stream: {reason} (it resumes in the packed file)", True
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("packed", reason)))
         except* ReplicatorError as group_exc:
@@ -1327,8 +1331,21 @@ class Primary:
             if not ws.closed:
                 await ws.close()
             if served:  # a refusal was logged as such (and not again at every retry)
-                log.info("session with %s ended at acked %s", peer, tid_repr(stats.acked_tid))
+                self._log_session_end(stats)
         return ws
+
+    def _log_session_end(self, stats: SessionStats) -> None:
+        """Say why a secondary's session ended and, when no secondary is left, that the
+        primary's commits are replicated nowhere: an operator sees a lost secondary at once."""
+        stopping = self._stopping.is_set()
+        why = "this node is stopping" if stopping and not stats.quiet else stats.ended
+        still = len(self.sessions)
+        left = f"{still} secondar{'y' if still == 1 else 'ies'} still connected"
+        quiet = stats.quiet or stopping
+        log.log(logging.INFO if quiet else logging.WARNING, "session with secondary %s (%s) ended at acked %s: %s; %s",
+                stats.node, stats.peer, tid_repr(stats.acked_tid), why, left)
+        if not still and not quiet and not self.relay and self.fenced is None and not self.stale:
+            log.warning("no secondary is connected now: commits are replicated nowhere until one connects again")
 
     def _claim(self, key: int, stats: SessionStats, hello: Hello) -> Reject | None:
         """Take the secondary's node name for this connection, or say why not.
@@ -1675,6 +1692,7 @@ class Primary:
                                          "its last transaction when it connects again)") from None
             silent_looks = 0
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) or stats.replaced:
+                stats.ended = "it closed the connection without a goodbye"
                 return
             if msg.type is WSMsgType.ERROR:
                 raise RemoteProtocolError(f"bad WebSocket message: {ws.exception()}")
@@ -1689,5 +1707,7 @@ class Primary:
                     while stats.in_flight and stats.in_flight[0][0] <= event.tid:
                         stats.acked_ordinal = stats.in_flight.popleft()[1]
                 elif isinstance(event, Goodbye):
-                    log.info("secondary %s said goodbye: %s", stats.node, event.message)
+                    # Stopping is planned; a storage failure on its side is news.
+                    stats.ended = f"it said goodbye ({event.code}): {event.message}"
+                    stats.quiet = event.code == "shutdown"
                     return

@@ -87,6 +87,9 @@ STALL_LOOK = 1.0
 log = logging.getLogger("replicator.secondary")
 
 #: Reject codes after which retrying cannot help: an operator must act.
+#: Seconds a goodbye to the primary may take to send (a closed window would hold it for ever).
+GOODBYE_WAIT = 1.0
+
 FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign"}
 
 
@@ -938,6 +941,9 @@ class Secondary:
             log.warning("the primary at %s did not agree to compress the stream; it comes uncompressed",
                         cfg.primary)
         resume_tid, resume_bytes, resume_records = offer or (None, 0, 0)
+        # Said to the primary when this node ends a working session itself, so that its
+        # log tells a planned stop (INFO) from a lost secondary (WARNING).
+        farewell: Goodbye | None = None
         try:
             await ws.send_bytes(conn.send(Hello(
                 PROTOCOL_VERSION, cfg.node, last_tid, identity.digest if identity else None, epoch,
@@ -997,9 +1003,18 @@ class Secondary:
                 error = None if task.cancelled() else task.exception()
                 if error is not None:
                     raise error
+        except asyncio.CancelledError:
+            farewell = Goodbye("shutdown", "secondary stopping")
+            raise
+        except StorageError as exc:
+            farewell = Goodbye("error", f"local storage failed: {exc}; it retries")
+            raise
         finally:
             self._ws = None
             if not ws.closed:
+                if farewell is not None and conn.state is ConnectionState.STREAMING:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(ws.send_bytes(conn.send(farewell)), GOODBYE_WAIT)
                 await ws.close()
 
     async def _check_epoch(self, welcome: Welcome, ours: int) -> None:

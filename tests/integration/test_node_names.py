@@ -16,7 +16,7 @@ import time
 import aiohttp
 
 from replicator.metrics import render_metrics
-from replicator.protocol import PROTOCOL_VERSION, Connection, Hello, Reject, Role, Welcome
+from replicator.protocol import PROTOCOL_VERSION, Connection, Goodbye, Hello, Reject, Role, Welcome
 from replicator.status import render
 from replicator.tid import Z64
 from replicator.transport import client_ssl_context, connect_ws
@@ -146,3 +146,73 @@ def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path
     assert any("connected again" in r.getMessage() and "dropping its previous connection" in r.getMessage()
                for r in caplog.records)
     assert_equal(tmp_path)
+
+
+def test_a_lost_secondary_is_a_warning_that_says_why_and_a_goodbye_is_not(tmp_path, tls_dir, caplog):
+    """An operator learns at once that a secondary went away, why, and when none is left: the
+    primary's commits are then replicated nowhere.  A secondary that says goodbye (it is being
+    stopped) ends its session quietly."""
+    db, work = make_source(tmp_path, 5)
+
+    async def session(http, ctx, port: int, node: str, goodbye: bool) -> None:
+        ws = await connect_ws(http, f"wss://127.0.0.1:{port}/replicate", ctx, max_msg_size=1 << 26)
+        conn = Connection(Role.SECONDARY)
+        await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, node, Z64, None, 0, " ", None, None)))
+        conn.receive_data((await ws.receive(timeout=10)).data)
+        assert isinstance(conn.next_event(), Welcome)
+        if goodbye:
+            await ws.send_bytes(conn.send(Goodbye("shutdown", "secondary stopping")))
+        await ws.close()
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            ctx = client_ssl_context(tls_dir / "ca.pem", tls_dir / "secondary.pem", tls_dir / "secondary.key")
+            async with aiohttp.ClientSession() as http:
+                await session(http, ctx, primary.port, "polite", goodbye=True)
+                await until(lambda: not primary.sessions, what="the first session's end")
+                await session(http, ctx, primary.port, "gone", goodbye=False)
+                await until(lambda: not primary.sessions, what="the second session's end")
+                await asyncio.sleep(0.2)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="replicator.primary"):
+            asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+    ended = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("session with") or r.getMessage().startswith("no secondary")]
+    assert len(ended) == 3, ended  # two ends, one warning, and the primary's stop said nothing more
+    assert ended[0][0] == "INFO" and re.fullmatch(
+        r"session with secondary polite \(127\.0\.0\.1:\d+ \(certificate secondary\)\) ended at acked \S+.*: "
+        r"it said goodbye \(shutdown\): secondary stopping; 0 secondaries still connected", ended[0][1]), ended
+    assert ended[1][0] == "WARNING" and ended[1][1].startswith("session with secondary gone ("), ended
+    assert ended[1][1].endswith(": it closed the connection without a goodbye; "
+                                "0 secondaries still connected"), ended
+    assert ended[2:] == [("WARNING", "no secondary is connected now: commits are replicated nowhere until one "
+                                     "connects again")], ended
+
+
+def test_a_secondary_being_stopped_says_goodbye(tmp_path, tls_dir, caplog):
+    """Stopping a secondary (SIGTERM cancels its task) is planned: it tells the primary, whose
+    log says so at INFO instead of warning of a lost secondary."""
+    db, work = make_source(tmp_path, 5)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port, name="dst") as (secondary, _):
+                await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
+            await until(lambda: not primary.sessions, what="the session's end")
+
+    try:
+        with caplog.at_level(logging.INFO, logger="replicator.primary"):
+            asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+    ended = [r for r in caplog.records if r.getMessage().startswith("session with")]
+    assert len(ended) == 1, [r.getMessage() for r in ended]
+    assert ended[0].levelname == "INFO", ended[0].getMessage()
+    assert ended[0].getMessage().endswith(": it said goodbye (shutdown): secondary stopping; "
+                                          "0 secondaries still connected"), ended[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
