@@ -81,6 +81,9 @@ __all__ = ["Primary", "ChangeNotifier"]
 
 log = logging.getLogger("replicator.primary")
 
+#: Seconds between a sidecar's looks for the process that writes its storage (its ZEO server).
+WRITER_LOOK = 5.0
+
 HELLO_TIMEOUT = 10.0
 #: Largest message a secondary may send: a Hello (under a kilobyte) or its
 #: acknowledgements (a dozen bytes each).  The stream's own limit would let
@@ -708,6 +711,8 @@ class Primary:
                 file_events=cfg.file_events and not self.notifier.every_commit_notified), name="tail-poller"),
             asyncio.create_task(self._track_head(), name="head-tracker"),
         ]
+        if self.sidecar and not self.relay:
+            self._tasks.append(asyncio.create_task(self._watch_writer(), name="writer-watch"))
         logging.getLogger(f"replicator.{self.role}").info(
             "%s %s serving %s on %s:%s (%s); head %s", self.role, cfg.node, cfg.storage, cfg.listen.host,
             self.port, "INSECURE plaintext" if cfg.insecure else "mutual TLS", tid_repr(self.head_tid))
@@ -1179,6 +1184,27 @@ class Primary:
             "refusals": dict(self.refusals),
             "silent_secondaries_dropped": self.silent_dropped,
         }
+
+    async def _watch_writer(self) -> None:
+        """A sidecar replicates what the ZEO server beside it commits: say which process that is,
+        and warn when it goes away (nothing new will come), as its status shows."""
+        storage, known, first = self.config.storage, None, True
+        while True:
+            if self.storage_lock is not None:
+                known = None  # fenced: this process holds the lock, and says so
+            else:
+                writer = await asyncio.to_thread(storage_writer, storage)
+                if writer is None and known is not None:
+                    log.warning("%s no longer has %s open for writing (its ZEO server stopped?): there is "
+                                "nothing new to replicate until one opens it again", known, storage)
+                elif writer is None and first:
+                    log.info("no process has %s open for writing yet: this primary streams what its ZEO "
+                             "server commits once one runs", storage)
+                elif writer is not None and writer != known:
+                    log.info("%s has %s open for writing%s", writer, storage, "" if first else " now")
+                known = writer
+            first = False
+            await asyncio.sleep(WRITER_LOOK)
 
     def _writes_status(self) -> dict:
         """Whether this node takes writes: an embedding server's do while it is not fenced; a

@@ -48,11 +48,11 @@ def make_source(tmp_path: Path, transactions: int, seed: int = 1) -> tuple[ZODB.
 
 
 @contextlib.asynccontextmanager
-async def running_primary(tmp_path: Path, tls_dir: Path, **overrides):
+async def running_primary(tmp_path: Path, tls_dir: Path, sidecar: bool = False, **overrides):
     config = PrimaryConfig(storage=str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs"),
                            tls=tls(tls_dir, "primary"), node="p",
                            **{"listen": Address("127.0.0.1", 0), "heartbeat_interval": 0.2, **overrides})
-    primary = Primary(config.validate())
+    primary = Primary(config.validate(), sidecar=sidecar)
     await primary.start()
     try:
         yield primary
