@@ -11,28 +11,62 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 __all__ = ["Throttle"]
 
+#: A key is kept at least this long (seconds) after it was said, whatever its interval: a caller
+#: may ask for a longer interval the next time.
+MIN_KEEP = 60.0
+
 
 class Throttle:
-    """``due(key)``: whether to say it now, and how many times it went unsaid since."""
+    """``due(key)``: whether to say it now, and how many times it went unsaid since.
 
-    def __init__(self, interval: float) -> None:
+    Keys come from the network (a refused host's address), so what is kept of
+    them is bounded: a key whose interval (and ``MIN_KEEP``) has passed with
+    nothing unsaid is forgotten (its next occurrence is said at once, as it
+    would be anyway),
+    and beyond ``max_keys`` the oldest go first, their unsaid counts with them.
+    """
+
+    def __init__(self, interval: float, max_keys: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
-        self._said: dict[Hashable, float] = {}
+        self.max_keys = max_keys
+        self._clock = clock
+        #: When each key was last said, and the interval it was said with (insertion order: oldest first).
+        self._said: dict[Hashable, tuple[float, float]] = {}
         self._unsaid: collections.Counter[Hashable] = collections.Counter()
+        self._pruned = clock()
 
     def due(self, key: Hashable, interval: float | None = None) -> int | None:
         """None: keep quiet (counted); otherwise say it, adding that it recurred that many times unsaid."""
-        now = time.monotonic()
+        now = self._clock()
+        interval = self.interval if interval is None else interval
         last = self._said.get(key)
-        if last is not None and now - last < (self.interval if interval is None else interval):
+        if last is not None and now - last[0] < interval:
             self._unsaid[key] += 1
             return None
-        self._said[key] = now
-        return self._unsaid.pop(key, 0)
+        self._said.pop(key, None)  # re-inserted last: the order stays oldest first
+        self._said[key] = (now, interval)
+        unsaid = self._unsaid.pop(key, 0)
+        if now - self._pruned >= max(self.interval, MIN_KEEP):
+            self._prune(now)
+        while len(self._said) > self.max_keys:
+            oldest = next(iter(self._said))
+            del self._said[oldest]
+            self._unsaid.pop(oldest, None)
+        return unsaid
+
+    def __len__(self) -> int:
+        return len(self._said)
+
+    def _prune(self, now: float) -> None:
+        self._pruned = now
+        for key, (said, interval) in list(self._said.items()):
+            if now - said >= max(interval, MIN_KEEP) and not self._unsaid.get(key):
+                del self._said[key]
 
     @staticmethod
     def since(unsaid: int, what: str = "") -> str:
