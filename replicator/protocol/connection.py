@@ -48,7 +48,14 @@ from .events import (
     TxnEnd,
     Welcome,
 )
-from .framing import DEFAULT_MAX_FRAME, MAX_MESSAGE_FRAMES, FrameDecoder, encode_event, new_packer
+from .framing import (
+    DEFAULT_MAX_FRAME,
+    MAX_MESSAGE_FRAMES,
+    FrameDecoder,
+    encode_event,
+    foreign_hello,
+    new_packer,
+)
 
 __all__ = ["Connection", "ConnectionState", "Role", "NEED_DATA"]
 
@@ -252,8 +259,14 @@ class Connection:
                     streaming = self.role is Role.SECONDARY and self.state is ConnectionState.STREAMING
                 pending.append(event)
         except RemoteProtocolError:
-            self.state = ConnectionState.ERROR
-            raise
+            hello = None
+            if self.role is Role.PRIMARY and not self._hello_received and not pending:
+                hello = foreign_hello(data)  # another release's Hello: refused by version, not cut off
+            if hello is None:
+                self.state = ConnectionState.ERROR
+                raise
+            self._check_receive(hello)
+            pending.append(hello)
 
     def next_event(self) -> Event | _NeedData:
         if self._pending:

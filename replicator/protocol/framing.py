@@ -18,7 +18,8 @@ import msgpack
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import EVENT_TYPES, PROTOCOL_VERSION, Event, Hello
 
-__all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME", "MAX_MESSAGE_FRAMES"]
+__all__ = ["encode_event", "new_packer", "FrameDecoder", "DEFAULT_MAX_FRAME", "MAX_MESSAGE_FRAMES",
+           "foreign_hello"]
 
 #: Largest frame accepted.  A frame holds at most one record's data, so this
 #: bounds the largest single object revision; blobs travel in 1 MiB chunks and
@@ -138,3 +139,34 @@ def decode_frame(frame: object) -> Event:
             node = frame[2] if len(frame) > 2 and type(frame[2]) is str and len(frame[2]) <= 256 else "?"
             return Hello(frame[1], node, bytes(8), None)
         raise RemoteProtocolError(f"invalid {cls.__name__} frame: {exc}") from None
+
+
+#: What ``foreign_hello`` reads at most: a first message is a Hello, far smaller.
+FOREIGN_HELLO_BYTES = 1 << 16
+
+
+def foreign_hello(data: bytes | bytearray | memoryview) -> Hello | None:
+    """Another protocol version's Hello that this release's decoder cannot read, or None.
+
+    A newer release may add fields of kinds this decoder refuses (a map,
+    more than 16 fields). So that such a secondary is still refused by
+    version, naming both, instead of cut off as a protocol error, its first
+    frame is read again with looser bounded limits, and only its type,
+    version and node name are taken. Our own version's Hello never comes
+    here: it must decode strictly.
+    """
+    if len(data) > FOREIGN_HELLO_BYTES:
+        return None
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=FOREIGN_HELLO_BYTES, max_bin_len=FOREIGN_HELLO_BYTES,
+                                max_str_len=FOREIGN_HELLO_BYTES, max_array_len=256, max_map_len=256,
+                                max_ext_len=FOREIGN_HELLO_BYTES)
+    try:
+        unpacker.feed(data)
+        frame = next(unpacker)
+    except (StopIteration, ValueError, TypeError, msgpack.UnpackException, msgpack.BufferFull):
+        return None
+    if (type(frame) is not list or len(frame) < 2 or frame[0] != Hello.TYPE or type(frame[1]) is not int
+            or frame[1] < 1 or frame[1] == PROTOCOL_VERSION):
+        return None
+    node = frame[2] if len(frame) > 2 and type(frame[2]) is str and len(frame[2]) <= 256 else "?"
+    return Hello(frame[1], node, bytes(8), None)

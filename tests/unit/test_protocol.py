@@ -198,6 +198,19 @@ def test_hello_of_another_version_decodes_for_its_refusal():
     conn = Connection(Role.PRIMARY)
     conn.receive_data(msgpack.packb([Hello.TYPE, PROTOCOL_VERSION + 1, 7, "junk"], use_bin_type=True))
     assert conn.next_event().node == "?"
+    # Fields of kinds this decoder refuses (a map, more than 16): still its version, for a refusal.
+    conn = Connection(Role.PRIMARY)
+    conn.receive_data(msgpack.packb([*frame, {"features": ["x"]}, *range(20)], use_bin_type=True))
+    hello = conn.next_event()
+    assert (hello.protocol_version, hello.node) == (PROTOCOL_VERSION + 1, "dr-site")
+    assert conn.send(Reject("version", "no"))
+    # Never for this release's own version, nor for anything but a Hello first.
+    for bad in ([Hello.TYPE, PROTOCOL_VERSION, "s", Z64, {"a": 1}], [Ack.TYPE, PROTOCOL_VERSION + 1, {"a": 1}]):
+        with pytest.raises(RemoteProtocolError):
+            Connection(Role.PRIMARY).receive_data(msgpack.packb(bad, use_bin_type=True))
+    # A secondary reads no such thing from its primary.
+    with pytest.raises(RemoteProtocolError):
+        Connection(Role.SECONDARY).receive_data(msgpack.packb([*frame, {"a": 1}], use_bin_type=True))
 
 
 def test_ext_types_and_pickles_never_decode():
