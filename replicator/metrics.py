@@ -132,7 +132,7 @@ class _StatusCollector(Collector):
 #: connection for: each is exported from the start, at 0, so that an alert on
 #: ``increase(...)`` sees the first refusal (a series born at 1 has no increase).
 REFUSAL_CODES = ("duplicate", "diverged", "ahead", "behind", "packed", "version", "stale", "corrupted",
-                 "loop", "self", "foreign")
+                 "loop", "self", "foreign", "identity")
 TLS_REFUSAL_REASONS = ("certificate", "no_certificate", "refused_by_client", "not_tls", "closed", "timeout",
                        "busy", "other")
 

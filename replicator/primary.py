@@ -1281,6 +1281,11 @@ class Primary:
                 self._log_refusal(hello.node, peer, foreign)
                 await ws.send_bytes(conn.send(foreign))
                 return ws
+            unbound = self._identity_refusal(hello, request, identity)
+            if unbound is not None:
+                self._log_refusal(hello.node, peer, unbound)
+                await ws.send_bytes(conn.send(unbound))
+                return ws
             duplicate = self._claim(key, stats, hello)
             if duplicate is not None:
                 self._log_refusal(hello.node, peer, duplicate)
@@ -1372,6 +1377,29 @@ class Primary:
                 stats.node, stats.peer, tid_repr(stats.acked_tid), why, left)
         if not still and not quiet and not self.relay and self.fenced is None and not self.stale:
             log.warning("no secondary is connected now: commits are replicated nowhere until one connects again")
+
+    def _identity_refusal(self, hello: Hello, request: web.Request, identity: str) -> Reject | None:
+        """Refuse a node name of ``sync-names`` from a certificate not issued for it.
+
+        Any node certificate of the cluster may name itself anything, so an
+        acknowledgement under a name waited for would release synchronous
+        commits that the named standby never got. Such a name is bound to the
+        certificate of that name: a failover then finds every commit that
+        returned on the standby.
+        """
+        names = self.config.sync_names
+        if hello.protocol_version != PROTOCOL_VERSION or hello.node not in names:
+            return None
+        transport = request.transport
+        if transport is None or not transport.get_extra_info("peercert"):
+            return None  # plaintext (--insecure): no identity to bind, as its warning at start-up says
+        if identity == hello.node:
+            return None
+        return Reject("identity", f"node name {hello.node!r} is in this primary's sync-names, whose "
+                                  f"acknowledgements release synchronous commits, so only the certificate "
+                                  f"issued for {hello.node!r} may use it; this secondary's certificate is "
+                                  f"{identity!r}: give it one of its own (`replicator certs issue "
+                                  f"{hello.node}`, then --tls-cert and --tls-key), or another node name")
 
     def _claim(self, key: int, stats: SessionStats, hello: Hello) -> Reject | None:
         """Take the secondary's node name for this connection, or say why not.

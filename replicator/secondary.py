@@ -90,7 +90,7 @@ log = logging.getLogger("replicator.secondary")
 #: Seconds a goodbye to the primary may take to send (a closed window would hold it for ever).
 GOODBYE_WAIT = 1.0
 
-FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign"}
+FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign", "identity"}
 
 
 #: What to do about a primary's Goodbye, by its code (others: ``TransportError``'s own hint).
@@ -805,6 +805,10 @@ class Secondary:
                         if exc.code == "version":
                             raise RejectedError(exc.code, exc.reason, hint="run the same replicator release on "
                                                 "the primary and its secondaries; see Upgrading in the README") from None
+                        if exc.code == "identity":
+                            raise RejectedError(exc.code, exc.reason, hint="this node's storage is intact and "
+                                                "stays as it is; it follows once started with the certificate "
+                                                "of its node name (README, Certificates)") from None
                         raise await self._divergence(exc) from exc
                     message = str(exc)
                     if exc.code == "loop":  # what it follows follows it: is it the primary itself?

@@ -9,13 +9,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tls_dir(tmp_path_factory) -> Path:
-    """A cluster CA with node certificates ``primary``, ``secondary`` and ``tertiary``, and
-    ``operator`` and ``monitor`` certificates of those roles."""
+    """A cluster CA with node certificates ``primary``, ``secondary``, ``tertiary`` and
+    ``standby`` (the name sync-names waits for in tests), and ``operator`` and ``monitor``
+    certificates of those roles."""
     from replicator.certs import init_ca, issue_node
 
     directory = tmp_path_factory.mktemp("tls")
     init_ca(directory)
-    for name in ("primary", "secondary", "tertiary"):
+    for name in ("primary", "secondary", "tertiary", "standby"):
         issue_node(directory, name, hosts=("localhost", "127.0.0.1"))
     for role in ("operator", "monitor"):  # certificates of those roles, named after them
         issue_node(directory, role, role=role)

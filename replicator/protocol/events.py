@@ -237,7 +237,7 @@ class Welcome(Event):
 class Reject(Event):
     """Primary -> secondary: refused, with a machine code and a message for people.
 
-    Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale``, ``foreign`` (final for
+    Codes: ``version``, ``diverged``, ``ahead``, ``packed``, ``stale``, ``foreign``, ``identity`` (final for
     the secondary), ``corrupted``, ``behind``, ``duplicate`` (retried; see docs/protocol.md), ``self``
     (a relay's own secondary: a configuration error).
     ``fork_tid`` is the last transaction both histories share, when known.

@@ -14,7 +14,9 @@ import re
 import time
 
 import aiohttp
+import pytest
 
+from replicator.errors import RejectedError
 from replicator.metrics import render_metrics
 from replicator.protocol import PROTOCOL_VERSION, Connection, Goodbye, Hello, Reject, Role, Welcome
 from replicator.status import render
@@ -216,3 +218,41 @@ def test_a_secondary_being_stopped_says_goodbye(tmp_path, tls_dir, caplog):
     assert ended[0].getMessage().endswith(": it said goodbye (shutdown): secondary stopping; "
                                           "0 secondaries still connected"), ended[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_name_in_sync_names_takes_the_certificate_of_that_name(tmp_path, tls_dir, caplog):
+    """Any node certificate may name itself anything: under a name sync-names waits for, an
+    impostor's acknowledgements would release commits the standby never got. It is refused
+    for good (an operator must act), the real standby is served, and others are not bound."""
+    db, work = make_source(tmp_path, 10)
+
+    async def scenario() -> None:
+        async with running_primary(tmp_path, tls_dir, sync_count=1, sync_names=("standby",)) as primary:
+            async with running_secondary(tmp_path, tls_dir, primary.port, name="impostor", node="standby",
+                                         expect_failure=True) as (impostor, task):
+                with pytest.raises(RejectedError) as refused:
+                    await asyncio.wait_for(task, 20)
+                assert refused.value.code == "identity"
+                assert ("node name 'standby' is in this primary's sync-names, whose acknowledgements release "
+                        "synchronous commits, so only the certificate issued for 'standby' may use it; this "
+                        "secondary's certificate is 'secondary'") in str(refused.value), refused.value
+                assert "`replicator certs issue standby`" in str(refused.value)
+                assert impostor.progress.applied_tid == Z64 and not primary.acked_by_node
+            assert primary.refusals["identity"] == 1
+            assert re.search(r'^replicator_refused_secondaries_total\{code="identity"\} 1',
+                             render_metrics(primary.status).decode(), re.M)
+            async with running_secondary(tmp_path, tls_dir, primary.port, name="standby",
+                                         cert="standby") as (standby, _):
+                await wait_equal_tid(primary, standby, target=db.storage.lastTransaction())
+                await until(lambda: primary.acked_by_node.get("standby") == db.storage.lastTransaction(),
+                            what="the standby's acknowledgement")
+            # A name sync-names does not list is anybody's, as before.
+            async with running_secondary(tmp_path, tls_dir, primary.port, name="dr") as (dr, _):
+                await wait_equal_tid(primary, dr, target=db.storage.lastTransaction())
+
+    try:
+        with caplog.at_level(logging.INFO, logger="replicator"):
+            asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()

@@ -62,9 +62,9 @@ async def running_primary(tmp_path: Path, tls_dir: Path, sidecar: bool = False, 
 
 @contextlib.asynccontextmanager
 async def running_secondary(tmp_path: Path, tls_dir: Path, port: int, name: str = "dst",
-                            expect_failure: bool = False, **overrides):
+                            expect_failure: bool = False, cert: str = "secondary", **overrides):
     config = SecondaryConfig(storage=str(tmp_path / f"{name}.fs"), blob_dir=str(tmp_path / f"{name}-blobs"),
-                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, "secondary"),
+                             primary=Address("127.0.0.1", port), tls=tls(tls_dir, cert),
                              node=overrides.pop("node", name),
                              **{"reconnect_min": 0.05, "reconnect_max": 0.5, **overrides})
     secondary = Secondary(config.validate())

@@ -66,7 +66,7 @@ class Pair:
         db.close()
         replica = SecondaryStorage(FileStorage(str(tmp_path / "standby.fs")), SecondaryConfig(
             storage=str(tmp_path / "standby.fs"), primary=Address("127.0.0.1", self.storages["p"].port),
-            listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "secondary"), node="standby").validate())
+            listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "standby"), node="standby").validate())
         self.storages["standby"] = replica
         # Registering the replica starts its secondary.
         self.servers["standby"] = StorageServer(("127.0.0.1", 0), {"1": replica}, read_only=standby_read_only)

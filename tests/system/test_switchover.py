@@ -241,7 +241,7 @@ def test_switching_over_back_and_forth_with_a_synchronous_standby(tmp_path, tls_
         standby = Proc([REPLICATOR, "secondary", "--storage", str(tmp_path / "standby.fs"),
                         "--primary", f"127.0.0.1:{listen['primary']}", "--listen", f"127.0.0.1:{listen['standby']}",
                         "--zeo", f"127.0.0.1:{zeo['standby']}", "--node", "standby",
-                        *tls_args(tls_dir, "secondary")], tmp_path / "standby.log")
+                        *tls_args(tls_dir, "standby")], tmp_path / "standby.log")
         procs.append(standby)
         wait_for_port(zeo["standby"], standby.proc)
         wait_until(lambda: (try_status(listen["primary"], tls_dir) or {}).get("secondaries"), timeout=30,
