@@ -313,7 +313,8 @@ class LinkLog:
     across outages, so a link that flaps logs a warning a minute, not one a
     flap.  The reconnection is logged at WARNING when the outage was warned
     about (whoever saw it go down must see it come back), else at INFO.
-    Every failure's line ends in ``reconnecting to HOST:PORT in Ns (reason)``.
+    Every failure's line ends in ``reconnecting to HOST:PORT in Ns (reason)``, without the
+    reason when the caller logged the failure itself.
     """
 
     def __init__(self, primary: str, interval: float = OUTAGE_WARNING_INTERVAL,
@@ -336,15 +337,16 @@ class LinkLog:
         ``link_down``: False when the link was fine and something else failed
         (the local storage): the retry is logged at INFO and no outage begins.
         """
+        # A failure the caller logged already is not repeated on its retry's line.
+        retry = f"reconnecting to {self.primary} in {delay:.2f}s" + ("" if logged else f" ({reason})")
         if not link_down:
-            log.info("reconnecting to %s in %.2fs (%s)", self.primary, delay, reason)
+            log.info("%s", retry)
             return
         now = self.clock()
         first = self.down_since is None
         if first:
             self.down_since, self.failures, self._warned = now, 0, False
         self.failures += 1
-        retry = f"reconnecting to {self.primary} in {delay:.2f}s ({reason})"
         due = self._last_warning is None or now - self._last_warning >= self.interval
         if logged or not due:
             log.info("%s", retry)
