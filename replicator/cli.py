@@ -300,9 +300,10 @@ def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json, max_lag) -> None:
     could not be reached, and 8 when one shows an alarm (flagged in brackets
     on its first line: fenced, stale, synchronous replication degraded, a
     secondary stopped or disconnected, a primary that no secondary follows,
-    a lag past --max-lag, a certificate close to expiry).
+    two nodes taking writes to one database, a lag past --max-lag, a
+    certificate close to expiry).
     """
-    from .status import alarms, fetch_all, render
+    from .status import alarms, fetch_all, render, split_brain
 
     tls = None if insecure else _tls(tls_ca, tls_cert, tls_key)
     if tls is None and not insecure:
@@ -312,7 +313,8 @@ def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json, max_lag) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     now = time.time()
-    found = [[] if r.get("unreachable") else alarms(r, now, max_lag) for r in results]
+    found = [shared + ([] if r.get("unreachable") else alarms(r, now, max_lag))
+             for r, shared in zip(results, split_brain(results), strict=True)]
     if as_json:
         shown = [r if r.get("unreachable") else {**r, "alarms": [{"flag": flag, "text": text} for flag, text in a]}
                  for r, a in zip(results, found, strict=True)]

@@ -567,6 +567,9 @@ class Primary:
         self.routes = list(routes)
         #: The epoch this node's history is in (``epoch.py``); read at start.
         self.epoch = 0
+        #: The database this node's history belongs to (``epoch.py``), once recorded: in
+        #: /status, so that ``replicator status`` can tell two primaries of one database.
+        self.database: bytes | None = None
         #: Why this node accepts no writes (drained for a switchover, or stale), if it does not.
         self.fenced: str | None = None
         #: Since when (Unix time) it is fenced; a fence recorded before a restart keeps its time.
@@ -662,6 +665,7 @@ class Primary:
         cfg = self.config
         epochs = await asyncio.to_thread(load_epoch, cfg.storage)
         self.epoch = epochs.epoch
+        self.database = epochs.database
         if not self.relay and epochs.history and epochs.history[-1].node != cfg.node:
             self._start_superseded(epochs.history[-1])
         # A relay serves a secondary's storage: a fence recorded there (a demoted
@@ -1170,6 +1174,7 @@ class Primary:
             "bytes_sent": self.bytes_sent,
             "secondaries": secondaries,
             "epoch": self.epoch,
+            "database": None if self.database is None else self.database.hex(),
             "fenced": self.fenced,
             "fenced_since": self.fenced_at if self.fenced is not None else None,
             "stale": self.stale,
@@ -1495,12 +1500,14 @@ class Primary:
         storage = self.config.storage
         state = load_epoch(storage)
         if state.database is not None or self.relay:
+            self.database = state.database
             return state.database
         first = tailer.successor(Z64)
         if first is None:
             return None
         try:
-            return record_database(storage, first[0]).database
+            self.database = record_database(storage, first[0]).database
+            return self.database
         except OSError as exc:  # the check it serves is one more safeguard: not worth a session
             log.warning("could not record which database %s holds in %s.epoch: %s", storage, storage, exc)
             return first[0]

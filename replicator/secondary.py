@@ -428,6 +428,8 @@ class Secondary:
         self.applier: Applier | None = None
         self.port: int | None = None
         self.started_at = time.time()
+        #: The database its history belongs to (``epoch.py``), once known: in /status.
+        self.database: bytes | None = None
         #: Serves our own storage onward (cascading) and GET /status, with --listen.
         self.downstream: Primary | None = None
         #: Set by ``stop_following()``: apply what was received, then stop (promotion).
@@ -937,6 +939,7 @@ class Secondary:
         self.progress.txns_applied = max(self.progress.txns_applied, self.applier.committed)
         epochs = await blocking(load_epoch, self.storage.getName())
         epoch = epochs.epoch
+        self.database = epochs.database
         offer = self.applier.resume_offer()
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
@@ -961,6 +964,7 @@ class Secondary:
             if welcome.database is not None and welcome.database != epochs.database:
                 # The primary placed this node's history in its own: its database is this one's.
                 await blocking(record_database, self.storage.getName(), welcome.database)
+                self.database = welcome.database
             self.applier.resume(welcome.resume_bytes, welcome.resume_records)
             self.progress.connected = True
             self.progress.connected_since = time.monotonic()
@@ -1360,6 +1364,7 @@ class Secondary:
             # Refused for good and holding (``serve(hold=True)``): why.
             "error": None if self.stopped is None or self.promoted else str(self.stopped),
             "epoch": p.epoch,
+            "database": None if self.database is None else self.database.hex(),
             "secondaries": relayed.get("secondaries", []),
             **({key: relayed[key] for key in ("refusals", "silent_secondaries_dropped")} if relayed else {}),
         }

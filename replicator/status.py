@@ -15,7 +15,7 @@ from .config import TLSPaths
 from .protocol.events import printable
 from .transport import client_ssl_context, request_error
 
-__all__ = ["alarms", "fetch_all", "render", "size_text"]
+__all__ = ["alarms", "fetch_all", "render", "size_text", "split_brain"]
 
 
 def _url(text: str, insecure: bool) -> str:
@@ -121,6 +121,48 @@ def alarms(r: dict, now: float, max_lag: float | None = None) -> list[tuple[str,
     return found
 
 
+def _takes_writes(r: dict) -> bool:
+    if r.get("role") != "primary" or r.get("fenced") or r.get("stale"):
+        return False
+    takes = r.get("takes_writes")
+    if takes is None:  # a promoted `replicator secondary`: writes only through a ZEO server
+        takes = r.get("serves_zeo", True)
+    return bool(takes)
+
+
+def _address(url: object) -> str:
+    """HOST:PORT of a node's status URL, as the commands take it."""
+    text = str(url)
+    for prefix in ("https://", "http://"):
+        text = text.removeprefix(prefix)
+    return text.removesuffix("/status")
+
+
+def split_brain(results: list[dict]) -> list[list[tuple[str, str]]]:
+    """Per node, the alarm that another node given to the same command takes writes to the same
+    database (its history then forks): both are flagged, the one of the older epoch named as
+    the one to fence."""
+    found: list[list[tuple[str, str]]] = [[] for _ in results]
+    writers: dict[str, list[int]] = {}
+    for i, r in enumerate(results):
+        if not r.get("unreachable") and r.get("database") and _takes_writes(r):
+            writers.setdefault(r["database"], []).append(i)
+    for indexes in writers.values():
+        if len(indexes) < 2:
+            continue
+        newest = max(results[i].get("epoch") or 0 for i in indexes)
+        for i in indexes:
+            others = ", ".join(f"{results[j].get('node')} ({results[j].get('url')}, epoch {results[j].get('epoch')})"
+                               for j in indexes if j != i)
+            older = [results[j] for j in indexes if (results[j].get("epoch") or 0) < newest]
+            advice = ("fence " + ", ".join(f"`replicator fence {_address(o.get('url'))} ...`" for o in older)
+                      + f", of an older epoch than {newest}" if older else
+                      "fence the one that should not be the primary (`replicator fence URL ...`)")
+            found[i].append(("TWO PRIMARIES", f"{others} also takes writes to this database: clients of both "
+                                              f"fork its history; {advice}, now"))
+    return found
+
+
 #: ``replicator status`` flags a certificate or CA expiring sooner than this.
 CERTIFICATE_ALARM_DAYS = 30
 
@@ -218,12 +260,13 @@ def _refused(r: dict) -> list[str]:
 def render(results: list[dict], now: float, max_lag: float | None = None) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
-    for r in results:
+    both = split_brain(results)
+    for r, shared in zip(results, both, strict=True):
         if r.get("unreachable"):
             lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
             lines.append("")
             continue
-        found = alarms(r, now, max_lag)
+        found = shared + alarms(r, now, max_lag)
         flags = "".join(f" [{flag}]" for flag in dict.fromkeys(flag for flag, _ in found))
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
         lines.extend(f"  {flag:<13} {text}" for flag, text in found)

@@ -13,7 +13,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 
 from replicator.config import Address, PrimaryConfig
-from replicator.status import alarms, render
+from replicator.status import alarms, render, split_brain
 from replicator.wrappers import PrimaryStorage
 from tests.helpers import (
     REPLICATOR,
@@ -114,6 +114,9 @@ def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_
         assert "  writes        none: no process has the storage open for writing (its ZEO server is " \
                "stopped)\n" in shown, shown
         assert "   epoch 0\n" in shown, shown
+        # Both name the database their history belongs to: the same one.
+        database = get_status(port, tls_dir)["database"]
+        assert database and get_status(status_port, tls_dir)["database"] == database
         assert run("fence", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).returncode == 0
         shown = run("status", f"127.0.0.1:{port}", f"127.0.0.1:{status_port}", *tls_args(tls_dir, "secondary"))
         assert shown.returncode == 8, shown.stderr  # an alarm
@@ -212,3 +215,26 @@ def test_a_node_that_replicates_nothing_is_flagged():
                                             "lag_seconds": 3.0, "lag_transactions": 9}]}
     assert alarms(followed, now) == [] and alarms(followed, now, max_lag=5) == []
     assert alarms(followed, now, max_lag=2) == [("LAGGING", "secondary s is 3.0s behind (more than --max-lag 2)")]
+
+
+def test_two_nodes_taking_writes_to_one_database_are_both_flagged():
+    """A split brain (a standby promoted while its old primary still takes writes) forks the
+    history: shown together, each is flagged, and the one of the older epoch named to fence."""
+    now = time.time()
+    old = {"url": "https://old:8100/status", "role": "primary", "node": "old", "storage": "/d/Data.fs",
+           "last_tid": "00" * 8, "last_tid_time": 0.0, "epoch": 0, "database": "03" * 8, "takes_writes": True,
+           "secondaries": [{"node": "dr", "peer": "x", "acked_tid": "00" * 8}]}
+    new = {**old, "url": "https://new:8101/status", "node": "new", "epoch": 1, "promoted": True,
+           "primary": "old:8100"}
+    lines = render([old, new], now).splitlines()
+    assert lines[0] == "https://old:8100/status: primary old [TWO PRIMARIES]  storage /d/Data.fs", lines
+    assert lines[1] == ("  TWO PRIMARIES new (https://new:8101/status, epoch 1) also takes writes to this database: "
+                        "clients of both fork its history; fence `replicator fence old:8100 ...`, "
+                        "of an older epoch than 1, now"), lines
+    assert [flag for flag, _ in split_brain([old, new])[1]] == ["TWO PRIMARIES"]
+    # Not for another database, a fenced node, one that takes no writes, or one node alone.
+    assert split_brain([old, {**new, "database": "04" * 8}]) == [[], []]
+    assert split_brain([old, {**new, "fenced": "fenced by an operator"}]) == [[], []]
+    assert split_brain([old, {**new, "takes_writes": False}]) == [[], []]
+    assert split_brain([old, {"url": "x", "unreachable": True, "error": "refused"}]) == [[], []]
+    assert split_brain([old]) == [[]]
