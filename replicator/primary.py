@@ -456,9 +456,9 @@ class SessionStats:
     abort: Callable[[], None] | None = None
     #: Set when a newer connection of the same secondary replaced this one.
     replaced: bool = False
-    #: Why the session ended, for its last log line; ``quiet`` when it ended as planned (a
-    #: goodbye, this primary stopping), which is no warning.
-    ended: str = "the connection closed"
+    #: Why the session ended, for its last log line (None: this primary ended it, stopping,
+    #: or nothing said why); ``quiet`` when it ended as planned (a goodbye), which is no warning.
+    ended: str | None = None
     quiet: bool = False
     #: When the certificate it presented expires (Unix time), with TLS.
     certificate_not_after: float | None = None
@@ -1330,6 +1330,8 @@ class Primary:
                 sender.cancel()
         except* RemoteProtocolError as group_exc:
             stats.ended = f"it broke the protocol: {_leaf(group_exc)}"
+            if key not in self.sessions:  # before its session began: no line will say it
+                log.warning("secondary %s broke the protocol: %s", peer, _leaf(group_exc))
             await ws.close(code=1002, message=b"protocol error")
         except* CorruptedSourceError as group_exc:
             exc = _leaf(group_exc)
@@ -1344,12 +1346,16 @@ class Primary:
             self.silent_dropped += 1
         except* (TimeoutError, ConnectionError) as group_exc:
             stats.ended = f"the connection broke: {_leaf(group_exc) or type(_leaf(group_exc)).__name__}"
+            if key not in self.sessions:
+                log.info("secondary %s disconnected: %s", peer, stats.ended)
         except* SourceReplacedError as group_exc:
             # A routine pack, not damage: the secondary drops the transaction
             # under way and reconnects, and the handshake finds its place in
             # the packed file.
             reason = getattr(_leaf(group_exc), "message", "the storage was packed")
             stats.ended, stats.quiet = f"ending the stream: {reason} (it resumes in the packed file)", True
+            if key not in self.sessions:
+                log.info("ending the stream to %s: %s", peer, reason)
             with contextlib.suppress(Exception):
                 await ws.send_bytes(conn.send(Goodbye("packed", reason)))
         except* ReplicatorError as group_exc:
@@ -1374,13 +1380,13 @@ class Primary:
         """Say why a secondary's session ended and, when no secondary is left, that the
         primary's commits are replicated nowhere: an operator sees a lost secondary at once."""
         stopping = self._stopping.is_set()
-        why = "this node is stopping" if stopping and not stats.quiet else stats.ended
+        why = stats.ended or ("this node is stopping" if stopping else "the connection closed")
         still = len(self.sessions)
         left = f"{still} secondar{'y' if still == 1 else 'ies'} still connected"
-        quiet = stats.quiet or stopping
+        quiet = stats.quiet or (stopping and stats.ended is None)
         log.log(logging.INFO if quiet else logging.WARNING, "session with secondary %s (%s) ended at acked %s: %s; %s",
                 stats.node, stats.peer, tid_repr(stats.acked_tid), why, left)
-        if not still and not quiet and not self.relay and self.fenced is None and not self.stale:
+        if not still and not quiet and not stopping and not self.relay and self.fenced is None and not self.stale:
             log.warning("no secondary is connected now: commits are replicated nowhere until one connects again")
 
     def _identity_refusal(self, hello: Hello, request: web.Request, identity: str) -> Reject | None:
@@ -1753,7 +1759,8 @@ class Primary:
                                          "its last transaction when it connects again)") from None
             silent_looks = 0
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) or stats.replaced:
-                stats.ended = "it closed the connection without a goodbye"
+                if msg.type is WSMsgType.CLOSE and not self._stopping.is_set():  # its close, not ours
+                    stats.ended = "it closed the connection without a goodbye"
                 return
             if msg.type is WSMsgType.ERROR:
                 raise RemoteProtocolError(f"bad WebSocket message: {ws.exception()}")
