@@ -90,6 +90,8 @@ HELLO_TIMEOUT = 10.0
 #: one deflated message of 127 KB hold 64 MiB of acknowledgements, decoded
 #: on the event loop for tens of seconds.
 MAX_FROM_SECONDARY = 64 << 10
+#: Seconds between two WARNINGs that one secondary's session ended, or that none is left.
+LOST_LOG_INTERVAL = 60.0
 #: Seconds between two log lines refusing one secondary node for one reason.
 REFUSAL_LOG_INTERVAL = 300.0
 #: Least time between two background refreshes of the head TID (one scan covers
@@ -632,6 +634,9 @@ class Primary:
         self.refusals: collections.Counter[str] = collections.Counter()
         self._refusal_log = Throttle(REFUSAL_LOG_INTERVAL)
         self._expiry_log = Throttle(86400.0)
+        #: A lost secondary (or none left) is a WARNING once a minute at most per node: a link
+        #: that flaps, or a secondary whose disk is full, would otherwise warn at every retry.
+        self._lost_log = Throttle(LOST_LOG_INTERVAL)
         #: Sessions dropped because the secondary's host fell silent.
         self.silent_dropped = 0
         #: TLS connections refused at their handshake (certificates), by reason.
@@ -1384,10 +1389,15 @@ class Primary:
         still = len(self.sessions)
         left = f"{still} secondar{'y' if still == 1 else 'ies'} still connected"
         quiet = stats.quiet or (stopping and stats.ended is None)
-        log.log(logging.INFO if quiet else logging.WARNING, "session with secondary %s (%s) ended at acked %s: %s; %s",
-                stats.node, stats.peer, tid_repr(stats.acked_tid), why, left)
+        unsaid = None if quiet else self._lost_log.due(("lost", stats.node))
+        log.log(logging.INFO if unsaid is None else logging.WARNING,
+                "session with secondary %s (%s) ended at acked %s: %s; %s%s", stats.node, stats.peer,
+                tid_repr(stats.acked_tid), why, left, Throttle.since(unsaid or 0, "of this node's sessions ended"))
         if not still and not quiet and not stopping and not self.relay and self.fenced is None and not self.stale:
-            log.warning("no secondary is connected now: commits are replicated nowhere until one connects again")
+            unsaid = self._lost_log.due("none left")
+            log.log(logging.INFO if unsaid is None else logging.WARNING,
+                    "no secondary is connected now: commits are replicated nowhere until one connects again%s",
+                    Throttle.since(unsaid or 0))
 
     def _identity_refusal(self, hello: Hello, request: web.Request, identity: str) -> Reject | None:
         """Refuse a node name of ``sync-names`` from a certificate not issued for it.

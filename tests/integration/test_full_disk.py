@@ -59,7 +59,9 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog, monkeyp
     monkeypatch.setattr(secondary_module, "FULL_DISK_RETRY", 0.3)  # at first: no waiting for room to speak of
 
     def failures() -> int:
-        return caplog.text.count("local storage failed")
+        # The secondary's own lines (the primary's log says what the secondary told it, too).
+        return sum(1 for r in caplog.records
+                   if r.name == "replicator.secondary" and r.getMessage().startswith("local storage failed"))
 
     async def scenario() -> None:
         async with running_primary(tmp_path, tls_dir) as primary:
@@ -95,6 +97,14 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog, monkeyp
     assert not [w for w in warnings if "primary" in w and ("again after" in w or "connection" in w)], warnings
     back = [w for w in warnings if "takes transactions again" in w]
     assert len(back) == 1 and f"{failures()} failed attempt" in back[0], (back, failures())
+    # The primary heard why the secondary left each time, from the secondary itself: a WARNING
+    # the first time, then INFO within the minute (not a warning per retry).
+    told = [r for r in caplog.records if r.name == "replicator.primary"
+            and "it said goodbye (error): local storage failed: " in r.getMessage()]
+    assert len(told) >= 2 and [r.levelno for r in told] == [logging.WARNING] + [logging.INFO] * (len(told) - 1), \
+        [(r.levelname, r.getMessage()) for r in told]
+    none_left = [r.levelno for r in caplog.records if r.getMessage().startswith("no secondary is connected now")]
+    assert none_left[:1] == [logging.WARNING] and set(none_left[1:]) <= {logging.INFO}, none_left
     assert assert_equal(tmp_path, "disk/dst").transactions > 0
 
 
