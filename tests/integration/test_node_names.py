@@ -32,6 +32,16 @@ from tests.integration.test_replication import (
 )
 
 
+def run_logged(scenario, caplog, logger: str, db, work) -> None:
+    """Run ``scenario()`` with ``logger``'s INFO lines captured; close the source after."""
+    try:
+        with caplog.at_level(logging.INFO, logger=logger):
+            asyncio.run(scenario())
+    finally:
+        work.close()
+        db.close()
+
+
 def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves(tmp_path, tls_dir, caplog):
     db, work = make_source(tmp_path, 40)
 
@@ -72,12 +82,7 @@ def test_a_second_secondary_under_a_taken_name_is_refused_until_the_first_leaves
                     await wait_equal_tid(primary, second, target=db.storage.lastTransaction())
                     assert [s["node"] for s in primary.status()["secondaries"]] == ["dst"]
 
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator.primary"):
-            asyncio.run(scenario())
-    finally:
-        work.close()
-        db.close()
+    run_logged(scenario, caplog, "replicator.primary", db, work)
     assert_equal(tmp_path, "dr")
     # Each attempt is counted; the log says it once (then every few minutes at most).
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing secondary")]
@@ -139,12 +144,7 @@ def test_the_same_secondary_reconnecting_replaces_its_silent_connection(tmp_path
                     assert secondary.progress.last_error is None
                 await old.close()
 
-    with caplog.at_level(logging.INFO, logger="replicator"):
-        try:
-            asyncio.run(scenario())
-        finally:
-            work.close()
-            db.close()
+    run_logged(scenario, caplog, "replicator", db, work)
     assert any("connected again" in r.getMessage() and "dropping its previous connection" in r.getMessage()
                for r in caplog.records)
     assert_equal(tmp_path)
@@ -176,12 +176,7 @@ def test_a_lost_secondary_is_a_warning_that_says_why_and_a_goodbye_is_not(tmp_pa
                 await until(lambda: not primary.sessions, what="the second session's end")
                 await asyncio.sleep(0.2)
 
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator.primary"):
-            asyncio.run(scenario())
-    finally:
-        work.close()
-        db.close()
+    run_logged(scenario, caplog, "replicator.primary", db, work)
     ended = [(r.levelname, r.getMessage()) for r in caplog.records
              if r.getMessage().startswith("session with") or r.getMessage().startswith("no secondary")]
     assert len(ended) == 3, ended  # two ends, one warning, and the primary's stop said nothing more
@@ -206,12 +201,7 @@ def test_a_secondary_being_stopped_says_goodbye(tmp_path, tls_dir, caplog):
                 await wait_equal_tid(primary, secondary, target=db.storage.lastTransaction())
             await until(lambda: not primary.sessions, what="the session's end")
 
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator.primary"):
-            asyncio.run(scenario())
-    finally:
-        work.close()
-        db.close()
+    run_logged(scenario, caplog, "replicator.primary", db, work)
     ended = [r for r in caplog.records if r.getMessage().startswith("session with")]
     assert len(ended) == 1, [r.getMessage() for r in ended]
     assert ended[0].levelname == "INFO", ended[0].getMessage()
@@ -250,9 +240,4 @@ def test_a_name_in_sync_names_takes_the_certificate_of_that_name(tmp_path, tls_d
             async with running_secondary(tmp_path, tls_dir, primary.port, name="dr") as (dr, _):
                 await wait_equal_tid(primary, dr, target=db.storage.lastTransaction())
 
-    try:
-        with caplog.at_level(logging.INFO, logger="replicator"):
-            asyncio.run(scenario())
-    finally:
-        work.close()
-        db.close()
+    run_logged(scenario, caplog, "replicator", db, work)
