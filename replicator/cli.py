@@ -303,7 +303,7 @@ def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json, max_lag) -> None:
     two nodes taking writes to one database, a lag past --max-lag, a
     certificate close to expiry).
     """
-    from .status import alarms, fetch_all, render, split_brain
+    from .status import fetch_all, node_alarms, render
 
     tls = None if insecure else _tls(tls_ca, tls_cert, tls_key)
     if tls is None and not insecure:
@@ -313,8 +313,7 @@ def status(urls, tls_ca, tls_cert, tls_key, insecure, as_json, max_lag) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     now = time.time()
-    found = [shared + ([] if r.get("unreachable") else alarms(r, now, max_lag))
-             for r, shared in zip(results, split_brain(results), strict=True)]
+    found = node_alarms(results, now, max_lag)
     if as_json:
         shown = [r if r.get("unreachable") else {**r, "alarms": [{"flag": flag, "text": text} for flag, text in a]}
                  for r, a in zip(results, found, strict=True)]

@@ -37,6 +37,7 @@ from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
 from .errors import ConfigError, ReplicatorError, StorageInUseError, UsageError
 from .fencing import clear_fence, fence_path
+from .status import takes_writes
 from .storage import lock_storage
 from .threads import blocking
 from .tid import tid_from_hex, tid_repr
@@ -220,13 +221,6 @@ async def _primary_above(node: Secondary, *, connected: bool = True) -> tuple[st
     return None
 
 
-def _takes_writes(status: dict) -> bool:
-    takes = status.get("takes_writes")
-    if takes is None:  # a node that does not say: its fence says
-        takes = not status.get("fenced") and not status.get("stale")
-    return bool(takes)
-
-
 async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict] | None:
     """HTTP 409 if ``node`` is connected (directly, or through relays) to a primary that still
     takes writes, or to one a promoted node superseded: promoting it would make two primaries,
@@ -249,7 +243,7 @@ async def _refuse_beside_a_writable_primary(node: Secondary) -> tuple[str, dict]
             f"{status['superseded']}: another node is the primary now, and promoting this one would begin a "
             "second history beside it, each taking commits the other never gets. Make this node a secondary of "
             "the current primary instead; if that primary is lost too, promote with --force"))
-    if not _takes_writes(status):
+    if not takes_writes(status):
         return found
     writer = f", written by {status['writer']}," if status.get("writer") else ""
     first = (f"Stop that ZEO server first (a sidecar cannot refuse its commits; `replicator fence {address}` "

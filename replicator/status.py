@@ -15,7 +15,7 @@ from .config import TLSPaths
 from .protocol.events import printable
 from .transport import client_ssl_context, request_error
 
-__all__ = ["alarms", "fetch_all", "render", "size_text", "split_brain"]
+__all__ = ["alarms", "fetch_all", "node_alarms", "render", "size_text", "split_brain", "takes_writes"]
 
 
 def _url(text: str, insecure: bool) -> str:
@@ -121,13 +121,18 @@ def alarms(r: dict, now: float, max_lag: float | None = None) -> list[tuple[str,
     return found
 
 
-def _takes_writes(r: dict) -> bool:
-    if r.get("role") != "primary" or r.get("fenced") or r.get("stale"):
-        return False
-    takes = r.get("takes_writes")
-    if takes is None:  # a promoted `replicator secondary`: writes only through a ZEO server
-        takes = r.get("serves_zeo", True)
+def takes_writes(status: dict) -> bool:
+    """Whether a node's status says it takes writes; a node that does not say, its fence says."""
+    takes = status.get("takes_writes")
+    if takes is None:
+        takes = not status.get("fenced") and not status.get("stale")
     return bool(takes)
+
+
+def _primary_taking_writes(r: dict) -> bool:
+    """A primary that takes writes; a promoted `replicator secondary` only through a ZEO server."""
+    return (r.get("role") == "primary" and not r.get("fenced") and not r.get("stale")
+            and r.get("serves_zeo", True) and takes_writes(r))
 
 
 def _address(url: object) -> str:
@@ -145,7 +150,7 @@ def split_brain(results: list[dict]) -> list[list[tuple[str, str]]]:
     found: list[list[tuple[str, str]]] = [[] for _ in results]
     writers: dict[str, list[int]] = {}
     for i, r in enumerate(results):
-        if not r.get("unreachable") and r.get("database") and _takes_writes(r):
+        if not r.get("unreachable") and r.get("database") and _primary_taking_writes(r):
             writers.setdefault(r["database"], []).append(i)
     for indexes in writers.values():
         if len(indexes) < 2:
@@ -257,16 +262,20 @@ def _refused(r: dict) -> list[str]:
     return lines
 
 
+def node_alarms(results: list[dict], now: float, max_lag: float | None = None) -> list[list[tuple[str, str]]]:
+    """Each node's alarms: those across the nodes given together, then its own."""
+    return [shared + ([] if r.get("unreachable") else alarms(r, now, max_lag))
+            for r, shared in zip(results, split_brain(results), strict=True)]
+
+
 def render(results: list[dict], now: float, max_lag: float | None = None) -> str:
     """A plain-text report, one block per node."""
     lines: list[str] = []
-    both = split_brain(results)
-    for r, shared in zip(results, both, strict=True):
+    for r, found in zip(results, node_alarms(results, now, max_lag), strict=True):
         if r.get("unreachable"):
             lines.append(f"{r['url']}: UNREACHABLE ({r['error']})")
             lines.append("")
             continue
-        found = shared + alarms(r, now, max_lag)
         flags = "".join(f" [{flag}]" for flag in dict.fromkeys(flag for flag, _ in found))
         lines.append(f"{r['url']}: {r['role']} {r['node']}{flags}  storage {r['storage']}")
         lines.extend(f"  {flag:<13} {text}" for flag, text in found)

@@ -132,12 +132,9 @@ def decode_frame(frame: object) -> Event:
     try:
         return cls(*frame[1:])
     except (TypeError, ValueError) as exc:
-        if cls is Hello and len(frame) > 1 and type(frame[1]) is int and frame[1] >= 1 \
-                and frame[1] != PROTOCOL_VERSION:
-            # Another release's Hello, whatever its fields (a newer one may
-            # have more): enough for a refusal that names both versions.
-            node = frame[2] if len(frame) > 2 and type(frame[2]) is str and len(frame[2]) <= 256 else "?"
-            return Hello(frame[1], node, bytes(8), None)
+        hello = _other_version_hello(frame) if cls is Hello else None
+        if hello is not None:
+            return hello
         raise RemoteProtocolError(f"invalid {cls.__name__} frame: {exc}") from None
 
 
@@ -165,8 +162,15 @@ def foreign_hello(data: bytes | bytearray | memoryview) -> Hello | None:
         frame = next(unpacker)
     except (StopIteration, ValueError, TypeError, msgpack.UnpackException, msgpack.BufferFull):
         return None
-    if (type(frame) is not list or len(frame) < 2 or frame[0] != Hello.TYPE or type(frame[1]) is not int
-            or frame[1] < 1 or frame[1] == PROTOCOL_VERSION):
+    if type(frame) is not list or not frame or frame[0] != Hello.TYPE:
+        return None
+    return _other_version_hello(frame)
+
+
+def _other_version_hello(frame: list) -> Hello | None:
+    """A Hello frame of another protocol version, whatever its fields (a newer one may have
+    more), as far as its version and node name: enough for a refusal naming both versions."""
+    if len(frame) < 2 or type(frame[1]) is not int or frame[1] < 1 or frame[1] == PROTOCOL_VERSION:
         return None
     node = frame[2] if len(frame) > 2 and type(frame[2]) is str and len(frame[2]) <= 256 else "?"
     return Hello(frame[1], node, bytes(8), None)
