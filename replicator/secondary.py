@@ -89,6 +89,8 @@ log = logging.getLogger("replicator.secondary")
 #: Reject codes after which retrying cannot help: an operator must act.
 #: Seconds a goodbye to the primary may take to send (a closed window would hold it for ever).
 GOODBYE_WAIT = 1.0
+#: Said to the primary by a secondary that stops following to be promoted.
+PROMOTION_GOODBYE = Goodbye("shutdown", "secondary stopping to be promoted")
 
 FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign", "identity"}
 
@@ -438,6 +440,7 @@ class Secondary:
         self._ack_due = asyncio.Event()
         self._stopped = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._conn: Connection | None = None  # the protocol state of ``_ws``'s session
         self._told_uncompressed = False
         #: Why it stopped following for good, while ``serve(hold=True)`` keeps its port open.
         self.stopped: ReplicatorError | None = None
@@ -784,8 +787,13 @@ class Secondary:
         aborted.  Returns once ``run()`` has returned.
         """
         self._draining.set()
-        if self._ws is not None:
-            await self._ws.close()
+        ws, conn = self._ws, self._conn
+        if ws is not None:
+            if conn is not None and conn.state is ConnectionState.STREAMING and not ws.closed:
+                # Planned: the primary logs it as such, not as a secondary it lost.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.send_bytes(conn.send(PROMOTION_GOODBYE)), GOODBYE_WAIT)
+            await ws.close()
         await asyncio.wait_for(self._stopped.wait(), timeout)
 
     async def _follow(self, url: str, contexts: Callable[[], ssl.SSLContext] | None, backoff: Backoff) -> None:
@@ -942,6 +950,7 @@ class Secondary:
         self.database = epochs.database
         offer = self.applier.resume_offer()
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
+        self._conn = conn
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
                                          compress=cfg.compress)
         self.progress.compression = bool(ws.compress)
@@ -1020,7 +1029,7 @@ class Secondary:
             farewell = Goodbye("error", f"local storage failed: {exc}; it retries")
             raise
         finally:
-            self._ws = None
+            self._ws = self._conn = None
             if not ws.closed:
                 if farewell is not None and conn.state is ConnectionState.STREAMING:
                     with contextlib.suppress(Exception):

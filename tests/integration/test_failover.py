@@ -480,3 +480,28 @@ def test_a_former_primary_that_comes_back_after_the_promotion_is_told_then(tmp_p
     asyncio.run(scenario())
     told = [r.getMessage() for r in caplog.records if "came back and was told of epoch 1" in r.getMessage()]
     assert len(told) == 1, told
+
+
+def test_a_secondary_promoted_while_connected_says_goodbye_to_its_primary(tmp_path, tls_dir, caplog):
+    """A switchover promotes the standby while it still follows the fenced primary: the primary's
+    log must tell that planned end (INFO, naming the promotion) from a secondary it lost (WARNING)."""
+    caplog.set_level(logging.INFO, logger="replicator.primary")
+    make_a(tmp_path, 3, seed=35)
+    t = tls(tls_dir, "secondary")
+
+    async def scenario() -> None:
+        async with primary_on(tmp_path, tls_dir, "a") as a:
+            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
+                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+                a.fence("switchover")
+                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+                assert promoted["epoch"] == 1
+                await until(lambda: not a.sessions)
+
+    asyncio.run(scenario())
+    ended = [r for r in caplog.records if "session with secondary b " in r.getMessage()]
+    assert len(ended) == 1, [r.getMessage() for r in ended]
+    assert ended[0].levelno == logging.INFO
+    assert "said goodbye (shutdown): secondary stopping to be promoted" in ended[0].getMessage()
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "secondar" in r.getMessage()]
+    assert not lost, lost
