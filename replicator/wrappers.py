@@ -43,6 +43,7 @@ from ZODB.utils import z64
 from .config import PrimaryConfig, SecondaryConfig, parse_address
 from .control import primary_routes
 from .errors import ConfigError, EmptyReplicaError, ReplicatorError
+from .nodelog import tag_node
 from .primary import Primary
 from .secondary import Secondary
 from .storage import close_storage, correct_last_tid, has_blobs
@@ -74,8 +75,10 @@ class ServiceThread:
     goes on serving reads, and the service's status says why it stopped.
     """
 
-    def __init__(self, name: str, main: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+    def __init__(self, name: str, main: Callable[[Callable[[], None]], Awaitable[None]],
+                 node: str | None = None) -> None:
         self.name = name
+        self.node = node  # its log lines begin with [node] (``nodelog``)
         self.error: BaseException | None = None
         self._main = main
         self._ready = threading.Event()
@@ -112,6 +115,8 @@ class ServiceThread:
         return self._loop
 
     def _run(self) -> None:
+        if self.node is not None:
+            tag_node(self.node)  # before the loop: its tasks copy this thread's context
         try:
             asyncio.run(self._supervise())
         finally:
@@ -387,7 +392,8 @@ class PrimaryStorage(_Wrapper):
             # __getattr__ first fails an ordinary lookup, a few us apiece.
             if not hasattr(type(self), name) and hasattr(base, name):
                 self.__dict__[name] = getattr(base, name)
-        self._service = ServiceThread(f"replication of {self.config.storage} (primary node {self.config.node})", self._serve)
+        self._service = ServiceThread(f"replication of {self.config.storage} (primary node {self.config.node})",
+                                      self._serve, node=self.config.node)
         self._service.start()
 
     async def _serve(self, ready: Callable[[], None]) -> None:
@@ -502,7 +508,8 @@ class PrimaryStorage(_Wrapper):
                                    on_promoted=self._promoted, on_demoted=self._demoted,
                                    promoted_status=self._sync_status, promotion_blocker=self._promotion_blocker)
         _drop_clients(self._dbs)
-        self._service = ServiceThread(f"replication of {cfg.storage} (secondary node {cfg.node})", self._follow)
+        self._service = ServiceThread(f"replication of {cfg.storage} (secondary node {cfg.node})", self._follow,
+                                      node=cfg.node)
         self._service.start()
         log.warning("demoted: %s now follows %s", cfg.storage, upstream)
 
@@ -765,7 +772,8 @@ class SecondaryStorage(_Wrapper):
         self._autostart = start
         self._closed = False
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
-        self._service = ServiceThread(f"replication of {self.config.storage} (secondary node {self.config.node})", self._follow)
+        self._service = ServiceThread(f"replication of {self.config.storage} (secondary node {self.config.node})",
+                                      self._follow, node=self.config.node)
 
     def start(self) -> None:
         """Start following the primary, if not yet started (``registerDB`` does it too)."""

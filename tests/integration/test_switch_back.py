@@ -184,8 +184,9 @@ def test_a_demoted_primary_keeps_its_fence_record_and_a_promotion_removes_it(mak
     pair.switchover("p", "standby")
     pair.following("p", "standby")
     assert p_fence.exists() and not standby_fence.exists()
-    # The promoted standby says how to make its new role last across a restart of its server.
-    promoted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("promoted: ")]
+    # The promoted standby says how to make its new role last across a restart of its server,
+    # on a line that names it: one server's log holds the lines of all its storages.
+    promoted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[standby] promoted: ")]
     assert promoted and "replace <replicated-secondary> by <replicated-primary>" in promoted[0], promoted
     pair.switchover("standby", "p")
     pair.following("standby", "p")
