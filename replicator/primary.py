@@ -675,6 +675,9 @@ class Primary:
             self._start_superseded(epochs.history[-1])
         # A relay serves a secondary's storage: a fence recorded there (a demoted
         # primary's) is for the day it is started as a primary again.
+        # Stale by its epoch record: _start_superseded said why and what to do, and a
+        # fence record's own advice (undo it, or that it streams on) no longer holds.
+        stale_by_epoch = self.stale
         recorded = None if self.relay else await asyncio.to_thread(load_fence, cfg.storage)
         if recorded is not None:
             self._start_fenced(recorded)
@@ -683,7 +686,10 @@ class Primary:
         except BaseException:
             self.release_storage_lock()
             raise
-        if recorded is not None:
+        if recorded is not None and stale_by_epoch:
+            log.info("%s: its fence since %s (%s) is recorded in %s as well; it stays", cfg.storage,
+                     recorded.since, recorded.reason, fence_path(cfg.storage))
+        elif recorded is not None:
             self._log_started_fenced(recorded)
         assert self.port is not None
         return self.port

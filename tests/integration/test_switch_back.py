@@ -362,3 +362,32 @@ def test_a_standby_behind_a_read_only_zeo_server_is_promoted_only_when_forced(ma
     assert promoted["role"] == "primary" and promoted["epoch"] == 1
     assert any("promoted to primary, but its ZEO server is read-only" in r.getMessage() for r in caplog.records)
     assert not any(r.getMessage().endswith("is writable: promoted to primary") for r in caplog.records)
+
+
+def test_a_demoted_primary_restarted_with_its_old_configuration_gives_one_consistent_verdict(
+        make_pair, tmp_path, tls_dir, caplog):
+    """Restarted as a primary after a switchover demoted it (its configuration not changed yet), the
+    old primary is stale: it followed the new primary's epoch.  Its switchover fence is recorded
+    too, but `fence --undo` refuses on a stale node, so the log must not offer it as a way out:
+    one CRITICAL line, saying to configure the node as a secondary."""
+    pair = make_pair()
+    pair.switchover("p", "standby")
+    pair.following("p", "standby")
+    pair.servers.pop("p").close()
+    caplog.set_level(logging.INFO, logger="replicator")
+    caplog.clear()
+    config = PrimaryConfig(storage=str(tmp_path / "p.fs"), listen=Address("127.0.0.1", 0),
+                           tls=tls(tls_dir, "primary"), node="p").validate()
+    again = PrimaryStorage(FileStorage(str(tmp_path / "p.fs")), config)
+    try:
+        assert again.isReadOnly() or again.status()["stale"], again.status()
+        critical = [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL]
+        assert len(critical) == 1, critical
+        assert "Configure it as a secondary of standby " in critical[0], critical
+        offered = [r.getMessage() for r in caplog.records if "fence --undo" in r.getMessage()]
+        assert not offered, offered
+        refused = subprocess.run([REPLICATOR, "fence", "--undo", f"127.0.0.1:{again.port}",
+                                  *tls_args(tls_dir, "secondary")], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+    finally:
+        again.close()
