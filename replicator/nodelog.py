@@ -15,16 +15,11 @@ import logging
 import threading
 from contextvars import ContextVar
 
-__all__ = ["tag_node", "node_tag"]
+__all__ = ["tag_node"]
 
 _NODE: ContextVar[str | None] = ContextVar("replicator_node", default=None)
 _lock = threading.Lock()
 _installed = False
-
-
-def node_tag() -> str | None:
-    """The node this context's log lines are tagged with, if any."""
-    return _NODE.get()
 
 
 def tag_node(name: str) -> None:

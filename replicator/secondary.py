@@ -86,12 +86,12 @@ STALL_LOOK = 1.0
 
 log = logging.getLogger("replicator.secondary")
 
-#: Reject codes after which retrying cannot help: an operator must act.
 #: Seconds a goodbye to the primary may take to send (a closed window would hold it for ever).
 GOODBYE_WAIT = 1.0
 #: Said to the primary by a secondary that stops following to be promoted.
 PROMOTION_GOODBYE = Goodbye("shutdown", "secondary stopping to be promoted")
 
+#: Reject codes after which retrying cannot help: an operator must act.
 FINAL_REJECTS = {"diverged", "ahead", "version", "packed", "stale", "foreign", "identity"}
 
 
@@ -950,9 +950,9 @@ class Secondary:
         self.database = epochs.database
         offer = self.applier.resume_offer()
         conn = Connection(Role.SECONDARY, max_frame=cfg.max_frame)
-        self._conn = conn
         ws = self._ws = await connect_ws(http, url, ssl_ctx, max_msg_size=cfg.max_frame + (1 << 20),
                                          compress=cfg.compress)
+        self._conn = conn
         self.progress.compression = bool(ws.compress)
         if cfg.compress and not ws.compress and not self._told_uncompressed:
             self._told_uncompressed = True
