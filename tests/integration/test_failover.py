@@ -72,6 +72,15 @@ async def until(predicate, timeout: float = 30.0) -> None:
     raise TimeoutError("condition not reached")
 
 
+@contextlib.asynccontextmanager
+async def b_in_step_with_a(tmp_path: Path, tls_dir: Path):
+    """Primary ``a`` and its secondary ``b``, once b has applied all of a's transactions: ``(a, b, b's task)``."""
+    async with primary_on(tmp_path, tls_dir, "a") as a:
+        async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, task):
+            await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
+            yield a, b, task
+
+
 def commit_blob_to(path: Path, blobs: Path) -> None:
     from ZODB.blob import Blob
 
@@ -109,40 +118,38 @@ def test_promotion_epochs_fencing_fork_and_rewind(tmp_path, tls_dir):
     t = tls(tls_dir, "secondary")
 
     async def scenario() -> None:
-        async with primary_on(tmp_path, tls_dir, "a") as a:
-            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, b_task):
-                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
-                # a still takes writes, and b is connected to it: promoting b would make two primaries.
-                with pytest.raises(Refusal, match=r"HTTP 409\): not promoted: this node is connected to the "
-                                                  r"primary a \(epoch 0\) at 127.0.0.1:\d+ which still takes "
-                                                  "writes") as refused:
-                    await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
-                assert "promote with --force" in str(refused.value)
-                assert not b.promoted and b.progress.connected
-                # Unless forced (a is about to go away, say).
-                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote?force=1", t)
-                assert promoted["role"] == "primary" and promoted["epoch"] == 1
-                assert promoted["last_tid"] == a.head_tid.hex()
-                await asyncio.wait_for(b_task, 10)  # it stopped following
-                # Promoting it again is harmless, but says so when fenced (it would not take writes).
-                assert (await call(f"127.0.0.1:{b.port}", "POST", "/promote", t))["epoch"] == 1
-                b.downstream.fence("this test")
-                with pytest.raises(Refusal, match="already the primary of epoch 1, and fenced"):
-                    await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
-                b.downstream.unfence()
-                assert load_epoch(str(tmp_path / "b.fs")).epoch == 1
+        async with b_in_step_with_a(tmp_path, tls_dir) as (a, b, b_task):
+            # a still takes writes, and b is connected to it: promoting b would make two primaries.
+            with pytest.raises(Refusal, match=r"HTTP 409\): not promoted: this node is connected to the "
+                                              r"primary a \(epoch 0\) at 127.0.0.1:\d+ which still takes "
+                                              "writes") as refused:
+                await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+            assert "promote with --force" in str(refused.value)
+            assert not b.promoted and b.progress.connected
+            # Unless forced (a is about to go away, say).
+            promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote?force=1", t)
+            assert promoted["role"] == "primary" and promoted["epoch"] == 1
+            assert promoted["last_tid"] == a.head_tid.hex()
+            await asyncio.wait_for(b_task, 10)  # it stopped following
+            # Promoting it again is harmless, but says so when fenced (it would not take writes).
+            assert (await call(f"127.0.0.1:{b.port}", "POST", "/promote", t))["epoch"] == 1
+            b.downstream.fence("this test")
+            with pytest.raises(Refusal, match="already the primary of epoch 1, and fenced"):
+                await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+            b.downstream.unfence()
+            assert load_epoch(str(tmp_path / "b.fs")).epoch == 1
 
-                # c follows the new primary b and joins epoch 1 ...
-                async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
-                    await until(lambda: c.progress.applied_tid == b.progress.applied_tid and c.progress.epoch == 1)
-                assert load_epoch(str(tmp_path / "c.fs")).epoch == 1
-                # ... and never follows the stale primary a; a learns it was superseded.
-                async with secondary_on(tmp_path, tls_dir, "c", a.port, expect_failure=True) as (_, c_task):
-                    with pytest.raises(DivergenceError, match="stale"):
-                        await asyncio.wait_for(c_task, 10)
-                assert a.stale and not a.writable
-                status = await call(f"127.0.0.1:{a.port}", "GET", "/status", t)
-                assert status["stale"] is True and status["fenced"]
+            # c follows the new primary b and joins epoch 1 ...
+            async with secondary_on(tmp_path, tls_dir, "c", b.port) as (c, _):
+                await until(lambda: c.progress.applied_tid == b.progress.applied_tid and c.progress.epoch == 1)
+            assert load_epoch(str(tmp_path / "c.fs")).epoch == 1
+            # ... and never follows the stale primary a; a learns it was superseded.
+            async with secondary_on(tmp_path, tls_dir, "c", a.port, expect_failure=True) as (_, c_task):
+                with pytest.raises(DivergenceError, match="stale"):
+                    await asyncio.wait_for(c_task, 10)
+            assert a.stale and not a.writable
+            status = await call(f"127.0.0.1:{a.port}", "GET", "/status", t)
+            assert status["stale"] is True and status["fenced"]
 
     asyncio.run(scenario())
 
@@ -206,16 +213,14 @@ def test_promotion_tells_a_former_primary_it_can_reach_or_says_it_could_not(tmp_
     t = tls(tls_dir, "secondary")
 
     async def scenario() -> None:
-        async with primary_on(tmp_path, tls_dir, "a") as a:
-            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
-                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
-                await b.stop_following()  # a link that broke: a is still there, b no longer connected
-                assert not b.progress.connected
-                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
-                assert promoted["epoch"] == 1
-                assert promoted["former_primary"] == {"address": f"127.0.0.1:{a.port}", "told": True,
-                                                      "detail": "it takes no writes any more"}
-                assert a.stale and not a.writable
+        async with b_in_step_with_a(tmp_path, tls_dir) as (a, b, _):
+            await b.stop_following()  # a link that broke: a is still there, b no longer connected
+            assert not b.progress.connected
+            promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+            assert promoted["epoch"] == 1
+            assert promoted["former_primary"] == {"address": f"127.0.0.1:{a.port}", "told": True,
+                                                  "detail": "it takes no writes any more"}
+            assert a.stale and not a.writable
             port = a.port
         # a gone: c, which followed it, is promoted all the same, and says a was not told.
         async with primary_on(tmp_path, tls_dir, "b") as b:
@@ -490,13 +495,11 @@ def test_a_secondary_promoted_while_connected_says_goodbye_to_its_primary(tmp_pa
     t = tls(tls_dir, "secondary")
 
     async def scenario() -> None:
-        async with primary_on(tmp_path, tls_dir, "a") as a:
-            async with secondary_on(tmp_path, tls_dir, "b", a.port) as (b, _):
-                await until(lambda: b.progress.applied_tid == a.head_tid and a.head_tid != Z64)
-                a.fence("switchover")
-                promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
-                assert promoted["epoch"] == 1
-                await until(lambda: not a.sessions)
+        async with b_in_step_with_a(tmp_path, tls_dir) as (a, b, _):
+            a.fence("switchover")
+            promoted = await call(f"127.0.0.1:{b.port}", "POST", "/promote", t)
+            assert promoted["epoch"] == 1
+            await until(lambda: not a.sessions)
 
     asyncio.run(scenario())
     ended = [r for r in caplog.records if "session with secondary b " in r.getMessage()]

@@ -15,22 +15,15 @@ import pytest
 import ZODB
 from ZEO.ClientStorage import ClientStorage
 
-from tests.helpers import RUNZEO, Proc, free_port, wait_for_port, wait_until
+from tests.helpers import free_port, wait_until
 from tests.system.sysutil import get_status
+from tests.system.test_switchover import start_runzeo
 
 STORAGES = ("1", "catalog")
 
 
 def tls_lines(tls_dir: Path, cert: str) -> str:
     return f"  tls-ca {tls_dir / 'ca.pem'}\n  tls-cert {tls_dir / f'{cert}.pem'}\n  tls-key {tls_dir / f'{cert}.key'}\n"
-
-
-def start(tmp_path: Path, name: str, zeo_port: int, sections: str) -> Proc:
-    conf = tmp_path / f"{name}.conf"
-    conf.write_text(f"%import replicator\n<zeo>\n  address 127.0.0.1:{zeo_port}\n  read-only false\n</zeo>\n{sections}")
-    proc = Proc([RUNZEO, "-C", str(conf)], tmp_path / f"{name}.log")
-    wait_for_port(zeo_port, proc.proc)
-    return proc
 
 
 @pytest.mark.slow
@@ -47,8 +40,8 @@ def test_each_storages_replication_lines_name_its_node(tmp_path, tls_dir):
         f"  <filestorage>\n    path {tmp_path / f'standby-{s}.fs'}\n  </filestorage>\n</replicated-secondary>\n"
         for s in STORAGES)
     main_port, standby_port = free_port(), free_port()
-    main = start(tmp_path, "main", main_port, primaries)
-    standby = start(tmp_path, "standby", standby_port, replicas)
+    main = start_runzeo(tmp_path, "main", main_port, primaries)
+    standby = start_runzeo(tmp_path, "standby", standby_port, replicas)
     try:
         for s in STORAGES:
             db = ZODB.DB(ClientStorage(("127.0.0.1", main_port), storage=s, wait_timeout=30))
