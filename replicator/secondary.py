@@ -219,6 +219,13 @@ WELCOME_WAIT = 600.0
 OUTAGE_WARNING_INTERVAL = 60.0
 
 
+async def _say_goodbye(ws: aiohttp.ClientWebSocketResponse, conn: Connection, goodbye: Goodbye) -> None:
+    """Tell the primary why a streaming session ends (best effort, at most ``GOODBYE_WAIT``)."""
+    if conn.state is ConnectionState.STREAMING and not ws.closed:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.send_bytes(conn.send(goodbye)), GOODBYE_WAIT)
+
+
 def _disk_full(error: BaseException | None) -> OSError | None:
     """The "no space" (or quota) error behind a ``StorageError``, if that is what it is."""
     seen = 0
@@ -789,10 +796,8 @@ class Secondary:
         self._draining.set()
         ws, conn = self._ws, self._conn
         if ws is not None:
-            if conn is not None and conn.state is ConnectionState.STREAMING and not ws.closed:
-                # Planned: the primary logs it as such, not as a secondary it lost.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.send_bytes(conn.send(PROMOTION_GOODBYE)), GOODBYE_WAIT)
+            if conn is not None:  # planned: the primary logs it as such, not as a secondary it lost
+                await _say_goodbye(ws, conn, PROMOTION_GOODBYE)
             await ws.close()
         await asyncio.wait_for(self._stopped.wait(), timeout)
 
@@ -1031,9 +1036,8 @@ class Secondary:
         finally:
             self._ws = self._conn = None
             if not ws.closed:
-                if farewell is not None and conn.state is ConnectionState.STREAMING:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(ws.send_bytes(conn.send(farewell)), GOODBYE_WAIT)
+                if farewell is not None:
+                    await _say_goodbye(ws, conn, farewell)
                 await ws.close()
 
     async def _check_epoch(self, welcome: Welcome, ours: int) -> None:
