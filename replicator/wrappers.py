@@ -75,17 +75,18 @@ class ServiceThread:
     goes on serving reads, and the service's status says why it stopped.
     """
 
-    def __init__(self, name: str, main: Callable[[Callable[[], None]], Awaitable[None]],
-                 node: str | None = None) -> None:
-        self.name = name
-        self.node = node  # its log lines begin with [node] (``nodelog``)
+    def __init__(self, config: PrimaryConfig | SecondaryConfig,
+                 main: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        role = "primary" if isinstance(config, PrimaryConfig) else "secondary"
+        self.name = f"replication of {config.storage} ({role} node {config.node})"
+        self.node = config.node  # its log lines begin with [node] (``nodelog``)
         self.error: BaseException | None = None
         self._main = main
         self._ready = threading.Event()
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         if self._started:
@@ -115,8 +116,7 @@ class ServiceThread:
         return self._loop
 
     def _run(self) -> None:
-        if self.node is not None:
-            tag_node(self.node)  # before the loop: its tasks copy this thread's context
+        tag_node(self.node)  # before the loop: its tasks copy this thread's context
         try:
             asyncio.run(self._supervise())
         finally:
@@ -392,8 +392,7 @@ class PrimaryStorage(_Wrapper):
             # __getattr__ first fails an ordinary lookup, a few us apiece.
             if not hasattr(type(self), name) and hasattr(base, name):
                 self.__dict__[name] = getattr(base, name)
-        self._service = ServiceThread(f"replication of {self.config.storage} (primary node {self.config.node})",
-                                      self._serve, node=self.config.node)
+        self._service = ServiceThread(self.config, self._serve)
         self._service.start()
 
     async def _serve(self, ready: Callable[[], None]) -> None:
@@ -508,8 +507,7 @@ class PrimaryStorage(_Wrapper):
                                    on_promoted=self._promoted, on_demoted=self._demoted,
                                    promoted_status=self._sync_status, promotion_blocker=self._promotion_blocker)
         _drop_clients(self._dbs)
-        self._service = ServiceThread(f"replication of {cfg.storage} (secondary node {cfg.node})", self._follow,
-                                      node=cfg.node)
+        self._service = ServiceThread(secondary_config, self._follow)
         self._service.start()
         log.warning("demoted: %s now follows %s", cfg.storage, upstream)
 
@@ -772,8 +770,7 @@ class SecondaryStorage(_Wrapper):
         self._autostart = start
         self._closed = False
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
-        self._service = ServiceThread(f"replication of {self.config.storage} (secondary node {self.config.node})",
-                                      self._follow, node=self.config.node)
+        self._service = ServiceThread(self.config, self._follow)
 
     def start(self) -> None:
         """Start following the primary, if not yet started (``registerDB`` does it too)."""
