@@ -57,6 +57,11 @@ class _StatusCollector(Collector):
                      None if "fenced" not in s else int(bool(s["fenced"])))
         yield _gauge("replicator_stale", "1 once this primary learned of a newer epoch.",
                      None if "stale" not in s else int(bool(s["stale"])))
+        yield _gauge("replicator_storage_writer", "Sidecar primary: 1 while another process (its ZEO server) "
+                     "has the storage open for writing, 0 while none does (the database takes no writes, "
+                     "unless this node is fenced: then it holds the storage itself). Absent for an embedded "
+                     "primary, and where the system does not show file locks.",
+                     int(bool(s.get("writer"))) if s.get("sidecar") and s.get("writer_known") else None)
         yield _gauge("replicator_error", "1 while the node reports an error.",
                      int(bool(s.get("error") or s.get("last_error"))))
         peers = s.get("secondaries") or []

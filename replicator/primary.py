@@ -60,7 +60,7 @@ from .protocol import (
     Welcome,
 )
 from .status import size_text
-from .storage import lock_storage, storage_writer
+from .storage import lock_storage, storage_writer, writers_visible
 from .tailer import Tailer
 from .threads import blocking
 from .throttle import Throttle
@@ -1228,7 +1228,8 @@ class Primary:
         if not self.sidecar:
             return {"sidecar": False, "takes_writes": self.writable and not self.relay}
         writer = None if self.storage_lock is not None else storage_writer(self.config.storage)
-        return {"sidecar": True, "writer": writer, "takes_writes": self.writable and writer is not None}
+        return {"sidecar": True, "writer": writer, "writer_known": writers_visible(),
+                "takes_writes": self.writable and writer is not None}
 
     def served_status(self) -> dict:
         """What GET /status returns: the node's status (its provider's), and its certificate's."""

@@ -79,6 +79,9 @@ def alarms(r: dict, now: float, max_lag: float | None = None) -> list[tuple[str,
                                      f"{r['superseded']}, so its fence cannot be undone"))
     elif r.get("fenced"):
         found.append(("FENCED", f"takes no writes: {r['fenced']}"))
+    elif _writer_gone(r):
+        found.append(("NO WRITER", "takes no writes: no process has the storage open for writing (its ZEO "
+                                   "server is stopped), so there is nothing new to replicate"))
     sync = r.get("sync") or {}
     if sync.get("count") and sync.get("degraded"):
         found.append(("SYNC DEGRADED", "commits return unreplicated (asynchronous) until enough secondaries are "
@@ -119,6 +122,12 @@ def alarms(r: dict, now: float, max_lag: float | None = None) -> list[tuple[str,
             found.append(("CERTIFICATE", f"the certificate of secondary {peer.get('node')} {when}: renew it "
                                           "on that node"))
     return found
+
+
+def _writer_gone(r: dict) -> bool:
+    """A sidecar primary that can tell there is no ZEO server beside it (none has its storage open)."""
+    return (r.get("role") == "primary" and bool(r.get("sidecar")) and bool(r.get("writer_known"))
+            and not r.get("writer") and not r.get("fenced") and not r.get("stale"))
 
 
 def takes_writes(status: dict) -> bool:
@@ -293,9 +302,11 @@ def render(results: list[dict], now: float, max_lag: float | None = None) -> str
                 epoch = "" if r.get("promoted") or r.get("epoch") is None else f"   epoch {r['epoch']}"
                 lines.append(f"  transactions  {r.get('transactions') if r.get('transactions') is not None else '-'}"
                              f"   bytes streamed {size_text(r.get('bytes_sent'))}{epoch}")
-            if r.get("sidecar") and not r.get("fenced") and not r.get("stale"):
-                # A sidecar takes writes through the ZEO server beside it, if one runs.
+            if r.get("sidecar") and not r.get("fenced") and not r.get("stale") and not _writer_gone(r):
+                # A sidecar takes writes through the ZEO server beside it, if one runs (flagged if not).
                 writer = (f"by {r['writer']}" if r.get("writer") else
+                          "unknown: this system does not show which process has the storage open"
+                          if r.get("writer_known") is False else
                           "none: no process has the storage open for writing (its ZEO server is stopped)")
                 lines.append(f"  writes        {writer}")
             if r.get("recorded_packs"):

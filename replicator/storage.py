@@ -258,6 +258,8 @@ def _lock_holder(lock_path: str) -> str:
 
 def _describe_process(pid: int) -> str:
     """``process 1234 (runzeo -C zeo.conf)``, or ``process 1234`` where its command line is unknown."""
+    if pid == 0:  # how the kernel shows the holder of a lock to a reader of another PID namespace
+        return "a process outside this one's PID namespace (another container's)"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -269,6 +271,11 @@ def _describe_process(pid: int) -> str:
     if len(command) > 120:
         command = command[:117] + "..."
     return f"process {pid} ({command})" if command else f"process {pid}"
+
+
+def writers_visible(locks: str = "/proc/locks") -> bool:
+    """Whether ``storage_writer`` can tell: this system has the kernel's table of file locks."""
+    return os.access(locks, os.R_OK)
 
 
 def storage_writer(path: str, locks: str = "/proc/locks") -> str | None:

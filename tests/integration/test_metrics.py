@@ -278,7 +278,8 @@ def test_an_empty_secondary_lag_counts_from_the_primary_first_transaction(tmp_pa
 
 def test_the_example_alert_rules_use_metrics_the_nodes_export(tmp_path, tls_dir):
     """docs/prometheus-alerts.yml names only metrics (and labels) a primary with synchronous
-    replication and its secondary really export: a renamed metric must not leave a silent alert."""
+    replication, its secondary and a sidecar primary really export: a renamed metric must not
+    leave a silent alert."""
     import re
     from pathlib import Path
 
@@ -296,6 +297,9 @@ def test_the_example_alert_rules_use_metrics_the_nodes_export(tmp_path, tls_dir)
     storage = PrimaryStorage(base, config.validate())
     db = ZODB.DB(storage)
 
+    # A sidecar's storage, for the metrics only a sidecar exports.
+    FileStorage(str(tmp_path / "src.fs"), blob_dir=str(tmp_path / "src-blobs")).close()
+
     async def scenario() -> dict[str, dict[str, set]]:
         secondary = Secondary(SecondaryConfig(
             storage=str(tmp_path / "dst.fs"), primary=Address("127.0.0.1", storage.port),
@@ -305,8 +309,10 @@ def test_the_example_alert_rules_use_metrics_the_nodes_export(tmp_path, tls_dir)
         try:
             await asyncio.to_thread(commit_once, db)  # waits for the secondary's acknowledgement
             exported: dict[str, dict[str, set]] = {}  # series names -> label -> values
-            for port in (storage.port, secondary.port):
-                for family in text_string_to_metric_families(await scrape_text(port, tls_dir)):
+            async with running_primary(tmp_path, tls_dir, sidecar=True) as sidecar:
+                texts = [await scrape_text(port, tls_dir) for port in (storage.port, secondary.port, sidecar.port)]
+            for text in texts:
+                for family in text_string_to_metric_families(text):
                     # A counter's series is NAME_total, also while it has no sample yet.
                     exported.setdefault(family.name + ("_total" if family.type == "counter" else ""), {})
                     for sample in family.samples:

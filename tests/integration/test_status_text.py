@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -109,11 +110,24 @@ def test_an_embedded_primary_shows_commits_held_past_sync_timeout(tmp_path, tls_
 def test_a_fenced_sidecar_primary_and_a_fenced_promoted_secondary(tmp_path, tls_dir):
     make_fs(tmp_path / "a.fs", [1, 2])
     with sidecar_pair(tmp_path, tls_dir, tmp_path / "a.fs") as (port, status_port, _, _):
-        # No ZEO server beside it: the text says it takes no writes, which only --json said.
-        shown = run("status", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary")).stdout
-        assert "  writes        none: no process has the storage open for writing (its ZEO server is " \
-               "stopped)\n" in shown, shown
-        assert "   epoch 0\n" in shown, shown
+        # No ZEO server beside it: the database takes no writes, an alarm a monitoring check must not miss.
+        shown = run("status", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+        assert shown.returncode == 8, shown.stdout + shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0] == f"https://127.0.0.1:{port}/status: primary primary [NO WRITER]  storage {tmp_path / 'a.fs'}"
+        assert lines[1] == ("  NO WRITER     takes no writes: no process has the storage open for writing (its ZEO "
+                            "server is stopped), so there is nothing new to replicate"), lines
+        assert "  writes  " not in shown.stdout and "   epoch 0\n" in shown.stdout, shown.stdout
+        assert value(asyncio.run(scrape(port, tls_dir)), "replicator_storage_writer") == 0
+        # A process opens it for writing, as a ZEO server does (this one): named, and no alarm.
+        writer = FileStorage(str(tmp_path / "a.fs"))
+        try:
+            shown = run("status", f"127.0.0.1:{port}", *tls_args(tls_dir, "secondary"))
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            assert "NO WRITER" not in shown.stdout and f"  writes        by process {os.getpid()} (" in shown.stdout
+            assert value(asyncio.run(scrape(port, tls_dir)), "replicator_storage_writer") == 1
+        finally:
+            writer.close()
         # Both name the database their history belongs to: the same one.
         database = get_status(port, tls_dir)["database"]
         assert database and get_status(status_port, tls_dir)["database"] == database
@@ -183,6 +197,12 @@ def test_a_sidecar_primary_names_the_process_that_takes_its_writes():
         endswith("   epoch 3"), shown
     # An embedded primary takes its own writes: no such line.
     assert "  writes  " not in render([{**status, "sidecar": False, "writer": None}], now=time.time())
+    # Where the system cannot show who holds the storage, nothing is claimed either way.
+    unknown = {**status, "writer": None, "writer_known": False, "takes_writes": False}
+    assert alarms(unknown, time.time()) == [("NO SECONDARY", "no secondary is connected: its commits are "
+                                                             "replicated nowhere")]
+    assert "  writes        unknown: this system does not show which process has the storage open\n" in \
+        render([unknown], now=time.time())
 
 
 def test_a_node_that_replicates_nothing_is_flagged():
