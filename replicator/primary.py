@@ -1176,7 +1176,7 @@ class Primary:
         return {
             "role": "primary",
             "node": self.config.node,
-            "storage": self.config.storage,
+            "storage": os.path.abspath(self.config.storage),  # read elsewhere: as typed, it may say nothing
             "protocol_version": PROTOCOL_VERSION,
             "started_at": self.started_at,
             "last_tid": self.head_tid.hex(),

@@ -1356,7 +1356,7 @@ class Secondary:
             "role": "primary" if self.promoted else "secondary",
             "promoted": self.promoted,
             "node": self.config.node,
-            "storage": self.config.storage,
+            "storage": os.path.abspath(self.config.storage),  # read elsewhere: as typed, it may say nothing
             "protocol_version": PROTOCOL_VERSION,
             "started_at": self.started_at,
             "primary": str(self.config.primary),

@@ -258,3 +258,32 @@ def test_two_nodes_taking_writes_to_one_database_are_both_flagged():
     assert split_brain([old, {**new, "takes_writes": False}]) == [[], []]
     assert split_brain([old, {"url": "x", "unreachable": True, "error": "refused"}]) == [[], []]
     assert split_brain([old]) == [[]]
+
+
+def test_status_names_each_storage_by_its_full_path(tmp_path, tls_dir, monkeypatch):
+    """Status is read on another host: a path given relative to the node's directory says nothing there."""
+    from replicator.config import SecondaryConfig
+    from replicator.primary import Primary
+    from replicator.secondary import Secondary
+
+    monkeypatch.chdir(tmp_path)
+    FileStorage("a.fs").close()
+
+    async def scenario() -> tuple[dict, dict]:
+        primary = Primary(PrimaryConfig(storage="a.fs", listen=Address("127.0.0.1", 0), tls=tls(tls_dir, "primary"),
+                                        node="p").validate(), sidecar=True)
+        await primary.start()
+        try:
+            secondary = Secondary(SecondaryConfig(storage="b.fs", primary=Address("127.0.0.1", primary.port),
+                                                  tls=tls(tls_dir, "secondary"), node="s").validate())
+            await secondary.open()
+            try:
+                return primary.status(), secondary.status()
+            finally:
+                await secondary.close()
+        finally:
+            await primary.stop()
+
+    shown_primary, shown_secondary = asyncio.run(scenario())
+    assert shown_primary["storage"] == str(tmp_path / "a.fs")
+    assert shown_secondary["storage"] == str(tmp_path / "b.fs")
