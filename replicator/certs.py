@@ -27,6 +27,12 @@ then renewed under the new CA; ``drop_old_ca`` leaves the new CA alone in
 certificates the old one signed (``credentials``).  In between, the old CA
 waits in ``ca-previous.pem`` and ``ca-previous.key``.
 
+Revoking one certificate (its key leaked, its host is gone) is lighter:
+``revoke`` adds it to its CA's revocation list (CRL), kept in ``ca.pem``
+after the CA certificates (``revocation``), and nodes given that file
+refuse it and close its connections.  ``new_ca`` and ``drop_old_ca`` carry
+the lists along.
+
 Keys are EC P-256: small, fast, and accepted by every TLS 1.2+ stack.  Private
 keys are created with mode 0600 from the first byte (``O_EXCL`` plus an
 explicit mode), never chmod-ed afterwards, so there is no window in which
@@ -55,9 +61,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError
+from .revocation import REASONS, Revocations, Revoked, crl_pems, crl_signed_by, load_crls
 
 __all__ = ["CertPaths", "CertInfo", "init_ca", "issue_node", "renew_node", "new_ca", "drop_old_ca", "describe",
-           "ROLES", "ROLE_URI_PREFIX", "roles_from_uris"]
+           "revoke", "Revocation", "ROLES", "ROLE_URI_PREFIX", "roles_from_uris"]
 
 CA_NAME = "ca"
 #: Where ``new_ca`` keeps the CA it replaces until ``drop_old_ca``.
@@ -121,6 +128,8 @@ class CertInfo:
     other_cas: tuple[str, ...] = ()
     #: When the first certificate of the file expires, intermediates included: when it stops working.
     usable_until: datetime.datetime | None = None
+    #: For a CA file with revocation lists: each revoked certificate, as "serial (revoked on date, reason)".
+    revoked: tuple[str, ...] = ()
 
     @property
     def sans(self) -> tuple[str, ...]:
@@ -218,11 +227,15 @@ def new_ca(directory: str | os.PathLike[str], *, days: int = 3650,
     if not common_name.strip() or common_name == old_cert.subject.rfc4514_string().removeprefix("CN="):
         raise ConfigError(f"the new CA's common name {common_name!r} must be set and differ from the old one's")
     cert, key = _make_ca(common_name, days)
+    crls = _crl_blocks(directory)
+    if crls:
+        # Once the file holds revocation lists, TLS wants one of every CA that signs certificates.
+        crls.append(_pem(_make_crl(cert, key, [], 1)))
     # The old CA first, so that a crash leaves it where it can be put back from.
     _write(CertPaths(directory / f"{PREVIOUS_CA_NAME}.pem", directory / f"{PREVIOUS_CA_NAME}.key"),
            old_cert, old_key)
     _write_file(directory / f"{CA_NAME}.key", _key_pem(key), 0o600)
-    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(cert) + _cert_pem(old_cert), 0o644)
+    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(cert) + _cert_pem(old_cert) + b"".join(crls), 0o644)
     return CARotation(directory / f"{CA_NAME}.pem", cert, (old_cert,), _signed_by_old(directory, cert))
 
 
@@ -250,10 +263,147 @@ def drop_old_ca(directory: str | os.PathLike[str], *, force: bool = False) -> CA
         error.hint = ("renew each (`replicator certs renew NAME`) and put it in place on its node first: nodes "
                       "given a CA file without the old CA refuse it; --force drops the old CA all the same")
         raise error
-    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(new), 0o644)
+    kept = [block for block in _crl_blocks(directory) if x509.load_pem_x509_crl(block).issuer == new.subject]
+    _write_file(directory / f"{CA_NAME}.pem", _cert_pem(new) + b"".join(kept), 0o644)
     for suffix in (".key", ".pem"):
         (directory / f"{PREVIOUS_CA_NAME}{suffix}").unlink(missing_ok=True)
     return CARotation(directory / f"{CA_NAME}.pem", new, old, unrenewed)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What ``revoke`` did."""
+
+    #: The CA file to copy to every node.
+    ca_file: Path
+    #: The certificate revoked (None: revoked by serial number alone).
+    cert: x509.Certificate | None
+    serial: int
+    #: The CA whose revocation list lists it.
+    ca: x509.Certificate
+    #: How it was revoked before, if it was (nothing was changed then).
+    already: Revoked | None
+    #: How many certificates that CA's list holds now.
+    listed: int
+
+
+def revoke(directory: str | os.PathLike[str], cert: str | os.PathLike[str] | None = None, *,
+           serial: int | None = None, reason: str | None = None) -> Revocation:
+    """Add a certificate to its CA's revocation list in ``directory``'s ``ca.pem``.
+
+    ``cert``: a name in ``directory`` (``NAME.pem``) or a certificate file;
+    or ``serial``, a serial number the signing CA (``ca.key``) issued, for a
+    certificate whose file is gone.  ``reason``: a word of
+    ``revocation.REASONS``.  The CA that signed it must have its key in
+    ``directory`` (``ca.key``, or ``ca-previous.key`` while the cluster moves
+    to a new CA).  Revoking one already revoked changes nothing.
+    ``ConfigError`` naming every problem otherwise.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    if (cert is None) == (serial is None):
+        raise ConfigError("name the certificate to revoke, or give its serial number (not both)")
+    if reason is not None and reason not in REASONS:
+        raise ConfigError(f"unknown revocation reason {reason!r}: one of {', '.join(REASONS)}")
+    signing = _load_ca(directory, problems)
+    bundle = _bundle(directory, problems)
+    target: x509.Certificate | None = None
+    if cert is not None:
+        path = directory / f"{cert}.pem"
+        if not path.exists() and Path(cert).is_file():
+            path = Path(cert)
+        target = _load_cert(path, "certificate", problems)
+        if target is not None and is_ca(target):
+            problems.append(f"{path} is a CA certificate: to stop trusting a CA, move the cluster to a new one "
+                            "(`replicator certs new-ca`, then `drop-old-ca`)")
+    if problems or signing is None:
+        raise ConfigError(problems)
+    keys = [signing]
+    previous = CertPaths(directory / f"{PREVIOUS_CA_NAME}.pem", directory / f"{PREVIOUS_CA_NAME}.key")
+    if previous.cert.exists():
+        old = _load_ca(directory, problems, PREVIOUS_CA_NAME)
+        if old is not None:
+            keys.append(old)
+    if target is None:
+        ca, key = signing
+        number = int(serial)  # type: ignore[arg-type]  # given when cert is not
+        if number <= 0:
+            raise ConfigError(f"serial number {number} is not a certificate's (they are positive)")
+    else:
+        found = [(c, k) for c, k in keys if issued_by(target, c)]
+        if not found:
+            issuers = [c.subject.rfc4514_string() for c in bundle if issued_by(target, c)]
+            raise ConfigError(f"{target.subject.rfc4514_string()} (serial {target.serial_number:x}) "
+                              + (f"was signed by {issuers[0]}, whose key is not in {directory}" if issuers
+                                 else f"was not signed by a CA of {directory}")
+                              + ": only the CA that signed a certificate can revoke it")
+        (ca, key), number = found[0], target.serial_number
+    data = read_file(directory / f"{CA_NAME}.pem", "CA certificate", problems) or b""
+    blocks = crl_pems(data)
+    crls = load_crls(data, directory / f"{CA_NAME}.pem", problems)
+    if problems:  # a list that does not parse: rewriting the file would drop it unseen
+        raise ConfigError(problems)
+    own = [crl for crl in crls if crl.issuer == ca.subject and crl_signed_by(crl, ca)]
+    listed = Revocations(own, [ca])
+    before = listed.of_serial(ca.subject, number)
+    if before is not None:
+        return Revocation(directory / f"{CA_NAME}.pem", target, number, ca, before, len(listed))
+    entries = [entry for crl in own for entry in crl]
+    seen: set[int] = set()
+    kept = []
+    for entry in entries:
+        if entry.serial_number not in seen:
+            seen.add(entry.serial_number)
+            kept.append(entry)
+    new_entry = x509.RevokedCertificateBuilder().serial_number(number) \
+        .revocation_date(datetime.datetime.now(datetime.UTC))
+    if reason is not None:
+        new_entry = new_entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
+    kept.append(new_entry.build())
+    numbers = [crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in own
+               if _has(crl, x509.CRLNumber)]
+    crl = _make_crl(ca, key, kept, max(numbers, default=0) + 1)
+    others = [b for b, c in zip(blocks, crls, strict=True) if c.issuer != ca.subject]
+    _write_file(directory / f"{CA_NAME}.pem", b"".join(_cert_pem(c) for c in bundle) + b"".join(others)
+                + _pem(crl), 0o644)
+    return Revocation(directory / f"{CA_NAME}.pem", target, number, ca, None, len(kept))
+
+
+def _has(crl: x509.CertificateRevocationList, kind: type) -> bool:
+    try:
+        crl.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def _make_crl(ca: x509.Certificate, key: ec.EllipticCurvePrivateKey, entries: list[x509.RevokedCertificate],
+              number: int) -> x509.CertificateRevocationList:
+    """The CA's revocation list of ``entries``, valid until the CA itself expires.
+
+    Its next update is the CA's expiry, not a week or a month as on a public
+    CA's list: a list past its next update makes TLS refuse every
+    certificate of its CA, and nothing here would be there to renew it.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca.subject)
+               .last_update(now - _BACKDATE)
+               .next_update(ca.not_valid_after_utc)
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                   ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value), critical=False))
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _crl_blocks(directory: Path) -> list[bytes]:
+    """The revocation lists (PEM) in ``directory``'s ``ca.pem``."""
+    try:
+        return crl_pems((directory / f"{CA_NAME}.pem").read_bytes())
+    except OSError:
+        return []
 
 
 def _bundle(directory: Path, problems: list[str]) -> list[x509.Certificate]:
@@ -402,10 +552,12 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
     """Read a PEM certificate and summarise it; ``ConfigError`` if missing or not PEM."""
     path = Path(cert_path)
     problems: list[str] = []
-    certs = load_certs(read_file(path, "certificate", problems), path, "certificate", problems)
+    data = read_file(path, "certificate", problems)
+    certs = load_certs(data, path, "certificate", problems)
     if not certs:
         raise ConfigError(problems)
     cert = certs[0]
+    revocations = Revocations(load_crls(data, path, []), certs, path) if is_ca(cert) else Revocations()
     # After a node's certificate: its intermediate CAs.  After a CA: other CAs (a CA file mid-move).
     chain, others = ([], certs[1:]) if is_ca(cert) else (certs[1:], [])
     try:
@@ -438,6 +590,7 @@ def describe(cert_path: str | os.PathLike[str]) -> CertInfo:
         intermediates=tuple(map(_until, chain)),
         other_cas=tuple(map(_until, others)),
         usable_until=min([cert.not_valid_after_utc] + [c.not_valid_after_utc for c in chain]),
+        revoked=tuple(f"{r.serial:x} ({r.words()})" for r in revocations.listed()),
     )
 
 
@@ -536,12 +689,13 @@ def read_file(path: Path, what: str, problems: list[str]) -> bytes | None:
     return None
 
 
-def _load_ca(directory: Path, problems: list[str]
+def _load_ca(directory: Path, problems: list[str], name: str = CA_NAME
              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-    """The CA certificate and key of ``directory``, or None with problems added."""
+    """The CA certificate and key of ``directory`` (``name``: ``ca``, or ``ca-previous``), or None with
+    problems added."""
     before = len(problems)
-    cert = _load_cert(directory / f"{CA_NAME}.pem", "CA certificate", problems)
-    key_path = directory / f"{CA_NAME}.key"
+    cert = _load_cert(directory / f"{name}.pem", "CA certificate", problems)
+    key_path = directory / f"{name}.key"
     data = read_file(key_path, "CA key", problems)
     key = None
     if data is not None:
@@ -555,19 +709,19 @@ def _load_ca(directory: Path, problems: list[str]
         problems.append(f"CA key {key_path}: expected an EC key, got {type(key).__name__}")
         return None
     if key.public_key() != cert.public_key():
-        problems.append(f"CA key {key_path} does not belong to {directory / (CA_NAME + '.pem')}")
+        problems.append(f"CA key {key_path} does not belong to {directory / (name + '.pem')}")
         return None
     try:
         cert.verify_directly_issued_by(cert)
     except (ValueError, TypeError, InvalidSignature):
-        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')} is not self-signed")
+        problems.append(f"CA certificate {directory / (name + '.pem')} is not self-signed")
         return None
     try:
         if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise x509.ExtensionNotFound("not a CA", x509.BasicConstraints.oid)
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
-        problems.append(f"CA certificate {directory / (CA_NAME + '.pem')} is not a CA "
+        problems.append(f"CA certificate {directory / (name + '.pem')} is not a CA "
                         "made by `replicator certs init` (missing CA basic constraints or key identifier)")
         return None
     return cert, key
@@ -587,6 +741,10 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

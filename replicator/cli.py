@@ -467,6 +467,10 @@ def _with_force_option(exc: ConfigError, warning: str = "") -> ConfigError:
     return exc
 
 
+#: ``certs revoke --reason`` (``revocation.REASONS``, not imported here: the CLI starts without cryptography).
+REASON_WORDS = ("key-compromise", "superseded", "cessation-of-operation", "affiliation-changed")
+
+
 @cli.group()
 def certs() -> None:
     """Create and inspect the cluster's TLS certificates."""
@@ -615,6 +619,45 @@ def certs_drop_old_ca(directory, force) -> None:
                   if done.unrenewed else ""))
 
 
+@certs.command("revoke")
+@click.argument("cert", required=False)
+@click.option("--dir", "directory", default="tls", show_default=True,
+              help="Where the cluster's CA is (ca.pem, ca.key) and its certificates.")
+@click.option("--serial", help="Revoke by serial number (hexadecimal, as `certs show` prints it) instead: "
+                               "for a certificate of the signing CA whose file is gone.")
+@click.option("--reason", type=click.Choice(list(REASON_WORDS)), default=None,
+              help="Why, for the record in the revocation list (none by default).")
+def certs_revoke(cert, directory, serial, reason) -> None:
+    """Revoke one certificate: nodes given the new ca.pem refuse it and close its connections.
+
+    CERT is a name in --dir (CERT.pem) or a certificate file. The revocation
+    list of the CA that signed it, in ca.pem, lists it from now on; copy
+    ca.pem to every node: within a minute (at once on SIGHUP) each refuses
+    new connections made with it and closes the open ones. To give the node
+    a new certificate: `certs renew CERT` (a new key too).
+    """
+    from .certs import revoke
+
+    number = None
+    if serial is not None:
+        try:
+            number = int(serial.replace(":", ""), 16)
+        except ValueError:
+            _fail(ConfigError(f"--serial {serial!r} is not a hexadecimal serial number"))
+    try:
+        done = revoke(directory, cert, serial=number, reason=reason)
+    except ReplicatorError as exc:
+        _fail(exc)
+    what = (f"{done.cert.subject.rfc4514_string()} (serial {done.serial:x})" if done.cert is not None
+            else f"the certificate of serial {done.serial:x}")
+    if done.already is not None:
+        click.echo(f"{what} was already {done.already.words()}; {done.ca_file} is unchanged.")
+        return
+    click.echo(f"revoked {what}: the revocation list of {done.ca.subject.rfc4514_string()} in {done.ca_file} now "
+               f"lists {done.listed} certificate(s). Copy {done.ca_file} to every node: within a minute (at once "
+               "on SIGHUP) each refuses it and closes its open connections.")
+
+
 @certs.command("show")
 @click.argument("cert")
 def certs_show(cert) -> None:
@@ -626,7 +669,7 @@ def certs_show(cert) -> None:
     except ReplicatorError as exc:
         _fail(exc)
     for key, value in (info.items() if isinstance(info, dict) else vars(info).items()):
-        if key == "usable_until" or (key in ("intermediates", "other_cas") and not value):
+        if key == "usable_until" or (key in ("intermediates", "other_cas", "revoked") and not value):
             continue
         if isinstance(value, (tuple, list)):
             value = ", ".join(str(v) for v in value) or "(none)"

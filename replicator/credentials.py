@@ -19,7 +19,9 @@ certificate of a CA still in it, and open connections whose peer's
 certificate chain went through the removed CA are closed (``on_trust_narrowed``
 listeners: the node's server and its link upstream), so moving a cluster
 to a new CA (``replicator certs new-ca``) needs no restart, and neither does
-dropping a CA whose key leaked.
+dropping a CA whose key leaked.  A certificate revoked in the CA file
+(``revocation``) likewise: new connections refuse it at the handshake, and
+open ones made with it are closed.
 
 Each check also warns, at most once a day, while the node's certificate
 or the CA expires in less than ``EXPIRY_WARNING``; ``/status`` and
@@ -44,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from .certs import issued_by, roles_from_uris
 from .errors import ConfigError
+from .revocation import Revocations, load_crls
 from .throttle import Throttle
 from .transport import (
     TLSPems,
@@ -135,7 +138,7 @@ class Credentials:
     # -- trust -----------------------------------------------------------
 
     def on_trust_narrowed(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener`` after each reload that took a CA out of the CA file.
+        """Call ``listener`` after each reload that took a CA out of the CA file or revoked a certificate.
 
         It should close its open connections for which ``untrusted`` names a
         reason.  Returns a function that removes it.
@@ -154,14 +157,21 @@ class Credentials:
         re-issued with its own key to extend it trusts what it trusted).
         With the leaf alone only its direct issuer can be judged, so one
         signed through an intermediate CA is left to its next handshake.
+        Nor trusted: a peer whose certificate the CA file revokes.
         """
-        if not chain or not self._dropped:
+        if not chain or not (self._dropped or self._revocations):
             return None
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain]
         except ValueError:
             return None
         peer = certs[0]
+        revoked = self._revocations.of(peer)  # the leaf only, as the handshake checks (``revocation``)
+        if revoked is not None:
+            return (f"its certificate {peer.subject.rfc4514_string()} (serial {revoked.serial:x}) was "
+                    f"{revoked.words()}, per {self.paths[0]}")
+        if not self._dropped:
+            return None
         held = {_name_and_key(ca) for ca in self._cas}
         gone = {_name_and_key(ca): ca for ca in self._dropped.values() if _name_and_key(ca) not in held}
         if len(certs) > 1:
@@ -238,6 +248,7 @@ class Credentials:
     def _load(self, pems: TLSPems) -> None:
         old_subject, old_serial, old_not_after, old_issuer = self.subject, self.serial, self.not_after, self.issuer
         old_cas = {c.fingerprint(_SHA256): c for c in self._cas}
+        old_revoked = self._revocations.serials()
         contexts = {purpose: context_from_pems(purpose, pems, self.paths) for purpose in self._contexts}
         self._pems, self._digest, self._contexts = pems, _digest(pems), contexts
         self._refused, self._unsettled, self.reload_error = None, None, None
@@ -267,11 +278,17 @@ class Credentials:
                         "connections with peers whose certificates it signed, directly or through an "
                         "intermediate CA", self.paths[0],
                         ", ".join(c.subject.rfc4514_string() for c in dropped.values()))
+        revoked = self._revocations.serials() - old_revoked
+        if revoked:
+            log.warning("the CA file %s revokes %d more certificate(s) (serial %s): this node refuses them and "
+                        "closes its open connections made with them", self.paths[0], len(revoked),
+                        ", ".join(f"{serial:x}" for _, serial in sorted(revoked, key=lambda r: r[1])))
+        if dropped or revoked:
             for listener in list(self._trust_listeners):
                 try:
                     listener()
                 except Exception:
-                    log.exception("closing the connections of the CA taken out of %s failed", self.paths[0])
+                    log.exception("closing the connections %s no longer trusts failed", self.paths[0])
         self._warn_expiry()
 
     def _role_problems(self, pems: TLSPems) -> list[str]:
@@ -313,6 +330,8 @@ class Credentials:
             "" if first is leaf else f" (the intermediate CA {first.subject.rfc4514_string()} in it)")
         self.ca_not_after = min(c.not_valid_after_utc.timestamp() for c in cas)
         self._cas = cas
+        #: The certificates the CA file revokes (checked usable by ``check_pems``).
+        self._revocations = Revocations(load_crls(self._pems[0], self.paths[0], []), cas, self.paths[0])
 
     def _warn_expiry(self) -> None:
         now = time.time()

@@ -790,7 +790,7 @@ class Primary:
         return f"replicator fence --undo {address} {options}"
 
     def _close_untrusted(self) -> None:
-        """A CA was taken out of the CA file: close the connections of the certificates it signed."""
+        """A CA was taken out of the CA file, or a certificate revoked: close the connections they made."""
         if self._runner is not None and self.credentials is not None:
             close_connections(self._runner, self.credentials.untrusted, "client")
 

@@ -616,7 +616,8 @@ class Secondary:
             self._stopped.set()
 
     def _close_untrusted(self) -> None:
-        """A CA was taken out of the CA file: close the link if the primary's certificate chain went through it."""
+        """A CA was taken out of the CA file, or a certificate revoked: close the link if the primary's
+        certificate chain went through it."""
         ws = self._ws
         tls = ws.get_extra_info("ssl_object") if ws is not None and not ws.closed else None
         if ws is None or tls is None or self.credentials is None:

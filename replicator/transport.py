@@ -56,6 +56,7 @@ from .certs import is_ca, issued_by, load_certs, roles_from_uris
 from .certs import read_file as _read
 from .errors import ConfigError, TLSError, TransportError
 from .protocol.events import printable
+from .revocation import Revocations, load_crls
 from .throttle import Throttle
 
 try:  # Unix: the coalescing of reads on slow links needs FIONREAD
@@ -390,6 +391,10 @@ def context_from_pems(purpose: ssl.Purpose, pems: TLSPems, paths: tuple[Path, Pa
     # Strict X.509 (the default from Python 3.13 on): certificates that pass
     # here keep working after an upgrade.
     context.verify_flags |= ssl.VERIFY_X509_STRICT
+    if b"-----BEGIN X509 CRL-----" in pems[0]:
+        # The CA file holds revocation lists (``revocation``; loaded with its certificates):
+        # the peer's certificate must not be on its issuer's.
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if purpose is ssl.Purpose.SERVER_AUTH:
         context.check_hostname = True
     return context
@@ -456,6 +461,7 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
                 if mode & 0o077:
                     log.warning("private key %s is readable by other users (mode %o); "
                                 "chmod 600 it", key, mode)
+    revocations = Revocations(load_crls(ca_data, ca, problems), ca_certs, ca, problems)
     now = datetime.datetime.now(datetime.UTC)
     for ca_cert in ca_certs:
         if not is_ca(ca_cert):
@@ -474,6 +480,11 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
             if inter.not_valid_after_utc < now:
                 problems.append(f"certificate {cert}: the intermediate CA {inter.subject.rfc4514_string()} "
                                 f"in it expired on {inter.not_valid_after_utc:%Y-%m-%d}")
+        revoked = revocations.of(leaf)  # the leaf only, as the handshake checks (``revocation``)
+        if revoked is not None:
+            problems.append(f"certificate {cert}: {leaf.subject.rfc4514_string()} (serial {revoked.serial:x}) "
+                            f"was {revoked.words()}, in {ca}; peers refuse it: give this node a new "
+                            "certificate (`replicator certs renew NAME`)")
         if private_key is not None and _spki(private_key.public_key()) != _spki(leaf.public_key()):
             problems.append(f"key {key} does not match certificate {cert} "
                             "(they were not issued together)")
@@ -582,8 +593,7 @@ def _handshake_failure(error: BaseException, received: int | None = None) -> tup
                 "their TLS handshake (a flood of connections that never complete one?)")
     if isinstance(error, ssl.SSLCertVerificationError):
         message = error.verify_message or _short(error)
-        advice = ("renew it (`replicator certs renew NAME`)" if "expired" in message
-                  else "is it signed by this cluster's CA (the one in --tls-ca)?")
+        advice = _verify_advice(message, "its", "is it signed by this cluster's CA (the one in --tls-ca)?")
         return "certificate", logging.WARNING, f"its certificate was refused ({message}): {advice}"
     if isinstance(error, TimeoutError):
         return "timeout", logging.DEBUG, f"no TLS handshake within {HANDSHAKE_TIMEOUT:.0f}s"
@@ -988,17 +998,31 @@ async def connect_ws(session: aiohttp.ClientSession, url: str | URL,
     return ws
 
 
+def _verify_advice(message: str, whose: str, otherwise: str) -> str:
+    """What to do about a certificate (``whose``) that OpenSSL's check refused with ``message``."""
+    if "CRL" in message:  # "unable to get certificate CRL", "CRL has expired", ...
+        return (f"the CA file (--tls-ca) holds revocation lists, and none usable of the CA that signed {whose} "
+                "certificate; `replicator certs revoke` on the CA's machine writes one for each CA, then copy "
+                "its ca.pem to every node")
+    if "revoked" in message:
+        return (f"{whose} certificate is on the revocation list in this node's CA file (`replicator certs "
+                "revoke`); the node needs a new one (`replicator certs renew NAME`)")
+    if "expired" in message:
+        return f"renew {whose} certificate (`replicator certs renew NAME`)"
+    return otherwise
+
+
 def _certificate_error(address: str, error: Exception) -> TLSError:
     """We refused the server's certificate."""
     reason = getattr(error, "verify_message", None) or _short(error)
     if "mismatch" in reason:
         hint = (f"the server's certificate does not list {address.rsplit(':', 1)[0]!r} in "
                 "its SubjectAltNames; dial a listed name or reissue it with that host")
-    elif "expired" in reason:
+    elif "expired" in reason and "CRL" not in reason:
         hint = ("the server's certificate has expired; renew it (`replicator certs renew NAME`) "
                 "and put it in place: the server loads it within a minute, no restart needed")
     else:
-        hint = "is the server's certificate signed by the cluster CA?"
+        hint = _verify_advice(reason, "the server's", "is the server's certificate signed by the cluster CA?")
     return TLSError(address, f"TLS handshake with {address} failed: certificate verify "
                     f"failed: {reason}", hint=hint)
 
@@ -1053,6 +1077,9 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
                     "cluster CA and does it carry clientAuth?")
             if "certificate required" in text:
                 hint = "the server requires a client certificate; configure --tls-cert/--tls-key"
+            elif "revoked" in text:
+                hint = ("the server's CA file lists this node's certificate as revoked (`replicator certs "
+                        "revoke`); give this node a new one (`replicator certs renew NAME`)")
         elif "wrong version" in text or "record layer" in text or "packet length" in text:
             # What answered does not speak TLS: a node in insecure mode, or
             # not a replication node at all (ZEO's port is a common mix-up).
@@ -1082,7 +1109,8 @@ def _connect_error(url: URL, address: str, error: BaseException, *, during: str 
         # refuses without flushing the alert: the refusal arrives here as a
         # disconnect before the HTTP reply.
         hint = ("the server probably refused this node's certificate: is it signed by "
-                "the cluster CA, and does this node present one?")
+                "the cluster CA, does this node present one, and was it revoked (the server's log says "
+                "which)?")
         return TLSError(address, f"TLS handshake with {address} failed: the server closed "
                         f"the connection before answering {during}", hint=hint)
     unresolved = unresolved_host(error)
