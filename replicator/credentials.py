@@ -370,7 +370,8 @@ class Credentials:
         """For ``/status`` (and ``/metrics``): what is loaded and whether the files on disk are."""
         return {"certificate": self.subject, "certificate_file": str(self.paths[1]),
                 "not_after": self.not_after, "ca_not_after": self.ca_not_after,
-                "loaded_at": self.loaded_at, "reloads": self.reloads, "reload_error": self.reload_error}
+                "loaded_at": self.loaded_at, "reloads": self.reloads, "reload_error": self.reload_error,
+                "revoked": len(self._revocations)}
 
 
 def on_sighup() -> None:

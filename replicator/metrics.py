@@ -116,6 +116,9 @@ class _StatusCollector(Collector):
                          int(bool(tls.get("reload_error"))))
             yield _counter("replicator_tls_reloads", "Renewed TLS files loaded without a restart.",
                            tls.get("reloads"))
+            yield _gauge("replicator_tls_revoked_certificates", "Certificates the revocation lists in this "
+                         "node's CA file revoke (`replicator certs revoke`): the same on every node once "
+                         "each has loaded the new ca.pem.", tls.get("revoked", 0))
         sync = s.get("sync")
         if sync:
             yield _gauge("replicator_sync_required", "Synchronous replication: acknowledgements each commit "

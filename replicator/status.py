@@ -201,7 +201,9 @@ def _certificate_line(tls: dict, now: float) -> str | None:
         return None
     days = (tls["not_after"] - now) / 86400
     renewed = f"; renewed files loaded {tls['reloads']} time(s)" if tls.get("reloads") else ""
-    return f"  certificate   {tls.get('certificate')}, valid until {_day(tls['not_after'])} ({days:.0f} days){renewed}"
+    revoked = f"; its CA file revokes {tls['revoked']} certificate(s)" if tls.get("revoked") else ""
+    return (f"  certificate   {tls.get('certificate')}, valid until {_day(tls['not_after'])} ({days:.0f} days)"
+            f"{renewed}{revoked}")
 
 
 def _day(timestamp: float) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import shutil
 import ssl
+import time
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,8 @@ import pytest
 from replicator import credentials
 from replicator.certs import issue_node, renew_node, revoke
 from replicator.errors import ConfigError, TLSError
+from replicator.metrics import render_metrics
+from replicator.status import render
 from replicator.transport import client_ssl_context, connect_ws
 from tests.helpers import until
 from tests.integration.test_replication import (
@@ -70,6 +73,11 @@ def test_revoked_certificates_are_refused_and_their_connections_closed(tmp_path,
             work.commit_random(2)
             await wait_equal_tid(primary, secondary)
             assert set(primary.sessions) == first_session
+            # Status and /metrics say how many the loaded file revokes: an operator compares the nodes.
+            assert primary.served_status()["tls"]["revoked"] == 1
+            assert b"replicator_tls_revoked_certificates 1.0" in render_metrics(primary.served_status)
+            assert "; its CA file revokes 1 certificate(s)" in render([{**primary.served_status(), "url": "p"}],
+                                                                       time.time())
 
             # Our own client refuses to present a revoked certificate at all ...
             with pytest.raises(ConfigError, match="tertiary.pem: CN=tertiary .* was revoked by the CA"):
