@@ -227,7 +227,7 @@ def new_ca(directory: str | os.PathLike[str], *, days: int = 3650,
     if not common_name.strip() or common_name == old_cert.subject.rfc4514_string().removeprefix("CN="):
         raise ConfigError(f"the new CA's common name {common_name!r} must be set and differ from the old one's")
     cert, key = _make_ca(common_name, days)
-    crls = _crl_blocks(directory)
+    crls = [block for block, _ in _lists(directory)]
     if crls:
         # Once the file holds revocation lists, TLS wants one of every CA that signs certificates.
         crls.append(_pem(_make_crl(cert, key, [], 1)))
@@ -263,7 +263,7 @@ def drop_old_ca(directory: str | os.PathLike[str], *, force: bool = False) -> CA
         error.hint = ("renew each (`replicator certs renew NAME`) and put it in place on its node first: nodes "
                       "given a CA file without the old CA refuse it; --force drops the old CA all the same")
         raise error
-    kept = [block for block in _crl_blocks(directory) if x509.load_pem_x509_crl(block).issuer == new.subject]
+    kept = [block for block, crl in _lists(directory) if crl.issuer == new.subject]
     _write_file(directory / f"{CA_NAME}.pem", _cert_pem(new) + b"".join(kept), 0o644)
     for suffix in (".key", ".pem"):
         (directory / f"{PREVIOUS_CA_NAME}{suffix}").unlink(missing_ok=True)
@@ -319,9 +319,8 @@ def revoke(directory: str | os.PathLike[str], cert: str | os.PathLike[str] | Non
     if problems or signing is None:
         raise ConfigError(problems)
     keys = [signing]
-    previous = CertPaths(directory / f"{PREVIOUS_CA_NAME}.pem", directory / f"{PREVIOUS_CA_NAME}.key")
-    if previous.cert.exists():
-        old = _load_ca(directory, problems, PREVIOUS_CA_NAME)
+    if (directory / f"{PREVIOUS_CA_NAME}.pem").exists():  # a move to a new CA under way
+        old = _load_ca(directory, [], PREVIOUS_CA_NAME)
         if old is not None:
             keys.append(old)
     if target is None:
@@ -338,43 +337,31 @@ def revoke(directory: str | os.PathLike[str], cert: str | os.PathLike[str] | Non
                                  else f"was not signed by a CA of {directory}")
                               + ": only the CA that signed a certificate can revoke it")
         (ca, key), number = found[0], target.serial_number
-    data = read_file(directory / f"{CA_NAME}.pem", "CA certificate", problems) or b""
-    blocks = crl_pems(data)
-    crls = load_crls(data, directory / f"{CA_NAME}.pem", problems)
-    if problems:  # a list that does not parse: rewriting the file would drop it unseen
-        raise ConfigError(problems)
-    own = [crl for crl in crls if crl.issuer == ca.subject and crl_signed_by(crl, ca)]
+    lists = _lists(directory)
+    own = [crl for _, crl in lists if crl.issuer == ca.subject and crl_signed_by(crl, ca)]
     listed = Revocations(own, [ca])
     before = listed.of_serial(ca.subject, number)
     if before is not None:
         return Revocation(directory / f"{CA_NAME}.pem", target, number, ca, before, len(listed))
-    entries = [entry for crl in own for entry in crl]
-    seen: set[int] = set()
-    kept = []
-    for entry in entries:
-        if entry.serial_number not in seen:
-            seen.add(entry.serial_number)
-            kept.append(entry)
+    # What the CA's lists hold (one, unless someone joined several by hand), and the new entry.
+    entries = list({entry.serial_number: entry for crl in own for entry in crl}.values())
     new_entry = x509.RevokedCertificateBuilder().serial_number(number) \
         .revocation_date(datetime.datetime.now(datetime.UTC))
     if reason is not None:
         new_entry = new_entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
-    kept.append(new_entry.build())
-    numbers = [crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in own
-               if _has(crl, x509.CRLNumber)]
-    crl = _make_crl(ca, key, kept, max(numbers, default=0) + 1)
-    others = [b for b, c in zip(blocks, crls, strict=True) if c.issuer != ca.subject]
+    entries.append(new_entry.build())
+    crl = _make_crl(ca, key, entries, max(map(_crl_number, own), default=0) + 1)
+    others = [block for block, c in lists if c.issuer != ca.subject]
     _write_file(directory / f"{CA_NAME}.pem", b"".join(_cert_pem(c) for c in bundle) + b"".join(others)
                 + _pem(crl), 0o644)
-    return Revocation(directory / f"{CA_NAME}.pem", target, number, ca, None, len(kept))
+    return Revocation(directory / f"{CA_NAME}.pem", target, number, ca, None, len(entries))
 
 
-def _has(crl: x509.CertificateRevocationList, kind: type) -> bool:
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
-        crl.extensions.get_extension_for_class(kind)
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
-        return False
-    return True
+        return 0
 
 
 def _make_crl(ca: x509.Certificate, key: ec.EllipticCurvePrivateKey, entries: list[x509.RevokedCertificate],
@@ -398,12 +385,16 @@ def _make_crl(ca: x509.Certificate, key: ec.EllipticCurvePrivateKey, entries: li
     return builder.sign(key, hashes.SHA256())
 
 
-def _crl_blocks(directory: Path) -> list[bytes]:
-    """The revocation lists (PEM) in ``directory``'s ``ca.pem``."""
-    try:
-        return crl_pems((directory / f"{CA_NAME}.pem").read_bytes())
-    except OSError:
-        return []
+def _lists(directory: Path) -> list[tuple[bytes, x509.CertificateRevocationList]]:
+    """The revocation lists in ``directory``'s ``ca.pem``, as PEM and parsed; ``ConfigError`` if one does
+    not parse (rewriting the file would drop it unseen)."""
+    problems: list[str] = []
+    path = directory / f"{CA_NAME}.pem"
+    data = read_file(path, "CA certificate", problems)
+    crls = load_crls(data, path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return list(zip(crl_pems(data or b""), crls, strict=True))
 
 
 def _bundle(directory: Path, problems: list[str]) -> list[x509.Certificate]:

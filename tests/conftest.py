@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ def tls_dir(tmp_path_factory) -> Path:
     for role in ("operator", "monitor"):  # certificates of those roles, named after them
         issue_node(directory, role, role=role)
     return directory
+
+
+@pytest.fixture
+def own_tls(tmp_path, tls_dir) -> Path:
+    """A copy of the cluster's CA and certificates that a test may replace files in (renewals,
+    a new CA, revocations)."""
+    return Path(shutil.copytree(tls_dir, tmp_path / "tls"))
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,6 @@ from tests.integration.test_replication import (
 )
 
 
-@pytest.fixture
-def own_tls(tmp_path, tls_dir) -> Path:
-    """A copy of the cluster's CA and certificates that a test may replace files in."""
-    return Path(shutil.copytree(tls_dir, tmp_path / "tls"))
-
-
 async def served_certificate(port: int, tls_dir: Path) -> x509.Certificate:
     """The certificate a node presents to a new connection now."""
     t = tls(tls_dir, "secondary")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import ssl
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -33,12 +31,6 @@ from tests.integration.test_replication import (
     tls,
     wait_equal_tid,
 )
-
-
-@pytest.fixture
-def own_tls(tmp_path, tls_dir) -> Path:
-    """A copy of the cluster's CA and certificates that the test revokes certificates in."""
-    return Path(shutil.copytree(tls_dir, tmp_path / "tls"))
 
 
 async def _status_connection(port: int, tls_dir, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
