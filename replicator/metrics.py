@@ -114,7 +114,8 @@ class _StatusCollector(Collector):
             yield _gauge("replicator_tls_reload_failed", "1 while this node's TLS files changed on disk but "
                          "cannot be used (it keeps presenting the certificate it has).",
                          int(bool(tls.get("reload_error"))))
-            yield _counter("replicator_tls_reloads", "Renewed TLS files loaded without a restart.",
+            yield _counter("replicator_tls_reloads", "Changed TLS files (a renewed certificate, a new CA "
+                           "file) loaded without a restart.",
                            tls.get("reloads"))
             yield _gauge("replicator_tls_revoked_certificates", "Certificates the revocation lists in this "
                          "node's CA file revoke (`replicator certs revoke`): the same on every node once "

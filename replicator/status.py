@@ -200,7 +200,7 @@ def _certificate_line(tls: dict, now: float) -> str | None:
     if not tls:
         return None
     days = (tls["not_after"] - now) / 86400
-    renewed = f"; renewed files loaded {tls['reloads']} time(s)" if tls.get("reloads") else ""
+    renewed = f"; changed TLS files loaded {tls['reloads']} time(s)" if tls.get("reloads") else ""
     revoked = f"; its CA file revokes {tls['revoked']} certificate(s)" if tls.get("revoked") else ""
     return (f"  certificate   {tls.get('certificate')}, valid until {_day(tls['not_after'])} ({days:.0f} days)"
             f"{renewed}{revoked}")

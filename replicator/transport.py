@@ -483,8 +483,8 @@ def check_pems(ca: Path, cert: Path, key: Path, pems: tuple[bytes | None, ...]) 
         revoked = revocations.of(leaf)  # the leaf only, as the handshake checks (``revocation``)
         if revoked is not None:
             problems.append(f"certificate {cert}: {leaf.subject.rfc4514_string()} (serial {revoked.serial:x}) "
-                            f"was {revoked.words()}, in {ca}; peers refuse it: give this node a new "
-                            "certificate (`replicator certs renew NAME`)")
+                            f"was {revoked.words()}, in {ca}; peers refuse it: its holder needs a new "
+                            "one (`replicator certs renew NAME`)")
         if private_key is not None and _spki(private_key.public_key()) != _spki(leaf.public_key()):
             problems.append(f"key {key} does not match certificate {cert} "
                             "(they were not issued together)")
