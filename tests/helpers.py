@@ -79,6 +79,24 @@ async def until(predicate, timeout: float = 60.0, what: str = "condition", inter
         await asyncio.sleep(interval)
 
 
+async def refused_at_handshake(node, tls_dir: Path, name: str) -> None:
+    """A plain OpenSSL client presenting ``name``'s certificate gets nothing from ``node``'s server:
+    its handshake is refused, and counted as a refused certificate."""
+    import ssl
+
+    refused = node.refused_handshakes.counts["certificate"]
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    context.load_cert_chain(tls_dir / f"{name}.pem", tls_dir / f"{name}.key")
+    answer = b""
+    with contextlib.suppress(ssl.SSLError, ConnectionError):  # or an end of file: TLS 1.3
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=context)
+        writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = await reader.read()
+    assert answer == b""
+    await until(lambda: node.refused_handshakes.counts["certificate"] == refused + 1, timeout=5,
+                what="the refusal counted")
+
+
 class Workload:
     """Random commits through a ZODB.DB: objects, BTrees, blobs, undo."""
 

@@ -32,7 +32,7 @@ from replicator.errors import ConfigError
 from replicator.metrics import render_metrics
 from replicator.status import render
 from replicator.transport import TLSFiles, client_ssl_context
-from tests.helpers import free_port, start_primary, until, wait_until
+from tests.helpers import free_port, refused_at_handshake, start_primary, until, wait_until
 from tests.integration.test_replication import (
     closed_source,
     make_source,
@@ -170,17 +170,7 @@ def test_a_cluster_moves_to_a_new_ca_without_a_restart(tmp_path, own_tls, monkey
             await wait_equal_tid(primary, secondary)
 
             # New connections of the old CA's certificates are refused at the handshake.
-            refused = primary.refused_handshakes.counts["certificate"]
-            context = ssl.create_default_context(cafile=str(own_tls / "ca.pem"))
-            context.load_cert_chain(own_tls / "tertiary.pem", own_tls / "tertiary.key")
-            answer = b""
-            with contextlib.suppress(ssl.SSLError, ConnectionError):  # or an end of file: TLS 1.3
-                reader, writer = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
-                writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                answer = await reader.read()
-            assert answer == b""
-            await until(lambda: primary.refused_handshakes.counts["certificate"] == refused + 1, timeout=5,
-                        what="the refusal counted")
+            await refused_at_handshake(primary, own_tls, "tertiary")
 
     try:
         with caplog.at_level(logging.INFO, logger="replicator"):

@@ -9,9 +9,7 @@ when the test says (as on SIGHUP), so that which side closes what is known.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import ssl
 import time
 
 import aiohttp
@@ -23,7 +21,7 @@ from replicator.errors import ConfigError, TLSError
 from replicator.metrics import render_metrics
 from replicator.status import render
 from replicator.transport import client_ssl_context, connect_ws
-from tests.helpers import until
+from tests.helpers import refused_at_handshake, until
 from tests.integration.test_replication import (
     make_source,
     running_primary,
@@ -76,16 +74,7 @@ def test_revoked_certificates_are_refused_and_their_connections_closed(tmp_path,
                 await _status_connection(primary.port, own_tls, "tertiary")
             # ... and a client that does (plain OpenSSL) is refused at the handshake, counted and logged.
             refused = primary.refused_handshakes.counts["certificate"]
-            context = ssl.create_default_context(cafile=str(own_tls / "ca.pem"))
-            context.load_cert_chain(own_tls / "tertiary.pem", own_tls / "tertiary.key")
-            answer = b""
-            with contextlib.suppress(ssl.SSLError, ConnectionError):  # or an end of file: TLS 1.3
-                reader, writer = await asyncio.open_connection("127.0.0.1", primary.port, ssl=context)
-                writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                answer = await reader.read()
-            assert answer == b""
-            await until(lambda: primary.refused_handshakes.counts["certificate"] == refused + 1, timeout=5,
-                        what="the refusal counted")
+            await refused_at_handshake(primary, own_tls, "tertiary")
 
             # 2. The secondary's own certificate revoked: the primary closes its session and refuses
             # its reconnections; the secondary, given the same ca.pem, keeps what it has and says why.
