@@ -126,6 +126,7 @@ class Revocations:
         return len(self._entries)
 
     def __bool__(self) -> bool:
+        """Whether the CA file holds revocation lists, empty ones included."""
         return self.crls > 0
 
     def serials(self) -> frozenset[tuple[bytes, int]]:
@@ -143,7 +144,6 @@ class Revocations:
     def listed(self) -> list[Revoked]:
         """Every revoked certificate, by date."""
         return sorted(self._entries.values(), key=lambda r: (r.date, r.serial))
-
 
 
 def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
