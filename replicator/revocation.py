@@ -61,13 +61,14 @@ def load_crls(data: bytes | None, path: Path, problems: list[str]) -> list[x509.
     if data is None or b"-----BEGIN X509 CRL-----" not in data:
         return []
     crls = []
-    for block in crl_pems(data):
+    blocks = crl_pems(data)
+    for block in blocks:
         try:
             crls.append(x509.load_pem_x509_crl(block))
         except ValueError as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             problems.append(f"CA file {path}: a revocation list (X509 CRL block) does not parse ({reason})")
-    if data.count(b"-----BEGIN X509 CRL-----") != len(crl_pems(data)):
+    if data.count(b"-----BEGIN X509 CRL-----") != len(blocks):
         problems.append(f"CA file {path}: a revocation list (X509 CRL block) has no END line")
     return crls
 
