@@ -170,13 +170,21 @@ class _BatchQueue(asyncio.Queue):
     Each batch counts its bytes plus ``EVENT_MEMORY`` per event; ``put``
     waits while the queue holds ``max_bytes`` or more, so an empty queue
     takes any batch, however big, and a full one holds at most ``max_bytes``
-    plus one batch.  (``None``, the end, counts nothing.)
+    plus one batch.  The end (``end()``, a ``None``) counts nothing and never
+    waits: the applier may have stopped taking batches (its apply failed), and
+    a session that waited for room to say "no more" would wait for ever.
     """
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
         self.max_bytes = max_bytes
         self.bytes = 0
+        self._ended = False
+
+    def end(self) -> None:
+        """Queue the end marker now, full or not: nothing is put after it."""
+        self._ended = True
+        self.put_nowait(None)
 
     def _put(self, item: _Batch | None) -> None:
         if item is not None:
@@ -191,7 +199,7 @@ class _BatchQueue(asyncio.Queue):
         return item
 
     def full(self) -> bool:
-        return self.bytes >= self.max_bytes
+        return not self._ended and self.bytes >= self.max_bytes
 
 
 class Backoff:
@@ -1014,7 +1022,7 @@ class Secondary:
                     # complete transactions already received before giving up on
                     # it; a primary that stopped for good (damage ahead) may never
                     # send them again.  A transaction received in part is aborted.
-                    await queue.put(None)
+                    queue.end()
                     await applier
                     if self._draining.is_set():
                         return
