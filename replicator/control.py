@@ -35,7 +35,7 @@ from yarl import URL
 
 from .config import TLSPaths, parse_address
 from .epoch import begin_epoch
-from .errors import ConfigError, ReplicatorError, StorageInUseError, UsageError
+from .errors import ConfigError, ReplicatorError, SourceReplacedError, StorageInUseError, UsageError
 from .fencing import clear_fence, fence_path
 from .status import takes_writes
 from .storage import lock_storage
@@ -72,7 +72,7 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
         if len(tids) > MAX_IDENTITIES:
             raise web.HTTPBadRequest(text=f"at most {MAX_IDENTITIES} tids per request")
 
-        def look_up() -> dict:
+        def look_up_once() -> dict:
             with tailer_factory() as tailer:
                 found = {}
                 for tid in tids:
@@ -81,6 +81,12 @@ def identities_route(tailer_factory: Callable[[], Tailer]) -> web.RouteDef:
                         found[tid.hex()] = {"status": ident.status, "digest": ident.digest.hex(),
                                             "meta": ident.meta.hex()}
                 return found
+
+        def look_up() -> dict:
+            try:
+                return look_up_once()
+            except SourceReplacedError:  # a pack ended during the look-up: again, in the packed file
+                return look_up_once()
         async with one_at_a_time:
             found = await blocking(look_up)
         return web.json_response({"identities": found})

@@ -272,8 +272,26 @@ class Tailer:
         next ``read_events``, which would otherwise take the same one again
         right after.
         """
-        st = self._stat_hint = self._stat_hint or self._stat()
+        st = self._stat_hint = self._hinted_stat() or self._stat()
         return st.st_size if st is not None and (st.st_dev, st.st_ino) == src.ident else None
+
+    def _hinted_stat(self) -> os.stat_result | None:
+        """The stat ``offer_stat`` gave, unless it may be older than what this tailer read.
+
+        The poller's look can predate this tailer's last read (a session that
+        caught up on its own read past it): its size is then below the
+        cursor, or, taken before a pack's rename, it is another file's.  Taken
+        as they stand, those would read as a truncation or a replacement and
+        send the cursor scanning the whole file again.  Such a hint is
+        dropped, and the caller takes a stat of its own.
+        """
+        st = self._stat_hint
+        src = self._src
+        if st is None or src is None or (st.st_dev, st.st_ino) != src.ident:
+            return None
+        if self._cur is src and st.st_size < self._pos:
+            return None
+        return st
 
     def _stat(self) -> os.stat_result | None:
         try:
@@ -311,12 +329,22 @@ class Tailer:
         if not digest:
             return TxnIdentity(tid, h.status.decode("latin-1"), b"", src.meta_digest(h))
         begin: TxnBegin | None = None
-        for event in self._txn_events(src, h, prev):
-            if isinstance(event, TxnBegin):
-                begin = event
-            elif isinstance(event, TxnEnd) and begin is not None:
-                return TxnIdentity(tid, begin.status, event.digest,
-                                   meta_digest(tid, begin.user, begin.description, begin.extension))
+        try:
+            for event in self._txn_events(src, h, prev):
+                if isinstance(event, TxnBegin):
+                    begin = event
+                elif isinstance(event, TxnEnd) and begin is not None:
+                    return TxnIdentity(tid, begin.status, event.digest,
+                                       meta_digest(tid, begin.user, begin.description, begin.extension))
+        except MissingBlobError as error:
+            if not self._replaced(src):
+                raise
+            # A pack finished while the file was read: it removed the blob files of the revisions
+            # it dropped. Routine, not damage: the next look reads the packed file.
+            raise SourceReplacedError(
+                f"{self.path} was packed while transaction {tid_repr(tid)} was being read (its blob file "
+                f"{error.blob_path} was removed by the pack); it is looked up again in the packed file"
+            ) from error
         return None
 
     def next_tid(self) -> bytes | None:
@@ -432,8 +460,12 @@ class Tailer:
 
     def _cur_replaced(self) -> bool:
         """Whether ``path`` names another file than the one the cursor reads (a pack swapped it)."""
+        return self._cur is not None and self._replaced(self._cur)
+
+    def _replaced(self, src: SourceFile) -> bool:
+        """Whether ``path`` names another file than ``src`` now (a pack swapped it)."""
         st = self._stat()  # None: between a pack's two renames
-        return self._cur is not None and (st is None or (st.st_dev, st.st_ino) != self._cur.ident)
+        return st is None or (st.st_dev, st.st_ino) != src.ident
 
     @property
     def commit_under_way(self) -> bool:
@@ -611,7 +643,7 @@ class Tailer:
         if self._size is None:
             # One stat serves the change snapshot, the identity check and the
             # size (pending_bytes() or the poller may just have taken it).
-            st, self._stat_hint = self._stat_hint or self._stat(), None
+            st, self._stat_hint = self._hinted_stat() or self._stat(), None
             if self._refresh(st) or self._cur is not self._src:
                 self._follow_rewritten(self._src, across_pack=True)  # type: ignore[arg-type]
             src = self._cur

@@ -392,6 +392,48 @@ def test_pack_while_following(tmp_path):
         db.close()
 
 
+def test_a_look_older_than_the_read_is_not_taken_for_a_truncation_or_a_pack(tmp_path):
+    """The primary's poller offers the stat of its last look, which a session that caught up
+    on its own may have read past, or which may be of the file a pack has since replaced.
+    That stat's smaller size, or other inode, is its age: the tailer reads on in the file it
+    follows, without reopening it and scanning it again from the start."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(FileStorage(path))
+    conn = db.open()
+    root = conn.root()
+    try:
+        for i in range(5):
+            commit(root, f"k{i}", PersistentMapping(v=i))
+        stale = os.stat(path)
+        for i in range(5):
+            commit(root, f"later{i}", PersistentMapping(v=i))
+        with Tailer(path) as tailer:
+            drain(tailer)
+            followed = tailer._src
+            commit(root, "new", PersistentMapping())
+            tailer.offer_stat(stale)  # smaller than what was read
+            assert tailer.pending_bytes() == os.path.getsize(path) - tailer._pos
+            tailer.offer_stat(stale)
+            txns = group(tailer.read_events())
+            assert [t.begin.tid for t in txns] == [db.lastTransaction()]
+            assert tailer._src is followed  # not reopened, not scanned again
+
+            before_pack = os.stat(path)
+            db.pack(time.time() + 1)
+            commit(root, "after the pack", PersistentMapping())
+            assert [t.begin.tid for t in drain(tailer)[0]] == [db.lastTransaction()]
+            packed = tailer._src
+            assert packed is not followed
+            commit(root, "one more", PersistentMapping())
+            tailer.offer_stat(before_pack)  # the replaced file's
+            txns = group(tailer.read_events())
+            assert [t.begin.tid for t in txns] == [db.lastTransaction()]
+            assert tailer._src is packed
+    finally:
+        conn.close()
+        db.close()
+
+
 def test_pack_dropping_our_position_continues_after_it(tmp_path):
     """A pack may drop the transaction we stand on; the packed region goes on past it."""
     path = str(tmp_path / "Data.fs")
@@ -769,6 +811,32 @@ def test_pack_removing_a_blob_before_its_transaction_is_read(superseded_blob, mo
     assert [(t.begin.tid, t.begin.status, t.end.digest) for t in txns] == \
         [(t.begin.tid, t.begin.status, t.end.digest) for t in want]
     assert txns[0].begin.status == "p" and len(txns) == 2
+
+
+def test_a_pack_during_a_look_up_is_routine_not_damage(superseded_blob, monkeypatch):
+    """A secondary's handshake looks up its last transaction, whose blob revision a pack drops
+    and removes meanwhile: that is the routine end of a pack (the secondary reconnects), not
+    a missing blob file that would stop the primary or be reported as damage."""
+    db, path, blobs = superseded_blob
+    with Tailer(path, blobs) as tailer:
+        txns, _ = drain(tailer)
+        first_blob = next(t.begin.tid for t in txns if any(blob for _, blob in t.records))
+        open_blob, packed = Tailer._open_blob, []
+
+        def pack_first(self, *args):
+            if not packed:
+                packed.append(1)
+                _pack(db)
+            return open_blob(self, *args)
+
+        monkeypatch.setattr(Tailer, "_open_blob", pack_first)
+        with pytest.raises(SourceReplacedError) as caught:
+            tailer.identity(first_blob)
+        assert packed and not isinstance(caught.value, CorruptedSourceError)
+        assert tid_repr(first_blob) in str(caught.value) and "packed" in str(caught.value)
+        monkeypatch.undo()
+        again = tailer.identity(first_blob)  # the next look reads the packed file
+    assert again is not None and again.status == "p"
 
 
 def test_open_blob_files_are_closed(superseded_blob):
