@@ -97,6 +97,7 @@ from ZODB.POSException import POSError
 from .errors import (
     ConfigError,
     DivergenceError,
+    DurabilityError,
     IntegrityError,
     RemoteProtocolError,
     ResumeError,
@@ -106,7 +107,7 @@ from .fsformat import is_blob_data
 from .integrity import TxnDigest
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .status import size_text
-from .storage import check_restore_support, fsync_dir, has_blobs
+from .storage import UNSYNCED_SUFFIX, check_restore_support, fsync_dir, has_blobs, record_fsync_failure
 from .tid import tid_repr
 
 __all__ = ["Applier", "TRACE_ENV"]
@@ -341,6 +342,7 @@ class Applier:
         #: Where the file ended at the last save of the storage's index, and the index's size.
         self._index_pos = getattr(storage, "_pos", 0)
         self._index_size = 0
+        self._dirs_durable = False  # make_all_durable fsyncs them once
         trace_file = trace_file or os.environ.get(TRACE_ENV) or None
         self._trace = open(trace_file, "a", buffering=1 << 16) if trace_file else None
         if self._trace is not None:
@@ -541,6 +543,8 @@ class Applier:
         """
         committed: list[bytes] = []
         group = self._group
+        if group is not None and group.failure is not None:
+            raise group.failure
         on_record, on_chunk = self._on_record, self._on_chunk
         if group is not None:
             group.deferring = True
@@ -638,6 +642,26 @@ class Applier:
         each transaction itself.
         """
         self._sync(self._storage.getName())
+        if not self._dirs_durable:
+            self._sync_dirs()
+
+    def _sync_dirs(self) -> None:
+        """Fsync the directories holding the storage file and the blob directory, once: a new
+        replica's first acknowledgement must not outlive the directory entry of its file."""
+        storage = self._storage
+        dirs = []
+        name = getattr(storage, "_file_name", None)
+        if isinstance(name, str):
+            dirs.append(os.path.dirname(os.path.abspath(name)))
+        if self._blobs:
+            base = os.path.abspath(storage.fshelper.base_dir)
+            dirs += [base, os.path.dirname(base)]
+        try:
+            for path in dict.fromkeys(dirs):
+                fsync_dir(path)
+        except OSError as exc:
+            raise StorageError(f"cannot make the directory entries of {storage.getName()} durable: {exc}") from exc
+        self._dirs_durable = True
 
     def _sync(self, what: str) -> None:
         """The group commit's one fsync; its failure is a ``StorageError`` naming ``what``."""
@@ -1173,10 +1197,16 @@ class _GroupCommit:
         finish_finish, txn_find = storage._finish_finish, storage._txn_find
 
         def _finish_finish(tid: bytes) -> None:
-            if not self.deferring:
-                finish_finish(tid)
-                return
             s = self.storage
+            if not self.deferring:
+                # A promoted node's own commit: FileStorage's finish, fsync included.
+                try:
+                    finish_finish(tid)
+                except OSError as exc:
+                    self._failed(exc)  # FileStorage closes itself next
+                    raise
+                self._durable(s._file, s._pos, tid)
+                return
             s._file.flush()
             s._pos = s._nextpos
             s._index.update(s._tindex)
@@ -1192,6 +1222,10 @@ class _GroupCommit:
 
         storage._finish_finish = _finish_finish  # type: ignore[method-assign]
         storage._txn_find = _txn_find  # type: ignore[method-assign]
+        #: Where the file was last known durable: as opened, then at each fsync that succeeded.
+        self._durable(storage._file, storage._pos, storage._ltid)
+        #: Set once an fsync failed: from then on nothing more is applied or acknowledged.
+        self.failure: DurabilityError | None = None
         #: FileStorage's temporary file and its formatter, and the memory buffer standing in for it.
         tfile, tfmt = getattr(storage, "_tfile", None), getattr(storage, "_tfmt", None)
         self._disk_temp: tuple = (tfile, tfmt)
@@ -1243,17 +1277,51 @@ class _GroupCommit:
         If a pack swapped the file meanwhile, the finished transactions were
         copied into the new one, which is synced in turn.
         """
+        if self.failure is not None:
+            raise self.failure
         s = self.storage
         while True:
             with s._lock:
-                current = s._file
+                current, pos, tid = s._file, s._pos, s._ltid
                 fd = os.dup(current.fileno())
             try:
                 os.fsync(fd)
+            except OSError as exc:
+                raise self._failed(exc) from exc
             finally:
                 os.close(fd)
             if s._file is current:
+                self._durable(current, pos, tid)
                 return
+
+    def _durable(self, file: object, pos: int, tid: bytes) -> None:
+        self._durable_file, self.durable_pos, self.durable_tid = file, pos, tid
+
+    def _failed(self, exc: OSError) -> DurabilityError:
+        """An fsync failed: say so once, leave the marker that the next start cuts the file back by,
+        and refuse every later fsync (one would "succeed" over pages the kernel dropped)."""
+        if self.failure is not None:
+            return self.failure
+        s = self.storage
+        path = s._file_name
+        known = self._durable_file is s._file  # not so if a pack swapped the file since the last good fsync
+        durable = self.durable_pos if known else None
+        unrecorded = record_fsync_failure(path, durable, self.durable_tid, exc)
+        where = (f"past byte {durable} (after transaction {tid_repr(self.durable_tid)})" if known
+                 else "since it was packed")
+        then = (f"its next start cuts the file back to byte {durable} ({path}{UNSYNCED_SUFFIX} says so), and "
+                "a secondary fetches the rest from its primary again" if known
+                else f"where the file is durable is unknown ({path}{UNSYNCED_SUFFIX})")
+        if unrecorded is not None:
+            then = (f"this could not be recorded in {path}{UNSYNCED_SUFFIX} ({unrecorded}): before starting it "
+                    + (f"again, cut the file back yourself (truncate -s {durable} {path})" if known
+                       else "again, compare the replica with its primary (replicator verify)"))
+        self.failure = DurabilityError(
+            f"fsync of {path} failed ({type(exc).__name__}: {exc}): what was written to it {where} may never "
+            f"reach the disk, even if a later fsync says it did; nothing past it was acknowledged. This node "
+            f"writes nothing more to the file; {then}")
+        log.critical("%s", self.failure)
+        return self.failure
 
     def drop_tail(self, *, force: bool) -> None:
         """After an aborted transaction: the file ends where the last committed one does.

@@ -196,6 +196,19 @@ class StorageError(ReplicatorError):
     hint = "fix the storage problem; nothing was acknowledged that is not durable"
 
 
+class DurabilityError(StorageError):
+    """An fsync of the storage file failed: what was written since the last good one may not be on
+    disk, whatever later fsyncs say (Linux reports a write-back error once, and may drop the pages).
+
+    Not retried: the node stops replicating into the file, and its next start
+    cuts the file back to where it was last known durable (``drop_unsynced_tail``).
+    """
+
+    hint = ("check the disk (the kernel log says more), then start this node again: it cuts the file back "
+            "to its last durable transaction and fetches the rest from the primary again; nothing after "
+            "that transaction was acknowledged")
+
+
 class StorageInUseError(StorageError):
     """Another process has the FileStorage open (holds its ``.lock`` file): a deployment mistake."""
 

@@ -37,6 +37,7 @@ from .epoch import adopt_epoch, load_epoch, record_database
 from .errors import (
     ConfigError,
     DivergenceError,
+    DurabilityError,
     RejectedError,
     RemoteProtocolError,
     ReplicatorError,
@@ -200,6 +201,25 @@ class _BatchQueue(asyncio.Queue):
 
     def full(self) -> bool:
         return not self._ended and self.bytes >= self.max_bytes
+
+
+async def _next_batch(queue: asyncio.Queue, syncing: asyncio.Task | None) -> _Batch | None:
+    """The next batch, or None (the end) as soon as the fsync in flight failed, for the applier's
+    loop: a caught-up secondary may wait long for its next batch, and meanwhile a failed fsync
+    must end the session (the loop's end raises it), not sit unseen until more comes."""
+    if syncing is None or syncing.done() or not queue.empty():
+        return await queue.get()
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({getter, syncing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if syncing.done() and not syncing.cancelled() and syncing.exception() is not None:
+        return None  # a batch taken meanwhile is dropped: it is fetched again
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return await queue.get()
 
 
 class Backoff:
@@ -747,7 +767,7 @@ class Secondary:
                 ready()
             try:
                 await self.run()
-            except (DivergenceError, RejectedError, ConfigError) as exc:
+            except (DivergenceError, RejectedError, ConfigError, DurabilityError) as exc:
                 if not hold:
                     raise
                 self.stopped = exc
@@ -841,6 +861,8 @@ class Secondary:
                         began = await self._began_newest_epoch()
                         if began is not None:
                             message += f"; {began}"
+                except DurabilityError:
+                    raise  # an fsync failed: retrying could acknowledge what is not on disk
                 except StorageError as exc:
                     # A full disk may be freed; keep what is committed and retry.
                     # Not a link outage: the link worked, and the line that
@@ -1040,7 +1062,8 @@ class Secondary:
             farewell = Goodbye("shutdown", "secondary stopping")
             raise
         except StorageError as exc:
-            farewell = Goodbye("error", f"local storage failed: {exc}; it retries")
+            then = "it stops replicating" if isinstance(exc, DurabilityError) else "it retries"
+            farewell = Goodbye("error", f"local storage failed: {exc}; {then}")
             raise
         finally:
             self._ws = self._conn = None
@@ -1235,10 +1258,11 @@ class Secondary:
                         await syncing  # the index saved must not name anything not yet durable
                         syncing = None
                     await blocking(applier.save_index)
+                batch: _Batch | None
                 if carried is not None:
                     batch, carried = carried, None
                 else:
-                    batch = await queue.get()
+                    batch = await _next_batch(queue, syncing)
                 if batch is None:
                     return
                 # Merge what is already waiting, as long as the batch can still be applied

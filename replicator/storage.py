@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.metadata
+import json
 import logging
 import os
 import re
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ from ZODB.FileStorage.format import CorruptedError
 from ZODB.POSException import POSError, POSKeyError
 from ZODB.utils import u64
 
-from .errors import ConfigError, StorageError, StorageInUseError
+from .errors import ConfigError, DurabilityError, StorageError, StorageInUseError
 from .fsformat import is_blob_data
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, Record, TxnBegin
@@ -49,6 +51,9 @@ log = logging.getLogger("replicator.storage")
 
 __all__ = [
     "open_file_storage",
+    "UNSYNCED_SUFFIX",
+    "record_fsync_failure",
+    "drop_unsynced_tail",
     "lock_storage",
     "has_blobs",
     "StoredTxn",
@@ -159,6 +164,10 @@ def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = 
         raise ConfigError(problems)
     if not read_only:
         check_new_storage_blob_dir(path, blob_dir)
+        drop_unsynced_tail(path)
+    elif os.path.exists(path + UNSYNCED_SUFFIX):
+        log.warning("%s: an fsync of this file failed (%s says so): its end may not be on disk; the next "
+                    "node that opens it for writing cuts it back", path, path + UNSYNCED_SUFFIX)
     try:
         if not read_only:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -505,6 +514,83 @@ def last_state(storage: FileStorage) -> tuple[bytes, bytes | None]:
     if last == Z64:
         return Z64, None
     return last, txn_digest(storage, last)
+
+
+#: Beside a storage file whose fsync failed: where the file was last known durable.
+UNSYNCED_SUFFIX = ".fsync-failed"
+
+
+def record_fsync_failure(path: str, durable: int | None, durable_tid: bytes, error: OSError) -> str | None:
+    """Leave ``path + UNSYNCED_SUFFIX`` saying that the file is durable up to byte ``durable`` only
+    (None: unknown); None once written, else why it could not be (the disk is failing)."""
+    marker = path + UNSYNCED_SUFFIX
+    text = json.dumps({"durable_bytes": durable, "durable_tid": tid_repr(durable_tid),
+                       "error": f"{type(error).__name__}: {error}",
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    try:
+        with open(marker + ".tmp", "w") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(marker + ".tmp", marker)
+        fsync_dir(os.path.dirname(os.path.abspath(marker)))
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def drop_unsynced_tail(path: str) -> None:
+    """Before ``path`` is opened for writing: if an fsync of it failed (``record_fsync_failure``),
+    cut it back to where it was last known durable.
+
+    The bytes past that point may be in the page cache only, marked clean
+    after the failed write-back: read back they look committed, and a
+    reboot loses them.  Cut off, they are fetched from the primary again.
+    Raises ``DurabilityError`` when the marker cannot say where to cut.
+    """
+    marker = path + UNSYNCED_SUFFIX
+    try:
+        with open(marker) as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DurabilityError(f"cannot read {marker}, left when an fsync of {path} failed: {exc}") from exc
+    try:
+        info = json.loads(raw)
+        durable = info["durable_bytes"]
+        if durable is not None and (not isinstance(durable, int) or durable < 4):
+            raise ValueError(durable)
+    except (ValueError, KeyError, TypeError):
+        raise DurabilityError(f"{marker}, left when an fsync of {path} failed, is damaged: it does not say "
+                              "where the file was durable", hint=f"if the disk is sound now, compare the replica "
+                              f"with its primary (replicator verify), then remove {marker}; or start the "
+                              "replica anew from an empty storage") from None
+    when, why = info.get("at", "?"), info.get("error", "?")
+    if durable is None:
+        raise DurabilityError(f"an fsync of {path} failed at {when} ({why}) before any fsync of that file had "
+                              f"succeeded (it had just been packed): where it is durable is unknown ({marker})",
+                              hint=f"if the disk is sound now, compare the replica with its primary (replicator "
+                                   f"verify), then remove {marker}; or start the replica anew from an empty storage")
+    try:
+        size = os.path.getsize(path)
+        if size > durable:
+            with open(path, "r+b") as fh:
+                fh.truncate(durable)
+                os.fsync(fh.fileno())
+        os.remove(marker)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise DurabilityError(f"cannot cut {path} back to byte {durable}, where it was durable when an fsync "
+                              f"failed at {when} ({why}): {exc}") from exc
+    tid = info.get("durable_tid", "")
+    if size > durable:
+        log.warning("%s: cut back to byte %d, after transaction %s: the %d bytes past it were written before an "
+                    "fsync failed at %s (%s), and may never have reached the disk; the primary sends them again",
+                    path, durable, tid, size - durable, when, why)
+    else:
+        log.warning("%s: an fsync of it failed at %s (%s); it ends at byte %d, not past where it was durable "
+                    "(%d), and is kept as it is", path, when, why, size, durable)
 
 
 def fsync_dir(path: str) -> None:

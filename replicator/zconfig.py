@@ -18,7 +18,7 @@ from ZODB.config import BaseConfig
 
 from .config import PrimaryConfig, Problems, SecondaryConfig, TLSPaths
 from .errors import ConfigError, ReplicatorError
-from .storage import check_new_storage_blob_dir, check_restore_support
+from .storage import check_new_storage_blob_dir, check_restore_support, drop_unsynced_tail
 from .wrappers import PrimaryStorage, SecondaryStorage
 
 __all__ = ["PrimaryStorageConfig", "SecondaryStorageConfig"]
@@ -67,16 +67,19 @@ def _node(section) -> dict:
     return {"node": section.node} if section.node else {}
 
 
-def _check_blob_dir(section, name: str) -> None:
-    """``check_new_storage_blob_dir`` for the wrapped ``<filestorage>``, before it opens: it would
-    empty its blob directory as it creates a new file."""
+def _before_open(section, name: str) -> None:
+    """Checks of the wrapped ``<filestorage>`` before it opens: ``check_new_storage_blob_dir`` (it
+    would empty its blob directory as it creates a new file), and ``drop_unsynced_tail`` (an fsync
+    of the file failed in an earlier run)."""
     inner = getattr(section.base, "config", None)
     path, blob_dir = getattr(inner, "path", None), getattr(inner, "blob_dir", None)
-    if isinstance(path, str) and isinstance(blob_dir, str):
-        try:
+    try:
+        if isinstance(path, str) and isinstance(blob_dir, str):
             check_new_storage_blob_dir(path, blob_dir)
-        except ReplicatorError as exc:
-            raise section_failed(name, exc) from None
+        if isinstance(path, str) and not getattr(inner, "read_only", False):
+            drop_unsynced_tail(path)
+    except ReplicatorError as exc:
+        raise section_failed(name, exc) from None
 
 
 class PrimaryStorageConfig(BaseConfig):
@@ -84,7 +87,7 @@ class PrimaryStorageConfig(BaseConfig):
 
     def open(self, database_name="unnamed", databases=None):
         section = self.config
-        _check_blob_dir(section, "replicated-primary")
+        _before_open(section, "replicated-primary")
         base = section.base.open()
         try:
             # storage and blob_dir are the wrapped storage's own; the
@@ -116,7 +119,7 @@ class SecondaryStorageConfig(BaseConfig):
             check_restore_support()  # before the wrapped section creates the storage file
         except ReplicatorError as exc:
             raise section_failed("replicated-secondary", exc) from None
-        _check_blob_dir(section, "replicated-secondary")
+        _before_open(section, "replicated-secondary")
         base = section.base.open()
         try:
             found = Problems()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import resource
@@ -21,13 +22,14 @@ from replicator.applier import Applier
 from replicator.errors import (
     ConfigError,
     DivergenceError,
+    DurabilityError,
     IntegrityError,
     RemoteProtocolError,
     StorageError,
     StorageInUseError,
 )
 from replicator.protocol.events import BlobChunk, Heartbeat, Record, TxnBegin, TxnEnd
-from replicator.storage import iter_transactions, last_state, open_file_storage, txn_digest
+from replicator.storage import UNSYNCED_SUFFIX, iter_transactions, last_state, open_file_storage, txn_digest
 from replicator.tailer import Tailer
 from replicator.verify import verify
 
@@ -420,6 +422,84 @@ def test_group_commit_fsyncs_once_per_batch(source, target, monkeypatch):
         target.applier.apply(txn)
     assert len(calls) == 1 + len(source.txns) - half
     assert_replica(source, target)
+
+
+def _fail_one_fsync(monkeypatch, storage) -> list[int]:
+    """The next fsync of ``storage``'s Data.fs fails with EIO, and those after it succeed: what
+    Linux does after a failed write-back (it reports the error once, and may drop the pages).
+    No disk here fails on demand, so the failure is put in ``os.fsync``'s place."""
+    st = os.fstat(storage._file.fileno())
+    real, failed = os.fsync, []
+
+    def fsync(n):
+        other = os.fstat(n)
+        if not failed and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            failed.append(n)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(n)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+def test_after_a_failed_fsync_nothing_is_applied_or_durable_until_the_tail_is_cut(source, target, monkeypatch,
+                                                                                  caplog):
+    third = len(source.txns) // 3
+    target.applier.apply(flatten(source.txns[:third]))
+    durable, durable_tid = os.path.getsize(target.path), source.txns[third - 1][0].tid
+    failed = _fail_one_fsync(monkeypatch, target.storage)
+    with caplog.at_level(logging.CRITICAL, "replicator.applier"), pytest.raises(DurabilityError) as caught:
+        target.applier.apply(flatten(source.txns[third:2 * third]))
+    assert failed and f"past byte {durable}" in str(caught.value) and "Input/output error" in str(caught.value)
+    assert "Input/output error" in caplog.text
+    # The next fsync would succeed, over pages that may never reach the disk: not asked.
+    with pytest.raises(DurabilityError):
+        target.applier.make_all_durable()
+    with pytest.raises(DurabilityError):
+        target.applier.apply(flatten(source.txns[2 * third:]))
+    monkeypatch.undo()
+    marker = target.path + UNSYNCED_SUFFIX
+    assert os.path.exists(marker) and os.path.getsize(target.path) > durable
+    target.storage.close()
+    with caplog.at_level(logging.WARNING, "replicator.storage"):
+        target.reopen()  # open_file_storage cuts the file back
+    assert not os.path.exists(marker) and os.path.getsize(target.path) == durable
+    assert target.storage.lastTransaction() == durable_tid
+    assert f"cut back to byte {durable}" in caplog.text
+    target.applier.apply(flatten(source.txns[third:]))  # fetched again, blobs included
+    assert_replica(source, target)
+
+
+def test_a_damaged_fsync_marker_stops_the_open(target, caplog):
+    target.storage.close()
+    marker = target.path + UNSYNCED_SUFFIX
+    with open(marker, "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(DurabilityError, match="is damaged"):
+        open_file_storage(target.path, target.blob_dir)
+    assert os.path.exists(marker)
+    # Read-only opens (verify, say) leave it and say so.
+    with caplog.at_level(logging.WARNING, "replicator.storage"):
+        open_file_storage(target.path, target.blob_dir, read_only=True).close()
+    assert "an fsync of this file failed" in caplog.text
+    os.remove(marker)
+    target.reopen()
+
+
+def test_a_new_replica_makes_its_directory_entries_durable(target, monkeypatch):
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(n):
+        synced.append(os.readlink(f"/proc/self/fd/{n}"))
+        real(n)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target.applier.make_all_durable()  # before the first Hello names what the replica holds
+    assert {os.path.dirname(target.path), target.blob_dir} <= set(synced)
+    synced.clear()
+    target.applier.make_all_durable()
+    assert synced == [target.path]  # the directories once per applier
 
 
 def test_group_commit_leaves_other_storages_alone(source, target, tmp_path, monkeypatch):
