@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import re
 import time
 from collections.abc import Generator, Iterator
@@ -572,12 +573,17 @@ def drop_unsynced_tail(path: str) -> None:
                               f"succeeded (it had just been packed): where it is durable is unknown ({marker})",
                               hint=f"if the disk is sound now, compare the replica with its primary (replicator "
                                    f"verify), then remove {marker}; or start the replica anew from an empty storage")
+    dropped_index = False
     try:
         size = os.path.getsize(path)
         if size > durable:
             with open(path, "r+b") as fh:
                 fh.truncate(durable)
                 os.fsync(fh.fileno())
+            if _index_reaches_past(path + ".index", durable):
+                # FileStorage would ignore it, with a warning of its own; it reads the file again either way.
+                os.remove(path + ".index")
+                dropped_index = True
         os.remove(marker)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as exc:
@@ -586,11 +592,33 @@ def drop_unsynced_tail(path: str) -> None:
     tid = info.get("durable_tid", "")
     if size > durable:
         log.warning("%s: cut back to byte %d, after transaction %s: the %d bytes past it were written before an "
-                    "fsync failed at %s (%s), and may never have reached the disk; the primary sends them again",
-                    path, durable, tid, size - durable, when, why)
+                    "fsync failed at %s (%s), and may never have reached the disk; the primary sends them again%s",
+                    path, durable, tid, size - durable, when, why,
+                    " (its saved index, which covered them, is dropped: FileStorage reads the file to make "
+                    "another)" if dropped_index else "")
     else:
         log.warning("%s: an fsync of it failed at %s (%s); it ends at byte %d, not past where it was durable "
                     "(%d), and is kept as it is", path, when, why, size, durable)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads plain values only (an index file's first record, its position): no class is looked up."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"{module}.{name} where a plain value was expected")
+
+
+def _index_reaches_past(index: str, pos: int) -> bool:
+    """Whether the FileStorage index saved in ``index`` covers the file beyond byte ``pos`` (or cannot
+    be read). ``fsIndex.save`` writes the position it covers as the file's first record."""
+    try:
+        with open(index, "rb") as fh:
+            saved = _PlainUnpickler(fh).load()
+    except FileNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001  (unreadable: FileStorage would not use it either)
+        return True
+    return not isinstance(saved, int) or saved > pos
 
 
 def fsync_dir(path: str) -> None:

@@ -461,11 +461,14 @@ def test_after_a_failed_fsync_nothing_is_applied_or_durable_until_the_tail_is_cu
     marker = target.path + UNSYNCED_SUFFIX
     assert os.path.exists(marker) and os.path.getsize(target.path) > durable
     target.storage.close()
-    with caplog.at_level(logging.WARNING, "replicator.storage"):
+    with caplog.at_level(logging.WARNING):
         target.reopen()  # open_file_storage cuts the file back
     assert not os.path.exists(marker) and os.path.getsize(target.path) == durable
     assert target.storage.lastTransaction() == durable_tid
     assert f"cut back to byte {durable}" in caplog.text
+    # The index FileStorage saved as it closed covered the cut bytes: dropped, not left to be "ignored".
+    assert "its saved index, which covered them, is dropped" in caplog.text
+    assert "Ignoring index" not in caplog.text
     target.applier.apply(flatten(source.txns[third:]))  # fetched again, blobs included
     assert_replica(source, target)
 
