@@ -645,6 +645,42 @@ def test_a_replicated_section_refuses_a_blob_dir_with_files_zodb_would_delete(tm
         storage.close()
 
 
+def test_a_replicated_section_cuts_back_a_file_whose_fsync_failed(tmp_path, tls_dir, caplog):
+    """Inside a ZEO server the storage is opened by the section, not by the replicator's command:
+    the marker a failed fsync left is acted on there too, before FileStorage reads the file."""
+    import errno
+    import logging
+
+    import transaction
+    import ZODB
+    import ZODB.config
+    from ZODB.FileStorage import FileStorage
+
+    from replicator.storage import UNSYNCED_SUFFIX, record_fsync_failure
+
+    path = tmp_path / "Data.fs"
+    db = ZODB.DB(FileStorage(str(path)))
+    with db.transaction() as conn:
+        conn.root()["a"] = 1
+    durable, kept = path.stat().st_size, db.lastTransaction()
+    with db.transaction() as conn:
+        conn.root()["b"] = 2
+    transaction.abort()
+    db.close()
+    assert record_fsync_failure(str(path), durable, kept, OSError(errno.EIO, "Input/output error")) is None
+    conf = (f"%import replicator\n<replicated-secondary>\n  primary 127.0.0.1:1\n  tls-ca {tls_dir / 'ca.pem'}\n"
+            f"  tls-cert {tls_dir / 'secondary.pem'}\n  tls-key {tls_dir / 'secondary.key'}\n"
+            f"  <filestorage>\n    path {path}\n  </filestorage>\n</replicated-secondary>\n")
+    with caplog.at_level(logging.WARNING):
+        storage = ZODB.config.storageFromString(conf)
+    try:
+        assert storage.lastTransaction() == kept
+    finally:
+        storage.close()
+    assert not (tmp_path / f"Data.fs{UNSYNCED_SUFFIX}").exists()
+    assert f"cut back to byte {durable}" in caplog.text and "Ignoring index" not in caplog.text
+
+
 def test_a_command_given_only_the_ca_names_the_options_left_out(tmp_path, tls_dir):
     result = run("status", "127.0.0.1:1", "--tls-ca", str(tls_dir / "ca.pem"))
     assert result.returncode == 2, result.stderr
