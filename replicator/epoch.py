@@ -30,11 +30,11 @@ so a crash leaves either the old or the new record, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .storage import write_durably
 from .tid import tid_from_hex
 
 __all__ = ["EpochRecord", "EpochState", "epoch_path", "load_epoch", "save_epoch", "begin_epoch",
@@ -102,18 +102,7 @@ def load_epoch(storage_path: str) -> EpochState:
 
 def save_epoch(storage_path: str, state: EpochState) -> None:
     """Replace the epoch record atomically and durably."""
-    path = epoch_path(storage_path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state.as_dict(), fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(epoch_path(storage_path), json.dumps(state.as_dict(), indent=1))
 
 
 def begin_epoch(storage_path: str, start_tid: bytes, node: str) -> EpochState:

@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .storage import fsync_dir
+from .storage import fsync_dir, write_durably
 
 __all__ = ["FenceRecord", "fence_path", "load_fence", "save_fence", "clear_fence"]
 
@@ -96,15 +96,7 @@ def _unreadable(path: str, problem: str) -> FenceRecord:
 
 def save_fence(storage_path: str, record: FenceRecord) -> None:
     """Write the fence record atomically and durably."""
-    path = fence_path(storage_path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record.as_dict(), fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    write_durably(fence_path(storage_path), json.dumps(record.as_dict(), indent=1) + "\n")
 
 
 def clear_fence(storage_path: str) -> FenceRecord | None:

@@ -524,17 +524,11 @@ UNSYNCED_SUFFIX = ".fsync-failed"
 def record_fsync_failure(path: str, durable: int | None, durable_tid: bytes, error: OSError) -> str | None:
     """Leave ``path + UNSYNCED_SUFFIX`` saying that the file is durable up to byte ``durable`` only
     (None: unknown); None once written, else why it could not be (the disk is failing)."""
-    marker = path + UNSYNCED_SUFFIX
     text = json.dumps({"durable_bytes": durable, "durable_tid": tid_repr(durable_tid),
                        "error": f"{type(error).__name__}: {error}",
                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     try:
-        with open(marker + ".tmp", "w") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(marker + ".tmp", marker)
-        fsync_dir(os.path.dirname(os.path.abspath(marker)))
+        write_durably(path + UNSYNCED_SUFFIX, text + "\n")
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -557,6 +551,8 @@ def drop_unsynced_tail(path: str) -> None:
         return
     except OSError as exc:
         raise DurabilityError(f"cannot read {marker}, left when an fsync of {path} failed: {exc}") from exc
+    check_by_hand = (f"if the disk is sound now, compare the replica with its primary (replicator verify), then "
+                     f"remove {marker}; or start the replica anew from an empty storage")
     try:
         info = json.loads(raw)
         durable = info["durable_bytes"]
@@ -564,15 +560,12 @@ def drop_unsynced_tail(path: str) -> None:
             raise ValueError(durable)
     except (ValueError, KeyError, TypeError):
         raise DurabilityError(f"{marker}, left when an fsync of {path} failed, is damaged: it does not say "
-                              "where the file was durable", hint=f"if the disk is sound now, compare the replica "
-                              f"with its primary (replicator verify), then remove {marker}; or start the "
-                              "replica anew from an empty storage") from None
+                              "where the file was durable", hint=check_by_hand) from None
     when, why = info.get("at", "?"), info.get("error", "?")
     if durable is None:
         raise DurabilityError(f"an fsync of {path} failed at {when} ({why}) before any fsync of that file had "
                               f"succeeded (it had just been packed): where it is durable is unknown ({marker})",
-                              hint=f"if the disk is sound now, compare the replica with its primary (replicator "
-                                   f"verify), then remove {marker}; or start the replica anew from an empty storage")
+                              hint=check_by_hand)
     dropped_index = False
     try:
         size = os.path.getsize(path)
@@ -619,6 +612,18 @@ def _index_reaches_past(index: str, pos: int) -> bool:
     except Exception:  # noqa: BLE001  (unreadable: FileStorage would not use it either)
         return True
     return not isinstance(saved, int) or saved > pos
+
+
+def write_durably(path: str, text: str) -> None:
+    """Replace file ``path`` by ``text``, atomically (a temporary file renamed) and durably (it and its
+    directory entry fsynced)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def fsync_dir(path: str) -> None:
