@@ -114,11 +114,36 @@ def peak_rss(pid: int) -> int:
     return _proc_status(pid, "VmHWM")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process has used so far (threads included)."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
+def _stat_cpu(raw: str) -> float:
     fields = raw[raw.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (threads included)."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
+
+
+def thread_cpu_seconds(pid: int, names: frozenset[str]) -> dict[int, float]:
+    """CPU seconds so far of each live thread of ``pid`` whose system name is one of ``names``."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            raw = (task / "stat").read_text()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        if raw[raw.index("(") + 1:raw.rindex(")")] in names:
+            found[int(task.name)] = _stat_cpu(raw)
+    return found
+
+
+def threads_cpu_since(pid: int, names: frozenset[str], before: dict[int, float]) -> float:
+    """CPU seconds the threads named ``names`` used since ``before`` (``thread_cpu_seconds``).
+
+    A thread started since counts from zero; one that ended since is lost,
+    so this is a floor (replication's threads live as long as the server).
+    """
+    return sum(cpu - before.get(tid, 0.0) for tid, cpu in thread_cpu_seconds(pid, names).items())
 
 
 def median_range(values: list[float]) -> tuple[float, float, float]:

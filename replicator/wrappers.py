@@ -48,6 +48,7 @@ from .primary import Primary
 from .secondary import Secondary
 from .storage import close_storage, correct_last_tid, has_blobs
 from .tailer import Tailer
+from .threads import name_os_thread
 from .tid import tid_repr
 from .zeosync import install_deferred_replies
 
@@ -63,6 +64,10 @@ SETTLE_TIMEOUT = 10.0
 #: How long a database opened on an empty replica waits for the primary's first
 #: transaction while nothing arrives (the wait goes on as long as bytes do).
 FIRST_TRANSACTION_WAIT = 60.0
+#: The system's name for a service's thread (``name_os_thread``).
+OS_THREAD_NAME = "replication"
+#: ... and for the threads of its blocking calls.
+OS_WORKER_NAME = "replication io"
 
 
 class ServiceThread:
@@ -116,6 +121,9 @@ class ServiceThread:
         return self._loop
 
     def _run(self) -> None:
+        # Shown by top -H and ps -L: what replication costs the embedding
+        # process is this thread's CPU (its worker threads aside).
+        name_os_thread(OS_THREAD_NAME)
         tag_node(self.node)  # before the loop: its tasks copy this thread's context
         try:
             asyncio.run(self._supervise())
@@ -124,6 +132,9 @@ class ServiceThread:
 
     async def _supervise(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # Its blocking calls' threads too (asyncio.run shuts them down at the end).
+        self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix=OS_THREAD_NAME, initializer=name_os_thread, initargs=(OS_WORKER_NAME,)))
         self._task = asyncio.current_task()
         try:
             await self._main(self._ready.set)
