@@ -44,7 +44,10 @@ def name_os_thread(name: str) -> bool:
 
     Returns whether the name was set.  Longer names are cut to ``OS_NAME_MAX`` bytes.
     """
-    path = f"/proc/self/task/{threading.get_native_id()}/comm"
+    native_id = getattr(threading, "get_native_id", None)  # missing on a few platforms
+    if native_id is None:
+        return False
+    path = f"/proc/self/task/{native_id()}/comm"
     try:
         with open(path, "wb") as comm:
             comm.write(name.encode("utf-8", "replace")[:OS_NAME_MAX])

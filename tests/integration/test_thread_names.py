@@ -40,6 +40,13 @@ def test_a_thread_names_itself_cut_to_what_linux_keeps():
     assert os_name(threading.get_native_id()) != seen["name"]  # the caller's own name is untouched
 
 
+def test_where_the_name_cannot_be_set_nothing_breaks(monkeypatch):
+    monkeypatch.setattr(threading, "get_native_id", lambda: 2**31 - 1)  # no such thread: no such file
+    assert name_os_thread("replication") is False
+    monkeypatch.delattr(threading, "get_native_id")  # a platform without native thread ids
+    assert name_os_thread("replication") is False
+
+
 def test_the_services_and_their_workers_are_named(pair):  # noqa: F811
     primary, secondary = pair
     tid = primary.tpc_finish(vote_one(primary, b"1"))
