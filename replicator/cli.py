@@ -209,6 +209,14 @@ def primary(storage, blob_dir, tls_ca, tls_cert, tls_key, insecure, node, log_le
         _fail(exc)
     if insecure:
         log.warning("--insecure: the stream is plaintext and anyone who can reach %s may read it", listen)
+    if config.blob_dir is None:
+        from .storage import missing_blob_dir_hint
+
+        nearby = missing_blob_dir_hint(config.storage)
+        if nearby:
+            # Said now: the error comes only when a secondary needs the first blob, hours later maybe.
+            log.warning("no --blob-dir given, but %s: if it is this storage's, pass --blob-dir, or the primary "
+                        "stops at the first blob record it has to ship", nearby)
 
     async def serve() -> None:
         from .control import primary_routes

@@ -136,6 +136,39 @@ def check_new_storage_blob_dir(path: str, blob_dir: str | None) -> None:
         raise error
 
 
+def nearby_blob_dirs(path: str) -> list[str]:
+    """Directories beside the file at ``path``, or beside its directory, that hold ZODB's ``.layout``.
+
+    A hint for a missing ``--blob-dir``, never a choice made for the user:
+    Zope's buildouts keep ``var/filestorage/Data.fs`` beside
+    ``var/blobstorage``, other set-ups a ``blobs`` directory next to the file.
+    """
+    here = os.path.dirname(os.path.abspath(path))
+    found: list[str] = []
+    for parent in dict.fromkeys((here, os.path.dirname(here))):  # one look where they are the same (/)
+        try:
+            entries = sorted(os.scandir(parent), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir() and any(os.path.isfile(os.path.join(entry.path, marker))
+                                          for marker in _BLOB_DIR_MARKERS):
+                    found.append(entry.path)
+            except OSError:
+                continue
+    return found
+
+
+def missing_blob_dir_hint(path: str) -> str:
+    """What to say of a blob directory for ``path`` when none was given (empty if none is in sight)."""
+    found = nearby_blob_dirs(path)
+    if not found:
+        return ""
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return f"{shown} {'looks' if len(found) == 1 else 'look'} like a blob directory (ZODB's .layout is there)"
+
+
 def open_file_storage(path: str, blob_dir: str | None = None, read_only: bool = False) -> FileStorage:
     """Open (or, unless ``read_only``, create) the FileStorage at ``path``.
 

@@ -53,6 +53,7 @@ from .fsformat import (
 )
 from .integrity import TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, BlobChunk, Event, Record, TxnBegin, TxnEnd
+from .storage import missing_blob_dir_hint
 from .tid import Z64, tid_repr
 
 log = logging.getLogger("replicator.tailer")
@@ -667,7 +668,13 @@ class Tailer:
 
     def _blob_file(self, oid: bytes, tid: bytes) -> str:
         if self._fshelper is None:
-            raise ConfigError(f"{self.path} has blob records: pass --blob-dir")
+            nearby = missing_blob_dir_hint(self.path)
+            error = ConfigError(f"{self.path} has blob records: pass --blob-dir"
+                                + (f" ({nearby}: this storage's?)" if nearby else ""))
+            error.hint = ("start the primary again with --blob-dir set to the directory the ZEO server (or "
+                          "Zope) keeps this storage's blobs in; embedded, that is the blob-dir of the "
+                          "<filestorage> section")
+            raise error
         return self._fshelper.getBlobFilename(oid, tid)
 
     def _open_blob(self, oid: bytes, h: TxnHeader, rpos: int) -> BinaryIO:
