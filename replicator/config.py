@@ -146,10 +146,11 @@ class PrimaryConfig:
     peer_timeout: float = 15.0
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
-    #: While the CPUs are saturated, commits wake the sessions at most this
-    #: often (seconds), so that they share a wake-up: the embedded primary's
-    #: batch tick, and the sidecar's poll if longer than ``poll_interval``.
-    batch_delay: float = 0.01
+    #: While the CPUs are saturated, commits wake the sessions at most every
+    #: 10 ms, doubling every half second the saturation lasts up to this
+    #: (seconds), so that they share a wake-up: the embedded primary's batch
+    #: tick, and the sidecar's poll if longer than ``poll_interval``.
+    batch_delay: float = 0.1
     #: Sidecar: while the file is quiet, sleep on inotify instead of looking every ``poll_interval``.
     file_events: bool = True
     max_frame: int = 64 << 20

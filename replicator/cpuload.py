@@ -18,7 +18,9 @@ a second still let stretches of saturation batch 46-69 wake-ups in 20 s,
 which made the p99 of the lag 7.5-8.2 ms; a second, 0-23 wake-ups and
 1.4-3.8 ms (2026-11-30, two runs each).  Under a lasting saturation it
 starts batching half a second later, which the cost benchmark could not
-tell from its noise.
+tell from its noise.  ``saturated_for`` says how long a saturation has
+lasted, so that the primary can wait the longer between wake-ups the
+longer it lasts (``ChangeNotifier.current_batch_delay``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class CpuPressure:
         self._next = 0.0
         self._last: tuple[int, int] | None = None
         self._saturated = False
+        #: When ``saturated()`` last turned True (monotonic seconds), None while it is False.
+        self._since: float | None = None
 
     def saturated(self) -> bool:
         now = time.monotonic()
@@ -99,6 +103,13 @@ class CpuPressure:
             self._lock.release()
         return self._saturated
 
+    def saturated_for(self) -> float | None:
+        """Seconds ``saturated()`` has said True without a break; None while it says False."""
+        if not self.saturated():
+            return None
+        since = self._since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
     def _sample(self) -> None:
         try:
             with open(self.path, encoding="ascii") as fh:
@@ -108,7 +119,7 @@ class CpuPressure:
             ticks = None
         if ticks is None:
             self._next = float("inf")  # no counters here: never read again, never saturated
-            self._saturated = False
+            self._saturated, self._since = False, None
             return
         last, self._last = self._last, ticks
         if last is None:
@@ -120,4 +131,9 @@ class CpuPressure:
             self._streak += 1
         else:
             self._streak = 0
-        self._saturated = self._streak >= self.sustain
+        saturated = self._streak >= self.sustain
+        if saturated and not self._saturated:
+            self._since = time.monotonic()
+        elif not saturated:
+            self._since = None
+        self._saturated = saturated

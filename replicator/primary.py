@@ -106,6 +106,11 @@ HEAD_REFRESH_INTERVAL = 0.25
 ACK_DELAY = 0.25
 #: A session this close to the end of the file reads inline instead of in a worker thread.
 INLINE_READ_BYTES = 256 << 10
+#: Under a lasting CPU saturation, the delay between the sessions' wake-ups
+#: starts at this (seconds, or ``batch_delay`` if shorter) and doubles every
+#: ``RAMP_STEP`` seconds up to ``batch_delay``.
+FIRST_BATCH_DELAY = 0.01
+RAMP_STEP = 0.5
 
 
 def _remote_address(request: web.Request) -> str:
@@ -182,8 +187,8 @@ class ChangeNotifier:
 
         Commits that come while a wake-up is already on its way share it:
         the sessions it wakes read everything committed by then.  While the
-        CPUs are saturated, a wake-up arms a batch tick ``batch_delay``
-        later, and commits until then only mark the notifier dirty: the
+        CPUs are saturated, a wake-up arms a batch tick
+        ``current_batch_delay()`` later, and commits until then only mark the notifier dirty: the
         tick wakes the sessions for all of them, with no signal from the
         committing thread to the loop.  Each signal costs the embedding
         server's CPUs a thread switch and a loop pass, whatever it ships.
@@ -208,10 +213,11 @@ class ChangeNotifier:
     def _wake(self) -> None:
         self._dirty = False  # before notify(): a commit after this is marked again
         self.notify()
-        if (self.batch_delay and not self._ticking and self.pressure is not None
-                and self.pressure.saturated() and self._loop is not None):
-            self._ticking = True
-            self._loop.call_later(self.batch_delay, self._tick)
+        if not self._ticking and self._loop is not None:
+            delay = self.current_batch_delay()
+            if delay:
+                self._ticking = True
+                self._loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
         self._ticking = False
@@ -246,13 +252,33 @@ class ChangeNotifier:
         """
         self._recheck = True
 
+    def current_batch_delay(self) -> float:
+        """Seconds the sessions' wake-ups are now put off by: 0 while the CPUs have idle time.
+
+        Once the CPUs are saturated (``CpuPressure``), it starts at
+        ``FIRST_BATCH_DELAY`` (at most ``batch_delay``) and doubles every
+        ``RAMP_STEP`` seconds the saturation lasts, up to ``batch_delay``.
+        Each wake-up costs the server's CPUs the same whatever it ships, so
+        under a lasting saturation fewer of them give the server back more
+        of its throughput; a moderate load that saturates the CPUs for a
+        moment is held back only a little.
+        """
+        if not self.batch_delay or self.pressure is None:
+            return 0.0
+        lasted = self.pressure.saturated_for()
+        if lasted is None:
+            return 0.0
+        start = min(FIRST_BATCH_DELAY, self.batch_delay)
+        return min(self.batch_delay, start * 2 ** min(int(lasted / RAMP_STEP), 16))
+
     def poll_delay(self) -> float:
-        """Seconds to the next look: ``poll_interval``, or ``batch_delay`` if longer
-        while the CPUs are saturated (each look wakes this process, and that
-        comes out of the server's throughput once the CPUs have no idle time)."""
-        if self.batch_delay > self.poll_interval and self.pressure is not None and self.pressure.saturated():
+        """Seconds to the next look: ``poll_interval``, or ``current_batch_delay()`` if longer
+        (each look wakes this process, and that comes out of the server's
+        throughput once the CPUs have no idle time)."""
+        delay = self.current_batch_delay()
+        if delay > self.poll_interval:
             self.batched_wakeups += 1
-            return self.batch_delay
+            return delay
         return self.poll_interval
 
     async def poll_forever(self, file_events: bool = False) -> None:
@@ -1192,6 +1218,8 @@ class Primary:
             "superseded": self.superseded or None,
             **self._writes_status(),
             "batched_wakeups": self.notifier.batched_wakeups,
+            # Seconds wake-ups are put off by now: 0 unless the CPUs have been saturated a while.
+            "batch_delay_now": self.notifier.current_batch_delay(),
             # Whether the poller sleeps on file events while the file is quiet (sidecar).
             "file_events": self.notifier.poller is not None and self.notifier.poller.watch is not None,
             "file_event_wakeups": self.notifier.event_wakeups,

@@ -65,6 +65,33 @@ def test_pressure_must_last_before_it_counts(tmp_path):
     assert sample(60, 40) is False
 
 
+def test_pressure_says_how_long_it_has_lasted(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    clock = [1000.0]
+    monkeypatch.setattr("replicator.cpuload.time.monotonic", lambda: clock[0])
+    write_stat(stat, 0, 0, 0)
+    pressure = CpuPressure(interval=0.0, path=str(stat), sustain=2)
+    assert pressure.saturated_for() is None
+    write_stat(stat, 95, 0, 5)
+    assert pressure.saturated_for() is None  # one saturated sample: not yet
+    clock[0] += 0.25
+    write_stat(stat, 190, 0, 10)
+    assert pressure.saturated_for() == 0.0  # from the sample that made it count
+    clock[0] += 1.5
+    write_stat(stat, 285, 0, 15)
+    assert pressure.saturated_for() == 1.5
+    clock[0] += 0.25
+    write_stat(stat, 300, 0, 100)  # an idle sample ends it
+    assert pressure.saturated_for() is None
+    clock[0] += 0.25
+    write_stat(stat, 395, 0, 105)
+    write_stat(stat, 395, 0, 105)
+    assert pressure.saturated_for() is None
+    clock[0] += 0.25
+    write_stat(stat, 490, 0, 110)
+    assert pressure.saturated_for() == 0.0  # a new saturation counts from its own start
+
+
 def test_pressure_is_never_claimed_without_counters(tmp_path):
     pressure = CpuPressure(interval=0.0, path=str(tmp_path / "missing"))
     assert pressure.saturated() is False
@@ -85,11 +112,17 @@ def test_pressure_on_this_machine_answers():
 
 
 class Saturated:
-    def __init__(self, value: bool) -> None:
+    """A ``CpuPressure`` that says what it is told; saturated for ``lasted`` seconds so far."""
+
+    def __init__(self, value: bool, lasted: float = 60.0) -> None:
         self.value = value
+        self.lasted = lasted
 
     def saturated(self) -> bool:
         return self.value
+
+    def saturated_for(self) -> float | None:
+        return self.lasted if self.value else None
 
 
 async def _wakeups(notifier: ChangeNotifier, commits: list[float]) -> list[float]:
@@ -171,7 +204,7 @@ def test_synchronous_commits_are_never_held_back(tmp_path):
 
     (tmp_path / "Data.fs").write_bytes(b"FS21")
     common = {"storage": str(tmp_path / "Data.fs"), "listen": Address("127.0.0.1", 0), "insecure": True}
-    assert Primary(PrimaryConfig(**common)).notifier.batch_delay == 0.01
+    assert Primary(PrimaryConfig(**common)).notifier.batch_delay == 0.1
     assert Primary(PrimaryConfig(**common, sync_count=1)).notifier.batch_delay == 0.0
 
 
@@ -194,3 +227,39 @@ def test_the_poller_looks_every_batch_delay_only_while_the_cpus_are_saturated():
     # A batch delay no longer than the poll interval changes nothing.
     assert ChangeNotifier("unused", 0.01, batch_delay=0.01, pressure=pressure).poll_delay() == 0.01
     assert ChangeNotifier("unused", 0.01, batch_delay=0.0, pressure=pressure).poll_delay() == 0.01
+
+
+def test_the_delay_grows_while_the_saturation_lasts():
+    # A moment of saturation (a moderate load's peak) holds commits back only
+    # a little; a lasting one, ever longer, up to batch_delay.
+    pressure = Saturated(True, lasted=0.0)
+    notifier = ChangeNotifier("unused", 0.01, batch_delay=0.1, pressure=pressure)
+    delays = []
+    for lasted in (0.0, 0.4, 0.5, 1.0, 1.5, 2.0, 3600.0 * 24 * 365):
+        pressure.lasted = lasted
+        delays.append(notifier.current_batch_delay())
+    assert delays == pytest.approx([0.01, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1])
+    pressure.value = False
+    assert notifier.current_batch_delay() == 0.0
+    # The first step is never longer than batch_delay itself.
+    pressure.value, pressure.lasted = True, 0.0
+    assert ChangeNotifier("unused", 0.01, batch_delay=0.005, pressure=pressure).current_batch_delay() == 0.005
+
+
+def test_the_poller_slows_down_step_by_step_under_a_lasting_saturation():
+    pressure = Saturated(True, lasted=0.0)
+    notifier = ChangeNotifier("unused", 0.01, batch_delay=0.1, pressure=pressure)
+    assert notifier.poll_delay() == 0.01  # the first step is the poll interval itself
+    assert notifier.batched_wakeups == 0
+    pressure.lasted = 1.0
+    assert notifier.poll_delay() == pytest.approx(0.04)
+    assert notifier.batched_wakeups == 1
+
+
+def test_a_batch_tick_waits_the_current_delay():
+    pressure = Saturated(True, lasted=0.0)
+    notifier = ChangeNotifier("unused", 1.0, batch_delay=0.4, pressure=pressure)
+    woken = asyncio.run(_wakeups(notifier, [0.0, 0.002]))
+    # 10 ms into a saturation, the second commit waits for a tick 10 ms after the first, not 400.
+    assert len(woken) == 2, woken
+    assert woken[1] < 0.2, woken
