@@ -184,9 +184,9 @@ def cli() -> None:
                    "file).")
 @click.option("--batch-delay", type=float, default=PrimaryConfig.batch_delay, show_default=True,
               metavar="SECONDS",
-              help="While the CPUs this process may run on are saturated (under 20% idle for a "
-                   "second), look less often: every 10 ms at first, twice as long every half "
-                   "second the saturation lasts, up to this many seconds. Fewer wake-ups, so more commits "
+              help="While the CPUs this process may run on are saturated (under 20% idle), look at "
+                   "most every 10 ms; once that has lasted a second, twice as long every half "
+                   "second it lasts, up to this many seconds. Fewer wake-ups, so more commits "
                    "for the server, for that much more lag. 0: always --poll-interval.")
 @click.option("--file-events/--no-file-events", default=PrimaryConfig.file_events, show_default=True,
               help="While --storage is quiet, wait for the kernel to report a write (Linux inotify) "

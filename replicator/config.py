@@ -147,7 +147,7 @@ class PrimaryConfig:
     #: How often the file's tail is looked at for new commits (sidecar mode).
     poll_interval: float = 0.01
     #: While the CPUs are saturated, commits wake the sessions at most every
-    #: 10 ms, doubling every half second the saturation lasts up to this
+    #: 10 ms, doubling every half second a lasting saturation goes on, up to this
     #: (seconds), so that they share a wake-up: the embedded primary's batch
     #: tick, and the sidecar's poll if longer than ``poll_interval``.
     batch_delay: float = 0.1

@@ -106,9 +106,10 @@ HEAD_REFRESH_INTERVAL = 0.25
 ACK_DELAY = 0.25
 #: A session this close to the end of the file reads inline instead of in a worker thread.
 INLINE_READ_BYTES = 256 << 10
-#: Under a lasting CPU saturation, the delay between the sessions' wake-ups
-#: starts at this (seconds, or ``batch_delay`` if shorter) and doubles every
-#: ``RAMP_STEP`` seconds up to ``batch_delay``.
+#: Under CPU saturation, the delay between the sessions' wake-ups is this
+#: (seconds, or ``batch_delay`` if shorter) from the first saturated sample
+#: on; once the saturation counts as lasting, it doubles every ``RAMP_STEP``
+#: seconds up to ``batch_delay``.
 FIRST_BATCH_DELAY = 0.01
 RAMP_STEP = 0.5
 
@@ -255,20 +256,23 @@ class ChangeNotifier:
     def current_batch_delay(self) -> float:
         """Seconds the sessions' wake-ups are now put off by: 0 while the CPUs have idle time.
 
-        Once the CPUs are saturated (``CpuPressure``), it starts at
-        ``FIRST_BATCH_DELAY`` (at most ``batch_delay``) and doubles every
-        ``RAMP_STEP`` seconds the saturation lasts, up to ``batch_delay``.
-        Each wake-up costs the server's CPUs the same whatever it ships, so
-        under a lasting saturation fewer of them give the server back more
-        of its throughput; a moderate load that saturates the CPUs for a
-        moment is held back only a little.
+        From the first saturated sample (``CpuPressure.strained``) it is
+        ``FIRST_BATCH_DELAY`` (at most ``batch_delay``): until a saturation
+        has lasted long enough to count, a wake-up per commit would cost the
+        server the most, a few hundred microseconds of its CPU each, while a
+        sample that was a moderate load's peak holds commits back by 10 ms
+        at most.  Once the saturation counts (``CpuPressure.saturated_for``),
+        the delay doubles every ``RAMP_STEP`` seconds it lasts, up to
+        ``batch_delay``.  Each wake-up costs the server's CPUs the same
+        whatever it ships, so under a lasting saturation fewer of them give
+        the server back more of its throughput.
         """
         if not self.batch_delay or self.pressure is None:
             return 0.0
+        start = min(FIRST_BATCH_DELAY, self.batch_delay)
         lasted = self.pressure.saturated_for()
         if lasted is None:
-            return 0.0
-        start = min(FIRST_BATCH_DELAY, self.batch_delay)
+            return start if self.pressure.strained() else 0.0
         return min(self.batch_delay, start * 2 ** min(int(lasted / RAMP_STEP), 16))
 
     def poll_delay(self) -> float:

@@ -65,6 +65,26 @@ def test_pressure_must_last_before_it_counts(tmp_path):
     assert sample(60, 40) is False
 
 
+def test_pressure_says_at_once_when_the_latest_sample_was_saturated(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = [0, 0, 0]
+
+    def sample(busy: int, idle: int) -> tuple[bool, bool]:
+        ticks[0] += busy
+        ticks[2] += idle
+        write_stat(stat, ticks[0], ticks[1], ticks[2])
+        return pressure.strained(), pressure.saturated()
+
+    write_stat(stat, 0, 0, 0)
+    pressure = CpuPressure(interval=0.0, path=str(stat), sustain=3)
+    assert pressure.strained() is False
+    assert sample(95, 5) == (True, False)  # strained from the first sample, saturated only from the third
+    assert sample(50, 50) == (False, False)
+    assert [sample(95, 5), sample(95, 5), sample(95, 5)] == [(True, False), (True, False), (True, True)]
+    assert sample(60, 40) == (False, False)
+    assert CpuPressure(interval=0.0, path=str(tmp_path / "missing")).strained() is False
+
+
 def test_pressure_says_how_long_it_has_lasted(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     clock = [1000.0]
@@ -114,12 +134,16 @@ def test_pressure_on_this_machine_answers():
 class Saturated:
     """A ``CpuPressure`` that says what it is told; saturated for ``lasted`` seconds so far."""
 
-    def __init__(self, value: bool, lasted: float = 60.0) -> None:
+    def __init__(self, value: bool, lasted: float = 60.0, strain: bool = False) -> None:
         self.value = value
         self.lasted = lasted
+        self.strain = strain  # the latest sample alone was saturated
 
     def saturated(self) -> bool:
         return self.value
+
+    def strained(self) -> bool:
+        return self.value or self.strain
 
     def saturated_for(self) -> float | None:
         return self.lasted if self.value else None
@@ -227,6 +251,23 @@ def test_the_poller_looks_every_batch_delay_only_while_the_cpus_are_saturated():
     # A batch delay no longer than the poll interval changes nothing.
     assert ChangeNotifier("unused", 0.01, batch_delay=0.01, pressure=pressure).poll_delay() == 0.01
     assert ChangeNotifier("unused", 0.01, batch_delay=0.0, pressure=pressure).poll_delay() == 0.01
+
+
+def test_one_saturated_sample_holds_wakeups_back_a_little():
+    # Before a saturation has lasted long enough to count, a wake-up per
+    # commit costs the server the most: one saturated sample is enough to
+    # ship at most every FIRST_BATCH_DELAY; the ramp waits for a lasting one.
+    pressure = Saturated(False, strain=True)
+    notifier = ChangeNotifier("unused", 0.01, batch_delay=0.1, pressure=pressure)
+    assert notifier.current_batch_delay() == pytest.approx(0.01)
+    assert notifier.poll_delay() == 0.01  # the sidecar's poll already waits that long
+    assert notifier.batched_wakeups == 0
+    pressure.strain = False
+    assert notifier.current_batch_delay() == 0.0
+    # Never longer than batch_delay, and never with batching off (synchronous primaries).
+    pressure.strain = True
+    assert ChangeNotifier("unused", 0.01, batch_delay=0.005, pressure=pressure).current_batch_delay() == 0.005
+    assert ChangeNotifier("unused", 0.01, batch_delay=0.0, pressure=pressure).current_batch_delay() == 0.0
 
 
 def test_the_delay_grows_while_the_saturation_lasts():
