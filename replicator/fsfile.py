@@ -5,6 +5,10 @@ transaction, or the next headers of a big one), so that the tailer makes
 about one system call per small transaction.  The header index is extended
 incrementally; it keeps one mark every ``MARK_EVERY`` transactions so that
 finding a TID walks few headers and the index stays small for huge files.
+A new ``SourceFile`` of a file that another one in this process has open
+starts from the furthest scan of it (a primary's sessions each open their
+own, and its head scan has read every header already): connecting a
+secondary does not read the whole file again.
 
 The file handle stays valid when a pack renames another file over the path:
 whoever holds this object can finish reading the old file.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import threading
 import time
+import weakref
 
 from .errors import CorruptedSourceError, SourceRewrittenError
 from .fsformat import (
@@ -51,6 +57,13 @@ log = logging.getLogger("replicator.tailer")
 _TORN_WARNED: set[tuple[str, int]] = set()
 
 
+#: The open ``SourceFile`` that scanned each file furthest, by ``(st_dev, st_ino)``.  While
+#: its descriptor is open the inode cannot be freed and reused, so a file opened meanwhile
+#: with the same device and inode is the same file and may start from its scan.
+_furthest: weakref.WeakValueDictionary[tuple[int, int], SourceFile] = weakref.WeakValueDictionary()
+_furthest_lock = threading.Lock()
+
+
 class SourceFile:
     """One opened ``Data.fs`` inode: a window reader and an incremental header scan."""
 
@@ -69,11 +82,37 @@ class SourceFile:
         #: before it stay usable (a reader that gets there raises it itself).
         self.damage: CorruptedSourceError | None = None
         self._torn: tuple[int, float, bool] | None = None  # (offset, first seen, warned)
+        #: What this scan reached, for other readers of the file: ``(scan_pos, scan_tid,
+        #: count, scan_last, marks)``, replaced as a whole (another thread may read it).
+        self.scanned: tuple[int, bytes, int, int, int] | None = None
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Start from the furthest scan of this file by a reader that still has it open."""
+        with _furthest_lock:
+            other = _furthest.get(self.ident)
+            state = other.scanned if other is not None and other.fd >= 0 else None
+            if state is None:
+                return
+            # Both descriptors are open on (st_dev, st_ino): one file.  Marks are only ever
+            # appended, so the first ``n`` are those of the state read.
+            self.scan_pos, self.scan_tid, self.count, self.scan_last, n = state
+            self.marks = other.marks[:n]  # type: ignore[union-attr]
+            self.scanned = state
+
+    def _publish(self) -> None:
+        """Offer this scan to readers opened from now on, if it is the furthest of the file."""
+        self.scanned = state = (self.scan_pos, self.scan_tid, self.count, self.scan_last, len(self.marks))
+        with _furthest_lock:
+            other = _furthest.get(self.ident)
+            if (other is None or other is self or other.fd < 0 or other.scanned is None
+                    or other.scanned[0] < state[0]):
+                _furthest[self.ident] = self
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1  # closed from here on for ``_adopt``, before the inode may go
+        if fd >= 0:
+            os.close(fd)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -202,6 +241,8 @@ class SourceFile:
         except CorruptedSourceError as exc:
             self.damage = exc
         self.invalidate()
+        if self.scanned is None or self.scanned[0] != self.scan_pos:
+            self._publish()
 
     def find(self, tid: bytes) -> tuple[int, bytes] | bytes:
         """``(pos, prev_tid)`` of committed transaction ``tid``, else the nearest earlier TID."""

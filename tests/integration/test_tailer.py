@@ -234,6 +234,54 @@ def test_seek_through_many_transactions(tmp_path):
             assert tailer.digest_of(tids[i]) is not None
 
 
+def test_a_second_reader_of_an_open_file_starts_from_its_scan(tmp_path):
+    """A primary's sessions each open the file: they start from the furthest scan of a reader
+    that still has it open, and answer as a scan of their own would; a closed reader's scan or
+    another file's (a pack's new inode at the same path) is not taken."""
+    from replicator.fsfile import FIRST_POS, SourceFile
+
+    path = str(tmp_path / "Data.fs")
+    fs = FileStorage(path)
+    tids = [_raw_commit(fs, b"x%d" % i) for i in range(600)]
+    first = SourceFile(path)
+    first.scan()
+    assert (first.scan_tid, first.count) == (tids[-1], 600)
+    tids += [_raw_commit(fs, b"y%d" % i) for i in range(100)]
+    first.scan()
+
+    second = SourceFile(path)
+    assert (second.scan_pos, second.scan_tid, second.count) == (first.scan_pos, tids[-1], 700)
+    assert second.marks == first.marks and second.marks is not first.marks
+    tids += [_raw_commit(fs, b"z%d" % i) for i in range(10)]  # it goes on from there by itself
+    fs.close()
+    second.scan()
+    assert (second.scan_tid, second.count) == (tids[-1], 710)
+
+    first.close()
+    third = SourceFile(path)  # from `second`, which went further
+    assert third.scan_tid == tids[-1]
+    second.close()
+    alone = SourceFile(path)  # the reader that scanned furthest closed the file: a scan of its own
+    assert (alone.scan_pos, alone.count, alone.marks) == (FIRST_POS, 0, [])
+    alone.scan()
+    for reader in (third, alone):
+        reader.scan()
+        assert reader.counts_up_to([Z64, tids[0], tids[255], tids[256], tids[-1]]) == [0, 1, 256, 257, 710]
+        assert reader.find(tids[300])[1] == tids[299]
+        assert reader.successor(tids[511]).tid == tids[512]
+
+    # The same path, another inode (as a pack leaves it): nothing of the old file's scan.
+    shutil.copyfile(path, path + ".new")
+    os.replace(path + ".new", path)
+    other = SourceFile(path)
+    assert other.ident != third.ident
+    assert (other.scan_pos, other.count) == (FIRST_POS, 0)
+    other.scan()
+    assert (other.scan_tid, other.count) == (tids[-1], 710)
+    for reader in (third, alone, other):
+        reader.close()
+
+
 def _raw_commit(fs, data, *, finish=True, oid=None):
     """Commit one record through the storage API, or stop after the vote."""
     t = TransactionMetaData()
