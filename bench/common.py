@@ -124,6 +124,11 @@ def cpu_seconds(pid: int) -> float:
     return _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process's first thread alone (a service's event loop)."""
+    return _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat").read_text())
+
+
 def thread_cpu_seconds(pid: int, names: frozenset[str]) -> dict[int, float]:
     """CPU seconds so far of each live thread of ``pid`` whose system name is one of ``names``."""
     found = {}

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     ensure_tls,
     free_port,
     machine,
+    main_thread_cpu_seconds,
     median_range,
     on_cpus,
     peak_rss,
@@ -152,6 +153,19 @@ def traced_start(trace: Path) -> float:
     return float(when)
 
 
+def cpu_when_ready(trace: Path, proc, timeout: float) -> tuple[float, float]:
+    """The secondary's CPU seconds, whole process and event-loop thread, read as soon as its trace
+    file says it is ready (polled every 5 ms: what it spends in that moment is counted as start-up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"secondary exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}")
+        if trace.exists() and trace.read_bytes().endswith(b"\n"):
+            return cpu_seconds(proc.pid), main_thread_cpu_seconds(proc.pid)
+        time.sleep(0.005)
+    raise TimeoutError(f"secondary not ready within {timeout}s")
+
+
 def wait_traced(trace: Path, tid: str, proc, timeout: float) -> float:
     """When the secondary made ``tid`` durable, read from its trace file (no load on the processes)."""
     deadline = time.monotonic() + timeout
@@ -183,14 +197,19 @@ def replicate(src: Path, tls: Path, timeout: float = 1800) -> dict:
         t0 = time.time()
         secondary = start_secondary(work, work / "Data.fs", work / "blobs", port, tls, env={TRACE_ENV: str(trace)})
         try:
+            ready_cpu, ready_loop_cpu = cpu_when_ready(trace, secondary, timeout)
             done = wait_traced(trace, head, secondary, timeout)
+            secondary_cpu, loop_cpu = cpu_seconds(secondary.pid), main_thread_cpu_seconds(secondary.pid)
             row = {
                 # From the secondary's readiness, as the baseline's timer starts after its
                 # imports; its interpreter start and imports are reported apart.
                 "seconds": done - traced_start(trace),
                 "startup": traced_start(trace) - t0,
                 "primary_cpu": cpu_seconds(primary.pid) - primary_cpu0,
-                "secondary_cpu": cpu_seconds(secondary.pid),
+                "secondary_cpu": secondary_cpu,
+                # What bounds the sync: the CPU both sides spent while it ran, and its busiest thread.
+                "secondary_sync_cpu": secondary_cpu - ready_cpu,
+                "secondary_loop_cpu": loop_cpu - ready_loop_cpu,
                 "primary_rss": peak_rss(primary.pid),
                 "secondary_rss": peak_rss(secondary.pid),
                 "head": head,
@@ -202,6 +221,11 @@ def replicate(src: Path, tls: Path, timeout: float = 1800) -> dict:
         primary.stop()
     row["work"] = str(work)
     return row
+
+
+def cpu_bound(run: dict) -> float:
+    """Seconds a sync needs at least, from the CPU it used: ``bench_sync``'s bound."""
+    return max(run["secondary_loop_cpu"], (run["primary_cpu"] + run["secondary_sync_cpu"]) / (os.cpu_count() or 1))
 
 
 def bench_sync() -> None:
@@ -233,6 +257,15 @@ def bench_sync() -> None:
         "runs": runs, "txn_per_s": rates, "mb_per_s": mbs, "ratio_on": ratio_on, "ratio_off": ratio_off,
         "startup_s": [r["startup"] for r in runs["replication"]],
         "txn_per_s_from_process_start": [txns / (r["seconds"] + r["startup"]) for r in runs["replication"]],
+        "secondary_loop_busy": [r["secondary_loop_cpu"] / r["seconds"] for r in runs["replication"]],
+        "secondary_loop_cpu": [r["secondary_loop_cpu"] for r in runs["replication"]],
+        # The least time the CPU each run spent allows, however well the two processes shared
+        # the cores: their CPU during the sync over the cores, or the busiest thread's if longer.
+        # (The primary's counts from just before the secondary starts: a little over.)
+        "cpu_bound_ratio_on": [txns / cpu_bound(r) / on for r, on in zip(runs["replication"], rates["copy_on"],
+                                                                          strict=True)],
+        "cpu_bound_ratio_off": [txns / cpu_bound(r) / off for r, off in zip(runs["replication"],
+                                                                            rates["copy_off"], strict=True)],
         "primary_cpu_per_gb": [r["primary_cpu"] / gb for r in runs["replication"]],
         "secondary_cpu_per_gb": [r["secondary_cpu"] / gb for r in runs["replication"]],
         "copy_cpu_per_gb": [r["cpu"] / gb for r in runs["copy_off"]],
@@ -559,6 +592,13 @@ def report() -> str:
         med_off = median_range(s["ratio_off"])[0]
         row("sync / copy (fsync on)", fmt(s["ratio_on"], 2) + "x", ">= 3x", med_on >= 3)
         row("sync / copy (fsync off)", fmt(s["ratio_off"], 2) + "x", ">= 0.6x", med_off >= 0.6)
+        if "cpu_bound_ratio_on" in s:
+            row("... the secondary's event-loop thread (it receives, decodes and applies): its CPU during the "
+                "sync; the share of the sync it was busy", f"{fmt(s['secondary_loop_cpu'], 2)} s; "
+                f"{fmt(s['secondary_loop_busy'], 0, 100)}%")
+            row(f"... the most the CPU spent allows (primary's and secondary's over {os.cpu_count()} cores, or "
+                "that thread's alone if longer): sync / copy, fsync on; fsync off", f"{fmt(s['cpu_bound_ratio_on'], 2)}x; "
+                f"{fmt(s['cpu_bound_ratio_off'], 2)}x")
         row("CPU per GB replicated: primary / secondary",
             f"{fmt(s['primary_cpu_per_gb'], 1)} s / {fmt(s['secondary_cpu_per_gb'], 1)} s "
             f"(local copy: {fmt(s['copy_cpu_per_gb'], 1)} s)")
