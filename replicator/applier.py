@@ -104,7 +104,7 @@ from .errors import (
     StorageError,
 )
 from .fsformat import is_blob_data
-from .integrity import TxnDigest
+from .integrity import TxnCheck
 from .protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .status import size_text
 from .storage import UNSYNCED_SUFFIX, check_restore_support, fsync_dir, has_blobs, record_fsync_failure
@@ -209,7 +209,7 @@ class _Txn:
 
     begin: TxnBegin
     meta: TransactionMetaData
-    digest: TxnDigest
+    digest: TxnCheck
     started: bool = False  # tpc_begin succeeded, so tpc_abort is owed
     oids: list[bytes] = field(default_factory=list)
     blob: _Blob | None = None
@@ -906,7 +906,7 @@ class Applier:
         # Bytes given to TransactionMetaData are kept as they are, so the
         # header is rewritten byte for byte (no re-encoding, no re-pickling).
         meta = TransactionMetaData(begin.user, begin.description, begin.extension)
-        txn = self._txn = _Txn(begin, meta, TxnDigest(begin))
+        txn = self._txn = _Txn(begin, meta, TxnCheck(begin))
         resuming, self._resuming = self._resuming, None
         if resuming is not None:
             txn.resume.extend(resuming.blobs)  # removed by abort() unless used

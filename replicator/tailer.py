@@ -51,7 +51,7 @@ from .fsformat import (
     u64,
     walk_data_headers,
 )
-from .integrity import TxnDigest, TxnIdentity, meta_digest
+from .integrity import TxnCheck, TxnDigest, TxnIdentity, meta_digest
 from .protocol.events import MAX_BLOB_CHUNK, BlobChunk, Event, Record, TxnBegin, TxnEnd
 from .storage import missing_blob_dir_hint
 from .tid import Z64, tid_repr
@@ -331,11 +331,17 @@ class Tailer:
             return TxnIdentity(tid, h.status.decode("latin-1"), b"", src.meta_digest(h))
         begin: TxnBegin | None = None
         try:
+            # The identity is SHA-256 over the events the stream carries (integrity).
+            sha: TxnDigest | None = None
             for event in self._txn_events(src, h, prev):
-                if isinstance(event, TxnBegin):
-                    begin = event
-                elif isinstance(event, TxnEnd) and begin is not None:
-                    return TxnIdentity(tid, begin.status, event.digest,
+                if isinstance(event, Record) and sha is not None:
+                    sha.add_record(event)
+                elif isinstance(event, BlobChunk) and sha is not None:
+                    sha.add_chunk(event)
+                elif isinstance(event, TxnBegin):
+                    begin, sha = event, TxnDigest(event)
+                elif isinstance(event, TxnEnd) and begin is not None and sha is not None:
+                    return TxnIdentity(tid, begin.status, sha.digest(),
                                        meta_digest(tid, begin.user, begin.description, begin.extension))
         except MissingBlobError as error:
             if not self._replaced(src):
@@ -742,7 +748,7 @@ class Tailer:
         if records is None:
             return None
         begin = _txn_begin(h, self._last_tid, buf[start + TRANS_HDR_LEN:start + (h.header_end - h.pos)])
-        digest = TxnDigest(begin)
+        digest = TxnCheck(begin)
         events: list[Event] = [begin]
         for oid, data in records:
             record = Record(oid, data, None)
@@ -787,7 +793,7 @@ class Tailer:
                         opened.close()
                         blobs[dh.pos] = None
             begin = _txn_begin(h, prev_tid, src.read(h.pos + TRANS_HDR_LEN, h.header_end - h.pos - TRANS_HDR_LEN))
-            digest = TxnDigest(begin)
+            digest = TxnCheck(begin)
             yield begin
             pos = h.header_end
             while pos < h.data_end:
@@ -823,7 +829,7 @@ class Tailer:
 
     @staticmethod
     def _blob_events(f: BinaryIO, oid: bytes, data: bytes, data_txn: bytes | None,
-                     digest: TxnDigest, skip: int = 0) -> Generator[Event, None, int]:
+                     digest: TxnCheck, skip: int = 0) -> Generator[Event, None, int]:
         """The blob's ``Record`` then the bytes of its file ``f`` in chunks; never all in memory.
 
         The first ``skip`` bytes are hashed but not sent; returns how many of

@@ -27,6 +27,7 @@ import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from ..integrity import CHECK_LEN, DIGEST_LEN  # Hello's identity digests; TxnEnd's stream check
 from ..tid import check_tid
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change of frames or their meaning.
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 #: Blob bytes per ``BlobChunk``; keeps a frame small whatever the blob's size.
 MAX_BLOB_CHUNK = 1 << 20
@@ -57,7 +58,6 @@ MAX_BLOB_CHUNK = 1 << 20
 #: FileStorage transaction statuses that may be shipped (``'c'`` never is).
 TXN_STATUSES = (" ", "p", "u")
 
-DIGEST_LEN = 32
 
 #: Bytes of ``Hello.instance``.
 INSTANCE_LEN = 16
@@ -326,7 +326,7 @@ class BlobChunk(Event):
 
 @dataclass(slots=True)
 class TxnEnd(Event):
-    """End of transaction ``tid``; ``digest`` covers its canonical content."""
+    """End of transaction ``tid``; ``digest``, its stream check, covers its canonical content."""
 
     TYPE: ClassVar[int] = 7
     tid: bytes
@@ -334,7 +334,7 @@ class TxnEnd(Event):
 
     def __post_init__(self) -> None:
         check_tid(self.tid, "tid")
-        _bytes(self.digest, "digest", exact=DIGEST_LEN)
+        _bytes(self.digest, "digest", exact=CHECK_LEN)
 
 
 @dataclass(slots=True)

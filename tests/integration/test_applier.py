@@ -40,6 +40,7 @@ from .zodb_workload import (
     Z64,
     build_source,
     flatten,
+    identity_of,
     reference_stream,
     seal,
     snapshot,
@@ -85,7 +86,7 @@ def target(tmp_path):
 
 def assert_replica(source: Source, target: Target) -> None:
     for txn in source.txns:
-        assert txn_digest(target.storage, txn[0].tid) == txn[-1].digest
+        assert txn_digest(target.storage, txn[0].tid) == identity_of(txn)
     target.storage.close()
     result = verify(source.path, target.path, source.blob_dir, target.blob_dir)
     assert result.equal, result
@@ -107,11 +108,11 @@ def test_whole_stream_replicates_exactly(source, target):
     tids = target.applier.apply(flatten(source.txns))
     assert tids == tids_of(source.txns)
     assert target.applier.last_tid == tids[-1]
-    assert last_state(target.storage) == (tids[-1], source.txns[-1][-1].digest)
+    assert last_state(target.storage) == (tids[-1], identity_of(source.txns[-1]))
     # The source's own digests agree with what was shipped.
     src = FileStorage(source.path, blob_dir=source.blob_dir, read_only=True)
     try:
-        assert [txn_digest(src, t[0].tid) for t in source.txns] == [t[-1].digest for t in source.txns]
+        assert [txn_digest(src, t[0].tid) for t in source.txns] == [identity_of(t) for t in source.txns]
     finally:
         src.close()
     assert_replica(source, target)
@@ -161,7 +162,7 @@ def test_resume_after_reopening(source, target):
 def test_digest_mismatch_commits_nothing(source, target):
     target.applier.apply(flatten(source.txns[:5]))
     before = target.snapshot()
-    bad = source.txns[5][:-1] + [TxnEnd(source.txns[5][0].tid, b"\x01" * 32)]
+    bad = source.txns[5][:-1] + [TxnEnd(source.txns[5][0].tid, b"\x01" * 16)]
     with pytest.raises(IntegrityError):
         target.applier.apply(bad)
     assert target.snapshot() == before
@@ -187,7 +188,7 @@ def test_transaction_must_follow_the_last_one(source, target):
         target.applier.apply(txns[4])  # follows txns[3], which we lack
     with pytest.raises(RemoteProtocolError, match="already"):
         target.applier.apply(txns[2])  # resent
-    fork = seal([TxnBegin(txns[3][0].tid, txns[1][0].tid, " ", b"", b"", b""), TxnEnd(txns[3][0].tid, b"\0" * 32)])
+    fork = seal([TxnBegin(txns[3][0].tid, txns[1][0].tid, " ", b"", b"", b""), TxnEnd(txns[3][0].tid, b"\0" * 16)])
     with pytest.raises(DivergenceError):
         target.applier.apply(fork)  # the primary has nothing between txns[1] and txns[3]; we have txns[2]
     assert target.snapshot() == before
@@ -269,12 +270,12 @@ def test_empty_blob_and_arbitrary_bytes(target):
     tid = bytes.fromhex("03ff000000000001")
     events = seal([TxnBegin(tid, Z64, " ", b"\xff\x00", b"\xc3(", b"\x80\x80 ext"),
                    Record(b"\0" * 7 + b"\1", blob_pickle, None, 0),
-                   Record(b"\0" * 7 + b"\2", None, None), TxnEnd(tid, b"\0" * 32)])
+                   Record(b"\0" * 7 + b"\2", None, None), TxnEnd(tid, b"\0" * 16)])
     assert target.applier.apply(events) == [tid]
     [(stored, records)] = list((t, list(r)) for t, r in iter_transactions(target.storage))
     assert (stored.user, stored.description, stored.extension) == (b"\xff\x00", b"\xc3(", b"\x80\x80 ext")
     assert records[0].blob_size == 0 and records[1].data is None
-    assert txn_digest(target.storage, tid) == events[-1].digest
+    assert txn_digest(target.storage, tid) == identity_of(events)
 
 
 class FailingStorage:
@@ -562,9 +563,9 @@ def _big_transactions() -> list[list]:
     tids = [bytes.fromhex("03ff000000000001"), bytes.fromhex("03ff000000000002")]
     big = seal([TxnBegin(tids[0], Z64, " ", b"", b"big", b""),
                 *[Record(bytes(7) + bytes([n]), rng.randbytes(20_000), None) for n in (1, 2, 3)],
-                TxnEnd(tids[0], bytes(32))])
+                TxnEnd(tids[0], bytes(16))])
     small = seal([TxnBegin(tids[1], tids[0], " ", b"", b"small", b""),
-                  Record(bytes(7) + b"\1", b"x" * 100, None), TxnEnd(tids[1], bytes(32))])
+                  Record(bytes(7) + b"\1", b"x" * 100, None), TxnEnd(tids[1], bytes(16))])
     return [big, small]
 
 
@@ -581,7 +582,7 @@ def test_a_transaction_outgrowing_memory_moves_to_the_temp_file(target, tmp_path
     assert _temp_size(target) > 40_000  # the big one went through FileStorage's file
     assert target.storage._tfile is own
     for txn in txns:
-        assert txn_digest(target.storage, txn[0].tid) == txn[-1].digest
+        assert txn_digest(target.storage, txn[0].tid) == identity_of(txn)
     # Byte for byte what FileStorage writes on its own.
     plain = Target(str(tmp_path / "plain"))
     try:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from replicator.config import Address, SecondaryConfig
 from replicator.errors import TLSError, TransportError
-from replicator.integrity import TxnDigest
+from replicator.integrity import TxnCheck
 from replicator.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -273,7 +273,7 @@ def _txn(prev: bytes, n: int, digest: bytes) -> list:
 
 
 async def _bad_digest(ws, hello):
-    await ws.send_bytes(b"".join(encode_event(e) for e in _txn(hello.last_tid, 1000, b"\0" * 32)))
+    await ws.send_bytes(b"".join(encode_event(e) for e in _txn(hello.last_tid, 1000, b"\0" * 16)))
 
 
 async def _garbage(ws, hello):
@@ -281,12 +281,12 @@ async def _garbage(ws, hello):
 
 
 async def _broken_chain(ws, hello):
-    events = _txn(b"\0" * 7 + b"\5", 1000, b"\0" * 32)  # does not follow the secondary's last TID
+    events = _txn(b"\0" * 7 + b"\5", 1000, b"\0" * 16)  # does not follow the secondary's last TID
     await ws.send_bytes(b"".join(encode_event(e) for e in events))
 
 
 async def _cut_mid_transaction(ws, hello):
-    events = _txn(hello.last_tid, 1000, b"\0" * 32)[:2]
+    events = _txn(hello.last_tid, 1000, b"\0" * 16)[:2]
     await ws.send_bytes(b"".join(encode_event(e) for e in events))
     await ws.close()
 
@@ -364,11 +364,11 @@ def test_transactions_before_a_bad_one_in_the_same_message_are_counted(source, t
     async def good_then_bad(ws, hello):
         if good_tids:
             return  # the secondary came back: nothing more for it
-        good = _txn(hello.last_tid, 1000, b"\0" * 32)
-        digest = TxnDigest(good[0])
+        good = _txn(hello.last_tid, 1000, b"\0" * 16)
+        digest = TxnCheck(good[0])
         digest.add_record(good[1])
         good[-1] = TxnEnd(good[0].tid, digest.digest())
-        bad = _txn(good[0].tid, 1000, b"\0" * 32)
+        bad = _txn(good[0].tid, 1000, b"\0" * 16)
         good_tids.append(good[0].tid)
         await ws.send_bytes(b"".join(encode_event(e) for e in good + bad))
 

@@ -111,7 +111,7 @@ def test_full_disk_on_a_secondary(tmp_path, tls_dir, small_disk, caplog, monkeyp
 def _txn(tid: int, prev: int, sizes: list[int]) -> list:
     return seal([TxnBegin(p64(tid), p64(prev) if prev else Z64, " ", b"", b"", b""),
                  *(Record(p64(100 + i), os.urandom(n), None) for i, n in enumerate(sizes)),
-                 TxnEnd(p64(tid), bytes(32))])
+                 TxnEnd(p64(tid), bytes(16))])
 
 
 def _fill(mount: Path, leave: int) -> Path:

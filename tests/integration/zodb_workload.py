@@ -21,7 +21,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import UndoError
 from ZODB.utils import z64
 
-from replicator.integrity import TxnDigest
+from replicator.integrity import TxnCheck, TxnDigest, TxnHash
 from replicator.protocol.events import BlobChunk, Event, Record, TxnBegin, TxnEnd
 
 Z64 = b"\0" * 8
@@ -121,7 +121,7 @@ def reference_stream(path: str, blob_dir: str | None, chunk: int = 1000) -> list
                 events.append(Record(rec.oid, rec.data, rec.data_txn, None if blob is None else len(blob)))
                 if blob:
                     events.extend(BlobChunk(blob[i:i + chunk]) for i in range(0, len(blob), chunk))
-            events.append(TxnEnd(txn.tid, b"\0" * 32))
+            events.append(TxnEnd(txn.tid, b"\0" * 16))
             txns.append(seal(events))
             prev = txn.tid
     finally:
@@ -129,19 +129,28 @@ def reference_stream(path: str, blob_dir: str | None, chunk: int = 1000) -> list
     return txns
 
 
-def seal(events: list[Event]) -> list[Event]:
-    """Return ``events`` with its ``TxnEnd`` carrying the digest of the events before it."""
+def _txn_hash(hasher: type[TxnHash], events: list[Event]) -> bytes:
     begin = events[0]
     assert isinstance(begin, TxnBegin)
-    digest = TxnDigest(begin)
+    digest = hasher(begin)
     for event in events[1:-1]:
         if isinstance(event, Record):
             digest.add_record(event)
         elif isinstance(event, BlobChunk):
             digest.add_chunk(event)
+    return digest.digest()
+
+
+def seal(events: list[Event]) -> list[Event]:
+    """Return ``events`` with its ``TxnEnd`` carrying the stream check of the events before it."""
     end = events[-1]
     assert isinstance(end, TxnEnd)
-    return [*events[:-1], TxnEnd(end.tid, digest.digest())]
+    return [*events[:-1], TxnEnd(end.tid, _txn_hash(TxnCheck, events))]
+
+
+def identity_of(events: list[Event]) -> bytes:
+    """The SHA-256 identity (``TxnDigest``) of one transaction's whole events, as nodes compare it."""
+    return _txn_hash(TxnDigest, events)
 
 
 def flatten(txns: Iterable[list[Event]]) -> list[Event]:

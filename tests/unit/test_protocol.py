@@ -54,7 +54,7 @@ def txn_events(n: int, prev: int) -> list:
         BlobChunk(b"abc"),
         BlobChunk(b"de"),
         Record(b"\0" * 7 + b"\3", None, None),
-        TxnEnd(tid(n), b"d" * 32),
+        TxnEnd(tid(n), b"d" * 16),
     ]
 
 
@@ -100,7 +100,7 @@ def test_send_stream_is_send_of_each_event():
 @pytest.mark.parametrize("events, match", [
     (txn_events(2, 1), "follows"),  # does not chain on the stream's position
     (txn_events(1, 0)[:1] + [Record(b"\0" * 8, b"x" * 2000, None)], "exceeds"),  # over max_frame
-    (txn_events(1, 0)[:3] + [TxnEnd(tid(1), b"d" * 32)], "blob bytes"),
+    (txn_events(1, 0)[:3] + [TxnEnd(tid(1), b"d" * 16)], "blob bytes"),
     (txn_events(1, 0)[:1] + [Record(b"\0" * 8, b"b", None, blob_size=2000), BlobChunk(b"c" * 2000)], "exceeds"),
     ([Heartbeat(Z64, 1.0)], "not a transaction event"),
 ])
@@ -237,7 +237,7 @@ def test_ordering_rules_on_receive():
     frames = [
         encode_event(TxnBegin(tid(1), Z64, " ", b"", b"", b"")),
         encode_event(Record(b"\0" * 8, b"d", None, blob_size=2)),
-        encode_event(TxnEnd(tid(1), b"d" * 32)),
+        encode_event(TxnEnd(tid(1), b"d" * 16)),
     ]
     with pytest.raises(RemoteProtocolError, match="blob bytes"):
         secondary.receive_data(b"".join(frames))
