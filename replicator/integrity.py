@@ -9,7 +9,7 @@ feed the hash the same bytes.  Two functions over the same feed, for two jobs:
 - ``TxnDigest``, 32 bytes of SHA-256: a transaction's *identity*.  The same
   function run over a committed storage gives the same value, so two nodes
   compare their histories by it (the handshake does, for the secondary's last
-  transaction; so do ``/identities``, rewind and ``verify``).  Cryptographic,
+  transaction; so do ``/identities`` and rewind).  Cryptographic,
   because a history comparison must not be foolable by crafted content.
 - ``TxnCheck``, 16 bytes of XXH3-128: the *stream check* in every ``TxnEnd``.
   The primary's tailer computes it while reading the source; the secondary
