@@ -58,7 +58,6 @@ MAX_BLOB_CHUNK = 1 << 20
 #: FileStorage transaction statuses that may be shipped (``'c'`` never is).
 TXN_STATUSES = (" ", "p", "u")
 
-
 #: Bytes of ``Hello.instance``.
 INSTANCE_LEN = 16
 
