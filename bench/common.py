@@ -44,7 +44,7 @@ from tests.helpers import (  # noqa: E402  (after the path set-up on purpose)
 __all__ = ["HERE", "ROOT", "RUN", "PY", "REPLICATOR", "QUICK", "MB", "Proc", "free_port", "start_zeo",
            "tls_args", "wait_for_port", "wait_until", "machine", "peak_rss", "cpu_seconds", "median_range",
            "percentile", "ensure_tls", "status", "start_primary", "start_secondary", "say", "dir_bytes",
-           "PRIMARY_CPUS", "SECONDARY_CPUS", "on_cpus"]
+           "PRIMARY_CPUS", "SECONDARY_CPUS", "on_cpus", "CpuGroups"]
 
 #: The lag and cost sections model two machines on this one: the primary's
 #: (ZEO server, its clients, the sidecar primary) gets the first core, the
@@ -67,6 +67,61 @@ def on_cpus(cpus: set[int] | None):
         yield
     finally:
         os.sched_setaffinity(0, old)
+
+
+class CpuGroups:
+    """Control groups of equal CPU weight, to run two set-ups side by side on one core.
+
+    Processes started ``inside(name)`` belong to that group (they inherit it
+    from this process, which joins it for the moment).  While both groups want
+    the core, the kernel gives each the same share of it, so their throughputs
+    compare at the same moments: the machine's speed swings reach both alike.
+    Needs a writable ``cpu`` controller: cgroup v1 (``cpu.shares``) or v2
+    (``cpu.weight``), in practice root.
+    """
+
+    def __init__(self, base: Path, weight_file: str, weight: str, home: Path, names: tuple[str, ...]) -> None:
+        self.base, self.home, self.names = base, home, names
+        for name in names:
+            (base / name).mkdir(exist_ok=True)
+            (base / name / weight_file).write_text(weight)
+
+    @classmethod
+    def create(cls, names: tuple[str, ...]) -> CpuGroups | str:
+        """The groups, or why they cannot be made here."""
+        own = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _num, controllers, path = line.split(":", 2)
+            own[controllers] = path
+        v1 = Path("/sys/fs/cgroup/cpu")
+        v2 = Path("/sys/fs/cgroup")
+        try:
+            if (v1 / "cpu.shares").exists():
+                home = next(path for controllers, path in own.items() if "cpu" in controllers.split(","))
+                return cls(v1, "cpu.shares", "1024", v1 / home.lstrip("/"), names)
+            if "cpu" in (v2 / "cgroup.controllers").read_text().split():
+                (v2 / "cgroup.subtree_control").write_text("+cpu")
+                return cls(v2, "cpu.weight", "100", v2 / own.get("", "/").lstrip("/"), names)
+            return "no cpu controller in this system's control groups"
+        except (OSError, StopIteration) as exc:
+            return f"cannot make control groups here ({exc.__class__.__name__}: {exc}); run as root"
+
+    @contextlib.contextmanager
+    def inside(self, name: str):
+        (self.base / name / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (self.home / "cgroup.procs").write_text(str(os.getpid()))
+
+    def leave(self, pid: int) -> None:
+        """Move a process (all its threads) back to this process's own group."""
+        (self.home / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        for name in self.names:
+            with contextlib.suppress(OSError):
+                (self.base / name).rmdir()
 
 
 def say(text: str) -> None:

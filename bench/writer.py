@@ -8,6 +8,9 @@ Appends ``<tid hex> <start> <done>`` per commit to OUT: ``start`` is when the
 commit began, ``done`` when ``commit()`` returned, i.e. when the ZEO server
 had finished (and fsynced) the transaction and told this client so.
 Each writer changes only its own object, so writers never conflict.
+An optional sixth argument START (seconds since the epoch) makes the writer
+wait, connected, until then, so that writers of two servers measured side
+by side commit over the same window.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from persistent.mapping import PersistentMapping
 from ZEO.ClientStorage import ClientStorage
 
 
-def main(port: int, rate: float, seconds: float, out: str, index: int) -> None:
+def main(port: int, rate: float, seconds: float, out: str, index: int, start_at: float = 0.0) -> None:
     storage = ClientStorage(("127.0.0.1", port), wait_timeout=30)
     db = ZODB.DB(storage)
     tm = transaction.TransactionManager()
@@ -42,6 +45,11 @@ def main(port: int, rate: float, seconds: float, out: str, index: int) -> None:
             time.sleep(0.05 * (attempt + 1))
     objs = [root[key][j] for j in range(64)]
     lines = []
+    if start_at:
+        late = time.time() - start_at
+        if late > 0:
+            raise SystemExit(f"writer {index} ready {late:.2f} s after the common start")
+        time.sleep(-late)
     interval = 1.0 / rate if rate else 0.0
     t_next = time.time()
     deadline = t_next + seconds
@@ -69,4 +77,4 @@ def main(port: int, rate: float, seconds: float, out: str, index: int) -> None:
 
 if __name__ == "__main__":
     port, rate, seconds, out, index = sys.argv[1:6]
-    main(int(port), float(rate), float(seconds), out, int(index))
+    main(int(port), float(rate), float(seconds), out, int(index), float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)
