@@ -584,6 +584,11 @@ def bench_cost_side_by_side() -> None:
         return
     ratios: dict[str, list[float]] = {mode: [] for mode in SIDE_MODES}
     through: dict[str, list[tuple[float, float]]] = {mode: [] for mode in SIDE_MODES}
+    # The replicated half's own CPU per commit (the sidecar's or looking process's,
+    # or the embedded primary's threads'), and its wake-ups put off: what the
+    # rounds one after the other report too, here under half a core.
+    own: dict[str, list[float]] = {mode: [] for mode in SIDE_MODES}
+    put_off: dict[str, list[float]] = {mode: [] for mode in SIDE_MODES}
     try:
         for i in range(SIDE_PAIRS):
             for mode in SIDE_MODES:
@@ -598,15 +603,20 @@ def bench_cost_side_by_side() -> None:
                             groups.leave(setups[-1].secondary.pid)
                         with groups.inside(group):
                             setups[-1].writers(rate=0, seconds=0.5, count=2)
-                    for setup in setups:
-                        setup.caught_up()
+                    batched = [setup.caught_up() for setup in setups]
+                    own_before = _own_cpu(setups[1], mode)
                     start_at = time.time() + 3  # every client connected and waiting by then
                     started = []
                     for setup, (_arm, group) in zip(setups, arms, strict=True):
                         with groups.inside(group):
                             started.append(setup.start_writers(0, COST_SECONDS, 2, start_at))
-                    rates = [len(ZeoSetup.writers_done(*procs_outs, COST_SECONDS)) / COST_SECONDS
-                             for procs_outs in started]
+                    commits = [len(ZeoSetup.writers_done(*procs_outs, COST_SECONDS)) for procs_outs in started]
+                    rates = [n / COST_SECONDS for n in commits]
+                    own_after = _own_cpu(setups[1], mode)
+                    if own_before is not None and own_after is not None and commits[1]:
+                        own[mode].append((own_after - own_before) / commits[1] * 1e6)
+                    if setups[1].port is not None:
+                        put_off[mode].append((setups[1].caught_up() - batched[1]) / COST_SECONDS)
                     for setup in setups:
                         setup.caught_up()
                 finally:
@@ -618,7 +628,19 @@ def bench_cost_side_by_side() -> None:
                     f"{ratios[mode][-1]:.3f}")
     finally:
         groups.remove()
-    results["cost"]["side_by_side"] = {"ratio": ratios, "throughput": through}
+    results["cost"]["side_by_side"] = {"ratio": ratios, "throughput": through, "own_cpu_us_per_commit": own,
+                                       "batched_per_s": put_off}
+
+
+def _own_cpu(setup: ZeoSetup, mode: str) -> float | None:
+    """CPU seconds so far that replication (or the bare look) spent beside or in this
+    half's ZEO server; None for a half without either.  The embedded primary's
+    threads are counted from zero if they started since, as in ``_cost_run``."""
+    if COST_MODES[mode].get("embedded"):
+        return sum(thread_cpu_seconds(setup.zeo.proc.pid, REPLICATION_THREADS).values())
+    if setup.primary is not None:
+        return cpu_seconds(setup.primary.proc.pid)
+    return None
 
 
 # -- 4. memory with huge blobs and transactions -----------------------------
@@ -742,6 +764,13 @@ def report() -> str:
                 row(f"... {what}: commits/s of that half / of the half without; ratio",
                     f"{fmt([b for _a, b in pairs], 0)} / {fmt([a for a, _b in pairs], 0)}; {fmt(ratios, 3)}",
                     ">= 0.95" if asynchronous else "", median_range(ratios)[0] >= 0.95 if asynchronous else None)
+                own_us = side.get("own_cpu_us_per_commit", {}).get(mode)
+                if own_us:
+                    whose = ("the looking process" if floor(mode) else "replication's threads in the server"
+                             if COST_MODES[mode].get("embedded") else "the sidecar")
+                    put_off = side.get("batched_per_s", {}).get(mode)
+                    row(f"... that half's own CPU per commit ({whose})" + ("; wake-ups a second put off" if put_off else ""),
+                        f"{fmt(own_us, 0)} us" + (f"; {fmt(put_off, 0)}" if put_off else ""))
         elif "side_by_side_unavailable" in c:
             row("side by side on the primary's core (equal CPU weight, the same window)",
                 f"not measured: {c['side_by_side_unavailable']}")
