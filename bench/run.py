@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
@@ -604,7 +605,7 @@ def bench_cost_side_by_side() -> None:
                         with groups.inside(group):
                             setups[-1].writers(rate=0, seconds=0.5, count=2)
                     batched = [setup.caught_up() for setup in setups]
-                    own_before = _own_cpu(setups[1], mode)
+                    own_since = _own_cpu_meter(setups[1], mode)
                     start_at = time.time() + 3  # every client connected and waiting by then
                     started = []
                     for setup, (_arm, group) in zip(setups, arms, strict=True):
@@ -612,13 +613,11 @@ def bench_cost_side_by_side() -> None:
                             started.append(setup.start_writers(0, COST_SECONDS, 2, start_at))
                     commits = [len(ZeoSetup.writers_done(*procs_outs, COST_SECONDS)) for procs_outs in started]
                     rates = [n / COST_SECONDS for n in commits]
-                    own_after = _own_cpu(setups[1], mode)
-                    if own_before is not None and own_after is not None and commits[1]:
-                        own[mode].append((own_after - own_before) / commits[1] * 1e6)
+                    if own_since is not None and commits[1]:
+                        own[mode].append(own_since() / commits[1] * 1e6)
+                    after = [setup.caught_up() for setup in setups]
                     if setups[1].port is not None:
-                        put_off[mode].append((setups[1].caught_up() - batched[1]) / COST_SECONDS)
-                    for setup in setups:
-                        setup.caught_up()
+                        put_off[mode].append((after[1] - batched[1]) / COST_SECONDS)
                 finally:
                     for setup in setups:
                         setup.stop()
@@ -632,14 +631,17 @@ def bench_cost_side_by_side() -> None:
                                        "batched_per_s": put_off}
 
 
-def _own_cpu(setup: ZeoSetup, mode: str) -> float | None:
-    """CPU seconds so far that replication (or the bare look) spent beside or in this
-    half's ZEO server; None for a half without either.  The embedded primary's
-    threads are counted from zero if they started since, as in ``_cost_run``."""
+def _own_cpu_meter(setup: ZeoSetup, mode: str) -> Callable[[], float] | None:
+    """From now, the CPU seconds replication (or the bare look) spends beside or in
+    this half's ZEO server, read as ``_cost_run`` does; None for a half without either."""
     if COST_MODES[mode].get("embedded"):
-        return sum(thread_cpu_seconds(setup.zeo.proc.pid, REPLICATION_THREADS).values())
+        pid = setup.zeo.proc.pid
+        threads = thread_cpu_seconds(pid, REPLICATION_THREADS)
+        return lambda: threads_cpu_since(pid, REPLICATION_THREADS, threads)
     if setup.primary is not None:
-        return cpu_seconds(setup.primary.proc.pid)
+        pid = setup.primary.proc.pid
+        start = cpu_seconds(pid)
+        return lambda: cpu_seconds(pid) - start
     return None
 
 
