@@ -10,21 +10,34 @@ disk out).  Group commit is on and each message is made durable before the
 next, in the same thread.  Prints, per run, the seconds spent decoding and
 applying and the CPU seconds of both: set beside a sync's figures, the
 difference is what receiving (TLS, WebSocket, asyncio) costs the secondary.
+
+With ``--floor``, each run is followed by one of FileStorage alone: the same
+transactions, decoded beforehand, committed straight through the storage API
+(``tpc_begin``, ``restore``, ``restoreBlob``, ``tpc_vote``, ``tpc_finish``)
+with no checks, FileStorage's per-commit fsync off and one fsync per message
+as group commit does.  What the applier spends beyond that floor is all that
+replication's own code adds to committing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUN, say  # noqa: E402
+from ZODB.Connection import TransactionMetaData  # noqa: E402
 from ZODB.FileStorage import FileStorage  # noqa: E402
 
 from replicator.applier import Applier  # noqa: E402
+from replicator.protocol.events import BlobChunk, Record, TxnBegin, TxnEnd  # noqa: E402
 from replicator.protocol.framing import FrameDecoder, encode_event  # noqa: E402
 from replicator.tailer import Tailer  # noqa: E402
 
@@ -39,28 +52,74 @@ def messages(data: Path) -> list[bytes]:
     return out
 
 
-def run(stream: list[bytes], dst: Path) -> tuple[float, float, float]:
+def run(stream: list[bytes], dst: Path) -> tuple[float, float, float, float]:
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     storage = FileStorage(str(dst / "Data.fs"), blob_dir=str(dst / "blobs"))
     applier = Applier(storage)
     decoder = FrameDecoder()
-    decoding = applying = 0.0
+    decoding = applying = applying_cpu = 0.0
     cpu0 = time.process_time()
     try:
         for message in stream:
             t0 = time.perf_counter()
             events = decoder.feed(message)
+            c1 = time.process_time()
             t1 = time.perf_counter()
             applier.apply(events)
             applying += time.perf_counter() - t1
+            applying_cpu += time.process_time() - c1
             decoding += t1 - t0
         cpu = time.process_time() - cpu0
     finally:
         applier.close()
         storage.close()
         shutil.rmtree(dst, ignore_errors=True)
-    return decoding, applying, cpu
+    return decoding, applying, cpu, applying_cpu
+
+
+def floor(batches: list[list], dst: Path) -> float:
+    """CPU seconds FileStorage alone spends committing the decoded ``batches``, one fsync per batch."""
+    fsmodule: Any = sys.modules["ZODB.FileStorage.FileStorage"]  # the module, not the class of that name
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    storage = FileStorage(str(dst / "Data.fs"), blob_dir=str(dst / "blobs"))
+    saved, fsmodule.fsync = fsmodule.fsync, None
+    meta = tid = None
+    blob: list[Any] = []  # record, path, file, bytes still to come
+    cpu0 = time.process_time()
+    try:
+        for events in batches:
+            for event in events:
+                kind = type(event)
+                if kind is Record and event.blob_size is None:
+                    storage.restore(event.oid, tid, event.data, "", event.data_txn, meta)
+                    continue
+                if kind is Record:
+                    fd, path = tempfile.mkstemp(dir=storage.temporaryDirectory())
+                    blob = [event, path, os.fdopen(fd, "wb"), event.blob_size]
+                elif kind is BlobChunk:
+                    blob[2].write(event.data)
+                    blob[3] -= len(event.data)
+                elif kind is TxnBegin:
+                    meta = TransactionMetaData(event.user, event.description, event.extension)
+                    tid = event.tid
+                    storage.tpc_begin(meta, tid, event.status)
+                elif kind is TxnEnd:
+                    storage.tpc_vote(meta)
+                    storage.tpc_finish(meta)
+                if blob and blob[3] == 0:
+                    record, path, file, _ = blob
+                    file.close()
+                    storage.restoreBlob(record.oid, tid, record.data, path, record.data_txn, meta)
+                    blob = []
+            os.fsync(storage._file.fileno())
+        cpu = time.process_time() - cpu0
+    finally:
+        fsmodule.fsync = saved
+        storage.close()
+        shutil.rmtree(dst, ignore_errors=True)
+    return cpu
 
 
 def main() -> None:
@@ -68,14 +127,27 @@ def main() -> None:
     parser.add_argument("data", nargs="?", type=Path, default=RUN / "data-sync-500MB-s1-v2")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dst", type=Path, default=RUN / "work" / "apply-alone")
+    parser.add_argument("--floor", action="store_true",
+                        help="after each run, commit the same transactions through FileStorage alone")
     args = parser.parse_args()
     if not (args.data / "Data.fs").exists():
         sys.exit(f"{args.data / 'Data.fs'}: not there; `make bench` (or `python bench/run.py sync`) makes it")
     stream = messages(args.data)
     say(f"{len(stream)} messages, {sum(map(len, stream)) / 1e6:.0f} MB, applied into {args.dst}")
+    decoder = FrameDecoder()
+    batches = [decoder.feed(message) for message in stream] if args.floor else []
+    ratios = []
     for i in range(args.runs):
-        decoding, applying, cpu = run(stream, args.dst)
-        say(f"  run {i + 1}: decoding {decoding:.2f} s, applying {applying:.2f} s, CPU {cpu:.2f} s")
+        decoding, applying, cpu, applying_cpu = run(stream, args.dst)
+        say(f"  run {i + 1}: decoding {decoding:.2f} s, applying {applying:.2f} s, CPU {cpu:.2f} s "
+            f"(applying {applying_cpu:.2f})")
+        if args.floor:
+            alone = floor(batches, args.dst)
+            ratios.append(applying_cpu / alone)
+            say(f"  run {i + 1}: FileStorage alone, CPU {alone:.2f} s; the applier's CPU {ratios[-1]:.2f}x that")
+    if ratios:
+        say(f"the applier's CPU against FileStorage alone: median {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f}), {len(ratios)} pairs")
 
 
 if __name__ == "__main__":
