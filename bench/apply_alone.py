@@ -86,7 +86,9 @@ def floor(batches: list[list], dst: Path) -> float:
     storage = FileStorage(str(dst / "Data.fs"), blob_dir=str(dst / "blobs"))
     saved, fsmodule.fsync = fsmodule.fsync, None
     meta = tid = None
-    blob: list[Any] = []  # record, path, file, bytes still to come
+    blob: Record | None = None  # the blob record whose file is being written, and that file
+    blob_path, blob_left = "", 0
+    blob_file: Any = None
     cpu0 = time.process_time()
     try:
         for events in batches:
@@ -96,11 +98,11 @@ def floor(batches: list[list], dst: Path) -> float:
                     storage.restore(event.oid, tid, event.data, "", event.data_txn, meta)
                     continue
                 if kind is Record:
-                    fd, path = tempfile.mkstemp(dir=storage.temporaryDirectory())
-                    blob = [event, path, os.fdopen(fd, "wb"), event.blob_size]
+                    fd, blob_path = tempfile.mkstemp(dir=storage.temporaryDirectory())
+                    blob, blob_file, blob_left = event, os.fdopen(fd, "wb"), event.blob_size
                 elif kind is BlobChunk:
-                    blob[2].write(event.data)
-                    blob[3] -= len(event.data)
+                    blob_file.write(event.data)
+                    blob_left -= len(event.data)
                 elif kind is TxnBegin:
                     meta = TransactionMetaData(event.user, event.description, event.extension)
                     tid = event.tid
@@ -108,11 +110,10 @@ def floor(batches: list[list], dst: Path) -> float:
                 elif kind is TxnEnd:
                     storage.tpc_vote(meta)
                     storage.tpc_finish(meta)
-                if blob and blob[3] == 0:
-                    record, path, file, _ = blob
-                    file.close()
-                    storage.restoreBlob(record.oid, tid, record.data, path, record.data_txn, meta)
-                    blob = []
+                if blob is not None and blob_left == 0:
+                    blob_file.close()
+                    storage.restoreBlob(blob.oid, tid, blob.data, blob_path, blob.data_txn, meta)
+                    blob = None
             os.fsync(storage._file.fileno())
         cpu = time.process_time() - cpu0
     finally:
