@@ -17,14 +17,23 @@ transactions, decoded beforehand, committed straight through the storage API
 with no checks, FileStorage's per-commit fsync off and one fsync per message
 as group commit does.  What the applier spends beyond that floor is all that
 replication's own code adds to committing.
+
+With ``--copy`` (and ``--floor``), each pair is preceded by ZODB's local copy
+with fsync on (``copy_local.py``, the sync benchmark's baseline), and each
+run says how much of the time 3x that copy allows the sync is left once the
+thread that commits has decoded and applied, with no network: left for
+receiving, in the applier's case; left for receiving, checking and making
+blobs durable, in FileStorage's alone.  The speeds are those of that minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +132,22 @@ def floor(batches: list[list], dst: Path) -> float:
     return cpu
 
 
+def spread(values: list[float], sign: str = "") -> str:
+    """``median (min to max)`` of ``values``, two decimals."""
+    return f"{statistics.median(values):{sign}.2f} ({min(values):{sign}.2f} to {max(values):{sign}.2f})"
+
+
+def copy_on(data: Path, dst: Path) -> float:
+    """Seconds ZODB's local copy of ``data`` takes with FileStorage's fsync on (the sync's baseline)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    try:
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "copy_local.py"),
+                              str(data), str(dst), "on"], check=True, capture_output=True, text=True).stdout
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+    return json.loads(out.splitlines()[-1])["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", type=Path, default=RUN / "data-sync-500MB-s1-v2")
@@ -130,15 +155,22 @@ def main() -> None:
     parser.add_argument("--dst", type=Path, default=RUN / "work" / "apply-alone")
     parser.add_argument("--floor", action="store_true",
                         help="after each run, commit the same transactions through FileStorage alone")
+    parser.add_argument("--copy", action="store_true",
+                        help="with --floor: before each pair, time ZODB's local copy with fsync on and say "
+                             "what 3x it leaves once decoding and applying are paid")
     args = parser.parse_args()
+    if args.copy and not args.floor:
+        parser.error("--copy needs --floor")
     if not (args.data / "Data.fs").exists():
         sys.exit(f"{args.data / 'Data.fs'}: not there; `make bench` (or `python bench/run.py sync`) makes it")
     stream = messages(args.data)
     say(f"{len(stream)} messages, {sum(map(len, stream)) / 1e6:.0f} MB, applied into {args.dst}")
     decoder = FrameDecoder()
     batches = [decoder.feed(message) for message in stream] if args.floor else []
-    ratios = []
+    ratios, budgets, appliers, floors = [], [], [], []
     for i in range(args.runs):
+        if args.copy:
+            budgets.append(copy_on(args.data, args.dst.parent / "apply-alone-copy") / 3)
         decoding, applying, cpu, applying_cpu = run(stream, args.dst)
         say(f"  run {i + 1}: decoding {decoding:.2f} s, applying {applying:.2f} s, CPU {cpu:.2f} s "
             f"(applying {applying_cpu:.2f})")
@@ -146,9 +178,21 @@ def main() -> None:
             alone = floor(batches, args.dst)
             ratios.append(applying_cpu / alone)
             say(f"  run {i + 1}: FileStorage alone, CPU {alone:.2f} s; the applier's CPU {ratios[-1]:.2f}x that")
+        if args.copy:
+            appliers.append(cpu)  # decoding and applying
+            floors.append(cpu - applying_cpu + alone)  # decoding, and FileStorage's own commit
+            say(f"  run {i + 1}: 3x ZODB's copy with fsync on asks for the sync in {budgets[-1]:.2f} s; "
+                f"decoding and applying take {cpu:.2f} CPU-s of it, leaving {budgets[-1] - cpu:+.2f} s; "
+                f"decoding and FileStorage alone {floors[-1]:.2f}, leaving {budgets[-1] - floors[-1]:+.2f} s")
     if ratios:
         say(f"the applier's CPU against FileStorage alone: median {statistics.median(ratios):.2f}x "
             f"({min(ratios):.2f}-{max(ratios):.2f}), {len(ratios)} pairs")
+    if budgets:
+        say(f"3x the fsync-on copy asks for the sync in {spread(budgets)} s")
+        say(f"  decoding and applying: {spread(appliers)} CPU-s; left for receiving: "
+            f"{spread([b - a for b, a in zip(budgets, appliers, strict=True)], '+')} s")
+        say(f"  decoding and FileStorage alone: {spread(floors)} CPU-s; left for receiving, checking and "
+            f"blob durability: {spread([b - f for b, f in zip(budgets, floors, strict=True)], '+')} s")
 
 
 if __name__ == "__main__":
