@@ -29,11 +29,9 @@ blobs durable, in FileStorage's alone.  The speeds are those of that minute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RUN, say  # noqa: E402
+from common import RUN, local_copy, say  # noqa: E402
 from ZODB.Connection import TransactionMetaData  # noqa: E402
 from ZODB.FileStorage import FileStorage  # noqa: E402
 
@@ -137,17 +135,6 @@ def spread(values: list[float], sign: str = "") -> str:
     return f"{statistics.median(values):{sign}.2f} ({min(values):{sign}.2f} to {max(values):{sign}.2f})"
 
 
-def copy_on(data: Path, dst: Path) -> float:
-    """Seconds ZODB's local copy of ``data`` takes with FileStorage's fsync on (the sync's baseline)."""
-    shutil.rmtree(dst, ignore_errors=True)
-    try:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "copy_local.py"),
-                              str(data), str(dst), "on"], check=True, capture_output=True, text=True).stdout
-    finally:
-        shutil.rmtree(dst, ignore_errors=True)
-    return json.loads(out.splitlines()[-1])["seconds"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", type=Path, default=RUN / "data-sync-500MB-s1-v2")
@@ -170,7 +157,7 @@ def main() -> None:
     ratios, budgets, appliers, floors = [], [], [], []
     for i in range(args.runs):
         if args.copy:
-            budgets.append(copy_on(args.data, args.dst.parent / "apply-alone-copy") / 3)
+            budgets.append(local_copy(args.data, "on")["seconds"] / 3)
         decoding, applying, cpu, applying_cpu = run(stream, args.dst)
         say(f"  run {i + 1}: decoding {decoding:.2f} s, applying {applying:.2f} s, CPU {cpu:.2f} s "
             f"(applying {applying_cpu:.2f})")

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -44,7 +45,7 @@ from tests.helpers import (  # noqa: E402  (after the path set-up on purpose)
 __all__ = ["HERE", "ROOT", "RUN", "PY", "REPLICATOR", "QUICK", "MB", "Proc", "free_port", "start_zeo",
            "tls_args", "wait_for_port", "wait_until", "machine", "peak_rss", "cpu_seconds", "median_range",
            "percentile", "ensure_tls", "status", "start_primary", "start_secondary", "say", "dir_bytes",
-           "PRIMARY_CPUS", "SECONDARY_CPUS", "on_cpus", "CpuGroups"]
+           "PRIMARY_CPUS", "SECONDARY_CPUS", "on_cpus", "CpuGroups", "local_copy"]
 
 #: The lag and cost sections model two machines on this one: the primary's
 #: (ZEO server, its clients, the sidecar primary) gets the first core, the
@@ -282,3 +283,16 @@ def wait_acked(primary_port: int, tls: Path, timeout: float, proc: Proc | None =
             return st
         time.sleep(interval)
     raise TimeoutError(f"secondary did not acknowledge the primary's head within {timeout}s")
+
+
+def local_copy(src: Path, mode: str) -> dict:
+    """ZODB's own local copy of ``src`` (``copy_local.py``) with FileStorage's fsync ``on`` or ``off``:
+    its seconds, CPU seconds and peak RSS."""
+    dst = RUN / "work" / f"copy-{mode}"
+    shutil.rmtree(dst, ignore_errors=True)
+    try:
+        out = subprocess.run([PY, str(HERE / "copy_local.py"), str(src), str(dst), mode], check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+    return json.loads(out.splitlines()[-1])

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     dir_bytes,
     ensure_tls,
     free_port,
+    local_copy,
     machine,
     main_thread_cpu_seconds,
     median_range,
@@ -139,14 +140,6 @@ def big_data() -> Path:
 
 
 # -- 1. initial sync --------------------------------------------------------
-
-
-def local_copy(src: Path, mode: str) -> dict:
-    dst = fresh(RUN / "work" / f"copy-{mode}")
-    out = subprocess.run([PY, str(HERE / "copy_local.py"), str(src), str(dst), mode], check=True,
-                         capture_output=True, text=True).stdout
-    shutil.rmtree(dst)
-    return json.loads(out.splitlines()[-1])
 
 
 def traced_start(trace: Path) -> float:
