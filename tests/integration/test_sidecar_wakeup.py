@@ -147,8 +147,12 @@ def test_a_burst_of_commits_turns_the_timer_back_on(source, tmp_path, tls_dir, n
             seen_awake = False
 
             def burst() -> bytes:
+                # A steady stream, 10 ms apart, whatever the machine's speed: back to back on a
+                # fast disk, the 40 could be over before the loop had read the four events
+                # (EVENT_BURST) that wake the poller, and the sampling below saw none of it.
                 for n in range(40):
                     tid = commit_one(fs, b"%d" % n)
+                    time.sleep(0.01)
                 return tid
 
             task = asyncio.create_task(asyncio.to_thread(burst))
