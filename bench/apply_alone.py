@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RUN, local_copy, say  # noqa: E402
+from common import RUN, local_copy, median_range, say  # noqa: E402
 from ZODB.Connection import TransactionMetaData  # noqa: E402
 from ZODB.FileStorage import FileStorage  # noqa: E402
 
@@ -131,8 +130,9 @@ def floor(batches: list[list], dst: Path) -> float:
 
 
 def spread(values: list[float], sign: str = "") -> str:
-    """``median (min to max)`` of ``values``, two decimals."""
-    return f"{statistics.median(values):{sign}.2f} ({min(values):{sign}.2f} to {max(values):{sign}.2f})"
+    """``median (min to max)`` of ``values``, two decimals ("to": a range may run below zero)."""
+    med, lo, hi = median_range(values)
+    return f"{med:{sign}.2f} ({lo:{sign}.2f} to {hi:{sign}.2f})"
 
 
 def main() -> None:
@@ -172,8 +172,7 @@ def main() -> None:
                 f"decoding and applying take {cpu:.2f} CPU-s of it, leaving {budgets[-1] - cpu:+.2f} s; "
                 f"decoding and FileStorage alone {floors[-1]:.2f}, leaving {budgets[-1] - floors[-1]:+.2f} s")
     if ratios:
-        say(f"the applier's CPU against FileStorage alone: median {statistics.median(ratios):.2f}x "
-            f"({min(ratios):.2f}-{max(ratios):.2f}), {len(ratios)} pairs")
+        say(f"the applier's CPU against FileStorage alone, times: {spread(ratios)}, {len(ratios)} pairs")
     if budgets:
         say(f"3x the fsync-on copy asks for the sync in {spread(budgets)} s")
         say(f"  decoding and applying: {spread(appliers)} CPU-s; left for receiving: "
